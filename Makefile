@@ -1,0 +1,34 @@
+# Everything runs from a virtual environment the Makefile creates: `make demo` and `make test` work on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+DEMO_OUT := build/demo
+
+.PHONY: demo test samples clean venv
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+## demo: quantize the bundled digits MLP and validate it against the original on held-out labelled data
+demo: venv
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/onnxshrink inspect sample_models/digits_mlp.onnx
+	$(BIN)/onnxshrink quantize sample_models/digits_mlp.onnx -o $(DEMO_OUT)/digits_mlp.int8.onnx --force \
+		--data sample_models/digits_mlp.eval.npz --labels labels --max-accuracy-drop 0.01
+
+## test: the whole test suite
+test: venv
+	$(BIN)/python -m pytest
+
+## samples: retrain the sample models from scikit-learn's digits data (deterministic)
+samples: venv
+	$(BIN)/pip install --quiet -e '.[samples]'
+	$(BIN)/python sample_models/generate.py
+
+clean:
+	rm -rf build .pytest_cache

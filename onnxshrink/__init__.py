@@ -1,0 +1,9 @@
+"""onnxshrink: make ONNX models smaller and faster, and prove with onnxruntime how far they drifted."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from onnxshrink.api import inspect, load, quantize, save, session, validate  # noqa: E402
+
+__all__ = ["__version__", "inspect", "load", "quantize", "save", "session", "validate"]

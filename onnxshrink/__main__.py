@@ -1,0 +1,4 @@
+from onnxshrink.cli import main
+
+if __name__ == "__main__":
+    main()

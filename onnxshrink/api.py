@@ -1,0 +1,128 @@
+"""The library API. Silent: it returns reports and raises OnnxShrinkError subclasses; it never prints."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import onnx
+
+from onnxshrink import model as model_io
+from onnxshrink.errors import OutputError
+from onnxshrink.info import inspect_model
+from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
+from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
+from onnxshrink.runtime import make_session, optimized_op_counts
+from onnxshrink.validate import ValidateConfig
+from onnxshrink.validate import validate as _validate
+
+INTEGER_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "MatMulInteger",
+                   "com.microsoft.QGemm", "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv", "ConvInteger")
+
+
+def load(path: str | os.PathLike) -> onnx.ModelProto:
+    """Load a model (with external data) or raise ModelLoadError naming the problem."""
+    return model_io.load(path)
+
+
+def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False) -> Path:
+    """Write atomically; the file is checked with the ONNX full checker before it lands."""
+    return model_io.save(model, path, force=force)
+
+
+def session(path: str | os.PathLike, threads: int = 1, **_options):
+    """An onnxruntime CPU InferenceSession for a model file."""
+    model_io.load(path)
+    return make_session(path, threads)
+
+
+def inspect(path: str | os.PathLike) -> ModelInfo:
+    return inspect_model(path)
+
+
+def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: ValidateConfig | None = None) -> ValidationReport:
+    return _validate(original, candidate, config)
+
+
+def quantize(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    config: QuantizeConfig | None = None,
+    *,
+    force: bool = False,
+    validation: ValidateConfig | None = None,
+    run_validation: bool = True,
+    threads: int = 1,
+    options: dict | None = None,
+) -> CommandReport:
+    """Quantize a model file and validate the result against the original.
+
+    When validation thresholds fail, the result is written as `OUTPUT.failed.onnx`
+    and any existing OUTPUT is left untouched; the report's validation says why.
+    """
+    config = config or QuantizeConfig()
+    return _run_pass_command(
+        "quantize", model_path, output, "int8", QuantizeDynamic(config), force=force,
+        validation=validation, run_validation=run_validation, threads=threads,
+        options=options if options is not None else asdict(config),
+    )
+
+
+def _run_pass_command(command, model_path, output, suffix, transform, *, force, validation, run_validation, threads, options):
+    model_path = Path(model_path)
+    output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
+    model_io.check_output_path(output, [model_path], force)
+    original = model_io.load(model_path)
+    result, pass_report = transform(original)
+    model_io.stamp(result, command, options)
+    external = model_io.has_external_data(original)
+    del original
+    report = CommandReport(command, str(model_path), None, [pass_report], {})
+
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".check", dir=output.parent))
+    try:
+        staged = model_io.save(result, staging / output.name, external_data=external)
+        report.runtime = _runtime_kernels(staged, threads, pass_report)
+        if run_validation:
+            config = validation or ValidateConfig(threads=threads)
+            report.validation = _validate(model_path, staged, config)
+            report.validation.candidate = str(output)
+        passed = report.validation is None or report.validation.passed
+        final = output if passed else output.with_name(_failed_name(output))
+        if not passed:
+            report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")
+        model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=external)
+        if report.validation is not None:
+            report.validation.candidate = str(final)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    report.output = str(final)
+    size_in, size_out = model_io.file_size(model_path), model_io.file_size(final)
+    report.size = {"original": size_in, "output": size_out, "ratio": size_out / size_in}
+    return report
+
+
+def _failed_name(output: Path) -> str:
+    stem = output.name[: -len(".onnx")] if output.name.endswith(".onnx") else output.name
+    return f"{stem}.failed.onnx"
+
+
+def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
+    """Count what onnxruntime runs after its fusions: integer kernels vs float MatMul/Gemm/Conv left."""
+    counts = optimized_op_counts(path, threads)
+    integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
+    float_ops = {k: v for k, v in counts.items() if k in ("MatMul", "Gemm", "Conv", "com.microsoft.FusedMatMul", "com.microsoft.FusedConv", "com.microsoft.FusedGemm")}
+    quantized = sum(1 for layer in pass_report.layers if layer.action.startswith("int"))
+    fused = counts.get("com.microsoft.MatMulIntegerToFloat", 0) + counts.get("com.microsoft.DynamicQuantizeMatMul", 0)
+    return {
+        "integer_kernels": integer,
+        "float_kernels": float_ops,
+        "quantized_layers": quantized,
+        "fused_layers": fused,
+        "all_quantized_layers_fused": fused >= quantized,
+    }

@@ -1,0 +1,210 @@
+"""Model inputs for validation and calibration: from an .npz file, or synthesized from the signature.
+
+Data is a list of batches (dicts of input name -> array) so that models with a fixed
+batch size and inputs without a batch axis (scalars, recurrent state) run unchanged.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper
+
+from onnxshrink.errors import DataError, UsageError
+
+DEFAULT_BATCH = 32
+DEFAULT_SYNTHETIC_SAMPLES = 16
+# Symbolic dimensions other than the batch axis take this size unless --shape says otherwise.
+DEFAULT_SYMBOLIC_DIM = 1
+
+
+@dataclass
+class InputSpec:
+    name: str
+    dtype: np.dtype
+    shape: list  # int for fixed dims, str for symbolic, None for unknown
+
+    @property
+    def dynamic_batch(self) -> bool:
+        return len(self.shape) > 0 and not isinstance(self.shape[0], int)
+
+
+@dataclass
+class Dataset:
+    batches: list  # list[dict[str, np.ndarray]]
+    labels: np.ndarray | None
+    samples: int
+    synthetic: bool
+    notes: list
+
+    def input_shapes(self) -> dict:
+        return {name: list(array.shape) for name, array in self.batches[0].items()}
+
+
+def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
+    """The inputs a caller must feed: graph inputs that no initializer provides."""
+    initializers = {t.name for t in model.graph.initializer}
+    specs = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        tensor_type = value.type.tensor_type
+        if not value.type.HasField("tensor_type"):
+            raise DataError(f"input {value.name!r} is not a tensor (sequences and maps are not supported)")
+        dims = []
+        for dim in tensor_type.shape.dim:
+            if dim.HasField("dim_value") and dim.dim_value > 0:
+                dims.append(int(dim.dim_value))
+            elif dim.HasField("dim_param") and dim.dim_param:
+                dims.append(dim.dim_param)
+            else:
+                dims.append(None)
+        specs.append(InputSpec(value.name, helper.tensor_dtype_to_np_dtype(tensor_type.elem_type), dims))
+    return specs
+
+
+def parse_shape_overrides(items: list[str] | None) -> dict[str, list[int]]:
+    """`["input=1,3,224,224"]` -> {"input": [1, 3, 224, 224]}."""
+    overrides = {}
+    for item in items or []:
+        name, sep, dims = item.partition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            overrides[name] = [int(d) for d in dims.split(",") if d.strip()]
+        except ValueError:
+            raise UsageError(f"--shape {item!r}: expected NAME=D1,D2,... with integer dimensions") from None
+    return overrides
+
+
+def load_npz(
+    path: str | Path,
+    specs: list[InputSpec],
+    labels_key: str | None = None,
+    samples: int | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> Dataset:
+    """Read inputs (keys = input names, batch along axis 0) and optional labels from an .npz."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such data file")
+    try:
+        archive = np.load(path, allow_pickle=False)
+        if not isinstance(archive, np.lib.npyio.NpzFile):
+            raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
+        with archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise DataError(f"{path}: cannot read .npz data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+
+    notes = []
+    feeds = {}
+    for spec in specs:
+        if spec.name not in arrays:
+            raise DataError(f"{path}: missing input {spec.name!r} (keys present: {', '.join(sorted(arrays)) or 'none'})")
+        feeds[spec.name] = _conform(arrays[spec.name], spec, path, notes)
+    labels = None
+    if labels_key is not None:
+        if labels_key not in arrays:
+            raise DataError(f"{path}: no labels array {labels_key!r} (keys present: {', '.join(sorted(arrays))})")
+        labels = arrays[labels_key]
+        if labels.dtype.kind not in "iub":
+            raise DataError(f"{path}: labels {labels_key!r} must be integers, got {labels.dtype}")
+
+    count = max((a.shape[0] for a in feeds.values() if a.ndim > 0), default=1)
+    if labels is not None and labels.shape[0] != count:
+        raise DataError(f"{path}: labels {labels_key!r} have {labels.shape[0]} rows but the inputs have {count}")
+    if samples is not None and samples < count:
+        count = samples
+        feeds = {k: (a[:count] if a.ndim > 0 and a.shape[0] >= count else a) for k, a in feeds.items()}
+        labels = labels[:count] if labels is not None else None
+    return Dataset(_split(feeds, specs, count, batch_size, notes), labels, count, False, notes)
+
+
+def synthesize(
+    specs: list[InputSpec],
+    samples: int | None = None,
+    seed: int = 0,
+    shape_overrides: dict[str, list[int]] | None = None,
+    batch_size: int = DEFAULT_BATCH,
+) -> Dataset:
+    """Seeded random inputs from the signature; drift on these is not accuracy."""
+    rng = np.random.default_rng(seed)
+    samples = samples or DEFAULT_SYNTHETIC_SAMPLES
+    overrides = shape_overrides or {}
+    unknown = set(overrides) - {s.name for s in specs}
+    if unknown:
+        raise UsageError(f"--shape names unknown input(s): {', '.join(sorted(unknown))}")
+    any_dynamic = any(s.dynamic_batch and s.name not in overrides for s in specs)
+    notes = ["inputs are synthetic (seeded random): drift measured on them is not task accuracy"]
+    batches = []
+    runs = -(-samples // batch_size) if any_dynamic else samples
+    remaining = samples
+    for _ in range(runs):
+        rows = min(batch_size, remaining) if any_dynamic else 1
+        remaining -= rows
+        batch = {}
+        for spec in specs:
+            shape = overrides.get(spec.name) or [
+                rows if (i == 0 and not isinstance(d, int)) else (d if isinstance(d, int) else DEFAULT_SYMBOLIC_DIM)
+                for i, d in enumerate(spec.shape)
+            ]
+            if spec.name in overrides and len(shape) != len(spec.shape):
+                raise UsageError(f"--shape {spec.name}: model input has rank {len(spec.shape)}, got {len(shape)} dims")
+            batch[spec.name] = _random(rng, spec.dtype, shape)
+        batches.append(batch)
+    return Dataset(batches, None, samples, True, notes)
+
+
+def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
+    if dtype.kind == "f":
+        return rng.standard_normal(shape).astype(dtype)
+    if dtype.kind == "b":
+        return rng.integers(0, 2, shape).astype(bool)
+    if dtype.kind in "iu":
+        return rng.integers(0, 2, shape).astype(dtype)
+    raise DataError(f"cannot synthesize inputs of type {dtype}; give --data")
+
+
+def _conform(array: np.ndarray, spec: InputSpec, path: Path, notes: list) -> np.ndarray:
+    if array.ndim != len(spec.shape):
+        raise DataError(
+            f"{path}: input {spec.name!r} has shape {list(array.shape)}, model expects rank {len(spec.shape)} {_shape_text(spec.shape)}"
+        )
+    for axis, (got, want) in enumerate(zip(array.shape, spec.shape)):
+        if axis > 0 and isinstance(want, int) and got != want:
+            raise DataError(
+                f"{path}: input {spec.name!r} has shape {list(array.shape)}, model expects {_shape_text(spec.shape)}"
+            )
+    if array.dtype != spec.dtype:
+        same_kind = (array.dtype.kind == "f") == (spec.dtype.kind == "f") and array.dtype.kind != "b" and spec.dtype.kind != "b"
+        if not same_kind:
+            raise DataError(f"{path}: input {spec.name!r} is {array.dtype}, model expects {spec.dtype}")
+        notes.append(f"input {spec.name!r} converted from {array.dtype} to {spec.dtype}")
+        array = array.astype(spec.dtype)
+    return array
+
+
+def _split(feeds: dict, specs: list[InputSpec], count: int, batch_size: int, notes: list) -> list[dict]:
+    """Cut batched inputs (axis 0 == sample count) into runs; pass the others whole to each run."""
+    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and feeds[s.name].shape[0] == count}
+    step = min(static) if static else min(batch_size, count)
+    if static and count % step:
+        notes.append(f"model has a fixed batch of {step}: the last {count % step} sample(s) are not used")
+    batched = {name for name, a in feeds.items() if a.ndim > 0 and a.shape[0] == count}
+    batches = []
+    for start in range(0, count - (count % step if static else 0), step):
+        batches.append({n: (a[start : start + step] if n in batched else a) for n, a in feeds.items()})
+    if not batches:
+        raise DataError(f"data has {count} sample(s), fewer than the model's fixed batch of {step}")
+    return batches
+
+
+def _shape_text(shape: list) -> str:
+    return "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"

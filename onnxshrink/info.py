@@ -1,0 +1,70 @@
+"""`inspect`: what a model is made of, and which of its tensors are worth compressing."""
+
+from __future__ import annotations
+
+import os
+from collections import Counter
+from pathlib import Path
+
+import onnx
+
+from onnxshrink import model as model_io
+from onnxshrink.report import ModelInfo, TensorIO
+from onnxshrink.weights import dtype_name, find_tensors
+
+
+def inspect_model(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> ModelInfo:
+    """Describe a model file: signature, opsets, op histogram, every constant tensor classified."""
+    model = model if model is not None else model_io.load(path)
+    histogram = Counter()
+    for graph in model_io.iter_graphs(model.graph):
+        for node in graph.node:
+            key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
+            histogram[key] += 1
+    tensors = find_tensors(model)
+    weights = [t for t in tensors if t.compressible]
+    totals = {
+        "tensors": len(tensors),
+        "tensor_bytes": sum(t.nbytes for t in tensors),
+        "weights": len(weights),
+        "weight_bytes": sum(t.nbytes for t in weights),
+        "parameters": sum(_count(t.shape) for t in tensors),
+        "in_constant_nodes": sum(1 for t in tensors if t.location == "constant"),
+        "in_subgraphs": sum(1 for t in tensors if t.location.startswith("subgraph")),
+        "tied_weights": sum(1 for t in weights if t.tied),
+    }
+    initializers = {t.name for t in model.graph.initializer}
+    return ModelInfo(
+        path=str(path),
+        file_bytes=model_io.file_size(path),
+        ir_version=model.ir_version,
+        opsets={(o.domain or "ai.onnx"): o.version for o in model.opset_import},
+        producer=" ".join(p for p in (model.producer_name, model.producer_version) if p),
+        inputs=[_io(v) for v in model.graph.input if v.name not in initializers],
+        outputs=[_io(v) for v in model.graph.output],
+        op_histogram=dict(histogram.most_common()),
+        node_count=sum(histogram.values()),
+        tensors=tensors,
+        totals=totals,
+        metadata={p.key: p.value for p in model.metadata_props},
+    )
+
+
+def _io(value: onnx.ValueInfoProto) -> TensorIO:
+    tensor_type = value.type.tensor_type
+    shape = []
+    for dim in tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            shape.append(int(dim.dim_value))
+        elif dim.HasField("dim_param"):
+            shape.append(dim.dim_param)
+        else:
+            shape.append(None)
+    return TensorIO(value.name, dtype_name(tensor_type.elem_type), shape if tensor_type.HasField("shape") else None)
+
+
+def _count(shape: list[int]) -> int:
+    total = 1
+    for d in shape:
+        total *= d
+    return total

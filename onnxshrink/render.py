@@ -1,0 +1,132 @@
+"""Rich rendering of reports. The only rich user besides cli.py; it reads reports, never models."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
+
+
+def human_bytes(n: float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def _num(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        if value != value:
+            return "nan"
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _shape(shape) -> str:
+    if shape is None:
+        return "?"
+    return escape("[" + ", ".join("?" if d is None else str(d) for d in shape) + "]")
+
+
+def render_info(console: Console, info: ModelInfo, show_all: bool = False) -> None:
+    console.print(f"[bold]{escape(info.path)}[/]  {human_bytes(info.file_bytes)}  IR {info.ir_version}  "
+                  f"opsets {', '.join(f'{d} {v}' for d, v in info.opsets.items())}"
+                  + (f"  producer {escape(info.producer)}" if info.producer else ""))
+    io = Table(title="Inputs and outputs", title_justify="left")
+    for col in ("kind", "name", "dtype", "shape"):
+        io.add_column(col)
+    for kind, items in (("input", info.inputs), ("output", info.outputs)):
+        for item in items:
+            io.add_row(kind, escape(item.name), item.dtype, _shape(item.shape))
+    console.print(io)
+    ops = Table(title=f"Operators ({info.node_count} nodes)", title_justify="left")
+    ops.add_column("op")
+    ops.add_column("count", justify="right")
+    for op, count in info.op_histogram.items():
+        ops.add_row(escape(op), str(count))
+    console.print(ops)
+    tensors = Table(title="Constant tensors", title_justify="left")
+    for col in ("name", "shape", "dtype", "bytes", "where", "consumers", "compress?"):
+        tensors.add_column(col, justify="right" if col == "bytes" else "left", overflow="fold")
+    shown = sorted(info.tensors, key=lambda t: -t.nbytes)
+    limit = None if show_all else 40
+    for t in shown[:limit]:
+        consumers = ", ".join(f"{c.node} #{c.input_index} {c.role}" for c in t.consumers[:3])
+        if len(t.consumers) > 3:
+            consumers += f" +{len(t.consumers) - 3}"
+        verdict = ("[green]yes[/] " if t.compressible else "[dim]no[/] ") + escape(t.reason)
+        tensors.add_row(escape(t.name), _shape(t.shape), t.dtype, human_bytes(t.nbytes), escape(t.location), escape(consumers), verdict)
+    console.print(tensors)
+    if limit and len(shown) > limit:
+        console.print(f"[dim]{len(shown) - limit} smaller tensors not shown (--all shows every tensor)[/]")
+    tot = info.totals
+    console.print(
+        f"{tot['tensors']} tensors, {human_bytes(tot['tensor_bytes'])}, {tot['parameters']:,} parameters; "
+        f"[bold]{tot['weights']} compressible weights, {human_bytes(tot['weight_bytes'])}[/]"
+        f" ({tot['in_constant_nodes']} in Constant nodes, {tot['in_subgraphs']} in subgraphs, {tot['tied_weights']} tied)"
+    )
+
+
+def render_validation(console: Console, report: ValidationReport) -> None:
+    inputs = "synthetic inputs" if report.synthetic_inputs else "given data"
+    table = Table(title=escape(f"Validation: {report.candidate} vs {report.original} ({report.samples} samples, {inputs})"), title_justify="left")
+    for col in ("output", "max abs", "mean rel", "cosine", "cosine min", "top-1 agree"):
+        table.add_column(col, justify="left" if col == "output" else "right")
+    for name, d in report.outputs.items():
+        table.add_row(escape(name), _num(d.max_abs), _num(d.mean_rel), _num(d.cosine, 6), _num(d.cosine_min, 6), _num(d.top1_agreement))
+    console.print(table)
+    summary = Table(show_header=True)
+    for col in ("", "original", "candidate", "ratio"):
+        summary.add_column(col, justify="left" if not col else "right")
+    summary.add_row("size", human_bytes(report.size["original"]), human_bytes(report.size["candidate"]), f"{report.size['ratio']:.3f}")
+    if report.latency_ms:
+        lat = report.latency_ms
+        summary.add_row(
+            f"latency p50 (batch {lat['batch']}, {lat['threads']} thread{'s' if lat['threads'] != 1 else ''})",
+            f"{lat['original']['p50']:.4g} ms", f"{lat['candidate']['p50']:.4g} ms", _num(lat["ratio"], 3))
+        summary.add_row("latency p90", f"{lat['original']['p90']:.4g} ms", f"{lat['candidate']['p90']:.4g} ms", "")
+    if report.accuracy:
+        acc = report.accuracy
+        summary.add_row("accuracy", f"{acc['original']:.4f}", f"{acc['candidate']:.4f}", f"drop {acc['original'] - acc['candidate']:+.4f}")
+    console.print(summary)
+    for check in report.checks:
+        mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        console.print(f"  {mark} {escape(check.name)}: {_num(check.value)} (threshold {check.threshold:g})")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
+    console.print(f"validation {verdict}" + ("" if report.checks else " (no thresholds given)"))
+
+
+def render_command(console: Console, report: CommandReport) -> None:
+    for pass_report in report.passes:
+        table = Table(title=escape(pass_report.name), title_justify="left")
+        for col in ("node", "op", "weight", "action", "bytes", "why"):
+            table.add_column(col, overflow="fold")
+        for layer in pass_report.layers:
+            size = f"{human_bytes(layer.bytes_before)} -> {human_bytes(layer.bytes_after)}" if layer.bytes_before else ""
+            style = "" if layer.action.startswith("int") else "dim"
+            table.add_row(escape(layer.node), layer.op_type, escape(layer.weight), escape(layer.action), size, escape(layer.reason), style=style)
+        console.print(table)
+        for note in pass_report.notes:
+            console.print(f"[yellow]note:[/] {escape(note)}")
+    if report.runtime:
+        rt = report.runtime
+        kernels = ", ".join(f"{k} x{v}" for k, v in rt["integer_kernels"].items()) or "none"
+        left = ", ".join(f"{k} x{v}" for k, v in rt["float_kernels"].items()) or "none"
+        console.print(escape(f"onnxruntime runs: integer kernels {kernels}; float MatMul/Gemm/Conv left {left}"))
+        if not rt["all_quantized_layers_fused"]:
+            console.print("[yellow]warning:[/] some quantized layers are not fused into integer kernels by onnxruntime")
+    if report.validation:
+        render_validation(console, report.validation)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    if report.output:
+        console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, {report.size['ratio']:.3f}x the input)")

@@ -1,0 +1,76 @@
+"""onnxruntime sessions with the same options for every model, and what onnxruntime really runs."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxshrink.errors import ModelLoadError, UnsupportedModelError
+
+
+def session_options(threads: int = 1, optimize: bool = True, optimized_path: str | None = None):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = (
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    )
+    options.log_severity_level = 3
+    if optimized_path:
+        options.optimized_model_filepath = optimized_path
+    return options
+
+
+def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path: str | None = None):
+    """An onnxruntime CPU session; a model onnxruntime refuses is an unsupported model, not a crash."""
+    import onnxruntime as ort
+
+    source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
+    try:
+        return ort.InferenceSession(source, session_options(threads, optimize, optimized_path), providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {message[:300]}") from exc
+
+
+def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:
+    """Run every batch and join each output along axis 0 (stacked when outputs are scalars)."""
+    names = [o.name for o in session.get_outputs()]
+    collected: dict[str, list] = {n: [] for n in names}
+    for batch in batches:
+        try:
+            values = session.run(names, batch)
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"onnxruntime failed to run the model on the given inputs: {message[:300]}") from exc
+        for name, value in zip(names, values):
+            collected[name].append(np.asarray(value))
+    joined = {}
+    for name, parts in collected.items():
+        if len(parts) == 1:
+            joined[name] = parts[0]
+        elif all(p.ndim > 0 for p in parts) and len({p.shape[1:] for p in parts}) == 1:
+            joined[name] = np.concatenate(parts, axis=0)
+        else:
+            joined[name] = np.stack([p.reshape(-1) for p in parts]) if len({p.size for p in parts}) == 1 else np.concatenate([p.reshape(-1) for p in parts])
+    return joined
+
+
+def optimized_op_counts(model: str | os.PathLike | onnx.ModelProto, threads: int = 1) -> Counter:
+    """Op histogram of the graph onnxruntime actually executes after its fusions."""
+    with tempfile.TemporaryDirectory(prefix="onnxshrink-ort-") as tmp:
+        target = Path(tmp) / "optimized.onnx"
+        make_session(model, threads, optimize=True, optimized_path=str(target))
+        optimized = onnx.load(str(target), load_external_data=False)
+    counts = Counter()
+    for node in optimized.graph.node:
+        counts[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    return counts

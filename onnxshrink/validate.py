@@ -1,0 +1,209 @@
+"""Run the original and the candidate in onnxruntime on the same inputs and measure the drift.
+
+Both models get identical session options and thread counts; latency runs alternate
+between them so a noisy machine slows both alike and the ratio holds.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from onnxshrink import data as data_mod
+from onnxshrink import model as model_io
+from onnxshrink.errors import DataError, UsageError
+from onnxshrink.report import Check, OutputDrift, ValidationReport
+from onnxshrink.runtime import make_session, run_batches
+
+
+@dataclass
+class Thresholds:
+    """Only the thresholds that are set apply. Ratios are candidate/original."""
+
+    max_drift: float | None = None  # bound on max_abs of every output
+    min_cosine: float | None = None
+    min_agreement: float | None = None  # top-1 agreement of class-score outputs
+    max_accuracy_drop: float | None = None  # absolute: 0.01 is one point
+    max_latency_ratio: float | None = None
+
+
+@dataclass
+class ValidateConfig:
+    data: str | None = None
+    labels: str | None = None
+    samples: int | None = None
+    shapes: dict | None = None
+    threads: int = 1
+    seed: int = 0
+    latency: bool = True
+    latency_budget_s: float = 2.0
+    thresholds: Thresholds | None = None
+
+
+def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: ValidateConfig | None = None) -> ValidationReport:
+    """Compare two model files; the report's `passed` says whether every given threshold held."""
+    config = config or ValidateConfig()
+    thresholds = config.thresholds or Thresholds()
+    original_model = model_io.load(original)
+    candidate_model = model_io.load(candidate)
+    specs = data_mod.input_specs(original_model)
+    candidate_specs = {s.name: s for s in data_mod.input_specs(candidate_model)}
+    for spec in specs:
+        other = candidate_specs.get(spec.name)
+        if other is None or other.dtype != spec.dtype:
+            raise DataError(f"candidate's inputs differ from the original's (input {spec.name!r})")
+    if config.labels and not config.data:
+        raise UsageError("--labels needs --data: labels are read from the data file")
+    if thresholds.max_accuracy_drop is not None and not config.labels:
+        raise UsageError("--max-accuracy-drop needs --data and --labels")
+    dataset = (
+        data_mod.load_npz(config.data, specs, config.labels, config.samples)
+        if config.data
+        else data_mod.synthesize(specs, config.samples, config.seed, config.shapes)
+    )
+    sessions = [make_session(original, config.threads), make_session(candidate, config.threads)]
+    del original_model, candidate_model
+    reference = run_batches(sessions[0], dataset.batches)
+    produced = run_batches(sessions[1], dataset.batches)
+
+    outputs = {}
+    for name, expected in reference.items():
+        if name not in produced:
+            raise DataError(f"candidate has no output {name!r}")
+        outputs[name] = compare_outputs(expected, produced[name])
+
+    accuracy = None
+    if dataset.labels is not None:
+        first = sessions[0].get_outputs()[0].name
+        accuracy = {
+            "original": task_accuracy(reference[first], dataset.labels),
+            "candidate": task_accuracy(produced[first], dataset.labels),
+            "output": first,
+        }
+
+    latency = measure_latency(sessions, latency_feed(dataset, specs), config.latency_budget_s) if config.latency else None
+    size_original = model_io.file_size(original)
+    size_candidate = model_io.file_size(candidate)
+    size = {"original": size_original, "candidate": size_candidate, "ratio": size_candidate / size_original}
+    checks = _checks(thresholds, outputs, accuracy, latency)
+    return ValidationReport(
+        passed=all(c.passed for c in checks),
+        original=str(original),
+        candidate=str(candidate),
+        synthetic_inputs=dataset.synthetic,
+        samples=dataset.samples,
+        input_shapes=dataset.input_shapes(),
+        size=size,
+        outputs=outputs,
+        accuracy=accuracy,
+        latency_ms=latency,
+        checks=checks,
+        notes=list(dataset.notes),
+    )
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray) -> OutputDrift:
+    """Drift of one output; mean_rel is mean|a-b| / mean|a| (robust to values near zero)."""
+    if expected.shape != actual.shape:
+        raise DataError(f"output shapes differ: original {list(expected.shape)}, candidate {list(actual.shape)}")
+    exact = None
+    if expected.dtype.kind not in "fc":
+        exact = float(np.mean(expected == actual)) if expected.size else 1.0
+    a = expected.astype(np.float64)
+    b = actual.astype(np.float64)
+    if a.size == 0:
+        return OutputDrift(0.0, 0.0, 1.0, 1.0, None, exact)
+    diff = np.abs(a - b)
+    max_abs = float(np.max(diff))
+    scale = float(np.mean(np.abs(a)))
+    mean_rel = float(np.mean(diff) / scale) if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
+    rows_a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    rows_b = b.reshape(rows_a.shape)
+    cosines = _row_cosines(rows_a, rows_b)
+    top1 = None
+    if expected.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] > 1:
+        top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+    return OutputDrift(max_abs, mean_rel, float(np.mean(cosines)), float(np.min(cosines)), top1, exact)
+
+
+def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norm_a = np.linalg.norm(a, axis=1)
+    norm_b = np.linalg.norm(b, axis=1)
+    dots = np.sum(a * b, axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cos = dots / (norm_a * norm_b)
+    both_zero = (norm_a == 0) & (norm_b == 0)
+    cos = np.where(both_zero, 1.0, cos)
+    cos = np.where(((norm_a == 0) ^ (norm_b == 0)), 0.0, cos)
+    return np.clip(cos, -1.0, 1.0)
+
+
+def task_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
+    """mean(argmax(scores over the last axis) == labels), a fraction."""
+    predicted = np.argmax(scores, axis=-1)
+    if predicted.shape != labels.shape:
+        raise DataError(
+            f"labels have shape {list(labels.shape)} but argmax of output 0 has shape {list(predicted.shape)}"
+        )
+    return float(np.mean(predicted == labels))
+
+
+def latency_feed(dataset: data_mod.Dataset, specs: list[data_mod.InputSpec]) -> dict:
+    """One sample (batch 1) where the batch axis is dynamic; the model's fixed batch otherwise."""
+    first = dataset.batches[0]
+    dynamic = {s.name for s in specs if s.dynamic_batch}
+    rows = max((a.shape[0] for n, a in first.items() if n in dynamic and a.ndim > 0), default=None)
+    return {n: (a[:1] if n in dynamic and a.ndim > 0 and a.shape[0] == rows else a) for n, a in first.items()}
+
+
+def measure_latency(sessions: list, feed: dict, budget_s: float = 2.0, warmup: int = 3, min_runs: int = 10, max_runs: int = 500) -> dict:
+    """Warm up, then alternate runs of each session until the time budget or max_runs; p50/p90 in ms."""
+    for session in sessions:
+        for _ in range(warmup):
+            session.run(None, feed)
+    times = [[] for _ in sessions]
+    start = time.perf_counter()
+    while len(times[0]) < max_runs and (len(times[0]) < min_runs or time.perf_counter() - start < budget_s):
+        for i, session in enumerate(sessions):
+            t0 = time.perf_counter()
+            session.run(None, feed)
+            times[i].append((time.perf_counter() - t0) * 1000.0)
+    summary = [{"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90))} for t in times]
+    batch = max((a.shape[0] for a in feed.values() if a.ndim > 0), default=1)
+    return {
+        "original": summary[0],
+        "candidate": summary[1],
+        "ratio": summary[1]["p50"] / summary[0]["p50"] if summary[0]["p50"] > 0 else None,
+        "runs": len(times[0]),
+        "batch": int(batch),
+        "threads": sessions[0].get_session_options().intra_op_num_threads,
+    }
+
+
+def _checks(thresholds: Thresholds, outputs: dict, accuracy: dict | None, latency: dict | None) -> list[Check]:
+    checks = []
+
+    def add(name: str, threshold: float, value: float | None, ok) -> None:
+        passed = value is not None and np.isfinite(value) and ok(value)
+        checks.append(Check(name, threshold, value, bool(passed)))
+
+    for name, drift in outputs.items():
+        if thresholds.max_drift is not None:
+            add(f"max_drift[{name}]", thresholds.max_drift, drift.max_abs, lambda v: v <= thresholds.max_drift)
+        if thresholds.min_cosine is not None:
+            add(f"min_cosine[{name}]", thresholds.min_cosine, drift.cosine, lambda v: v >= thresholds.min_cosine)
+        if thresholds.min_agreement is not None and drift.top1_agreement is not None:
+            add(f"min_agreement[{name}]", thresholds.min_agreement, drift.top1_agreement, lambda v: v >= thresholds.min_agreement)
+    if thresholds.min_agreement is not None and not any(d.top1_agreement is not None for d in outputs.values()):
+        checks.append(Check("min_agreement", thresholds.min_agreement, None, False))
+    if thresholds.max_accuracy_drop is not None:
+        drop = None if accuracy is None else accuracy["original"] - accuracy["candidate"]
+        add("max_accuracy_drop", thresholds.max_accuracy_drop, drop, lambda v: v <= thresholds.max_accuracy_drop)
+    if thresholds.max_latency_ratio is not None:
+        ratio = None if latency is None else latency["ratio"]
+        add("max_latency_ratio", thresholds.max_latency_ratio, ratio, lambda v: v <= thresholds.max_latency_ratio)
+    return checks

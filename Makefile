@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv
+.PHONY: demo test samples clean venv bench bench-quick
 
 venv: $(VENV)/.installed
 
@@ -32,3 +32,10 @@ samples: venv
 
 clean:
 	rm -rf build .pytest_cache
+
+## bench: onnxshrink vs onnxruntime's quantizer on the sample models and a generated MLP -> docs/benchmarks.md
+bench: venv
+	$(BIN)/python bench/run.py
+
+bench-quick: venv
+	$(BIN)/python bench/run.py --quick --out build/benchmarks-quick.md

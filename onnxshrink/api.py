@@ -11,7 +11,7 @@ from pathlib import Path
 import onnx
 
 from onnxshrink import model as model_io
-from onnxshrink.errors import OutputError
+from onnxshrink.errors import OutputError, UnsupportedModelError
 from onnxshrink.info import inspect_model
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
@@ -21,6 +21,9 @@ from onnxshrink.validate import validate as _validate
 
 INTEGER_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "MatMulInteger",
                    "com.microsoft.QGemm", "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv", "ConvInteger")
+# The NCHWc layout transformer (AVX2/AVX-512 CPUs) turns a float Conv into nchwc.Conv: still a float kernel.
+FLOAT_KERNELS = ("MatMul", "Gemm", "Conv", "com.microsoft.FusedMatMul", "com.microsoft.FusedConv", "com.microsoft.FusedGemm",
+                 "com.microsoft.nchwc.Conv")
 
 
 def load(path: str | os.PathLike) -> onnx.ModelProto:
@@ -76,9 +79,15 @@ def _run_pass_command(command, model_path, output, suffix, transform, *, force, 
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
     model_io.check_output_path(output, [model_path], force)
     original = model_io.load(model_path)
+    checker_error = model_io.full_check_error(original, model_path)
+    if checker_error is not None:
+        # onnxruntime runs it, but nothing written from it could pass the checker every output must pass.
+        raise UnsupportedModelError(
+            f"{model_path}: fails the full ONNX checker ({model_io.first_line(checker_error)}); fix the model first"
+        )
     result, pass_report = transform(original)
     model_io.stamp(result, command, options)
-    external = model_io.has_external_data(original)
+    external = model_io.file_has_external_data(model_path)
     del original
     report = CommandReport(command, str(model_path), None, [pass_report], {})
 
@@ -99,6 +108,9 @@ def _run_pass_command(command, model_path, output, suffix, transform, *, force, 
             report.validation.candidate = str(final)
     except OSError as exc:
         raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+    except OutputError as exc:
+        # Name the user's output, not the temporary folder it was being staged in.
+        raise OutputError(str(exc).replace(str(staging / output.name), str(output))) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     report.output = str(final)
@@ -116,7 +128,7 @@ def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
     """Count what onnxruntime runs after its fusions: integer kernels vs float MatMul/Gemm/Conv left."""
     counts = optimized_op_counts(path, threads)
     integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
-    float_ops = {k: v for k, v in counts.items() if k in ("MatMul", "Gemm", "Conv", "com.microsoft.FusedMatMul", "com.microsoft.FusedConv", "com.microsoft.FusedGemm")}
+    float_ops = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
     quantized = sum(1 for layer in pass_report.layers if layer.action.startswith("int"))
     fused = counts.get("com.microsoft.MatMulIntegerToFloat", 0) + counts.get("com.microsoft.DynamicQuantizeMatMul", 0)
     return {

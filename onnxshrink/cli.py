@@ -10,6 +10,12 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from typer.core import TyperGroup
+
+try:  # typer >= 0.29 vendors click
+    from typer._click import exceptions as click_exceptions
+except ImportError:  # older typer depends on click itself
+    from click import exceptions as click_exceptions
 from rich.console import Console
 from rich.markup import escape
 
@@ -20,8 +26,32 @@ from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.render import render_command, render_info, render_validation
 from onnxshrink.validate import Thresholds, ValidateConfig
 
+class _OneLineErrors(TyperGroup):
+    """Click's own usage errors (unknown option, bad value, missing argument) as one `error:` line, exit 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        try:
+            code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
+            code = code if isinstance(code, int) else 0
+        except click_exceptions.NoArgsIsHelpError as exc:
+            sys.stderr.write(exc.ctx.get_help() + "\n")
+            code = exc.exit_code
+        except click_exceptions.ClickException as exc:
+            where = getattr(getattr(exc, "ctx", None), "command_path", None)
+            hint = f" (see '{where} --help')" if where else ""
+            sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
+            code = exc.exit_code
+        except typer.Abort:
+            sys.stderr.write("interrupted\n")
+            code = EXIT_INTERRUPTED
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
 app = typer.Typer(
     name="onnxshrink",
+    cls=_OneLineErrors,
     help="Make ONNX models smaller and faster, and prove with onnxruntime how far they drifted.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,

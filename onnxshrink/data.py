@@ -92,12 +92,22 @@ def load_npz(
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
+    # Check the magic first: on other files np.load guesses "pickle" and says so, which misleads.
+    with open(path, "rb") as f:
+        magic = f.read(6)
+    if magic == b"\x93NUMPY":
+        raise DataError(f"{path}: not an .npz archive (a single .npy array?); save inputs with numpy.savez")
+    if not magic.startswith(b"PK"):
+        raise DataError(f"{path}: not an .npz archive (expected a zip file written by numpy.savez)")
     try:
         archive = np.load(path, allow_pickle=False)
         if not isinstance(archive, np.lib.npyio.NpzFile):
             raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
         with archive:
             arrays = {key: archive[key] for key in archive.files}
+        for key, value in arrays.items():
+            if not isinstance(value, np.ndarray):  # np.load returns other zip members as raw bytes
+                raise DataError(f"{path}: member {key!r} is not a .npy array")
     except DataError:
         raise
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
@@ -116,8 +126,12 @@ def load_npz(
         labels = arrays[labels_key]
         if labels.dtype.kind not in "iub":
             raise DataError(f"{path}: labels {labels_key!r} must be integers, got {labels.dtype}")
+        if labels.ndim == 0:
+            raise DataError(f"{path}: labels {labels_key!r} is a scalar; expected one label per sample")
 
     count = max((a.shape[0] for a in feeds.values() if a.ndim > 0), default=1)
+    if count == 0:
+        raise DataError(f"{path}: the inputs hold no samples (axis 0 has length 0)")
     if labels is not None and labels.shape[0] != count:
         raise DataError(f"{path}: labels {labels_key!r} have {labels.shape[0]} rows but the inputs have {count}")
     if samples is not None and samples < count:

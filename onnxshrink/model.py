@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -38,11 +39,12 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
-        raise ModelLoadError(f"{path}: not an ONNX model or corrupted ({_first_line(exc)})") from exc
+        raise ModelLoadError(f"{path}: not an ONNX model or corrupted ({first_line(exc)})") from exc
     if model.ir_version <= 0 or not model.HasField("graph"):
         raise ModelLoadError(f"{path}: not an ONNX model (no IR version or graph)")
     if len(model.graph.node) == 0:
         raise ModelLoadError(f"{path}: the graph has no nodes")
+    _check_text(model, path)
     _load_external_data(model, path)
     _check_loadable(model, path)
     return model
@@ -63,14 +65,24 @@ def file_size(path: str | os.PathLike) -> int:
     except Exception:
         return total
     seen = set()
-    for tensor in _all_tensor_protos(model.graph):
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            info = external_data_helper.ExternalDataInfo(tensor)
-            data_file = path.parent / info.location
-            if data_file not in seen and data_file.exists():
-                seen.add(data_file)
-                total += data_file.stat().st_size
+    for location in _external_locations(model):
+        data_file = path.parent / location
+        if data_file not in seen and data_file.is_file():
+            seen.add(data_file)
+            total += data_file.stat().st_size
     return total
+
+
+def file_has_external_data(path: str | os.PathLike) -> bool:
+    """Whether a model file keeps tensors in external data files.
+
+    A loaded model cannot say (loading pulls the data in and clears the references),
+    so whoever wants to write a model "external like its input" asks the input file.
+    """
+    try:
+        return has_external_data(onnx.load(str(path), load_external_data=False))
+    except Exception:
+        return False
 
 
 def stamp(model: onnx.ModelProto, command: str, options: dict) -> None:
@@ -90,18 +102,29 @@ def stamp(model: onnx.ModelProto, command: str, options: dict) -> None:
 
 
 def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Refuse an output that would overwrite an input, or an existing file without force."""
+    """Refuse an output that would overwrite an input (its model or data file), or an existing file without force."""
+    inputs = [Path(p) for p in inputs]
     for source in inputs:
-        if _same_file(output, Path(source)):
+        if _same_file(output, source):
             raise OutputError(f"{output}: output path is the input model; choose another -o")
+    data_file = output.with_name(output.name + ".data")
+    if output.exists() or data_file.exists():
+        input_data = [source.parent / location for source in inputs for location in _input_locations(source)]
+        if any(_same_file(output, d) for d in input_data):
+            raise OutputError(f"{output}: is the input's external data file; choose another -o")
+        if any(_same_file(data_file, d) for d in input_data):
+            raise OutputError(f"{output}: its data file {data_file.name} is the input's external data file; choose another -o")
     if output.is_dir():
         raise OutputError(f"{output}: is a directory")
+    if output.exists() and not output.is_file():
+        raise OutputError(f"{output}: exists and is not a regular file")
     if output.exists() and not force:
         raise OutputError(f"{output}: already exists (use --force to replace it)")
     if not output.parent.exists():
         raise OutputError(f"{output.parent}: output directory does not exist")
-    if not os.access(output.parent, os.W_OK):
-        raise OutputError(f"{output.parent}: output directory is not writable")
+    if not output.parent.is_dir():
+        raise OutputError(f"{output.parent}: is not a directory")
+    _check_writable_dir(output.parent)
 
 
 def save(
@@ -115,14 +138,23 @@ def save(
     """Write a model atomically and check it by path (full_check) before it replaces anything.
 
     Weights go to external data (`OUTPUT.data`, never the input's data file) when
-    `external_data` is true, or when it is None and the model is too big for one protobuf.
+    `external_data` is true, or when it is None and an input file keeps its weights
+    external or the model is too big for one protobuf.
     """
     output = Path(output)
-    check_output_path(output, [Path(p) for p in inputs], force)
+    inputs = [Path(p) for p in inputs]
+    check_output_path(output, inputs, force)
     if external_data is None:
-        external_data = model.ByteSize() > EXTERNAL_DATA_THRESHOLD if not has_external_data(model) else True
+        external_data = (
+            has_external_data(model)
+            or any(file_has_external_data(p) for p in inputs)
+            or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+        )
     data_name = output.name + ".data"
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
     try:
         staged_model = staging / output.name
         try:
@@ -144,7 +176,7 @@ def save(
         try:
             onnx.checker.check_model(str(staged_model), full_check=True)
         except Exception as exc:  # a bug in a pass, never the user's fault
-            raise RuntimeError(f"internal error: written model fails the ONNX checker: {_first_line(exc)}") from exc
+            raise RuntimeError(f"written model fails the ONNX checker: {first_line(exc)}") from exc
         staged_data = staging / data_name
         if staged_data.exists():
             os.replace(staged_data, output.parent / data_name)
@@ -187,47 +219,131 @@ def _check_readable_file(path: Path) -> None:
         raise ModelLoadError(f"{path}: no such file")
     if path.is_dir():
         raise ModelLoadError(f"{path}: is a directory, not a model file")
+    if not path.is_file():
+        # A device or pipe: /dev/zero would be read forever, a pipe read twice.
+        raise ModelLoadError(f"{path}: not a regular file")
     if not os.access(path, os.R_OK):
         raise ModelLoadError(f"{path}: permission denied")
 
 
-def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
-    base = path.parent
-    for tensor in _all_tensor_protos(model.graph):
-        if tensor.data_location != onnx.TensorProto.EXTERNAL:
-            continue
-        info = external_data_helper.ExternalDataInfo(tensor)
-        data_file = (base / info.location).resolve()
-        if not data_file.is_relative_to(base.resolve()):
-            raise ModelLoadError(f"{path}: external data path {info.location!r} points outside the model's directory")
-        if not data_file.is_file():
-            raise ModelLoadError(f"{path}: external data file {info.location!r} is missing")
-        needed = (info.offset or 0) + (info.length or 0)
-        if info.length and data_file.stat().st_size < needed:
-            raise ModelLoadError(f"{path}: external data file {info.location!r} is truncated")
+def _check_writable_dir(directory: Path) -> None:
+    """Create and remove a probe file: os.access says yes to root on read-only or virtual file systems."""
+    if not os.access(directory, os.W_OK):
+        raise OutputError(f"{directory}: output directory is not writable")
     try:
-        external_data_helper.load_external_data_for_model(model, str(base))
-    except (OSError, ValueError) as exc:
-        raise ModelLoadError(f"{path}: cannot read external data ({_first_line(exc)})") from exc
+        with tempfile.NamedTemporaryFile(prefix=".onnxshrink-probe-", dir=directory):
+            pass
+    except OSError as exc:
+        raise OutputError(f"{directory}: output directory is not writable ({exc.strerror or exc})") from exc
+
+
+def _external_locations(model: onnx.ModelProto) -> list[str]:
+    """The `location` of every external tensor; entries onnx cannot parse are skipped (load reports them)."""
+    locations = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # onnx warns about unknown keys; they are ignored either way
+        for tensor in _all_tensor_protos(model.graph):
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                try:
+                    locations.append(external_data_helper.ExternalDataInfo(tensor).location)
+                except ValueError:
+                    continue
+    return locations
+
+
+def _input_locations(path: Path) -> list[str]:
+    """The external data files a model file references, so that no output is ever written over them."""
+    try:
+        return _external_locations(onnx.load(str(path), load_external_data=False))
+    except Exception:
+        return []
+
+
+def _check_text(message, path: Path, where: str = "model") -> None:
+    """Refuse text fields that are not UTF-8 (a corrupted file).
+
+    protobuf returns them as bytes instead of str, and neither the ONNX checker nor
+    onnxruntime objects; every later string operation (names in reports) would crash.
+    """
+    for field in message.DESCRIPTOR.fields:
+        # `is_repeated` is protobuf >= 5.28; `label` is gone in protobuf 7.
+        repeated = field.is_repeated if hasattr(field, "is_repeated") else field.label == field.LABEL_REPEATED
+        if field.type == field.TYPE_STRING:
+            values = getattr(message, field.name) if repeated else [getattr(message, field.name)]
+            for value in values:
+                if isinstance(value, bytes):
+                    raise ModelLoadError(f"{path}: corrupted: {where}.{field.name} is not valid UTF-8 ({value[:60]!r})")
+        elif field.type == field.TYPE_MESSAGE:
+            if repeated:
+                for item in getattr(message, field.name):
+                    _check_text(item, path, f"{where}.{field.name}")
+            elif message.HasField(field.name):
+                _check_text(getattr(message, field.name), path, f"{where}.{field.name}")
+
+
+def _load_external_data(model: onnx.ModelProto, path: Path) -> None:
+    """Read external tensors; every way this can fail is a ModelLoadError naming the file.
+
+    onnx raises ValueError (bad offset/length), OSError, or its ValidationError (a data
+    file that is a symbolic link), and warns on stderr about unknown keys: all contained here.
+    """
+    base = path.parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            for tensor in _all_tensor_protos(model.graph):
+                if tensor.data_location != onnx.TensorProto.EXTERNAL:
+                    continue
+                info = external_data_helper.ExternalDataInfo(tensor)
+                if (base / info.location).is_symlink():
+                    raise ModelLoadError(
+                        f"{path}: external data file {info.location!r} is a symbolic link, which onnx refuses to read; "
+                        "put the real file next to the model"
+                    )
+                data_file = (base / info.location).resolve()
+                if not data_file.is_relative_to(base.resolve()):
+                    raise ModelLoadError(f"{path}: external data path {info.location!r} points outside the model's directory")
+                if not data_file.is_file():
+                    raise ModelLoadError(f"{path}: external data file {info.location!r} is missing")
+                needed = (info.offset or 0) + (info.length or 0)
+                if info.length and data_file.stat().st_size < needed:
+                    raise ModelLoadError(f"{path}: external data file {info.location!r} is truncated")
+            external_data_helper.load_external_data_for_model(model, str(base))
+        except ModelLoadError:
+            raise
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelLoadError(f"{path}: cannot read external data ({first_line(exc)})") from exc
+
+
+def full_check_error(model: onnx.ModelProto, path: str | os.PathLike) -> Exception | None:
+    """The full ONNX checker's complaint about a loaded model (None when it passes)."""
+    try:
+        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+            onnx.checker.check_model(str(path), full_check=True)
+        else:
+            onnx.checker.check_model(model, full_check=True)
+    except Exception as exc:
+        return exc
+    return None
 
 
 def _check_loadable(model: onnx.ModelProto, path: Path) -> None:
-    """Require a passing ONNX checker, or failing that, a model onnxruntime accepts."""
-    try:
-        if model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
-            onnx.checker.check_model(str(path))
-        else:
-            onnx.checker.check_model(model)
-        return
-    except Exception as exc:
-        checker_error = exc
-    try:
-        import onnxruntime as ort
+    """Require a passing ONNX checker, or failing that, a model onnxruntime accepts.
 
-        ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    The check is the full one (with strict shape inference) that `save` applies to
+    what it writes: with a weaker check here, a corrupted input (a weight whose type
+    or shape was flipped) loads and then fails at save time as an "internal error".
+    """
+    checker_error = full_check_error(model, path)
+    if checker_error is None:
+        return
+    try:
+        from onnxshrink.runtime import make_session
+
+        make_session(path)
     except Exception as exc:
         raise ModelLoadError(
-            f"{path}: invalid ONNX model ({_first_line(checker_error)}); onnxruntime refuses it too ({_first_line(exc)})"
+            f"{path}: invalid ONNX model ({first_line(checker_error)}); onnxruntime refuses it too ({first_line(exc)})"
         ) from exc
 
 
@@ -238,7 +354,7 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     line = text.splitlines()[0]
     return line[:300]

@@ -46,7 +46,7 @@ def render_info(console: Console, info: ModelInfo, show_all: bool = False) -> No
         for item in items:
             io.add_row(kind, escape(item.name), item.dtype, _shape(item.shape))
     console.print(io)
-    ops = Table(title=f"Operators ({info.node_count} nodes)", title_justify="left")
+    ops = Table(title=f"Operators ({info.node_count} nodes)", title_justify="left", min_width=28)
     ops.add_column("op")
     ops.add_column("count", justify="right")
     for op, count in info.op_histogram.items():

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import ModelLoadError, UnsupportedModelError
+from onnxshrink.model import iter_graphs
 
 
 def session_options(threads: int = 1, optimize: bool = True, optimized_path: str | None = None):
@@ -23,7 +24,7 @@ def session_options(threads: int = 1, optimize: bool = True, optimized_path: str
     options.graph_optimization_level = (
         ort.GraphOptimizationLevel.ORT_ENABLE_ALL if optimize else ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     )
-    options.log_severity_level = 3
+    options.log_severity_level = 4  # fatal only: errors reach the user as one line, not as log noise
     if optimized_path:
         options.optimized_model_filepath = optimized_path
     return options
@@ -35,7 +36,10 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, o
 
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
-        return ort.InferenceSession(source, session_options(threads, optimize, optimized_path), providers=["CPUExecutionProvider"])
+        # No provider fallback: on some errors onnxruntime's fallback print()s a banner to stdout,
+        # which would break `--json` and the one-line error.
+        return ort.InferenceSession(source, session_options(threads, optimize, optimized_path),
+                                    providers=["CPUExecutionProvider"], enable_fallback=0)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {message[:300]}") from exc
@@ -65,12 +69,14 @@ def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:
 
 
 def optimized_op_counts(model: str | os.PathLike | onnx.ModelProto, threads: int = 1) -> Counter:
-    """Op histogram of the graph onnxruntime actually executes after its fusions."""
+    """Op histogram of the graph onnxruntime actually executes after its fusions, subgraphs included."""
     with tempfile.TemporaryDirectory(prefix="onnxshrink-ort-") as tmp:
         target = Path(tmp) / "optimized.onnx"
         make_session(model, threads, optimize=True, optimized_path=str(target))
         optimized = onnx.load(str(target), load_external_data=False)
     counts = Counter()
-    for node in optimized.graph.node:
-        counts[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
+    # Layers inside If/Loop/Scan bodies are fused there too; count them, or they look unfused.
+    for graph in iter_graphs(optimized.graph):
+        for node in graph.node:
+            counts[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
     return counts

@@ -86,10 +86,7 @@ class TensorRecord:
     is_graph_input: bool = False
     compressible: bool = False
     reason: str = ""
-
-    @property
-    def tied(self) -> bool:
-        return sum(1 for c in self.consumers if c.role == "weight") > 1
+    tied: bool = False  # read as a weight by more than one node; a field so --json shows it
 
 
 def dtype_name(elem_type: int) -> str:
@@ -116,6 +113,7 @@ def find_tensors(model: onnx.ModelProto) -> list[TensorRecord]:
     _walk(model.graph, "", {}, records, graph_inputs)
     for record in records:
         record.compressible, record.reason = _classify(record)
+        record.tied = sum(1 for c in record.consumers if c.role == "weight") > 1
     return records
 
 
@@ -172,7 +170,8 @@ def _classify(record: TensorRecord) -> tuple[bool, str]:
         return False, "quantization scale"
     if "weight" not in roles:
         named = sorted(roles - {"other"})
-        return False, f"{named[0]} tensor" if named else "not a weight input (elementwise/other)"
+        ops = ", ".join(sorted({c.op_type for c in record.consumers}))
+        return False, f"{named[0]} tensor" if named else f"not a weight input (feeds {ops})"
     if roles - {"weight"} - {"other"}:
         return False, "used as weight and as " + ",".join(sorted(roles - {"weight", "other"}))
     if record.nbytes < TINY_BYTES:

@@ -46,6 +46,19 @@ def make_mlp(widths=(32, 64, 48, 10), seed=0, use_gemm=False, opset=17, batch="b
     return model
 
 
+def float_value(name, shape):
+    return helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+
+
+def build_model(nodes, inputs, outputs, inits=(), opset=17) -> onnx.ModelProto:
+    """A checked opset-`opset` model from nodes, value infos and initializers."""
+    graph = helper.make_graph(nodes, "g", inputs, outputs, list(inits))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
 def save_model(model: onnx.ModelProto, path: Path) -> Path:
     onnx.save(model, str(path))
     return path

@@ -99,12 +99,7 @@ class QuantizeDynamic:
             for index, node in enumerate(graph.node):
                 if node.op_type in ("MatMul", "Gemm", "Conv") and node.domain in ("", "ai.onnx"):
                     candidates.append((graph, node, node.name or f"{node.op_type}_{index}"))
-        keep = set()
-        eligible = [c for c in candidates if c[1].op_type in ("MatMul", "Gemm")]
-        if self.config.keep_float in ("first", "both") and eligible:
-            keep.add(id(eligible[0][1]))
-        if self.config.keep_float in ("last", "both") and eligible:
-            keep.add(id(eligible[-1][1]))
+        constants = {t.name for g in iter_graphs(model.graph) for t in g.initializer}
         for graph, node, name in candidates:
             weight = node.input[1] if len(node.input) > 1 else ""
             record = records.get(weight)
@@ -118,20 +113,34 @@ class QuantizeDynamic:
                 skip("op type not selected (--op-types)")
             elif any(fnmatch.fnmatchcase(name, pattern) for pattern in self.config.exclude):
                 skip("excluded (--exclude)")
-            elif id(node) in keep:
-                skip(f"--keep-float {self.config.keep_float}")
             elif record is None:
                 skip("weight input is not a constant tensor")
             elif not record.compressible:
                 skip(record.reason)
+            elif record.is_graph_input:
+                skip("weight is also a graph input: a caller may override it at run time, so it stays float")
             elif record.dtype != "float" or len(record.shape) != 2:
                 skip(f"weight is {record.dtype} {record.shape}: only 2-D float32 weights are quantized")
             elif node.op_type == "Gemm" and _attr(node, "transA", 0):
                 skip("Gemm with transA=1")
+            elif (node.op_type == "Gemm" and float(_attr(node, "beta", 1.0)) != 1.0
+                  and len(node.input) > 2 and node.input[2] and node.input[2] not in constants):
+                skip("Gemm with beta != 1 and a computed bias (the bias cannot be pre-scaled)")
             elif node.op_type == "MatMul" and node.input[0] in records:
                 skip("both MatMul operands are constant")
             else:
                 sites.append(_Site(graph, node, name, weight))
+        # --keep-float applies to the first/last layer that would otherwise be quantized.
+        keep = []
+        if self.config.keep_float in ("first", "both") and sites:
+            keep.append(sites[0])
+        if self.config.keep_float in ("last", "both") and sites and sites[-1] not in keep:
+            keep.append(sites[-1])
+        for site in keep:
+            sites.remove(site)
+            record = records[site.weight]
+            skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
+                                         f"--keep-float {self.config.keep_float}", record.nbytes, record.nbytes))
         return sites, skipped
 
     def _rewrite_graph(self, graph, sites, owners, quantized, report):

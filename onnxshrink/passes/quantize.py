@@ -16,7 +16,6 @@ is slower than fp32 Conv in onnxruntime CPU.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
@@ -24,6 +23,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.model import iter_graphs, prepare
+from onnxshrink.passes.common import (Names, Site, attr, drop_unused_initializers, ensure_opset, initializer_owners,
+                                      select_layers)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
 
@@ -39,14 +40,6 @@ class QuantizeConfig:
     keep_float: str | None = None  # "first", "last" or "both"
     per_channel: bool = True
     symmetric: bool = True
-
-
-@dataclass
-class _Site:
-    graph: onnx.GraphProto
-    node: onnx.NodeProto
-    name: str
-    weight: str
 
 
 class QuantizeDynamic:
@@ -77,71 +70,36 @@ class QuantizeDynamic:
             else:
                 report.notes.append("no MatMul/Gemm weight to quantize")
             return model, report
-        _ensure_opset(model, 11)
+        ensure_opset(model, 11)
         quantized: dict[str, tuple[str, str, str, int, int]] = {}
-        by_graph: dict[int, list[_Site]] = {}
+        by_graph: dict[int, list[Site]] = {}
         for site in sites:
             by_graph.setdefault(id(site.graph), []).append(site)
-        owners = _initializer_owners(model)
-        self._unique = _Names(model)
+        owners = initializer_owners(model)
+        self._unique = Names(model)
         for graph_sites in by_graph.values():
             graph = graph_sites[0].graph
             self._rewrite_graph(graph, graph_sites, owners, quantized, report)
-        _drop_unused_initializers(model)
+        drop_unused_initializers(model)
         report.changed = True
         return model, report
 
     def _select(self, model, records):
-        """Nodes to quantize, and a decision with a reason for every candidate left float."""
-        sites, skipped = [], []
-        candidates = []
-        for graph in iter_graphs(model.graph):
-            for index, node in enumerate(graph.node):
-                if node.op_type in ("MatMul", "Gemm", "Conv") and node.domain in ("", "ai.onnx"):
-                    candidates.append((graph, node, node.name or f"{node.op_type}_{index}"))
-        constants = {t.name for g in iter_graphs(model.graph) for t in g.initializer}
-        for graph, node, name in candidates:
-            weight = node.input[1] if len(node.input) > 1 else ""
-            record = records.get(weight)
-
-            def skip(reason):
-                skipped.append(LayerDecision(name, node.op_type, weight, "kept float", reason, record.nbytes if record else 0, record.nbytes if record else 0))
-
+        def judge(node, record, constants):
             if node.op_type == "Conv":
-                skip("Conv: onnxruntime CPU has no faster dynamic int8 kernel (ConvInteger is slower than fp32)")
-            elif node.op_type not in self.config.op_types:
-                skip("op type not selected (--op-types)")
-            elif any(fnmatch.fnmatchcase(name, pattern) for pattern in self.config.exclude):
-                skip("excluded (--exclude)")
-            elif record is None:
-                skip("weight input is not a constant tensor")
-            elif not record.compressible:
-                skip(record.reason)
-            elif record.is_graph_input:
-                skip("weight is also a graph input: a caller may override it at run time, so it stays float")
-            elif record.dtype != "float" or len(record.shape) != 2:
-                skip(f"weight is {record.dtype} {record.shape}: only 2-D float32 weights are quantized")
-            elif node.op_type == "Gemm" and _attr(node, "transA", 0):
-                skip("Gemm with transA=1")
-            elif (node.op_type == "Gemm" and float(_attr(node, "beta", 1.0)) != 1.0
-                  and len(node.input) > 2 and node.input[2] and node.input[2] not in constants):
-                skip("Gemm with beta != 1 and a computed bias (the bias cannot be pre-scaled)")
-            elif node.op_type == "MatMul" and node.input[0] in records:
-                skip("both MatMul operands are constant")
-            else:
-                sites.append(_Site(graph, node, name, weight))
-        # --keep-float applies to the first/last layer that would otherwise be quantized.
-        keep = []
-        if self.config.keep_float in ("first", "both") and sites:
-            keep.append(sites[0])
-        if self.config.keep_float in ("last", "both") and sites and sites[-1] not in keep:
-            keep.append(sites[-1])
-        for site in keep:
-            sites.remove(site)
-            record = records[site.weight]
-            skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
-                                         f"--keep-float {self.config.keep_float}", record.nbytes, record.nbytes))
-        return sites, skipped
+                return "Conv: onnxruntime CPU has no faster dynamic int8 kernel (ConvInteger is slower than fp32)"
+            if record.dtype != "float" or len(record.shape) != 2:
+                return f"weight is {record.dtype} {record.shape}: only 2-D float32 weights are quantized"
+            if node.op_type == "Gemm" and attr(node, "transA", 0):
+                return "Gemm with transA=1"
+            if (node.op_type == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0
+                    and len(node.input) > 2 and node.input[2] and node.input[2] not in constants):
+                return "Gemm with beta != 1 and a computed bias (the bias cannot be pre-scaled)"
+            if node.op_type == "MatMul" and node.input[0] in records:
+                return "both MatMul operands are constant"
+            return None
+
+        return select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)
 
     def _rewrite_graph(self, graph, sites, owners, quantized, report):
         site_ids = {id(s.node): s for s in sites}
@@ -158,8 +116,8 @@ class QuantizeDynamic:
                 activations[x] = (base + "_quant", base + "_scale", base + "_zero_point")
                 new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(activations[x]), name=base))
             xq, xs, xz = activations[x]
-            transpose = node.op_type == "Gemm" and bool(_attr(node, "transB", 0))
-            alpha = float(_attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
+            transpose = node.op_type == "Gemm" and bool(attr(node, "transB", 0))
+            alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             key = (site.weight, transpose, alpha)
             if key not in quantized:
                 wq, ws, wz, before, after = self._quantize_weight(owners, site.weight, transpose, alpha)
@@ -182,7 +140,7 @@ class QuantizeDynamic:
             ]
             if has_bias:
                 bias = node.input[2]
-                beta = float(_attr(node, "beta", 1.0))
+                beta = float(attr(node, "beta", 1.0))
                 if beta != 1.0:
                     bias = self._scaled_bias(owners, bias, beta, stem)
                 new_nodes.append(helper.make_node("Add", [product, bias], [out], name=stem + "_BiasAdd"))
@@ -233,69 +191,3 @@ def quantize_int8(w: np.ndarray, per_channel: bool = True, symmetric: bool = Tru
         zero = zero_f.astype(np.int8)
         q = np.clip(np.rint(w / scale) + zero_f, -128, 127).astype(np.int8)
     return q, np.atleast_1d(scale) if per_channel else np.float32(scale), np.atleast_1d(zero) if per_channel else np.int8(zero)
-
-
-class _Names:
-    """Fresh tensor/node names that collide with nothing in the model, in any scope."""
-
-    SUFFIXES = ("", "_quant", "_scale", "_zero_point", "_out", "_int32", "_float", "_bias",
-                "_MatMulInteger", "_Cast", "_ScaleMul", "_Mul", "_BiasAdd")
-
-    def __init__(self, model):
-        self.used = set()
-        for graph in iter_graphs(model.graph):
-            self.used.update(t.name for t in graph.initializer)
-            self.used.update(v.name for v in list(graph.input) + list(graph.output))
-            for node in graph.node:
-                self.used.update(node.input)
-                self.used.update(node.output)
-                self.used.add(node.name)
-
-    def __call__(self, base: str) -> str:
-        name, i = base, 1
-        while any(name + suffix in self.used for suffix in self.SUFFIXES):
-            name, i = f"{base}_{i}", i + 1
-        self.used.update(name + suffix for suffix in self.SUFFIXES)
-        return name
-
-
-def _attr(node, name, default):
-    for attr in node.attribute:
-        if attr.name == name:
-            return helper.get_attribute_value(attr)
-    return default
-
-
-def _ensure_opset(model, version):
-    for opset in model.opset_import:
-        if opset.domain in ("", "ai.onnx"):
-            if opset.version < version:
-                opset.version = version
-            return
-    model.opset_import.append(helper.make_opsetid("", version))
-
-
-def _initializer_owners(model):
-    owners = {}
-    for graph in iter_graphs(model.graph):
-        for tensor in graph.initializer:
-            owners.setdefault(tensor.name, (graph, tensor))
-    return owners
-
-
-def _drop_unused_initializers(model):
-    used = set()
-    for graph in iter_graphs(model.graph):
-        for node in graph.node:
-            used.update(node.input)
-        used.update(o.name for o in graph.output)
-    for graph in iter_graphs(model.graph):
-        keep = [t for t in graph.initializer if t.name in used]
-        if len(keep) != len(graph.initializer):
-            graph_inputs = {i.name for i in graph.input}
-            dropped = {t.name for t in graph.initializer} - {t.name for t in keep}
-            del graph.initializer[:]
-            graph.initializer.extend(keep)
-            remaining_inputs = [i for i in graph.input if i.name not in dropped or i.name not in graph_inputs]
-            del graph.input[:]
-            graph.input.extend(remaining_inputs)

@@ -1,0 +1,136 @@
+"""What every weight-rewriting pass shares: choosing layers (with a reason for each one left alone),
+fresh names, and initializer bookkeeping across subgraph scopes."""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+import onnx
+from onnx import helper
+
+from onnxshrink.model import iter_graphs
+from onnxshrink.report import LayerDecision
+
+
+@dataclass
+class Site:
+    """A node whose weight a pass will rewrite, in the graph (or subgraph) that holds it."""
+
+    graph: onnx.GraphProto
+    node: onnx.NodeProto
+    name: str
+    weight: str
+
+
+def select_layers(model, records, op_types, config, judge):
+    """Nodes of `op_types` to rewrite, and a kept-float LayerDecision with a reason for every other one.
+
+    `config` supplies op_types/exclude/keep_float as every quantize mode spells them;
+    `judge(node, record, constants)` returns a pass-specific reason to skip, or None.
+    """
+    sites, skipped = [], []
+    candidates = []
+    for graph in iter_graphs(model.graph):
+        for index, node in enumerate(graph.node):
+            if node.op_type in op_types and node.domain in ("", "ai.onnx"):
+                candidates.append((graph, node, node.name or f"{node.op_type}_{index}"))
+    constants = {t.name for g in iter_graphs(model.graph) for t in g.initializer}
+    for graph, node, name in candidates:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        record = records.get(weight)
+        size = record.nbytes if record else 0
+        if node.op_type not in config.op_types:
+            reason = "op type not selected (--op-types)"
+        elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.exclude):
+            reason = "excluded (--exclude)"
+        elif record is None:
+            reason = "weight input is not a constant tensor"
+        elif not record.compressible:
+            reason = record.reason
+        elif record.is_graph_input:
+            reason = "weight is also a graph input: a caller may override it at run time, so it stays float"
+        else:
+            reason = judge(node, record, constants)
+        if reason:
+            skipped.append(LayerDecision(name, node.op_type, weight, "kept float", reason, size, size))
+        else:
+            sites.append(Site(graph, node, name, weight))
+    # --keep-float applies to the first/last layer that would otherwise be rewritten.
+    keep = []
+    if config.keep_float in ("first", "both") and sites:
+        keep.append(sites[0])
+    if config.keep_float in ("last", "both") and sites and sites[-1] not in keep:
+        keep.append(sites[-1])
+    for site in keep:
+        sites.remove(site)
+        size = records[site.weight].nbytes
+        skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
+                                     f"--keep-float {config.keep_float}", size, size))
+    return sites, skipped
+
+
+class Names:
+    """Fresh tensor/node names that collide with nothing in the model, in any scope."""
+
+    SUFFIXES = ("", "_quant", "_scale", "_zero_point", "_out", "_int32", "_float", "_bias",
+                "_MatMulInteger", "_Cast", "_ScaleMul", "_Mul", "_BiasAdd", "_q", "_dq", "_QuantizeLinear",
+                "_DequantizeLinear", "_MatMulNBits", "_codebook", "_indices")
+
+    def __init__(self, model):
+        self.used = set()
+        for graph in iter_graphs(model.graph):
+            self.used.update(t.name for t in graph.initializer)
+            self.used.update(v.name for v in list(graph.input) + list(graph.output))
+            for node in graph.node:
+                self.used.update(node.input)
+                self.used.update(node.output)
+                self.used.add(node.name)
+
+    def __call__(self, base: str) -> str:
+        """A base name such that base + any of SUFFIXES is unused; reserves them all."""
+        name, i = base, 1
+        while any(name + suffix in self.used for suffix in self.SUFFIXES):
+            name, i = f"{base}_{i}", i + 1
+        self.used.update(name + suffix for suffix in self.SUFFIXES)
+        return name
+
+
+def attr(node, name, default):
+    for attribute in node.attribute:
+        if attribute.name == name:
+            return helper.get_attribute_value(attribute)
+    return default
+
+
+def ensure_opset(model, version, domain=""):
+    """Raise the model's opset for `domain` to at least `version` (add the import if missing)."""
+    for opset in model.opset_import:
+        if opset.domain == domain or (domain == "" and opset.domain == "ai.onnx"):
+            if opset.version < version:
+                opset.version = version
+            return
+    model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def initializer_owners(model):
+    """Initializer name -> (graph that holds it, tensor), first definition wins (outer scope)."""
+    owners = {}
+    for graph in iter_graphs(model.graph):
+        for tensor in graph.initializer:
+            owners.setdefault(tensor.name, (graph, tensor))
+    return owners
+
+
+def drop_unused_initializers(model):
+    """Remove initializers no node (in any scope) or graph output reads any more."""
+    used = set()
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            used.update(node.input)
+        used.update(o.name for o in graph.output)
+    for graph in iter_graphs(model.graph):
+        keep = [t for t in graph.initializer if t.name in used]
+        if len(keep) != len(graph.initializer):
+            del graph.initializer[:]
+            graph.initializer.extend(keep)

@@ -80,3 +80,22 @@ def optimized_op_counts(model: str | os.PathLike | onnx.ModelProto, threads: int
         for node in graph.node:
             counts[f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type] += 1
     return counts
+
+
+def capture_activations(model: onnx.ModelProto, names: list[str], batches: list[dict], threads: int = 1):
+    """Yield, batch by batch, the values of the named intermediate float tensors (main graph only).
+
+    The model is run with those tensors added as outputs and optimizations off, so
+    the values are exactly what the unfused graph computes. One batch is in memory
+    at a time: calibrators accumulate statistics instead of keeping activations.
+    """
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    existing = {o.name for o in probe.graph.output}
+    for name in names:
+        if name not in existing:
+            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    session = make_session(probe, threads, optimize=False)
+    for batch in batches:
+        values = session.run(list(names), batch)
+        yield dict(zip(names, values))

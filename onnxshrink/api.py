@@ -11,9 +11,11 @@ from pathlib import Path
 import onnx
 
 from onnxshrink import model as model_io
-from onnxshrink.errors import OutputError, UnsupportedModelError
+from onnxshrink.errors import OutputError, UnsupportedModelError, UsageError
 from onnxshrink.info import inspect_model
+from onnxshrink.data import input_specs, load_npz
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
+from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
 from onnxshrink.runtime import make_session, optimized_op_counts
 from onnxshrink.validate import ValidateConfig
@@ -21,6 +23,8 @@ from onnxshrink.validate import validate as _validate
 
 INTEGER_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "MatMulInteger",
                    "com.microsoft.QGemm", "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv", "ConvInteger")
+FUSED_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "com.microsoft.QGemm",
+                 "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv", "com.microsoft.QLinearConv")
 # The NCHWc layout transformer (AVX2/AVX-512 CPUs) turns a float Conv into nchwc.Conv: still a float kernel.
 FLOAT_KERNELS = ("MatMul", "Gemm", "Conv", "com.microsoft.FusedMatMul", "com.microsoft.FusedConv", "com.microsoft.FusedGemm",
                  "com.microsoft.nchwc.Conv")
@@ -53,8 +57,9 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
 def quantize(
     model_path: str | os.PathLike,
     output: str | os.PathLike | None = None,
-    config: QuantizeConfig | None = None,
+    config: QuantizeConfig | WeightsOnlyConfig | object | None = None,
     *,
+    calibration: str | os.PathLike | None = None,
     force: bool = False,
     validation: ValidateConfig | None = None,
     run_validation: bool = True,
@@ -63,18 +68,48 @@ def quantize(
 ) -> CommandReport:
     """Quantize a model file and validate the result against the original.
 
-    When validation thresholds fail, the result is written as `OUTPUT.failed.onnx`
-    and any existing OUTPUT is left untouched; the report's validation says why.
+    The config's type picks the mode: QuantizeConfig (dynamic int8, the default),
+    StaticQuantizeConfig (QDQ with calibrated activations; needs `calibration`),
+    BlockwiseConfig (n-bit blockwise weights, MatMulNBits), WeightsOnlyConfig
+    (weight-only QDQ for other runtimes). When validation thresholds fail, the result
+    is written as `OUTPUT.failed.onnx`, any existing OUTPUT is left untouched, and the
+    report's validation says why.
     """
-    config = config or QuantizeConfig()
+    config = config if config is not None else QuantizeConfig()
+    suffix = f"int{config.bits}" if hasattr(config, "bits") else "int8"
+
+    def make_pass(model: onnx.ModelProto):
+        if isinstance(config, QuantizeConfig):
+            return QuantizeDynamic(config)
+        if isinstance(config, WeightsOnlyConfig):
+            return QuantizeWeightsOnly(config)
+        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
+        from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
+
+        if isinstance(config, StaticQuantizeConfig):
+            if dataset is None:
+                raise UsageError("static quantization needs calibration data (--calibration FILE.npz)")
+            return QuantizeStatic(config, dataset, threads=threads)
+        if isinstance(config, BlockwiseConfig):
+            if config.algorithm == "gptq" and dataset is None:
+                raise UsageError("--algorithm gptq needs calibration data (--calibration FILE.npz)")
+            return QuantizeBlockwise(config, dataset, threads=threads)
+        raise TypeError(f"not a quantize config: {type(config).__name__}")
+
     return _run_pass_command(
-        "quantize", model_path, output, "int8", QuantizeDynamic(config), force=force,
+        "quantize", model_path, output, suffix, make_pass, force=force,
         validation=validation, run_validation=run_validation, threads=threads,
         options=options if options is not None else asdict(config),
     )
 
 
-def _run_pass_command(command, model_path, output, suffix, transform, *, force, validation, run_validation, threads, options):
+def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike):
+    """Calibration batches from an .npz whose keys are the model's input names."""
+    return load_npz(path, input_specs(model))
+
+
+def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, validation, run_validation, threads, options):
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
     model_io.check_output_path(output, [model_path], force)
@@ -85,7 +120,7 @@ def _run_pass_command(command, model_path, output, suffix, transform, *, force, 
         raise UnsupportedModelError(
             f"{model_path}: fails the full ONNX checker ({model_io.first_line(checker_error)}); fix the model first"
         )
-    result, pass_report = transform(original)
+    result, pass_report = make_pass(original)(original)
     model_io.stamp(result, command, options)
     external = model_io.file_has_external_data(model_path)
     del original
@@ -129,8 +164,9 @@ def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
     counts = optimized_op_counts(path, threads)
     integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
     float_ops = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
-    quantized = sum(1 for layer in pass_report.layers if layer.action.startswith("int"))
-    fused = counts.get("com.microsoft.MatMulIntegerToFloat", 0) + counts.get("com.microsoft.DynamicQuantizeMatMul", 0)
+    # Weight-only layers are float kernels by design; every other quantized layer must become a fused kernel.
+    quantized = sum(1 for layer in pass_report.layers if layer.action.startswith("int") and "weight-only" not in layer.action)
+    fused = sum(v for k, v in counts.items() if k in FUSED_KERNELS)
     return {
         "integer_kernels": integer,
         "float_kernels": float_ops,

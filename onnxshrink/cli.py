@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+from dataclasses import asdict
 import json
 import sys
 import traceback
@@ -23,6 +24,7 @@ from onnxshrink import __version__, api
 from onnxshrink import data as data_mod
 from onnxshrink.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_THRESHOLD, OnnxShrinkError, UsageError
 from onnxshrink.passes.quantize import QuantizeConfig
+from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
 from onnxshrink.render import render_command, render_info, render_validation
 from onnxshrink.validate import Thresholds, ValidateConfig
 
@@ -192,12 +194,18 @@ def validate_command(
 @_edge
 def quantize_command(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.int8.onnx next to the input).")] = None,
-    op_types: Annotated[str, typer.Option("--op-types", help="Comma-separated op types to quantize.")] = "MatMul,Gemm",
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.int8.onnx, MODEL.int4.onnx, ... next to the input).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).")] = None,
+    bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits. Below 8: blockwise MatMulNBits weights for MatMul/Gemm.")] = 8,
+    block_size: Annotated[int, typer.Option("--block-size", help="Block size along K for --bits < 8 (16, 32, 64, 128, 256).")] = 32,
+    algorithm: Annotated[str, typer.Option("--algorithm", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).")] = "rtn",
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs for static scales or GPTQ.")] = None,
+    calibrator: Annotated[str, typer.Option("--calibrator", help="Activation range for --mode static: minmax, percentile, entropy, mse.")] = "minmax",
+    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to quantize (default: all the mode supports).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
     keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both quantizable layers float.")] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
-    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric int8 weights (zero point 0) or asymmetric.")] = True,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.")] = True,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -214,21 +222,63 @@ def quantize_command(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Quantize MatMul/Gemm weights to int8 with run-time activation quantization (integer kernels in onnxruntime), then validate."""
-    if keep_float not in (None, "first", "last", "both"):
-        raise UsageError(f"--keep-float must be first, last or both, not {keep_float!r}")
-    types = tuple(t.strip() for t in op_types.split(",") if t.strip())
-    unknown = set(types) - {"MatMul", "Gemm", "Conv"}
-    if unknown:
-        raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from MatMul, Gemm, Conv)")
-    config = QuantizeConfig(op_types=types, exclude=tuple(exclude or ()), keep_float=keep_float, per_channel=per_channel, symmetric=symmetric)
+    """Quantize weights (and activations) so onnxruntime runs integer kernels, then validate against the original."""
+    config = _quantize_config(mode, bits, block_size, algorithm, calibration, calibrator, op_types, tuple(exclude or ()), keep_float, per_channel, symmetric)
+    # What the model records: the resolved configuration, not the raw flags.
+    options = {"mode": type(config).__name__.removesuffix("Config"), **asdict(config),
+               "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    options = {"op_types": list(types), "exclude": list(exclude or ()), "keep_float": keep_float, "per_channel": per_channel,
-               "symmetric": symmetric, "threads": threads, "seed": seed, "mode": "dynamic"}
-    report = api.quantize(model, output, config, force=force, validation=validation, run_validation=not no_validate, threads=threads, options=options)
+    report = api.quantize(model, output, config, calibration=calibration, force=force, validation=validation,
+                          run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
     if report.validation is not None and not report.validation.passed:
         raise typer.Exit(EXIT_THRESHOLD)
+
+
+def _choice(option: str, value, allowed) -> None:
+    if value not in allowed:
+        raise UsageError(f"{option} must be one of {', '.join(str(a) for a in allowed if a is not None)}, not {value!r}")
+
+
+def _quantize_config(mode, bits, block_size, algorithm, calibration, calibrator, op_types, exclude, keep_float, per_channel, symmetric):
+    """Options -> the config whose type picks the quantize mode; contradictions are usage errors."""
+    _choice("--mode", mode, (None, "dynamic", "static", "weights"))
+    _choice("--keep-float", keep_float, (None, "first", "last", "both"))
+    _choice("--algorithm", algorithm, ("rtn", "gptq"))
+    _choice("--calibrator", calibrator, ("minmax", "percentile", "entropy", "mse"))
+    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
+    common = {"exclude": exclude, "keep_float": keep_float, "symmetric": symmetric}
+    if bits < 8 or algorithm == "gptq":
+        if mode not in (None, "weights"):
+            raise UsageError(f"--bits {bits} / --algorithm {algorithm} quantizes weights blockwise; it cannot be combined with --mode {mode}")
+        _choice("--block-size", block_size, (16, 32, 64, 128, 256))
+        if algorithm == "gptq" and calibration is None:
+            raise UsageError("--algorithm gptq needs --calibration FILE.npz")
+        from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
+
+        _check_types(types, ("MatMul", "Gemm"))
+        return BlockwiseConfig(bits=bits, block_size=block_size, algorithm=algorithm, **common, **({"op_types": types} if types else {}))
+    mode = mode or ("static" if calibration is not None else "dynamic")
+    if mode == "static":
+        if calibration is None:
+            raise UsageError("--mode static needs --calibration FILE.npz")
+        from onnxshrink.passes.quantize_static import StaticQuantizeConfig
+
+        _check_types(types, ("MatMul", "Gemm", "Conv"))
+        return StaticQuantizeConfig(calibrator=calibrator, per_channel=per_channel, **common, **({"op_types": types} if types else {}))
+    if calibration is not None:
+        raise UsageError(f"--calibration is not used by --mode {mode}")
+    if mode == "weights":
+        _check_types(types, ("MatMul", "Gemm", "Conv"))
+        return WeightsOnlyConfig(per_channel=per_channel, **common, **({"op_types": types} if types else {}))
+    _check_types(types, ("MatMul", "Gemm", "Conv"))
+    return QuantizeConfig(per_channel=per_channel, **common, **({"op_types": types} if types else {}))
+
+
+def _check_types(types, allowed) -> None:
+    unknown = set(types or ()) - set(allowed)
+    if unknown:
+        raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
 
 
 def main() -> None:

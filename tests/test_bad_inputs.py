@@ -593,7 +593,7 @@ def test_usage_errors_exit_2(runner, work):
     [
         (["validate", "{m}", "{m}", "--labels", "labels"], "--labels needs --data: labels are read from the data file"),
         (["validate", "{m}", "{m}", "--max-accuracy-drop", "0.01"], "--max-accuracy-drop needs --data and --labels"),
-        (["quantize", "{m}", "--keep-float", "middle"], "--keep-float must be first, last or both, not 'middle'"),
+        (["quantize", "{m}", "--keep-float", "middle"], "--keep-float must be one of first, last, both, not 'middle'"),
         (["quantize", "{m}", "--op-types", "Add"], "--op-types: unsupported op type(s) Add (choose from MatMul, Gemm, Conv)"),
         (["validate", "{m}", "{m}", "--shape", "nonsense"], "--shape 'nonsense': expected NAME=D1,D2,... with integer dimensions"),
     ],

@@ -134,6 +134,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
             config = validation or ValidateConfig(threads=threads)
             report.validation = _validate(model_path, staged, config)
             report.validation.candidate = str(output)
+        _advise_on_latency(report, pass_report)
         passed = report.validation is None or report.validation.passed
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
@@ -152,6 +153,23 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
     size_in, size_out = model_io.file_size(model_path), model_io.file_size(final)
     report.size = {"original": size_in, "output": size_out, "ratio": size_out / size_in}
     return report
+
+
+# Below this many weights a dynamically quantized layer is slower than fp32 at batch 1 (docs/benchmarks.md).
+SMALL_LAYER_WEIGHTS = 131072
+
+
+def _advise_on_latency(report: CommandReport, pass_report) -> None:
+    """Say so when the compressed model measured slower, and what would help."""
+    latency = report.validation.latency_ms if report.validation else None
+    if not latency or not latency.get("ratio") or latency["ratio"] <= 1.0:
+        return
+    text = f"the output ran {latency['ratio']:.2f}x slower than the original at batch {latency['batch']}"
+    largest = max((layer.bytes_before // 4 for layer in pass_report.layers if layer.action.startswith("int8 per")), default=0)
+    if pass_report.name == "quantize-dynamic" and 0 < largest < SMALL_LAYER_WEIGHTS:
+        text += (f"; its largest quantized layer has {largest} weights, and quantizing activations at run time costs "
+                 f"about 2 us per layer: --min-weights {SMALL_LAYER_WEIGHTS} keeps small layers float")
+    report.notes.append(text)
 
 
 def _failed_name(output: Path) -> str:

@@ -536,3 +536,16 @@ def test_sample_models_end_to_end(tmp_path, runner, name, max_ratio):
     counts = optimized_op_counts(output)
     assert integer_kernels(counts) == len(int8_layers(report)) > 0
     assert counts["MatMul"] == 0 and counts["Gemm"] == 0
+
+
+def test_min_weights_keeps_small_layers_float(tmp_path, runner):
+    # make_mlp((32, 64, 48, 10)): layers of 2048, 3072 and 480 weights (the last is tiny anyway).
+    source = save_model(make_mlp(), tmp_path / "m.onnx")
+    result, report, output = quantize_cli(runner, source, "--min-weights", "3000")
+    assert result.exit_code == 0, result.output
+    assert int8_layers(report) == ["fc1/MatMul"]
+    assert float_layers(report)["fc0/MatMul"] == "small layer (2048 weights < --min-weights 3000)"
+    counts = optimized_op_counts(output)
+    assert integer_kernels(counts) == 1
+    wrong = invoke(runner, "quantize", source, "--mode", "weights", "--min-weights", "10", "-o", tmp_path / "w.onnx")
+    assert wrong.exit_code == 2 and "--min-weights applies to --mode dynamic only" in wrong.stderr

@@ -40,6 +40,9 @@ class QuantizeConfig:
     keep_float: str | None = None  # "first", "last" or "both"
     per_channel: bool = True
     symmetric: bool = True
+    # Layers with fewer weights stay float: at batch 1, quantizing activations at run time costs about
+    # 2 us per layer, more than a small layer's int8 kernel saves (crossover near 128K weights, docs/benchmarks.md).
+    min_weights: int = 0
 
 
 class QuantizeDynamic:
@@ -97,6 +100,9 @@ class QuantizeDynamic:
                 return "Gemm with beta != 1 and a computed bias (the bias cannot be pre-scaled)"
             if node.op_type == "MatMul" and node.input[0] in records:
                 return "both MatMul operands are constant"
+            weights = int(np.prod(record.shape))
+            if weights < self.config.min_weights:
+                return f"small layer ({weights} weights < --min-weights {self.config.min_weights})"
             return None
 
         return select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)

@@ -169,6 +169,8 @@ def _advise_on_latency(report: CommandReport, pass_report) -> None:
     if pass_report.name == "quantize-dynamic" and 0 < largest < SMALL_LAYER_WEIGHTS:
         text += (f"; its largest quantized layer has {largest} weights, and quantizing activations at run time costs "
                  f"about 2 us per layer: --min-weights {SMALL_LAYER_WEIGHTS} keeps small layers float")
+    if pass_report.name == "quantize-blockwise":
+        text += "; MatMulNBits gains speed only on large layers (about 256 x 256 and up at batch 1): here it buys size"
     report.notes.append(text)
 
 

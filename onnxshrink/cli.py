@@ -196,9 +196,10 @@ def quantize_command(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.int8.onnx, MODEL.int4.onnx, ... next to the input).")] = None,
     mode: Annotated[Optional[str], typer.Option("--mode", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).")] = None,
-    bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits. Below 8: blockwise MatMulNBits weights for MatMul/Gemm.")] = 8,
+    bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits: 8, or 4 / 2 for blockwise MatMulNBits weights of MatMul/Gemm.")] = 8,
     block_size: Annotated[int, typer.Option("--block-size", help="Block size along K for --bits < 8 (16, 32, 64, 128, 256).")] = 32,
     algorithm: Annotated[str, typer.Option("--algorithm", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).")] = "rtn",
+    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns in order of decreasing activation energy.")] = False,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs for static scales or GPTQ.")] = None,
     calibrator: Annotated[str, typer.Option("--calibrator", help="Activation range for --mode static: minmax, percentile, entropy, mse.")] = "minmax",
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to quantize (default: all the mode supports).")] = None,
@@ -224,7 +225,7 @@ def quantize_command(
     debug: DebugOpt = False,
 ) -> None:
     """Quantize weights (and activations) so onnxruntime runs integer kernels, then validate against the original."""
-    config = _quantize_config(mode, bits, block_size, algorithm, calibration, calibrator, op_types, tuple(exclude or ()), keep_float, per_channel, symmetric)
+    config = _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, calibrator, op_types, tuple(exclude or ()), keep_float, per_channel, symmetric)
     if min_weights:
         if not isinstance(config, QuantizeConfig):
             raise UsageError("--min-weights applies to --mode dynamic only")
@@ -245,7 +246,7 @@ def _choice(option: str, value, allowed) -> None:
         raise UsageError(f"{option} must be one of {', '.join(str(a) for a in allowed if a is not None)}, not {value!r}")
 
 
-def _quantize_config(mode, bits, block_size, algorithm, calibration, calibrator, op_types, exclude, keep_float, per_channel, symmetric):
+def _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, calibrator, op_types, exclude, keep_float, per_channel, symmetric):
     """Options -> the config whose type picks the quantize mode; contradictions are usage errors."""
     _choice("--mode", mode, (None, "dynamic", "static", "weights"))
     _choice("--keep-float", keep_float, (None, "first", "last", "both"))
@@ -257,12 +258,14 @@ def _quantize_config(mode, bits, block_size, algorithm, calibration, calibrator,
         if mode not in (None, "weights"):
             raise UsageError(f"--bits {bits} / --algorithm {algorithm} quantizes weights blockwise; it cannot be combined with --mode {mode}")
         _choice("--block-size", block_size, (16, 32, 64, 128, 256))
+        # onnxruntime's MatMulNBits kernel exists for these widths only; others would run as slow weight-only QDQ.
+        _choice("--bits", bits, (2, 4, 8))
         if algorithm == "gptq" and calibration is None:
             raise UsageError("--algorithm gptq needs --calibration FILE.npz")
         from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
 
         _check_types(types, ("MatMul", "Gemm"))
-        return BlockwiseConfig(bits=bits, block_size=block_size, algorithm=algorithm, **common, **({"op_types": types} if types else {}))
+        return BlockwiseConfig(bits=bits, block_size=block_size, algorithm=algorithm, act_order=act_order, **common, **({"op_types": types} if types else {}))
     mode = mode or ("static" if calibration is not None else "dynamic")
     if mode == "static":
         if calibration is None:

@@ -1,5 +1,7 @@
 """Graph-rewrite passes: each is configured at construction and called on a model -> (model, PassReport)."""
 
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
+from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
+from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 
-__all__ = ["QuantizeConfig", "QuantizeDynamic"]
+__all__ = ["BlockwiseConfig", "QuantizeBlockwise", "QuantizeConfig", "QuantizeDynamic", "QuantizeWeightsOnly", "WeightsOnlyConfig"]

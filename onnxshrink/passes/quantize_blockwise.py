@@ -1,0 +1,420 @@
+"""Blockwise low-bit weight quantization of MatMul/Gemm as onnxruntime's MatMulNBits kernel.
+
+Before:                           After:
+    X ──► MatMul ◄── W(f32 [K,N])     X ──► com.microsoft.MatMulNBits ──► Y
+          [Add(bias)] ──► Y               B       uint8 [N, n_blocks, block_size*bits/8]
+                                          scales  f32   [N, n_blocks]
+    X ──► Gemm(W, C) ──► Y                [zero_points uint8 [N, ceil(n_blocks*bits/8)]]
+                                          [bias f32 [N]: Gemm's beta*C]
+                                      (a MatMul's Add stays a node; onnxruntime
+                                       folds it into MatMulNBits' bias at load)
+
+Each output column of W is cut along K into blocks of `block_size` weights with one
+scale (and, asymmetric, one zero point) each: w = (q - zero) * scale, q in [0, 2^bits).
+Codes are packed low bits first, block by block; when K is not a multiple of the block
+size the last block is padded (code 0 past K, never read; attribute K keeps the real
+size), as onnxruntime's MatMulNBitsQuantizer does, whose codes, scales and zero points
+these match (tests). Symmetric writes no zero points: MatMulNBits then uses 2^(bits-1).
+
+Why MatMulNBits written directly and not DequantizeLinear -> MatMul: onnxruntime only
+fuses the QDQ form into MatMulNBits in simple cases (a Relu after the MatMul blocked the
+fusion; blocks along axis 1 never fuse), and unfused it dequantizes on every run, slower
+than fp32. Written directly, every layer runs the kernel; the tests check that on the
+graph onnxruntime really runs.
+
+Bit widths: onnxruntime 1.32's CPU MatMulNBits accepts 2, 4 and 8 bits and fails at
+session creation for 3, 5, 6 and 7. Those are refused: their codes would have to live in
+4- or 8-bit containers (DequantizeLinear int4/int8), the size of --bits 4 or 8 with less
+accuracy, and unfused slower than fp32.
+
+accuracy_level (MatMulNBits attribute): 0/1 compute with float32 activations, 4 quantizes
+each block of activations to int8 inside the kernel. On onnxruntime 1.32 CPU (2048x2048
+layer, 1 thread) 2 and 8 bits at level 0/1 ran 4-11x slower than fp32 (no fast float
+kernel for them), at level 4 faster than fp32; 4 bits ran 0.6x/1.1x fp32 (batch 1/32) at
+level 0 and 0.2x/0.75-1.05x at level 4. The default (None) is therefore 4, the level
+onnxruntime's own QDQ->MatMulNBits fusion uses; pass 1 for float32 activations. Small
+layers gain nothing: at level 4 a 256x256 layer ran as fast as fp32 at batch 1, and at
+batch 32 layers up to 1024x1024 ran 1.3-2.5x slower. For those, 4 bits buys size.
+
+Algorithms: "rtn" rounds each weight to its block's grid; "gptq" (onnxshrink.gptq)
+quantizes each layer against the Hessian of its calibration inputs, layers in graph
+order, each layer's inputs captured from the model with the layers before it already
+quantized (as the GPTQ paper does), so later layers compensate earlier layers' error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxshrink import gptq as gptq_mod
+from onnxshrink.data import Dataset
+from onnxshrink.model import iter_graphs, prepare
+from onnxshrink.passes.common import Names, attr, drop_unused_initializers, ensure_opset, initializer_owners, select_layers
+from onnxshrink.passes.quantize import QUANTIZED_OPS
+from onnxshrink.report import LayerDecision, PassReport
+from onnxshrink.runtime import capture_activations
+from onnxshrink.weights import find_tensors
+
+SUPPORTED_OPS = ("MatMul", "Gemm")
+# What onnxruntime 1.32's CPU MatMulNBits kernel accepts (3, 5, 6, 7 fail when the session is created).
+SUPPORTED_BITS = (2, 4, 8)
+ALGORITHMS = ("rtn", "gptq")
+DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the fast CPU path for every bit width
+MS_DOMAIN = "com.microsoft"
+
+
+@dataclass
+class BlockwiseConfig:
+    bits: int = 4
+    block_size: int = 32
+    symmetric: bool = True
+    algorithm: str = "rtn"  # "rtn" or "gptq"
+    op_types: tuple = SUPPORTED_OPS
+    exclude: tuple = ()  # glob patterns on node names
+    keep_float: str | None = None  # "first", "last" or "both"
+    accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: DEFAULT_ACCURACY_LEVEL
+    act_order: bool = False  # gptq only: quantize columns by decreasing Hessian diagonal
+
+
+@dataclass
+class _Layer:
+    """What a site needs, read before any rewrite (rewrites insert nodes; node references may not survive)."""
+
+    graph: onnx.GraphProto
+    main_graph: bool
+    name: str
+    op_type: str
+    weight: str
+    x: str
+    output: str
+    key: tuple  # (weight, transposed, alpha): sites with one key share one quantized weight
+    bias: str | None  # Gemm's C
+    beta: float
+
+
+@dataclass
+class _Written:
+    b: str
+    scales: str
+    zero_points: str | None
+    k: int
+    n: int
+    bytes_before: int
+    bytes_after: int
+
+
+class QuantizeBlockwise:
+    """MatMul/Gemm weights to 2/4/8-bit blocks along K, run by com.microsoft.MatMulNBits."""
+
+    name = "quantize-blockwise"
+
+    def __init__(self, config: BlockwiseConfig | None = None, calibration: Dataset | None = None, threads: int = 1):
+        self.config = config = config or BlockwiseConfig()
+        self.calibration = calibration
+        self.threads = threads
+        if config.bits not in SUPPORTED_BITS:
+            message = f"--bits {config.bits}: onnxruntime's MatMulNBits runs 2, 4 and 8 bits only"
+            if 2 < config.bits < 8:
+                container = 4 if config.bits < 4 else 8
+                message += (f"; {config.bits}-bit codes would have to be stored in {container}-bit containers, "
+                            f"as large as --bits {container} and less accurate")
+            raise ValueError(message)
+        size = config.block_size
+        if not isinstance(size, (int, np.integer)) or size < 16 or size & (size - 1):
+            raise ValueError(f"--block-size {size}: MatMulNBits needs a power of two of at least 16 (16, 32, 64, 128, 256)")
+        if config.algorithm not in ALGORITHMS:
+            raise ValueError(f"--algorithm {config.algorithm!r}: choose rtn or gptq")
+        if config.algorithm == "gptq" and calibration is None:
+            raise ValueError("--algorithm gptq needs calibration data (--calibration FILE.npz): GPTQ minimizes each "
+                             "layer's output error on those inputs")
+        unknown = set(config.op_types) - set(SUPPORTED_OPS)
+        if unknown:
+            raise ValueError(f"unsupported op types for blockwise quantization: {', '.join(sorted(unknown))} (MatMul, Gemm)")
+        if config.accuracy_level not in (None, 0, 1, 2, 3, 4):
+            raise ValueError(f"accuracy_level {config.accuracy_level}: MatMulNBits takes 0 to 4")
+
+    @property
+    def accuracy_level(self) -> int:
+        return DEFAULT_ACCURACY_LEVEL if self.config.accuracy_level is None else int(self.config.accuracy_level)
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
+        model = copy
+        report = PassReport(self.name, asdict(self.config))
+        moved = prepare(model)
+        if moved:
+            report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
+        records = {r.name: r for r in find_tensors(model)}
+        owners = initializer_owners(model)
+        sites, skipped = select_layers(model, records, SUPPORTED_OPS, self.config, self._judge(records))
+        report.layers.extend(skipped)
+        if not sites:
+            if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node):
+                report.notes.append("model is already quantized: nothing to do")
+            else:
+                report.notes.append("no MatMul/Gemm weight to quantize")
+            return model, report
+        ensure_opset(model, 1, MS_DOMAIN)
+        self._names = Names(model)
+        self._owners = owners
+        main_outputs = {name for node in model.graph.node for name in node.output}
+        layers = [self._layer(site, main_outputs) for site in sites]
+        units: dict[tuple, list[_Layer]] = {}
+        for layer in layers:
+            units.setdefault(layer.key, []).append(layer)
+        decisions: dict[int, LayerDecision] = {}
+        if self.config.algorithm == "gptq":
+            self._gptq(model, units, decisions, report)
+        else:
+            for unit in units.values():
+                self._write(unit, gptq_mod.rtn(self._weight(unit[0]), self.config.bits, self.config.block_size,
+                                               self.config.symmetric), decisions)
+        report.layers.extend(decisions[id(layer)] for layer in layers)
+        drop_unused_initializers(model)
+        report.notes.append(self._accuracy_note())
+        report.changed = True
+        return model, report
+
+    def _accuracy_note(self) -> str:
+        level = self.accuracy_level
+        if level == 4:
+            return (f"MatMulNBits accuracy_level 4: onnxruntime quantizes each block of activations to int8 inside "
+                    f"the kernel (its fast CPU path); accuracy_level 1 keeps activations float32")
+        text = f"MatMulNBits accuracy_level {level}: " + (
+            "activations stay float32" if level in (0, 1) else f"{'fp16' if level == 2 else 'bf16'} compute where the CPU has it")
+        if self.config.bits != 4:
+            text += (f"; onnxruntime CPU has no fast kernel for {self.config.bits}-bit weights at this level and "
+                     f"runs them several times slower than fp32 (measured 4-11x); accuracy_level 4 is fast")
+        return text
+
+    # ---- selection ---------------------------------------------------------------------
+
+    def _judge(self, records):
+        bits, block = self.config.bits, self.config.block_size
+
+        def judge(node, record, constants):
+            if record.dtype != "float" or len(record.shape) != 2:
+                return f"weight is {record.dtype} {record.shape}: only 2-D float32 weights are quantized"
+            if node.input[0] in records:
+                return f"both {node.op_type} operands are constant"
+            if node.op_type == "Gemm":
+                if attr(node, "transA", 0):
+                    return "Gemm with transA=1"
+                bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+                if bias and float(attr(node, "beta", 1.0)) != 1.0 and bias not in constants:
+                    return "Gemm with beta != 1 and a computed bias (the bias cannot be pre-scaled)"
+                if bias and bias in records and records[bias].dtype != "float":
+                    return f"Gemm bias is {records[bias].dtype}"
+            k, n = record.shape[::-1] if node.op_type == "Gemm" and attr(node, "transB", 0) else record.shape
+            after = packed_bytes(k, n, bits, block, self.config.symmetric)
+            if after >= record.nbytes:
+                return f"K={k} is small for blocks of {block}: quantized ({after} B) would not be smaller"
+            return None
+
+        return judge
+
+    def _layer(self, site, main_outputs) -> _Layer:
+        node = site.node
+        gemm = node.op_type == "Gemm"
+        transposed = gemm and bool(attr(node, "transB", 0))
+        alpha = float(attr(node, "alpha", 1.0)) if gemm else 1.0
+        bias = node.input[2] if gemm and len(node.input) > 2 and node.input[2] else None
+        return _Layer(site.graph, node.output[0] in main_outputs, site.name, node.op_type, site.weight, node.input[0],
+                      node.output[0], (site.weight, transposed, alpha), bias,
+                      float(attr(node, "beta", 1.0)) if gemm else 1.0)
+
+    def _weight(self, layer: _Layer) -> np.ndarray:
+        """The weight as MatMulNBits multiplies it: [K, N], Gemm's transB and alpha applied."""
+        _, transposed, alpha = layer.key
+        w = numpy_helper.to_array(self._owners[layer.weight][1]).astype(np.float32)
+        if transposed:
+            w = w.T
+        if alpha != 1.0:
+            w = w * np.float32(alpha)
+        return np.ascontiguousarray(w)
+
+    # ---- GPTQ ----------------------------------------------------------------------------
+
+    def _gptq(self, model, units, decisions, report):
+        """Waves of layers in graph order: each wave's inputs captured with every earlier wave quantized."""
+        config = self.config
+        subgraph_units = [u for u in units.values() if not all(layer.main_graph for layer in u)]
+        for unit in subgraph_units:
+            self._write(unit, gptq_mod.rtn(self._weight(unit[0]), config.bits, config.block_size, config.symmetric),
+                        decisions, algorithm="rtn",
+                        reason="inside an If/Loop/Scan body, whose inputs cannot be captured: rounded to nearest")
+        order = {node.output[0] if node.output else "": i for i, node in enumerate(model.graph.node)}
+        pending = sorted((u for u in units.values() if all(layer.main_graph for layer in u)),
+                         key=lambda u: min(order.get(layer.output, 0) for layer in u))
+        graph_inputs = {i.name for i in model.graph.input}
+        waves = errors_gptq = errors_rtn = 0
+        while pending:
+            wave, tainted = [], set()
+            for unit in pending:
+                if {layer.x for layer in unit} & tainted:
+                    break
+                wave.append(unit)
+                tainted |= _downstream(model.graph, {layer.output for layer in unit})
+            pending = pending[len(wave):]
+            waves += 1
+            hessians = [gptq_mod.Hessian(self._weight(unit[0]).shape[0]) for unit in wave]
+            names = sorted({layer.x for unit in wave for layer in unit})
+            captured = [n for n in names if n not in graph_inputs]
+            stream = (capture_activations(model, captured, self.calibration.batches, self.threads) if captured
+                      else ({} for _ in self.calibration.batches))
+            for batch, values in zip(self.calibration.batches, stream):
+                for unit, hessian in zip(wave, hessians):
+                    for layer in unit:
+                        hessian.add(values[layer.x] if layer.x in values else batch[layer.x])
+            for unit, hessian in zip(wave, hessians):
+                w = self._weight(unit[0])
+                result = gptq_mod.gptq(w, hessian.h, config.bits, config.block_size, config.symmetric,
+                                       act_order=config.act_order)
+                baseline = gptq_mod.rtn(w, config.bits, config.block_size, config.symmetric)
+                mine, theirs = hessian_error(w, result.dequantize(), hessian.h), hessian_error(w, baseline.dequantize(), hessian.h)
+                errors_gptq, errors_rtn = errors_gptq + mine, errors_rtn + theirs
+                self._write(unit, result, decisions,
+                            reason=f"output error on calibration inputs {mine:.2%} (round-to-nearest: {theirs:.2%})")
+        report.notes.append(
+            f"gptq: {self.calibration.samples} calibration sample(s), {sum(len(u) for u in units.values())} layer(s) in "
+            f"{waves} wave(s); mean relative output error {errors_gptq / max(len(units) - len(subgraph_units), 1):.2%} "
+            f"vs {errors_rtn / max(len(units) - len(subgraph_units), 1):.2%} round-to-nearest")
+
+    # ---- writing -------------------------------------------------------------------------
+
+    def _write(self, unit: list[_Layer], quantized: gptq_mod.BlockQuantized, decisions, algorithm=None, reason=""):
+        config = self.config
+        k, n = quantized.q.shape
+        b, scales, zero_points = pack_matmulnbits(quantized, config.symmetric)
+        owner_graph, tensor = self._owners[unit[0].weight]
+        base = self._names(unit[0].weight + f"_q{config.bits}")
+        inits = [numpy_helper.from_array(b, base), numpy_helper.from_array(scales, base + "_scale")]
+        if zero_points is not None:
+            inits.append(numpy_helper.from_array(zero_points, base + "_zero_point"))
+        owner_graph.initializer.extend(inits)
+        written = _Written(base, base + "_scale", base + "_zero_point" if zero_points is not None else None, k, n,
+                           k * n * 4, sum(a.nbytes for a in (b, scales, zero_points) if a is not None))
+        action = f"int{config.bits} block {config.block_size}" + ("" if config.symmetric else " asymmetric")
+        algorithm = algorithm or config.algorithm
+        for index, layer in enumerate(unit):
+            self._rewrite(layer, written)
+            decisions[id(layer)] = LayerDecision(
+                layer.name, layer.op_type, layer.weight,
+                f"{action} ({algorithm})" if index == 0 else f"{action} ({algorithm}, shared weight, quantized once)", reason,
+                written.bytes_before if index == 0 else 0, written.bytes_after if index == 0 else 0)
+
+    def _rewrite(self, layer: _Layer, written: _Written):
+        graph = layer.graph
+        index = next(i for i, node in enumerate(graph.node) if node.output and node.output[0] == layer.output)
+        stem = self._names(layer.name.replace("/", "_"))
+        inputs = [layer.x, written.b, written.scales, written.zero_points or ""]
+        add = None
+        if layer.bias is not None:
+            bias = self._bias_vector(layer, written.n)
+            if bias is not None:
+                graph.initializer.append(numpy_helper.from_array(bias, stem + "_bias"))
+                inputs += ["", stem + "_bias"]
+            else:  # a [M, N] or computed C: Add it after the product
+                addend = layer.bias
+                if layer.beta != 1.0:
+                    scaled = numpy_helper.to_array(self._owners[layer.bias][1]).astype(np.float32) * np.float32(layer.beta)
+                    graph.initializer.append(numpy_helper.from_array(scaled, stem + "_bias"))
+                    addend = stem + "_bias"
+                add = helper.make_node("Add", [stem + "_out", addend], [layer.output], name=stem + "_BiasAdd")
+        while inputs and not inputs[-1]:
+            inputs.pop()
+        kwargs = {"accuracy_level": self.accuracy_level} if self.accuracy_level else {}
+        node = helper.make_node("MatMulNBits", inputs, [stem + "_out" if add else layer.output], name=stem + "_MatMulNBits",
+                                domain=MS_DOMAIN, K=written.k, N=written.n, bits=self.config.bits,
+                                block_size=self.config.block_size, **kwargs)
+        graph.node[index].CopyFrom(node)
+        if add is not None:
+            graph.node.insert(index + 1, add)
+
+    def _bias_vector(self, layer: _Layer, n: int) -> np.ndarray | None:
+        """beta * C as the [N] bias MatMulNBits adds, or None when C is computed or not broadcast along rows."""
+        if layer.bias not in self._owners:
+            return None
+        c = numpy_helper.to_array(self._owners[layer.bias][1]).astype(np.float32)
+        if c.size == 1:
+            c = np.full(n, c.reshape(()), dtype=np.float32)
+        elif c.shape not in ((n,), (1, n)):
+            return None
+        return (c.reshape(n) * np.float32(layer.beta)).astype(np.float32)
+
+
+def _downstream(graph: onnx.GraphProto, names: set[str]) -> set[str]:
+    """Every tensor of the (topologically sorted) graph computed from `names`, subgraph reads included."""
+    tainted = set(names)
+    for node in graph.node:
+        reads = set(node.input)
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+            for sub in subgraphs:
+                reads.update(name for g in iter_graphs(sub) for inner in g.node for name in inner.input)
+        if reads & tainted:
+            tainted.update(node.output)
+    return tainted
+
+
+def hessian_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
+    """||X W - X W_q|| / ||X W|| from H = 2 X^T X / n alone: sqrt(tr(D^T H D) / tr(W^T H W))."""
+    w = np.asarray(w, dtype=np.float64)
+    d = w - np.asarray(w_q, dtype=np.float64)
+    num = float(np.sum(d * (h @ d)))
+    den = float(np.sum(w * (h @ w)))
+    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+
+
+def packed_bytes(k: int, n: int, bits: int, block_size: int, symmetric: bool) -> int:
+    """Bytes of B, scales and zero points for a [K, N] weight."""
+    blocks = -(-k // block_size)
+    size = n * blocks * (block_size * bits // 8) + n * blocks * 4
+    if not symmetric:
+        size += n * (-(-blocks * bits // 8))
+    return size
+
+
+def pack_codes(codes: np.ndarray, bits: int, fill: int = 0) -> np.ndarray:
+    """Pack unsigned codes along the last axis, low bits first: [..., m] -> uint8 [..., ceil(m*bits/8)].
+
+    A last byte left partly empty gets `fill` in its unused slots.
+    """
+    per = 8 // bits
+    codes = np.asarray(codes, dtype=np.uint8)
+    pad = -codes.shape[-1] % per
+    if pad:
+        codes = np.concatenate([codes, np.full(codes.shape[:-1] + (pad,), fill, dtype=np.uint8)], axis=-1)
+    grouped = codes.reshape(codes.shape[:-1] + (-1, per))
+    packed = np.zeros(grouped.shape[:-1], dtype=np.uint8)
+    for i in range(per):
+        packed |= (grouped[..., i] << (bits * i)).astype(np.uint8)
+    return packed
+
+
+def unpack_codes(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of pack_codes: uint8 [..., bytes] -> codes [..., count]."""
+    per = 8 // bits
+    mask = (1 << bits) - 1
+    parts = [(packed >> (bits * i)) & mask for i in range(per)]
+    return np.stack(parts, axis=-1).reshape(packed.shape[:-1] + (-1,))[..., :count].astype(np.uint8)
+
+
+def pack_matmulnbits(quantized: gptq_mod.BlockQuantized, symmetric: bool):
+    """MatMulNBits inputs from [K, N] codes: B [N, n_blocks, blob], scales [N, n_blocks], zero points or None."""
+    bits, block = quantized.bits, quantized.block_size
+    k, n = quantized.q.shape
+    blocks = -(-k // block)
+    codes = quantized.q.T  # [N, K]
+    if blocks * block != k:  # rows past K are never read; code 0 there, as onnxruntime's quantizer writes
+        codes = np.concatenate([codes, np.zeros((n, blocks * block - k), dtype=np.uint8)], axis=1)
+    b = pack_codes(codes.reshape(n, blocks, block), bits)
+    scales = np.ascontiguousarray(quantized.scales.T.astype(np.float32))
+    # Unused zero-point slots hold the default zero point, as onnxruntime's quantizer writes them.
+    zero_points = None if symmetric else pack_codes(np.ascontiguousarray(quantized.zeros.T), bits, 2 ** (bits - 1))
+    return b, scales, zero_points

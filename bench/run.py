@@ -23,49 +23,105 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from onnxshrink import data as data_mod  # noqa: E402
 from onnxshrink.model import file_size  # noqa: E402
+from onnxshrink.api import FUSED_KERNELS  # noqa: E402
 from onnxshrink.passes.quantize import QuantizeDynamic  # noqa: E402
 from onnxshrink.runtime import make_session, optimized_op_counts, run_batches  # noqa: E402
 from onnxshrink.validate import compare_outputs, measure_latency, task_accuracy  # noqa: E402
 
 
 def models(workdir: Path, quick: bool):
+    """(name, model, eval .npz or None, calibration .npz)."""
     samples = ROOT / "sample_models"
-    yield "digits_mlp (sample)", samples / "digits_mlp.onnx", samples / "digits_mlp.eval.npz"
-    yield "digits_cnn (sample)", samples / "digits_cnn.onnx", samples / "digits_cnn.eval.npz"
+    for stem in ("digits_mlp", "digits_cnn"):
+        yield f"{stem} (sample)", samples / f"{stem}.onnx", samples / f"{stem}.eval.npz", samples / f"{stem}.calib.npz"
     from conftest import make_mlp  # a generated MatMul-heavy model (random weights: drift only, no accuracy)
 
     widths = (1024, 1024, 1024, 1024) if quick else (2048, 2048, 2048, 2048, 2048)
     path = workdir / f"mlp{widths[0]}x{len(widths) - 1}.onnx"
     onnx.save(make_mlp(widths, seed=1), str(path))
-    yield f"mlp {widths[0]}x{len(widths) - 1} (generated)", path, None
+    calib = workdir / f"mlp{widths[0]}.calib.npz"
+    np.savez(calib, input=np.random.default_rng(5).standard_normal((128, widths[0])).astype(np.float32))
+    yield f"mlp {widths[0]}x{len(widths) - 1} (generated)", path, None, calib
 
 
-def onnxshrink_quantize(src: Path, dst: Path):
-    model, _ = QuantizeDynamic()(onnx.load(str(src)))
-    onnx.save(model, str(dst))
+def onnxshrink_method(config_factory, needs_calibration=False):
+    def run(src: Path, dst: Path, calib: Path):
+        from onnxshrink import api
+
+        api.quantize(src, dst, config_factory(), calibration=calib if needs_calibration else None,
+                     force=True, run_validation=False)
+    return run
 
 
-def ort_quantize_dynamic(src: Path, dst: Path):
+def ort_quantize_dynamic(src: Path, dst: Path, calib: Path):
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8)
 
 
-METHODS = {"onnxshrink quantize": onnxshrink_quantize, "ort quantize_dynamic": ort_quantize_dynamic}
+def ort_quantize_static(src: Path, dst: Path, calib: Path):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    arrays = dict(np.load(calib))
+    count = len(next(iter(arrays.values())))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.rows = iter([{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)])
+
+        def get_next(self):
+            return next(self.rows, None)
+
+    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 
-def measure(name, src, data_path, workdir, rows):
+def ort_matmulnbits(src: Path, dst: Path, calib: Path):
+    import logging
+
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)  # it logs every node at INFO
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(src)), bits=4, block_size=32, is_symmetric=True)
+    quantizer.process()
+    onnx.save(quantizer.model.model, str(dst))
+
+
+def methods():
+    """Method name -> fn(src, dst, calibration npz): each onnxshrink mode next to onnxruntime's counterpart."""
+    from onnxshrink.passes.quantize import QuantizeConfig
+    from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
+
+    table = {
+        "onnxshrink quantize (dynamic int8)": onnxshrink_method(QuantizeConfig),
+        "ort quantize_dynamic": ort_quantize_dynamic,
+    }
+    try:
+        from onnxshrink.passes.quantize_static import StaticQuantizeConfig
+    except ImportError:
+        StaticQuantizeConfig = None
+    if StaticQuantizeConfig is not None:
+        table["onnxshrink quantize --mode static"] = onnxshrink_method(StaticQuantizeConfig, needs_calibration=True)
+        table["ort quantize_static (QDQ, per-channel)"] = ort_quantize_static
+    table["onnxshrink quantize --bits 4 (rtn)"] = onnxshrink_method(lambda: BlockwiseConfig(bits=4, block_size=32))
+    table["onnxshrink quantize --bits 4 --algorithm gptq"] = onnxshrink_method(
+        lambda: BlockwiseConfig(bits=4, block_size=32, algorithm="gptq"), needs_calibration=True)
+    table["ort MatMulNBitsQuantizer (4-bit, block 32)"] = ort_matmulnbits
+    return table
+
+
+def measure(name, src, data_path, calib, workdir, rows):
     base = onnx.load(str(src))
     specs = data_mod.input_specs(base)
     dataset = data_mod.load_npz(data_path, specs, "labels") if data_path else data_mod.synthesize(specs, 64, seed=0)
     reference_session = make_session(src)
     reference = run_batches(reference_session, dataset.batches)
     first = reference_session.get_outputs()[0].name
-    for method, fn in METHODS.items():
-        dst = workdir / f"{src.stem}.{method.split()[0]}.onnx"
+    for index, (method, fn) in enumerate(methods().items()):
+        dst = workdir / f"{src.stem}.m{index}.onnx"
         try:
             start = time.perf_counter()
-            fn(src, dst)
+            fn(src, dst, calib)
             wall = time.perf_counter() - start
             session = make_session(dst)
             produced = run_batches(session, dataset.batches)
@@ -78,7 +134,7 @@ def measure(name, src, data_path, workdir, rows):
                 feed = {k: np.concatenate([v] * (-(-batch // v.shape[0])))[:batch] for k, v in dataset.batches[0].items()}
                 latency[batch] = measure_latency([reference_session, session], feed, 2.0)["ratio"]
             kernels = optimized_op_counts(dst)
-            fused = sum(v for k, v in kernels.items() if "Integer" in k or "Quantize" in k or k.startswith("com.microsoft.QGemm"))
+            fused = sum(v for k, v in kernels.items() if k in FUSED_KERNELS)
             rows.append([name, method, f"{file_size(dst) / file_size(src):.3f}", f"{drift.cosine:.6f}", f"{drift.max_abs:.3g}",
                          f"{drift.top1_agreement:.4f}" if drift.top1_agreement is not None else "-",
                          f"{acc[0]:.4f} → {acc[1]:.4f}" if acc else "-", f"{latency[1]:.2f}", f"{latency[32]:.2f}",
@@ -115,11 +171,11 @@ def main() -> None:
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for name, src, data in models(Path(tmp), args.quick):
+        for name, src, data, calib in models(Path(tmp), args.quick):
             print(f"benchmarking {name}", file=sys.stderr)
-            measure(name, src, data, Path(tmp), rows)
+            measure(name, src, data, calib, Path(tmp), rows)
     header = ["model", "method", "size ratio", "cosine", "max abs", "top-1 agree", "accuracy", "latency ratio b1",
-              "latency ratio b32", "tool wall s", "integer kernels run"]
+              "latency ratio b32", "tool wall s", "fused integer kernels"]
     cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), platform.processor())
     lines = [
         "# Benchmarks",
@@ -128,8 +184,8 @@ def main() -> None:
         f"Python {platform.python_version()}, onnxruntime {ort.__version__}, onnx {onnx.__version__}, numpy {np.__version__}; 1 onnxruntime thread.",
         "Ratios are quantized / fp32; latency ratios come from the two sessions run alternately in one process",
         "(p50 of about 2 s of runs each). Accuracy is on the held-out labelled set; the generated MLP has random",
-        "weights, so only its drift and speed mean something. `integer kernels run` counts integer nodes in the",
-        "graph onnxruntime executes after its fusions.",
+        "weights, so only its drift and speed mean something. `fused integer kernels` counts QLinear*/QGemm/MatMulNBits/",
+        "DynamicQuantizeMatMul/MatMulIntegerToFloat nodes in the graph onnxruntime executes after its fusions.",
         "",
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),

@@ -22,7 +22,8 @@ from onnxshrink.validate import ValidateConfig
 from onnxshrink.validate import validate as _validate
 
 INTEGER_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "MatMulInteger",
-                   "com.microsoft.QGemm", "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv", "ConvInteger")
+                   "com.microsoft.QGemm", "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv",
+                   "com.microsoft.QLinearConv", "ConvInteger")
 FUSED_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "com.microsoft.QGemm",
                  "QLinearMatMul", "com.microsoft.MatMulNBits", "QLinearConv", "com.microsoft.QLinearConv")
 # The NCHWc layout transformer (AVX2/AVX-512 CPUs) turns a float Conv into nchwc.Conv: still a float kernel.

@@ -2,6 +2,8 @@
 
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
+from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 
-__all__ = ["BlockwiseConfig", "QuantizeBlockwise", "QuantizeConfig", "QuantizeDynamic", "QuantizeWeightsOnly", "WeightsOnlyConfig"]
+__all__ = ["BlockwiseConfig", "QuantizeBlockwise", "QuantizeConfig", "QuantizeDynamic", "QuantizeStatic", "QuantizeWeightsOnly",
+           "StaticQuantizeConfig", "WeightsOnlyConfig"]

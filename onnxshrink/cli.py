@@ -256,7 +256,8 @@ def _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, 
     common = {"exclude": exclude, "keep_float": keep_float, "symmetric": symmetric}
     if bits < 8 or algorithm == "gptq":
         if mode not in (None, "weights"):
-            raise UsageError(f"--bits {bits} / --algorithm {algorithm} quantizes weights blockwise; it cannot be combined with --mode {mode}")
+            which = f"--bits {bits}" if bits < 8 else "--algorithm gptq"
+            raise UsageError(f"{which} quantizes weights blockwise (MatMulNBits); it cannot be combined with --mode {mode}")
         _choice("--block-size", block_size, (16, 32, 64, 128, 256))
         # onnxruntime's MatMulNBits kernel exists for these widths only; others would run as slow weight-only QDQ.
         _choice("--bits", bits, (2, 4, 8))

@@ -596,6 +596,14 @@ def test_usage_errors_exit_2(runner, work):
         (["quantize", "{m}", "--keep-float", "middle"], "--keep-float must be one of first, last, both, not 'middle'"),
         (["quantize", "{m}", "--op-types", "Add"], "--op-types: unsupported op type(s) Add (choose from MatMul, Gemm, Conv)"),
         (["validate", "{m}", "{m}", "--shape", "nonsense"], "--shape 'nonsense': expected NAME=D1,D2,... with integer dimensions"),
+        (["quantize", "{m}", "--bits", "3"], "--bits must be one of 2, 4, 8, not 3"),
+        (["quantize", "{m}", "--bits", "4", "--block-size", "7"], "--block-size must be one of 16, 32, 64, 128, 256, not 7"),
+        (["quantize", "{m}", "--algorithm", "gptq"], "--algorithm gptq needs --calibration FILE.npz"),
+        (["quantize", "{m}", "--mode", "static"], "--mode static needs --calibration FILE.npz"),
+        (["quantize", "{m}", "--bits", "4", "--mode", "static"], "--bits 4 quantizes weights blockwise (MatMulNBits); it cannot be combined with --mode static"),
+        (['quantize', '{m}', '--mode', 'fast'], "--mode must be one of dynamic, static, weights, not 'fast'"),
+        (['quantize', '{m}', '--mode', 'static', '--calibration', 'x.npz', '--calibrator', 'bogus'], "--calibrator must be one of minmax, percentile, entropy, mse, not 'bogus'"),
+        (["quantize", "{m}", "--mode", "weights", "--min-weights", "5"], "--min-weights applies to --mode dynamic only"),
     ],
 )
 def test_usage_errors_from_the_tool_are_one_line(runner, work, args, message):
@@ -651,3 +659,22 @@ def test_json_stdout_is_exactly_one_document(runner, work, command):
     assert result.exit_code == 0, result.output
     document = json.loads(result.stdout)  # raises on anything before or after the one document
     assert isinstance(document, dict)
+
+
+@pytest.mark.parametrize("mode_args", [["--mode", "static"], ["--bits", "4", "--algorithm", "gptq"]], ids=["static", "gptq"])
+@pytest.mark.parametrize(
+    "arrays, message",
+    [
+        ({"x": np.zeros((4, 32), np.float32)}, "missing input 'input' (keys present: x)"),
+        ({"input": np.zeros((4, 5), np.float32)}, "has shape [4, 5], model expects"),
+        ({"input": np.zeros((4, 32), np.int64)}, "is int64, model expects float32"),
+    ],
+    ids=["missing_key", "wrong_shape", "wrong_dtype"],
+)
+def test_bad_calibration_data(runner, work, mode_args, arrays, message):
+    np.savez(work / "calib.npz", **arrays)
+    before = tree(work)
+    line = error_line(invoke(runner, "quantize", work / "mlp.onnx", *mode_args, "--calibration", work / "calib.npz",
+                             "-o", work / "out.onnx", "--force", "--no-validate"), 3)
+    assert message in line and "calib.npz" in line
+    assert tree(work) == before

@@ -140,7 +140,13 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")
-        model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=external)
+        if external:
+            # The staged model names its data file after the staged name; write it again under the final one.
+            model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=True)
+        else:
+            # Already written and checked: move it into place (atomic, same directory).
+            model_io.check_output_path(final, [model_path], force or not passed)
+            os.replace(staged, final)
         if report.validation is not None:
             report.validation.candidate = str(final)
     except OSError as exc:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict
-import json
 import sys
 import traceback
 from pathlib import Path

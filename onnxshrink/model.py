@@ -19,15 +19,20 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
-from onnxshrink.errors import ModelLoadError, OutputError
+from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
 
 # Protobuf refuses to serialize a single message over 2 GiB; leave headroom.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 ORT_FORMAT_IDENTIFIER = b"ORTM"
 
 
-def load(path: str | os.PathLike) -> onnx.ModelProto:
-    """Load an ONNX model with its external data, or raise ModelLoadError saying why not."""
+def load(path: str | os.PathLike, for_rewrite: bool = False) -> onnx.ModelProto:
+    """Load an ONNX model with its external data, or raise ModelLoadError saying why not.
+
+    A model that fails the full checker but runs in onnxruntime loads (validate can
+    run it), unless `for_rewrite`: nothing written from it could pass the checker
+    every output must pass, so that is an UnsupportedModelError.
+    """
     path = Path(path)
     _check_readable_file(path)
     with open(path, "rb") as f:
@@ -46,7 +51,7 @@ def load(path: str | os.PathLike) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: the graph has no nodes")
     _check_text(model, path)
     _load_external_data(model, path)
-    _check_loadable(model, path)
+    _check_loadable(model, path, for_rewrite)
     return model
 
 
@@ -327,7 +332,7 @@ def full_check_error(model: onnx.ModelProto, path: str | os.PathLike) -> Excepti
     return None
 
 
-def _check_loadable(model: onnx.ModelProto, path: Path) -> None:
+def _check_loadable(model: onnx.ModelProto, path: Path, for_rewrite: bool) -> None:
     """Require a passing ONNX checker, or failing that, a model onnxruntime accepts.
 
     The check is the full one (with strict shape inference) that `save` applies to
@@ -345,6 +350,8 @@ def _check_loadable(model: onnx.ModelProto, path: Path) -> None:
         raise ModelLoadError(
             f"{path}: invalid ONNX model ({first_line(checker_error)}); onnxruntime refuses it too ({first_line(exc)})"
         ) from exc
+    if for_rewrite:
+        raise UnsupportedModelError(f"{path}: fails the full ONNX checker ({first_line(checker_error)}); fix the model first")
 
 
 def _same_file(a: Path, b: Path) -> bool:

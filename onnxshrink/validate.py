@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
@@ -157,7 +156,21 @@ def latency_feed(dataset: data_mod.Dataset, specs: list[data_mod.InputSpec]) -> 
     first = dataset.batches[0]
     dynamic = {s.name for s in specs if s.dynamic_batch}
     rows = max((a.shape[0] for n, a in first.items() if n in dynamic and a.ndim > 0), default=None)
-    return {n: (a[:1] if n in dynamic and a.ndim > 0 and a.shape[0] == rows else a) for n, a in first.items()}
+    feed = {n: (a[:1] if n in dynamic and a.ndim > 0 and a.shape[0] == rows else a) for n, a in first.items()}
+    if rows is None or rows == 1:
+        return feed
+    # Recurrent state often carries the batch on another axis (silero VAD: state [2, batch, 128]); it is
+    # passed whole to every run, so cut it too, or batch-1 inputs meet a state of `rows`.
+    batch_dims = {s.shape[0] for s in specs if s.name in dynamic}
+    for spec in specs:
+        array = feed.get(spec.name)
+        if spec.name in dynamic or array is None or array.ndim != len(spec.shape):
+            continue
+        for axis in range(1, array.ndim):
+            if spec.shape[axis] in batch_dims and array.shape[axis] == rows:
+                feed[spec.name] = np.take(array, [0], axis=axis)
+                break
+    return feed
 
 
 def measure_latency(sessions: list, feed: dict, budget_s: float = 2.0, warmup: int = 3, min_runs: int = 10, max_runs: int = 500) -> dict:

@@ -21,7 +21,7 @@ from conftest import float_value as _float, build_model as _model, SAMPLES, invo
 from onnxshrink import __version__
 from onnxshrink.api import INTEGER_KERNELS
 from onnxshrink.data import DEFAULT_BATCH
-from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic, quantize_int8
+from onnxshrink.passes.quantize import QuantizeDynamic, quantize_int8
 from onnxshrink.runtime import make_session, optimized_op_counts
 
 FLOAT_KERNELS = ("MatMul", "Gemm", "com.microsoft.FusedMatMul", "com.microsoft.FusedGemm")

@@ -10,7 +10,7 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from conftest import SAMPLES, invoke, make_mlp, save_model
-from onnxshrink.passes.quantize_weights import SLOW_ON_ORT, QuantizeWeightsOnly, WeightsOnlyConfig
+from onnxshrink.passes.quantize_weights import SLOW_ON_ORT, QuantizeWeightsOnly
 from onnxshrink.runtime import make_session
 
 

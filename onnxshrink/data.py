@@ -7,7 +7,7 @@ batch size and inputs without a batch axis (scalars, recurrent state) run unchan
 from __future__ import annotations
 
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ class Dataset:
     samples: int
     synthetic: bool
     notes: list
+    batch_axes: dict = field(default_factory=dict)  # input name -> axis holding the samples (absent: passed whole)
 
     def input_shapes(self) -> dict:
         return {name: list(array.shape) for name, array in self.batches[0].items()}
@@ -138,7 +139,8 @@ def load_npz(
         count = samples
         feeds = {k: (a[:count] if a.ndim > 0 and a.shape[0] >= count else a) for k, a in feeds.items()}
         labels = labels[:count] if labels is not None else None
-    return Dataset(_split(feeds, specs, count, batch_size, notes), labels, count, False, notes)
+    axes = batch_axes(feeds, specs, count)
+    return Dataset(_split(feeds, specs, count, batch_size, notes, axes), labels, count, False, notes, axes)
 
 
 def synthesize(
@@ -205,16 +207,38 @@ def _conform(array: np.ndarray, spec: InputSpec, path: Path, notes: list) -> np.
     return array
 
 
-def _split(feeds: dict, specs: list[InputSpec], count: int, batch_size: int, notes: list) -> list[dict]:
-    """Cut batched inputs (axis 0 == sample count) into runs; pass the others whole to each run."""
-    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and feeds[s.name].shape[0] == count}
+def batch_axes(feeds: dict, specs: list[InputSpec], count: int) -> dict[str, int]:
+    """The axis along which each input carries the samples.
+
+    Axis 0 when its length is the sample count; otherwise a symbolic axis named like
+    another input's batch axis (or unnamed) of that length: recurrent state often
+    carries the batch elsewhere (silero VAD: state [2, batch, 128]). Inputs with
+    neither (a scalar sample rate) are passed whole to every run.
+    """
+    batch_names = {s.shape[0] for s in specs if s.shape and not isinstance(s.shape[0], int)}
+    axes = {}
+    for spec in specs:
+        array = feeds[spec.name]
+        if array.ndim > 0 and array.shape[0] == count:
+            axes[spec.name] = 0
+            continue
+        for axis in range(1, min(array.ndim, len(spec.shape))):
+            if not isinstance(spec.shape[axis], int) and spec.shape[axis] in batch_names and array.shape[axis] == count:
+                axes[spec.name] = axis
+                break
+    return axes
+
+
+def _split(feeds: dict, specs: list[InputSpec], count: int, batch_size: int, notes: list, axes: dict) -> list[dict]:
+    """Cut batched inputs along their batch axis into runs; pass the others whole to each run."""
+    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and axes.get(s.name) == 0}
     step = min(static) if static else min(batch_size, count)
     if static and count % step:
         notes.append(f"model has a fixed batch of {step}: the last {count % step} sample(s) are not used")
-    batched = {name for name, a in feeds.items() if a.ndim > 0 and a.shape[0] == count}
     batches = []
     for start in range(0, count - (count % step if static else 0), step):
-        batches.append({n: (a[start : start + step] if n in batched else a) for n, a in feeds.items()})
+        rows = np.arange(start, min(start + step, count))
+        batches.append({n: (np.take(a, rows, axis=axes[n]) if n in axes else a) for n, a in feeds.items()})
     if not batches:
         raise DataError(f"data has {count} sample(s), fewer than the model's fixed batch of {step}")
     return batches

@@ -157,23 +157,10 @@ def task_accuracy(scores: np.ndarray, labels: np.ndarray) -> float:
 def latency_feed(dataset: data_mod.Dataset, specs: list[data_mod.InputSpec]) -> dict:
     """One sample (batch 1) where the batch axis is dynamic; the model's fixed batch otherwise."""
     first = dataset.batches[0]
-    dynamic = {s.name for s in specs if s.dynamic_batch}
-    rows = max((a.shape[0] for n, a in first.items() if n in dynamic and a.ndim > 0), default=None)
-    feed = {n: (a[:1] if n in dynamic and a.ndim > 0 and a.shape[0] == rows else a) for n, a in first.items()}
-    if rows is None or rows == 1:
-        return feed
-    # Recurrent state often carries the batch on another axis (silero VAD: state [2, batch, 128]); it is
-    # passed whole to every run, so cut it too, or batch-1 inputs meet a state of `rows`.
-    batch_dims = {s.shape[0] for s in specs if s.name in dynamic}
-    for spec in specs:
-        array = feed.get(spec.name)
-        if spec.name in dynamic or array is None or array.ndim != len(spec.shape):
-            continue
-        for axis in range(1, array.ndim):
-            if spec.shape[axis] in batch_dims and array.shape[axis] == rows:
-                feed[spec.name] = np.take(array, [0], axis=axis)
-                break
-    return feed
+    if not any(s.dynamic_batch for s in specs):
+        return first
+    axes = dataset.batch_axes or {s.name: 0 for s in specs if s.dynamic_batch and first[s.name].ndim > 0}
+    return {n: (np.take(a, [0], axis=axes[n]) if n in axes else a) for n, a in first.items()}
 
 
 def feed_batch(feed: dict, specs: list[data_mod.InputSpec]) -> int:

@@ -63,3 +63,22 @@ def test_validate_runs_latency_with_state_batched_on_axis_1(tmp_path, batch_dim)
     assert report.passed
     assert report.latency_ms["batch"] == 1
     assert report.outputs["output"].max_abs == 0.0
+
+
+@pytest.mark.parametrize("batch_dim", ["batch", None])
+def test_runs_cut_state_batched_on_axis_1(tmp_path, batch_dim):
+    # silero VAD with more than one run of samples: the state must be cut along its batch axis too,
+    # or run 1 meets input [32, 8] with state [2, 70, 4].
+    model = make_state_model(batch_dim)
+    path = save_model(model, tmp_path / "state.onnx")
+    data = tmp_path / "data.npz"
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((70, 8)).astype(np.float32)
+    state = rng.standard_normal((2, 70, 4)).astype(np.float32)
+    np.savez(data, input=x, state=state)
+    dataset = load_npz(data, input_specs(model))
+    assert [b["state"].shape for b in dataset.batches] == [(2, 32, 4), (2, 32, 4), (2, 6, 4)]
+    assert np.array_equal(np.concatenate([b["state"] for b in dataset.batches], axis=1), state)
+    report = api.validate(path, path, ValidateConfig(data=str(data), latency=False))
+    assert report.passed and report.samples == 70
+    assert report.outputs["output"].max_abs == 0

@@ -35,6 +35,7 @@ from onnx import helper, numpy_helper
 
 from onnxshrink.calibrate import METHODS, calibrate
 from onnxshrink.model import iter_graphs, prepare
+from onnxshrink.passes.fold_batchnorm import fold_batchnorm
 from onnxshrink.passes.common import Names, Site, attr, drop_unused_initializers, initializer_owners, select_layers
 from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
@@ -106,6 +107,10 @@ class QuantizeStatic:
         if moved:
             report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
+        if not present & ALREADY_QUANTIZED:
+            folded = fold_batchnorm(model)
+            if folded:
+                report.notes.append(f"folded {folded} BatchNormalization node(s) into the Conv before them")
         if present & ALREADY_QUANTIZED:
             report.notes.append(f"model is already quantized (has {', '.join(sorted(present & ALREADY_QUANTIZED))}): "
                                 "nothing to do")

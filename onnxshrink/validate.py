@@ -14,7 +14,7 @@ import numpy as np
 
 from onnxshrink import data as data_mod
 from onnxshrink import model as model_io
-from onnxshrink.errors import DataError, UsageError
+from onnxshrink.errors import DataError, ModelLoadError, UsageError
 from onnxshrink.report import Check, OutputDrift, ValidationReport
 from onnxshrink.runtime import make_session, run_batches
 
@@ -66,7 +66,14 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     )
     sessions = [make_session(original, config.threads), make_session(candidate, config.threads)]
     del original_model, candidate_model
-    reference = run_batches(sessions[0], dataset.batches)
+    try:
+        reference = run_batches(sessions[0], dataset.batches)
+    except ModelLoadError as exc:
+        if not dataset.synthetic:
+            raise
+        shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in dataset.batches[0].items())
+        raise DataError(f"{exc} (synthesized inputs: {shapes}; symbolic dimensions other than the batch "
+                        "default to 1: give --data, or sizes with --shape NAME=D1,D2,...)") from exc
     produced = run_batches(sessions[1], dataset.batches)
 
     outputs = {}

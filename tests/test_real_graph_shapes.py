@@ -82,3 +82,18 @@ def test_runs_cut_state_batched_on_axis_1(tmp_path, batch_dim):
     report = api.validate(path, path, ValidateConfig(data=str(data), latency=False))
     assert report.passed and report.samples == 70
     assert report.outputs["output"].max_abs == 0
+
+
+def test_synthetic_inputs_that_do_not_fit_say_how_to_fix_it(tmp_path, runner):
+    # silero VAD without --data: its unnamed sequence dim defaulted to 1 and a reflect Pad refused it.
+    from conftest import invoke
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", None])
+    pads = numpy_helper.from_array(np.array([0, 2, 0, 2], dtype=np.int64), "pads")
+    graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")], "pad", [x], [y], [pads])
+    path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "pad.onnx")
+    result = invoke(runner, "validate", path, path)
+    assert result.exit_code == 3
+    assert "give --data, or sizes with --shape NAME=D1,D2,..." in result.stderr
+    assert invoke(runner, "validate", path, path, "--shape", "x=4,64").exit_code == 0

@@ -303,8 +303,8 @@ def main() -> None:
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out, "a") as f:
-        f.write("\n".join(lines) + "\n")
+    out.write_text("# Benchmarks on real models\n\nWritten by `make bench-real`; see also `docs/benchmarks.md`.\n"
+                   + "\n".join(lines) + "\n")
     print("\n".join(lines))
     for label, method, why, tb in failures:
         print(f"\n--- {label} / {method}: {why}\n{tb}", file=sys.stderr)

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real
+.PHONY: demo test samples clean venv bench bench-quick bench-real fuzz
 
 venv: $(VENV)/.installed
 
@@ -43,3 +43,7 @@ bench-quick: venv
 ## bench-real: real pretrained models from PyPI packages (cached outside the repo) -> docs/benchmarks-real.md
 bench-real: venv
 	$(BIN)/python bench/real_models.py --out docs/benchmarks-real.md
+
+## fuzz: the random-graph fuzz test with 400 examples per run instead of the suite's 12
+fuzz: venv
+	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz_graphs.py

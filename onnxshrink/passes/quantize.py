@@ -74,15 +74,15 @@ class QuantizeDynamic:
                 report.notes.append("no MatMul/Gemm weight to quantize")
             return model, report
         ensure_opset(model, 11)
-        quantized: dict[str, tuple[str, str, str, int, int]] = {}
+        quantized: dict[tuple, tuple[str, str, str]] = {}  # (weight, transposed, alpha) -> int8 names
         by_graph: dict[int, list[Site]] = {}
         for site in sites:
             by_graph.setdefault(id(site.graph), []).append(site)
         owners = initializer_owners(model)
-        self._unique = Names(model)
+        names = Names(model)
         for graph_sites in by_graph.values():
             graph = graph_sites[0].graph
-            self._rewrite_graph(graph, graph_sites, owners, quantized, report)
+            self._rewrite_graph(graph, graph_sites, owners, quantized, report, names)
         drop_unused_initializers(model)
         report.changed = True
         return model, report
@@ -107,7 +107,7 @@ class QuantizeDynamic:
 
         return select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)
 
-    def _rewrite_graph(self, graph, sites, owners, quantized, report):
+    def _rewrite_graph(self, graph, sites, owners, quantized, report, names):
         site_ids = {id(s.node): s for s in sites}
         activations: dict[str, tuple[str, str, str]] = {}
         new_nodes = []
@@ -118,23 +118,22 @@ class QuantizeDynamic:
                 continue
             x = node.input[0]
             if x not in activations:
-                base = self._unique(x + "_dq")
+                base = names(x + "_dq")
                 activations[x] = (base + "_quant", base + "_scale", base + "_zero_point")
                 new_nodes.append(helper.make_node("DynamicQuantizeLinear", [x], list(activations[x]), name=base))
             xq, xs, xz = activations[x]
             transpose = node.op_type == "Gemm" and bool(attr(node, "transB", 0))
             alpha = float(attr(node, "alpha", 1.0)) if node.op_type == "Gemm" else 1.0
             key = (site.weight, transpose, alpha)
-            if key not in quantized:
-                wq, ws, wz, before, after = self._quantize_weight(owners, site.weight, transpose, alpha)
-                quantized[key] = (wq, ws, wz, before, after)
-                decision = "int8 per-channel" if self.config.per_channel else "int8 per-tensor"
+            if key in quantized:
+                wq, ws, wz = quantized[key]
+                report.layers.append(LayerDecision(site.name, node.op_type, site.weight, "int8 (shared weight, quantized once)"))
             else:
-                before, after = 0, 0
-                decision = "int8 (shared weight, quantized once)"
-            wq, ws, wz, b, a = quantized[key]
-            report.layers.append(LayerDecision(site.name, node.op_type, site.weight, decision, "", b if before else 0, a if before else 0))
-            stem = self._unique(site.name.replace("/", "_"))
+                wq, ws, wz, before, after = self._quantize_weight(owners, site.weight, transpose, alpha, names)
+                quantized[key] = (wq, ws, wz)
+                decision = "int8 per-channel" if self.config.per_channel else "int8 per-tensor"
+                report.layers.append(LayerDecision(site.name, node.op_type, site.weight, decision, "", before, after))
+            stem = names(site.name.replace("/", "_"))
             out = node.output[0]
             has_bias = node.op_type == "Gemm" and len(node.input) > 2 and node.input[2]
             product = stem + "_out" if has_bias else out
@@ -153,7 +152,7 @@ class QuantizeDynamic:
         del graph.node[:]
         graph.node.extend(new_nodes)
 
-    def _quantize_weight(self, owners, name, transpose, alpha):
+    def _quantize_weight(self, owners, name, transpose, alpha, names):
         graph, tensor = owners[name]
         w = numpy_helper.to_array(tensor).astype(np.float32)
         if transpose:
@@ -161,7 +160,7 @@ class QuantizeDynamic:
         w = w * np.float32(alpha)
         q, scale, zero = quantize_int8(w, self.config.per_channel, self.config.symmetric)
         suffix = ("_T" if transpose else "") + (f"_a{alpha:g}" if alpha != 1.0 else "")
-        base = self._unique(name + suffix + "_int8")
+        base = names(name + suffix + "_int8")
         graph.initializer.extend([
             numpy_helper.from_array(q, base),
             numpy_helper.from_array(scale, base + "_scale"),

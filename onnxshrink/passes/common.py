@@ -9,8 +9,20 @@ from dataclasses import dataclass
 import onnx
 from onnx import helper
 
-from onnxshrink.model import iter_graphs
-from onnxshrink.report import LayerDecision
+from onnxshrink.model import iter_graphs, prepare
+from onnxshrink.report import LayerDecision, PassReport
+
+
+def begin_pass(model: onnx.ModelProto, name: str, options: dict) -> tuple[onnx.ModelProto, PassReport]:
+    """A copy of the model to rewrite (passes never touch their input), its Constant-node
+    tensors moved to initializers, and the pass's report with a note saying how many moved."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    report = PassReport(name, options)
+    moved = prepare(copy)
+    if moved:
+        report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
+    return copy, report
 
 
 @dataclass

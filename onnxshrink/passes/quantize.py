@@ -22,9 +22,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.model import iter_graphs, prepare
-from onnxshrink.passes.common import (Names, Site, attr, drop_unused_initializers, ensure_opset, initializer_owners,
-                                      select_layers)
+from onnxshrink.model import iter_graphs
+from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
+                                      ensure_opset, initializer_owners, select_layers)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
 
@@ -57,13 +57,7 @@ class QuantizeDynamic:
             raise ValueError(f"unsupported op types for dynamic quantization: {', '.join(sorted(unknown))}")
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-        model_copy = onnx.ModelProto()
-        model_copy.CopyFrom(model)
-        model = model_copy
-        report = PassReport(self.name, asdict(self.config))
-        moved = prepare(model)
-        if moved:
-            report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
+        model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
         sites, skipped = self._select(model, records)
         report.layers.extend(skipped)

@@ -52,8 +52,9 @@ from onnx import helper, numpy_helper
 
 from onnxshrink import gptq as gptq_mod
 from onnxshrink.data import Dataset
-from onnxshrink.model import iter_graphs, prepare
-from onnxshrink.passes.common import Names, attr, drop_unused_initializers, ensure_opset, initializer_owners, select_layers
+from onnxshrink.model import iter_graphs
+from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,
+                                      initializer_owners, select_layers)
 from onnxshrink.passes.quantize import QUANTIZED_OPS
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
@@ -142,13 +143,7 @@ class QuantizeBlockwise:
         return DEFAULT_ACCURACY_LEVEL if self.config.accuracy_level is None else int(self.config.accuracy_level)
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-        report = PassReport(self.name, asdict(self.config))
-        moved = prepare(model)
-        if moved:
-            report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
+        model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
         owners = initializer_owners(model)
         sites, skipped = select_layers(model, records, SUPPORTED_OPS, self.config, self._judge(records))

@@ -34,9 +34,10 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxshrink.calibrate import METHODS, calibrate
-from onnxshrink.model import iter_graphs, prepare
+from onnxshrink.model import iter_graphs
 from onnxshrink.passes.fold_batchnorm import fold_batchnorm
-from onnxshrink.passes.common import Names, Site, attr, drop_unused_initializers, initializer_owners, select_layers
+from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
+                                      initializer_owners, select_layers)
 from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import make_session
@@ -99,13 +100,7 @@ class QuantizeStatic:
             raise ValueError("static quantization needs calibration data (a Dataset with at least one batch)")
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-        report = PassReport(self.name, asdict(self.config))
-        moved = prepare(model)
-        if moved:
-            report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
+        model, report = begin_pass(model, self.name, asdict(self.config))
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         if not present & ALREADY_QUANTIZED:
             folded = fold_batchnorm(model)

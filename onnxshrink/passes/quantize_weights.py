@@ -17,8 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.model import iter_graphs, prepare
-from onnxshrink.passes.common import Names, attr, drop_unused_initializers, ensure_opset, initializer_owners, select_layers
+from onnxshrink.model import iter_graphs
+from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,
+                                      initializer_owners, select_layers)
 from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
@@ -45,13 +46,7 @@ class QuantizeWeightsOnly:
         self.config = config or WeightsOnlyConfig()
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
-        copy = onnx.ModelProto()
-        copy.CopyFrom(model)
-        model = copy
-        report = PassReport(self.name, asdict(self.config))
-        moved = prepare(model)
-        if moved:
-            report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
+        model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
 
         def judge(node, record, constants):

@@ -62,10 +62,7 @@ class QuantizeDynamic:
         sites, skipped = self._select(model, records)
         report.layers.extend(skipped)
         if not sites:
-            if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node):
-                report.notes.append("model is already quantized: nothing to do")
-            else:
-                report.notes.append("no MatMul/Gemm weight to quantize")
+            report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
             return model, report
         ensure_opset(model, 11)
         quantized: dict[tuple, tuple[str, str, str]] = {}  # (weight, transposed, alpha) -> int8 names
@@ -169,6 +166,13 @@ class QuantizeDynamic:
         scaled = numpy_helper.to_array(tensor) * np.float32(beta)
         graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), stem + "_bias"))
         return stem + "_bias"
+
+
+def nothing_to_do(model: onnx.ModelProto, what: str) -> str:
+    """Why a quantize pass found no layer: the model is quantized already, or has no such weight."""
+    if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node):
+        return "model is already quantized: nothing to do"
+    return f"no {what} to quantize"
 
 
 def quantize_int8(w: np.ndarray, per_channel: bool = True, symmetric: bool = True):

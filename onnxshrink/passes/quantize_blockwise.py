@@ -55,7 +55,7 @@ from onnxshrink.data import Dataset
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,
                                       initializer_owners, select_layers)
-from onnxshrink.passes.quantize import QUANTIZED_OPS
+from onnxshrink.passes.quantize import nothing_to_do
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
 from onnxshrink.weights import find_tensors
@@ -149,10 +149,7 @@ class QuantizeBlockwise:
         sites, skipped = select_layers(model, records, SUPPORTED_OPS, self.config, self._judge(records))
         report.layers.extend(skipped)
         if not sites:
-            if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node):
-                report.notes.append("model is already quantized: nothing to do")
-            else:
-                report.notes.append("no MatMul/Gemm weight to quantize")
+            report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
             return model, report
         ensure_opset(model, 1, MS_DOMAIN)
         self._names = Names(model)

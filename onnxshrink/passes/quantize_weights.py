@@ -17,10 +17,9 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,
                                       initializer_owners, select_layers)
-from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
+from onnxshrink.passes.quantize import nothing_to_do, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
 
@@ -61,8 +60,7 @@ class QuantizeWeightsOnly:
         sites, skipped = select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)
         report.layers.extend(skipped)
         if not sites:
-            already = any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node)
-            report.notes.append("model is already quantized: nothing to do" if already else "no weight to quantize")
+            report.notes.append(nothing_to_do(model, "weight"))
             return model, report
         ensure_opset(model, 13)  # per-axis DequantizeLinear
         owners = initializer_owners(model)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,52 @@ def invoke(runner: CliRunner, *args: str):
     from onnxshrink.cli import app
 
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "160", "NO_COLOR": "1"})
+
+
+def tree(directory: Path) -> dict[str, str]:
+    """Everything under a directory, hidden entries included: a file's sha256, or what kind of entry it is.
+
+    Any change, any leftover temporary file or folder shows as a difference.
+    """
+    entries = {}
+    for p in sorted(directory.rglob("*")):
+        if p.is_symlink():
+            entries[str(p.relative_to(directory))] = "link -> " + os.readlink(p)
+        elif p.is_dir():
+            entries[str(p.relative_to(directory))] = "dir"
+        elif p.is_file():
+            entries[str(p.relative_to(directory))] = hashlib.sha256(p.read_bytes()).hexdigest()
+        else:
+            entries[str(p.relative_to(directory))] = "other"  # a FIFO: never read it
+    return entries
+
+
+# Output locations that cannot be written, and the message each must give. /proc and /sys refuse new
+# files to everyone, root included (chmod 0555 does not stop root).
+UNWRITABLE_OUTPUTS = [
+    ("missing_dir", "output directory does not exist"),
+    ("file_as_dir", "is not a directory"),
+    ("is_dir", "is a directory"),
+    ("fifo", "exists and is not a regular file"),
+    ("proc", "output directory is not writable"),
+    ("sys", "output directory is not writable"),
+]
+
+
+def unwritable_output(folder: Path, where: str) -> Path:
+    """Set up one of UNWRITABLE_OUTPUTS (or "proc_self") in `folder` and return the output path to try."""
+    (folder / "plain_file").write_bytes(b"x")
+    (folder / "a_dir").mkdir()
+    os.mkfifo(folder / "pipe.onnx")
+    output = {
+        "missing_dir": folder / "no" / "such" / "out.onnx",
+        "file_as_dir": folder / "plain_file" / "out.onnx",
+        "is_dir": folder / "a_dir",
+        "fifo": folder / "pipe.onnx",
+        "proc": Path("/proc/onnxshrink-test.onnx"),
+        "sys": Path("/sys/onnxshrink-test.onnx"),
+        "proc_self": Path("/proc/self/onnxshrink-test.onnx"),
+    }[where]
+    if where.startswith(("proc", "sys")) and not output.parent.is_dir():
+        pytest.skip(f"{output.parent} is not mounted here")
+    return output

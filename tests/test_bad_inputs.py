@@ -6,9 +6,7 @@ docs/ROBUSTNESS.md lists each case with the message the tool prints; this file c
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import ROOT, invoke, make_mlp, save_model
+from conftest import ROOT, UNWRITABLE_OUTPUTS, invoke, make_mlp, save_model, tree, unwritable_output
 
 from onnxshrink.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
 
@@ -27,22 +25,6 @@ FAST = ("--samples", "4")
 # ---------------------------------------------------------------- helpers
 
 
-def tree(directory: Path) -> dict[str, str]:
-    """Everything under a directory, hidden entries included: a file's sha256, or what kind of entry it is.
-
-    Any change, any leftover temporary file or folder shows as a difference.
-    """
-    entries = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_symlink():
-            entries[str(p.relative_to(directory))] = "link -> " + os.readlink(p)
-        elif p.is_dir():
-            entries[str(p.relative_to(directory))] = "dir"
-        elif p.is_file():
-            entries[str(p.relative_to(directory))] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            entries[str(p.relative_to(directory))] = "other"  # a FIFO: never read it
-    return entries
 
 
 def error_line(result, code: int) -> str:
@@ -319,33 +301,10 @@ def test_existing_output_with_force_is_replaced(runner, work):
 
 
 @pytest.mark.parametrize(
-    "where, message",
-    [
-        ("missing_dir", "output directory does not exist"),
-        ("file_as_dir", "is not a directory"),
-        ("is_dir", "is a directory"),
-        ("fifo", "exists and is not a regular file"),
-        ("proc", "output directory is not writable"),
-        ("sys", "output directory is not writable"),
-        ("proc_self", "/proc/self: output directory is not writable"),
-    ],
+    "where, message", UNWRITABLE_OUTPUTS + [("proc_self", "/proc/self: output directory is not writable")]
 )
 def test_unwritable_output(runner, work, where, message):
-    (work / "plain_file").write_bytes(b"x")
-    (work / "a_dir").mkdir()
-    os.mkfifo(work / "pipe.onnx")
-    output = {
-        "missing_dir": work / "no" / "such" / "out.onnx",
-        "file_as_dir": work / "plain_file" / "out.onnx",
-        "is_dir": work / "a_dir",
-        "fifo": work / "pipe.onnx",
-        # Directories nobody may create files in, root included: chmod 0555 does not stop root.
-        "proc": Path("/proc/onnxshrink-test.onnx"),
-        "sys": Path("/sys/onnxshrink-test.onnx"),
-        "proc_self": Path("/proc/self/onnxshrink-test.onnx"),
-    }[where]
-    if where.startswith(("proc", "sys")) and not output.parent.is_dir():
-        pytest.skip(f"{output.parent} is not mounted here")
+    output = unwritable_output(work, where)
     before = tree(work)
     line = error_line(invoke(runner, "quantize", work / "mlp.onnx", "-o", output, "--force", *FAST), EXIT_OUTPUT)
     assert message in line

@@ -6,7 +6,6 @@ Every model is built here, tiny, with a seeded generator; the whole file runs in
 from __future__ import annotations
 
 import errno
-import hashlib
 import os
 import warnings
 from pathlib import Path
@@ -15,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import SAMPLES, make_mlp, save_model
+from conftest import SAMPLES, UNWRITABLE_OUTPUTS, make_mlp, save_model, tree, unwritable_output
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxshrink import model as model_io
@@ -27,22 +26,6 @@ IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 # ---------------------------------------------------------------- helpers
 
 
-def tree(directory: Path) -> dict[str, str]:
-    """Everything under a directory, hidden entries included: a file's sha256, or what kind of entry it is.
-
-    Any change, any leftover temporary file or folder shows as a difference.
-    """
-    entries = {}
-    for p in sorted(directory.rglob("*")):
-        if p.is_symlink():
-            entries[str(p.relative_to(directory))] = "link -> " + os.readlink(p)
-        elif p.is_dir():
-            entries[str(p.relative_to(directory))] = "dir"
-        elif p.is_file():
-            entries[str(p.relative_to(directory))] = hashlib.sha256(p.read_bytes()).hexdigest()
-        else:
-            entries[str(p.relative_to(directory))] = "other"  # a FIFO: never read it
-    return entries
 
 
 def run(model: str | Path | onnx.ModelProto, feeds: dict) -> list[np.ndarray]:
@@ -453,32 +436,9 @@ def test_save_existing_output_needs_force(tmp_path, mlp_path):
     assert model_io.load(existing) == model
 
 
-@pytest.mark.parametrize(
-    "where, message",
-    [
-        ("missing_dir", "output directory does not exist"),
-        ("file_as_dir", "is not a directory"),
-        ("is_dir", "is a directory"),
-        ("fifo", "exists and is not a regular file"),
-        ("proc", "output directory is not writable"),
-        ("sys", "output directory is not writable"),
-    ],
-)
+@pytest.mark.parametrize("where, message", UNWRITABLE_OUTPUTS)
 def test_save_refuses_unwritable_outputs(tmp_path, mlp_path, where, message):
-    (tmp_path / "plain_file").write_bytes(b"x")
-    (tmp_path / "a_dir").mkdir()
-    os.mkfifo(tmp_path / "pipe.onnx")
-    output = {
-        "missing_dir": tmp_path / "no" / "such" / "out.onnx",
-        "file_as_dir": tmp_path / "plain_file" / "out.onnx",
-        "is_dir": tmp_path / "a_dir",
-        "fifo": tmp_path / "pipe.onnx",
-        # Directories no one may create files in, root included (chmod does not stop root).
-        "proc": Path("/proc/onnxshrink-test.onnx"),
-        "sys": Path("/sys/onnxshrink-test.onnx"),
-    }[where]
-    if where in ("proc", "sys") and not output.parent.is_dir():
-        pytest.skip(f"{output.parent} is not mounted here")
+    output = unwritable_output(tmp_path, where)
     before = tree(tmp_path)
     with pytest.raises(OutputError, match=message):
         model_io.save(model_io.load(mlp_path), output, inputs=[mlp_path], force=True)

@@ -41,10 +41,19 @@ def save(model: onnx.ModelProto, path: str | os.PathLike, *, force: bool = False
     return model_io.save(model, path, force=force)
 
 
-def session(path: str | os.PathLike, threads: int = 1, **_options):
-    """An onnxruntime CPU InferenceSession for a model file."""
-    model_io.load(path)
-    return make_session(path, threads)
+def session(path: str | os.PathLike, sess_options=None, providers=None, *, threads: int = 1):
+    """An onnxruntime InferenceSession for a model file; a `.shrink` pack is decoded in memory, no file written.
+
+    Without `sess_options`, the CPU session onnxshrink itself measures with (`threads` intra-op threads).
+    """
+    model = model_io.load(path)
+    source = model if model_io.is_pack(path) else path
+    if sess_options is None and providers is None:
+        return make_session(source, threads)
+    import onnxruntime as ort
+
+    data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
+    return ort.InferenceSession(data, sess_options, providers=providers or ["CPUExecutionProvider"])
 
 
 def inspect(path: str | os.PathLike) -> ModelInfo:
@@ -105,12 +114,110 @@ def quantize(
     )
 
 
+def prune(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    config=None,
+    *,
+    calibration: str | os.PathLike | None = None,
+    force: bool = False,
+    validation: ValidateConfig | None = None,
+    run_validation: bool = True,
+    threads: int = 1,
+    options: dict | None = None,
+) -> CommandReport:
+    """Prune MatMul/Gemm/Conv weights (a PruneConfig) and validate the result against the original.
+
+    With `calibration`, importance defaults to activation-weighted and each layer's kept weights
+    are refit to the original model's outputs. `pattern="channel"` removes whole output channels.
+    Threshold failures write `OUTPUT.failed.onnx`, as quantize does.
+    """
+    from onnxshrink.passes.prune import Prune, PruneConfig, check_config
+
+    config = config if config is not None else PruneConfig()
+    check_config(config, calibration)
+
+    def make_pass(model: onnx.ModelProto):
+        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        if config.pattern == "channel":
+            from onnxshrink.passes.prune_channels import PruneChannels
+
+            return PruneChannels(config, dataset, threads=threads)
+        return Prune(config, dataset, threads=threads)
+
+    return _run_pass_command(
+        "prune", model_path, output, "pruned", make_pass, force=force,
+        validation=validation, run_validation=run_validation, threads=threads,
+        options=options if options is not None else asdict(config), full_check=config.storage != "sparse",
+    )
+
+
+def sensitivity(model_path: str | os.PathLike, calibration: str | os.PathLike | None = None, config=None, *, threads: int = 1):
+    """Per-layer drift of the model's outputs when each layer alone is pruned at several sparsities."""
+    from onnxshrink.sensitivity import SensitivityConfig, measure
+
+    model = model_io.load(model_path)
+    dataset = _calibration_data(model, calibration) if calibration is not None else None
+    return measure(model, dataset, config or SensitivityConfig(), model_path=str(model_path), threads=threads)
+
+
+def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None, *, force: bool = False):
+    """Write a `.shrink` file: the graph as ONNX, every weight entropy-coded; read back and checked before it lands."""
+    from onnxshrink.packing import PackReport, pack_model, unpack_model
+
+    model_path = Path(model_path)
+    if model_io.is_pack(model_path):
+        raise UsageError(f"{model_path}: is already a pack (.shrink); unpack it first")
+    output = Path(output) if output is not None else model_io.default_output(model_path, None, ".shrink")
+    model_io.check_output_path(output, [model_path], force)
+    model = model_io.load(model_path)
+    report = PackReport("pack", str(model_path), None)
+
+    def write(stream):
+        pack_model(model, stream, report, external_data=model_io.file_has_external_data(model_path))
+
+    def check(staged: Path):
+        # Decode what was written and compare every tensor: a pack that lands is known to unpack exactly.
+        restored = unpack_model(staged.read_bytes())
+        if restored.SerializeToString() != model.SerializeToString():
+            raise RuntimeError("the written pack does not decode to the packed model")
+
+    model_io.write_atomically(output, write, check=check if model.ByteSize() < model_io.EXTERNAL_DATA_THRESHOLD else None)
+    report.output = str(output)
+    size_in, size_out = model_io.file_size(model_path), output.stat().st_size
+    report.size = {"original": size_in, "output": size_out, "ratio": size_out / size_in}
+    raw = [t for t in report.tensors if t.encoding == "raw"]
+    if raw:
+        report.notes.append(f"{len(raw)} tensor(s) stored raw: coding would not make them smaller")
+    return report
+
+
+def unpack(pack_path: str | os.PathLike, output: str | os.PathLike | None = None, *, force: bool = False) -> CommandReport:
+    """Restore the standard ONNX model from a `.shrink` file, identical in every tensor to the one packed."""
+    pack_path = Path(pack_path)
+    if not model_io.is_pack(pack_path):
+        model_io.load(pack_path)  # names what the file is instead (missing, empty, not ONNX)
+        raise UsageError(f"{pack_path}: is not a pack (.shrink); nothing to unpack")
+    output = Path(output) if output is not None else model_io.default_output(pack_path, "unpacked", ".onnx")
+    model_io.check_output_path(output, [pack_path], force)
+    model = model_io.load(pack_path)
+    from onnxshrink.packing import read_header
+
+    external = bool(read_header(pack_path.read_bytes()).get("external_data"))  # laid out like the packed file
+    model_io.save(model, output, force=force, external_data=external or None,
+                  check=model_io.full_check_error(model, pack_path) is None)
+    size_in, size_out = model_io.file_size(pack_path), model_io.file_size(output)
+    return CommandReport("unpack", str(pack_path), str(output), [], {"original": size_in, "output": size_out,
+                                                                     "ratio": size_out / size_in})
+
+
 def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike):
     """Calibration batches from an .npz whose keys are the model's input names."""
     return load_npz(path, input_specs(model))
 
 
-def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, validation, run_validation, threads, options):
+def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, validation, run_validation, threads, options,
+                      full_check=True):
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
     model_io.check_output_path(output, [model_path], force)
@@ -123,7 +230,8 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".check", dir=output.parent))
     try:
-        staged = model_io.save(result, staging / output.name, external_data=external)
+        # full_check=False: sparse initializers feeding MatMul fail onnx's full check; onnxruntime loads them below.
+        staged = model_io.save(result, staging / output.name, external_data=external, check=full_check)
         report.runtime = _runtime_kernels(staged, threads, pass_report)
         if run_validation:
             config = validation or ValidateConfig(threads=threads)
@@ -136,7 +244,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")
         if external:
             # The staged model names its data file after the staged name; write it again under the final one.
-            model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=True)
+            model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=True, check=full_check)
         else:
             # Already written and checked: move it into place (atomic, same directory).
             model_io.check_output_path(final, [model_path], force or not passed)

@@ -24,7 +24,7 @@ from onnxshrink import data as data_mod
 from onnxshrink.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_THRESHOLD, OnnxShrinkError, UsageError
 from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
-from onnxshrink.render import render_command, render_info, render_validation
+from onnxshrink.render import render_command, render_info, render_pack, render_validation
 from onnxshrink.validate import Thresholds, ValidateConfig
 
 class _OneLineErrors(TyperGroup):
@@ -240,6 +240,107 @@ def quantize_command(
         raise typer.Exit(EXIT_THRESHOLD)
 
 
+@app.command("prune")
+@_edge
+def prune_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.pruned.onnx next to the input).")] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Overall fraction of zeros in the pruned weights, 0..0.98 (not with N:M).")] = None,
+    pattern: Annotated[str, typer.Option("--pattern", help="unstructured, N:M (N non-zeros in every M weights along the input axis, such as 2:4), or channel (removes whole output channels: fewer parameters, faster).")] = "unstructured",
+    importance: Annotated[Optional[str], typer.Option("--importance", help="magnitude (default without data) or activation (|w| x input norm; default with --calibration).")] = None,
+    scope: Annotated[str, typer.Option("--scope", help="Per-layer allocation: auto (from measured sensitivity), layer (the same everywhere), global (one threshold).")] = "auto",
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation importance and least-squares reconstruction.")] = None,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="With --calibration, refit each layer's kept weights to the original model's outputs.")] = True,
+    layer_sparsity: Annotated[Optional[list[str]], typer.Option("--layer-sparsity", help="NAME=F: this layer's sparsity, overriding the allocation (repeatable).")] = None,
+    sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity --json`: allocate per-layer sparsity from it.")] = None,
+    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to prune (default MatMul,Gemm,Conv).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to leave unpruned (repeatable).")] = None,
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Leave the first, last or both prunable layers unpruned.")] = None,
+    storage: Annotated[str, typer.Option("--storage", help="dense (default) or sparse (pruned weights as ONNX sparse initializers: a smaller file, not a faster one).")] = "dense",
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    data: DataOpt = None,
+    labels: LabelsOpt = None,
+    samples: SamplesOpt = None,
+    shape: ShapeOpt = None,
+    max_drift: MaxDriftOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreeOpt = None,
+    max_accuracy_drop: MaxAccDropOpt = None,
+    max_latency_ratio: MaxLatOpt = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = 1,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Zero (or remove) weights by importance; with calibration data refit the rest to the original's outputs; then validate."""
+    from onnxshrink.passes.prune import PruneConfig, parse_nm
+    from onnxshrink.sensitivity import load_report
+
+    if parse_nm(pattern) is not None and sparsity is not None:
+        raise UsageError(f"--pattern {pattern} fixes the sparsity; drop --sparsity")
+    if parse_nm(pattern) is None and sparsity is None:
+        raise UsageError("--sparsity is required (the fraction of zeros, such as 0.8)")
+    overrides = {}
+    for item in layer_sparsity or ():
+        name, sep, value = item.rpartition("=")
+        try:
+            if not sep or not name:
+                raise ValueError
+            overrides[name] = float(value)
+        except ValueError:
+            raise UsageError(f"--layer-sparsity {item!r}: expected NAME=F, such as fc1/MatMul=0.5") from None
+    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
+    config = PruneConfig(sparsity=sparsity, pattern=pattern, importance=importance, scope=scope, reconstruct=reconstruct,
+                         exclude=tuple(exclude or ()), keep_float=keep_float, layer_sparsity=overrides, storage=storage,
+                         sensitivity=load_report(sensitivity_file) if sensitivity_file else None,
+                         **({"op_types": types} if types else {}))
+    options = {**asdict(config), "sensitivity": str(sensitivity_file) if sensitivity_file else None,
+               "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
+    validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
+    report = api.prune(model, output, config, calibration=calibration, force=force, validation=validation,
+                       run_validation=not no_validate, threads=threads, options=options)
+    _emit(as_json, report, render_command)
+    if report.validation is not None and not report.validation.passed:
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
+@app.command("sensitivity")
+@_edge
+def sensitivity_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs (without it: synthetic inputs, magnitude importance).")] = None,
+    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated sparsities to try on each layer.")] = "0.25,0.5,0.7,0.8,0.9,0.95",
+    importance: Annotated[Optional[str], typer.Option("--importance", help="magnitude or activation (default: activation with --calibration).")] = None,
+    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types (default MatMul,Gemm,Conv).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to skip (repeatable).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report here (for prune --sensitivity).")] = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = 1,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure each layer's effect on the model's outputs when pruned alone at several sparsities."""
+    from onnxshrink.render import render_sensitivity
+    from onnxshrink.sensitivity import SensitivityConfig
+
+    try:
+        grid = tuple(float(s) for s in sparsities.split(",") if s.strip())
+    except ValueError:
+        raise UsageError(f"--sparsities {sparsities!r}: expected comma-separated fractions such as 0.5,0.8") from None
+    _choice("--importance", importance, (None, "magnitude", "activation"))
+    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
+    config = SensitivityConfig(sparsities=grid, importance=importance, exclude=tuple(exclude or ()), **({"op_types": types} if types else {}))
+    if output is not None:
+        from onnxshrink import model as model_io
+
+        model_io.check_output_path(output, [model], force)
+    report = api.sensitivity(model, calibration, config, threads=threads)
+    if output is not None:
+        output.write_text(report.to_json() + "\n")
+    _emit(as_json, report, render_sensitivity)
+
+
 def _choice(option: str, value, allowed) -> None:
     if value not in allowed:
         raise UsageError(f"{option} must be one of {', '.join(str(a) for a in allowed if a is not None)}, not {value!r}")
@@ -287,6 +388,35 @@ def _check_types(types, allowed) -> None:
     unknown = set(types or ()) - set(allowed)
     if unknown:
         raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
+
+
+@app.command("pack")
+@_edge
+def pack_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file (float, quantized or pruned).")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.shrink next to the input).")] = None,
+    show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the 40 largest.")] = False,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write a .shrink file: the graph as ONNX, every weight Huffman-coded losslessly (unpack restores it bit for bit)."""
+    report = api.pack(model, output, force=force)
+    _emit(as_json, report, lambda console, r: render_pack(console, r, show_all))
+
+
+@app.command("unpack")
+@_edge
+def unpack_command(
+    pack_file: Annotated[Path, typer.Argument(metavar="PACK", help="A .shrink file written by `onnxshrink pack`.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.unpacked.onnx next to the input).")] = None,
+    force: ForceOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Restore the standard ONNX model from a .shrink file, identical in every tensor to the one packed."""
+    report = api.unpack(pack_file, output, force=force)
+    _emit(as_json, report, render_command)
 
 
 def main() -> None:

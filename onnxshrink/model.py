@@ -24,6 +24,7 @@ from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
 # Protobuf refuses to serialize a single message over 2 GiB; leave headroom.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 ORT_FORMAT_IDENTIFIER = b"ORTM"
+PACK_MAGIC = b"ONNXSHRK"  # onnxshrink.codec.container.MAGIC
 
 
 def load(path: str | os.PathLike, for_rewrite: bool = False) -> onnx.ModelProto:
@@ -41,6 +42,8 @@ def load(path: str | os.PathLike, for_rewrite: bool = False) -> onnx.ModelProto:
         raise ModelLoadError(f"{path}: file is empty, not an ONNX model")
     if head[4:8] == ORT_FORMAT_IDENTIFIER:
         raise ModelLoadError(f"{path}: is an ORT-format model (.ort); onnxshrink needs the original .onnx file")
+    if head == PACK_MAGIC:
+        return _load_pack(path, for_rewrite)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except (DecodeError, ValueError, RuntimeError, UnicodeDecodeError) as exc:
@@ -53,6 +56,30 @@ def load(path: str | os.PathLike, for_rewrite: bool = False) -> onnx.ModelProto:
     _load_external_data(model, path)
     _check_loadable(model, path, for_rewrite)
     return model
+
+
+def _load_pack(path: Path, for_rewrite: bool) -> onnx.ModelProto:
+    """Decode a `.shrink` file in memory; anything that does not check out is a load error naming why."""
+    from onnxshrink.codec.container import CorruptPack
+    from onnxshrink.packing import unpack_model
+
+    try:
+        model = unpack_model(path.read_bytes())
+    except CorruptPack as exc:
+        raise ModelLoadError(f"{path}: corrupted pack ({exc})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    _check_loadable(model, path, for_rewrite)
+    return model
+
+
+def is_pack(path: str | os.PathLike) -> bool:
+    """Whether a file is a `.shrink` pack (by its magic, not its name)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PACK_MAGIC)) == PACK_MAGIC
+    except OSError:
+        return False
 
 
 def has_external_data(model: onnx.ModelProto) -> bool:
@@ -139,6 +166,7 @@ def save(
     inputs: Iterable[str | os.PathLike] = (),
     force: bool = False,
     external_data: bool | None = None,
+    check: bool = True,
 ) -> Path:
     """Write a model atomically and check it by path (full_check) before it replaces anything.
 
@@ -179,7 +207,8 @@ def save(
         except OSError as exc:
             raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
         try:
-            onnx.checker.check_model(str(staged_model), full_check=True)
+            if check:
+                onnx.checker.check_model(str(staged_model), full_check=True)
         except Exception as exc:  # a bug in a pass, never the user's fault
             raise RuntimeError(f"written model fails the ONNX checker: {first_line(exc)}") from exc
         staged_data = staging / data_name
@@ -191,11 +220,39 @@ def save(
     return output
 
 
-def default_output(model_path: str | os.PathLike, suffix: str) -> Path:
-    """`model.onnx` -> `model.<suffix>.onnx` next to the input."""
+def default_output(model_path: str | os.PathLike, suffix: str | None, extension: str = ".onnx") -> Path:
+    """`model.onnx` (or `model.shrink`) -> `model.<suffix>.onnx` next to the input; no suffix: `model<extension>`."""
     path = Path(model_path)
-    stem = path.name[: -len(".onnx")] if path.name.endswith(".onnx") else path.name
-    return path.with_name(f"{stem}.{suffix}.onnx")
+    stem = path.name
+    for known in (".onnx", ".shrink"):
+        if stem.endswith(known) and len(stem) > len(known):
+            stem = stem[: -len(known)]
+            break
+    return path.with_name(f"{stem}.{suffix}{extension}" if suffix else f"{stem}{extension}")
+
+
+def write_atomically(output: Path, write, check=None) -> None:
+    """Write a file through `write(stream)` under a temporary name in the output's folder, run
+    `check(staged_path)`, then rename it into place: a failure or Ctrl-C never leaves a partial output."""
+    try:
+        handle, staged = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+    staged = Path(staged)
+    try:
+        try:
+            with os.fdopen(handle, "wb") as stream:
+                write(stream)
+        except OSError as exc:
+            raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+        if check is not None:
+            check(staged)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(staged, 0o666 & ~umask)  # mkstemp makes 0600; a written file gets the usual permissions
+        os.replace(staged, output)
+    finally:
+        staged.unlink(missing_ok=True)
 
 
 def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:

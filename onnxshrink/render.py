@@ -112,7 +112,7 @@ def render_command(console: Console, report: CommandReport) -> None:
             table.add_column(col, overflow="fold")
         for layer in pass_report.layers:
             size = f"{human_bytes(layer.bytes_before)} -> {human_bytes(layer.bytes_after)}" if layer.bytes_before else ""
-            style = "" if layer.action.startswith("int") else "dim"
+            style = "" if layer.action.startswith(("int", "pruned")) else "dim"
             table.add_row(escape(layer.node), layer.op_type, escape(layer.weight), escape(layer.action), size, escape(layer.reason), style=style)
         console.print(table)
         for note in pass_report.notes:
@@ -130,3 +130,49 @@ def render_command(console: Console, report: CommandReport) -> None:
         console.print(f"[yellow]note:[/] {escape(note)}")
     if report.output:
         console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, {report.size['ratio']:.3f}x the input)")
+
+
+def render_pack(console: Console, report, show_all: bool = False) -> None:
+    """Per-tensor table of a pack (largest first), then totals: where the bytes went and how close to entropy."""
+    rows = sorted(report.tensors, key=lambda t: -t.bytes_before)
+    shown = rows if show_all else rows[:40]
+    table = Table(title="pack", title_justify="left")
+    for col in ("tensor", "dtype", "coding", "symbols", "entropy b/sym", "coded b/sym", "bytes"):
+        table.add_column(col, overflow="fold", justify="right" if col in ("symbols", "entropy b/sym", "coded b/sym") else "left")
+    for t in shown:
+        coded = t.encoding != "raw"
+        table.add_row(escape(t.name), t.dtype, t.encoding, str(t.symbols), f"{t.entropy_bits:.3f}" if coded else "-",
+                      f"{t.coded_bits:.3f}" if coded else "-",
+                      f"{human_bytes(t.bytes_before)} -> {human_bytes(t.bytes_after)}", style="" if coded else "dim")
+    console.print(table)
+    if len(rows) > len(shown):
+        console.print(f"[dim]{len(rows) - len(shown)} smaller tensor(s) not shown (--all lists them)[/]")
+    totals = report.totals
+    if totals.get("coded_symbols"):
+        console.print(f"coded {totals['coded_symbols']} symbols at {totals['coded_bits_per_symbol']:.3f} bits each "
+                      f"(order-0 entropy {totals['entropy_bits_per_symbol']:.3f}); tensors "
+                      f"{human_bytes(totals['tensor_bytes_before'])} -> {human_bytes(totals['tensor_bytes_after'])}, "
+                      f"graph {human_bytes(totals['graph_bytes'])}, shared tables {human_bytes(totals['shared_table_bytes'])}")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    if report.output:
+        console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, "
+                      f"{report.size['ratio']:.3f}x the input, {1 / report.size['ratio']:.2f}x smaller)")
+
+
+def render_sensitivity(console: Console, report) -> None:
+    """One row per layer: output drift (and top-1 agreement) when that layer alone is pruned at each sparsity."""
+    table = Table(title=f"sensitivity ({report.importance} importance, drift = relative output error)", title_justify="left")
+    table.add_column("node", overflow="fold")
+    table.add_column("op")
+    table.add_column("weights", justify="right")
+    for s in report.sparsities:
+        table.add_column(f"{s:.0%}", justify="right")
+    for layer in report.layers:
+        cells = [f"{d:.4f}" + (f" ({a:.0%})" if a is not None else "") for d, a in zip(layer.drift, layer.agreement)]
+        table.add_row(escape(layer.node), layer.op_type, str(layer.weights), *cells)
+    console.print(table)
+    for decision in report.skipped:
+        console.print(f"[dim]not measured: {escape(decision.node)} ({escape(decision.reason)})[/]")
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")

@@ -34,6 +34,11 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, o
     """An onnxruntime CPU session; a model onnxruntime refuses is an unsupported model, not a crash."""
     import onnxruntime as ort
 
+    if not isinstance(model, onnx.ModelProto):
+        from onnxshrink.model import is_pack, load
+
+        if is_pack(model):  # a .shrink file runs from memory, decoded, never unpacked to disk
+            model = load(model)
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         # No provider fallback: on some errors onnxruntime's fallback print()s a banner to stdout,

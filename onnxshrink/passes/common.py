@@ -69,17 +69,22 @@ def select_layers(model, records, op_types, config, judge):
         else:
             sites.append(Site(graph, node, name, weight))
     # --keep-float applies to the first/last layer that would otherwise be rewritten.
-    keep = []
-    if config.keep_float in ("first", "both") and sites:
-        keep.append(sites[0])
-    if config.keep_float in ("last", "both") and sites and sites[-1] not in keep:
-        keep.append(sites[-1])
-    for site in keep:
+    for site in held_back(sites, config.keep_float):
         sites.remove(site)
         size = records[site.weight].nbytes
         skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
                                      f"--keep-float {config.keep_float}", size, size))
     return sites, skipped
+
+
+def held_back(items: list, keep_float: str | None) -> list:
+    """The first and/or last of `items` that --keep-float first/last/both leaves alone."""
+    keep = []
+    if keep_float in ("first", "both") and items:
+        keep.append(items[0])
+    if keep_float in ("last", "both") and items and items[-1] not in keep:
+        keep.append(items[-1])
+    return keep
 
 
 class Names:

@@ -1,0 +1,1 @@
+"""Entropy coding for `onnxshrink pack`: generic byte/short symbol coders that know nothing about ONNX."""

@@ -1,0 +1,442 @@
+"""pack / unpack: the graph kept as ONNX, each weight's bytes entropy-coded (Deep Compression's last stage).
+
+Every tensor is restored bit for bit: the coding is lossless and each tensor carries a
+SHA-256 of its bytes, checked on decode, on top of the container's per-record CRCs.
+How a tensor is coded is chosen per tensor from the symbol counts (docs/FORMAT.md):
+
+- `raw`     the bytes as they are (tiny tensors, or nothing codes smaller)
+- `planes`  the bytes of each element split into byte planes, one Huffman stream per plane
+            (float exponents code well, mantissa bytes barely; int8 weights are one plane)
+- `nibbles` each byte split into its two 4-bit halves (int4/uint4, MatMulNBits weights)
+- `sparse`  the positions of the elements that differ from the most common one (zero after
+            pruning) as Huffman-coded gaps, and those elements coded as `planes` or `nibbles`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import lzma
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxshrink.codec import container, huffman
+from onnxshrink.report import JsonReport
+
+MIN_CODED_BYTES = 64  # smaller tensors stay inside the graph record, which is lzma-compressed
+GAP_ESCAPE = 255  # gap symbol meaning "255 background elements, no element follows"
+FORMAT_NAME = "onnxshrink-pack"
+PACKED_INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+
+
+@dataclass
+class PackedTensor:
+    name: str
+    dtype: str
+    encoding: str
+    symbols: int
+    entropy_bits: float  # order-0 entropy of its coded streams, bits per symbol
+    coded_bits: float  # payload bits per symbol actually spent (tables not included)
+    bytes_before: int
+    bytes_after: int  # its record: description, tables of its own, payload
+
+
+@dataclass
+class PackReport(JsonReport):
+    command: str
+    input: str
+    output: str | None
+    tensors: list = field(default_factory=list)  # PackedTensor
+    totals: dict = field(default_factory=dict)
+    size: dict = field(default_factory=dict)
+    notes: list = field(default_factory=list)
+
+
+@dataclass
+class _Stream:
+    symbols: np.ndarray  # uint8
+    alphabet: int
+    category: tuple
+    counts: np.ndarray = None
+    table_id: int | None = None  # shared table record; None: own table inline (or raw)
+    own: huffman.Table | None = None
+
+    def __post_init__(self):
+        self.counts = np.bincount(self.symbols, minlength=self.alphabet)
+
+
+@dataclass
+class _Plan:
+    index: int
+    tensor: onnx.TensorProto
+    encoding: str
+    streams: list
+    meta: dict
+
+
+def tensor_protos(model: onnx.ModelProto) -> list[onnx.TensorProto]:
+    """Every tensor that can hold weights, in one fixed order (pack and unpack walk the same graph)."""
+    found = []
+
+    def walk(graph: onnx.GraphProto) -> None:
+        found.extend(graph.initializer)
+        for sparse in graph.sparse_initializer:
+            found.extend((sparse.values, sparse.indices))
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.TENSOR:
+                    found.append(attr.t)
+                elif attr.type == onnx.AttributeProto.TENSORS:
+                    found.extend(attr.tensors)
+                elif attr.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    found.extend((attr.sparse_tensor.values, attr.sparse_tensor.indices))
+                elif attr.type == onnx.AttributeProto.GRAPH:
+                    walk(attr.g)
+                elif attr.type == onnx.AttributeProto.GRAPHS:
+                    for sub in attr.graphs:
+                        walk(sub)
+
+    walk(model.graph)
+    return found
+
+
+def element_size(tensor: onnx.TensorProto) -> int:
+    if tensor.data_type in PACKED_INT4:
+        return 1  # two values per byte: the nibbles encoding splits them
+    try:
+        return onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return 1
+
+
+def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_data: bool = False) -> None:
+    """Write `model` as a pack to the binary `stream`, filling `report` with what each tensor cost.
+
+    `external_data` records that the model kept its weights in a data file, so unpack writes one too.
+    """
+    protos = tensor_protos(model)
+    plans = []
+    for index, tensor in enumerate(protos):
+        if tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_CODED_BYTES:
+            plans.append(_plan(index, tensor))
+    tables = _assign_tables([s for p in plans for s in p.streams])
+
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    stripped_protos = tensor_protos(stripped)
+    for plan in plans:
+        stripped_protos[plan.index].ClearField("raw_data")
+    graph_bytes = lzma.compress(stripped.SerializeToString(), preset=6)
+
+    writer = container.Writer(stream)
+    writer.json_record(container.HEADER, {
+        "format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
+        "graph_codec": "lzma", "external_data": external_data,
+    })
+    graph_size = writer.record(container.GRAPH, graph_bytes)
+    table_size = sum(writer.record(container.TABLE, t.to_bytes()) for t in tables)
+    for plan in plans:
+        parts, payload_bits, entropy = [], 0, 0.0
+        for s, descriptor in zip(plan.streams, plan.meta["streams"]):
+            if s.table_id is None and s.own is None:  # raw stream
+                data = s.symbols.tobytes()
+            else:
+                table = s.own if s.table_id is None else tables[s.table_id]
+                payload = huffman.encode_with(table, s.symbols)
+                payload_bits += 8 * len(payload)
+                data = (table.to_bytes() + payload) if s.table_id is None else payload
+            entropy += huffman.entropy_bits(s.counts)
+            descriptor["b"] = len(data)
+            if s.table_id is not None:
+                descriptor["t"] = s.table_id
+            parts.append(data)
+        size = writer.record(container.TENSOR, container.join_meta(plan.meta), *parts)
+        symbols = sum(len(s.symbols) for s in plan.streams)
+        report.tensors.append(PackedTensor(
+            plan.tensor.name, _dtype_name(plan.tensor.data_type), plan.encoding, symbols,
+            entropy / symbols if symbols else 0.0, payload_bits / symbols if symbols else 0.0,
+            len(plan.tensor.raw_data), size,
+        ))
+    writer.close()
+    coded = [t for t in report.tensors if t.encoding != "raw"]
+    report.totals = {
+        "tensors": len(report.tensors),
+        "tensor_bytes_before": sum(t.bytes_before for t in report.tensors),
+        "tensor_bytes_after": sum(t.bytes_after for t in report.tensors),
+        "graph_bytes": graph_size,
+        "shared_table_bytes": table_size,
+        "shared_tables": len(tables),
+        "coded_symbols": sum(t.symbols for t in coded),
+        "entropy_bits_per_symbol": _mean_bits(coded, "entropy_bits"),
+        "coded_bits_per_symbol": _mean_bits(coded, "coded_bits"),
+        "file_bytes": writer.bytes_written,
+    }
+
+
+def _mean_bits(rows, key) -> float:
+    symbols = sum(r.symbols for r in rows)
+    return sum(getattr(r, key) * r.symbols for r in rows) / symbols if symbols else 0.0
+
+
+def _producer() -> str:
+    from onnxshrink import __version__
+
+    return f"onnxshrink {__version__}"
+
+
+def _dtype_name(data_type: int) -> str:
+    try:
+        return onnx.TensorProto.DataType.Name(data_type).lower()
+    except ValueError:
+        return f"type {data_type}"
+
+
+# ---------------------------------------------------------------- choosing an encoding per tensor
+
+def _plan(index: int, tensor: onnx.TensorProto) -> _Plan:
+    raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
+    k = element_size(tensor)
+    if len(raw) % k:
+        k = 1
+    meta = {"i": index, "n": len(raw), "k": k, "sha": hashlib.sha256(tensor.raw_data).hexdigest()[:32]}
+    candidates = [("planes", _planes(raw, k, "dense"))]
+    if k == 1:
+        candidates.append(("nibbles", _nibbles(raw, "dense")))
+    sparse = _sparse(raw, k)
+    if sparse is not None:
+        candidates.append(sparse)
+    best_name, best_streams = min(candidates, key=lambda c: _estimate(c[1]))
+    if _estimate(best_streams) >= 8 * len(raw):
+        best_name, best_streams = "raw", [_Stream(raw, 256, ("raw",))]
+    meta["enc"] = best_name
+    if best_name == "sparse":
+        best_streams, extra = best_streams
+        meta.update(extra)
+    meta["streams"] = [{"c": len(s.symbols)} for s in best_streams]
+    if best_name != "raw":
+        for s in best_streams:
+            s.own = huffman.Table.from_counts(s.counts)
+    return _Plan(index, tensor, best_name, best_streams, meta)
+
+
+def _planes(elements: np.ndarray, k: int, role: str) -> list[_Stream]:
+    planes = elements.reshape(-1, k).T if k > 1 else elements.reshape(1, -1)
+    return [_Stream(np.ascontiguousarray(p), 256, ("plane", role, k, i)) for i, p in enumerate(planes)]
+
+
+def _nibbles(elements: np.ndarray, role: str) -> list[_Stream]:
+    return [_Stream(np.concatenate([elements & 15, elements >> 4]), 16, ("nibbles", role))]
+
+
+def _sparse(raw: np.ndarray, k: int):
+    """Positions of the non-background elements as gaps, and those elements; None when not worth trying."""
+    if k > 8:
+        return None
+    view = raw.view(np.dtype(f"<u{k}")) if k in (1, 2, 4, 8) else None
+    if view is None:
+        return None
+    if k == 1:  # the most common byte: 0, or 0x88 for symmetric 4-bit weights
+        counts = np.bincount(view, minlength=256)
+        background = view.dtype.type(np.argmax(counts))
+        frequency = counts[background]
+    else:  # wider elements: pruned weights are zeros
+        background = view.dtype.type(0)
+        frequency = len(view) - np.count_nonzero(view)
+    if frequency < 0.3 * len(view):  # a gap per element costs at least a bit: only for mostly-background tensors
+        return None
+    positions = np.flatnonzero(view != background)
+    gaps = encode_gaps(positions)
+    kept = np.ascontiguousarray(view[positions]).view(np.uint8)
+    value_options = [("planes", _planes(kept, k, "sparse"))]
+    if k == 1:
+        value_options.append(("nibbles", _nibbles(kept, "sparse")))
+    value_encoding, value_streams = min(value_options, key=lambda c: _estimate(c[1]))
+    extra = {"bg": np.asarray(background).astype(f"<u{k}").tobytes().hex(), "nnz": len(positions), "vals": value_encoding}
+    return "sparse", ([_Stream(gaps, 256, ("gaps",))] + value_streams, extra)
+
+
+def _estimate(streams) -> int:
+    """Bits a list of streams would cost with a table of its own each (the usual case)."""
+    if isinstance(streams, tuple):
+        streams = streams[0]
+    total = 0
+    for s in streams:
+        if not len(s.symbols):
+            continue
+        table = huffman.Table.from_counts(s.counts)
+        total += table.cost_bits(s.counts) + 8 * len(table.to_bytes())
+    return total
+
+
+def _assign_tables(streams: list[_Stream]) -> list[huffman.Table]:
+    """Give small streams one table per category where that codes smaller than a table each."""
+    tables: list[huffman.Table] = []
+    by_category: dict[tuple, list[_Stream]] = {}
+    for s in streams:
+        if s.own is not None and len(s.symbols):
+            by_category.setdefault(s.category, []).append(s)
+    for members in by_category.values():
+        if len(members) < 2:
+            continue
+        shared = huffman.Table.from_counts(sum(m.counts for m in members))
+        joining = [m for m in members
+                   if shared.cost_bits(m.counts) < m.own.cost_bits(m.counts) + 8 * len(m.own.to_bytes())]
+        if len(joining) < 2:
+            continue
+        shared = huffman.Table.from_counts(sum(m.counts for m in joining))
+        table_id = len(tables)
+        tables.append(shared)
+        for m in joining:
+            m.table_id, m.own = table_id, None
+    return tables
+
+
+def encode_gaps(positions: np.ndarray) -> np.ndarray:
+    """Sorted positions -> gap symbols: g<255 means skip g background elements then one element; 255 skips 255."""
+    if not len(positions):
+        return np.zeros(0, np.uint8)
+    gaps = np.diff(positions, prepend=-1) - 1
+    escapes = gaps // GAP_ESCAPE
+    symbols = np.full(len(positions) + int(escapes.sum()), GAP_ESCAPE, np.uint8)
+    symbols[np.cumsum(escapes + 1) - 1] = gaps % GAP_ESCAPE
+    return symbols
+
+
+def decode_gaps(symbols: np.ndarray) -> np.ndarray:
+    is_element = symbols != GAP_ESCAPE
+    advance = symbols.astype(np.int64) + is_element
+    return (np.cumsum(advance) - 1)[is_element]
+
+
+# ---------------------------------------------------------------- unpacking
+
+def unpack_model(data: bytes | memoryview) -> onnx.ModelProto:
+    """Rebuild the packed model in memory; CorruptPack (a ValueError) names anything that does not check out."""
+    records = container.read_records(data)
+    header = _expect(records, container.HEADER, "header")
+    header = container.parse_json(header)
+    if header.get("format") != FORMAT_NAME:
+        raise container.CorruptPack(f"header names format {header.get('format')!r}, not {FORMAT_NAME}")
+    graph_record = _expect(records, container.GRAPH, "graph")
+    try:
+        model = onnx.ModelProto.FromString(lzma.decompress(graph_record.body))
+    except Exception as exc:
+        raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
+    protos = tensor_protos(model)
+    tables, filled = [], set()
+    for record in records:
+        if record.kind == container.TABLE:
+            tables.append(_table(record.body, record))
+        elif record.kind == container.TENSOR:
+            meta, body = container.split_meta(record)
+            index = meta.get("i")
+            if not isinstance(index, int) or not 0 <= index < len(protos) or index in filled:
+                raise container.CorruptPack(f"tensor record at byte {record.offset} refers to no tensor of the graph")
+            filled.add(index)
+            protos[index].raw_data = _decode_tensor(meta, body, tables, record)
+        else:
+            raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
+    if len(tables) != header.get("tables") or len(filled) != header.get("tensors"):
+        raise container.CorruptPack(
+            f"header promises {header.get('tensors')} tensor(s) and {header.get('tables')} table(s); "
+            f"the file has {len(filled)} and {len(tables)}")
+    return model
+
+
+def read_header(data: bytes | memoryview) -> dict:
+    """The header record of a pack (checked like every record)."""
+    return container.parse_json(_expect(container.read_records(data), container.HEADER, "header"))
+
+
+def _expect(records, kind: int, name: str):
+    try:
+        record = next(records)
+    except StopIteration:
+        raise container.CorruptPack(f"no {name} record") from None
+    if record.kind != kind:
+        raise container.CorruptPack(f"expected the {name} record at byte {record.offset}, found a {record.kind_name} record")
+    return record
+
+
+def _table(data, record) -> huffman.Table:
+    try:
+        table, used = huffman.Table.from_bytes(data)
+    except huffman.CorruptStream as exc:
+        raise container.CorruptPack(f"bad Huffman table in the record at byte {record.offset}: {exc}") from exc
+    if used != len(data):
+        raise container.CorruptPack(f"table record at byte {record.offset} has trailing bytes")
+    return table
+
+
+def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
+    where = f"tensor record at byte {record.offset}"
+    try:
+        streams, offset = [], 0
+        encoding, k, n = meta["enc"], int(meta["k"]), int(meta["n"])
+        for descriptor in meta["streams"]:
+            count, length = int(descriptor["c"]), int(descriptor["b"])
+            data = body[offset : offset + length]
+            if len(data) != length:
+                raise container.CorruptPack(f"{where} is shorter than its streams")
+            offset += length
+            streams.append(_decode_stream(encoding, descriptor, data, count, tables, where))
+        if offset != len(body):
+            raise container.CorruptPack(f"{where} has trailing bytes")
+        raw = _assemble(encoding, meta, streams, k, n, where)
+    except container.CorruptPack:
+        raise
+    except huffman.CorruptStream as exc:
+        raise container.CorruptPack(f"{where}: {exc}") from exc
+    except (KeyError, TypeError, ValueError, IndexError) as exc:
+        raise container.CorruptPack(f"{where} has an invalid description ({type(exc).__name__}: {exc})") from exc
+    if len(raw) != n or hashlib.sha256(raw).hexdigest()[:32] != meta["sha"]:
+        raise container.CorruptPack(f"{where} decodes to different bytes than were packed")
+    return raw
+
+
+def _decode_stream(encoding, descriptor, data, count, tables, where) -> np.ndarray:
+    if encoding == "raw":
+        return np.frombuffer(data, np.uint8)
+    table_id = descriptor.get("t")
+    if table_id is None:
+        table, used = huffman.Table.from_bytes(data)
+        data = data[used:]
+    elif isinstance(table_id, int) and 0 <= table_id < len(tables):
+        table = tables[table_id]
+    else:
+        raise container.CorruptPack(f"{where} names a table that does not exist")
+    return huffman.decode_with(table, data, count)
+
+
+def _assemble(encoding, meta, streams, k, n, where) -> bytes:
+    if encoding == "raw":
+        return streams[0].tobytes()
+    if encoding == "planes":
+        return _join_planes(streams, k).tobytes()
+    if encoding == "nibbles":
+        return _join_nibbles(streams[0]).tobytes()
+    if encoding == "sparse":
+        positions = decode_gaps(streams[0])
+        values = _join_nibbles(streams[1]) if meta["vals"] == "nibbles" else _join_planes(streams[1:], k)
+        background = np.frombuffer(bytes.fromhex(meta["bg"]), dtype=f"<u{k}")
+        out = np.full(n // k, background[0], dtype=f"<u{k}")
+        values = values.view(f"<u{k}")
+        if len(positions) != len(values) or (len(positions) and positions[-1] >= len(out)):
+            raise container.CorruptPack(f"{where}: sparse positions do not match its values")
+        out[positions] = values
+        return out.tobytes()
+    raise container.CorruptPack(f"{where} uses unknown encoding {encoding!r}")
+
+
+def _join_planes(planes, k) -> np.ndarray:
+    if len(planes) != k or len({len(p) for p in planes}) > 1:
+        raise container.CorruptPack("byte planes of different lengths")
+    return np.stack(planes, axis=1).reshape(-1) if k > 1 else planes[0]
+
+
+def _join_nibbles(symbols: np.ndarray) -> np.ndarray:
+    half = len(symbols) // 2
+    if len(symbols) % 2 or (len(symbols) and symbols.max() > 15):
+        raise container.CorruptPack("nibble stream is malformed")
+    return (symbols[:half] | (symbols[half:] << 4)).astype(np.uint8)

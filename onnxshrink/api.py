@@ -186,9 +186,9 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
     report.output = str(output)
     size_in, size_out = model_io.file_size(model_path), output.stat().st_size
     report.size = {"original": size_in, "output": size_out, "ratio": size_out / size_in}
-    raw = [t for t in report.tensors if t.encoding == "raw"]
-    if raw:
-        report.notes.append(f"{len(raw)} tensor(s) stored raw: coding would not make them smaller")
+    left = report.totals["tensors_left_in_graph"]
+    if left:
+        report.notes.append(f"{left} small tensor(s) left in the graph record (LZMA-compressed): a coded record would cost more")
     return report
 
 

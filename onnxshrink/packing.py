@@ -4,7 +4,6 @@ Every tensor is restored bit for bit: the coding is lossless and each tensor car
 SHA-256 of its bytes, checked on decode, on top of the container's per-record CRCs.
 How a tensor is coded is chosen per tensor from the symbol counts (docs/FORMAT.md):
 
-- `raw`     the bytes as they are (tiny tensors, or nothing codes smaller)
 - `planes`  the bytes of each element split into byte planes, one Huffman stream per plane
             (float exponents code well, mantissa bytes barely; int8 weights are one plane)
 - `nibbles` each byte split into its two 4-bit halves (int4/uint4, MatMulNBits weights)
@@ -24,10 +23,16 @@ import onnx
 from onnxshrink.codec import container, huffman
 from onnxshrink.report import JsonReport
 
-MIN_CODED_BYTES = 64  # smaller tensors stay inside the graph record, which is lzma-compressed
+MIN_CODED_BYTES = 256  # smaller tensors stay inside the graph record, which is LZMA-compressed
+RECORD_OVERHEAD = 120  # bytes a tensor record costs besides its streams: framing, description, CRC
+TABLE_RECORD_OVERHEAD = 13  # a table record's framing and CRC
+DIGEST_HEX = 16  # SHA-256 prefix kept per tensor (64 bits): the CRCs catch damage, this catches wrong decoding
 GAP_ESCAPE = 255  # gap symbol meaning "255 background elements, no element follows"
 FORMAT_NAME = "onnxshrink-pack"
 PACKED_INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+# The graph record: a raw LZMA2 stream (no .xz container: the record's CRC covers it), 8 MiB dictionary.
+GRAPH_CODEC = "lzma2-raw-8m"
+GRAPH_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6 | lzma.PRESET_EXTREME, "dict_size": 8 << 20}]
 
 
 @dataclass
@@ -59,7 +64,8 @@ class _Stream:
     alphabet: int
     category: tuple
     counts: np.ndarray = None
-    table_id: int | None = None  # shared table record; None: own table inline (or raw)
+    table_id: int | None = None  # shared table record; None: its own table, inline
+    table_share_bits: int = 0  # its part of the shared table's cost
     own: huffman.Table | None = None
 
     def __post_init__(self):
@@ -120,6 +126,9 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     for index, tensor in enumerate(protos):
         if tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_CODED_BYTES:
             plans.append(_plan(index, tensor))
+    # A record must beat what LZMA would spend on the tensor inside the graph; shared tables make small ones pay.
+    tables = _assign_tables([s for p in plans for s in p.streams])
+    plans = [p for p in plans if _record_bits(p, tables) < 8 * _size_in_graph(p.tensor.raw_data)]
     tables = _assign_tables([s for p in plans for s in p.streams])
 
     stripped = onnx.ModelProto()
@@ -127,25 +136,23 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     stripped_protos = tensor_protos(stripped)
     for plan in plans:
         stripped_protos[plan.index].ClearField("raw_data")
-    graph_bytes = lzma.compress(stripped.SerializeToString(), preset=6)
+    graph_bytes = lzma.compress(stripped.SerializeToString(), format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
 
     writer = container.Writer(stream)
-    writer.json_record(container.HEADER, {
-        "format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
-        "graph_codec": "lzma", "external_data": external_data,
-    })
+    header = {"format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
+              "graph_codec": GRAPH_CODEC}
+    if external_data:
+        header["external_data"] = True
+    writer.json_record(container.HEADER, header)
     graph_size = writer.record(container.GRAPH, graph_bytes)
     table_size = sum(writer.record(container.TABLE, t.to_bytes()) for t in tables)
     for plan in plans:
         parts, payload_bits, entropy = [], 0, 0.0
         for s, descriptor in zip(plan.streams, plan.meta["streams"]):
-            if s.table_id is None and s.own is None:  # raw stream
-                data = s.symbols.tobytes()
-            else:
-                table = s.own if s.table_id is None else tables[s.table_id]
-                payload = huffman.encode_with(table, s.symbols)
-                payload_bits += 8 * len(payload)
-                data = (table.to_bytes() + payload) if s.table_id is None else payload
+            table = s.own if s.table_id is None else tables[s.table_id]
+            payload = huffman.encode_with(table, s.symbols)
+            payload_bits += 8 * len(payload)
+            data = (table.to_bytes() + payload) if s.table_id is None else payload
             entropy += huffman.entropy_bits(s.counts)
             descriptor["b"] = len(data)
             if s.table_id is not None:
@@ -159,9 +166,10 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
             len(plan.tensor.raw_data), size,
         ))
     writer.close()
-    coded = [t for t in report.tensors if t.encoding != "raw"]
+    coded = report.tensors
     report.totals = {
         "tensors": len(report.tensors),
+        "tensors_left_in_graph": sum(1 for t in protos if t.HasField("raw_data")) - len(plans),
         "tensor_bytes_before": sum(t.bytes_before for t in report.tensors),
         "tensor_bytes_after": sum(t.bytes_after for t in report.tensors),
         "graph_bytes": graph_size,
@@ -194,12 +202,16 @@ def _dtype_name(data_type: int) -> str:
 
 # ---------------------------------------------------------------- choosing an encoding per tensor
 
+def _digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
+
+
 def _plan(index: int, tensor: onnx.TensorProto) -> _Plan:
     raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
     k = element_size(tensor)
     if len(raw) % k:
         k = 1
-    meta = {"i": index, "n": len(raw), "k": k, "sha": hashlib.sha256(tensor.raw_data).hexdigest()[:32]}
+    meta = {"i": index, "n": len(raw), "k": k, "sha": _digest(tensor.raw_data)}
     candidates = [("planes", _planes(raw, k, "dense"))]
     if k == 1:
         candidates.append(("nibbles", _nibbles(raw, "dense")))
@@ -207,17 +219,32 @@ def _plan(index: int, tensor: onnx.TensorProto) -> _Plan:
     if sparse is not None:
         candidates.append(sparse)
     best_name, best_streams = min(candidates, key=lambda c: _estimate(c[1]))
-    if _estimate(best_streams) >= 8 * len(raw):
-        best_name, best_streams = "raw", [_Stream(raw, 256, ("raw",))]
     meta["enc"] = best_name
     if best_name == "sparse":
         best_streams, extra = best_streams
         meta.update(extra)
     meta["streams"] = [{"c": len(s.symbols)} for s in best_streams]
-    if best_name != "raw":
-        for s in best_streams:
-            s.own = huffman.Table.from_counts(s.counts)
+    for s in best_streams:
+        s.own = huffman.Table.from_counts(s.counts)
     return _Plan(index, tensor, best_name, best_streams, meta)
+
+
+def _record_bits(plan: _Plan, tables: list) -> int:
+    """What a tensor's record would cost, in bits, with the tables assigned to its streams."""
+    total = 8 * RECORD_OVERHEAD
+    for s in plan.streams:
+        if s.table_id is not None:
+            total += tables[s.table_id].cost_bits(s.counts) + s.table_share_bits
+        elif len(s.symbols):
+            total += s.own.cost_bits(s.counts) + 8 * len(s.own.to_bytes())
+    return total
+
+
+def _size_in_graph(data: bytes) -> int:
+    """About what a tensor adds to the LZMA-compressed graph record (measured for small ones, the cheap case)."""
+    if len(data) > 65536:
+        return len(data)
+    return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
 
 
 def _planes(elements: np.ndarray, k: int, role: str) -> list[_Stream]:
@@ -274,7 +301,8 @@ def _assign_tables(streams: list[_Stream]) -> list[huffman.Table]:
     tables: list[huffman.Table] = []
     by_category: dict[tuple, list[_Stream]] = {}
     for s in streams:
-        if s.own is not None and len(s.symbols):
+        s.table_id = None
+        if len(s.symbols):
             by_category.setdefault(s.category, []).append(s)
     for members in by_category.values():
         if len(members) < 2:
@@ -285,10 +313,15 @@ def _assign_tables(streams: list[_Stream]) -> list[huffman.Table]:
         if len(joining) < 2:
             continue
         shared = huffman.Table.from_counts(sum(m.counts for m in joining))
+        own_bits = sum(m.own.cost_bits(m.counts) + 8 * len(m.own.to_bytes()) for m in joining)
+        shared_bits = sum(shared.cost_bits(m.counts) for m in joining) + 8 * (len(shared.to_bytes()) + TABLE_RECORD_OVERHEAD)
+        if shared_bits >= own_bits:
+            continue
         table_id = len(tables)
         tables.append(shared)
         for m in joining:
-            m.table_id, m.own = table_id, None
+            m.table_id = table_id
+            m.table_share_bits = 8 * (len(shared.to_bytes()) + TABLE_RECORD_OVERHEAD) // len(joining)
     return tables
 
 
@@ -320,7 +353,9 @@ def unpack_model(data: bytes | memoryview) -> onnx.ModelProto:
         raise container.CorruptPack(f"header names format {header.get('format')!r}, not {FORMAT_NAME}")
     graph_record = _expect(records, container.GRAPH, "graph")
     try:
-        model = onnx.ModelProto.FromString(lzma.decompress(graph_record.body))
+        if header.get("graph_codec") != GRAPH_CODEC:
+            raise ValueError(f"unknown graph codec {header.get('graph_codec')!r}")
+        model = onnx.ModelProto.FromString(lzma.decompress(graph_record.body, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
     except Exception as exc:
         raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
     protos = tensor_protos(model)
@@ -380,7 +415,7 @@ def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
             if len(data) != length:
                 raise container.CorruptPack(f"{where} is shorter than its streams")
             offset += length
-            streams.append(_decode_stream(encoding, descriptor, data, count, tables, where))
+            streams.append(_decode_stream(descriptor, data, count, tables, where))
         if offset != len(body):
             raise container.CorruptPack(f"{where} has trailing bytes")
         raw = _assemble(encoding, meta, streams, k, n, where)
@@ -390,14 +425,12 @@ def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
         raise container.CorruptPack(f"{where}: {exc}") from exc
     except (KeyError, TypeError, ValueError, IndexError) as exc:
         raise container.CorruptPack(f"{where} has an invalid description ({type(exc).__name__}: {exc})") from exc
-    if len(raw) != n or hashlib.sha256(raw).hexdigest()[:32] != meta["sha"]:
+    if len(raw) != n or _digest(raw) != meta["sha"]:
         raise container.CorruptPack(f"{where} decodes to different bytes than were packed")
     return raw
 
 
-def _decode_stream(encoding, descriptor, data, count, tables, where) -> np.ndarray:
-    if encoding == "raw":
-        return np.frombuffer(data, np.uint8)
+def _decode_stream(descriptor, data, count, tables, where) -> np.ndarray:
     table_id = descriptor.get("t")
     if table_id is None:
         table, used = huffman.Table.from_bytes(data)
@@ -410,8 +443,6 @@ def _decode_stream(encoding, descriptor, data, count, tables, where) -> np.ndarr
 
 
 def _assemble(encoding, meta, streams, k, n, where) -> bytes:
-    if encoding == "raw":
-        return streams[0].tobytes()
     if encoding == "planes":
         return _join_planes(streams, k).tobytes()
     if encoding == "nibbles":

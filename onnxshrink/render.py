@@ -140,10 +140,8 @@ def render_pack(console: Console, report, show_all: bool = False) -> None:
     for col in ("tensor", "dtype", "coding", "symbols", "entropy b/sym", "coded b/sym", "bytes"):
         table.add_column(col, overflow="fold", justify="right" if col in ("symbols", "entropy b/sym", "coded b/sym") else "left")
     for t in shown:
-        coded = t.encoding != "raw"
-        table.add_row(escape(t.name), t.dtype, t.encoding, str(t.symbols), f"{t.entropy_bits:.3f}" if coded else "-",
-                      f"{t.coded_bits:.3f}" if coded else "-",
-                      f"{human_bytes(t.bytes_before)} -> {human_bytes(t.bytes_after)}", style="" if coded else "dim")
+        table.add_row(escape(t.name), t.dtype, t.encoding, str(t.symbols), f"{t.entropy_bits:.3f}", f"{t.coded_bits:.3f}",
+                      f"{human_bytes(t.bytes_before)} -> {human_bytes(t.bytes_after)}")
     console.print(table)
     if len(rows) > len(shown):
         console.print(f"[dim]{len(rows) - len(shown)} smaller tensor(s) not shown (--all lists them)[/]")

@@ -318,3 +318,37 @@ def test_quantize_accepts_a_pack_as_input(tmp_path):
     assert from_pack.output.endswith("a.onnx")
     a, b = onnxshrink.load(tmp_path / "a.onnx"), onnxshrink.load(tmp_path / "b.onnx")
     assert [t.raw_data for t in a.graph.initializer] == [t.raw_data for t in b.graph.initializer]
+
+
+def _damaged_packs(folder, packed: bytes) -> None:
+    (folder / "truncated.shrink").write_bytes(packed[: len(packed) // 2])
+    flipped = bytearray(packed)
+    flipped[len(packed) // 3] ^= 4
+    (folder / "flipped.shrink").write_bytes(bytes(flipped))
+    newer = bytearray(packed)
+    newer[8] = 2
+    (folder / "v2.shrink").write_bytes(bytes(newer))
+    (folder / "cut_at_record.shrink").write_bytes(packed[:-17])
+
+
+@pytest.mark.parametrize("args, code, message", [
+    (["unpack", "truncated.shrink"], 3, "corrupted pack (truncated: the tensor record at byte"),
+    (["unpack", "cut_at_record.shrink"], 3, "corrupted pack (truncated: the end record at byte"),
+    (["inspect", "flipped.shrink"], 3, "corrupted pack (checksum mismatch in the record at byte"),
+    (["validate", "m.onnx", "v2.shrink"], 3, "corrupted pack (pack format version 2.0; this onnxshrink reads version 1.x)"),
+    (["unpack", "m.onnx"], 2, "m.onnx: is not a pack (.shrink); nothing to unpack"),
+    (["pack", "m.shrink"], 2, "m.shrink: is already a pack (.shrink); unpack it first"),
+    (["pack", "m.onnx", "-o", "m.onnx"], 5, "output path is the input model"),
+    (["pack", "m.onnx"], 5, "m.shrink: already exists (use --force to replace it)"),
+])
+def test_robustness_table_rows_for_packs(runner, tmp_path, monkeypatch, args, code, message):
+    save_model(pruned_mlp(0.5), tmp_path / "m.onnx")
+    api.pack(tmp_path / "m.onnx", tmp_path / "m.shrink")
+    _damaged_packs(tmp_path, (tmp_path / "m.shrink").read_bytes())
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    result = invoke(runner, *args)
+    assert result.exit_code == code, result.output
+    assert result.output.startswith("error: ") and message in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert tree(tmp_path) == before

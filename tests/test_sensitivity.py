@@ -59,6 +59,7 @@ def test_cli_sensitivity_then_prune(runner, tmp_path):
 @pytest.mark.parametrize("args,code,message", [
     (["--sparsities", "0.5,x"], 2, "--sparsities '0.5,x': expected comma-separated fractions"),
     (["--importance", "activation"], 2, "--importance activation needs calibration data"),
+    (["--sparsities", "0.5,1.0"], 2, "--sparsities 0.5,1.0: each must be between 0 and 1 (exclusive)"),
 ])
 def test_cli_sensitivity_bad_options(runner, tmp_path, args, code, message):
     model = save_model(make_mlp(), tmp_path / "mlp.onnx")

@@ -161,6 +161,8 @@ class PruneChannels:
     def _prune(self, model, chain: _Chain, fraction: float, feed_norm):
         owners = initializer_owners(model)
         producer, consumer = chain.producer, chain.consumer
+        if chain.bias is None and producer.op_type in ("Conv", "Gemm") and len(producer.input) > 2 and producer.input[2]:
+            chain.bias = producer.input[2]  # created when an upstream layer's removed channels were folded in
         w = _array(owners, producer.input[1])
         out_axis = 0 if producer.op_type == "Conv" or (producer.op_type == "Gemm" and attr(producer, "transB", 0)) else 1
         channels = w.shape[out_axis]

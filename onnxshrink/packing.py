@@ -9,6 +9,7 @@ How a tensor is coded is chosen per tensor from the symbol counts (docs/FORMAT.m
 - `nibbles` each byte split into its two 4-bit halves (int4/uint4, MatMulNBits weights)
 - `sparse`  the positions of the elements that differ from the most common one (zero after
             pruning) as Huffman-coded gaps, and those elements coded as `planes` or `nibbles`
+- `sparse-nibbles`  the same with 4-bit values as the elements (pruned, then 4-bit quantized weights)
 """
 
 from __future__ import annotations
@@ -215,12 +216,12 @@ def _plan(index: int, tensor: onnx.TensorProto) -> _Plan:
     candidates = [("planes", _planes(raw, k, "dense"))]
     if k == 1:
         candidates.append(("nibbles", _nibbles(raw, "dense")))
-    sparse = _sparse(raw, k)
-    if sparse is not None:
-        candidates.append(sparse)
+    for sparse in (_sparse(raw, k), _sparse_nibbles(raw) if k == 1 else None):
+        if sparse is not None:
+            candidates.append(sparse)
     best_name, best_streams = min(candidates, key=lambda c: _estimate(c[1]))
     meta["enc"] = best_name
-    if best_name == "sparse":
+    if best_name.startswith("sparse"):
         best_streams, extra = best_streams
         meta.update(extra)
     meta["streams"] = [{"c": len(s.symbols)} for s in best_streams]
@@ -281,6 +282,19 @@ def _sparse(raw: np.ndarray, k: int):
     value_encoding, value_streams = min(value_options, key=lambda c: _estimate(c[1]))
     extra = {"bg": np.asarray(background).astype(f"<u{k}").tobytes().hex(), "nnz": len(positions), "vals": value_encoding}
     return "sparse", ([_Stream(gaps, 256, ("gaps",))] + value_streams, extra)
+
+
+def _sparse_nibbles(raw: np.ndarray):
+    """Like `sparse`, with 4-bit values as the elements: pruned 4-bit weights are a zero code in half a byte."""
+    nibbles = np.empty(2 * len(raw), np.uint8)
+    nibbles[0::2], nibbles[1::2] = raw & 15, raw >> 4
+    counts = np.bincount(nibbles, minlength=16)
+    background = int(np.argmax(counts))
+    if counts[background] < 0.3 * len(nibbles):
+        return None
+    positions = np.flatnonzero(nibbles != background)
+    streams = [_Stream(encode_gaps(positions), 256, ("gaps",)), _Stream(nibbles[positions], 16, ("nibbles", "sparse"))]
+    return "sparse-nibbles", (streams, {"bg": f"{background:x}", "nnz": len(positions)})
 
 
 def _estimate(streams) -> int:
@@ -447,6 +461,15 @@ def _assemble(encoding, meta, streams, k, n, where) -> bytes:
         return _join_planes(streams, k).tobytes()
     if encoding == "nibbles":
         return _join_nibbles(streams[0]).tobytes()
+    if encoding == "sparse-nibbles":
+        positions, background = decode_gaps(streams[0]), int(meta["bg"], 16)
+        out = np.full(2 * n, background, np.uint8)
+        if len(positions) != len(streams[1]) or (len(positions) and positions[-1] >= len(out)) or background > 15:
+            raise container.CorruptPack(f"{where}: sparse positions do not match its values")
+        out[positions] = streams[1]
+        if out.max(initial=0) > 15:
+            raise container.CorruptPack(f"{where}: nibble values out of range")
+        return (out[0::2] | (out[1::2] << 4)).tobytes()
     if encoding == "sparse":
         positions = decode_gaps(streams[0])
         values = _join_nibbles(streams[1]) if meta["vals"] == "nibbles" else _join_planes(streams[1:], k)

@@ -97,6 +97,17 @@ def test_pruned_weights_are_coded_as_gaps_and_values(tmp_path):
     assert report.size["output"] < 0.5 * dense_report.size["output"]
 
 
+def test_pruned_then_4bit_weights_are_coded_as_sparse_nibbles(tmp_path):
+    path = save_model(pruned_mlp(0.8), tmp_path / "pruned.onnx")
+    api.quantize(path, tmp_path / "q4.onnx", BlockwiseConfig(bits=4, block_size=32), run_validation=False)
+    report, unpacked = round_trip(tmp_path, tmp_path / "q4.onnx")
+    assert serialized(unpacked) == serialized(tmp_path / "q4.onnx")
+    largest = max(report.tensors, key=lambda t: t.bytes_before)
+    assert largest.encoding == "sparse-nibbles"
+    # 80% of the 4-bit codes are the zero code: well under half of the 4 bits each took.
+    assert largest.bytes_after < 0.45 * largest.bytes_before
+
+
 def test_library_load_and_session_run_a_pack_without_writing_a_file(tmp_path):
     source = SAMPLES / "digits_cnn.onnx"
     api.pack(source, tmp_path / "cnn.shrink")

@@ -507,6 +507,19 @@ def test_gptq_without_input_correlation_is_round_to_nearest(symmetric):
     np.testing.assert_array_equal(a.zeros, b.zeros)
 
 
+@pytest.mark.parametrize("symmetric, act_order", [(True, False), (False, False), (True, True)])
+def test_gptq_keeps_pruned_weights_exactly_zero(symmetric, act_order):
+    """Deep Compression order: prune, then quantize. GPTQ's error updates must not revive pruned weights."""
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((96, 24)).astype(np.float32)
+    w[rng.random(w.shape) < 0.7] = 0.0
+    x = rng.standard_normal((400, 96)) @ rng.standard_normal((96, 96))  # correlated inputs: real compensation
+    result = gptq.gptq(w, x.T @ x, 4, 32, symmetric, act_order=act_order)
+    dequantized = result.dequantize()
+    assert np.all(dequantized[w == 0] == 0.0)
+    assert np.count_nonzero(dequantized[w != 0]) > 0.8 * np.count_nonzero(w)
+
+
 def sample_layers(name):
     """(node, [K, N] weight, calibration inputs, held-out inputs) of every MatMul/Gemm of a sample model."""
     model = onnx.load(str(SAMPLES / f"{name}.onnx"))

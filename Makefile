@@ -33,10 +33,14 @@ samples: venv
 clean:
 	rm -rf build .pytest_cache
 
-## bench: onnxshrink vs onnxruntime's quantizer on the sample models and a generated MLP -> docs/benchmarks.md
+## bench: onnxshrink vs onnxruntime's quantizer on the sample models and a generated MLP -> docs/benchmarks.md,
+## prune curves -> docs/prune.md, pack vs xz/zstd -> docs/benchmarks-pack.md (real models too once bench-real cached them),
+## and the Huffman coder's own speed (printed)
 bench: venv
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/prune_curves.py
+	$(BIN)/python bench/pack_bench.py
+	$(BIN)/python bench/codec_speed.py
 
 ## bench-prune: accuracy vs sparsity of prune on the sample models, channel-pruning latency -> docs/prune.md
 bench-prune: venv

@@ -152,9 +152,61 @@ def prune(
     )
 
 
+def cluster(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    config=None,
+    *,
+    calibration: str | os.PathLike | None = None,
+    force: bool = False,
+    validation: ValidateConfig | None = None,
+    run_validation: bool = True,
+    threads: int = 1,
+    options: dict | None = None,
+) -> CommandReport:
+    """Weight sharing (a ClusterConfig): MatMul/Gemm/Conv weights as uint8 indices into 2^bits-value codebooks.
+
+    With `calibration`, k-means is weighted by input energy and each layer's codebook (and bias) is refit
+    to the original model's outputs. Threshold failures write `OUTPUT.failed.onnx`, as quantize does.
+    The report's runtime says whether onnxruntime folded the decoding away (it runs float kernels).
+    """
+    from onnxshrink.passes.cluster import Cluster, ClusterConfig, check_config
+
+    config = config if config is not None else ClusterConfig()
+    check_config(config, calibration)
+
+    def make_pass(model: onnx.ModelProto):
+        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        return Cluster(config, dataset, threads=threads)
+
+    report = _run_pass_command(
+        "cluster", model_path, output, f"cluster{config.bits}", make_pass, force=force,
+        validation=validation, run_validation=run_validation, threads=threads,
+        options=options if options is not None else asdict(config),
+    )
+    if report.passes[0].changed:
+        _check_decoding_folded(report, model_path, threads)
+    return report
+
+
+def _check_decoding_folded(report: CommandReport, model_path, threads: int) -> None:
+    """Codebook decoding reads initializers only, so onnxruntime should fold it at load: check its optimized graph."""
+    decoding = ("Cast", "Gather", "Reshape", "Add")
+    before, after = optimized_op_counts(model_path, threads), optimized_op_counts(report.output, threads)
+    left = sum(max(after[op] - before[op], 0) for op in decoding)
+    report.runtime["codebook_decoding_left"] = left
+    floats = ", ".join(f"{k} x{v}" for k, v in report.runtime["float_kernels"].items()) or "none"
+    if left:
+        report.notes.append(f"warning: onnxruntime left {left} decoding node(s) (Cast/Gather/...) in the graph it runs: "
+                            "they decode weights on every run, slower than the original")
+    else:
+        report.notes.append(f"onnxruntime folds the codebook decoding (Cast, Gather) into float weights when it loads the "
+                            f"model: it runs {floats} as the original does, with no decoding at run time")
+
+
 def sensitivity(model_path: str | os.PathLike, calibration: str | os.PathLike | None = None, config=None, *, threads: int = 1):
     """Per-layer drift of the model's outputs when each layer alone is pruned at several sparsities."""
-    from onnxshrink.sensitivity import SensitivityConfig, measure
+    from onnxshrink.layer_sensitivity import SensitivityConfig, measure
 
     model = model_io.load(model_path)
     dataset = _calibration_data(model, calibration) if calibration is not None else None

@@ -275,7 +275,7 @@ def prune_command(
 ) -> None:
     """Zero (or remove) weights by importance; with calibration data refit the rest to the original's outputs; then validate."""
     from onnxshrink.passes.prune import PruneConfig, parse_nm
-    from onnxshrink.sensitivity import load_report
+    from onnxshrink.layer_sensitivity import load_report
 
     if parse_nm(pattern) is not None and sparsity is not None:
         raise UsageError(f"--pattern {pattern} fixes the sparsity; drop --sparsity")
@@ -322,7 +322,7 @@ def sensitivity_command(
 ) -> None:
     """Measure each layer's effect on the model's outputs when pruned alone at several sparsities."""
     from onnxshrink.render import render_sensitivity
-    from onnxshrink.sensitivity import SensitivityConfig
+    from onnxshrink.layer_sensitivity import SensitivityConfig
 
     try:
         grid = tuple(float(s) for s in sparsities.split(",") if s.strip())

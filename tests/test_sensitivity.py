@@ -13,7 +13,7 @@ from conftest import SAMPLES, invoke, make_mlp, save_model, tree
 from onnxshrink.data import input_specs, load_npz
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.prune import Prune, PruneConfig
-from onnxshrink.sensitivity import SensitivityConfig, measure
+from onnxshrink.layer_sensitivity import SensitivityConfig, measure
 
 
 def test_drift_grows_with_sparsity_and_skipped_layers_are_listed():

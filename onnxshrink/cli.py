@@ -21,6 +21,7 @@ from rich.markup import escape
 
 from onnxshrink import __version__, api
 from onnxshrink import data as data_mod
+from onnxshrink.passes.common import glob_literal
 from onnxshrink.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_THRESHOLD, OnnxShrinkError, UsageError
 from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
@@ -207,6 +208,8 @@ def quantize_command(
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.")] = True,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (run-time activation quantization costs ~2 us per layer).")] = 0,
+    sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity -o`: with --max-layer-drift, keep its most sensitive layers float.")] = None,
+    max_layer_drift: Annotated[Optional[float], typer.Option("--max-layer-drift", min=0.0, help="Keep float every layer whose drift at this bit width in --sensitivity exceeds this.")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -229,15 +232,31 @@ def quantize_command(
         if not isinstance(config, QuantizeConfig):
             raise UsageError("--min-weights applies to --mode dynamic only")
         config.min_weights = min_weights
+    sensitive = _sensitive_layers(sensitivity_file, max_layer_drift, getattr(config, "bits", 8))
+    config.exclude = tuple(config.exclude) + tuple(glob_literal(name) for name, _ in sensitive)
     # What the model records: the resolved configuration, not the raw flags.
     options = {"mode": type(config).__name__.removesuffix("Config"), **asdict(config),
                "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     report = api.quantize(model, output, config, calibration=calibration, force=force, validation=validation,
                           run_validation=not no_validate, threads=threads, options=options)
+    if sensitive:
+        listed = ", ".join(f"{name} ({drift:.4f})" for name, drift in sensitive)
+        report.notes.append(f"kept float by --max-layer-drift {max_layer_drift:g} (drift at {getattr(config, 'bits', 8)} bits "
+                            f"in {sensitivity_file}): {listed}")
     _emit(as_json, report, render_command)
     if report.validation is not None and not report.validation.passed:
         raise typer.Exit(EXIT_THRESHOLD)
+
+
+def _sensitive_layers(path, max_drift, bits) -> list:
+    if (path is None) != (max_drift is None):
+        raise UsageError("--sensitivity and --max-layer-drift go together")
+    if path is None:
+        return []
+    from onnxshrink.layer_sensitivity import layers_above, load_report
+
+    return layers_above(load_report(path), bits, max_drift, str(path))
 
 
 @app.command("prune")
@@ -311,6 +330,7 @@ def sensitivity_command(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs (without it: synthetic inputs, magnitude importance).")] = None,
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated sparsities to try on each layer.")] = "0.25,0.5,0.7,0.8,0.9,0.95",
+    bits: Annotated[str, typer.Option("--bits", help="Comma-separated bit widths (2-8) to round each layer to.")] = "8,4,3,2",
     importance: Annotated[Optional[str], typer.Option("--importance", help="magnitude or activation (default: activation with --calibration).")] = None,
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types (default MatMul,Gemm,Conv).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to skip (repeatable).")] = None,
@@ -320,7 +340,7 @@ def sensitivity_command(
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Measure each layer's effect on the model's outputs when pruned alone at several sparsities."""
+    """Measure each layer's effect on the model's outputs when pruned alone at several sparsities, or rounded to n bits."""
     from onnxshrink.render import render_sensitivity
     from onnxshrink.layer_sensitivity import SensitivityConfig
 
@@ -328,16 +348,21 @@ def sensitivity_command(
         grid = tuple(float(s) for s in sparsities.split(",") if s.strip())
     except ValueError:
         raise UsageError(f"--sparsities {sparsities!r}: expected comma-separated fractions such as 0.5,0.8") from None
+    try:
+        widths = tuple(int(b) for b in bits.split(",") if b.strip())
+    except ValueError:
+        raise UsageError(f"--bits {bits!r}: expected comma-separated integers such as 8,4") from None
     _choice("--importance", importance, (None, "magnitude", "activation"))
     types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
-    config = SensitivityConfig(sparsities=grid, importance=importance, exclude=tuple(exclude or ()), **({"op_types": types} if types else {}))
-    if output is not None:
-        from onnxshrink import model as model_io
+    config = SensitivityConfig(sparsities=grid, importance=importance, exclude=tuple(exclude or ()), bits=widths,
+                               **({"op_types": types} if types else {}))
+    from onnxshrink import model as model_io
 
+    if output is not None:
         model_io.check_output_path(output, [model], force)
     report = api.sensitivity(model, calibration, config, threads=threads)
     if output is not None:
-        output.write_text(report.to_json() + "\n")
+        model_io.write_atomically(output, lambda stream: stream.write((report.to_json() + "\n").encode()))
     _emit(as_json, report, render_sensitivity)
 
 

@@ -1,11 +1,14 @@
-"""How much each layer can be pruned: the model's output drift when that layer alone is pruned.
+"""How much each layer can be pruned or quantized: the model's output drift when that layer alone is changed.
 
 For every prunable layer and every sparsity of a grid, the layer alone is pruned (importance as
 prune would choose it, no refit, so the number shows the layer's own fragility) and the whole
 model is run in onnxruntime on the calibration inputs. Drift is ||y - y0|| / ||y0|| over the
 model's float outputs, y0 the original's; top-1 agreement is reported for class-score outputs.
-`onnxshrink prune --sensitivity FILE.json` allocates its per-layer sparsities from these curves.
-Cost: one onnxruntime session and run per layer and sparsity.
+Bit widths likewise: the layer's weights alone rounded to nearest on a symmetric grid (8 bits: one
+scale per output channel, as dynamic int8; fewer: blocks of 32 along the input axis, as `--bits 4`).
+`onnxshrink prune --sensitivity FILE.json` allocates its per-layer sparsities from these curves, and
+`onnxshrink quantize --sensitivity FILE.json --max-layer-drift F` keeps the layers above F float.
+Cost: one onnxruntime session and run per layer and sparsity or bit width.
 """
 
 from __future__ import annotations
@@ -16,6 +19,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
+
+from onnxshrink import gptq
+from onnxshrink.model import iter_graphs
 
 from onnxshrink.data import Dataset, input_specs, synthesize
 from onnxshrink.errors import DataError, UsageError
@@ -24,6 +31,8 @@ from onnxshrink.report import JsonReport
 from onnxshrink.runtime import make_session, run_batches
 
 DEFAULT_SPARSITIES = (0.25, 0.5, 0.7, 0.8, 0.9, 0.95)
+DEFAULT_BITS = (8, 4, 3, 2)
+BIT_BLOCK = 32
 
 
 @dataclass
@@ -32,6 +41,7 @@ class SensitivityConfig:
     importance: str | None = None  # as prune: activation with data, else magnitude
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()
+    bits: tuple = DEFAULT_BITS
 
 
 @dataclass
@@ -42,6 +52,8 @@ class LayerSensitivity:
     weights: int
     drift: list  # relative output error at each sparsity of the report's grid
     agreement: list  # top-1 agreement with the original (None when no output holds class scores)
+    bit_drift: list = field(default_factory=list)  # relative output error at each bit width of the report's `bits`
+    bit_agreement: list = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +63,7 @@ class SensitivityReport(JsonReport):
     synthetic_inputs: bool
     importance: str
     sparsities: list
+    bits: list = field(default_factory=list)
     layers: list = field(default_factory=list)  # LayerSensitivity, in graph order
     skipped: list = field(default_factory=list)  # LayerDecision of layers not measured
     notes: list = field(default_factory=list)
@@ -75,7 +88,11 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
     _, probe = base(model)
     measured = [d for d in probe.layers if d.action.startswith(("sparsity", "pruned"))]
     skipped = [d for d in probe.layers if d not in measured]
-    report = SensitivityReport(model_path, dataset.samples, synthetic, base.importance, grid, skipped=skipped, notes=notes)
+    bits = sorted({int(b) for b in config.bits}, reverse=True)
+    if any(not 2 <= b <= 8 for b in bits):
+        raise UsageError(f"--bits {','.join(map(str, config.bits))}: each must be between 2 and 8")
+    report = SensitivityReport(model_path, dataset.samples, synthetic, base.importance, grid, bits, skipped=skipped,
+                               notes=notes)
     names = [d.node for d in measured]
     for decision in measured:
         drift, agreement = [], []
@@ -88,10 +105,34 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
             d, a = _drift(baseline, outputs)
             drift.append(d)
             agreement.append(a)
-        report.layers.append(LayerSensitivity(decision.node, decision.op_type, decision.weight,
-                                              decision.bytes_before // 4, drift, agreement))
-    notes.append(f"{len(measured) * len(grid)} onnxruntime run(s) on {dataset.samples} sample(s)")
+        layer = LayerSensitivity(decision.node, decision.op_type, decision.weight, decision.bytes_before // 4, drift, agreement)
+        for b in bits:
+            d, a = _drift(baseline, run_batches(make_session(_rounded(model, decision, b), threads), dataset.batches))
+            layer.bit_drift.append(d)
+            layer.bit_agreement.append(a)
+        report.layers.append(layer)
+    notes.append(f"{len(measured) * (len(grid) + len(bits))} onnxruntime run(s) on {dataset.samples} sample(s)")
     return report
+
+
+def _rounded(model: onnx.ModelProto, decision, bits: int) -> onnx.ModelProto:
+    """A copy of the model whose one layer has its weights rounded to `bits` (fake quantization, still float)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    node, tensor = None, None
+    for graph in iter_graphs(copy.graph):
+        node = node or next((n for n in graph.node if n.name == decision.node), None)
+        tensor = tensor or next((t for t in graph.initializer if t.name == decision.weight), None)
+    w = numpy_helper.to_array(tensor)
+    transposed = decision.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+    # As [K, N]: K the input axis (MatMul rows; Conv's Cin*kh*kw), N the output channels.
+    matrix = w.reshape(w.shape[0], -1) if decision.op_type == "Conv" or transposed else w
+    matrix = matrix.T if (decision.op_type == "Conv" or transposed) else matrix
+    block = matrix.shape[0] if bits == 8 else BIT_BLOCK
+    rounded = gptq.rtn(matrix, bits, block, symmetric=True).dequantize()
+    rounded = rounded.T if (decision.op_type == "Conv" or transposed) else rounded
+    tensor.CopyFrom(numpy_helper.from_array(rounded.reshape(w.shape).astype(w.dtype), tensor.name))
+    return copy
 
 
 def _drift(baseline: dict, outputs: dict) -> tuple[float, float | None]:
@@ -120,3 +161,18 @@ def load_report(path: str | Path) -> dict:
     if not isinstance(data, dict) or not isinstance(data.get("sparsities"), list) or not isinstance(data.get("layers"), list):
         raise DataError(f"{path}: not a sensitivity report (written by `onnxshrink sensitivity --json`)")
     return data
+
+
+def layers_above(report: dict, bits: int, max_drift: float, where: str = "the report") -> list[tuple[str, float]]:
+    """(node, drift) of the layers whose drift when rounded to `bits` exceeds `max_drift`, from a loaded report."""
+    widths = report.get("bits") or []
+    if bits not in widths:
+        raise UsageError(f"{where} has no {bits}-bit measurement (it has: {', '.join(map(str, widths)) or 'none'}); "
+                         f"rerun `onnxshrink sensitivity --bits {bits}`")
+    column = widths.index(bits)
+    found = []
+    for layer in report["layers"]:
+        drift = (layer.get("bit_drift") or [None] * len(widths))[column]
+        if isinstance(drift, (int, float)) and drift > max_drift:
+            found.append((layer["node"], float(drift)))
+    return found

@@ -159,15 +159,20 @@ def render_pack(console: Console, report, show_all: bool = False) -> None:
 
 
 def render_sensitivity(console: Console, report) -> None:
-    """One row per layer: output drift (and top-1 agreement) when that layer alone is pruned at each sparsity."""
-    table = Table(title=f"sensitivity ({report.importance} importance, drift = relative output error)", title_justify="left")
+    """One row per layer: output drift (and top-1 agreement) when that layer alone is pruned at each sparsity,
+    then when it alone is rounded to each bit width."""
+    table = Table(title=f"sensitivity: drift = relative output error with that layer alone pruned ({report.importance} "
+                        "importance) or rounded to n bits", title_justify="left")
     table.add_column("node", overflow="fold")
     table.add_column("op")
     table.add_column("weights", justify="right")
     for s in report.sparsities:
         table.add_column(f"{s:.0%}", justify="right")
+    for b in report.bits:
+        table.add_column(f"{b}-bit", justify="right")
     for layer in report.layers:
-        cells = [f"{d:.4f}" + (f" ({a:.0%})" if a is not None else "") for d, a in zip(layer.drift, layer.agreement)]
+        cells = [f"{d:.4f}" + (f" ({a:.0%})" if a is not None else "")
+                 for d, a in zip(layer.drift + layer.bit_drift, layer.agreement + layer.bit_agreement)]
         table.add_row(escape(layer.node), layer.op_type, str(layer.weights), *cells)
     console.print(table)
     for decision in report.skipped:

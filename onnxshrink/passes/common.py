@@ -77,6 +77,11 @@ def select_layers(model, records, op_types, config, judge):
     return sites, skipped
 
 
+def glob_literal(name: str) -> str:
+    """A glob (as --exclude takes) that matches exactly this node name."""
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
 def held_back(items: list, keep_float: str | None) -> list:
     """The first and/or last of `items` that --keep-float first/last/both leaves alone."""
     keep = []

@@ -11,7 +11,7 @@ import json
 import numpy as np
 import onnx
 import pytest
-from hypothesis import given, strategies as st
+from hypothesis import given, settings, strategies as st
 from onnx import helper, numpy_helper
 
 from conftest import SAMPLES, build_model, float_value, invoke, make_mlp, save_model, tree
@@ -495,3 +495,23 @@ def test_random_graphs_prune_cleanly(tmp_path_factory, graph, mode):
     run_on_random_graph(tmp_path_factory, graph, lambda source, output, calib: api.prune(
         source, output, factory(), calibration=calib if needs_data else None, run_validation=False),
         full_check=mode != "sparse")
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.sampled_from([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, float("inf")]), min_size=0, max_size=12),
+                min_size=1, max_size=4), st.data())
+def test_cheapest_weights_over_layers_match_a_full_sort(layers, data):
+    """The allocation takes exactly `target` weights, and never a costlier one while a cheaper one is left."""
+    from onnxshrink.passes.prune import _cheapest
+
+    names = [f"l{i}" for i in range(len(layers))]
+    costs = {n: np.sort(np.asarray(c, dtype=np.float64)) for n, c in zip(names, layers)}
+    total = sum(len(c) for c in costs.values())
+    target = data.draw(st.integers(0, total))
+    counts = _cheapest(costs, names, target)
+    assert sum(counts.values()) == target
+    assert all(0 <= counts[n] <= len(costs[n]) for n in names)
+    taken = [c for n in names for c in costs[n][: counts[n]]]
+    left = [c for n in names for c in costs[n][counts[n]:]]
+    if taken and left:
+        assert max(taken) <= min(left)

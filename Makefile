@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real bench-prune fuzz
+.PHONY: demo test samples clean venv bench bench-quick bench-real bench-prune bench-cluster fuzz
 
 venv: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ bench: venv
 ## bench-prune: accuracy vs sparsity of prune on the sample models, channel-pruning latency -> docs/prune.md
 bench-prune: venv
 	$(BIN)/python bench/prune_curves.py
+
+## bench-cluster: accuracy of cluster per bit width, with and without calibration, and packed sizes -> docs/benchmarks-cluster.md
+bench-cluster: venv
+	$(BIN)/python bench/cluster_bench.py
 
 bench-quick: venv
 	$(BIN)/python bench/run.py --quick --out build/benchmarks-quick.md

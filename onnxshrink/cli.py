@@ -324,6 +324,51 @@ def prune_command(
         raise typer.Exit(EXIT_THRESHOLD)
 
 
+@app.command("cluster")
+@_edge
+def cluster_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.cluster4.onnx, ... next to the input).")] = None,
+    bits: Annotated[int, typer.Option("--bits", help="Codebook of 2^bits shared values per layer (1..8); indices stored as uint8.")] = 4,
+    per: Annotated[str, typer.Option("--per", help="layer (one codebook per weight tensor) or channel (one per output channel).")] = "layer",
+    weighting: Annotated[Optional[str], typer.Option("--weighting", help="none, or activation (k-means weighted by input energy E[x^2]; needs --calibration; the default with it).")] = None,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="With --calibration, refit codebook values and biases to the original model's layer outputs.")] = True,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation weighting and least-squares refit.")] = None,
+    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to cluster (default MatMul,Gemm,Conv).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both clusterable layers float.")] = None,
+    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Keep layers with fewer weights float.")] = 0,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    data: DataOpt = None,
+    labels: LabelsOpt = None,
+    samples: SamplesOpt = None,
+    shape: ShapeOpt = None,
+    max_drift: MaxDriftOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreeOpt = None,
+    max_accuracy_drop: MaxAccDropOpt = None,
+    max_latency_ratio: MaxLatOpt = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = 1,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Share weights (Deep Compression): uint8 indices into small float codebooks that onnxruntime folds at load; then validate."""
+    from onnxshrink.passes.cluster import ClusterConfig
+
+    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
+    config = ClusterConfig(bits=bits, per=per, weighting=weighting, refit=refit, exclude=tuple(exclude or ()),
+                           keep_float=keep_float, min_weights=min_weights, **({"op_types": types} if types else {}))
+    options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
+    validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
+    report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
+                         run_validation=not no_validate, threads=threads, options=options)
+    _emit(as_json, report, render_command)
+    if report.validation is not None and not report.validation.passed:
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
 @app.command("sensitivity")
 @_edge
 def sensitivity_command(

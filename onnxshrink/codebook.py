@@ -1,0 +1,252 @@
+"""Scalar codebooks in numpy: weighted 1-D k-means and a least-squares refit of the codebook values.
+Knows nothing about ONNX (passes/cluster.py writes the graph).
+
+Values come as rows [R, n]: one row per codebook (R = 1 for a whole tensor, R = C for one
+codebook per output channel). Each row gets `levels` sorted centroids; with `reserve_zero`
+entry 0 is exactly 0.0, every exact zero maps to it and no other value does, so pruned
+zeros survive and index 0 is the background symbol `pack` codes as gaps.
+
+k-means (Lloyd) in one dimension, vectorized over rows: each row is sorted once (or, when
+long, reduced to a weighted histogram of BINS bins, which keeps the cost linear), and then
+a cluster is a contiguous run of the sorted values, so one iteration is a batched
+`searchsorted` of the midpoints between centroids plus differences of prefix sums: O(L log n)
+per row and iteration, never a Python loop per weight. Two initialisations, the weighted
+quantiles and a linear grid over [min, max] (Deep Compression's choice: it keeps the rare
+large weights), are run to convergence and the lower weighted squared error wins per row.
+
+Refit (with calibration data): with the assignments fixed, a layer's output X W(c) is
+linear in the codebook values c, so the values that best reproduce the teacher's outputs Y
+solve a (levels x levels) normal equation per codebook, A c = r with A_j = E_j^T G E_j and
+r_j = E_j^T X^T y_j, E_j the one-hot assignment of output column j and G = X^T X. With a bias,
+X and Y are centred first and the bias is solved afterwards. A small ridge towards the k-means
+values keeps unused entries where they were.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+LLOYD_ITERATIONS = 300
+BINS = 16384  # rows longer than 4 * BINS are fitted on a weighted histogram of this many bins
+REFIT_DAMPING = 1e-4
+REFIT_FLOPS = 2e10  # K^2 * N * levels budget of a per-channel refit (about a second); larger layers are not refit
+SUBSET_FLOPS = 5e9  # a per-layer codebook past this builds its normal equations from a subset of columns
+CHUNK_BYTES = 32 * 1024 * 1024
+
+
+def fit(values: np.ndarray, levels: int, weights: np.ndarray | None = None, reserve_zero: bool = False,
+        iterations: int = LLOYD_ITERATIONS) -> np.ndarray:
+    """Sorted codebooks [R, levels] (float64) for the rows of `values` [R, n], weighted k-means."""
+    v = np.asarray(values, dtype=np.float64)
+    w = np.ones_like(v) if weights is None else np.asarray(weights, dtype=np.float64).copy()
+    if reserve_zero:
+        w[v == 0] = 0.0
+    empty = w.sum(axis=1) <= 0  # every weight of the row is zero (or reserved): fall back to plain counts
+    if np.any(empty):
+        w[empty] = 1.0 if not reserve_zero else (v[empty] != 0)
+    free = levels - 1 if reserve_zero else levels
+    points, mass = _support(v, w)
+    best, best_sse = None, None
+    for init in (_quantile_init, _linear_init):
+        centroids = _lloyd(points, mass, init(points, mass, free), iterations)
+        sse = _sse(points, mass, centroids)
+        if best is None:
+            best, best_sse = centroids, sse
+        else:
+            better = sse < best_sse
+            best[better], best_sse[better] = centroids[better], sse[better]
+    out = np.zeros((v.shape[0], levels))
+    out[:, levels - free:] = best
+    return out
+
+
+def assign(values: np.ndarray, codebooks: np.ndarray, reserve_zero: bool = False) -> np.ndarray:
+    """Index of the nearest codebook entry for every value of each row: int64 [R, n]."""
+    v = np.asarray(values, dtype=np.float64)
+    start = 1 if reserve_zero else 0
+    free = codebooks[:, start:]
+    mid = (free[:, 1:] + free[:, :-1]) / 2
+    idx = _RowSearch(mid)(v) + start
+    if reserve_zero:
+        idx[v == 0] = 0
+    return idx
+
+
+def decode(idx: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
+    """Values of [R, n] indices, each row read from its own codebook."""
+    return np.take_along_axis(codebooks, idx, axis=1)
+
+
+def uniform_mse(values: np.ndarray, levels: int) -> float:
+    """Mean squared error of round-to-nearest on `levels` evenly spaced values over each row's [min, max]."""
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+    step = np.where(hi > lo, (hi - lo) / max(levels - 1, 1), 1.0)
+    q = lo + np.clip(np.rint((v - lo) / step), 0, levels - 1) * step
+    return float(np.mean((v - q) ** 2))
+
+
+# ---------------------------------------------------------------- k-means internals
+
+def _support(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's points sorted ascending with their weights; long rows as a weighted histogram."""
+    rows, n = v.shape
+    if n <= 4 * BINS:
+        order = np.argsort(v, axis=1, kind="stable")
+        return np.take_along_axis(v, order, axis=1), np.take_along_axis(w, order, axis=1)
+    lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    bins = np.clip(((v - lo) / span * BINS).astype(np.int64), 0, BINS - 1) + np.arange(rows)[:, None] * BINS
+    mass = np.bincount(bins.ravel(), weights=w.ravel(), minlength=rows * BINS).reshape(rows, BINS)
+    total = np.bincount(bins.ravel(), weights=(w * v).ravel(), minlength=rows * BINS).reshape(rows, BINS)
+    centres = lo + (np.arange(BINS) + 0.5) / BINS * span
+    points = np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), centres)
+    return points, mass
+
+
+class _RowSearch:
+    """np.searchsorted of each row of needles in the same (sorted) row of `haystack`, all rows in one call.
+
+    Rows are mapped into disjoint intervals (row r into [4r + 0.3, 4r + 2.7]) by a monotone, clipped
+    transform, so one search over the concatenated haystack answers every row; the haystack's keys
+    are computed once, for searches repeated with new needles (Lloyd iterations)."""
+
+    def __init__(self, haystack: np.ndarray):
+        self.rows, self.width = haystack.shape
+        if self.rows == 1:
+            self.keys = haystack[0]
+            return
+        lo, hi = haystack.min(axis=1, keepdims=True), haystack.max(axis=1, keepdims=True)
+        self.lo, self.span = lo, np.where(hi > lo, hi - lo, 1.0)
+        self.offset = 4.0 * np.arange(self.rows)[:, None] + 0.5
+        self.keys = self._map(haystack).ravel()
+
+    def _map(self, x: np.ndarray) -> np.ndarray:
+        # Clipping keeps rows apart and does not change the answer: clipped needles stay beyond the haystack.
+        return np.clip((x - self.lo) / self.span, -0.1, 1.1) * 2 + self.offset
+
+    def __call__(self, needles: np.ndarray) -> np.ndarray:
+        if self.rows == 1:
+            return np.searchsorted(self.keys, needles[0])[None, :]
+        found = np.searchsorted(self.keys, self._map(needles).ravel()).reshape(needles.shape)
+        return found - np.arange(self.rows)[:, None] * self.width
+
+
+def _prefix(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([np.zeros((a.shape[0], 1)), np.cumsum(a, axis=1)], axis=1)
+
+
+def _quantile_init(points, mass, k):
+    cumulative = _prefix(mass)[:, 1:]
+    targets = cumulative[:, -1:] * (np.arange(k) + 0.5) / k
+    pos = np.minimum(_RowSearch(cumulative)(targets), points.shape[1] - 1)
+    return np.take_along_axis(points, pos, axis=1)
+
+
+def _linear_init(points, mass, k):
+    used = mass > 0
+    lo = np.where(used, points, np.inf).min(axis=1, keepdims=True)
+    hi = np.where(used, points, -np.inf).max(axis=1, keepdims=True)
+    lo, hi = np.where(np.isfinite(lo), lo, 0.0), np.where(np.isfinite(hi), hi, 0.0)
+    return lo + (hi - lo) * (np.arange(k) if k > 1 else np.array([0.5])) / max(k - 1, 1)
+
+
+def _bounds(search, points, centroids):
+    """Cluster i of each row is points[b[i]:b[i+1]] (`search` looks up in the sorted points)."""
+    rows, n = points.shape
+    inner = search((centroids[:, 1:] + centroids[:, :-1]) / 2)
+    return np.concatenate([np.zeros((rows, 1), dtype=np.int64), inner, np.full((rows, 1), n)], axis=1)
+
+
+def _lloyd(points, mass, centroids, iterations):
+    s0, s1 = _prefix(mass), _prefix(mass * points)
+    search = _RowSearch(points)
+    centroids = np.sort(centroids, axis=1)
+    previous = None
+    for _ in range(iterations):
+        bounds = _bounds(search, points, centroids)
+        if previous is not None and np.array_equal(bounds, previous):
+            break
+        previous = bounds
+        m0 = np.diff(np.take_along_axis(s0, bounds, axis=1), axis=1)
+        m1 = np.diff(np.take_along_axis(s1, bounds, axis=1), axis=1)
+        # An empty cluster keeps its centroid (sorted order is kept: means of consecutive runs are sorted).
+        centroids = np.sort(np.where(m0 > 0, m1 / np.where(m0 > 0, m0, 1.0), centroids), axis=1)
+    return centroids
+
+
+def _sse(points, mass, centroids):
+    idx = _RowSearch((centroids[:, 1:] + centroids[:, :-1]) / 2)(points)
+    return np.sum(mass * (points - np.take_along_axis(centroids, idx, axis=1)) ** 2, axis=1)
+
+
+# ---------------------------------------------------------------- refit against the teacher
+
+@dataclass
+class CodebookRefit:
+    codebooks: np.ndarray  # [R, levels], effective (as the layer multiplies)
+    bias: np.ndarray | None  # [N] when the Gram has a bias input
+    error_before: float  # relative output error with the k-means codebooks (and the old bias)
+    error_after: float
+    columns: int  # output columns the normal equations were built from
+
+
+def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None = None, keep_zero: bool = False,
+          damping: float = REFIT_DAMPING, max_flops: float = REFIT_FLOPS) -> CodebookRefit | None:
+    """Least-squares codebook values for a [K, N] layer whose weight is codebooks[idx] (one codebook,
+    or one per output column when codebooks has N rows), fitted to the teacher outputs in `gram`
+    (onnxshrink.passes.reconstruct.Gram: X^T X, X^T Y, ||Y||^2). None when a per-column refit
+    would exceed `max_flops`; a per-layer codebook past SUBSET_FLOPS uses an even subset of the columns
+    (a 16-entry codebook is well determined by a few dozen). Never worse than the k-means codebooks on
+    the calibration data."""
+    k, n = idx.shape
+    levels = codebooks.shape[1]
+    per_column = codebooks.shape[0] > 1 or n == 1
+    g, p = gram.xtx[:k, :k], gram.xty[:k]
+    if gram.bias:
+        rows, s, t = gram.xtx[k, k], gram.xtx[:k, k], gram.xty[k]
+        g = g - np.outer(s, s) / rows
+        p = p - np.outer(s, t) / rows
+    cols = np.arange(n)
+    cost = float(k) * k * n * levels
+    if per_column and cost > max_flops:
+        return None
+    if not per_column and cost > SUBSET_FLOPS:
+        cols = np.unique(np.linspace(0, n - 1, max(1, int(SUBSET_FLOPS // (float(k) * k * levels)))).astype(np.int64))
+    a = np.zeros((len(cols) if per_column else 1, levels, levels))
+    r = np.zeros((a.shape[0], levels))
+    step = max(1, CHUNK_BYTES // (8 * k * levels * 2))
+    for start in range(0, len(cols), step):
+        part = cols[start:start + step]
+        onehot = (idx[:, part, None] == np.arange(levels)).astype(np.float64)  # [K, c, L]
+        ge = np.tensordot(g, onehot, axes=(1, 0))  # [K, c, L]
+        a_part = np.einsum("kcl,kcm->clm", onehot, ge)
+        r_part = np.einsum("kcl,kc->cl", onehot, p[:, part])
+        if per_column:
+            a[start:start + len(part)], r[start:start + len(part)] = a_part, r_part
+        else:
+            a[0] += a_part.sum(axis=0)
+            r[0] += r_part.sum(axis=0)
+    free = np.arange(1 if keep_zero else 0, levels)
+    af = a[:, free][:, :, free]
+    lam = damping * max(float(np.mean(np.diagonal(af, axis1=1, axis2=2))), 1e-30)
+    rhs = r[:, free] + lam * codebooks[:, free]
+    new = codebooks.copy()
+    new[:, free] = np.linalg.solve(af + lam * np.eye(len(free)), rhs[..., None])[..., 0]
+
+    def weights(books):
+        return decode(idx.T, books).T if per_column else books[0][idx]
+
+    def augmented(w, b):
+        return np.concatenate([w, b.reshape(1, n)], axis=0) if gram.bias else w
+
+    w_old, w_new = weights(codebooks), weights(new)
+    bias_old = np.zeros(n) if bias0 is None else np.asarray(bias0, dtype=np.float64).reshape(n)
+    bias_new = (t - s @ w_new) / rows if gram.bias else None
+    before = gram.error(augmented(w_old, bias_old))
+    after = gram.error(augmented(w_new, bias_new)) if gram.bias else gram.error(w_new)
+    if not after <= before:
+        return CodebookRefit(codebooks, bias0 if gram.bias else None, before, before, len(cols))
+    return CodebookRefit(new, bias_new, before, after, len(cols))

@@ -1,0 +1,334 @@
+"""Weight sharing as in Deep Compression: each weight becomes uint8 indices into a small float codebook.
+
+Before:                          After (--per layer, the default):
+    X ──► MatMul ◄── W (f32)         W_idx (uint8, W's shape) ──► Cast(int32) ──► Gather ◄── W_codebook (f32 [2^bits])
+                                                                                    │
+                                     X ──► MatMul ◄─────────────────────────────── W'
+
+                                 After (--per channel): W_codebook f32 [C, 2^bits], one row per output
+                                 channel; the indices get the channel's offset c * 2^bits (an Add of an
+                                 int32 [C] tensor broadcast along the channel axis) and one Gather reads
+                                 the codebook reshaped to [C * 2^bits].
+
+Standard ops only, so every runtime runs it. Every input of the decoding is an initializer,
+so onnxruntime constant-folds Cast/Add/Reshape/Gather when it creates the session: it runs the
+same float MatMul/Gemm/Conv as the original, at the original's speed (api.cluster checks the
+optimized graph and says so). The file holds one byte per weight (4x smaller than fp32);
+`onnxshrink pack` Huffman-codes the indices in about `bits` bits per weight.
+
+Codebooks (onnxshrink/codebook.py): 1-D k-means of the weight values, optionally weighted by
+the energy E[x_k^2] of each weight's input over the calibration data (as SqueezeLLM and GPTQ
+weigh weights). A weight with exact zeros (pruned) keeps codebook entry 0 = 0.0 for them, so
+zeros stay zeros and index 0 is what `pack` codes as gaps.
+
+With calibration data, layers are fitted in graph order to the ORIGINAL model's outputs: each
+layer's inputs are captured from the model with every upstream layer already clustered, and
+after the assignment its codebook values (and bias) are refit by least squares so its outputs
+match the original layer's outputs (codebook.refit; passes/prune.py's teacher Gram matrices).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxshrink import codebook
+from onnxshrink.data import Dataset
+from onnxshrink.errors import UsageError
+from onnxshrink.model import iter_graphs
+from onnxshrink.passes.common import Names, attr, begin_pass, drop_unused_initializers, initializer_owners, select_layers
+from onnxshrink.passes.prune import _describe, _read_bias, teacher_gram
+from onnxshrink.passes.quantize import QUANTIZED_OPS
+from onnxshrink.passes.quantize_weights import _channel_axis
+from onnxshrink.report import LayerDecision, PassReport
+from onnxshrink.weights import find_tensors
+
+SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
+PER = ("layer", "channel")
+WEIGHTINGS = ("none", "activation")
+ENERGY_FLOOR = 1e-3  # activation weights are E[x^2] + this x their mean: inputs never seen still count a little
+
+
+@dataclass
+class ClusterConfig:
+    bits: int = 4  # codebook of 2^bits values, 1..8
+    per: str = "layer"  # "layer": one codebook per weight tensor; "channel": one per output channel
+    weighting: str | None = None  # "none" or "activation" (needs calibration); None: activation with calibration
+    refit: bool = True  # with calibration: least-squares codebook values (and bias) against the original outputs
+    op_types: tuple = SUPPORTED_OPS
+    exclude: tuple = ()  # glob patterns on node names
+    keep_float: str | None = None  # "first", "last" or "both"
+    min_weights: int = 0  # layers with fewer weights stay float
+
+
+def check_config(config: ClusterConfig, calibration) -> None:
+    """Refuse contradictory or out-of-range options before anything is read or written."""
+    if isinstance(config.bits, bool) or not isinstance(config.bits, (int, np.integer)) or not 1 <= config.bits <= 8:
+        raise UsageError(f"--bits {config.bits}: must be between 1 and 8 (a codebook of 2^bits values, uint8 indices)")
+    if config.per not in PER:
+        raise UsageError(f"--per {config.per!r}: choose layer (one codebook per weight) or channel (one per output channel)")
+    if config.weighting not in (None,) + WEIGHTINGS:
+        raise UsageError(f"--weighting {config.weighting!r}: choose none or activation")
+    if config.weighting == "activation" and calibration is None:
+        raise UsageError("--weighting activation needs calibration data (--calibration FILE.npz)")
+    unknown = set(config.op_types) - set(SUPPORTED_OPS)
+    if unknown:
+        raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from MatMul, Gemm, Conv)")
+    if config.keep_float not in (None, "first", "last", "both"):
+        raise UsageError(f"--keep-float {config.keep_float!r}: choose first, last or both")
+    if not isinstance(config.min_weights, (int, np.integer)) or config.min_weights < 0:
+        raise UsageError(f"--min-weights {config.min_weights}: must be a non-negative integer")
+
+
+class Cluster:
+    """MatMul/Gemm/Conv weights as uint8 indices into per-layer (or per-channel) float codebooks."""
+
+    name = "cluster"
+
+    def __init__(self, config: ClusterConfig | None = None, calibration: Dataset | None = None, threads: int = 1):
+        self.config = config = config or ClusterConfig()
+        check_config(config, calibration)
+        self.calibration = calibration
+        self.threads = threads
+        self.levels = 2 ** int(config.bits)
+        self.weighting = config.weighting or ("activation" if calibration is not None else "none")
+        self.refit = bool(config.refit) and calibration is not None
+
+    def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
+        config = self.config
+        model, report = begin_pass(model, self.name, asdict(config))
+        records = {r.name: r for r in find_tensors(model)}
+        sites, skipped = select_layers(model, records, SUPPORTED_OPS, config, self._judge(records))
+        decoded = codebook_outputs(model)
+        for decision in skipped:
+            decision.action = "kept"  # select_layers speaks for quantize ("kept float")
+            if decision.weight in decoded:
+                decision.reason = "already clustered: the weight is decoded from a codebook"
+        report.layers.extend(skipped)
+        units: dict[str, list] = {}
+        for site in sites:
+            units.setdefault(site.weight, []).append(site)
+        for weight, group in list(units.items()):
+            readers = records[weight].consumers
+            if len(readers) > len(group):  # some reader is not clustered: one codebook would change it too
+                others = [f"{c.node} ({c.op_type})" for c in readers
+                          if not any(c.node == s.name or c.node.endswith("/" + s.name) for s in group)]
+                for site in group:
+                    report.layers.append(LayerDecision(
+                        site.name, site.node.op_type, weight, "kept",
+                        f"tied weight also read by {', '.join(others) or 'another input'}, which is not clustered: "
+                        "its codebook would change that too", records[weight].nbytes, records[weight].nbytes))
+                del units[weight]
+        if not units:
+            report.notes.append(nothing_to_cluster(model))
+            return model, report
+        self._owners = initializer_owners(model)
+        self._names = Names(model)
+        self._records = records
+        self._main_outputs = {name for node in model.graph.node for name in node.output}
+        original = None
+        if self.calibration is not None and (self.weighting == "activation" or self.refit):
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
+        stats = []
+        for weight, group in units.items():
+            report.layers.extend(self._cluster(model, original, weight, group, stats))
+        drop_unused_initializers(model)
+        report.changed = any(layer.action.startswith("codebook") for layer in report.layers)
+        if not report.changed:
+            report.notes.append(nothing_to_cluster(model))
+            return model, report
+        self._notes(report, stats, original is not None)
+        return model, report
+
+    # ---- selection ---------------------------------------------------------------------
+
+    def _judge(self, records):
+        config = self.config
+
+        def judge(node, record, constants):
+            if record.dtype != "float":
+                return f"weight is {record.dtype}: only float32 weights are clustered"
+            if node.input[0] in records:
+                return f"both {node.op_type} operands are constant"
+            if node.op_type in ("MatMul", "Gemm") and len(record.shape) != 2:
+                return f"{node.op_type} weight of rank {len(record.shape)}: only 2-D weights are clustered"
+            if node.op_type == "Conv" and len(record.shape) < 3:
+                return f"Conv weight of rank {len(record.shape)}"
+            count = int(np.prod(record.shape))
+            if count < config.min_weights:
+                return f"{count} weights, fewer than --min-weights {config.min_weights}"
+            after = self._bytes_after(record.shape, node)
+            if after >= record.nbytes:
+                return f"indices and codebook ({after} B) would not be smaller than the weight ({record.nbytes} B)"
+            return None
+
+        return judge
+
+    def _bytes_after(self, shape, node) -> int:
+        count = int(np.prod(shape))
+        if self.config.per == "layer":
+            return count + 4 * self.levels
+        channels = shape[_channel_axis(node)]
+        return count + 4 * self.levels * channels + 4 * channels + 8
+
+    # ---- clustering one weight -----------------------------------------------------------
+
+    def _cluster(self, model, original, weight, group, stats) -> list[LayerDecision]:
+        config, levels = self.config, self.levels
+        graph, tensor = self._owners[weight]
+        raw = numpy_helper.to_array(tensor).astype(np.float32)
+        site = group[0]
+        if not np.all(np.isfinite(raw)):
+            return [LayerDecision(s.name, s.node.op_type, weight, "kept", "weight holds NaN or infinite values",
+                                  raw.nbytes, raw.nbytes) for s in group]
+        layer = _describe(site, self._owners, self._records, self._main_outputs)
+        view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
+        k, n = view.shape
+        gram, plain = None, ""
+        if original is not None:
+            if len(group) > 1:
+                plain = f"tied weight read by {len(group)} layers: fitted to the weights alone"
+            elif layer.reason:
+                plain = layer.reason
+            elif site.node.op_type == "Gemm" and (attr(site.node, "transA", 0) or layer.alpha == 0):
+                plain = "Gemm with transA=1 or alpha=0"
+            else:
+                gram = teacher_gram(self.calibration, original, model, layer, layer, layer.bias is not None, self.threads)
+        rows = view.T if config.per == "channel" else view.reshape(1, -1)
+        weights = None
+        if gram is not None and self.weighting == "activation":
+            energy = np.diag(gram.xtx)[:k] / max(gram.rows, 1)
+            energy = energy + ENERGY_FLOOR * max(float(energy.mean()), 1e-30)
+            weights = np.broadcast_to(energy[:, None], (k, n))
+            weights = weights.T if config.per == "channel" else weights.reshape(1, -1)
+        zeros = int(np.count_nonzero(view == 0))
+        reserve = zeros > 0
+        books = codebook.fit(rows, levels, weights, reserve_zero=reserve)
+        idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
+        idx = idx_rows.T if config.per == "channel" else idx_rows.reshape(k, n)
+        mse, uniform = float(np.mean((rows - codebook.decode(idx_rows, books)) ** 2)), codebook.uniform_mse(rows, levels)
+        stats.append(("mse", mse, uniform))
+        why = [f"weight MSE {mse:.3g}, {mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
+               + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
+               + ("; weighted by input energy" if weights is not None else "")]
+        if gram is not None and self.refit:
+            result = codebook.refit(idx, books * layer.alpha, gram, _read_bias(layer, self._owners), keep_zero=reserve)
+            if result is None:
+                why.append(f"not refit: {k}x{n} with {levels} levels per channel is too large for the normal equations")
+            else:
+                books = result.codebooks / layer.alpha
+                if result.bias is not None:
+                    bias = self._owners[layer.bias][1]
+                    value = (result.bias / layer.bias_scale).astype(np.float32).reshape(tuple(bias.dims))
+                    bias.CopyFrom(numpy_helper.from_array(value, bias.name))
+                subset = f", normal equations from {result.columns} of {n} columns" if result.columns < n else ""
+                refit_mse = float(np.mean((rows - codebook.decode(idx_rows, books)) ** 2))
+                why.append(f"layer output error {result.error_after:.2%} after refit ({result.error_before:.2%} "
+                           f"k-means only{subset}; weight MSE after it {refit_mse:.3g})")
+                stats.append(("refit", result.error_before, result.error_after))
+        books = books.astype(np.float32)
+        if plain:
+            why.append(f"not data-aware: {plain}")
+        after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group)
+        shape = f"{levels}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
+        action = f"codebook {shape} x fp32{' per channel' if config.per == 'channel' else ''}, uint8 indices"
+        decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
+        for other in group[1:]:
+            decisions.append(LayerDecision(other.name, other.node.op_type, weight, action + " (tied: clustered once)",
+                                           f"shares the codebook of {site.name}", 0, 0))
+        return decisions
+
+    def _write(self, graph, weight, shape, idx, books, node, group) -> int:
+        """Indices, codebook and the decoding nodes in the graph that owns the weight; returns their bytes."""
+        names = self._names
+        idx_name, book_name, decoded = names(weight + "_idx"), names(weight + "_codebook"), names(weight + "_decoded")
+        inits = [numpy_helper.from_array(np.ascontiguousarray(idx, dtype=np.uint8), idx_name),
+                 numpy_helper.from_array(books if self.config.per == "channel" else books[0], book_name)]
+        nodes = [helper.make_node("Cast", [idx_name], [idx_name + "_int32"], name=idx_name + "_Cast", to=TensorProto.INT32)]
+        index, data = idx_name + "_int32", book_name
+        if self.config.per == "channel":
+            axis = _channel_axis(node)
+            offsets_shape = [1] * len(shape)
+            offsets_shape[axis] = shape[axis]
+            offsets, flat = names(weight + "_offsets"), names(weight + "_codebook_flat")
+            inits += [numpy_helper.from_array((np.arange(shape[axis], dtype=np.int32) * self.levels).reshape(offsets_shape),
+                                              offsets),
+                      numpy_helper.from_array(np.array([-1], dtype=np.int64), flat + "_shape")]
+            nodes += [helper.make_node("Add", [index, offsets], [offsets + "_out"], name=offsets + "_Add"),
+                      helper.make_node("Reshape", [book_name, flat + "_shape"], [flat], name=flat + "_Reshape")]
+            index, data = offsets + "_out", flat
+        nodes.append(helper.make_node("Gather", [data, index], [decoded], name=decoded + "_Gather", axis=0))
+        graph.initializer.extend(inits)
+        for site in group:
+            for i, name in enumerate(site.node.input):
+                if name == weight:
+                    site.node.input[i] = decoded
+        for position, new in enumerate(nodes):
+            graph.node.insert(position, new)
+        return sum(numpy_helper.to_array(t).nbytes for t in inits)
+
+    def _notes(self, report, stats, data_aware) -> None:
+        config = self.config
+        mse = [(a, b) for kind, a, b in stats if kind == "mse"]
+        ratio = sum(a for a, _ in mse) / max(sum(b for _, b in mse), 1e-300)
+        report.notes.append(
+            f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}; weight MSE "
+            f"{ratio:.2f}x that of uniform round-to-nearest with {self.levels} levels (summed over layers)")
+        if data_aware:
+            refits = [(a, b) for kind, a, b in stats if kind == "refit"]
+            text = (f"fitted in graph order to the original model on {self.calibration.samples} calibration sample(s), "
+                    f"each layer fed the already-clustered upstream layers' outputs; k-means weighted by "
+                    f"{'input energy E[x^2]' if self.weighting == 'activation' else 'nothing (--weighting none)'}")
+            if refits:
+                text += (f"; codebook values and biases refit by least squares: mean layer output error "
+                         f"{np.mean([b for _, b in refits]):.2%} (k-means only {np.mean([a for a, _ in refits]):.2%})")
+            report.notes.append(text)
+        report.notes.append(f"the file holds one uint8 index per weight (4x smaller than fp32); `onnxshrink pack` "
+                            f"codes the indices in about {config.bits} bit(s) per weight")
+
+
+def _to_view(raw: np.ndarray, layer) -> np.ndarray:
+    """The weight as the [K, N] matrix its layer multiplies by (no alpha): N output channels as columns."""
+    if layer.op_type == "Conv":
+        return raw.reshape(raw.shape[0], -1).T
+    return raw.T if layer.transposed else raw
+
+
+def _from_view(view: np.ndarray, layer, shape) -> np.ndarray:
+    if layer.op_type == "Conv":
+        return view.T.reshape(shape)
+    return view.T if layer.transposed else view
+
+
+def codebook_outputs(model: onnx.ModelProto) -> set[str]:
+    """Tensors that decode a codebook: a Gather whose indices come (through Cast, and Add) from a uint8 initializer."""
+    producers, uint8 = {}, set()
+    for graph in iter_graphs(model.graph):
+        uint8.update(t.name for t in graph.initializer if t.data_type == TensorProto.UINT8)
+        for node in graph.node:
+            for output in node.output:
+                producers[output] = node
+    found = set()
+    for name, node in producers.items():
+        if node.op_type != "Gather" or len(node.input) < 2:
+            continue
+        source = producers.get(node.input[1])
+        while source is not None and source.op_type in ("Add", "Cast"):
+            if source.op_type == "Cast" and source.input[0] in uint8:
+                found.add(name)
+                break
+            source = producers.get(source.input[0])
+    return found
+
+
+def nothing_to_cluster(model: onnx.ModelProto) -> str:
+    """Why no layer was clustered: the model is clustered or quantized already, or has no such weight."""
+    if codebook_outputs(model):
+        return "model is already clustered (weights decoded from codebooks): nothing to cluster"
+    if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node):
+        return "model is already quantized: nothing to cluster"
+    return "no float MatMul/Gemm/Conv weight to cluster"

@@ -1,0 +1,412 @@
+"""cluster: weight sharing (uint8 indices into float codebooks), its numerics in onnxruntime, what it skips, and pack."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import SAMPLES, build_model, float_value, invoke, make_mlp, save_model, tree
+from onnxshrink import api, codebook
+from onnxshrink.data import load_npz, input_specs
+from onnxshrink.errors import UsageError
+from onnxshrink.passes.cluster import Cluster, ClusterConfig
+from onnxshrink.passes.quantize import QuantizeConfig
+from onnxshrink.runtime import make_session, optimized_op_counts
+
+MLP = SAMPLES / "digits_mlp.onnx"
+
+
+def ops(model):
+    return Counter(n.op_type for g in [model.graph] for n in g.node)
+
+
+def inits(model):
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def decoded_weights(model) -> dict[str, np.ndarray]:
+    """Consumer input name -> the weight the clustered graph decodes, computed in numpy from its initializers."""
+    values = inits(model)
+    producers = {o: n for n in model.graph.node for o in n.output}
+    out = {}
+    for gather in (n for n in model.graph.node if n.op_type == "Gather"):
+        index = producers[gather.input[1]]
+        offsets = 0
+        if index.op_type == "Add":
+            offsets = values[index.input[1]]
+            index = producers[index.input[0]]
+        idx = values[index.input[0]].astype(np.int64) + offsets
+        data = producers.get(gather.input[0])
+        book = values[data.input[0]].reshape(-1) if data is not None else values[gather.input[0]]
+        out[gather.output[0]] = book[idx]
+    return out
+
+
+def with_weights(model, decoded) -> onnx.ModelProto:
+    """The original model with each clustered weight replaced by its decoded value (the numpy reference)."""
+    reference = onnx.ModelProto()
+    reference.CopyFrom(model)
+    for init in reference.graph.initializer:
+        if init.name + "_decoded" in decoded:
+            init.CopyFrom(numpy_helper.from_array(decoded[init.name + "_decoded"].astype(np.float32), init.name))
+    return reference
+
+
+def run(model, feed, optimize=True):
+    return make_session(model, optimize=optimize).run(None, feed)[0]
+
+
+def conv_gemm_model(seed=3) -> onnx.ModelProto:
+    rng = np.random.default_rng(seed)
+    w_conv = (rng.standard_normal((16, 4, 3, 3)) / 6).astype(np.float32)
+    b_conv = (rng.standard_normal(16) / 10).astype(np.float32)
+    w_gemm = (rng.standard_normal((10, 16 * 6 * 6)) / 24).astype(np.float32)
+    b_gemm = (rng.standard_normal(10) / 10).astype(np.float32)
+    return build_model(
+        [helper.make_node("Conv", ["x", "conv.weight", "conv.bias"], ["c"], name="conv"),
+         helper.make_node("Relu", ["c"], ["r"], name="relu"),
+         helper.make_node("Flatten", ["r"], ["f"], name="flat"),
+         helper.make_node("Gemm", ["f", "fc.weight", "fc.bias"], ["y"], name="fc", transB=1, alpha=0.5)],
+        [float_value("x", ["n", 4, 8, 8])], [float_value("y", ["n", 10])],
+        [numpy_helper.from_array(a, n) for n, a in
+         (("conv.weight", w_conv), ("conv.bias", b_conv), ("fc.weight", w_gemm), ("fc.bias", b_gemm))])
+
+
+# ---- the k-means itself -------------------------------------------------------------------
+
+def test_kmeans_matches_brute_force_lloyd_and_beats_uniform_rounding():
+    rng = np.random.default_rng(0)
+    values = rng.standard_normal((1, 3000))
+    books = codebook.fit(values, 8)
+    ours = np.mean((values - codebook.decode(codebook.assign(values, books), books)) ** 2)
+    best = np.inf
+    for seed in range(10):  # plain Lloyd from random starts, one weight at a time
+        c = np.sort(np.random.default_rng(seed).choice(values[0], 8, replace=False))
+        for _ in range(200):
+            nearest = np.argmin(np.abs(values[0][:, None] - c[None]), axis=1)
+            c = np.array([values[0][nearest == j].mean() if np.any(nearest == j) else c[j] for j in range(8)])
+        best = min(best, np.mean((values[0] - c[np.argmin(np.abs(values[0][:, None] - c[None]), axis=1)]) ** 2))
+    assert ours <= best * 1.001
+    assert ours < 0.5 * codebook.uniform_mse(values, 8)
+    assert np.all(np.diff(books[0]) >= 0)
+
+
+def test_kmeans_rows_weights_zeros_and_long_rows():
+    rng = np.random.default_rng(1)
+    values = rng.standard_normal((6, 500))
+    values[rng.random(values.shape) < 0.4] = 0.0
+    books = codebook.fit(values, 4, reserve_zero=True)
+    idx = codebook.assign(values, books, reserve_zero=True)
+    assert np.all(books[:, 0] == 0) and np.all((idx == 0) == (values == 0))
+    # one row at a time gives the same codebooks as all rows at once
+    for r in range(6):
+        np.testing.assert_allclose(codebook.fit(values[r:r + 1], 4, reserve_zero=True), books[r:r + 1], rtol=1e-9)
+    # weights pull centroids towards the heavily weighted values
+    row = np.concatenate([np.full(100, -1.0), np.full(100, 1.0), np.linspace(2, 3, 100)])[None]
+    weights = np.concatenate([np.ones(200), np.full(100, 50.0)])[None]
+    assert codebook.fit(row, 2, weights)[0, 1] == pytest.approx(2.5) and codebook.fit(row, 2)[0, 1] == pytest.approx(1.75)
+    # long rows are fitted on a histogram: still close to uniform-quantile optimum and fast
+    big = rng.standard_normal((1, 300_000))
+    big_books = codebook.fit(big, 16)
+    assert np.mean((big - codebook.decode(codebook.assign(big, big_books), big_books)) ** 2) < 0.0100
+
+
+@pytest.mark.parametrize("per_column", [False, True])
+def test_refit_recovers_codebook_values_and_bias_that_produced_the_outputs(per_column):
+    from onnxshrink.passes.reconstruct import Gram
+
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((400, 20))
+    idx = rng.integers(0, 8, (20, 6))
+    true = rng.standard_normal((6 if per_column else 1, 8))
+    true[:, 0] = 0.0  # the reserved zero entry
+    w = codebook.decode(idx.T, true).T if per_column else true[0][idx]
+    bias = rng.standard_normal(6)
+    gram = Gram(20, 6, bias=True)
+    gram.add(x, x @ w + bias)
+    start = true + rng.standard_normal(true.shape) * 0.3
+    start[:, 0] = 0.0
+    result = codebook.refit(idx, start, gram, np.zeros(6), keep_zero=True)
+    used = np.zeros_like(true, dtype=bool)
+    for j in range(6):
+        used[j if per_column else 0, idx[:, j]] = True
+    np.testing.assert_allclose(result.codebooks[used], true[used], atol=1e-3)
+    np.testing.assert_allclose(result.bias, bias, atol=1e-3)
+    assert np.all(result.codebooks[:, 0] == 0) and result.error_after < 1e-3 < result.error_before
+
+
+# ---- the graph it writes -----------------------------------------------------------------
+
+@pytest.mark.parametrize("per", ["layer", "channel"])
+def test_graph_written_per_layer_and_per_channel(per):
+    model = make_mlp((64, 96, 80, 10), seed=1)
+    clustered, report = Cluster(ClusterConfig(bits=3, per=per))(model)
+    counts = ops(clustered)
+    assert counts["Gather"] == 3 and counts["Cast"] == 3 and counts["MatMul"] == 3
+    assert counts.get("Add", 0) == 3 + (3 if per == "channel" else 0) and counts.get("Reshape", 0) == (3 if per == "channel" else 0)
+    values = inits(clustered)
+    for name, shape in (("fc0.weight", (64, 96)), ("fc1.weight", (96, 80)), ("fc2.weight", (80, 10))):
+        assert name not in values
+        idx, book = values[name + "_idx"], values[name + "_codebook"]
+        assert idx.dtype == np.uint8 and idx.shape == shape and idx.max() < 8
+        assert book.dtype == np.float32 and book.shape == ((8,) if per == "layer" else (shape[1], 8))
+    producers = {o: n for n in clustered.graph.node for o in n.output}
+    for node in (n for n in clustered.graph.node if n.op_type == "MatMul"):
+        assert producers[node.input[1]].op_type == "Gather"
+    assert all(layer.action.startswith("codebook") for layer in report.layers)
+    assert report.layers[0].bytes_after < report.layers[0].bytes_before / (3 if per == "layer" else 2)
+    onnx.checker.check_model(clustered, full_check=True)
+    assert model.graph.initializer[0].data_type == TensorProto.FLOAT and len(model.graph.node) == 8  # input untouched
+
+
+@pytest.mark.parametrize("per", ["layer", "channel"])
+def test_numerics_equal_the_decoded_weights_in_onnxruntime(per):
+    model = make_mlp((64, 96, 80, 10), seed=2)
+    clustered, _ = Cluster(ClusterConfig(bits=4, per=per))(model)
+    decoded = decoded_weights(clustered)
+    x = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32)
+    # pure numpy forward pass with the decoded weights
+    values, h = inits(model), x
+    for i in range(3):
+        h = h @ decoded[f"fc{i}.weight_decoded"] + values[f"fc{i}.bias"]
+        h = np.maximum(h, 0) if i < 2 else h
+    for optimize in (False, True):
+        np.testing.assert_allclose(run(clustered, {"input": x}, optimize), h, rtol=1e-4, atol=1e-5)
+    # the decoded weights are a small codebook each: at most 16 distinct values per layer (or per column)
+    w = decoded["fc1.weight_decoded"]
+    assert len(np.unique(w)) <= 16 if per == "layer" else all(len(np.unique(w[:, j])) <= 16 for j in range(w.shape[1]))
+
+
+@pytest.mark.parametrize("per", ["layer", "channel"])
+def test_conv_and_gemm_with_alpha_run_the_decoded_weights(per):
+    model = conv_gemm_model()
+    clustered, report = Cluster(ClusterConfig(bits=4, per=per))(model)
+    assert [layer.action.startswith("codebook") for layer in report.layers] == [True, True]
+    if per == "channel":
+        assert inits(clustered)["conv.weight_codebook"].shape == (16, 16)
+        assert inits(clustered)["fc.weight_codebook"].shape == (10, 16)  # transB=1: channels along axis 0
+    reference = with_weights(model, decoded_weights(clustered))
+    x = np.random.default_rng(4).standard_normal((5, 4, 8, 8)).astype(np.float32)
+    for optimize in (False, True):
+        np.testing.assert_allclose(run(clustered, {"x": x}, optimize), run(reference, {"x": x}, False), rtol=1e-4, atol=1e-5)
+
+
+def test_onnxruntime_folds_the_decoding_into_float_kernels():
+    clustered, _ = Cluster(ClusterConfig(bits=4, per="channel"))(conv_gemm_model())
+    counts = optimized_op_counts(clustered)
+    assert not {"Gather", "Cast", "Reshape"} & set(counts), counts
+    assert counts["Gemm"] + counts["com.microsoft.FusedGemm"] == 1
+    assert sum(v for k, v in counts.items() if k.endswith("Conv")) == 1
+
+
+# ---- what it skips, and why ----------------------------------------------------------------
+
+def test_tiny_excluded_and_min_weights_are_kept_with_reasons():
+    model = make_mlp((64, 96, 80, 2), seed=5)  # fc2: 80 x 2 floats, 640 B
+    clustered, report = Cluster(ClusterConfig(exclude=("fc0*",), min_weights=7000))(model)
+    reasons = {layer.node: (layer.action, layer.reason) for layer in report.layers}
+    assert reasons["fc0/MatMul"] == ("kept", "excluded (--exclude)")
+    assert reasons["fc2/MatMul"] == ("kept", "tiny (< 1 KiB)")
+    assert reasons["fc1/MatMul"][0].startswith("codebook")
+    _, report = Cluster(ClusterConfig(min_weights=7000))(model)
+    assert {layer.node: layer.reason for layer in report.layers}["fc0/MatMul"] == "6144 weights, fewer than --min-weights 7000"
+    values = inits(clustered)
+    assert values["fc0.weight"].dtype == np.float32 and "fc1.weight" not in values
+
+
+def test_tied_weight_is_clustered_once_and_shared():
+    w = np.random.default_rng(6).standard_normal((32, 32)).astype(np.float32)
+    model = build_model(
+        [helper.make_node("MatMul", ["x", "w"], ["a"], name="a"), helper.make_node("MatMul", ["a", "w"], ["y"], name="b")],
+        [float_value("x", ["n", 32])], [float_value("y", ["n", 32])], [numpy_helper.from_array(w, "w")])
+    clustered, report = Cluster()(model)
+    assert ops(clustered)["Gather"] == 1
+    matmuls = [n for n in clustered.graph.node if n.op_type == "MatMul"]
+    assert matmuls[0].input[1] == matmuls[1].input[1] == "w_decoded"
+    assert report.layers[1].action.endswith("(tied: clustered once)") and report.layers[1].bytes_before == 0
+    x = np.random.default_rng(7).standard_normal((4, 32)).astype(np.float32)
+    d = decoded_weights(clustered)["w_decoded"]
+    np.testing.assert_allclose(run(clustered, {"x": x}), x @ d @ d, rtol=1e-4, atol=1e-4)
+
+
+def test_weight_also_read_by_another_op_is_kept():
+    w = np.random.default_rng(8).standard_normal((32, 32)).astype(np.float32)
+    model = build_model(
+        [helper.make_node("MatMul", ["x", "w"], ["a"], name="fc"), helper.make_node("Transpose", ["w"], ["wt"], name="t"),
+         helper.make_node("MatMul", ["a", "wt"], ["y"], name="fc_t")],
+        [float_value("x", ["n", 32])], [float_value("y", ["n", 32])], [numpy_helper.from_array(w, "w")])
+    clustered, report = Cluster()(model)
+    assert not report.changed and "Gather" not in ops(clustered)
+    layer = next(layer for layer in report.layers if layer.node == "fc")
+    assert layer.action == "kept" and layer.reason.startswith("tied weight also read by t (Transpose), which is not clustered")
+
+
+def test_weights_inside_if_branches_are_clustered():
+    rng = np.random.default_rng(9)
+    inner, outer = (rng.standard_normal((2, 32, 32)) / 6).astype(np.float32)
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["x", "inner"], ["t"], name="fc_then")], "then", [],
+                                    [float_value("t", None)], [numpy_helper.from_array(inner, "inner")])
+    else_branch = helper.make_graph([helper.make_node("MatMul", ["x", "outer"], ["e"], name="fc_else")], "else", [],
+                                    [float_value("e", None)])
+    model = build_model([helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch)],
+                        [float_value("x", ["n", 32]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])],
+                        [float_value("y", ["n", 32])], [numpy_helper.from_array(outer, "outer")])
+    clustered, report = Cluster()(model)
+    assert sorted(layer.node for layer in report.layers if layer.action.startswith("codebook")) == ["fc_else", "fc_then"]
+    onnx.checker.check_model(clustered, full_check=True)
+    body = next(a.g for a in clustered.graph.node[-1].attribute if a.name == "then_branch")
+    assert {i.name for i in body.initializer} == {"inner_idx", "inner_codebook"}
+    x = rng.standard_normal((4, 32)).astype(np.float32)
+    books = {"inner": body.initializer, "outer": clustered.graph.initializer}
+    for cond, name in ((True, "inner"), (False, "outer")):
+        values = {t.name: numpy_helper.to_array(t) for t in books[name]}
+        w = values[name + "_codebook"][values[name + "_idx"]]
+        for optimize in (False, True):
+            got = run(clustered, {"x": x, "cond": np.array(cond)}, optimize)
+            np.testing.assert_allclose(got, x @ w, rtol=1e-4, atol=1e-5)
+    assert not {"Gather", "Cast"} & set(optimized_op_counts(clustered))
+
+
+def test_twice_changes_nothing_more_and_quantized_models_are_left_alone(tmp_path):
+    once, _ = Cluster()(make_mlp(seed=10))
+    twice, report = Cluster()(once)
+    assert not report.changed and twice.graph == once.graph
+    assert "model is already clustered (weights decoded from codebooks): nothing to cluster" in report.notes
+    assert all(layer.reason == "already clustered: the weight is decoded from a codebook" for layer in report.layers)
+    api.quantize(save_model(make_mlp(seed=10), tmp_path / "m.onnx"), tmp_path / "q.onnx", QuantizeConfig(), run_validation=False)
+    _, report = Cluster()(onnx.load(str(tmp_path / "q.onnx")))
+    assert not report.changed and "model is already quantized: nothing to cluster" in report.notes
+
+
+def test_pruned_zeros_stay_exactly_zero_at_index_zero():
+    model = make_mlp((64, 96, 80, 10), seed=11)
+    rng = np.random.default_rng(11)
+    original = {}
+    for init in model.graph.initializer:
+        if init.name.endswith("weight"):
+            w = numpy_helper.to_array(init).copy()
+            w[rng.random(w.shape) < 0.7] = 0.0
+            original[init.name] = w
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    for per in ("layer", "channel"):
+        clustered, _ = Cluster(ClusterConfig(bits=2, per=per))(model)
+        values, decoded = inits(clustered), decoded_weights(clustered)
+        for name, w in original.items():
+            assert np.array_equal(values[name + "_idx"] == 0, w == 0)
+            assert np.all(decoded[name + "_decoded"][w == 0] == 0) and np.all(decoded[name + "_decoded"][w != 0] != 0)
+            book = values[name + "_codebook"]
+            assert np.all(book[..., 0] == 0)
+
+
+# ---- data-aware: activation weighting and refit against the original ---------------------------------
+
+def test_activation_weighting_and_refit_reduce_output_error_on_sample_mlp():
+    model = onnx.load(str(MLP))
+    calibration = load_npz(SAMPLES / "digits_mlp.calib.npz", input_specs(model))
+    evaluation = np.load(SAMPLES / "digits_mlp.eval.npz")
+    feed = {"input": evaluation["input"]}
+    reference = run(model, feed, False)
+    errors = {}
+    for label, config, data in (("plain", ClusterConfig(bits=3), None),
+                                ("weighted", ClusterConfig(bits=3, weighting="activation", refit=False), calibration),
+                                ("refit", ClusterConfig(bits=3), calibration)):
+        clustered, report = Cluster(config, data)(model)
+        errors[label] = np.linalg.norm(run(clustered, feed, False) - reference) / np.linalg.norm(reference)
+        if label == "refit":
+            assert all("after refit" in layer.reason for layer in report.layers)
+            assert any("refit by least squares" in note for note in report.notes)
+    # The refit to the original's outputs roughly halves the error; the weighting alone is a wash here (docs).
+    assert errors["refit"] < 0.7 * min(errors["plain"], errors["weighted"]), errors
+
+
+def test_four_bits_keeps_sample_mlp_accuracy_within_one_point(tmp_path):
+    evaluation = np.load(SAMPLES / "digits_mlp.eval.npz")
+    labels, feed = evaluation["labels"], {"input": evaluation["input"]}
+    base = np.mean(np.argmax(run(onnx.load(str(MLP)), feed), -1) == labels)
+    for calibration in (None, SAMPLES / "digits_mlp.calib.npz"):
+        out = tmp_path / "c.onnx"
+        report = api.cluster(MLP, out, ClusterConfig(bits=4), calibration=calibration, force=True, run_validation=False)
+        accuracy = np.mean(np.argmax(run(onnx.load(str(out)), feed), -1) == labels)
+        assert accuracy >= base - 0.01, (calibration, accuracy, base)
+        assert report.runtime["codebook_decoding_left"] == 0
+        assert any("folds the codebook decoding" in note for note in report.notes)
+
+
+def test_library_refuses_bad_configs():
+    with pytest.raises(UsageError, match="--bits 9"):
+        Cluster(ClusterConfig(bits=9))
+    with pytest.raises(UsageError, match="needs calibration"):
+        Cluster(ClusterConfig(weighting="activation"))
+    with pytest.raises(UsageError, match="--per 'row'"):
+        api.cluster(MLP, None, ClusterConfig(per="row"))
+
+
+# ---- CLI and pack -------------------------------------------------------------------------------
+
+def test_cli_end_to_end_with_json(tmp_path, runner):
+    output = tmp_path / "mlp.c4.onnx"
+    result = invoke(runner, "cluster", MLP, "-o", output, "--json", "--calibration", SAMPLES / "digits_mlp.calib.npz",
+                    "--data", SAMPLES / "digits_mlp.eval.npz", "--labels", "labels", "--max-accuracy-drop", "0.01")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["command"] == "cluster" and report["passes"][0]["name"] == "cluster"
+    assert report["validation"]["passed"] and report["size"]["ratio"] < 0.3
+    assert report["runtime"]["codebook_decoding_left"] == 0 and report["runtime"]["quantized_layers"] == 0
+    options = json.loads({p.key: p.value for p in onnx.load(str(output)).metadata_props}["onnxshrink.options"])
+    assert options["bits"] == 4 and options["calibration"].endswith("digits_mlp.calib.npz")
+    onnx.checker.check_model(str(output), full_check=True)
+    # default output name, and a second run that finds nothing to cluster
+    source = save_model(onnx.load(str(MLP)), tmp_path / "m.onnx")
+    assert invoke(runner, "cluster", source, "--bits", "2", "--no-validate").exit_code == 0
+    result = invoke(runner, "cluster", tmp_path / "m.cluster2.onnx", "--no-validate", "--json")
+    assert result.exit_code == 0, result.output
+    assert "nothing to cluster" in " ".join(json.loads(result.stdout)["passes"][0]["notes"])
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "9"], "error: --bits 9: must be between 1 and 8"),
+    (["--bits", "0"], "error: --bits 0: must be between 1 and 8"),
+    (["--per", "row"], "error: --per 'row': choose layer"),
+    (["--weighting", "activation"], "error: --weighting activation needs calibration data (--calibration FILE.npz)"),
+    (["--weighting", "maybe"], "error: --weighting 'maybe': choose none or activation"),
+    (["--op-types", "Gather"], "error: --op-types: unsupported op type(s) Gather"),
+    (["--keep-float", "middle"], "error: --keep-float 'middle': choose first, last or both"),
+    (["--calibration", "wrong.npz"], "error: wrong.npz: missing input 'input' (keys present: x)"),
+    (["--calibration", "missing.npz"], "error: missing.npz: no such data file"),
+])
+def test_cli_bad_options_are_one_line_exit_2_or_3(tmp_path, runner, args, message, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    source = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    (tmp_path / "out.onnx").write_bytes(b"keep me")
+    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 32), np.float32))
+    before = tree(tmp_path)
+    result = invoke(runner, "cluster", source, "-o", tmp_path / "out.onnx", "--force", *args)
+    assert result.exit_code == (3 if "npz" in args[-1] else 2), result.output
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert result.stdout == "" and tree(tmp_path) == before
+
+
+def test_pack_codes_indices_in_about_bits_per_weight_and_pruned_clustered_is_much_smaller(tmp_path):
+    for bits in (2, 4):
+        api.cluster(MLP, tmp_path / f"c{bits}.onnx", ClusterConfig(bits=bits), run_validation=False)
+        report = api.pack(tmp_path / f"c{bits}.onnx", tmp_path / f"c{bits}.shrink")
+        coded = {t.name: t for t in report.tensors}
+        largest = coded["fc2.weight_idx"]
+        assert largest.encoding == "planes" and largest.coded_bits <= bits + 0.05, largest
+    model = onnx.load(str(MLP))
+    for init in model.graph.initializer:
+        if init.name.endswith("weight"):
+            w = numpy_helper.to_array(init).copy()
+            w[np.abs(w) < np.quantile(np.abs(w), 0.8)] = 0.0
+            init.CopyFrom(numpy_helper.from_array(w, init.name))
+    pruned = save_model(model, tmp_path / "pruned.onnx")
+    api.cluster(pruned, tmp_path / "pruned.c4.onnx", ClusterConfig(bits=4), run_validation=False)
+    plain = api.pack(pruned, tmp_path / "pruned.shrink").size["output"]
+    report = api.pack(tmp_path / "pruned.c4.onnx", tmp_path / "pruned.c4.shrink")
+    assert {t.encoding for t in report.tensors if t.name.endswith("_idx")} == {"sparse"}
+    assert report.size["output"] < 0.4 * plain, (report.size["output"], plain)

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real bench-prune bench-cluster fuzz
+.PHONY: demo test samples clean venv bench bench-quick bench-real bench-prune bench-cluster big-model bench-scale fuzz
 
 venv: $(VENV)/.installed
 
@@ -59,6 +59,14 @@ bench-real: venv
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/real_models.py --out docs/benchmarks-real.md
 	$(BIN)/python bench/ocr_text.py --out docs/benchmarks-ocr.md
+
+## big-model: a transformer-sized model with 2.5 GB of fp32 weights in external data -> build/big/ (never committed)
+big-model: venv
+	$(BIN)/python bench/big_model.py --gb 2.5 --out build/big/big.onnx
+
+## bench-scale: time and peak memory of every command on the big model, next to onnxruntime's -> docs/benchmarks-scale.md
+bench-scale: big-model
+	$(BIN)/python bench/scale.py --model build/big/big.onnx --skip prune --out docs/benchmarks-scale.md
 
 ## fuzz: the random-graph fuzz test with 400 examples per run instead of the suite's 12
 fuzz: venv

@@ -14,7 +14,7 @@ from onnxshrink.weights import dtype_name, find_tensors
 
 def inspect_model(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> ModelInfo:
     """Describe a model file: signature, opsets, op histogram, every constant tensor classified."""
-    model = model if model is not None else model_io.load(path)
+    model = model if model is not None else model_io.load(path, with_data=False)  # shapes and types suffice
     histogram = Counter()
     for graph in model_io.iter_graphs(model.graph):
         for node in graph.node:

@@ -47,8 +47,9 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     """Compare two model files; the report's `passed` says whether every given threshold held."""
     config = config or ValidateConfig()
     thresholds = config.thresholds or Thresholds()
-    original_model = model_io.load(original)
-    candidate_model = model_io.load(candidate)
+    # Only their signatures are read here (onnxruntime loads the weights itself).
+    original_model = model_io.load(original, with_data=False)
+    candidate_model = model_io.load(candidate, with_data=False)
     specs = data_mod.input_specs(original_model)
     candidate_specs = {s.name: s for s in data_mod.input_specs(candidate_model)}
     for spec in specs:

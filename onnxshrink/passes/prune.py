@@ -163,8 +163,10 @@ class Prune:
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         config = self.config
         model, report = begin_pass(model, self.name, asdict(self.config))
-        original = onnx.ModelProto()
-        original.CopyFrom(model)
+        original = None
+        if self.calibration is not None and config.reconstruct:  # the teacher: only the refit reads it
+            original = onnx.ModelProto()
+            original.CopyFrom(model)
         records = {r.name: r for r in find_tensors(model)}
         sites, skipped = select_layers(model, records, SUPPORTED_OPS, config, _judge(records))
         for decision in skipped:
@@ -185,6 +187,7 @@ class Prune:
         grams = self._original_grams(model, layers) if self.calibration is not None else {}
         scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
         counts = self._allocate(layers, weights, scores, report)
+        del scores  # recomputed per layer below: big models keep one layer's scores at a time
         refit_on = self.calibration is not None and config.reconstruct
         if refit_on:
             report.notes.append(
@@ -268,8 +271,8 @@ class Prune:
             elif name in curves:
                 cost = _curve_costs(*curves[name], sizes[name], int(np.sum(s == 0)))
             else:
-                sq = s.astype(np.float64) ** 2
-                cost = sq / max(float(sq.sum()), 1e-30)
+                sq = np.square(s, dtype=np.float32)
+                cost = sq / np.float32(max(float(sq.sum(dtype=np.float64)), 1e-30))
             costs[name] = cost[: caps[name]]
         if curves:
             report.notes.append(f"allocation from measured sensitivity for {len(curves)} layer(s)")
@@ -414,8 +417,8 @@ def _k(layer: _Layer) -> int:
 
 
 def _matrix(layer: _Layer, owners) -> np.ndarray:
-    """The weight as the layer multiplies by it, [K, N] float64 (Gemm alpha folded in)."""
-    w = numpy_helper.to_array(owners[layer.weight][1]).astype(np.float64)
+    """The weight as the layer multiplies by it, [K, N] float32 (Gemm alpha folded in; the refit works in float64)."""
+    w = numpy_helper.to_array(owners[layer.weight][1]).astype(np.float32)
     if layer.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
     if layer.transposed:

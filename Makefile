@@ -33,12 +33,14 @@ samples: venv
 clean:
 	rm -rf build .pytest_cache
 
-## bench: onnxshrink vs onnxruntime's quantizer on the sample models and a generated MLP -> docs/benchmarks.md,
-## prune curves -> docs/prune.md, pack vs xz/zstd -> docs/benchmarks-pack.md (real models too once bench-real cached them),
-## and the Huffman coder's own speed (printed)
-bench: venv
+## bench: everything below but the 2.5 GB scale run (about 20 minutes on 2 cores): the real models first (fetched
+## into ~/.cache/onnxshrink), then onnxshrink vs onnxruntime's quantizers on the sample models and a generated MLP
+## -> docs/benchmarks.md, prune curves -> docs/prune.md, cluster -> docs/benchmarks-cluster.md, pack vs xz/zstd on
+## sample and real models -> docs/benchmarks-pack.md, and the Huffman coder's own speed (printed)
+bench: bench-real
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/prune_curves.py
+	$(BIN)/python bench/cluster_bench.py
 	$(BIN)/python bench/pack_bench.py
 	$(BIN)/python bench/codec_speed.py
 
@@ -50,8 +52,10 @@ bench-prune: venv
 bench-cluster: venv
 	$(BIN)/python bench/cluster_bench.py
 
+## bench-quick: a few minutes: the sample models only, quick variants, into build/
 bench-quick: venv
 	$(BIN)/python bench/run.py --quick --out build/benchmarks-quick.md
+	$(BIN)/python bench/pack_bench.py --quick --out build/benchmarks-pack-quick.md
 
 ## bench-real: real pretrained models from PyPI packages (cached outside the repo) -> docs/benchmarks-real.md, and the
 ## OCR models on rendered text -> docs/benchmarks-ocr.md

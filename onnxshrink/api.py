@@ -14,6 +14,7 @@ from onnxshrink import model as model_io
 from onnxshrink.errors import OutputError, UsageError
 from onnxshrink.info import inspect_model
 from onnxshrink.data import input_specs, load_npz
+from onnxshrink.passes.common import handed_over
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
@@ -274,7 +275,9 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
     model_io.check_output_path(output, [model_path], force)
     original = model_io.load(model_path, for_rewrite=True)
-    result, pass_report = make_pass(original)(original)
+    transform = make_pass(original)
+    with handed_over(original):  # loaded for this pass alone: rewritten in place, not held twice
+        result, pass_report = transform(original)
     model_io.stamp(result, command, options)
     external = model_io.file_has_external_data(model_path)
     del original

@@ -3,6 +3,7 @@ fresh names, and initializer bookkeeping across subgraph scopes."""
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass
 
@@ -13,11 +14,29 @@ from onnxshrink.model import iter_graphs, prepare
 from onnxshrink.report import LayerDecision, PassReport
 
 
+_HANDED_OVER: set[int] = set()
+
+
+@contextlib.contextmanager
+def handed_over(model: onnx.ModelProto):
+    """Within this block a pass rewrites `model` in place instead of copying it: for a caller that loaded
+    the model only to transform it (the command API), so a model with gigabytes of weights is not held twice."""
+    _HANDED_OVER.add(id(model))
+    try:
+        yield model
+    finally:
+        _HANDED_OVER.discard(id(model))
+
+
 def begin_pass(model: onnx.ModelProto, name: str, options: dict) -> tuple[onnx.ModelProto, PassReport]:
-    """A copy of the model to rewrite (passes never touch their input), its Constant-node
-    tensors moved to initializers, and the pass's report with a note saying how many moved."""
-    copy = onnx.ModelProto()
-    copy.CopyFrom(model)
+    """A copy of the model to rewrite (passes never touch their input, unless it was handed over),
+    its Constant-node tensors moved to initializers, and the pass's report with a note saying how many moved."""
+    if id(model) in _HANDED_OVER:
+        _HANDED_OVER.discard(id(model))
+        copy = model
+    else:
+        copy = onnx.ModelProto()
+        copy.CopyFrom(model)
     report = PassReport(name, options)
     moved = prepare(copy)
     if moved:

@@ -43,6 +43,7 @@ bench: bench-real
 	$(BIN)/python bench/cluster_bench.py
 	$(BIN)/python bench/pack_bench.py
 	$(BIN)/python bench/codec_speed.py
+	$(BIN)/python bench/compress_bench.py --budget 5m
 
 ## bench-prune: accuracy vs sparsity of prune on the sample models, channel-pruning latency -> docs/prune.md
 bench-prune: venv

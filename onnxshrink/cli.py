@@ -369,6 +369,66 @@ def cluster_command(
         raise typer.Exit(EXIT_THRESHOLD)
 
 
+@app.command("compress")
+@_edge
+def compress_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path: .shrink writes the packed file, .onnx the runnable model (default MODEL.compressed.shrink).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe: passes in order with per-layer settings; runs it instead of searching.")] = None,
+    save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Write the chosen pipeline, per layer, as a TOML recipe.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: reconstruction, GPTQ, codebook refits; judging data when --data is not given.")] = None,
+    time_budget: Annotated[str, typer.Option("--time-budget", help="Stop searching after this long: 90s, 5m, 1h or seconds. The best valid model so far is always on disk.")] = "10m",
+    data: DataOpt = None,
+    labels: LabelsOpt = None,
+    samples: SamplesOpt = None,
+    max_drift: MaxDriftOpt = None,
+    min_cosine: MinCosineOpt = None,
+    max_accuracy_drop: MaxAccDropOpt = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = 1,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Find the smallest model within an accuracy/drift budget (prune, quantize or cluster per layer, pack), or run a recipe."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from onnxshrink.compress_search import CompressConfig, compress, parse_duration
+    from onnxshrink.render import render_compress
+
+    config = CompressConfig(thresholds=Thresholds(max_drift, min_cosine, None, max_accuracy_drop, None),
+                            data=str(data) if data else None, labels=labels, samples=samples,
+                            calibration=str(calibration) if calibration else None, time_budget_s=parse_duration(time_budget),
+                            threads=threads, seed=seed)
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+               TimeElapsedColumn())
+    bar = Progress(*columns, console=Console(stderr=True), transient=True)  # started by the first report of progress
+    tasks = {}
+
+    def progress(step: str, done: int, total: int) -> None:
+        if "task" not in tasks:
+            bar.start()
+            tasks["task"] = bar.add_task(escape(step), total=total)
+        bar.update(tasks["task"], description=escape(step), completed=done, total=total)
+
+    try:
+        report = compress(model, output, config, recipe=recipe, save_recipe=save_recipe, force=force, progress=progress)
+    except KeyboardInterrupt:
+        from onnxshrink.model import default_output
+
+        bar.stop()
+        written = output or default_output(model, "compressed", ".shrink")
+        Console(stderr=True).print(f"[red]interrupted[/]; {escape(str(written))} holds the best valid model found so far, "
+                                   "if one was written", highlight=False)
+        raise typer.Exit(EXIT_INTERRUPTED) from None
+    finally:
+        if tasks:
+            bar.stop()
+    _emit(as_json, report, render_compress)
+    if not report.passed:
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
 @app.command("sensitivity")
 @_edge
 def sensitivity_command(

@@ -179,3 +179,32 @@ def render_sensitivity(console: Console, report) -> None:
         console.print(f"[dim]not measured: {escape(decision.node)} ({escape(decision.reason)})[/]")
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
+
+
+def render_compress(console: Console, report) -> None:
+    """compress: the candidates tried, the chosen per-layer settings, then the final validation."""
+    if report.candidates:
+        table = Table(title="compress: candidates (whole model validated against the original)", title_justify="left")
+        for col in ("#", "phase", "recipe", "size", "x smaller", "accuracy", "cosine", "passed", "s"):
+            table.add_column(col, overflow="fold", justify="left" if col in ("phase", "recipe", "passed") else "right")
+        for c in report.candidates:
+            verdict = ("[green]best[/]" if c.best else "pass") if c.passed else ("[red]error[/]" if c.error else "fail")
+            table.add_row(str(c.index), c.phase, escape(c.error or c.recipe), human_bytes(c.size), _num(c.times_smaller, 3),
+                          _num(c.accuracy), _num(c.cosine, 6), verdict, f"{c.seconds:.1f}", style="" if c.passed else "dim")
+        console.print(table)
+    if report.layers:
+        table = Table(title=escape(f"chosen: {report.recipe_summary}"), title_justify="left")
+        for col in ("node", "sparsity", "weights as"):
+            table.add_column(col, overflow="fold", justify="right" if col == "sparsity" else "left")
+        for layer in report.layers:
+            table.add_row(escape(layer.node), f"{layer.sparsity:.1%}", escape(layer.format))
+        console.print(table)
+    if report.validation:
+        render_validation(console, report.validation)
+    for note in report.notes:
+        console.print(f"[yellow]note:[/] {escape(note)}")
+    budget = f" of a {report.time_budget_s:g} s budget" if report.time_budget_s else ""
+    console.print(f"{report.stopped}: {len(report.candidates)} candidate(s) in {report.seconds:.1f} s{budget}")
+    if report.output and report.size.get("output"):
+        console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, "
+                      f"{report.size['times_smaller']:.1f}x smaller than the input)")

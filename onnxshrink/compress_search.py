@@ -1,0 +1,798 @@
+"""`onnxshrink compress`: recipe-driven pipelines and the automatic search for the smallest valid model.
+
+A recipe is an ordered list of passes (prune, quantize, cluster), each with its options and
+per-layer rules (glob patterns on node names), read from TOML:
+
+    [[passes]]
+    name = "prune"
+    sparsity = 0.85
+
+    [[passes.layers]]
+    match = "fc3*"          # node-name glob; a later rule overrides an earlier one
+    sparsity = 0.5          # prune: sparsity or skip; cluster: bits or skip; quantize: skip
+
+    [[passes]]
+    name = "cluster"
+    bits = 4
+
+`run_recipe` chains the library calls (api.prune / api.quantize / api.cluster, unvalidated, into
+temporary files), then packs when the output ends in `.shrink`. `compress` in automatic mode:
+
+  1. the lossless form of the input (a pack, or the model itself for an `.onnx` output) is the first
+     best, so a valid output exists from the start;
+  2. each layer's pruning sensitivity is measured once (layer_sensitivity): it orders the per-layer moves;
+  3. for each weight format (cluster 2^bits codebooks, 4-bit GPTQ, dynamic int8) the highest sparsity
+     that passes is found by bisection over a grid (accuracy falls with sparsity);
+  4. from the best of those, per-layer moves (one layer pruned further, or one layer one bit narrower)
+     are tried greedily, the smallest passing one kept each round.
+
+Every candidate is the whole model validated against the original on the judging data; a passing
+candidate smaller than the best replaces the output atomically, so the file on disk is always the
+best valid model so far. The clock is checked before each candidate, and one that would overrun the
+time budget (estimated from the last ones) is not started.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import fnmatch
+import importlib
+import itertools
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import time
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnxshrink import api
+from onnxshrink import model as model_io
+from onnxshrink.errors import DataError, UsageError
+from onnxshrink.passes.common import glob_literal
+from onnxshrink.report import JsonReport, ValidationReport
+from onnxshrink.validate import Thresholds, ValidateConfig
+
+PASSES = ("prune", "quantize", "cluster")
+LAYER_OPS = ("MatMul", "Gemm", "Conv")
+_STR_LIST = "list of strings"
+# option -> type name; "number" accepts int and float, never bool.
+PASS_OPTIONS = {
+    "prune": {"sparsity": "number", "pattern": "string", "importance": "string", "scope": "string",
+              "reconstruct": "boolean", "exclude": _STR_LIST, "keep_float": "string", "refit_steps": "integer"},
+    "quantize": {"mode": "string", "bits": "integer", "block_size": "integer", "algorithm": "string",
+                 "act_order": "boolean", "symmetric": "boolean", "per_channel": "boolean", "exclude": _STR_LIST,
+                 "keep_float": "string", "min_weights": "integer"},
+    "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
+                "keep_float": "string", "min_weights": "integer"},
+}
+LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
+                 "cluster": {"bits": "integer", "skip": "boolean"}}
+DEFAULT_SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95)
+DEFAULT_TIME_BUDGET_S = 600.0
+CACHED_STEPS = 8  # first-pass results a search keeps for reuse
+_STEP_NUMBERS = itertools.count()  # unique step file names within a work folder
+FINAL_LATENCY_S = 1.0  # the final report's latency measurement
+
+Progress = Callable[[str, int, int], None]
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+@dataclass
+class LayerRule:
+    match: str  # glob on node names
+    options: dict  # sparsity / bits / skip
+
+
+@dataclass
+class PassSpec:
+    name: str
+    options: dict = field(default_factory=dict)
+    layers: list = field(default_factory=list)  # LayerRule, later rules override earlier ones
+
+
+@dataclass
+class Recipe:
+    passes: list = field(default_factory=list)  # PassSpec, in order
+
+    def summary(self) -> str:
+        parts = []
+        for spec in self.passes:
+            opts = ", ".join(f"{k}={v}" for k, v in spec.options.items() if k != "exclude")
+            rules = f", {len(spec.layers)} layer rule(s)" if spec.layers else ""
+            parts.append(f"{spec.name}({opts}{rules})")
+        return " -> ".join(parts) or "lossless"
+
+    def to_dict(self) -> dict:
+        return {"passes": [{"name": s.name, **s.options, **({"layers": [{"match": r.match, **r.options} for r in s.layers]}
+                                                             if s.layers else {})} for s in self.passes]}
+
+    def to_toml(self) -> str:
+        lines = ["# onnxshrink compress recipe: onnxshrink compress MODEL --recipe THIS_FILE", ""]
+        for spec in self.passes:
+            lines += ["[[passes]]", f"name = {_toml_value(spec.name)}"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in spec.options.items()]
+            for rule in spec.layers:
+                lines += ["", "[[passes.layers]]", f"match = {_toml_value(rule.match)}"]
+                lines += [f"{key} = {_toml_value(value)}" for key, value in rule.options.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(float(value)) if isinstance(value, float) else str(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(str(value))  # a TOML basic string: JSON's escapes are TOML's
+
+
+def _type_ok(value, kind: str) -> bool:
+    if kind == "number":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if kind == "integer":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "boolean":
+        return isinstance(value, bool)
+    if kind == "string":
+        return isinstance(value, str)
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _check_options(where: str, given: dict, allowed: dict) -> dict:
+    for key, value in given.items():
+        if key not in allowed:
+            raise UsageError(f"{where}: unknown option {key!r} (choose from {', '.join(allowed)})")
+        if not _type_ok(value, allowed[key]):
+            raise UsageError(f"{where}: option {key!r} must be a {allowed[key]}, not {value!r}")
+    return dict(given)
+
+
+def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
+    """A recipe from its TOML table; every problem is a one-line UsageError naming the bad key."""
+    unknown = sorted(set(data) - {"passes"})
+    if unknown:
+        raise UsageError(f"{source}: unknown key {unknown[0]!r} (a recipe holds [[passes]] tables)")
+    passes = data.get("passes")
+    if not isinstance(passes, list) or not passes or not all(isinstance(p, dict) for p in passes):
+        raise UsageError(f"{source}: no [[passes]] tables (each names a pass: {', '.join(PASSES)})")
+    recipe = Recipe()
+    for index, table in enumerate(passes):
+        table = dict(table)
+        name = table.pop("name", None)
+        where = f"{source}: passes[{index}]"
+        if name not in PASSES:
+            raise UsageError(f"{where}: unknown pass {name!r} (choose {', '.join(PASSES)})")
+        where = f"{where} ({name})"
+        rules = table.pop("layers", [])
+        if not isinstance(rules, list) or not all(isinstance(r, dict) for r in rules):
+            raise UsageError(f"{where}: 'layers' must be [[passes.layers]] tables")
+        spec = PassSpec(name, _check_options(where, table, PASS_OPTIONS[name]))
+        for number, rule in enumerate(rules):
+            rule = dict(rule)
+            at = f"{where}.layers[{number}]"
+            match = rule.pop("match", None)
+            if not isinstance(match, str) or not match:
+                raise UsageError(f"{at}: 'match' must be a glob string on node names (such as \"fc1*\"), not {match!r}")
+            if not rule:
+                raise UsageError(f"{at}: sets nothing (choose from {', '.join(LAYER_OPTIONS[name])})")
+            spec.layers.append(LayerRule(match, _check_options(at, rule, LAYER_OPTIONS[name])))
+        _check_values(where, spec)
+        recipe.passes.append(spec)
+    return recipe
+
+
+def _check_values(where: str, spec: PassSpec) -> None:
+    """Values the pass configs would refuse late (after earlier passes ran): refused up front."""
+    options = spec.options
+    if spec.name == "quantize":
+        mode = _quantize_mode(options)
+        if mode not in ("dynamic", "blockwise"):
+            raise UsageError(f"{where}: mode {mode!r}: choose dynamic (int8) or blockwise (MatMulNBits)")
+        bits = options.get("bits", 8 if mode == "dynamic" else 4)
+        if (mode == "dynamic" and bits != 8) or bits not in (2, 4, 8):
+            raise UsageError(f"{where}: bits {bits}: dynamic is 8-bit; blockwise takes 2, 4 or 8")
+        if options.get("block_size", 32) not in (16, 32, 64, 128, 256):
+            raise UsageError(f"{where}: block_size {options['block_size']}: choose 16, 32, 64, 128 or 256")
+        if options.get("algorithm", "rtn") not in ("rtn", "gptq"):
+            raise UsageError(f"{where}: algorithm {options['algorithm']!r}: choose rtn or gptq")
+    for number, rule in enumerate(spec.layers):
+        value = rule.options.get("sparsity")
+        if value is not None and not 0.0 <= value <= 0.98:
+            raise UsageError(f"{where}.layers[{number}]: sparsity {value}: must be between 0 and 0.98")
+        bits = rule.options.get("bits")
+        if bits is not None and not 1 <= bits <= 8:
+            raise UsageError(f"{where}.layers[{number}]: bits {bits}: must be between 1 and 8")
+
+
+def _quantize_mode(options: dict) -> str:
+    default = "dynamic" if options.get("bits", 8) == 8 and options.get("algorithm", "rtn") == "rtn" else "blockwise"
+    return options.get("mode", default)
+
+
+def load_recipe(path: str | os.PathLike) -> Recipe:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: no such recipe file") from None
+    except IsADirectoryError:
+        raise DataError(f"{path}: is a directory, not a recipe file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise DataError(f"{path}: cannot read the recipe ({model_io.first_line(exc)})") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise UsageError(f"{path}: not valid TOML ({model_io.first_line(exc)})") from None
+    return parse_recipe(data, str(path))
+
+
+# ---- running a recipe ---------------------------------------------------------------------------
+
+@dataclass
+class RecipeRun:
+    output: str
+    passes: list  # PassReport of each step
+    layer_sparsity: dict  # node -> fraction of zeros after the prune step(s)
+    layer_format: dict  # node -> what quantize/cluster did ("cluster 4-bit ...", "int8 per-channel", "kept")
+    layer_bits: dict  # node -> codebook bits (cluster steps)
+    sparsity: float = 0.0  # zeros / weights over the pruned layers
+
+
+def layer_names(model) -> list[str]:
+    """Names of MatMul/Gemm/Conv nodes, as the passes name them (node.name or OpType_index)."""
+    names = []
+    for graph in model_io.iter_graphs(model.graph):
+        for index, node in enumerate(graph.node):
+            if node.op_type in LAYER_OPS and node.domain in ("", "ai.onnx"):
+                names.append(node.name or f"{node.op_type}_{index}")
+    return names
+
+
+def _resolve(rules, key: str, names: list[str], where: str) -> dict:
+    """node -> the value of `key` from the last rule matching it; a rule matching no layer is an error."""
+    chosen = {}
+    for rule in rules:
+        hits = [n for n in names if fnmatch.fnmatchcase(n, rule.match)]
+        if not hits:
+            raise UsageError(f"{where}: layer rule {rule.match!r} matches no layer of the model "
+                             f"(layers: {', '.join(names) or 'none'})")
+        if key in rule.options:
+            chosen.update({n: rule.options[key] for n in hits})
+    return chosen
+
+
+def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, threads: int) -> list:
+    """Run one recipe pass from `current` into `target`; returns its pass report(s)."""
+    options = dict(spec.options)
+    names = layer_names(model_io.load(current))
+    skip = [r.match for r in spec.layers if r.options.get("skip")]
+    _resolve(spec.layers, "skip", names, where)  # every rule must name a layer
+    exclude = tuple(options.pop("exclude", ())) + tuple(skip)
+    common = {"calibration": calibration, "force": True, "run_validation": False, "threads": threads}
+    if spec.name == "prune":
+        from onnxshrink.passes.prune import PruneConfig
+
+        overrides = _resolve(spec.layers, "sparsity", names, where)
+        config = PruneConfig(**{"sparsity": 0.5, **options}, exclude=exclude, layer_sparsity=overrides)
+        return api.prune(current, target, config, **common).passes
+    if spec.name == "quantize":
+        mode = _quantize_mode(options)
+        options.pop("mode", None)
+        if mode == "dynamic":
+            from onnxshrink.passes.quantize import QuantizeConfig
+
+            options.pop("bits", None)
+            return api.quantize(current, target, QuantizeConfig(**options, exclude=exclude), **common).passes
+        from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
+
+        return api.quantize(current, target, BlockwiseConfig(**options, exclude=exclude), **common).passes
+    from onnxshrink.passes.cluster import ClusterConfig
+
+    bits = _resolve(spec.layers, "bits", names, where)
+    default = options.pop("bits", 4)
+    groups = {}
+    for name in names:
+        if not any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            groups.setdefault(bits.get(name, default), []).append(name)
+    if not groups:
+        groups = {default: []}
+    reports, source = [], current
+    for number, (width, members) in enumerate(sorted(groups.items(), reverse=True)):
+        others = tuple(glob_literal(n) for n in names if n not in members) if len(groups) > 1 else ()
+        out = target if number == len(groups) - 1 else target.with_name(f"{target.stem}.bits{width}.onnx")
+        config = ClusterConfig(**options, bits=width, exclude=exclude + others)
+        reports += api.cluster(source, out, config, **common).passes
+        source = out
+    return reports
+
+
+def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.PathLike, *,
+               calibration: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
+               threads: int = 1, cache: dict | None = None) -> RecipeRun:
+    """Run the recipe's passes in order (unvalidated) and write OUTPUT (packed when it ends in .shrink).
+
+    `cache` (key -> (file, reports)) lets a search reuse the first pass (prune, the slow one) of recipes that
+    share it; it keeps the CACHED_STEPS latest, in `workdir`. Every other step file is removed on return.
+    """
+    model_path, output = Path(model_path), Path(output)
+    parent = Path(workdir) if workdir is not None else output.parent
+    scratch = Path(tempfile.mkdtemp(prefix=".onnxshrink.", suffix=".recipe", dir=parent))
+    try:
+        current, reports, sparsity, counts = model_path, [], {}, {}
+        for index, spec in enumerate(recipe.passes):
+            where = f"recipe passes[{index}] ({spec.name})"
+            key = json.dumps([spec.name, spec.options, [[r.match, r.options] for r in spec.layers]], sort_keys=True)
+            shared = cache is not None and index == 0 and len(recipe.passes) > 1
+            if shared and key in cache:
+                current, produced = cache[key]
+            else:
+                target = (parent if shared else scratch) / f"step{index}.{spec.name}.{next(_STEP_NUMBERS)}.onnx"
+                produced = _step(spec, where, current, target, calibration, threads)
+                current = target
+                if shared:
+                    cache[key] = (target, produced)
+                    while len(cache) > CACHED_STEPS:
+                        Path(cache.pop(next(iter(cache)))[0]).unlink(missing_ok=True)
+            reports += produced
+            if spec.name == "prune":
+                counts.update(_zero_counts(current, produced))
+                sparsity.update({node: zeros / size for node, (zeros, size) in counts.items()})
+        if output.name.endswith(".shrink"):
+            api.pack(current, output, force=True)
+        else:
+            _copy_model(current, output)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    formats, bits = {}, {}
+    for report in reports:
+        if report.name == "prune":
+            continue
+        for decision in report.layers:
+            if decision.action != "kept" and not decision.action.startswith("kept"):
+                formats[decision.node] = decision.action
+                if report.name == "cluster":
+                    bits[decision.node] = int(report.options.get("bits", 0))
+            else:
+                formats.setdefault(decision.node, "float")
+    overall = sum(z for z, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1)
+    return RecipeRun(str(output), reports, sparsity, formats, bits, overall)
+
+
+def _zero_counts(path: Path, reports) -> dict:
+    """node -> (zeros, weights) of its pruned weight: zeros / weights is what layer_sparsity needs to reproduce
+    the mask exactly."""
+    model = model_io.load(path)
+    tensors = {t.name: t for g in model_io.iter_graphs(model.graph) for t in g.initializer}
+    fractions = {}
+    for report in reports:
+        for decision in report.layers:
+            tensor = tensors.get(decision.weight)
+            if tensor is not None and decision.action.startswith(("pruned", "sparsity")):
+                array = numpy_helper.to_array(tensor)
+                fractions[decision.node] = (int(np.sum(array == 0)), array.size)
+    return fractions
+
+
+def _copy_model(source: Path, output: Path) -> None:
+    """Place a model at OUTPUT atomically, converting between .onnx and .shrink as OUTPUT's name says."""
+    source, output = Path(source), Path(output)
+    if output.name.endswith(".shrink") and not model_io.is_pack(source):
+        api.pack(source, output, force=True)
+    elif model_io.is_pack(source) != output.name.endswith(".shrink") or model_io.file_has_external_data(source):
+        model_io.save(model_io.load(source), output, force=True)
+    else:
+        data = source.read_bytes()
+        model_io.write_atomically(output, lambda stream: stream.write(data))
+
+
+# ---- the automatic search -----------------------------------------------------------------------
+
+@dataclass
+class CompressConfig:
+    thresholds: Thresholds | None = None
+    data: str | None = None  # judging data (.npz); the calibration data when None
+    labels: str | None = None
+    samples: int | None = None
+    calibration: str | None = None
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S
+    threads: int = 1
+    seed: int = 0
+    sparsities: tuple = DEFAULT_SPARSITIES
+    formats: tuple | None = None  # names from FORMATS to try (None: every one available)
+    refine: bool = True  # per-layer moves after the uniform settings
+    max_candidates: int | None = None  # stop after this many candidates (the time budget applies as well)
+
+
+# name -> the quantize/cluster pass of that weight format (None: float weights)
+FORMATS = {
+    "cluster4": PassSpec("cluster", {"bits": 4}),
+    "cluster3": PassSpec("cluster", {"bits": 3}),
+    "gptq4": PassSpec("quantize", {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"}),
+    "cluster5": PassSpec("cluster", {"bits": 5}),
+    "cluster6": PassSpec("cluster", {"bits": 6}),
+    "int8": PassSpec("quantize", {"mode": "dynamic"}),
+    "cluster2": PassSpec("cluster", {"bits": 2}),
+    "float": None,
+}
+
+
+@dataclass
+class Candidate:
+    index: int
+    phase: str  # "lossless", "uniform", "per-layer", "recipe"
+    recipe: str  # summary
+    size: int | None
+    times_smaller: float | None
+    accuracy: float | None
+    max_abs: float | None
+    cosine: float | None
+    passed: bool
+    best: bool  # became the best so far (written to the output)
+    seconds: float
+    error: str | None = None
+
+
+@dataclass
+class LayerChoice:
+    node: str
+    sparsity: float  # fraction of zeros
+    format: str  # what quantize/cluster wrote, or "float"
+    bits: int | None  # cluster codebook bits
+
+
+@dataclass
+class CompressReport(JsonReport):
+    command: str
+    mode: str  # "auto" or "recipe"
+    input: str
+    output: str | None
+    passed: bool
+    size: dict  # original, output, ratio, times_smaller, lossless
+    recipe: dict | None  # the chosen recipe, per layer (what --save-recipe writes)
+    recipe_summary: str
+    layers: list  # LayerChoice
+    candidates: list  # Candidate
+    validation: ValidationReport | None
+    seconds: float
+    time_budget_s: float | None
+    stopped: str  # "search done", "time budget", "recipe"
+    notes: list = field(default_factory=list)
+
+
+def parse_duration(text: str) -> float:
+    """'90s', '5m', '1h', '1.5m' or plain seconds -> seconds; anything else a UsageError."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([smh]?)\s*", str(text))
+    if not match or float(match[1]) <= 0:
+        raise UsageError(f"--time-budget {text!r}: expected a positive duration such as 90s, 5m, 1h or 600")
+    return float(match[1]) * {"": 1, "s": 1, "m": 60, "h": 3600}[match[2]]
+
+
+class _Search:
+    def __init__(self, model_path: Path, output: Path, config: CompressConfig, workdir: Path, progress: Progress | None):
+        self.model_path, self.output, self.config, self.workdir = model_path, output, config, workdir
+        self.progress = progress or (lambda step, done, total: None)
+        self.started = time.monotonic()
+        self.candidates: list[Candidate] = []
+        self.cache: dict = {}
+        self.best: tuple | None = None  # (size, recipe, run, validation)
+        self.stopped = "search done"
+        self.costs: list[float] = []
+        self.starts: dict = {}  # format -> (candidate, recipe, run): its smallest passing uniform setting
+        self.fragility: dict = {}  # escaped node name -> output drift when that layer alone is pruned hard
+        self.pack = output.name.endswith(".shrink")
+        self.original_size = model_io.file_size(model_path)
+        data = config.data or config.calibration
+        self.judging = ValidateConfig(data=data, labels=config.labels, samples=config.samples, threads=config.threads,
+                                      seed=config.seed, latency=False, thresholds=config.thresholds)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started
+
+    def affordable(self) -> bool:
+        """Whether one more candidate (costed as the slowest of the last three) fits in the budget."""
+        if self.config.max_candidates is not None and len(self.candidates) >= self.config.max_candidates:
+            self.stopped = "candidate limit"
+            return False
+        estimate = max(self.costs[-3:], default=0.0)
+        final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)  # the lossless candidate: one validation
+        if self.elapsed() + estimate + final_check > self.config.time_budget_s:
+            self.stopped = "time budget"
+            return False
+        return True
+
+    def tick(self, step: str) -> None:
+        budget = int(math.ceil(self.config.time_budget_s))
+        best = f" (best {self.original_size / self.best[0]:.1f}x smaller)" if self.best else ""
+        self.progress(f"{step}{best}", min(int(self.elapsed()), budget), budget)
+
+    def attempt(self, recipe: Recipe, phase: str, strict: bool = False, label: str | None = None) -> tuple[Candidate, RecipeRun | None]:
+        """Build, validate, and keep a candidate if it passes and is the smallest so far. Unless `strict`, a
+        candidate the passes cannot build is recorded as failed and the search goes on."""
+        start = time.monotonic()
+        index = len(self.candidates)
+        target = self.workdir / f"candidate{index}{'.shrink' if self.pack else '.onnx'}"
+        run = report = error = None
+        try:
+            if recipe.passes:
+                run = run_recipe(self.model_path, recipe, target, calibration=self.config.calibration,
+                                 workdir=self.workdir, threads=self.config.threads, cache=self.cache)
+            else:
+                _copy_model(self.model_path, target)
+                run = RecipeRun(str(target), [], {}, {}, {})
+            report = api.validate(self.model_path, target, self.judging)
+        except Exception as exc:
+            if strict:
+                raise
+            error = f"{type(exc).__name__}: {model_io.first_line(exc)}"
+        size = target.stat().st_size if target.exists() and error is None else None
+        passed = report is not None and report.passed
+        better = passed and (self.best is None or size < self.best[0])
+        if better:
+            _copy_model(target, self.output)
+            self.best = (size, recipe, run, report)
+        self.candidates.append(Candidate(
+            index, phase, label or recipe.summary(), size, self.original_size / size if size else None,
+            report.accuracy["candidate"] if report and report.accuracy else None,
+            max((o.max_abs for o in report.outputs.values()), default=None) if report else None,
+            min((o.cosine for o in report.outputs.values()), default=None) if report else None,
+            passed, better, time.monotonic() - start, error))
+        target.unlink(missing_ok=True)
+        self.costs.append(time.monotonic() - start)
+        return self.candidates[-1], run
+
+    def uniform(self, formats: list[str]) -> None:
+        """Per format, the highest passing sparsity on the grid, by bisection (accuracy falls with sparsity)."""
+        grid = sorted(self.config.sparsities) if self.pack else [0.0]  # zeros buy nothing in an unpacked file
+        for name in formats:
+            low, high = -1, len(grid)
+            while high - low > 1:
+                if not self.affordable():
+                    return
+                mid = (low + high) // 2
+                self.tick(f"{name}, sparsity {grid[mid]:g}")
+                passes = [PassSpec("prune", {"sparsity": grid[mid]})] if grid[mid] > 0 else []
+                if FORMATS[name] is not None:
+                    passes.append(PassSpec(FORMATS[name].name, dict(FORMATS[name].options)))
+                if not passes:
+                    low = mid  # the float model unpruned: the lossless start
+                    continue
+                candidate, run = self.attempt(Recipe(passes), "uniform")
+                low, high = (mid, high) if candidate.passed else (low, mid)
+                if candidate.passed and (name not in self.starts or candidate.size < self.starts[name][0].size):
+                    self.starts[name] = (candidate, Recipe(passes), run)
+
+    def refine(self) -> None:
+        """Per-layer moves from each format's best uniform setting, the smallest first, while time remains."""
+        for candidate, recipe, run in sorted(self.starts.values(), key=lambda start: start[0].size):
+            if not self.affordable():
+                return
+            self.descend(candidate, recipe, run)
+
+    def descend(self, start: Candidate, recipe: Recipe, run: RecipeRun) -> None:
+        """Greedy per-layer moves: one layer sparser, or one layer's codebook a bit narrower. Of the moves that pass
+        and shrink the file, the one saving the most bytes per unit of added output drift (1 - cosine) becomes the
+        base of the next round (coarse moves first, finer ones when none passes). The output keeps the smallest."""
+        size, drift = start.size, 1.0 - (start.cosine or 1.0)
+        while True:
+            base = resolve(recipe, run)
+            found = []
+            for tier in (0, 1):
+                # The least sensitive layers first: if the budget runs out, the likeliest moves were tried.
+                moves = sorted(_moves(base, tier), key=lambda m: self.fragility.get(base.passes[m[0]].layers[m[1]].match, 0.0))
+                for spec_index, rule_index, key, value in moves:
+                    if not self.affordable():
+                        return
+                    move = f"{base.passes[spec_index].layers[rule_index].match} {key} {value}"
+                    self.tick(f"per layer: {move}")
+                    edited = _with_rule(base, spec_index, rule_index, key, value)
+                    candidate, result = self.attempt(edited, "per-layer", label=f"base + {move}")
+                    if candidate.passed and candidate.size < size:
+                        found.append((candidate, edited, result))
+                if found:
+                    break
+            if not found:
+                return
+            step = max(found, key=lambda f: (size - f[0].size) / max(1.0 - (f[0].cosine or 1.0) - drift, 1e-6))
+            size, recipe, run, drift = step[0].size, step[1], step[2], 1.0 - (step[0].cosine or 1.0)
+
+
+def _moves(recipe: Recipe, tier: int) -> list:
+    """(pass, rule, key, value) edits of one layer: tier 0 removes 30% of a layer's kept weights or one codebook
+    bit, tier 1 removes 15% of its kept weights."""
+    moves = []
+    for spec_index, spec in enumerate(recipe.passes):
+        for rule_index, rule in enumerate(spec.layers):
+            s = rule.options.get("sparsity")
+            if spec.name == "prune" and s is not None and s < 0.95:
+                moves.append((spec_index, rule_index, "sparsity", round(min(0.95, 1 - (1 - s) * (0.7, 0.85)[tier]), 4)))
+            bits = rule.options.get("bits")
+            if spec.name == "cluster" and tier == 0 and bits is not None and bits > 2:
+                moves.append((spec_index, rule_index, "bits", bits - 1))
+    return moves
+
+
+def _with_rule(recipe: Recipe, spec_index: int, rule_index: int, key: str, value) -> Recipe:
+    passes = []
+    for i, spec in enumerate(recipe.passes):
+        rules = [LayerRule(r.match, dict(r.options)) for r in spec.layers]
+        if i == spec_index:
+            rules[rule_index].options[key] = value
+        passes.append(PassSpec(spec.name, dict(spec.options), rules))
+    return Recipe(passes)
+
+
+def resolve(recipe: Recipe, run: RecipeRun) -> Recipe:
+    """The recipe with every layer's realized choice written out (exact sparsity, bits): what --save-recipe
+    writes, and the base the per-layer moves edit."""
+    passes = []
+    for spec in recipe.passes:
+        options = dict(spec.options)
+        rules = [LayerRule(r.match, dict(r.options)) for r in spec.layers]
+        if spec.name == "prune" and run.layer_sparsity and options.get("pattern", "unstructured") == "unstructured":
+            options["sparsity"] = round(run.sparsity, 4)
+            rules = [r for r in rules if "sparsity" not in r.options]
+            rules += [LayerRule(glob_literal(node), {"sparsity": value}) for node, value in run.layer_sparsity.items()]
+        if spec.name == "cluster" and run.layer_bits:
+            rules = [r for r in rules if "bits" not in r.options]
+            rules += [LayerRule(glob_literal(node), {"bits": bits}) for node, bits in run.layer_bits.items()]
+        passes.append(PassSpec(spec.name, options, rules))
+    return Recipe(passes)
+
+
+def available_formats(calibration) -> list[str]:
+    formats = []
+    for name, spec in FORMATS.items():
+        if spec is not None and spec.name == "cluster":
+            try:
+                importlib.import_module("onnxshrink.passes.cluster")  # lands with `onnxshrink cluster`
+            except ImportError:
+                continue
+        if name == "gptq4" and calibration is None:
+            continue
+        formats.append(name)
+    return formats
+
+
+def compress(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    config: CompressConfig | None = None,
+    *,
+    recipe: Recipe | str | os.PathLike | None = None,
+    save_recipe: str | os.PathLike | None = None,
+    force: bool = False,
+    progress: Progress | None = None,
+) -> CompressReport:
+    """The smallest model within the thresholds (automatic), or the recipe's pipeline; OUTPUT is packed when it
+    ends in .shrink. Automatic mode always keeps the best valid model so far at OUTPUT."""
+    config = config or CompressConfig()
+    model_path = Path(model_path)
+    output = Path(output) if output is not None else model_io.default_output(model_path, "compressed", ".shrink")
+    if isinstance(recipe, (str, os.PathLike)):
+        recipe = load_recipe(recipe)
+    thresholds = config.thresholds or Thresholds()
+    if recipe is None and all(v is None for v in (thresholds.max_accuracy_drop, thresholds.min_cosine, thresholds.max_drift,
+                                                 thresholds.min_agreement)):
+        raise UsageError("automatic mode needs a budget: --max-accuracy-drop, --min-cosine or --max-drift (or give --recipe)")
+    if not config.time_budget_s > 0:
+        raise UsageError(f"time budget {config.time_budget_s}: must be positive")
+    if config.labels and not (config.data or config.calibration):
+        raise UsageError("--labels needs --data (or --calibration): labels are read from the data file")
+    if thresholds.max_accuracy_drop is not None and not config.labels:
+        raise UsageError("--max-accuracy-drop needs --labels (and --data holding them)")
+    inputs = [model_path] + [Path(p) for p in (config.data, config.calibration) if p]
+    model_io.check_output_path(output, inputs, force)
+    if save_recipe is not None:
+        model_io.check_output_path(Path(save_recipe), inputs, force)
+    model_io.load(model_path)  # unreadable input: exit 3 before anything runs
+    workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".compress", dir=output.parent))
+    try:
+        search = _Search(model_path, output, config, workdir, progress)
+        if recipe is not None:
+            report = _recipe_mode(search, recipe)
+        else:
+            report = _auto_mode(search)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if save_recipe is not None and report.recipe is not None and report.passed:
+        text = resolve_dict_toml(report.recipe)
+        model_io.write_atomically(Path(save_recipe), lambda stream: stream.write(text.encode()))
+        report.notes.append(f"recipe written to {save_recipe}: onnxshrink compress {model_path} --recipe {save_recipe}")
+    elif save_recipe is not None:
+        report.notes.append(f"no recipe written to {save_recipe}: " + ("the lossless form was the smallest valid model"
+                                                                        if report.passed else "no valid model was found"))
+    return report
+
+
+def resolve_dict_toml(recipe: dict) -> str:
+    return parse_recipe(recipe).to_toml()
+
+
+def _recipe_mode(search: _Search, recipe: Recipe) -> CompressReport:
+    search.tick("recipe")
+    config = search.config
+    target = search.workdir / f"recipe{'.shrink' if search.pack else '.onnx'}"
+    run = run_recipe(search.model_path, recipe, target, calibration=config.calibration, workdir=search.workdir,
+                     threads=config.threads)
+    search.tick("validate")
+    final = _final_validation(search, target)
+    destination = search.output
+    if not final.passed:
+        stem = search.output.name.rsplit(".", 1)[0]
+        destination = search.output.with_name(f"{stem}.failed{search.output.suffix}")
+    _copy_model(target, destination)
+    final.candidate = str(destination)
+    search.best = (target.stat().st_size, recipe, run, final)
+    report = _report(search, "recipe", final, destination)
+    report.stopped = "recipe"
+    if not final.passed:
+        report.notes.append(f"validation failed: result written to {destination} for inspection; {search.output} untouched")
+    return report
+
+
+def _auto_mode(search: _Search) -> CompressReport:
+    config = search.config
+    search.tick("lossless start")
+    start, _ = search.attempt(Recipe([]), "lossless", strict=True)
+    if not start.passed:
+        search.stopped = "thresholds cannot be met"
+        report = _report(search, "auto", None, None)
+        report.notes.append("even the lossless form of the model fails the thresholds (it decodes to the same model): "
+                            "they cannot be met; nothing written")
+        return report
+    if search.pack:
+        search.tick("sensitivity")
+        from onnxshrink.layer_sensitivity import SensitivityConfig
+
+        # Measured once, it orders the per-layer moves. Prune's own allocation is kept for the uniform settings:
+        # these curves are measured without the refit, and steering by them did worse (README, compress).
+        sensitivity = api.sensitivity(search.model_path, config.calibration, SensitivityConfig(sparsities=(0.9,)),
+                                      threads=config.threads)
+        search.fragility = {glob_literal(layer.node): layer.drift[0] for layer in sensitivity.layers}
+    formats = [f for f in available_formats(config.calibration) if config.formats is None or f in config.formats]
+    search.uniform(formats)
+    if config.refine:
+        search.refine()
+    search.tick("final check")
+    final = _final_validation(search, search.output)
+    report = _report(search, "auto", final, search.output)
+    if not search.pack:
+        report.notes.append("an .onnx output holds every zero: sparsity was not searched (write a .shrink to gain from it)")
+    return report
+
+
+def _final_validation(search: _Search, path: Path) -> ValidationReport:
+    config = dataclasses.replace(search.judging, latency=True, latency_budget_s=FINAL_LATENCY_S)
+    return api.validate(search.model_path, path, config)
+
+
+def _report(search: _Search, mode: str, final: ValidationReport | None, output: Path | None) -> CompressReport:
+    original = model_io.file_size(search.model_path)
+    lossless = next((c.size for c in search.candidates if c.phase == "lossless"), None)
+    recipe, layers, summary = None, [], "lossless"
+    if search.best is not None and search.best[1].passes:
+        chosen = resolve(search.best[1], search.best[2])
+        recipe, summary = chosen.to_dict(), search.best[1].summary()
+        run = search.best[2]
+        nodes = list(dict.fromkeys([*run.layer_sparsity, *run.layer_format]))
+        layers = [LayerChoice(n, run.layer_sparsity.get(n, 0.0), run.layer_format.get(n, "float"), run.layer_bits.get(n))
+                  for n in nodes]
+    size = model_io.file_size(output) if output is not None and output.exists() else None
+    return CompressReport(
+        "compress", mode, str(search.model_path), str(output) if output else None,
+        bool(final is not None and final.passed),
+        {"original": original, "output": size, "ratio": size / original if size else None,
+         "times_smaller": original / size if size else None, "lossless": lossless},
+        recipe, summary, layers, search.candidates, final, search.elapsed(),
+        search.config.time_budget_s if mode == "auto" else None, search.stopped)

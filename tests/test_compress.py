@@ -1,0 +1,256 @@
+"""compress: recipes (parse, run, write back), the automatic search, and the CLI's edges."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from conftest import SAMPLES, invoke, make_mlp, save_model, tree
+from onnxshrink import api, compress_search
+from onnxshrink.compress_search import CompressConfig, compress, load_recipe, parse_duration, parse_recipe, run_recipe
+from onnxshrink.errors import UsageError
+from onnxshrink.passes.cluster import ClusterConfig
+from onnxshrink.passes.prune import PruneConfig
+from onnxshrink.validate import Thresholds, ValidateConfig
+
+RECIPE = """
+[[passes]]
+name = "prune"
+sparsity = 0.8
+
+[[passes.layers]]
+match = "fc3*"
+sparsity = 0.5
+
+[[passes]]
+name = "cluster"
+bits = 4
+"""
+
+
+def tensors(path) -> dict:
+    model = api.load(path)
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.fixture
+def digits(tmp_path):
+    for suffix in ("onnx", "calib.npz", "eval.npz"):
+        shutil.copy(SAMPLES / f"digits_mlp.{suffix}", tmp_path / f"digits_mlp.{suffix}")
+    return tmp_path / "digits_mlp.onnx", tmp_path / "digits_mlp.calib.npz", tmp_path / "digits_mlp.eval.npz"
+
+
+def _config(calib, data, **extra) -> CompressConfig:
+    options = {"thresholds": Thresholds(max_accuracy_drop=0.01), "data": str(data), "labels": "labels",
+               "calibration": str(calib), "time_budget_s": 120, "formats": ("cluster4",), "sparsities": (0.0, 0.8, 0.9),
+               "refine": False}
+    return CompressConfig(**{**options, **extra})
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+
+def test_recipe_parses_and_writes_back_the_same(tmp_path):
+    path = tmp_path / "r.toml"
+    path.write_text(RECIPE)
+    recipe = load_recipe(path)
+    assert [p.name for p in recipe.passes] == ["prune", "cluster"]
+    assert recipe.passes[0].options == {"sparsity": 0.8}
+    assert recipe.passes[0].layers[0].match == "fc3*" and recipe.passes[0].layers[0].options == {"sparsity": 0.5}
+    again = parse_recipe(__import__("tomllib").loads(recipe.to_toml()))
+    assert again.to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("text,message", [
+    ('[[passes]]\nname = "shrinkwrap"\n', "passes[0]: unknown pass 'shrinkwrap' (choose prune, quantize, cluster)"),
+    ('[[passes]]\nname = "prune"\nspars = 0.5\n', "passes[0] (prune): unknown option 'spars'"),
+    ('[[passes]]\nname = "prune"\nsparsity = "high"\n', "passes[0] (prune): option 'sparsity' must be a number, not 'high'"),
+    ('[[passes]]\nname = "cluster"\n[[passes.layers]]\nmatch = 3\nbits = 3\n',
+     "passes[0] (cluster).layers[0]: 'match' must be a glob string on node names"),
+    ('[[passes]]\nname = "cluster"\n[[passes.layers]]\nmatch = "fc1*"\nsparsity = 0.5\n',
+     "passes[0] (cluster).layers[0]: unknown option 'sparsity' (choose from bits, skip)"),
+    ('[[passes]]\nname = "quantize"\nbits = 3\n', "passes[0] (quantize): bits 3"),
+    ('speed = 1\n[[passes]]\nname = "prune"\n', "unknown key 'speed'"),
+    ('passes = 3\n', "no [[passes]] tables"),
+    ('[[passes]\n', "not valid TOML"),
+])
+def test_bad_recipes_are_one_line_usage_errors(tmp_path, text, message):
+    path = tmp_path / "bad.toml"
+    path.write_text(text)
+    with pytest.raises(UsageError) as info:
+        load_recipe(path)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_run_recipe_equals_the_commands_run_by_hand(digits, tmp_path):
+    model, calib, _ = digits
+    recipe = parse_recipe(__import__("tomllib").loads(RECIPE))
+    run = run_recipe(model, recipe, tmp_path / "r.onnx", calibration=calib)
+    api.prune(model, tmp_path / "p.onnx", PruneConfig(sparsity=0.8, layer_sparsity={"fc3/MatMul": 0.5}), calibration=calib,
+              run_validation=False)
+    api.cluster(tmp_path / "p.onnx", tmp_path / "c.onnx", ClusterConfig(bits=4), calibration=calib, run_validation=False)
+    ours, theirs = tensors(tmp_path / "r.onnx"), tensors(tmp_path / "c.onnx")
+    assert ours.keys() == theirs.keys()
+    assert all(np.array_equal(ours[k], theirs[k]) for k in ours)
+    assert run.layer_sparsity["fc3/MatMul"] == pytest.approx(0.5, abs=1e-3)
+    assert set(run.layer_bits.values()) == {4}
+    # A .shrink output is the same model, packed.
+    run_recipe(model, recipe, tmp_path / "r.shrink", calibration=calib)
+    packed = tensors(tmp_path / "r.shrink")
+    assert all(np.array_equal(packed[k], theirs[k]) for k in theirs)
+
+
+def test_per_layer_bits_and_skip(digits, tmp_path):
+    model, calib, _ = digits
+    text = RECIPE + '\n[[passes.layers]]\nmatch = "fc1/*"\nbits = 3\n\n[[passes.layers]]\nmatch = "fc3/*"\nskip = true\n'
+    run = run_recipe(model, parse_recipe(__import__("tomllib").loads(text)), tmp_path / "r.onnx", calibration=calib)
+    assert run.layer_bits == {"fc1/MatMul": 3, "fc2/MatMul": 4}
+    assert run.layer_format["fc3/MatMul"] == "float"
+    # A rule that names no layer is refused with the layer names.
+    bad = parse_recipe(__import__("tomllib").loads(RECIPE.replace("fc3*", "conv*")))
+    with pytest.raises(UsageError, match="recipe passes\\[0\\] \\(prune\\): layer rule 'conv\\*' matches no layer of the model"):
+        run_recipe(model, bad, tmp_path / "x.onnx", calibration=calib)
+    assert not (tmp_path / "x.onnx").exists()
+
+
+@pytest.mark.parametrize("text,seconds", [("90s", 90), ("5m", 300), ("1h", 3600), ("600", 600), ("1.5m", 90)])
+def test_durations(text, seconds):
+    assert parse_duration(text) == seconds
+
+
+# ---- the automatic search -----------------------------------------------------------------------
+
+def test_automatic_mode_finds_a_smaller_valid_model_and_its_recipe_reproduces_it(digits, tmp_path):
+    model, calib, data = digits
+    out, saved = tmp_path / "out.shrink", tmp_path / "chosen.toml"
+    report = compress(model, out, _config(calib, data), save_recipe=saved)
+    assert report.passed and out.exists()
+    lossless = report.size["lossless"]
+    assert report.size["output"] < lossless / 5
+    assert [c.phase for c in report.candidates][:2] == ["lossless", "uniform"] and len(report.candidates) >= 3
+    assert all(c.size and c.seconds >= 0 for c in report.candidates)
+    assert {layer.node for layer in report.layers} == {"fc1/MatMul", "fc2/MatMul", "fc3/MatMul"}
+    assert all(layer.bits == 4 and 0.1 < layer.sparsity < 0.99 for layer in report.layers)
+    # Judged independently: the output passes the threshold on the eval data.
+    check = api.validate(model, out, ValidateConfig(data=str(data), labels="labels", latency=False,
+                                                    thresholds=Thresholds(max_accuracy_drop=0.01)))
+    assert check.passed
+    assert json.loads(report.to_json())["candidates"][0]["phase"] == "lossless"
+    # The saved recipe, run again, writes the same model.
+    again = compress(model, tmp_path / "again.shrink", CompressConfig(calibration=str(calib)), recipe=saved)
+    assert again.mode == "recipe"
+    first, second = tensors(out), tensors(tmp_path / "again.shrink")
+    assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+
+
+def test_refinement_moves_one_layer_at_a_time(digits, tmp_path):
+    model, calib, data = digits
+    report = compress(model, tmp_path / "out.shrink", _config(calib, data, sparsities=(0.0, 0.8), refine=True,
+                                                              max_candidates=6))
+    moves = [c for c in report.candidates if c.phase == "per-layer"]
+    assert len(report.candidates) == 6 and report.stopped == "candidate limit"
+    assert moves and all(c.recipe.startswith("base + ") for c in moves)
+    assert report.size["output"] == min(c.size for c in report.candidates if c.passed)
+
+
+def test_interrupted_search_leaves_the_best_so_far_or_nothing(digits, tmp_path, monkeypatch):
+    model, calib, data = digits
+    real, calls = api.validate, []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compress_search.api, "validate", flaky)
+    out = tmp_path / "out.shrink"
+    with pytest.raises(KeyboardInterrupt):
+        compress(model, out, _config(calib, data))
+    monkeypatch.setattr(compress_search.api, "validate", real)
+    assert out.exists()  # the lossless pack and the first passing candidate were written whole
+    assert api.validate(model, out, ValidateConfig(data=str(data), labels="labels", latency=False,
+                                                   thresholds=Thresholds(max_accuracy_drop=0.01))).passed
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_impossible_thresholds_write_nothing(digits, tmp_path):
+    model, calib, data = digits
+    report = compress(model, tmp_path / "out.shrink", _config(calib, data, thresholds=Thresholds(min_cosine=1.5)))
+    assert not report.passed and not (tmp_path / "out.shrink").exists()
+    assert "cannot be met" in report.notes[0]
+
+
+# ---- CLI ----------------------------------------------------------------------------------------
+
+def test_cli_recipe_and_auto_end_to_end(runner, digits, tmp_path):
+    model, calib, data = digits
+    (tmp_path / "r.toml").write_text(RECIPE)
+    result = invoke(runner, "compress", model, "--recipe", tmp_path / "r.toml", "-o", tmp_path / "r.shrink",
+                    "--calibration", calib, "--data", data, "--labels", "labels", "--max-accuracy-drop", "0.05", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["mode"] == "recipe" and report["passed"] and report["size"]["times_smaller"] > 10
+    assert report["recipe"]["passes"][0]["name"] == "prune"
+    auto = invoke(runner, "compress", model, "--calibration", calib, "--data", data, "--labels", "labels",
+                  "--max-accuracy-drop", "0.01", "--time-budget", "6s", "--json")
+    assert auto.exit_code == 0, auto.output
+    report = json.loads(auto.stdout)
+    assert report["output"] == str(tmp_path / "digits_mlp.compressed.shrink") and report["passed"]
+    assert report["size"]["output"] <= report["size"]["lossless"]
+
+
+BAD_RECIPES = {
+    "unknown.toml": '[[passes]]\nname = "shrinkwrap"\n',
+    "option.toml": '[[passes]]\nname = "prune"\nspars = 0.5\n',
+    "type.toml": '[[passes]]\nname = "prune"\nsparsity = "high"\n',
+    "match.toml": '[[passes]]\nname = "cluster"\n[[passes.layers]]\nmatch = 3\nbits = 3\n',
+    "nolayer.toml": '[[passes]]\nname = "cluster"\n[[passes.layers]]\nmatch = "conv*"\nbits = 3\n',
+    "syntax.toml": "[[passes]\n",
+}
+
+
+@pytest.mark.parametrize("args,code,message", [
+    ([], 2, "automatic mode needs a budget: --max-accuracy-drop, --min-cosine or --max-drift"),
+    (["--min-cosine", "0.99", "--time-budget", "soon"], 2, "--time-budget 'soon': expected a positive duration"),
+    (["--min-cosine", "0.99", "--time-budget", "0s"], 2, "--time-budget '0s': expected a positive duration"),
+    (["--recipe", "missing.toml"], 3, "missing.toml: no such recipe file"),
+    (["--max-accuracy-drop", "0.01"], 2, "--max-accuracy-drop needs --labels"),
+    (["--recipe", "unknown.toml"], 2, "unknown.toml: passes[0]: unknown pass 'shrinkwrap' (choose prune, quantize, cluster)"),
+    (["--recipe", "option.toml"], 2, "option.toml: passes[0] (prune): unknown option 'spars' (choose from sparsity, "),
+    (["--recipe", "type.toml"], 2, "type.toml: passes[0] (prune): option 'sparsity' must be a number, not 'high'"),
+    (["--recipe", "match.toml"], 2, "match.toml: passes[0] (cluster).layers[0]: 'match' must be a glob string on node names"),
+    (["--recipe", "nolayer.toml"], 2, "recipe passes[0] (cluster): layer rule 'conv*' matches no layer of the model "
+                                      "(layers: fc0/MatMul, fc1/MatMul, fc2/MatMul)"),
+    (["--recipe", "syntax.toml"], 2, "syntax.toml: not valid TOML (Expected ']]' at the end of an array declaration"),
+    (["--min-cosine", "0.99", "-o", "out.shrink"], 5, "out.shrink: already exists (use --force to replace it)"),
+])
+def test_cli_bad_inputs_are_one_line(runner, tmp_path, monkeypatch, args, code, message):
+    save_model(make_mlp(), tmp_path / "mlp.onnx")
+    monkeypatch.chdir(tmp_path)
+    for name, text in BAD_RECIPES.items():
+        (tmp_path / name).write_text(text)
+    (tmp_path / "out.shrink").write_bytes(b"keep me")
+    before = tree(tmp_path)
+    result = invoke(runner, "compress", "mlp.onnx", *args)
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+    assert result.stdout == ""
+    assert tree(tmp_path) == before
+
+
+def test_cli_bad_recipe_is_one_line_exit_2(runner, tmp_path):
+    model = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    (tmp_path / "r.toml").write_text('[[passes]]\nname = "prune"\nsparsity = true\n')
+    before = tree(tmp_path)
+    result = invoke(runner, "compress", model, "--recipe", tmp_path / "r.toml")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().startswith("error: ") and "option 'sparsity' must be a number, not True" in result.stderr
+    assert tree(tmp_path) == before
+    assert onnx.load(model) is not None

@@ -120,7 +120,7 @@ def main() -> None:
     ] + rows
     if args.skip:
         lines += ["", "Not run here: " + ", ".join(args.skip) + ". On a 0.18 GB model (`python bench/big_model.py --gb 0.2`) "
-                  "`prune --sparsity 0.5` peaked at 8x its weight bytes, which for this model would exceed the "
+                  "`prune --sparsity 0.5` peaked at about 7x its weight bytes, which for this model would exceed the "
                   "machine's memory."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

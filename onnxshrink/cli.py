@@ -490,7 +490,9 @@ def _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, 
             raise UsageError(f"{which} quantizes weights blockwise (MatMulNBits); it cannot be combined with --mode {mode}")
         _choice("--block-size", block_size, (16, 32, 64, 128, 256))
         # onnxruntime's MatMulNBits kernel exists for these widths only; others would run as slow weight-only QDQ.
-        _choice("--bits", bits, (2, 4, 8))
+        if bits not in (2, 4, 8):
+            raise UsageError(f"--bits {bits}: onnxruntime runs 2-, 4- and 8-bit weights only (MatMulNBits); for {bits}-bit "
+                             f"storage use `onnxshrink cluster --bits {bits}` (codebooks that run as fast as fp32)")
         if algorithm == "gptq" and calibration is None:
             raise UsageError("--algorithm gptq needs --calibration FILE.npz")
         from onnxshrink.passes.quantize_blockwise import BlockwiseConfig

@@ -555,7 +555,7 @@ def test_usage_errors_exit_2(runner, work):
         (["quantize", "{m}", "--keep-float", "middle"], "--keep-float must be one of first, last, both, not 'middle'"),
         (["quantize", "{m}", "--op-types", "Add"], "--op-types: unsupported op type(s) Add (choose from MatMul, Gemm, Conv)"),
         (["validate", "{m}", "{m}", "--shape", "nonsense"], "--shape 'nonsense': expected NAME=D1,D2,... with integer dimensions"),
-        (["quantize", "{m}", "--bits", "3"], "--bits must be one of 2, 4, 8, not 3"),
+        (["quantize", "{m}", "--bits", "3"], "--bits 3: onnxruntime runs 2-, 4- and 8-bit weights only (MatMulNBits); for 3-bit storage use `onnxshrink cluster --bits 3` (codebooks that run as fast as fp32)"),
         (["quantize", "{m}", "--bits", "4", "--block-size", "7"], "--block-size must be one of 16, 32, 64, 128, 256, not 7"),
         (["quantize", "{m}", "--algorithm", "gptq"], "--algorithm gptq needs --calibration FILE.npz"),
         (["quantize", "{m}", "--mode", "static"], "--mode static needs --calibration FILE.npz"),

@@ -129,7 +129,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
             plans.append(_plan(index, tensor))
     # A record must beat what LZMA would spend on the tensor inside the graph; shared tables make small ones pay.
     tables = _assign_tables([s for p in plans for s in p.streams])
-    plans = [p for p in plans if _record_bits(p, tables) < 8 * _size_in_graph(p.tensor.raw_data)]
+    plans = [p for p in plans if _record_bits(p, tables) < 8 * _size_in_graph(p)]
     tables = _assign_tables([s for p in plans for s in p.streams])
 
     stripped = onnx.ModelProto()
@@ -164,7 +164,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
         report.tensors.append(PackedTensor(
             plan.tensor.name, _dtype_name(plan.tensor.data_type), plan.encoding, symbols,
             entropy / symbols if symbols else 0.0, payload_bits / symbols if symbols else 0.0,
-            len(plan.tensor.raw_data), size,
+            plan.meta["n"], size,
         ))
     writer.close()
     coded = report.tensors
@@ -241,11 +241,11 @@ def _record_bits(plan: _Plan, tables: list) -> int:
     return total
 
 
-def _size_in_graph(data: bytes) -> int:
+def _size_in_graph(plan: _Plan) -> int:
     """About what a tensor adds to the LZMA-compressed graph record (measured for small ones, the cheap case)."""
-    if len(data) > 65536:
-        return len(data)
-    return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
+    if plan.meta["n"] > 65536:
+        return plan.meta["n"]
+    return len(lzma.compress(plan.tensor.raw_data, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
 
 
 def _planes(elements: np.ndarray, k: int, role: str) -> list[_Stream]:

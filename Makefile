@@ -14,11 +14,20 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-## demo: quantize the bundled digits MLP and validate it against the original on held-out labelled data
+## demo: quantize the bundled digits MLP, then prune + cluster + pack it, each validated against the original on
+## held-out labelled data
 demo: venv
 	mkdir -p $(DEMO_OUT)
 	$(BIN)/onnxshrink inspect sample_models/digits_mlp.onnx
 	$(BIN)/onnxshrink quantize sample_models/digits_mlp.onnx -o $(DEMO_OUT)/digits_mlp.int8.onnx --force \
+		--data sample_models/digits_mlp.eval.npz --labels labels --max-accuracy-drop 0.01
+	# Deep Compression, post-training: prune 80% (refit to the original's outputs), 4-bit codebooks, Huffman pack
+	$(BIN)/onnxshrink prune sample_models/digits_mlp.onnx --sparsity 0.8 --calibration sample_models/digits_mlp.calib.npz \
+		-o $(DEMO_OUT)/digits_mlp.pruned.onnx --force --no-validate
+	$(BIN)/onnxshrink cluster $(DEMO_OUT)/digits_mlp.pruned.onnx --bits 4 --calibration sample_models/digits_mlp.calib.npz \
+		-o $(DEMO_OUT)/digits_mlp.pruned.cluster4.onnx --force --no-validate
+	$(BIN)/onnxshrink pack $(DEMO_OUT)/digits_mlp.pruned.cluster4.onnx -o $(DEMO_OUT)/digits_mlp.shrink --force
+	$(BIN)/onnxshrink validate sample_models/digits_mlp.onnx $(DEMO_OUT)/digits_mlp.shrink \
 		--data sample_models/digits_mlp.eval.npz --labels labels --max-accuracy-drop 0.01
 
 ## test: the whole test suite

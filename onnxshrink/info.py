@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 
+import numpy as np
 import onnx
 
 from onnxshrink import model as model_io
@@ -31,6 +32,7 @@ def inspect_model(path: str | os.PathLike, model: onnx.ModelProto | None = None)
         "in_constant_nodes": sum(1 for t in tensors if t.location == "constant"),
         "in_subgraphs": sum(1 for t in tensors if t.location.startswith("subgraph")),
         "tied_weights": sum(1 for t in weights if t.tied),
+        "denormal_weights": _denormals(model),
     }
     initializers = {t.name for t in model.graph.initializer}
     return ModelInfo(
@@ -47,6 +49,30 @@ def inspect_model(path: str | os.PathLike, model: onnx.ModelProto | None = None)
         totals=totals,
         metadata={p.key: p.value for p in model.metadata_props},
     )
+
+
+FLOAT_BITS = {  # element bits, magnitude mask, bits of the smallest normal number
+    onnx.TensorProto.FLOAT: (np.dtype("<u4"), np.uint32(0x7FFFFFFF), 0x00800000),
+}
+
+
+def _denormals(model: onnx.ModelProto) -> int | None:
+    """Nonzero fp32 weights below the smallest normal float (1.2e-38): CPUs compute with them many times slower
+    (PP-OCRv6's detector has 10% of them; zeroing them ran it 3x faster). None when the weights are external
+    (inspect does not read them)."""
+    count = 0
+    for graph in model_io.iter_graphs(model.graph):
+        for tensor in graph.initializer:
+            layout = FLOAT_BITS.get(tensor.data_type)
+            if layout is None:
+                continue
+            if tensor.data_location == onnx.TensorProto.EXTERNAL:
+                return None
+            if tensor.HasField("raw_data"):  # exponent bits all zero, mantissa not: a denormal
+                dtype, magnitude, smallest_normal = layout
+                bits = np.frombuffer(tensor.raw_data, dtype=dtype) & magnitude
+                count += int(np.count_nonzero((bits > 0) & (bits < smallest_normal)))
+    return count
 
 
 def _io(value: onnx.ValueInfoProto) -> TensorIO:

@@ -72,6 +72,10 @@ def render_info(console: Console, info: ModelInfo, show_all: bool = False) -> No
         f"[bold]{tot['weights']} compressible weights, {human_bytes(tot['weight_bytes'])}[/]"
         f" ({tot['in_constant_nodes']} in Constant nodes, {tot['in_subgraphs']} in subgraphs, {tot['tied_weights']} tied)"
     )
+    if tot.get("denormal_weights"):
+        console.print(f"[yellow]note:[/] {tot['denormal_weights']:,} fp32 weights are denormal (nonzero, below 1.2e-38): "
+                      "CPUs compute with them many times slower, and they are too small to matter: "
+                      "`onnxshrink flush-denormals` zeroes them")
 
 
 def render_validation(console: Console, report: ValidationReport) -> None:

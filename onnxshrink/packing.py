@@ -108,6 +108,16 @@ def tensor_protos(model: onnx.ModelProto) -> list[onnx.TensorProto]:
     return found
 
 
+def tensor_bytes(tensor: onnx.TensorProto) -> bytes | None:
+    """The bytes a tensor record codes: `raw_data`, or the values of a float tensor stored in the typed
+    `float_data` field (as exporters such as paddle2onnx write Constant nodes), little-endian fp32."""
+    if tensor.HasField("raw_data"):
+        return tensor.raw_data
+    if tensor.data_type == onnx.TensorProto.FLOAT and len(tensor.float_data):
+        return np.asarray(tensor.float_data, dtype="<f4").tobytes()
+    return None
+
+
 def element_size(tensor: onnx.TensorProto) -> int:
     if tensor.data_type in PACKED_INT4:
         return 1  # two values per byte: the nibbles encoding splits them
@@ -125,8 +135,9 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     protos = tensor_protos(model)
     plans = []
     for index, tensor in enumerate(protos):
-        if tensor.HasField("raw_data") and len(tensor.raw_data) >= MIN_CODED_BYTES:
-            plans.append(_plan(index, tensor))
+        data = tensor_bytes(tensor)
+        if data is not None and len(data) >= MIN_CODED_BYTES:
+            plans.append(_plan(index, tensor, data))
     # A record must beat what LZMA would spend on the tensor inside the graph; shared tables make small ones pay.
     tables = _assign_tables([s for p in plans for s in p.streams])
     plans = [p for p in plans if _record_bits(p, tables) < 8 * _size_in_graph(p)]
@@ -136,7 +147,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     stripped.CopyFrom(model)
     stripped_protos = tensor_protos(stripped)
     for plan in plans:
-        stripped_protos[plan.index].ClearField("raw_data")
+        stripped_protos[plan.index].ClearField(plan.meta.get("field", "raw_data"))
     graph_bytes = lzma.compress(stripped.SerializeToString(), format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
 
     writer = container.Writer(stream)
@@ -170,7 +181,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     coded = report.tensors
     report.totals = {
         "tensors": len(report.tensors),
-        "tensors_left_in_graph": sum(1 for t in protos if t.HasField("raw_data")) - len(plans),
+        "tensors_left_in_graph": sum(1 for t in protos if tensor_bytes(t) is not None) - len(plans),
         "tensor_bytes_before": sum(t.bytes_before for t in report.tensors),
         "tensor_bytes_after": sum(t.bytes_after for t in report.tensors),
         "graph_bytes": graph_size,
@@ -207,12 +218,14 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
 
 
-def _plan(index: int, tensor: onnx.TensorProto) -> _Plan:
-    raw = np.frombuffer(tensor.raw_data, dtype=np.uint8)
+def _plan(index: int, tensor: onnx.TensorProto, data: bytes) -> _Plan:
+    raw = np.frombuffer(data, dtype=np.uint8)
     k = element_size(tensor)
     if len(raw) % k:
         k = 1
-    meta = {"i": index, "n": len(raw), "k": k, "sha": _digest(tensor.raw_data)}
+    meta = {"i": index, "n": len(raw), "k": k, "sha": _digest(data)}
+    if not tensor.HasField("raw_data"):
+        meta["field"] = "float_data"
     candidates = [("planes", _planes(raw, k, "dense"))]
     if k == 1:
         candidates.append(("nibbles", _nibbles(raw, "dense")))
@@ -245,7 +258,7 @@ def _size_in_graph(plan: _Plan) -> int:
     """About what a tensor adds to the LZMA-compressed graph record (measured for small ones, the cheap case)."""
     if plan.meta["n"] > 65536:
         return plan.meta["n"]
-    return len(lzma.compress(plan.tensor.raw_data, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
+    return len(lzma.compress(tensor_bytes(plan.tensor), format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
 
 
 def _planes(elements: np.ndarray, k: int, role: str) -> list[_Stream]:
@@ -383,7 +396,11 @@ def unpack_model(data: bytes | memoryview) -> onnx.ModelProto:
             if not isinstance(index, int) or not 0 <= index < len(protos) or index in filled:
                 raise container.CorruptPack(f"tensor record at byte {record.offset} refers to no tensor of the graph")
             filled.add(index)
-            protos[index].raw_data = _decode_tensor(meta, body, tables, record)
+            data = _decode_tensor(meta, body, tables, record)
+            if meta.get("field") == "float_data":
+                protos[index].float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
+            else:
+                protos[index].raw_data = data
         else:
             raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
     if len(tables) != header.get("tables") or len(filled) != header.get("tensors"):

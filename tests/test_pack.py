@@ -157,6 +157,22 @@ def test_external_data_model_round_trips(tmp_path):
     assert serialized(unpacked) == serialized(tmp_path / "ext.onnx")
 
 
+def test_float_data_constants_are_coded_and_restored_into_float_data(tmp_path):
+    """paddle2onnx writes weights as Constant nodes with typed float_data: they must be coded and come back as such."""
+    rng = np.random.default_rng(4)
+    values = rng.standard_normal(64 * 32).astype(np.float32)
+    constant = helper.make_tensor("w", TensorProto.FLOAT, [64, 32], values.tolist())  # float_data, not raw_data
+    assert not constant.HasField("raw_data") and len(constant.float_data) == 64 * 32
+    model = build_model([helper.make_node("Constant", [], ["w"], value=constant), helper.make_node("MatMul", ["x", "w"], ["y"])],
+                        [float_value("x", [2, 64])], [float_value("y", [2, 32])])
+    path = save_model(model, tmp_path / "typed.onnx")
+    report, unpacked = round_trip(tmp_path, path)
+    assert serialized(unpacked) == serialized(path)
+    assert [t.name for t in report.tensors] == ["w"] and report.size["output"] < 0.95 * report.size["original"]
+    restored = onnxshrink.load(tmp_path / "m.shrink").graph.node[0].attribute[0].t
+    assert not restored.HasField("raw_data") and list(restored.float_data) == list(constant.float_data)
+
+
 def test_tiny_and_typed_field_tensors_stay_in_the_graph(tmp_path):
     model = build_model(
         [helper.make_node("Add", ["x", "b"], ["y"])], [float_value("x", [4])], [float_value("y", [4])],

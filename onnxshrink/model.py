@@ -19,12 +19,12 @@ import onnx
 from google.protobuf.message import DecodeError
 from onnx import external_data_helper
 
+from onnxshrink.codec.container import MAGIC as PACK_MAGIC
 from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
 
 # Protobuf refuses to serialize a single message over 2 GiB; leave headroom.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
 ORT_FORMAT_IDENTIFIER = b"ORTM"
-PACK_MAGIC = b"ONNXSHRK"  # onnxshrink.codec.container.MAGIC
 
 
 def load(path: str | os.PathLike, for_rewrite: bool = False, with_data: bool = True) -> onnx.ModelProto:

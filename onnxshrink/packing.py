@@ -68,10 +68,11 @@ class _Stream:
     counts: np.ndarray = None
     table_id: int | None = None  # shared table record; None: its own table, inline
     table_share_bits: int = 0  # its part of the shared table's cost
-    own: huffman.Table | None = None
+    own: huffman.Table | None = None  # the stream's own code: priced when choosing, written unless shared
 
     def __post_init__(self):
         self.counts = np.bincount(self.symbols, minlength=self.alphabet)
+        self.own = huffman.Table.from_counts(self.counts)
 
 
 @dataclass
@@ -239,8 +240,6 @@ def _plan(index: int, tensor: onnx.TensorProto, data: bytes) -> _Plan:
         best_streams, extra = best_streams
         meta.update(extra)
     meta["streams"] = [{"c": len(s.symbols)} for s in best_streams]
-    for s in best_streams:
-        s.own = huffman.Table.from_counts(s.counts)
     return _Plan(index, tensor, best_name, best_streams, meta)
 
 
@@ -322,10 +321,8 @@ def _estimate(streams) -> int:
         streams = streams[0]
     total = 0
     for s in streams:
-        if not len(s.symbols):
-            continue
-        table = huffman.Table.from_counts(s.counts)
-        total += table.cost_bits(s.counts) + 8 * len(table.to_bytes())
+        if len(s.symbols):
+            total += s.own.cost_bits(s.counts) + 8 * len(s.own.to_bytes())
     return total
 
 

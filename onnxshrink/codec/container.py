@@ -37,15 +37,6 @@ class Record:
         return KIND_NAMES.get(self.kind, f"kind {self.kind}")
 
 
-def is_pack(path) -> bool:
-    """Whether a file starts with the .shrink magic (cheap: reads 8 bytes)."""
-    try:
-        with open(path, "rb") as f:
-            return f.read(len(MAGIC)) == MAGIC
-    except OSError:
-        return False
-
-
 class Writer:
     """Appends records to an open binary file; `close()` writes the END record that marks a whole file."""
 

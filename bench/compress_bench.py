@@ -4,7 +4,7 @@
 
 For each sample model: the automatic search at --max-accuracy-drop 0.01, judged on the held-out eval
 data, with a stated time budget, written as a .shrink; then every fixed setting of prune (sparsity
-0..0.9, the default allocation, with reconstruction) x one weight format (dynamic int8, 4-bit RTN
+0..0.9, the default allocation, with reconstruction, dead units removed) x one weight format (dynamic int8, 4-bit RTN
 block 32, 4-bit GPTQ block 32 and 128; and separately cluster 3/4/5 bits) + pack, each judged the same
 way. Sizes are the whole packed file against the fp32 .onnx file.
 """
@@ -36,7 +36,7 @@ QUANTIZE = {
     "4-bit GPTQ b32": {"mode": "blockwise", "bits": 4, "block_size": 32, "algorithm": "gptq"},
     "4-bit GPTQ b128": {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"},
 }
-CLUSTER = {f"cluster {b}-bit": {"bits": b} for b in (5, 4, 3)}
+CLUSTER = {f"cluster {b}-bit": {"bits": b, "bias": "float16"} for b in (5, 4, 3)}  # as compress clusters
 DROP = 0.01
 
 
@@ -47,7 +47,9 @@ def best_fixed(name: str, formats: dict, pass_name: str, work: Path):
     best, tried = None, 0
     for label, options in formats.items():
         for sparsity in SPARSITIES:
-            passes = ([PassSpec("prune", {"sparsity": sparsity})] if sparsity else []) + [PassSpec(pass_name, dict(options))]
+            # Dead units are removed as compress removes them: exact, so every fixed setting gets it too.
+            prune = PassSpec("prune", {"sparsity": sparsity, "remove_dead_units": True})
+            passes = ([prune] if sparsity else []) + [PassSpec(pass_name, dict(options))]
             target = work / f"fixed{tried}.shrink"
             run_recipe(model, Recipe(passes), target, calibration=calib, workdir=work)
             report = api.validate(model, target, judge)

@@ -66,12 +66,13 @@ _STR_LIST = "list of strings"
 # option -> type name; "number" accepts int and float, never bool.
 PASS_OPTIONS = {
     "prune": {"sparsity": "number", "pattern": "string", "importance": "string", "scope": "string",
-              "reconstruct": "boolean", "exclude": _STR_LIST, "keep_float": "string", "refit_steps": "integer"},
+              "reconstruct": "boolean", "exclude": _STR_LIST, "keep_float": "string", "refit_steps": "integer",
+              "remove_dead_units": "boolean"},
     "quantize": {"mode": "string", "bits": "integer", "block_size": "integer", "algorithm": "string",
                  "act_order": "boolean", "symmetric": "boolean", "per_channel": "boolean", "exclude": _STR_LIST,
                  "keep_float": "string", "min_weights": "integer"},
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
-                "keep_float": "string", "min_weights": "integer"},
+                "keep_float": "string", "min_weights": "integer", "bias": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}
@@ -272,8 +273,9 @@ def _resolve(rules, key: str, names: list[str], where: str) -> dict:
     return chosen
 
 
-def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, threads: int) -> list:
-    """Run one recipe pass from `current` into `target`; returns its pass report(s)."""
+def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, threads: int) -> tuple[list, dict]:
+    """Run one recipe pass from `current` into `target`; returns its pass report(s) and, for prune, each layer's
+    (zeros, weights) as pruned, before any dead units are removed (what layer_sparsity needs to reproduce it)."""
     options = dict(spec.options)
     names = layer_names(model_io.load(current))
     skip = [r.match for r in spec.layers if r.options.get("skip")]
@@ -284,8 +286,17 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
         from onnxshrink.passes.prune import PruneConfig
 
         overrides = _resolve(spec.layers, "sparsity", names, where)
+        remove_dead = bool(options.pop("remove_dead_units", False))
         config = PruneConfig(**{"sparsity": 0.5, **options}, exclude=exclude, layer_sparsity=overrides)
-        return api.prune(current, target, config, **common).passes
+        reports = api.prune(current, target, config, **common).passes
+        counts = _zero_counts(target, reports)
+        if remove_dead:
+            from onnxshrink.passes.dead_units import RemoveDeadUnits
+
+            model, dead = RemoveDeadUnits()(model_io.load(target))
+            model_io.save(model, target, force=True)
+            reports.append(dead)
+        return reports, counts
     if spec.name == "quantize":
         mode = _quantize_mode(options)
         options.pop("mode", None)
@@ -293,10 +304,10 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
             from onnxshrink.passes.quantize import QuantizeConfig
 
             options.pop("bits", None)
-            return api.quantize(current, target, QuantizeConfig(**options, exclude=exclude), **common).passes
+            return api.quantize(current, target, QuantizeConfig(**options, exclude=exclude), **common).passes, {}
         from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
 
-        return api.quantize(current, target, BlockwiseConfig(**options, exclude=exclude), **common).passes
+        return api.quantize(current, target, BlockwiseConfig(**options, exclude=exclude), **common).passes, {}
     from onnxshrink.passes.cluster import ClusterConfig
 
     bits = _resolve(spec.layers, "bits", names, where)
@@ -314,7 +325,7 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
         config = ClusterConfig(**options, bits=width, exclude=exclude + others)
         reports += api.cluster(source, out, config, **common).passes
         source = out
-    return reports
+    return reports, {}
 
 
 def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.PathLike, *,
@@ -335,18 +346,18 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
             key = json.dumps([spec.name, spec.options, [[r.match, r.options] for r in spec.layers]], sort_keys=True)
             shared = cache is not None and index == 0 and len(recipe.passes) > 1
             if shared and key in cache:
-                current, produced = cache[key]
+                current, produced, pruned = cache[key]
             else:
                 target = (parent if shared else scratch) / f"step{index}.{spec.name}.{next(_STEP_NUMBERS)}.onnx"
-                produced = _step(spec, where, current, target, calibration, threads)
+                produced, pruned = _step(spec, where, current, target, calibration, threads)
                 current = target
                 if shared:
-                    cache[key] = (target, produced)
+                    cache[key] = (target, produced, pruned)
                     while len(cache) > CACHED_STEPS:
                         Path(cache.pop(next(iter(cache)))[0]).unlink(missing_ok=True)
             reports += produced
             if spec.name == "prune":
-                counts.update(_zero_counts(current, produced))
+                counts.update(pruned)
                 sparsity.update({node: zeros / size for node, (zeros, size) in counts.items()})
         if output.name.endswith(".shrink"):
             api.pack(current, output, force=True)
@@ -356,7 +367,7 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
         shutil.rmtree(scratch, ignore_errors=True)
     formats, bits = {}, {}
     for report in reports:
-        if report.name == "prune":
+        if report.name in ("prune", "remove-dead-units"):
             continue
         for decision in report.layers:
             if decision.action != "kept" and not decision.action.startswith("kept"):
@@ -416,13 +427,13 @@ class CompressConfig:
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
 FORMATS = {
-    "cluster4": PassSpec("cluster", {"bits": 4}),
-    "cluster3": PassSpec("cluster", {"bits": 3}),
+    "cluster4": PassSpec("cluster", {"bits": 4, "bias": "float16"}),
+    "cluster3": PassSpec("cluster", {"bits": 3, "bias": "float16"}),
     "gptq4": PassSpec("quantize", {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"}),
-    "cluster5": PassSpec("cluster", {"bits": 5}),
-    "cluster6": PassSpec("cluster", {"bits": 6}),
+    "cluster5": PassSpec("cluster", {"bits": 5, "bias": "float16"}),
+    "cluster6": PassSpec("cluster", {"bits": 6, "bias": "float16"}),
     "int8": PassSpec("quantize", {"mode": "dynamic"}),
-    "cluster2": PassSpec("cluster", {"bits": 2}),
+    "cluster2": PassSpec("cluster", {"bits": 2, "bias": "float16"}),
     "float": None,
 }
 
@@ -561,7 +572,7 @@ class _Search:
                     return
                 mid = (low + high) // 2
                 self.tick(f"{name}, sparsity {grid[mid]:g}")
-                passes = [PassSpec("prune", {"sparsity": grid[mid]})] if grid[mid] > 0 else []
+                passes = [PassSpec("prune", {"sparsity": grid[mid], "remove_dead_units": True})] if grid[mid] > 0 else []
                 if FORMATS[name] is not None:
                     passes.append(PassSpec(FORMATS[name].name, dict(FORMATS[name].options)))
                 if not passes:

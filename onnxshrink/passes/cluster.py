@@ -49,6 +49,7 @@ from onnxshrink.weights import find_tensors
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
 PER = ("layer", "channel")
 WEIGHTINGS = ("none", "activation")
+BIAS_TYPES = ("float32", "float16")
 ENERGY_FLOOR = 1e-3  # activation weights are E[x^2] + this x their mean: inputs never seen still count a little
 
 
@@ -62,6 +63,7 @@ class ClusterConfig:
     exclude: tuple = ()  # glob patterns on node names
     keep_float: str | None = None  # "first", "last" or "both"
     min_weights: int = 0  # layers with fewer weights stay float
+    bias: str = "float32"  # "float16": clustered layers' biases stored as fp16 behind a Cast (folded at load)
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -81,6 +83,8 @@ def check_config(config: ClusterConfig, calibration) -> None:
         raise UsageError(f"--keep-float {config.keep_float!r}: choose first, last or both")
     if not isinstance(config.min_weights, (int, np.integer)) or config.min_weights < 0:
         raise UsageError(f"--min-weights {config.min_weights}: must be a non-negative integer")
+    if config.bias not in BIAS_TYPES:
+        raise UsageError(f"--bias {config.bias!r}: choose float32 (exact) or float16 (half the bytes)")
 
 
 class Cluster:
@@ -234,6 +238,8 @@ class Cluster:
         if plain:
             why.append(f"not data-aware: {plain}")
         after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group)
+        if config.bias == "float16" and layer.bias is not None:
+            why.append(self._half_bias(layer.bias))
         shape = f"{levels}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
         action = f"codebook {shape} x fp32{' per channel' if config.per == 'channel' else ''}, uint8 indices"
         decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
@@ -270,6 +276,20 @@ class Cluster:
         for position, new in enumerate(nodes):
             graph.node.insert(position, new)
         return sum(numpy_helper.to_array(t).nbytes for t in inits)
+
+    def _half_bias(self, name: str) -> str:
+        """Store a bias as fp16, decoded by a Cast that onnxruntime folds at load. Biases are a few hundred values
+        per layer, but once the weights are clustered, pruned and packed they can be a fifth of the file."""
+        graph, tensor = self._owners[name]
+        value = numpy_helper.to_array(tensor)
+        if tensor.data_type != TensorProto.FLOAT or not np.all(np.isfinite(value)) or np.abs(value).max(initial=0) >= 65504:
+            return "bias kept fp32 (not finite float32 within fp16's range)"
+        half = self._names(name + "_fp16")
+        graph.initializer.remove(tensor)
+        graph.initializer.append(numpy_helper.from_array(value.astype(np.float16), half))
+        graph.node.insert(0, helper.make_node("Cast", [half], [name], name=half + "_Cast", to=TensorProto.FLOAT))
+        error = float(np.abs(value.astype(np.float16).astype(np.float32) - value).max(initial=0))
+        return f"bias stored as fp16 (max change {error:.2g})"
 
     def _notes(self, report, stats, data_aware) -> None:
         config = self.config

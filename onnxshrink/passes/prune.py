@@ -72,6 +72,7 @@ class PruneConfig:
     storage: str = "dense"
     damping: float = DEFAULT_DAMPING
     refit_steps: int = 4  # with reconstruction: prune and refit in this many stages per layer
+    remove_dead_units: bool = False  # then drop the units no weight reads any more (passes/dead_units.py): exact
 
 
 def parse_nm(pattern: str) -> tuple[int, int] | None:
@@ -234,6 +235,18 @@ class Prune:
         report.notes.append(
             f"{pruned}/{total} weights zero ({pruned / max(total, 1):.1%}) in {len(layers)} layer(s), "
             f"importance {self.importance}, scope {config.scope if not self.nm else self.config.pattern}")
+        if config.remove_dead_units:
+            from onnxshrink.passes.dead_units import RemoveDeadUnits
+
+            model, dead = RemoveDeadUnits()(model)
+            report.notes += dead.notes
+            rows = {decision.node: decision for decision in report.layers}
+            for decision in dead.layers:  # said on the layer's own row
+                row = rows.get(decision.node)
+                if row is None:
+                    report.layers.append(decision)
+                else:
+                    row.reason = "; ".join(filter(None, [row.reason, decision.action]))
         if config.storage == "sparse":
             _store_sparse(model, report)
         else:

@@ -160,14 +160,9 @@ class PruneChannels:
 
     def _prune(self, model, chain: _Chain, fraction: float, feed_norm):
         owners = initializer_owners(model)
-        producer, consumer = chain.producer, chain.consumer
-        if chain.bias is None and producer.op_type in ("Conv", "Gemm") and len(producer.input) > 2 and producer.input[2]:
-            chain.bias = producer.input[2]  # created when an upstream layer's removed channels were folded in
-        w = _array(owners, producer.input[1])
-        out_axis = 0 if producer.op_type == "Conv" or (producer.op_type == "Gemm" and attr(producer, "transB", 0)) else 1
+        producer = chain.producer
+        w, out_axis, v, in_axis = chain_weights(chain, owners)
         channels = w.shape[out_axis]
-        v = _array(owners, consumer.input[1])
-        in_axis = 1 if consumer.op_type == "Conv" or (consumer.op_type == "Gemm" and attr(consumer, "transB", 0)) else 0
         v_rows = np.moveaxis(v, in_axis, 0).reshape(channels, -1)  # consumer weights read by each channel
         if feed_norm is not None:
             score = feed_norm * np.linalg.norm(v_rows, axis=1)
@@ -189,82 +184,11 @@ class PruneChannels:
             return LayerDecision(chain.name, producer.op_type, producer.input[1], "kept",
                                  rounded or "nothing to remove at this sparsity", size, size), None
         drop = np.sort(np.argsort(score, kind="stable")[:remove])
-        keep = np.setdiff1d(np.arange(channels), drop)
-        constant = self._removed_constant(chain, owners, channels)[drop]
-        # The producer, its bias and BatchNormalization lose the channels.
-        _set(owners, producer.input[1], np.take(w, keep, axis=out_axis))
-        if chain.bias:
-            bias = _array(owners, chain.bias)
-            _set(owners, chain.bias, np.take(bias, keep, axis=bias.ndim - 1))
-        if chain.batchnorm is not None:
-            for name in chain.batchnorm.input[1:5]:
-                _set(owners, name, _array(owners, name)[keep])
-        # The consumer loses the inputs those channels fed; their constant output goes into its bias.
-        rows = (keep[:, None] * chain.per_channel + np.arange(chain.per_channel)[None, :]).reshape(-1)
-        if consumer.op_type == "Conv":
-            folded = np.einsum("c,ocij->o", constant, np.take(v, drop, axis=1))
-            _set(owners, consumer.input[1], np.take(v, keep, axis=1))
-        else:
-            gone = (drop[:, None] * chain.per_channel + np.arange(chain.per_channel)[None, :]).reshape(-1)
-            v_kn = v.T if in_axis == 1 else v
-            folded = np.repeat(constant, chain.per_channel) @ v_kn[gone]
-            _set(owners, consumer.input[1], np.take(v, rows, axis=in_axis))
-        note = ""
-        if np.any(folded != 0):
-            note = self._fold(model, chain, folded.astype(np.float32), owners)
+        keep, note = remove_channels(model, chain, drop, owners)
         after = _array(owners, producer.input[1]).size * 4
         reason = "; ".join(filter(None, [f"feeds {chain.consumer_name}", note, rounded]))
         return LayerDecision(chain.name, producer.op_type, producer.input[1], f"removed {remove}/{channels} channels",
                              reason, size, after), keep
-
-    def _removed_constant(self, chain: _Chain, owners, channels) -> np.ndarray:
-        """What each channel outputs once its weights are gone: act(BN(bias))."""
-        z = np.zeros(channels)
-        if chain.bias:
-            z = z + _array(owners, chain.bias).reshape(-1) * (float(attr(chain.producer, "beta", 1.0)) if chain.producer.op_type == "Gemm" else 1.0)
-        if chain.batchnorm is not None:
-            scale, b, mean, var = (_array(owners, n).astype(np.float64) for n in chain.batchnorm.input[1:5])
-            z = (z - mean) / np.sqrt(var + float(attr(chain.batchnorm, "epsilon", 1e-5))) * scale + b
-        act = chain.activation
-        if act is None or act.op_type == "Identity":
-            return z
-        if act.op_type == "Relu":
-            return np.maximum(z, 0)
-        if act.op_type == "LeakyRelu":
-            return np.where(z >= 0, z, z * float(attr(act, "alpha", 0.01)))
-        if act.op_type == "Sigmoid":
-            return 1 / (1 + np.exp(-z))
-        if act.op_type == "Tanh":
-            return np.tanh(z)
-        low = _array(owners, act.input[1]).item() if len(act.input) > 1 and act.input[1] else -np.inf
-        high = _array(owners, act.input[2]).item() if len(act.input) > 2 and act.input[2] else np.inf
-        return np.clip(z, low, high)
-
-    def _fold(self, model, chain: _Chain, folded: np.ndarray, owners) -> str:
-        consumer = chain.consumer
-        if consumer.op_type in ("Conv", "Gemm"):
-            scale = float(attr(consumer, "beta", 1.0)) if consumer.op_type == "Gemm" else 1.0
-            if scale == 0:
-                return "constant of removed channels not folded (Gemm beta 0)"
-            if len(consumer.input) > 2 and consumer.input[2]:
-                bias = _array(owners, consumer.input[2])
-                if bias.size == folded.size:
-                    _set(owners, consumer.input[2], bias + (folded / scale).reshape(bias.shape))
-                elif bias.size == 1:
-                    _set(owners, consumer.input[2], bias.reshape(()) + folded / scale)
-                else:
-                    return "constant of removed channels not folded (bias shape)"
-            else:
-                name = f"{consumer.input[1]}_folded_bias"
-                model.graph.initializer.append(numpy_helper.from_array(folded / np.float32(scale), name))
-                consumer.input.append(name)
-            padded = consumer.op_type == "Conv" and any(attr(consumer, "pads", [0]))
-            return "constant of removed channels folded into its bias" + (" (approximate at padded borders)" if padded else "")
-        add = _bias_add(model.graph, consumer, owners)
-        if add is None:
-            return "constant of removed channels not folded (no bias Add)"
-        _set(owners, add, _array(owners, add) + folded.reshape(_array(owners, add).shape))
-        return "constant of removed channels folded into its bias"
 
     def _refit(self, original, model, chains, kept_channels, report):
         """Refit each consumer (graph order) to the original model's outputs, its kept columns only."""
@@ -291,6 +215,100 @@ class PruneChannels:
             done += 1
         report.notes.append(f"reconstruction: {done} consumer layer(s) refit to the original model's outputs on "
                             f"{self.calibration.samples} calibration sample(s)")
+
+
+def chain_weights(chain: _Chain, owners) -> tuple[np.ndarray, int, np.ndarray, int]:
+    """The producer's weight and its output-channel axis, the consumer's weight and its input-channel axis."""
+    producer, consumer = chain.producer, chain.consumer
+    w = _array(owners, producer.input[1])
+    out_axis = 0 if producer.op_type == "Conv" or (producer.op_type == "Gemm" and attr(producer, "transB", 0)) else 1
+    v = _array(owners, consumer.input[1])
+    in_axis = 1 if consumer.op_type == "Conv" or (consumer.op_type == "Gemm" and attr(consumer, "transB", 0)) else 0
+    return w, out_axis, v, in_axis
+
+
+def remove_channels(model, chain: _Chain, drop: np.ndarray, owners) -> tuple[np.ndarray, str]:
+    """Remove the producer's output channels `drop` and the consumer inputs they fed; their constant output
+    act(BN(bias)) is folded into the consumer's bias. Returns the kept channels and a note on the fold."""
+    producer, consumer = chain.producer, chain.consumer
+    if chain.bias is None and producer.op_type in ("Conv", "Gemm") and len(producer.input) > 2 and producer.input[2]:
+        chain.bias = producer.input[2]  # created when an upstream layer's removed channels were folded in
+    w, out_axis, v, in_axis = chain_weights(chain, owners)
+    channels = w.shape[out_axis]
+    keep = np.setdiff1d(np.arange(channels), drop)
+    constant = _removed_constant(chain, owners, channels)[drop]
+    # The producer, its bias and BatchNormalization lose the channels.
+    _set(owners, producer.input[1], np.take(w, keep, axis=out_axis))
+    if chain.bias:
+        bias = _array(owners, chain.bias)
+        _set(owners, chain.bias, np.take(bias, keep, axis=bias.ndim - 1))
+    if chain.batchnorm is not None:
+        for name in chain.batchnorm.input[1:5]:
+            _set(owners, name, _array(owners, name)[keep])
+    # The consumer loses the inputs those channels fed; their constant output goes into its bias.
+    rows = (keep[:, None] * chain.per_channel + np.arange(chain.per_channel)[None, :]).reshape(-1)
+    if consumer.op_type == "Conv":
+        folded = np.einsum("c,ocij->o", constant, np.take(v, drop, axis=1))
+        _set(owners, consumer.input[1], np.take(v, keep, axis=1))
+    else:
+        gone = (drop[:, None] * chain.per_channel + np.arange(chain.per_channel)[None, :]).reshape(-1)
+        v_kn = v.T if in_axis == 1 else v
+        folded = np.repeat(constant, chain.per_channel) @ v_kn[gone]
+        _set(owners, consumer.input[1], np.take(v, rows, axis=in_axis))
+    note = ""
+    if np.any(folded != 0):
+        note = _fold(model, chain, folded.astype(np.float32), owners)
+    return keep, note
+
+
+def _removed_constant(chain: _Chain, owners, channels) -> np.ndarray:
+    """What each channel outputs once its weights are gone: act(BN(bias))."""
+    z = np.zeros(channels)
+    if chain.bias:
+        z = z + _array(owners, chain.bias).reshape(-1) * (float(attr(chain.producer, "beta", 1.0)) if chain.producer.op_type == "Gemm" else 1.0)
+    if chain.batchnorm is not None:
+        scale, b, mean, var = (_array(owners, n).astype(np.float64) for n in chain.batchnorm.input[1:5])
+        z = (z - mean) / np.sqrt(var + float(attr(chain.batchnorm, "epsilon", 1e-5))) * scale + b
+    act = chain.activation
+    if act is None or act.op_type == "Identity":
+        return z
+    if act.op_type == "Relu":
+        return np.maximum(z, 0)
+    if act.op_type == "LeakyRelu":
+        return np.where(z >= 0, z, z * float(attr(act, "alpha", 0.01)))
+    if act.op_type == "Sigmoid":
+        return 1 / (1 + np.exp(-z))
+    if act.op_type == "Tanh":
+        return np.tanh(z)
+    low = _array(owners, act.input[1]).item() if len(act.input) > 1 and act.input[1] else -np.inf
+    high = _array(owners, act.input[2]).item() if len(act.input) > 2 and act.input[2] else np.inf
+    return np.clip(z, low, high)
+
+def _fold(model, chain: _Chain, folded: np.ndarray, owners) -> str:
+    consumer = chain.consumer
+    if consumer.op_type in ("Conv", "Gemm"):
+        scale = float(attr(consumer, "beta", 1.0)) if consumer.op_type == "Gemm" else 1.0
+        if scale == 0:
+            return "constant of removed channels not folded (Gemm beta 0)"
+        if len(consumer.input) > 2 and consumer.input[2]:
+            bias = _array(owners, consumer.input[2])
+            if bias.size == folded.size:
+                _set(owners, consumer.input[2], bias + (folded / scale).reshape(bias.shape))
+            elif bias.size == 1:
+                _set(owners, consumer.input[2], bias.reshape(()) + folded / scale)
+            else:
+                return "constant of removed channels not folded (bias shape)"
+        else:
+            name = f"{consumer.input[1]}_folded_bias"
+            model.graph.initializer.append(numpy_helper.from_array(folded / np.float32(scale), name))
+            consumer.input.append(name)
+        padded = consumer.op_type == "Conv" and any(attr(consumer, "pads", [0]))
+        return "constant of removed channels folded into its bias" + (" (approximate at padded borders)" if padded else "")
+    add = _bias_add(model.graph, consumer, owners)
+    if add is None:
+        return "constant of removed channels not folded (no bias Add)"
+    _set(owners, add, _array(owners, add) + folded.reshape(_array(owners, add).shape))
+    return "constant of removed channels folded into its bias"
 
 
 def _chain(node, name, records, readers, outputs, shapes, graph):

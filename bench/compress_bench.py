@@ -28,7 +28,7 @@ from onnxshrink.compress_search import CompressConfig, PassSpec, Recipe, compres
 from onnxshrink.validate import Thresholds, ValidateConfig  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
-MODELS = {"digits MLP": "digits_mlp", "digits CNN": "digits_cnn"}
+MODELS = {"digits MLP": "digits_mlp", "digits CNN": "digits_cnn", "digits transformer": "digits_transformer"}
 SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9)
 QUANTIZE = {
     "dynamic int8": {"mode": "dynamic"},

@@ -32,7 +32,7 @@ from onnxshrink.validate import compare_outputs, measure_latency, task_accuracy 
 def models(workdir: Path, quick: bool):
     """(name, model, eval .npz or None, calibration .npz)."""
     samples = ROOT / "sample_models"
-    for stem in ("digits_mlp", "digits_cnn"):
+    for stem in ("digits_mlp", "digits_cnn", "digits_transformer"):
         yield f"{stem} (sample)", samples / f"{stem}.onnx", samples / f"{stem}.eval.npz", samples / f"{stem}.calib.npz"
     from conftest import make_mlp  # a generated MatMul-heavy model (random weights: drift only, no accuracy)
 

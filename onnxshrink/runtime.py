@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from collections import Counter
 from pathlib import Path
@@ -30,6 +31,19 @@ def session_options(threads: int = 1, optimize: bool = True, optimized_path: str
     return options
 
 
+# Op domains stock onnxruntime (CPU) has kernels for; ops elsewhere need a custom-op library.
+KNOWN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "com.microsoft", "com.microsoft.nchwc", "ai.onnx.preview.training")
+
+
+def _nodes(model: onnx.ModelProto):
+    """Every node, subgraphs included, less those of the model's local functions' own domains (onnxruntime inlines them)."""
+    local = {(f.domain, f.name) for f in model.functions}
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            if (node.domain, node.op_type) not in local:
+                yield node
+
+
 def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path: str | None = None):
     """An onnxruntime CPU session; a model onnxruntime refuses is an unsupported model, not a crash."""
     import onnxruntime as ort
@@ -47,7 +61,16 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, o
                                     providers=["CPUExecutionProvider"], enable_fallback=0)
     except Exception as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise UnsupportedModelError(f"onnxruntime cannot load the model: {message[:300]}") from exc
+        # "Load model from /a/staging/path failed:" names a temporary file the user never sees.
+        message = re.sub(r"Load model from .* failed:\s*", "", message)
+        try:
+            graph = model if isinstance(model, onnx.ModelProto) else onnx.load(str(model), load_external_data=False)
+            custom = sorted({f"{n.domain}.{n.op_type}" for n in _nodes(graph) if n.domain not in KNOWN_DOMAINS})
+        except Exception:  # the message stands without the hint
+            custom = []
+        hint = (f" (custom op {', '.join(custom[:3])}: onnxshrink runs every model it writes in stock onnxruntime, "
+                "which has no kernel for it; `pack` needs none)") if custom else ""
+        raise UnsupportedModelError(f"onnxruntime cannot load the model: {message[:300]}{hint}") from exc
 
 
 def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:

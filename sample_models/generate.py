@@ -1,20 +1,27 @@
 #!/usr/bin/env python3
 """Regenerate the sample ONNX models shipped with onnxshrink.
 
-Trains two small classifiers on scikit-learn's bundled "digits" data set
+Trains three small classifiers on scikit-learn's bundled "digits" data set
 (1797 8x8 grey-scale images of handwritten digits, 10 classes; it ships inside
 the scikit-learn package, so nothing is downloaded) and writes:
 
 * ``digits_mlp.onnx``       MLP 64-256-128-10 (MatMul + Add per layer, ReLU)
 * ``digits_cnn.onnx``       small CNN (Conv-Relu, Conv-Relu, MaxPool, Flatten,
                             Gemm-Relu, Gemm)
+* ``digits_transformer.onnx`` transformer encoder: 8 row tokens of 8 pixels,
+                            Linear 8->32 + position embedding, 2 pre-LayerNorm
+                            blocks (4-head attention, GELU MLP 128), mean pool,
+                            LayerNorm, Linear 32->10
 * ``digits_mlp.calib.npz``  ``input`` float32 [200, 64] from the training split
 * ``digits_mlp.eval.npz``   ``input`` float32 [N, 64], ``labels`` int64 [N]
 * ``digits_cnn.calib.npz``  ``input`` float32 [200, 1, 8, 8]
 * ``digits_cnn.eval.npz``   ``input`` float32 [N, 1, 8, 8], ``labels`` int64 [N]
+* ``digits_transformer.calib.npz`` ``input`` float32 [200, 8, 8]
+* ``digits_transformer.eval.npz``  ``input`` float32 [N, 8, 8], ``labels`` int64 [N]
 
 Training is plain NumPy (mini-batch Adam, hand-written forward/backward
-passes), fully seeded and single-threaded, so reruns give the same weights.
+passes, attention and LayerNorm included), fully seeded and single-threaded,
+so reruns give the same weights.
 The ONNX graphs are built node by node with ``onnx.helper`` from the trained
 weights, in the layout a PyTorch export has.
 
@@ -329,6 +336,169 @@ def cnn_forward_backward(params, x, y):
 
 
 # --------------------------------------------------------------------------
+# Transformer: each image is a sequence of its 8 rows (tokens of 8 pixels);
+#   Linear 8->32 + learned position embedding, 2 pre-LayerNorm encoder blocks
+#   (4-head self-attention, MLP 32-128-32 with exact GELU), mean over tokens,
+#   LayerNorm, Linear 32->10.
+
+
+TF_TOKENS = 8      # rows of the image
+TF_FEATURES = 8    # pixels per row
+TF_DIM = 32
+TF_HEADS = 4
+TF_MLP = 128
+TF_LAYERS = 2
+LN_EPS = 1e-5
+TF_PROJ = ("q_proj", "k_proj", "v_proj")
+
+
+def xavier_uniform(rng, fan_in, fan_out):
+    bound = np.sqrt(6.0 / (fan_in + fan_out))
+    return rng.uniform(-bound, bound, size=(fan_in, fan_out))  # [in, out]
+
+
+def tf_init(rng):
+    d, m = TF_DIM, TF_MLP
+    params = {
+        "embed.weight": xavier_uniform(rng, TF_FEATURES, d),
+        "embed.bias": np.zeros(d),
+        "pos_embed": rng.normal(0.0, 0.02, size=(1, TF_TOKENS, d)),
+    }
+    for layer in range(TF_LAYERS):
+        pre = f"layers.{layer}."
+        params[pre + "norm1.weight"], params[pre + "norm1.bias"] = np.ones(d), np.zeros(d)
+        for proj in TF_PROJ + ("out_proj",):
+            params[pre + f"attn.{proj}.weight"] = xavier_uniform(rng, d, d)
+            params[pre + f"attn.{proj}.bias"] = np.zeros(d)
+        params[pre + "norm2.weight"], params[pre + "norm2.bias"] = np.ones(d), np.zeros(d)
+        params[pre + "mlp.fc1.weight"], params[pre + "mlp.fc1.bias"] = xavier_uniform(rng, d, m), np.zeros(m)
+        params[pre + "mlp.fc2.weight"], params[pre + "mlp.fc2.bias"] = xavier_uniform(rng, m, d), np.zeros(d)
+    params["norm.weight"], params["norm.bias"] = np.ones(d), np.zeros(d)
+    params["head.weight"], params["head.bias"] = xavier_uniform(rng, d, 10), np.zeros(10)
+    return params
+
+
+def layer_norm(x, weight, bias):
+    """LayerNormalization over the last axis (ONNX opset 17, epsilon 1e-5)."""
+    xc = x - x.mean(axis=-1, keepdims=True)
+    rstd = 1.0 / np.sqrt((xc * xc).mean(axis=-1, keepdims=True) + LN_EPS)
+    xhat = xc * rstd
+    return xhat * weight + bias, (xhat, rstd)
+
+
+def layer_norm_backward(dy, weight, cache):
+    xhat, rstd = cache
+    n = xhat.shape[-1]
+    axes = tuple(range(dy.ndim - 1))
+    dxhat = dy * weight
+    dx = rstd / n * (n * dxhat - dxhat.sum(axis=-1, keepdims=True)
+                     - xhat * (dxhat * xhat).sum(axis=-1, keepdims=True))
+    return dx, (dy * xhat).sum(axis=axes), dy.sum(axis=axes)
+
+
+def gelu(x):
+    """Exact GELU, x * Phi(x), as PyTorch's nn.GELU() and its ONNX export (Erf) compute it."""
+    from scipy.special import erf
+    return 0.5 * x * (1.0 + erf(x / np.sqrt(2.0)))
+
+
+def gelu_grad(x):
+    from scipy.special import erf
+    return 0.5 * (1.0 + erf(x / np.sqrt(2.0))) + x * np.exp(-0.5 * x * x) / np.sqrt(2.0 * np.pi)
+
+
+def softmax_last(s):
+    e = np.exp(s - s.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def split_heads(t):
+    """[B, T, D] -> [B, H, T, D/H]"""
+    b, n, _ = t.shape
+    return t.reshape(b, n, TF_HEADS, TF_DIM // TF_HEADS).transpose(0, 2, 1, 3)
+
+
+def merge_heads(t):
+    """[B, H, T, D/H] -> [B, T, D]"""
+    b, _, n, _ = t.shape
+    return t.transpose(0, 2, 1, 3).reshape(b, n, TF_DIM)
+
+
+def linear_grads(grads, name, x, g):
+    """Gradients of ``x @ W + b`` (any leading axes) with respect to W [in, out] and b."""
+    grads[name + ".weight"] = x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, g.shape[-1])
+    grads[name + ".bias"] = g.reshape(-1, g.shape[-1]).sum(axis=0)
+
+
+def tf_forward(params, x, cache=False):
+    p = params
+    scale = 1.0 / np.sqrt(TF_DIM // TF_HEADS)
+    h = x @ p["embed.weight"] + p["embed.bias"] + p["pos_embed"]  # [B, T, D]
+    layers = []
+    for layer in range(TF_LAYERS):
+        pre = f"layers.{layer}."
+        c = {}
+        a, c["ln1"] = layer_norm(h, p[pre + "norm1.weight"], p[pre + "norm1.bias"])
+        qh, kh, vh = (split_heads(a @ p[pre + f"attn.{n}.weight"] + p[pre + f"attn.{n}.bias"])
+                      for n in TF_PROJ)
+        prob = softmax_last((qh @ kh.transpose(0, 1, 3, 2)) * scale)  # [B, H, T, T]
+        ctx = merge_heads(prob @ vh)
+        h = h + ctx @ p[pre + "attn.out_proj.weight"] + p[pre + "attn.out_proj.bias"]
+        a2, c["ln2"] = layer_norm(h, p[pre + "norm2.weight"], p[pre + "norm2.bias"])
+        u = a2 @ p[pre + "mlp.fc1.weight"] + p[pre + "mlp.fc1.bias"]
+        gu = gelu(u)
+        h = h + gu @ p[pre + "mlp.fc2.weight"] + p[pre + "mlp.fc2.bias"]
+        c.update(a=a, qh=qh, kh=kh, vh=vh, prob=prob, ctx=ctx, a2=a2, u=u, gu=gu)
+        layers.append(c)
+    z, lnf = layer_norm(h.mean(axis=1), p["norm.weight"], p["norm.bias"])
+    logits = z @ p["head.weight"] + p["head.bias"]
+    if not cache:
+        return logits
+    return logits, dict(x=x, layers=layers, lnf=lnf, z=z)
+
+
+def tf_forward_backward(params, x, y):
+    p = params
+    scale = 1.0 / np.sqrt(TF_DIM // TF_HEADS)
+    logits, c = tf_forward(params, x, cache=True)
+    loss, g = softmax_xent(logits, y)
+    grads = {}
+    linear_grads(grads, "head", c["z"], g)
+    g, grads["norm.weight"], grads["norm.bias"] = layer_norm_backward(
+        g @ p["head.weight"].T, p["norm.weight"], c["lnf"])
+    dh = np.repeat(g[:, None, :] / TF_TOKENS, TF_TOKENS, axis=1)  # mean over tokens
+    for layer in range(TF_LAYERS - 1, -1, -1):
+        pre = f"layers.{layer}."
+        lc = c["layers"][layer]
+        # MLP branch of the residual
+        linear_grads(grads, pre + "mlp.fc2", lc["gu"], dh)
+        du = (dh @ p[pre + "mlp.fc2.weight"].T) * gelu_grad(lc["u"])
+        linear_grads(grads, pre + "mlp.fc1", lc["a2"], du)
+        dx, grads[pre + "norm2.weight"], grads[pre + "norm2.bias"] = layer_norm_backward(
+            du @ p[pre + "mlp.fc1.weight"].T, p[pre + "norm2.weight"], lc["ln2"])
+        dh = dh + dx
+        # attention branch
+        linear_grads(grads, pre + "attn.out_proj", lc["ctx"], dh)
+        dctx = split_heads(dh @ p[pre + "attn.out_proj.weight"].T)
+        prob = lc["prob"]
+        dprob = dctx @ lc["vh"].transpose(0, 1, 3, 2)
+        ds = prob * (dprob - (dprob * prob).sum(axis=-1, keepdims=True)) * scale
+        da = 0.0
+        for name, d in (("q_proj", ds @ lc["kh"]),
+                        ("k_proj", ds.transpose(0, 1, 3, 2) @ lc["qh"]),
+                        ("v_proj", prob.transpose(0, 1, 3, 2) @ dctx)):
+            d = merge_heads(d)
+            linear_grads(grads, pre + "attn." + name, lc["a"], d)
+            da = da + d @ p[pre + f"attn.{name}.weight"].T
+        dx, grads[pre + "norm1.weight"], grads[pre + "norm1.bias"] = layer_norm_backward(
+            da, p[pre + "norm1.weight"], lc["ln1"])
+        dh = dh + dx
+    linear_grads(grads, "embed", c["x"], dh)
+    grads["pos_embed"] = dh.sum(axis=0, keepdims=True)
+    return loss, grads
+
+
+# --------------------------------------------------------------------------
 # ONNX graph construction
 
 
@@ -422,6 +592,83 @@ def build_cnn_onnx(params):
         graph,
         "CNN Conv16-Conv32-MaxPool-FC64-FC10 (ReLU) trained on scikit-learn digits; "
         "input = 1x8x8 pixel values / 16; output = class logits.")
+
+
+def build_transformer_onnx(params):
+    """The graph ``torch.onnx.export`` (opset 17) writes for a pre-LN encoder classifier.
+
+    Linear layers are ``MatMul`` with an [in, out] weight initializer, then ``Add`` of the
+    bias. Attention reshapes Q/K/V into heads; ``Q @ K^T`` and ``P @ V`` are MatMuls of two
+    activations. GELU is the exact form (Div, Erf, Add, Mul, Mul).
+    """
+    from onnx import helper, numpy_helper
+
+    d, heads, tokens = TF_DIM, TF_HEADS, TF_TOKENS
+    inits = [numpy_helper.from_array(v.astype(np.float32), k) for k, v in params.items()]
+
+    def const(name, value, dtype=np.float32):
+        inits.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+        return name
+
+    split_shape = const("attn.split_shape", [-1, tokens, heads, d // heads], np.int64)
+    merge_shape = const("attn.merge_shape", [-1, tokens, d], np.int64)
+    attn_scale = const("attn.scale", 1.0 / np.sqrt(d // heads))
+    sqrt2 = const("gelu.sqrt2", np.sqrt(2.0))
+    one = const("gelu.one", 1.0)
+    half = const("gelu.half", 0.5)
+
+    nodes = []
+
+    def node(op, inputs, name, out=None, **attrs):
+        out = out or f"/{name}_output_0"
+        nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    def linear(x, module, out=None):
+        mm = node("MatMul", [x, f"{module}.weight"], f"{module}/MatMul")
+        return node("Add", [mm, f"{module}.bias"], f"{module}/Add", out)
+
+    def layer_norm_node(x, module):
+        return node("LayerNormalization", [x, f"{module}.weight", f"{module}.bias"],
+                    f"{module}/LayerNormalization", axis=-1, epsilon=LN_EPS)
+
+    h = linear("input", "embed")
+    h = node("Add", [h, "pos_embed"], "pos_embed/Add")
+    for layer in range(TF_LAYERS):
+        pre = f"layers.{layer}"
+        a = layer_norm_node(h, f"{pre}.norm1")
+        q, k, v = (node("Reshape", [linear(a, f"{pre}.attn.{proj}"), split_shape],
+                        f"{pre}.attn.{proj}/Reshape") for proj in TF_PROJ)
+        q = node("Transpose", [q], f"{pre}.attn/Transpose_q", perm=[0, 2, 1, 3])   # [B, H, T, dh]
+        k = node("Transpose", [k], f"{pre}.attn/Transpose_k", perm=[0, 2, 3, 1])   # [B, H, dh, T]
+        v = node("Transpose", [v], f"{pre}.attn/Transpose_v", perm=[0, 2, 1, 3])   # [B, H, T, dh]
+        s = node("MatMul", [q, k], f"{pre}.attn/MatMul_qk")                        # [B, H, T, T]
+        s = node("Mul", [s, attn_scale], f"{pre}.attn/Mul_scale")
+        prob = node("Softmax", [s], f"{pre}.attn/Softmax", axis=-1)
+        ctx = node("MatMul", [prob, v], f"{pre}.attn/MatMul_pv")                   # [B, H, T, dh]
+        ctx = node("Transpose", [ctx], f"{pre}.attn/Transpose_ctx", perm=[0, 2, 1, 3])
+        ctx = node("Reshape", [ctx, merge_shape], f"{pre}.attn/Reshape_ctx")       # [B, T, D]
+        h = node("Add", [h, linear(ctx, f"{pre}.attn.out_proj")], f"{pre}/Add_attn")
+        a = layer_norm_node(h, f"{pre}.norm2")
+        u = linear(a, f"{pre}.mlp.fc1")
+        erf = node("Erf", [node("Div", [u, sqrt2], f"{pre}.mlp.act/Div")], f"{pre}.mlp.act/Erf")
+        g = node("Add", [erf, one], f"{pre}.mlp.act/Add")
+        g = node("Mul", [node("Mul", [u, g], f"{pre}.mlp.act/Mul"), half], f"{pre}.mlp.act/Mul_1")
+        h = node("Add", [h, linear(g, f"{pre}.mlp.fc2")], f"{pre}/Add_mlp")
+    pooled = node("ReduceMean", [h], "pool/ReduceMean", axes=[1], keepdims=0)
+    z = layer_norm_node(pooled, "norm")
+    linear(z, "head", out="logits")
+    graph = helper.make_graph(
+        nodes, "digits_transformer",
+        inputs=[_value_info("input", ["batch", tokens, TF_FEATURES])],
+        outputs=[_value_info("logits", ["batch", 10])],
+        initializer=inits,
+    )
+    return _finish_model(
+        graph,
+        "Transformer encoder classifier (8 row tokens, d=32, 2 pre-LN blocks, 4 heads, "
+        "GELU MLP 128) trained on scikit-learn digits; input = 8x8 pixel values / 16, "
+        "one token per row; output = class logits.")
 
 
 # --------------------------------------------------------------------------
@@ -523,6 +770,18 @@ def main(argv=None) -> int:
     save_npz(out / "digits_cnn.calib.npz", input=img(d["x_calib"]))
     save_npz(out / "digits_cnn.eval.npz", input=img(d["x_eval"]), labels=d["y_eval"])
     cnn_ref = cnn_forward(cnn32, img(d["x_eval"]))
+
+    # ---- Transformer
+    seq = lambda a: a.reshape(-1, TF_TOKENS, TF_FEATURES)  # noqa: E731
+    rng = np.random.default_rng(SEED + 3)
+    params = tf_init(rng)
+    train_loop(params, tf_forward_backward, seq(d["x_train"]).astype(np.float64),
+               d["y_train"], rng, epochs=60, batch=32, lr=2e-3, wd=1e-2, name="transformer")
+    tf32 = {k: v.astype(np.float32) for k, v in params.items()}
+    onnx.save(build_transformer_onnx(tf32), str(out / "digits_transformer.onnx"))
+    save_npz(out / "digits_transformer.calib.npz", input=seq(d["x_calib"]))
+    save_npz(out / "digits_transformer.eval.npz", input=seq(d["x_eval"]), labels=d["y_eval"])
+    tf_ref = tf_forward(tf32, seq(d["x_eval"]))
     t_train = time.perf_counter() - t0
 
     # ---- verify what was written
@@ -530,13 +789,14 @@ def main(argv=None) -> int:
     accs = {
         "digits_mlp": verify(out / "digits_mlp.onnx", out / "digits_mlp.eval.npz", mlp_ref),
         "digits_cnn": verify(out / "digits_cnn.onnx", out / "digits_cnn.eval.npz", cnn_ref),
+        "digits_transformer": verify(out / "digits_transformer.onnx",
+                                     out / "digits_transformer.eval.npz", tf_ref),
     }
-    names = ["digits_mlp.onnx", "digits_mlp.calib.npz", "digits_mlp.eval.npz",
-             "digits_cnn.onnx", "digits_cnn.calib.npz", "digits_cnn.eval.npz"]
+    names = [f"{model}.{suffix}" for model in accs for suffix in ("onnx", "calib.npz", "eval.npz")]
     print("files:")
     for name in names:
         p = out / name
-        print(f"  {name:22s} {p.stat().st_size:8d} B  sha256 {sha256(p)[:16]}")
+        print(f"  {name:30s} {p.stat().st_size:8d} B  sha256 {sha256(p)[:16]}")
     print(f"done in {time.perf_counter() - t0:.1f} s (training {t_train:.1f} s)")
 
     bad = {k: v for k, v in accs.items() if v < MIN_ACCURACY}

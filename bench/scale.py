@@ -28,7 +28,11 @@ kind, args, report = sys.argv[1], json.loads(sys.argv[2]), sys.argv[3]
 start = time.perf_counter()
 code, error = 0, ""
 try:
-    if kind == "cli":
+    if kind in ("cli", "cli_no_kernel_count"):
+        if kind == "cli_no_kernel_count":  # what the streamed pass costs without onnxruntime loading its output
+            import onnxshrink.api
+            onnxshrink.api._runtime_kernels = lambda *a: {"integer_kernels": {}, "float_kernels": {}, "quantized_layers": 0,
+                                                          "fused_layers": 0, "all_quantized_layers_fused": True}
         from onnxshrink.cli import app
         try:
             app(args, standalone_mode=False)
@@ -85,6 +89,8 @@ def main() -> None:
         ("onnxshrink inspect", "cli", ["inspect", m]),
         ("onnxshrink quantize (dynamic int8)", "cli", ["quantize", m, "-o", str(work / "q8.onnx"), "--no-validate"]),
         ("onnxshrink quantize --bits 4", "cli", ["quantize", m, "--bits", "4", "-o", str(work / "q4.onnx"), "--no-validate"]),
+        ("quantize (dynamic int8), onnxruntime kernel count off", "cli_no_kernel_count",
+         ["quantize", m, "-o", str(work / "q8n.onnx"), "--no-validate"]),
         ("onnxshrink prune --sparsity 0.5", "cli", ["prune", m, "--sparsity", "0.5", "-o", str(work / "p.onnx"), "--no-validate"]),
         ("onnxshrink pack", "cli", ["pack", m, "-o", str(work / "m.shrink")]),
         ("onnxruntime quantize_dynamic", "ort_dynamic", [m, str(work / "ort8.onnx")]),
@@ -114,6 +120,18 @@ def main() -> None:
         f"({model.name}, {weights / 1e9:.2f} GB of fp32 weights in external data). Each command runs in a fresh "
         "process (validation off: `--no-validate`); peak RSS is its VmHWM. The issue's target for `quantize` is a "
         "peak at most 0.5x the weight bytes.",
+        "",
+        "`quantize` (dynamic int8, and blockwise `--bits` with the default rtn algorithm) streams a model that keeps its "
+        "weights in external data: the graph is loaded without them, each weight is read from the input's data file "
+        "when the pass reaches it, quantized with the same code as the in-memory path, and written straight to the "
+        "output's data file (tensors of 1 MiB and more at 64 KiB-aligned offsets); unchanged tensors are copied in "
+        "16 MiB chunks, the graph is written last, and everything is renamed into place only once the ONNX checker "
+        "passed. What is left of the peak is mostly onnxruntime: after the pass, quantize loads the output once in "
+        "onnxruntime (in the same process) to count the fused integer kernels it runs; the row with that count off "
+        "shows the streamed pass alone. Without `--no-validate`, validation runs the original and the output in "
+        "onnxruntime, which then holds both models' weights: that is not bounded by this target. Before streaming "
+        "(commit 6398fa3, which loaded the whole model into protobuf) this bench measured 5.46 GB (2.11x) for dynamic "
+        "int8 and 4.50 GB (1.74x) for `--bits 4`. `pack` and `prune` still load the whole model.",
         "",
         "| command | wall s | s per GB | peak RSS GB | peak / weights | result |",
         "|---|---:|---:|---:|---:|---|",

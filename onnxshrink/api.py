@@ -11,6 +11,7 @@ from pathlib import Path
 import onnx
 
 from onnxshrink import model as model_io
+from onnxshrink import streaming
 from onnxshrink.errors import OutputError, UsageError
 from onnxshrink.info import inspect_model
 from onnxshrink.data import input_specs, load_npz
@@ -296,19 +297,31 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
     model_io.check_output_path(output, [model_path], force)
-    original = model_io.load(model_path, for_rewrite=True)
+    original = model_io.load(model_path, for_rewrite=True, with_data=False)
+    external = model_io.has_external_data(original)  # the file keeps weights external (asked before reading them)
     transform = make_pass(original)
-    with handed_over(original):  # loaded for this pass alone: rewritten in place, not held twice
-        result, pass_report = transform(original)
-    model_io.stamp(result, command, options)
-    external = model_io.file_has_external_data(model_path)
-    del original
-    report = CommandReport(command, str(model_path), None, [pass_report], {})
+    # External weights and a pass that can stream: read one weight at a time, never the whole model (streaming.py).
+    streamed = streaming.streams(original, transform)
+    if not streamed:
+        model_io.read_external_data(original, model_path)
+        with handed_over(original):  # loaded for this pass alone: rewritten in place, not held twice
+            result, pass_report = transform(original)
+        model_io.stamp(result, command, options)
+        del original
 
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".check", dir=output.parent))
     try:
-        # full_check=False: sparse initializers feeding MatMul fail onnx's full check; onnxruntime loads them below.
-        staged = model_io.save(result, staging / output.name, external_data=external, check=full_check)
+        if streamed:
+            result, pass_report = streaming.write_pass(original, model_path, transform, staging / output.name,
+                                                       edit=lambda m: model_io.stamp(m, command, options), check=full_check)
+            staged = staging / output.name
+            del original
+        else:
+            # full_check=False: sparse initializers feeding MatMul fail onnx's full check; onnxruntime loads them below.
+            staged = model_io.save(result, staging / output.name, external_data=external, check=full_check)
+        report = CommandReport(command, str(model_path), None, [pass_report], {})
+        if streamed:
+            report.notes.append(streaming.NOTE)
         report.runtime = _runtime_kernels(staged, threads, pass_report)
         if run_validation:
             config = validation or ValidateConfig(threads=threads)
@@ -319,7 +332,9 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")
-        if external:
+        if streamed:
+            streaming.move_into_place(staged, final, [model_path], force or not passed)
+        elif external:
             # The staged model names its data file after the staged name; write it again under the final one.
             model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=True, check=full_check)
         else:

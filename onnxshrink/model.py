@@ -59,6 +59,12 @@ def load(path: str | os.PathLike, for_rewrite: bool = False, with_data: bool = T
     return model
 
 
+def read_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
+    """Read into a model loaded `with_data=False` from `path` its external tensors (decided late: a command
+    that streams its weights never reads them all)."""
+    _load_external_data(model, Path(path), read=True)
+
+
 def _load_pack(path: Path, for_rewrite: bool) -> onnx.ModelProto:
     """Decode a `.shrink` file in memory; anything that does not check out is a load error naming why."""
     from onnxshrink.codec.container import CorruptPack

@@ -20,12 +20,13 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
                                       ensure_opset, initializer_owners, select_layers)
 from onnxshrink.report import LayerDecision, PassReport
+from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
 QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DequantizeLinear", "MatMulNBits",
@@ -49,9 +50,11 @@ class QuantizeDynamic:
     """Weights int8 (per output channel by default), activations quantized at run time."""
 
     name = "quantize-dynamic"
+    streams = True  # reads one weight at a time through self.tensors: onnxshrink.streaming can run it
 
-    def __init__(self, config: QuantizeConfig | None = None):
+    def __init__(self, config: QuantizeConfig | None = None, tensors: TensorStore | None = None):
         self.config = config or QuantizeConfig()
+        self.tensors = tensors or TensorStore()
         unknown = set(self.config.op_types) - set(SUPPORTED_OPS) - {"Conv"}
         if unknown:
             raise ValueError(f"unsupported op types for dynamic quantization: {', '.join(sorted(unknown))}")
@@ -145,26 +148,23 @@ class QuantizeDynamic:
 
     def _quantize_weight(self, owners, name, transpose, alpha, names):
         graph, tensor = owners[name]
-        w = numpy_helper.to_array(tensor).astype(np.float32)
+        w = self.tensors.read(tensor).astype(np.float32, copy=False)
         if transpose:
             w = w.T
         w = w * np.float32(alpha)
         q, scale, zero = quantize_int8(w, self.config.per_channel, self.config.symmetric)
         suffix = ("_T" if transpose else "") + (f"_a{alpha:g}" if alpha != 1.0 else "")
         base = names(name + suffix + "_int8")
-        graph.initializer.extend([
-            numpy_helper.from_array(q, base),
-            numpy_helper.from_array(scale, base + "_scale"),
-            numpy_helper.from_array(zero, base + "_zero_point"),
-        ])
+        for array, tensor_name in ((q, base), (scale, base + "_scale"), (zero, base + "_zero_point")):
+            self.tensors.add(graph, array, tensor_name)
         return base, base + "_scale", base + "_zero_point", w.nbytes, q.nbytes + scale.nbytes + zero.nbytes
 
     def _scaled_bias(self, owners, bias, beta, stem):
         if bias not in owners:
             raise NotImplementedError("Gemm beta != 1 with a computed bias")
         graph, tensor = owners[bias]
-        scaled = numpy_helper.to_array(tensor) * np.float32(beta)
-        graph.initializer.append(numpy_helper.from_array(scaled.astype(np.float32), stem + "_bias"))
+        scaled = self.tensors.read(tensor) * np.float32(beta)
+        self.tensors.add(graph, scaled.astype(np.float32), stem + "_bias")
         return stem + "_bias"
 
 

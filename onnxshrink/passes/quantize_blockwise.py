@@ -48,7 +48,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxshrink import gptq as gptq_mod
 from onnxshrink.data import Dataset
@@ -58,6 +58,7 @@ from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initi
 from onnxshrink.passes.quantize import nothing_to_do
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
+from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
 SUPPORTED_OPS = ("MatMul", "Gemm")
@@ -113,10 +114,12 @@ class QuantizeBlockwise:
 
     name = "quantize-blockwise"
 
-    def __init__(self, config: BlockwiseConfig | None = None, calibration: Dataset | None = None, threads: int = 1):
+    def __init__(self, config: BlockwiseConfig | None = None, calibration: Dataset | None = None, threads: int = 1,
+                 tensors: TensorStore | None = None):
         self.config = config = config or BlockwiseConfig()
         self.calibration = calibration
         self.threads = threads
+        self.tensors = tensors or TensorStore()
         if config.bits not in SUPPORTED_BITS:
             message = f"--bits {config.bits}: onnxruntime's MatMulNBits runs 2, 4 and 8 bits only"
             if 2 < config.bits < 8:
@@ -137,6 +140,12 @@ class QuantizeBlockwise:
             raise ValueError(f"unsupported op types for blockwise quantization: {', '.join(sorted(unknown))} (MatMul, Gemm)")
         if config.accuracy_level not in (None, 0, 1, 2, 3, 4):
             raise ValueError(f"accuracy_level {config.accuracy_level}: MatMulNBits takes 0 to 4")
+
+    @property
+    def streams(self) -> bool:
+        """RTN reads one weight at a time through self.tensors (onnxshrink.streaming can run it); GPTQ runs
+        the model in onnxruntime to capture each layer's inputs, which needs its weights in memory."""
+        return self.config.algorithm == "rtn"
 
     @property
     def accuracy_level(self) -> int:
@@ -223,7 +232,7 @@ class QuantizeBlockwise:
     def _weight(self, layer: _Layer) -> np.ndarray:
         """The weight as MatMulNBits multiplies it: [K, N], Gemm's transB and alpha applied."""
         _, transposed, alpha = layer.key
-        w = numpy_helper.to_array(self._owners[layer.weight][1]).astype(np.float32)
+        w = self.tensors.read(self._owners[layer.weight][1]).astype(np.float32, copy=False)
         if transposed:
             w = w.T
         if alpha != 1.0:
@@ -283,12 +292,12 @@ class QuantizeBlockwise:
         config = self.config
         k, n = quantized.q.shape
         b, scales, zero_points = pack_matmulnbits(quantized, config.symmetric)
-        owner_graph, tensor = self._owners[unit[0].weight]
+        owner_graph = self._owners[unit[0].weight][0]
         base = self._names(unit[0].weight + f"_q{config.bits}")
-        inits = [numpy_helper.from_array(b, base), numpy_helper.from_array(scales, base + "_scale")]
+        self.tensors.add(owner_graph, b, base)
+        self.tensors.add(owner_graph, scales, base + "_scale")
         if zero_points is not None:
-            inits.append(numpy_helper.from_array(zero_points, base + "_zero_point"))
-        owner_graph.initializer.extend(inits)
+            self.tensors.add(owner_graph, zero_points, base + "_zero_point")
         written = _Written(base, base + "_scale", base + "_zero_point" if zero_points is not None else None, k, n,
                            k * n * 4, sum(a.nbytes for a in (b, scales, zero_points) if a is not None))
         action = f"int{config.bits} block {config.block_size}" + ("" if config.symmetric else " asymmetric")
@@ -309,13 +318,13 @@ class QuantizeBlockwise:
         if layer.bias is not None:
             bias = self._bias_vector(layer, written.n)
             if bias is not None:
-                graph.initializer.append(numpy_helper.from_array(bias, stem + "_bias"))
+                self.tensors.add(graph, bias, stem + "_bias")
                 inputs += ["", stem + "_bias"]
             else:  # a [M, N] or computed C: Add it after the product
                 addend = layer.bias
                 if layer.beta != 1.0:
-                    scaled = numpy_helper.to_array(self._owners[layer.bias][1]).astype(np.float32) * np.float32(layer.beta)
-                    graph.initializer.append(numpy_helper.from_array(scaled, stem + "_bias"))
+                    scaled = self.tensors.read(self._owners[layer.bias][1]).astype(np.float32) * np.float32(layer.beta)
+                    self.tensors.add(graph, scaled, stem + "_bias")
                     addend = stem + "_bias"
                 add = helper.make_node("Add", [stem + "_out", addend], [layer.output], name=stem + "_BiasAdd")
         while inputs and not inputs[-1]:
@@ -332,7 +341,7 @@ class QuantizeBlockwise:
         """beta * C as the [N] bias MatMulNBits adds, or None when C is computed or not broadcast along rows."""
         if layer.bias not in self._owners:
             return None
-        c = numpy_helper.to_array(self._owners[layer.bias][1]).astype(np.float32)
+        c = self.tensors.read(self._owners[layer.bias][1]).astype(np.float32)
         if c.size == 1:
             c = np.full(n, c.reshape(()), dtype=np.float32)
         elif c.shape not in ((n,), (1, n)):

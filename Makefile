@@ -50,6 +50,7 @@ bench: bench-real
 	$(BIN)/python bench/run.py
 	$(BIN)/python bench/prune_curves.py
 	$(BIN)/python bench/cluster_bench.py
+	$(BIN)/python bench/factorize_bench.py
 	$(BIN)/python bench/pack_bench.py
 	$(BIN)/python bench/codec_speed.py
 	$(BIN)/python bench/compress_bench.py --budget 5m

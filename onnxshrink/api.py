@@ -191,6 +191,40 @@ def cluster(
     return report
 
 
+def factorize(
+    model_path: str | os.PathLike,
+    output: str | os.PathLike | None = None,
+    config=None,
+    *,
+    calibration: str | os.PathLike | None = None,
+    force: bool = False,
+    validation: ValidateConfig | None = None,
+    run_validation: bool = True,
+    threads: int = 1,
+    options: dict | None = None,
+) -> CommandReport:
+    """Low-rank factorization (a FactorizeConfig; rank ratio 0.5 when None): MatMul/Gemm weights as X @ A @ B.
+
+    With `calibration`, each layer's factors minimise its output error against the original model's
+    (SVD of the whitened weight). Only where it saves parameters and, unless `check_latency=False`,
+    where the factored layer timed no slower. Threshold failures write `OUTPUT.failed.onnx`, as quantize does.
+    """
+    from onnxshrink.passes.factorize import Factorize, FactorizeConfig, check_config
+
+    config = config if config is not None else FactorizeConfig(rank_ratio=0.5)
+    check_config(config, calibration)
+
+    def make_pass(model: onnx.ModelProto):
+        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        return Factorize(config, dataset, threads=threads)
+
+    return _run_pass_command(
+        "factorize", model_path, output, "factorized", make_pass, force=force,
+        validation=validation, run_validation=run_validation, threads=threads,
+        options=options if options is not None else asdict(config),
+    )
+
+
 def _check_decoding_folded(report: CommandReport, model_path, threads: int) -> None:
     """Codebook decoding reads initializers only, so onnxruntime should fold it at load: check its optimized graph."""
     decoding = ("Cast", "Gather", "Reshape", "Add")

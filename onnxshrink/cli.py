@@ -340,7 +340,7 @@ def cluster_command(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
     keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both clusterable layers float.")] = None,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Keep layers with fewer weights float.")] = 0,
-    bias: Annotated[str, typer.Option("--bias", help="float32 (exact) or float16: clustered layers' biases at half the bytes, behind a Cast onnxruntime folds.")] = "float32",
+    float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds.")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -362,11 +362,56 @@ def cluster_command(
 
     types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = ClusterConfig(bits=bits, per=per, weighting=weighting, refit=refit, exclude=tuple(exclude or ()),
-                           keep_float=keep_float, min_weights=min_weights, bias=bias, **({"op_types": types} if types else {}))
+                           keep_float=keep_float, min_weights=min_weights, float16=float16, **({"op_types": types} if types else {}))
     options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
                          run_validation=not no_validate, threads=threads, options=options)
+    _emit(as_json, report, render_command)
+    if report.validation is not None and not report.validation.passed:
+        raise typer.Exit(EXIT_THRESHOLD)
+
+
+@app.command("factorize")
+@_edge
+def factorize_command(
+    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.factorized.onnx next to the input).")] = None,
+    rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Keep ceil(R x min(K, N)) of each [K, N] weight's rank, 0 < R <= 1 (a layer saves parameters only below K*N/(K+N)).")] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", help="Or: the smallest rank keeping this fraction of the squared singular values (of the output, with --calibration), such as 0.99.")] = None,
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: minimise each layer's output error (SVD of the whitened weight), refit biases.")] = None,
+    allow_slower: Annotated[bool, typer.Option("--allow-slower", help="Factorize layers even where the two thin MatMuls timed slower than the one (small layers at batch 1).")] = False,
+    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to factorize (default MatMul,Gemm).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to leave as they are (repeatable).")] = None,
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Leave the first, last or both factorizable layers as they are.")] = None,
+    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    data: DataOpt = None,
+    labels: LabelsOpt = None,
+    samples: SamplesOpt = None,
+    shape: ShapeOpt = None,
+    max_drift: MaxDriftOpt = None,
+    min_cosine: MinCosineOpt = None,
+    min_agreement: MinAgreeOpt = None,
+    max_accuracy_drop: MaxAccDropOpt = None,
+    max_latency_ratio: MaxLatOpt = None,
+    force: ForceOpt = False,
+    threads: ThreadsOpt = 1,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Low-rank factorization: each MatMul/Gemm weight W as two thin ones, X @ A @ B (truncated SVD; data-aware with --calibration); then validate."""
+    from onnxshrink.passes.factorize import FactorizeConfig
+
+    if rank_ratio is None and energy is None:
+        raise UsageError("--rank-ratio or --energy is required (such as --rank-ratio 0.5 or --energy 0.99)")
+    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
+    config = FactorizeConfig(rank_ratio=rank_ratio, energy=energy, exclude=tuple(exclude or ()), keep_float=keep_float,
+                             check_latency=not allow_slower, **({"op_types": types} if types else {}))
+    options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
+    validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
+    report = api.factorize(model, output, config, calibration=calibration, force=force, validation=validation,
+                           run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
     if report.validation is not None and not report.validation.passed:
         raise typer.Exit(EXIT_THRESHOLD)

@@ -72,7 +72,7 @@ PASS_OPTIONS = {
                  "act_order": "boolean", "symmetric": "boolean", "per_channel": "boolean", "exclude": _STR_LIST,
                  "keep_float": "string", "min_weights": "integer"},
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
-                "keep_float": "string", "min_weights": "integer", "bias": "string"},
+                "keep_float": "string", "min_weights": "integer", "float16": "boolean"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}
@@ -319,10 +319,13 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
     if not groups:
         groups = {default: []}
     reports, source = [], current
+    float16 = bool(options.pop("float16", False))
     for number, (width, members) in enumerate(sorted(groups.items(), reverse=True)):
         others = tuple(glob_literal(n) for n in names if n not in members) if len(groups) > 1 else ()
-        out = target if number == len(groups) - 1 else target.with_name(f"{target.stem}.bits{width}.onnx")
-        config = ClusterConfig(**options, bits=width, exclude=exclude + others)
+        last = number == len(groups) - 1
+        out = target if last else target.with_name(f"{target.stem}.bits{width}.onnx")
+        # fp16 for the rest once every group is clustered: a bias halved earlier could not be refit with its layer.
+        config = ClusterConfig(**options, bits=width, exclude=exclude + others, float16=float16 and last)
         reports += api.cluster(source, out, config, **common).passes
         source = out
     return reports, {}
@@ -427,13 +430,13 @@ class CompressConfig:
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
 FORMATS = {
-    "cluster4": PassSpec("cluster", {"bits": 4, "bias": "float16"}),
-    "cluster3": PassSpec("cluster", {"bits": 3, "bias": "float16"}),
+    "cluster4": PassSpec("cluster", {"bits": 4, "float16": True}),
+    "cluster3": PassSpec("cluster", {"bits": 3, "float16": True}),
     "gptq4": PassSpec("quantize", {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"}),
-    "cluster5": PassSpec("cluster", {"bits": 5, "bias": "float16"}),
-    "cluster6": PassSpec("cluster", {"bits": 6, "bias": "float16"}),
+    "cluster5": PassSpec("cluster", {"bits": 5, "float16": True}),
+    "cluster6": PassSpec("cluster", {"bits": 6, "float16": True}),
     "int8": PassSpec("quantize", {"mode": "dynamic"}),
-    "cluster2": PassSpec("cluster", {"bits": 2, "bias": "float16"}),
+    "cluster2": PassSpec("cluster", {"bits": 2, "float16": True}),
     "float": None,
 }
 

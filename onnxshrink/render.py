@@ -116,7 +116,7 @@ def render_command(console: Console, report: CommandReport) -> None:
             table.add_column(col, overflow="fold")
         for layer in pass_report.layers:
             size = f"{human_bytes(layer.bytes_before)} -> {human_bytes(layer.bytes_after)}" if layer.bytes_before else ""
-            style = "" if layer.action.startswith(("int", "pruned", "codebook")) else "dim"
+            style = "" if layer.action.startswith(("int", "pruned", "codebook", "rank", "removed")) else "dim"
             table.add_row(escape(layer.node), layer.op_type, escape(layer.weight), escape(layer.action), size, escape(layer.reason), style=style)
         console.print(table)
         for note in pass_report.notes:

@@ -21,8 +21,10 @@ def _model(nodes, inputs, outputs, inits=(), opset=17, extra_opsets=(), ir=8) ->
     return model
 
 
-def _w(rng, k=K, n=N, scale=None):
-    return (rng.standard_normal((k, n)) / (scale or np.sqrt(k))).astype(np.float32)
+def _w(rng, k=K, n=N):
+    """Random weights whose singular values decay as trained ones do (a flat spectrum has no low-rank part)."""
+    u, _, vt = np.linalg.svd(rng.standard_normal((k, n)), full_matrices=False)
+    return ((u * 0.8 ** np.arange(min(k, n))) @ vt).astype(np.float32)
 
 
 def _x(rng, *shape):
@@ -197,6 +199,7 @@ COMMANDS = {
     "quantize (static)": ["quantize", "--calibration", "{calib}", "-o", "{out}.onnx", "--no-validate"],
     "prune": ["prune", "--sparsity", "0.5", "-o", "{out}.onnx", "--no-validate"],
     "cluster": ["cluster", "--bits", "4", "-o", "{out}.onnx", "--no-validate"],
+    "factorize": ["factorize", "--rank-ratio", "0.25", "--allow-slower", "-o", "{out}.onnx", "--no-validate"],
     "pack": ["pack", "-o", "{out}.shrink"],
 }
 

@@ -76,7 +76,7 @@ def select_layers(model, records, op_types, config, judge):
         elif any(fnmatch.fnmatchcase(name, pattern) for pattern in config.exclude):
             reason = "excluded (--exclude)"
         elif record is None:
-            reason = "weight input is not a constant tensor"
+            reason = _not_constant(graph, weight)
         elif not record.compressible:
             reason = record.reason
         elif record.is_graph_input:
@@ -94,6 +94,18 @@ def select_layers(model, records, op_types, config, judge):
         skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
                                      f"--keep-float {config.keep_float}", size, size))
     return sites, skipped
+
+
+def _not_constant(graph, weight: str) -> str:
+    """Why a weight input is not a tensor to rewrite: named more precisely when it is a Cast/Dequantize of one."""
+    producer = next((n for n in graph.node if weight in n.output), None)
+    if producer is not None and producer.op_type in ("Cast", "DequantizeLinear") and producer.input:
+        source = next((t for t in graph.initializer if t.name == producer.input[0]), None)
+        if source is not None:
+            kind = onnx.TensorProto.DataType.Name(source.data_type).lower()
+            return (f"weight is {producer.op_type} of a {kind} initializer ({source.name}): only float32 initializers "
+                    "are rewritten (convert the model to float32 first)")
+    return "weight input is not a constant tensor"
 
 
 def glob_literal(name: str) -> str:

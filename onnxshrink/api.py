@@ -16,6 +16,7 @@ from onnxshrink.errors import OutputError, UsageError
 from onnxshrink.info import inspect_model
 from onnxshrink.data import input_specs, load_npz
 from onnxshrink.passes.common import handed_over
+from onnxshrink.passes.folded_weights import FOLDED, decoding_left
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
@@ -357,6 +358,9 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         if streamed:
             report.notes.append(streaming.NOTE)
         report.runtime = _runtime_kernels(staged, threads, pass_report)
+        if report.runtime.get("folded_decoding_left"):
+            report.notes.append(f"warning: onnxruntime left {report.runtime['folded_decoding_left']} int8 decoding node(s) "
+                                "(Cast/Mul) unfolded: they decode weights on every run")
         if run_validation:
             config = validation or ValidateConfig(threads=threads)
             report.validation = _validate(model_path, staged, config)
@@ -402,8 +406,9 @@ def _advise_on_latency(report: CommandReport, pass_report) -> None:
     text = f"the output ran {latency['ratio']:.2f}x slower than the original at batch {latency['batch']}"
     largest = max((layer.bytes_before // 4 for layer in pass_report.layers if layer.action.startswith("int8 per")), default=0)
     if pass_report.name == "quantize-dynamic" and 0 < largest < SMALL_LAYER_WEIGHTS:
-        text += (f"; its largest quantized layer has {largest} weights, and quantizing activations at run time costs "
-                 f"about 2 us per layer: --min-weights {SMALL_LAYER_WEIGHTS} keeps small layers float")
+        text += (f"; its largest integer-kernel layer has {largest} weights, and quantizing activations at run time "
+                 f"costs about 2 us per layer: --integer-min-macs {SMALL_LAYER_WEIGHTS} (the default) stores such "
+                 "layers int8 and runs them as float kernels")
     if pass_report.name == "quantize-blockwise":
         text += "; MatMulNBits gains speed only on large layers (about 256 x 256 and up at batch 1): here it buys size"
     report.notes.append(text)
@@ -419,13 +424,20 @@ def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
     counts = optimized_op_counts(path, threads)
     integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
     float_ops = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
-    # Weight-only layers are float kernels by design; every other quantized layer must become a fused kernel.
-    quantized = sum(1 for layer in pass_report.layers if layer.action.startswith("int") and "weight-only" not in layer.action)
+    # Weight-only and folded layers are float kernels by design; every other quantized layer must become a fused kernel.
+    quantized = sum(1 for layer in pass_report.layers if layer.action.startswith("int") and "weight-only" not in layer.action
+                    and not layer.action.startswith(FOLDED))
     fused = sum(v for k, v in counts.items() if k in FUSED_KERNELS)
-    return {
+    runtime = {
         "integer_kernels": integer,
         "float_kernels": float_ops,
         "quantized_layers": quantized,
         "fused_layers": fused,
         "all_quantized_layers_fused": fused >= quantized,
     }
+    folded = sum(1 for layer in pass_report.layers if layer.action == FOLDED)
+    if folded:
+        # int8 + Cast + Mul reads initializers only: onnxruntime must fold it at load, or it decodes on every run.
+        runtime["folded_layers"] = folded
+        runtime["folded_decoding_left"] = decoding_left(path, threads)
+    return runtime

@@ -207,7 +207,9 @@ def quantize_command(
     keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both quantizable layers float.")] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.")] = True,
-    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (run-time activation quantization costs ~2 us per layer).")] = 0,
+    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (not even stored int8).")] = 0,
+    integer_min_macs: Annotated[Optional[int], typer.Option("--integer-min-macs", min=0, help="Dynamic/static: layers with fewer multiply-adds per sample are stored int8 but run float kernels (onnxruntime folds the decoding at load), where an integer kernel would be slower than fp32. Default 131072 dynamic, 393216 static; 0: integer kernels everywhere.")] = None,
+    qdq: Annotated[bool, typer.Option("--qdq", help="--mode weights: write DequantizeLinear (for runtimes with weight-only int8 kernels; onnxruntime CPU runs it slower than fp32) instead of the folded form.")] = False,
     sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity -o`: with --max-layer-drift, keep its most sensitive layers float.")] = None,
     max_layer_drift: Annotated[Optional[float], typer.Option("--max-layer-drift", min=0.0, help="Keep float every layer whose drift at this bit width in --sensitivity exceeds this.")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
@@ -232,6 +234,14 @@ def quantize_command(
         if not isinstance(config, QuantizeConfig):
             raise UsageError("--min-weights applies to --mode dynamic only")
         config.min_weights = min_weights
+    if integer_min_macs is not None:
+        if not hasattr(config, "integer_min_macs"):
+            raise UsageError("--integer-min-macs applies to --mode dynamic and static only")
+        config.integer_min_macs = integer_min_macs
+    if qdq:
+        if not hasattr(config, "qdq"):
+            raise UsageError("--qdq applies to --mode weights only")
+        config.qdq = True
     sensitive = _sensitive_layers(sensitivity_file, max_layer_drift, getattr(config, "bits", 8))
     config.exclude = tuple(config.exclude) + tuple(glob_literal(name) for name, _ in sensitive)
     # What the model records: the resolved configuration, not the raw flags.

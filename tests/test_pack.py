@@ -45,11 +45,13 @@ def pruned_mlp(sparsity=0.8, seed=0) -> onnx.ModelProto:
 
 
 @pytest.mark.parametrize("sample", ["digits_mlp", "digits_cnn"])
-@pytest.mark.parametrize("form", ["float", "int8", "int4"])
+@pytest.mark.parametrize("form", ["float", "int8", "int8-folded", "int4"])
 def test_sample_models_round_trip_bit_for_bit(tmp_path, sample, form):
     source = SAMPLES / f"{sample}.onnx"
-    if form == "int8":
-        api.quantize(source, tmp_path / "q.onnx", QuantizeConfig(), run_validation=False)
+    if form.startswith("int8"):
+        # "int8": integer kernels everywhere; "int8-folded": quantize's default on these small models (int8 + Cast + Mul)
+        config = QuantizeConfig(integer_min_macs=0 if form == "int8" else QuantizeConfig().integer_min_macs)
+        api.quantize(source, tmp_path / "q.onnx", config, run_validation=False)
         source = tmp_path / "q.onnx"
     elif form == "int4":
         api.quantize(source, tmp_path / "q.onnx", BlockwiseConfig(bits=4, block_size=32), run_validation=False)
@@ -58,7 +60,8 @@ def test_sample_models_round_trip_bit_for_bit(tmp_path, sample, form):
     assert serialized(unpacked) == serialized(source)
     assert report.size["output"] < report.size["original"]
     coded = report.tensors
-    assert coded, "the largest weights must be entropy-coded"
+    # The folded CNN's int8 weights code better with LZMA, in the graph record (the pack measures both).
+    assert coded or (form, sample) == ("int8-folded", "digits_cnn"), "the largest weights must be entropy-coded"
     for t in coded:
         # Huffman spends at most 1 bit per symbol over the order-0 entropy, and never less than it.
         assert t.entropy_bits - 1e-9 <= t.coded_bits <= t.entropy_bits + 1.0

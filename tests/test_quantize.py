@@ -21,7 +21,8 @@ from conftest import float_value as _float, build_model as _model, SAMPLES, invo
 from onnxshrink import __version__
 from onnxshrink.api import INTEGER_KERNELS
 from onnxshrink.data import DEFAULT_BATCH
-from onnxshrink.passes.quantize import QuantizeDynamic, quantize_int8
+from onnxshrink.passes.folded_weights import FOLDED
+from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic, quantize_int8
 from onnxshrink.runtime import make_session, optimized_op_counts
 
 FLOAT_KERNELS = ("MatMul", "Gemm", "com.microsoft.FusedMatMul", "com.microsoft.FusedGemm")
@@ -106,10 +107,15 @@ def make_if(seed=8) -> onnx.ModelProto:
     )
 
 
-def quantize_cli(runner, model_path, *args, output=None):
+# These tiny models are below the size where onnxruntime's integer kernels pay, so by default every layer
+# would get the folded form (test_quantize_folded.py); tests of the integer form ask for it everywhere.
+INTEGER_EVERYWHERE = ("--integer-min-macs", "0")
+
+
+def quantize_cli(runner, model_path, *args, output=None, integer=True):
     """Run `onnxshrink quantize ... --json`; returns (result, report dict or None, output path)."""
     output = Path(output) if output else Path(model_path).with_name(Path(model_path).stem + ".q.onnx")
-    result = invoke(runner, "quantize", model_path, "-o", output, "--json", *args)
+    result = invoke(runner, "quantize", model_path, "-o", output, "--json", *args, *(INTEGER_EVERYWHERE if integer else ()))
     report = json.loads(result.stdout) if result.stdout.strip() else None
     return result, report, output
 
@@ -162,6 +168,11 @@ def int8_layers(report) -> list[str]:
     return [layer["node"] for layer in report["passes"][0]["layers"] if layer["action"].startswith("int8")]
 
 
+def folded_layers(report) -> dict[str, str]:
+    return {layer["node"]: layer["reason"] for layer in report["passes"][0]["layers"]
+            if layer["action"].startswith(FOLDED)}
+
+
 def float_layers(report) -> dict[str, str]:
     return {layer["node"]: layer["reason"] for layer in report["passes"][0]["layers"] if layer["action"] == "kept float"}
 
@@ -202,7 +213,7 @@ def test_written_graph_is_integer_form(tmp_path, runner, use_gemm):
 @pytest.mark.parametrize("use_gemm", [False, True], ids=["matmul_add", "gemm_transB"])
 def test_int8_weights_dequantize_to_the_originals(use_gemm):
     model = make_mlp(seed=2, use_gemm=use_gemm)
-    quantized, report = QuantizeDynamic()(model)
+    quantized, report = QuantizeDynamic(QuantizeConfig(integer_min_macs=0))(model)
     assert report.changed
     inits = initializers(quantized)
     original = initializers(model)
@@ -266,18 +277,21 @@ def test_onnxruntime_runs_integer_kernels(tmp_path, runner, use_gemm, config, op
     assert report["runtime"]["float_kernels"] == {}
 
 
-def test_conv_stays_float(tmp_path, runner):
+def test_conv_runs_float_from_int8_storage(tmp_path, runner):
+    # Behaviour changed: Conv was left float; ConvInteger is still slower, so it gets the folded form.
     source = save_model(make_cnn(), tmp_path / "cnn.onnx")
-    result, report, output = quantize_cli(runner, source, "--op-types", "MatMul,Gemm,Conv")
+    result, report, output = quantize_cli(runner, source)
     assert result.exit_code == 0, result.output
     assert_valid(output)
-    kept = float_layers(report)
-    assert list(kept) == ["conv/Conv"] and "Conv" in kept["conv/Conv"]
-    assert int8_layers(report) == ["fc/Gemm"]
+    assert not float_layers(report)
+    assert list(folded_layers(report)) == ["conv/Conv"] and "ConvInteger" in folded_layers(report)["conv/Conv"]
+    assert sorted(int8_layers(report)) == ["conv/Conv", "fc/Gemm"]
 
     written = onnx.load(str(output))
     conv = next(n for n in written.graph.node if n.op_type == "Conv")
-    assert initializers(written)[conv.input[1]].data_type == TensorProto.FLOAT
+    assert conv.input[1] not in initializers(written)  # decoded from int8 by Cast, Mul
+    assert "conv.weight" not in initializers(written)
+    assert report["runtime"]["folded_layers"] == 1 and report["runtime"]["folded_decoding_left"] == 0
     counts = optimized_op_counts(output)
     assert integer_kernels(counts) == 1
     # onnxruntime may run the float Conv as Conv, FusedConv or (AVX2 and up) nchwc.Conv
@@ -394,8 +408,13 @@ def test_gemm_with_computed_bias_and_beta_stays_float(tmp_path, runner):
     source = save_model(model, tmp_path / "gemm.onnx")
     result, report, output = quantize_cli(runner, source)
     assert result.exit_code == 0, result.output
-    assert "beta" in float_layers(report)["fc/Gemm"]
+    # Behaviour changed: no integer form, but the weight is still stored int8 (folded, float kernel).
+    assert "beta" in folded_layers(report)["fc/Gemm"]
     assert_valid(output)
+    x = np.random.default_rng(3).standard_normal((4, 32)).astype(np.float32)
+    bias = np.random.default_rng(4).standard_normal(16).astype(np.float32)
+    expected = x @ w + 2.0 * np.maximum(bias, 0)
+    np.testing.assert_allclose(run(output, {"input": x, "bias_in": bias}, True), expected, atol=0.05)
 
 
 def test_gemm_alpha_beta_and_no_transpose_are_exact_in_form(tmp_path):
@@ -407,7 +426,7 @@ def test_gemm_alpha_beta_and_no_transpose_are_exact_in_form(tmp_path):
         [_float("input", ["batch", 32])], [_float("logits", ["batch", 16])],
         [numpy_helper.from_array(w, "fc.weight"), numpy_helper.from_array(b, "fc.bias")],
     )
-    quantized, _ = QuantizeDynamic()(model)
+    quantized, _ = QuantizeDynamic(QuantizeConfig(integer_min_macs=0))(model)
     path = save_model(quantized, tmp_path / "q.onnx")
     assert_valid(path)
     x = rng.standard_normal((16, 32)).astype(np.float32)
@@ -449,12 +468,12 @@ def test_metadata_records_version_and_options(mlp_path, tmp_path, runner):
     assert options["exclude"] == ["fc1/*"]
     assert options["per_channel"] is False and options["symmetric"] is True
     assert options["keep_float"] is None and options["seed"] == 3
-    assert options["op_types"] == ["MatMul", "Gemm"]
+    assert options["op_types"] == ["MatMul", "Gemm", "Conv"] and options["integer_min_macs"] == 0
 
 
 def test_default_output_name(tmp_path, runner):
     source = save_model(make_mlp(seed=16), tmp_path / "model.onnx")
-    result = invoke(runner, "quantize", source, "--no-validate")
+    result = invoke(runner, "quantize", source, "--no-validate", *INTEGER_EVERYWHERE)
     assert result.exit_code == 0, result.output
     output = tmp_path / "model.int8.onnx"
     assert output.is_file()
@@ -462,7 +481,7 @@ def test_default_output_name(tmp_path, runner):
     assert op_counts(onnx.load(str(output)))["MatMulInteger"] == 3
     # a second run refuses to replace it without --force
     before = output.read_bytes()
-    result = invoke(runner, "quantize", source, "--no-validate")
+    result = invoke(runner, "quantize", source, "--no-validate", *INTEGER_EVERYWHERE)
     assert result.exit_code == 5
     assert output.read_bytes() == before
 
@@ -534,7 +553,7 @@ def test_sample_models_end_to_end(tmp_path, runner, name, max_ratio):
     assert report["size"]["ratio"] == pytest.approx(output.stat().st_size / source.stat().st_size)
     assert report["size"]["ratio"] < max_ratio
     counts = optimized_op_counts(output)
-    assert integer_kernels(counts) == len(int8_layers(report)) > 0
+    assert integer_kernels(counts) == len(int8_layers(report)) - len(folded_layers(report)) > 0  # the Conv is folded
     assert counts["MatMul"] == 0 and counts["Gemm"] == 0
 
 

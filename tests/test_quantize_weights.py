@@ -1,4 +1,6 @@
-"""--mode weights: int8 weights behind DequantizeLinear, activations float, for runtimes other than onnxruntime CPU."""
+"""--mode weights --qdq: int8 weights behind DequantizeLinear, activations float, for runtimes other than onnxruntime CPU.
+
+The default folded form of --mode weights is tested in test_quantize_folded.py."""
 
 from __future__ import annotations
 
@@ -10,7 +12,9 @@ import onnx
 from onnx import TensorProto, numpy_helper
 
 from conftest import SAMPLES, invoke, make_mlp, save_model
-from onnxshrink.passes.quantize_weights import SLOW_ON_ORT, QuantizeWeightsOnly
+from onnxshrink.passes.quantize_weights import SLOW_ON_ORT, QuantizeWeightsOnly, WeightsOnlyConfig
+
+QDQ = WeightsOnlyConfig(qdq=True)
 from onnxshrink.runtime import make_session
 
 
@@ -30,7 +34,7 @@ def dequantized(model, dq_node):
 def test_matmul_weights_become_int8_behind_dequantize():
     model = make_mlp((64, 96, 80, 10), seed=1)
     originals = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    quantized, report = QuantizeWeightsOnly()(model)
+    quantized, report = QuantizeWeightsOnly(QDQ)(model)
     counts = ops(quantized)
     assert counts["DequantizeLinear"] == 3 and counts["MatMul"] == 3
     assert "MatMulInteger" not in counts and "QuantizeLinear" not in counts
@@ -64,7 +68,7 @@ def test_conv_and_gemm_channel_axes(tmp_path):
         [numpy_helper.from_array(w_conv, "w_conv"), numpy_helper.from_array(w_gemm, "w_gemm")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     model.ir_version = 8
-    quantized, report = QuantizeWeightsOnly()(model)
+    quantized, report = QuantizeWeightsOnly(QDQ)(model)
     axes = {n.input[0]: next(a.i for a in n.attribute if a.name == "axis") for n in quantized.graph.node if n.op_type == "DequantizeLinear"}
     assert axes == {"w_conv_int8": 0, "w_gemm_int8": 0}  # Conv M and Gemm transB=1 N are both axis 0
     x = rng.standard_normal((4, 3, 8, 8)).astype(np.float32)
@@ -83,7 +87,7 @@ def test_tied_weight_has_one_dequantize():
         "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 32])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 32])], [numpy_helper.from_array(w, "w")])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    quantized, report = QuantizeWeightsOnly()(model)
+    quantized, report = QuantizeWeightsOnly(QDQ)(model)
     assert ops(quantized)["DequantizeLinear"] == 1
     matmuls = [n for n in quantized.graph.node if n.op_type == "MatMul"]
     assert matmuls[0].input[1] == matmuls[1].input[1]
@@ -91,8 +95,8 @@ def test_tied_weight_has_one_dequantize():
 
 
 def test_twice_changes_nothing_more():
-    once, _ = QuantizeWeightsOnly()(make_mlp(seed=4))
-    twice, report = QuantizeWeightsOnly()(once)
+    once, _ = QuantizeWeightsOnly(QDQ)(make_mlp(seed=4))
+    twice, report = QuantizeWeightsOnly(QDQ)(once)
     assert not report.changed
     assert "model is already quantized: nothing to do" in report.notes
     assert twice.graph == once.graph
@@ -101,7 +105,7 @@ def test_twice_changes_nothing_more():
 def test_cli_weights_mode_on_sample_model(tmp_path, runner):
     source = SAMPLES / "digits_cnn.onnx"
     output = tmp_path / "cnn.w8.onnx"
-    result = invoke(runner, "quantize", source, "--mode", "weights", "-o", output, "--json",
+    result = invoke(runner, "quantize", source, "--mode", "weights", "--qdq", "-o", output, "--json",
                     "--data", SAMPLES / "digits_cnn.eval.npz", "--labels", "labels", "--max-accuracy-drop", "0.01")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)

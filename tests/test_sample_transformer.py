@@ -19,6 +19,7 @@ from onnxshrink import api
 from onnxshrink.api import INTEGER_KERNELS
 from onnxshrink.passes.cluster import ClusterConfig
 from onnxshrink.passes.prune import PruneConfig
+from onnxshrink.passes.folded_weights import FOLDED
 from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
 from onnxshrink.passes.quantize_static import StaticQuantizeConfig
@@ -82,7 +83,9 @@ def test_layout_and_accuracy(original, base_accuracy):
 
 @pytest.mark.parametrize("mode", ["dynamic", "static", "int4"])
 def test_quantize_makes_integer_kernels_of_weight_matmuls_only(tmp_path, original, base_accuracy, mode):
-    config = {"dynamic": QuantizeConfig(), "static": StaticQuantizeConfig(),
+    # integer_min_macs=0: integer kernels even where the layers are too small to gain from them (the default folds
+    # them instead: test_default_quantize_keeps_fp32_speed below)
+    config = {"dynamic": QuantizeConfig(integer_min_macs=0), "static": StaticQuantizeConfig(integer_min_macs=0),
               "int4": BlockwiseConfig(bits=4, block_size=32)}[mode]
     output = tmp_path / "q.onnx"
     report = api.quantize(MODEL, output, config, calibration=CALIB if mode == "static" else None,
@@ -102,6 +105,22 @@ def test_quantize_makes_integer_kernels_of_weight_matmuls_only(tmp_path, origina
     assert sum(v for k, v in counts.items() if k in FLOAT_MATMULS) == len(ATTENTION), counts
     assert counts["Gemm"] == 0 and report.runtime["all_quantized_layers_fused"] is True
     assert accuracy(output) >= base_accuracy - (0.01 if mode != "int4" else 0.03)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_default_quantize_keeps_fp32_speed(tmp_path, original, base_accuracy, mode):
+    """The layers are too small for integer kernels to pay at batch 1: int8 in the file, float kernels at run time."""
+    config = QuantizeConfig() if mode == "dynamic" else StaticQuantizeConfig()
+    output = tmp_path / "q.onnx"
+    report = api.quantize(MODEL, output, config, calibration=CALIB if mode == "static" else None, run_validation=False)
+    by_node = actions(report)
+    assert {node for node, action in by_node.items() if action == FOLDED} == set(WEIGHT_LAYERS)
+    assert report.runtime["folded_layers"] == len(WEIGHT_LAYERS) and report.runtime["folded_decoding_left"] == 0
+    counts = optimized_op_counts(output)
+    assert sum(v for k, v in counts.items() if k in INTEGER_KERNELS) == 0, counts
+    assert counts == optimized_op_counts(MODEL)  # the graph onnxruntime runs is the original's
+    assert output.stat().st_size < 0.5 * MODEL.stat().st_size
+    assert accuracy(output) >= base_accuracy - 0.005
 
 
 @pytest.mark.parametrize("command", ["prune", "cluster"])

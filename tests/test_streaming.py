@@ -22,7 +22,9 @@ from onnxshrink.validate import Thresholds, ValidateConfig
 
 CONFIGS = {
     "int8": QuantizeConfig(),
-    "int8-asym-per-tensor": QuantizeConfig(per_channel=False, symmetric=False),
+    # The test model's layers are small enough for the folded form (int8 storage, float kernels); this one keeps
+    # the integer kernels, so both ways of writing int8 are streamed.
+    "int8-asym-per-tensor": QuantizeConfig(per_channel=False, symmetric=False, integer_min_macs=0),
     "int4": BlockwiseConfig(bits=4, block_size=32),
     "int8-blockwise-asym": BlockwiseConfig(bits=8, block_size=16, symmetric=False),
 }
@@ -160,8 +162,9 @@ def test_streamed_output_is_external_and_runs_in_onnxruntime(external, tmp_path,
     import onnxruntime as ort
 
     out = tmp_path / "q.onnx"
-    api.quantize(external, out, run_validation=False)
-    in_memory(monkeypatch, external, tmp_path / "m.onnx", run_validation=False)
+    integer = QuantizeConfig(integer_min_macs=0)  # integer kernels, whatever the layer size
+    api.quantize(external, out, integer, run_validation=False)
+    in_memory(monkeypatch, external, tmp_path / "m.onnx", integer, run_validation=False)
     graph = onnx.load(str(out), load_external_data=False)
     external_tensors = [t for g in _graphs(graph) for t in g.initializer if t.data_location == TensorProto.EXTERNAL]
     assert external_tensors and all(t.external_data[0].value == "q.onnx.data" for t in external_tensors)
@@ -218,7 +221,8 @@ def test_probe_catches_a_pass_that_keeps_weights(external, tmp_path, monkeypatch
 
 def test_existing_output_survives_a_failure(external, tmp_path, monkeypatch):
     out = tmp_path / "q.onnx"
-    api.quantize(external, out, run_validation=False)
+    integer = QuantizeConfig(integer_min_macs=0)  # so that quantize_int8 runs for every layer
+    api.quantize(external, out, integer, run_validation=False)
     before = tree(tmp_path)
     from onnxshrink.passes import quantize as quantize_pass
 
@@ -233,7 +237,7 @@ def test_existing_output_survives_a_failure(external, tmp_path, monkeypatch):
 
     monkeypatch.setattr(quantize_pass, "quantize_int8", fail_on_third)
     with pytest.raises(RuntimeError, match="boom"):
-        api.quantize(external, out, force=True, run_validation=False)
+        api.quantize(external, out, integer, force=True, run_validation=False)
     assert tree(tmp_path) == before  # the old output and its data intact, no temporary files left
 
 

@@ -10,8 +10,13 @@ Why this form and not QDQ: weight-only QDQ makes onnxruntime dequantize on every
 run (measured 7.5x slower), and QDQ fusion breaks on a Relu or a bias between
 layers. This form is what onnxruntime's MatMulIntegerToFloat / DynamicQuantizeMatMul
 fusions match, so every quantized layer runs an integer kernel; the pass's caller
-checks that on the graph onnxruntime really runs. Conv is left float: ConvInteger
-is slower than fp32 Conv in onnxruntime CPU.
+checks that on the graph onnxruntime really runs.
+
+Where the integer kernel would be slower than fp32 the weight is written in the folded form
+instead (passes/folded_weights.py: int8 + Cast + Mul, folded by onnxruntime at load, so the
+layer runs its float kernel at fp32 speed from a 4x smaller file): every Conv (ConvInteger is
+slower than fp32 Conv in onnxruntime CPU) and every layer with fewer multiply-adds per sample
+than `integer_min_macs` (quantizing its input at run time costs about 2 us, more than it saves).
 """
 
 from __future__ import annotations
@@ -25,13 +30,15 @@ from onnx import helper
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
                                       ensure_opset, initializer_owners, select_layers)
+from onnxshrink.passes.folded_weights import (FOLDED, INTEGER_MIN_MACS, add_folded, channel_axis, has_folded,
+                                              macs_per_sample, output_shapes, quantize_folded, relabel_folded)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
 QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DequantizeLinear", "MatMulNBits",
                  "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
-SUPPORTED_OPS = ("MatMul", "Gemm")
+SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")  # Conv in the folded form only
 
 
 @dataclass
@@ -41,9 +48,11 @@ class QuantizeConfig:
     keep_float: str | None = None  # "first", "last" or "both"
     per_channel: bool = True
     symmetric: bool = True
-    # Layers with fewer weights stay float: at batch 1, quantizing activations at run time costs about
-    # 2 us per layer, more than a small layer's int8 kernel saves (crossover near 128K weights, docs/benchmarks.md).
+    # Layers with fewer weights stay float (not even stored int8).
     min_weights: int = 0
+    # Layers with fewer multiply-adds per sample get int8 storage with float compute (folded_weights.py):
+    # at batch 1 their integer kernel is slower than fp32 (docs/benchmarks.md). 0: integer kernels everywhere.
+    integer_min_macs: int = INTEGER_MIN_MACS["dynamic"]
 
 
 class QuantizeDynamic:
@@ -55,20 +64,25 @@ class QuantizeDynamic:
     def __init__(self, config: QuantizeConfig | None = None, tensors: TensorStore | None = None):
         self.config = config or QuantizeConfig()
         self.tensors = tensors or TensorStore()
-        unknown = set(self.config.op_types) - set(SUPPORTED_OPS) - {"Conv"}
+        unknown = set(self.config.op_types) - set(SUPPORTED_OPS)
         if unknown:
             raise ValueError(f"unsupported op types for dynamic quantization: {', '.join(sorted(unknown))}")
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
+        self._folded: dict[int, str] = {}  # id(node) -> why it gets the folded form
         sites, skipped = self._select(model, records)
+        relabel_folded(model, skipped)
         report.layers.extend(skipped)
         if not sites:
-            report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
+            report.notes.append(nothing_to_do(model, "MatMul/Gemm/Conv weight"))
             return model, report
-        ensure_opset(model, 11)
+        self._fold_small_layers(model, sites, records)
+        if any(id(site.node) not in self._folded for site in sites):
+            ensure_opset(model, 11)
         quantized: dict[tuple, tuple[str, str, str]] = {}  # (weight, transposed, alpha) -> int8 names
+        folded: dict[tuple, str] = {}  # (weight, axis, graph) -> decoded weight
         by_graph: dict[int, list[Site]] = {}
         for site in sites:
             by_graph.setdefault(id(site.graph), []).append(site)
@@ -76,32 +90,69 @@ class QuantizeDynamic:
         names = Names(model)
         for graph_sites in by_graph.values():
             graph = graph_sites[0].graph
-            self._rewrite_graph(graph, graph_sites, owners, quantized, report, names)
+            self._rewrite_graph(graph, graph_sites, owners, quantized, folded, report, names)
         drop_unused_initializers(model)
         report.changed = True
         return model, report
 
     def _select(self, model, records):
         def judge(node, record, constants):
-            if node.op_type == "Conv":
-                return "Conv: onnxruntime CPU has no faster dynamic int8 kernel (ConvInteger is slower than fp32)"
-            if record.dtype != "float" or len(record.shape) != 2:
+            if record.dtype != "float" or (node.op_type != "Conv" and len(record.shape) != 2):
                 return f"weight is {record.dtype} {record.shape}: only 2-D float32 weights are quantized"
-            if node.op_type == "Gemm" and attr(node, "transA", 0):
-                return "Gemm with transA=1"
-            if (node.op_type == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0
-                    and len(node.input) > 2 and node.input[2] and node.input[2] not in constants):
-                return "Gemm with beta != 1 and a computed bias (the bias cannot be pre-scaled)"
             if node.op_type == "MatMul" and node.input[0] in records:
                 return "both MatMul operands are constant"
             weights = int(np.prod(record.shape))
             if weights < self.config.min_weights:
                 return f"small layer ({weights} weights < --min-weights {self.config.min_weights})"
+            if node.op_type == "Conv":
+                self._folded[id(node)] = "Conv: onnxruntime's ConvInteger is slower than fp32 Conv"
+            elif node.op_type == "Gemm" and attr(node, "transA", 0):
+                self._folded[id(node)] = "Gemm with transA=1 has no integer form"
+            elif (node.op_type == "Gemm" and float(attr(node, "beta", 1.0)) != 1.0
+                    and len(node.input) > 2 and node.input[2] and node.input[2] not in constants):
+                self._folded[id(node)] = "Gemm with beta != 1 and a computed bias (no integer form: it cannot be pre-scaled)"
             return None
 
         return select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)
 
-    def _rewrite_graph(self, graph, sites, owners, quantized, report, names):
+    def _fold_small_layers(self, model, sites, records):
+        """Layers with too little work per sample for the integer kernel to pay get the folded form."""
+        threshold = self.config.integer_min_macs
+        if threshold <= 0 or all(id(site.node) in self._folded for site in sites):
+            return
+        shapes = output_shapes(model)
+        for site in sites:
+            if id(site.node) in self._folded:
+                continue
+            macs = macs_per_sample(site.node, records[site.weight].shape, shapes)
+            if macs is not None and macs < threshold:
+                self._folded[id(site.node)] = (f"{macs} multiply-adds per sample < {threshold} (--integer-min-macs): "
+                                               "an integer kernel would be slower than fp32 here")
+
+    def _fold(self, graph, site, owners, folded, report, names, new_nodes):
+        """Point the node at its weight decoded from int8 (Cast, Mul), written once per weight, axis and graph."""
+        node = site.node
+        axis = channel_axis(node)
+        key = (site.weight, axis, id(graph))
+        if key in folded:
+            report.layers.append(LayerDecision(site.name, node.op_type, site.weight, FOLDED + " (shared weight)",
+                                               self._folded[id(node)]))
+        else:
+            owner, tensor = owners[site.weight]
+            w = self.tensors.read(tensor).astype(np.float32, copy=False)
+            size = w.nbytes
+            q, scale = quantize_folded(w, axis)
+            del w  # streamed models: one float weight in memory at a time, gone before the store writes
+            base = names(site.weight + "_int8")
+            nodes, after = add_folded(self.tensors, owner, q, scale, base)
+            new_nodes.extend(nodes)
+            folded[key] = base + "_dq"
+            report.layers.append(LayerDecision(site.name, node.op_type, site.weight, FOLDED,
+                                               self._folded[id(node)], size, after))
+        node.input[1] = folded[key]
+        new_nodes.append(node)
+
+    def _rewrite_graph(self, graph, sites, owners, quantized, folded, report, names):
         site_ids = {id(s.node): s for s in sites}
         activations: dict[str, tuple[str, str, str]] = {}
         new_nodes = []
@@ -109,6 +160,9 @@ class QuantizeDynamic:
             site = site_ids.get(id(node))
             if site is None:
                 new_nodes.append(node)
+                continue
+            if id(node) in self._folded:
+                self._fold(graph, site, owners, folded, report, names, new_nodes)
                 continue
             x = node.input[0]
             if x not in activations:
@@ -170,7 +224,7 @@ class QuantizeDynamic:
 
 def nothing_to_do(model: onnx.ModelProto, what: str) -> str:
     """Why a quantize pass found no layer: the model is quantized already, or has no such weight."""
-    if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node):
+    if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node) or has_folded(model):
         return "model is already quantized: nothing to do"
     return f"no {what} to quantize"
 

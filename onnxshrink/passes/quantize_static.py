@@ -20,7 +20,10 @@ Speed, not size, is why static quantization pays, so a layer stays float, with t
 reason, where its integer kernel would be slower: a Conv over 1-3 input channels (an
 image's first layer), where QLinearConv is 1.5-5x slower than float Conv in onnxruntime
 1.32; or a node onnxruntime does not fuse (checked on the graph it really runs, then the
-model is written again without that layer).
+model is written again without that layer). A layer with fewer multiply-adds per sample than
+`integer_min_macs` (shapes from the calibration batch) is not worth its Q/DQ either: its weight
+is written in the folded form (passes/folded_weights.py: int8 + Cast + Mul, which onnxruntime
+folds at load), so it runs its float kernel at fp32 speed from a 4x smaller file.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from onnxshrink.model import iter_graphs
 from onnxshrink.passes.fold_batchnorm import fold_batchnorm
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
                                       initializer_owners, select_layers)
+from onnxshrink.passes.folded_weights import (FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, output_shapes,
+                                              relabel_folded)
 from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import make_session
@@ -68,6 +73,9 @@ class StaticQuantizeConfig:
     symmetric: bool = True  # weights; activations are asymmetric uint8
     calibrator: str = "minmax"
     percentile: float = 99.99
+    # Layers with fewer multiply-adds per sample get int8 storage with float compute (folded_weights.py):
+    # alone between float ops their Q/DQ + integer kernel is slower than fp32. 0: integer kernels everywhere.
+    integer_min_macs: int = INTEGER_MIN_MACS["static"]
 
 
 @dataclass
@@ -124,14 +132,35 @@ class QuantizeStatic:
             unchanged = model
 
         records = {r.name: r for r in find_tensors(model)}
+        tiny = set()
         for record in records.values():
             # Static quantization pays in speed, not size: a tiny layer left float would break the integer chain.
             if not record.compressible and record.nbytes < TINY_BYTES and record.reason.startswith("tiny"):
                 record.compressible = True
+                tiny.add(record.name)
         sites, skipped = self._select(model, records)
+        relabel_folded(model, skipped)
         report.layers.extend(skipped)
+        small = self._small_layers(model, sites, records)
+        if small:
+            # Folded before calibration, so the ranges are measured with the weights the model will run.
+            outputs = {site.name: site.node.output[0] for site in sites if site.name not in small}
+            folding = [site for site in sites if site.name in small and site.weight not in tiny]
+            report.layers.extend(fold_layers(model, folding, small))
+            report.layers.extend(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
+                                               "tiny (< 1 KiB), and too small for an integer kernel to pay",
+                                               records[site.weight].nbytes, records[site.weight].nbytes)
+                                 for site in sites if site.name in small and site.weight in tiny)
+            by_output = {n.output[0]: n for n in model.graph.node if n.output}
+            sites = [Site(model.graph, by_output[outputs[site.name]], site.name, site.weight)
+                     for site in sites if site.name not in small]
+            if folding:
+                unchanged = model
+                report.changed = True
         if not sites:
-            report.notes.append("no Conv/MatMul/Gemm layer to quantize")
+            report.notes.append("no Conv/MatMul/Gemm layer big enough for an integer kernel: the quantized ones are "
+                                "folded (int8 storage, float kernels)" if report.changed else
+                                "no Conv/MatMul/Gemm layer to quantize")
             return unchanged, report
 
         ranks = _ranks(model)
@@ -176,7 +205,7 @@ class QuantizeStatic:
             return unchanged, report
         report.layers.extend(decisions)
         for decision in report.layers:
-            if decision.action == "kept float" and _runs_as_integer(runtime_graph, decision.node):
+            if decision.action in ("kept float", FOLDED) and _runs_as_integer(runtime_graph, decision.node):
                 # onnxruntime's WeightBiasQuantization: a float Conv/Gemm between DequantizeLinear and
                 # QuantizeLinear gets per-tensor int8 weights at session start.
                 report.notes.append(f"{decision.node}: written float, but onnxruntime quantizes it itself (per-tensor "
@@ -187,6 +216,22 @@ class QuantizeStatic:
         return result, report
 
     # ---- which layers -------------------------------------------------------------------------
+
+    def _small_layers(self, model, sites, records) -> dict[str, str]:
+        """Layer name -> why its integer kernel would not pay: too few multiply-adds per sample at the
+        calibration batch's shapes (rows of a 3-D MatMul, pixels of a Conv)."""
+        threshold = self.config.integer_min_macs
+        if threshold <= 0 or not sites:
+            return {}
+        first = self.calibration.batches[0]
+        shapes = output_shapes(model, {name: np.shape(value) for name, value in first.items()})
+        small = {}
+        for site in sites:
+            macs = macs_per_sample(site.node, records[site.weight].shape, shapes)
+            if macs is not None and macs < threshold:
+                small[site.name] = (f"{macs} multiply-adds per sample < {threshold} (--integer-min-macs): its "
+                                    "Q/DQ and integer kernel would be slower than fp32 here")
+        return small
 
     def _select(self, model, records):
         main = {o for n in model.graph.node for o in n.output}  # tensor names are unique across scopes

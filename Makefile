@@ -81,7 +81,7 @@ big-model: venv
 
 ## bench-scale: time and peak memory of every command on the big model, next to onnxruntime's -> docs/benchmarks-scale.md
 bench-scale: big-model
-	$(BIN)/python bench/scale.py --model build/big/big.onnx --skip prune --out docs/benchmarks-scale.md
+	$(BIN)/python bench/scale.py --model build/big/big.onnx --out docs/benchmarks-scale.md
 
 ## fuzz: the random-graph fuzz test with 400 examples per run instead of the suite's 12
 fuzz: venv

@@ -93,6 +93,7 @@ def main() -> None:
          ["quantize", m, "-o", str(work / "q8n.onnx"), "--no-validate"]),
         ("onnxshrink prune --sparsity 0.5", "cli", ["prune", m, "--sparsity", "0.5", "-o", str(work / "p.onnx"), "--no-validate"]),
         ("onnxshrink pack", "cli", ["pack", m, "-o", str(work / "m.shrink")]),
+        ("onnxshrink unpack (of that pack)", "cli", ["unpack", str(work / "m.shrink"), "-o", str(work / "u.onnx")]),
         ("onnxruntime quantize_dynamic", "ort_dynamic", [m, str(work / "ort8.onnx")]),
         ("onnxruntime MatMulNBitsQuantizer", "ort_nbits", [m, str(work / "ort4.onnx")]),
     ]
@@ -126,20 +127,35 @@ def main() -> None:
         "when the pass reaches it, quantized with the same code as the in-memory path, and written straight to the "
         "output's data file (tensors of 1 MiB and more at 64 KiB-aligned offsets); unchanged tensors are copied in "
         "16 MiB chunks, the graph is written last, and everything is renamed into place only once the ONNX checker "
-        "passed. What is left of the peak is mostly onnxruntime: after the pass, quantize loads the output once in "
-        "onnxruntime (in the same process) to count the fused integer kernels it runs; the row with that count off "
-        "shows the streamed pass alone. Without `--no-validate`, validation runs the original and the output in "
-        "onnxruntime, which then holds both models' weights: that is not bounded by this target. Before streaming "
-        "(commit 6398fa3, which loaded the whole model into protobuf) this bench measured 5.46 GB (2.11x) for dynamic "
-        "int8 and 4.50 GB (1.74x) for `--bits 4`. `pack` and `prune` still load the whole model.",
+        "passed. After the pass, every such command loads its output once in onnxruntime (in the same process) to "
+        "count the kernels it runs: most of quantize's peak, as the row with that count off shows. For a float output "
+        "(prune) that session has prepacking off, which otherwise copies every weight into the kernels' layout (2.6 GB "
+        "here) for a session that runs nothing; a quantized output keeps it (without it onnxruntime forms no "
+        "QLinearConv). Without `--no-validate`, "
+        "validation runs the original and the output in onnxruntime, which then holds both models' weights: that is "
+        "not bounded by this target. Before streaming (commit 6398fa3, which loaded the whole model into protobuf) "
+        "this bench measured 5.46 GB (2.11x) for dynamic int8 and 4.50 GB (1.74x) for `--bits 4`.",
+        "",
+        "`prune` without calibration data (magnitude importance) streams the same way: the allocation across layers "
+        "(`--scope auto` or `global`) needs the cost of every weight, so each weight is read three times, one at a "
+        "time: a histogram of the top 16 bits of its costs (float32, whose bits sort as the values do), then one "
+        "of the low 16 bits in the bin that holds the threshold, then its mask is applied and it is written; the "
+        "zeros per layer are exactly the in-memory path's. Before (commit 65ebdc3) it was not run here: on a 0.18 GB "
+        "model it peaked at about 7x its weight bytes. With calibration data prune stays in memory.",
+        "",
+        "`pack` streams too: a first read of each tensor plans its coding and keeps only symbol counts and codes, "
+        "the shared Huffman tables are chosen from those, a second read codes each tensor into its record, and the "
+        "check decodes the written file record by record against each tensor's SHA-256; the file is the in-memory "
+        "pack byte for byte. Before (commit 65ebdc3) it peaked at 6.86 GB (2.65x). `unpack` of a pack whose model "
+        "kept its weights external streams as well: each tensor record is decoded, checked against its digest and "
+        "appended to the output's data file (before, the model was decoded whole and saved: stopped at 16.8 GB, "
+        "6.5x, still rising).",
         "",
         "| command | wall s | s per GB | peak RSS GB | peak / weights | result |",
         "|---|---:|---:|---:|---:|---|",
     ] + rows
     if args.skip:
-        lines += ["", "Not run here: " + ", ".join(args.skip) + ". On a 0.18 GB model (`python bench/big_model.py --gb 0.2`) "
-                  "`prune --sparsity 0.5` peaked at about 7x its weight bytes, which for this model would exceed the "
-                  "machine's memory."]
+        lines += ["", "Not run here (--skip): " + ", ".join(args.skip) + "."]
     Path(args.out).write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -12,7 +12,7 @@ import onnx
 
 from onnxshrink import model as model_io
 from onnxshrink import streaming
-from onnxshrink.errors import OutputError, UsageError
+from onnxshrink.errors import ModelLoadError, OutputError, UsageError
 from onnxshrink.info import inspect_model
 from onnxshrink.data import input_specs, load_npz
 from onnxshrink.passes.common import handed_over
@@ -272,22 +272,32 @@ PACK_FULL_COMPARE_BYTES = 256 << 20  # above this, pack's check relies on the pe
 
 def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None, *, force: bool = False):
     """Write a `.shrink` file: the graph as ONNX, every weight entropy-coded; read back and checked before it lands."""
-    from onnxshrink.packing import PackReport, pack_model, unpack_model
+    from onnxshrink.packing import PackReport, check_pack, pack_model, unpack_model
 
     model_path = Path(model_path)
     if model_io.is_pack(model_path):
         raise UsageError(f"{model_path}: is already a pack (.shrink); unpack it first")
     output = Path(output) if output is not None else model_io.default_output(model_path, None, ".shrink")
     model_io.check_output_path(output, [model_path], force)
-    model = model_io.load(model_path)
+    model = model_io.load(model_path, with_data=False)
     report = PackReport("pack", str(model_path), None)
+    # External weights: planned, written and checked one tensor at a time, never all in memory (streaming.py).
+    source = streaming.ExternalTensors(model_path.parent) if streaming.packs_streamed(model) else None
+    if source is None:
+        model_io.read_external_data(model, model_path)
+    manifest = None
 
     def write(stream):
-        pack_model(model, stream, report, external_data=model_io.file_has_external_data(model_path))
+        nonlocal manifest
+        manifest = pack_model(model, stream, report, external_data=model_io.file_has_external_data(model_path),
+                              source=source)
 
     def check(staged: Path):
         # Decode what was written: every coded tensor must match its SHA-256 (unpack_model checks), and a
         # model small enough to compare cheaply must serialize identically. A pack that lands unpacks exactly.
+        if source is not None:
+            check_pack(staged, manifest)
+            return
         restored = unpack_model(staged.read_bytes())
         if size < PACK_FULL_COMPARE_BYTES and restored.SerializeToString() != model.SerializeToString():
             raise RuntimeError("the written pack does not decode to the packed model")
@@ -311,13 +321,30 @@ def unpack(pack_path: str | os.PathLike, output: str | os.PathLike | None = None
         raise UsageError(f"{pack_path}: is not a pack (.shrink); nothing to unpack")
     output = Path(output) if output is not None else model_io.default_output(pack_path, "unpacked", ".onnx")
     model_io.check_output_path(output, [pack_path], force)
-    model = model_io.load(pack_path)
-    from onnxshrink.packing import read_header
+    from onnxshrink.codec.container import CorruptPack
+    from onnxshrink.packing import read_file_header, unpack_external
 
-    external = bool(read_header(pack_path.read_bytes()).get("external_data"))  # laid out like the packed file
-    model_io.save(model, output, force=force, external_data=external or None,
-                  check=model_io.full_check_error(model, pack_path) is None)
-    size_in, size_out = model_io.file_size(pack_path), model_io.file_size(output)
+    try:
+        external = bool(read_file_header(pack_path).get("external_data"))  # laid out like the packed file
+    except CorruptPack as exc:
+        raise ModelLoadError(f"{pack_path}: corrupted pack ({exc})") from exc
+    except OSError as exc:
+        raise ModelLoadError(f"{pack_path}: cannot read ({exc.strerror or exc})") from exc
+    if external:  # weights in a data file: decoded and written one tensor at a time, never the model in memory
+        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        try:
+            unpack_external(pack_path, staging / output.name)
+            streaming.move_into_place(staging / output.name, output, [pack_path], force)
+        except CorruptPack as exc:
+            raise ModelLoadError(f"{pack_path}: corrupted pack ({exc})") from exc
+        except OSError as exc:
+            raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    else:
+        model = model_io.load(pack_path)
+        model_io.save(model, output, force=force, check=model_io.full_check_error(model, pack_path) is None)
+    size_in, size_out = pack_path.stat().st_size, model_io.file_size(output)  # a pack is one file: not parsed as ONNX
     return CommandReport("unpack", str(pack_path), str(output), [], {"original": size_in, "output": size_out,
                                                                      "ratio": size_out / size_in})
 

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
 
 from onnxshrink.codec import container, huffman
+from onnxshrink.errors import ModelLoadError
 from onnxshrink.report import JsonReport
 
 MIN_CODED_BYTES = 256  # smaller tensors stay inside the graph record, which is LZMA-compressed
@@ -62,17 +64,19 @@ class PackReport(JsonReport):
 
 @dataclass
 class _Stream:
-    symbols: np.ndarray  # uint8
+    symbols: np.ndarray | None  # uint8; None once planned when streaming (rebuilt from the tensor to write it)
     alphabet: int
     category: tuple
     counts: np.ndarray = None
     table_id: int | None = None  # shared table record; None: its own table, inline
     table_share_bits: int = 0  # its part of the shared table's cost
     own: huffman.Table | None = None  # the stream's own code: priced when choosing, written unless shared
+    size: int = 0  # how many symbols
 
     def __post_init__(self):
         self.counts = np.bincount(self.symbols, minlength=self.alphabet)
         self.own = huffman.Table.from_counts(self.counts)
+        self.size = len(self.symbols)
 
 
 @dataclass
@@ -82,13 +86,33 @@ class _Plan:
     encoding: str
     streams: list
     meta: dict
+    in_graph_bytes: int = 0  # what LZMA would spend on it in the graph record (_size_in_graph)
+    sha256: bytes = b""  # of its data bytes, whole: the streamed check compares each decoded tensor with it
+
+    def forget_symbols(self) -> None:
+        """Keep what choosing tables needs (counts, codes, sizes), not the symbols: a tensor's worth of memory."""
+        for s in self.streams:
+            s.symbols = None
 
 
-def tensor_protos(model: onnx.ModelProto) -> list[onnx.TensorProto]:
-    """Every tensor that can hold weights, in one fixed order (pack and unpack walk the same graph)."""
+@dataclass
+class PackManifest:
+    """What a streamed pack's check compares the file with: the graph record's model and each coded tensor's digest."""
+
+    graph: bytes  # the serialized model the graph record holds
+    tensors: list  # (index, SHA-256 of its bytes) in record order
+    tables: int
+
+
+def tensor_protos(model: onnx.ModelProto, initializers: list | None = None) -> list[onnx.TensorProto]:
+    """Every tensor that can hold weights, in one fixed order (pack and unpack walk the same graph).
+
+    `initializers`, when given, gets the positions that are graph initializers (of any scope)."""
     found = []
 
     def walk(graph: onnx.GraphProto) -> None:
+        if initializers is not None:
+            initializers.extend(range(len(found), len(found) + len(graph.initializer)))
         found.extend(graph.initializer)
         for sparse in graph.sparse_initializer:
             found.extend((sparse.values, sparse.indices))
@@ -129,28 +153,46 @@ def element_size(tensor: onnx.TensorProto) -> int:
         return 1
 
 
-def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_data: bool = False) -> None:
+def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_data: bool = False,
+               source=None) -> PackManifest:
     """Write `model` as a pack to the binary `stream`, filling `report` with what each tensor cost.
 
     `external_data` records that the model kept its weights in a data file, so unpack writes one too.
+    With `source` (an ExternalTensors), `model` was loaded without its external data: each tensor is read
+    from its data file twice, once to plan its coding and once to write it, never all at once; the file is
+    the same, byte for byte, as from the model loaded whole.
     """
     protos = tensor_protos(model)
-    plans = []
+    read = source.read if source is not None else tensor_bytes
+    plans, with_bytes = [], 0
     for index, tensor in enumerate(protos):
-        data = tensor_bytes(tensor)
-        if data is not None and len(data) >= MIN_CODED_BYTES:
-            plans.append(_plan(index, tensor, data))
+        data = read(tensor)
+        if data is None:
+            continue
+        with_bytes += 1
+        if len(data) >= MIN_CODED_BYTES:
+            plan = _plan(index, tensor, data, raw_field=tensor.HasField("raw_data") or _external(tensor))
+            plan.in_graph_bytes = _size_in_graph(data)
+            if source is not None:
+                plan.forget_symbols()
+            plans.append(plan)
+        del data
     # A record must beat what LZMA would spend on the tensor inside the graph; shared tables make small ones pay.
     tables = _assign_tables([s for p in plans for s in p.streams])
-    plans = [p for p in plans if _record_bits(p, tables) < 8 * _size_in_graph(p)]
+    plans = [p for p in plans if _record_bits(p, tables) < 8 * p.in_graph_bytes]
     tables = _assign_tables([s for p in plans for s in p.streams])
 
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
     stripped_protos = tensor_protos(stripped)
+    coded = {plan.index for plan in plans}
     for plan in plans:
         stripped_protos[plan.index].ClearField(plan.meta.get("field", "raw_data"))
-    graph_bytes = lzma.compress(stripped.SerializeToString(), format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
+    if source is not None:  # as loading the external data would leave them: inline, or cleared when coded
+        source.inline(stripped, coded)
+    graph_model = stripped.SerializeToString()
+    del stripped, stripped_protos
+    graph_bytes = lzma.compress(graph_model, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
 
     writer = container.Writer(stream)
     header = {"format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
@@ -161,6 +203,8 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     graph_size = writer.record(container.GRAPH, graph_bytes)
     table_size = sum(writer.record(container.TABLE, t.to_bytes()) for t in tables)
     for plan in plans:
+        if plan.streams[0].symbols is None:
+            _rebuild_symbols(plan, read(plan.tensor))
         parts, payload_bits, entropy = [], 0, 0.0
         for s, descriptor in zip(plan.streams, plan.meta["streams"]):
             table = s.own if s.table_id is None else tables[s.table_id]
@@ -173,7 +217,10 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
                 descriptor["t"] = s.table_id
             parts.append(data)
         size = writer.record(container.TENSOR, container.join_meta(plan.meta), *parts)
-        symbols = sum(len(s.symbols) for s in plan.streams)
+        del parts
+        if source is not None:
+            plan.forget_symbols()
+        symbols = sum(s.size for s in plan.streams)
         report.tensors.append(PackedTensor(
             plan.tensor.name, _dtype_name(plan.tensor.data_type), plan.encoding, symbols,
             entropy / symbols if symbols else 0.0, payload_bits / symbols if symbols else 0.0,
@@ -183,7 +230,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     coded = report.tensors
     report.totals = {
         "tensors": len(report.tensors),
-        "tensors_left_in_graph": sum(1 for t in protos if tensor_bytes(t) is not None) - len(plans),
+        "tensors_left_in_graph": with_bytes - len(plans),
         "tensor_bytes_before": sum(t.bytes_before for t in report.tensors),
         "tensor_bytes_after": sum(t.bytes_after for t in report.tensors),
         "graph_bytes": graph_size,
@@ -194,6 +241,11 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
         "coded_bits_per_symbol": _mean_bits(coded, "coded_bits"),
         "file_bytes": writer.bytes_written,
     }
+    return PackManifest(graph_model, [(plan.index, plan.sha256) for plan in plans], len(tables))
+
+
+def _external(tensor: onnx.TensorProto) -> bool:
+    return tensor.data_location == onnx.TensorProto.EXTERNAL
 
 
 def _mean_bits(rows, key) -> float:
@@ -220,13 +272,15 @@ def _digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
 
 
-def _plan(index: int, tensor: onnx.TensorProto, data: bytes) -> _Plan:
+def _plan(index: int, tensor: onnx.TensorProto, data: bytes, raw_field: bool = True) -> _Plan:
+    """The cheapest coding of one tensor's bytes (`raw_field`: they sit in raw_data, not float_data)."""
+    sha256 = hashlib.sha256(data)
     raw = np.frombuffer(data, dtype=np.uint8)
     k = element_size(tensor)
     if len(raw) % k:
         k = 1
-    meta = {"i": index, "n": len(raw), "k": k, "sha": _digest(data)}
-    if not tensor.HasField("raw_data"):
+    meta = {"i": index, "n": len(raw), "k": k, "sha": sha256.hexdigest()[:DIGEST_HEX]}
+    if not raw_field:
         meta["field"] = "float_data"
     candidates = [("planes", _planes(raw, k, "dense"))]
     if k == 1:
@@ -239,8 +293,8 @@ def _plan(index: int, tensor: onnx.TensorProto, data: bytes) -> _Plan:
     if best_name.startswith("sparse"):
         best_streams, extra = best_streams
         meta.update(extra)
-    meta["streams"] = [{"c": len(s.symbols)} for s in best_streams]
-    return _Plan(index, tensor, best_name, best_streams, meta)
+    meta["streams"] = [{"c": s.size} for s in best_streams]
+    return _Plan(index, tensor, best_name, best_streams, meta, sha256=sha256.digest())
 
 
 def _record_bits(plan: _Plan, tables: list) -> int:
@@ -249,16 +303,15 @@ def _record_bits(plan: _Plan, tables: list) -> int:
     for s in plan.streams:
         if s.table_id is not None:
             total += tables[s.table_id].cost_bits(s.counts) + s.table_share_bits
-        elif len(s.symbols):
+        elif s.size:
             total += s.own.cost_bits(s.counts) + 8 * len(s.own.to_bytes())
     return total
 
 
-def _size_in_graph(plan: _Plan) -> int:
+def _size_in_graph(data: bytes) -> int:
     """About what a tensor adds to the LZMA-compressed graph record: measured whole for small tensors, from
     four spread 64 KiB samples for large ones. Structured matrices (an STFT basis of sines) compress far
     better with LZMA than with order-0 Huffman codes, so they stay in the graph."""
-    data = tensor_bytes(plan.tensor)
     if len(data) <= 4 * LZMA_SAMPLE:
         return len(lzma.compress(data, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
     starts = np.linspace(0, len(data) - LZMA_SAMPLE, 4).astype(int)
@@ -267,12 +320,53 @@ def _size_in_graph(plan: _Plan) -> int:
 
 
 def _planes(elements: np.ndarray, k: int, role: str) -> list[_Stream]:
-    planes = elements.reshape(-1, k).T if k > 1 else elements.reshape(1, -1)
-    return [_Stream(np.ascontiguousarray(p), 256, ("plane", role, k, i)) for i, p in enumerate(planes)]
+    return [_Stream(p, 256, ("plane", role, k, i)) for i, p in enumerate(_plane_symbols(elements, k))]
 
 
 def _nibbles(elements: np.ndarray, role: str) -> list[_Stream]:
-    return [_Stream(np.concatenate([elements & 15, elements >> 4]), 16, ("nibbles", role))]
+    return [_Stream(_nibble_symbols(elements), 16, ("nibbles", role))]
+
+
+def _plane_symbols(elements: np.ndarray, k: int) -> list[np.ndarray]:
+    planes = elements.reshape(-1, k).T if k > 1 else elements.reshape(1, -1)
+    return [np.ascontiguousarray(p) for p in planes]
+
+
+def _nibble_symbols(elements: np.ndarray) -> np.ndarray:
+    return np.concatenate([elements & 15, elements >> 4])
+
+
+def _interleaved_nibbles(raw: np.ndarray) -> np.ndarray:
+    nibbles = np.empty(2 * len(raw), np.uint8)
+    nibbles[0::2], nibbles[1::2] = raw & 15, raw >> 4
+    return nibbles
+
+
+def _rebuild_symbols(plan: _Plan, data: bytes | None) -> None:
+    """The chosen coding's symbols again, from the tensor's bytes read a second time (a streamed pack plans
+    every tensor first and keeps only counts and codes): the same arrays `_plan` built."""
+    if data is None or hashlib.sha256(data).digest() != plan.sha256:
+        raise ModelLoadError(f"tensor {plan.tensor.name!r}: its data changed while pack was reading it")
+    raw, meta, k = np.frombuffer(data, dtype=np.uint8), plan.meta, plan.meta["k"]
+    if plan.encoding == "planes":
+        arrays = _plane_symbols(raw, k)
+    elif plan.encoding == "nibbles":
+        arrays = [_nibble_symbols(raw)]
+    elif plan.encoding == "sparse":
+        view = raw.view(np.dtype(f"<u{k}"))
+        background = np.frombuffer(bytes.fromhex(meta["bg"]), dtype=f"<u{k}")[0]
+        positions = np.flatnonzero(view != background)
+        kept = np.ascontiguousarray(view[positions]).view(np.uint8)
+        values = [_nibble_symbols(kept)] if meta["vals"] == "nibbles" else _plane_symbols(kept, k)
+        arrays = [encode_gaps(positions)] + values
+    else:  # sparse-nibbles
+        nibbles = _interleaved_nibbles(raw)
+        positions = np.flatnonzero(nibbles != int(meta["bg"], 16))
+        arrays = [encode_gaps(positions), nibbles[positions]]
+    if [len(a) for a in arrays] != [s.size for s in plan.streams]:
+        raise RuntimeError(f"tensor {plan.tensor.name!r}: rebuilt streams differ from the planned ones")
+    for s, symbols in zip(plan.streams, arrays):
+        s.symbols = symbols
 
 
 def _sparse(raw: np.ndarray, k: int):
@@ -304,8 +398,7 @@ def _sparse(raw: np.ndarray, k: int):
 
 def _sparse_nibbles(raw: np.ndarray):
     """Like `sparse`, with 4-bit values as the elements: pruned 4-bit weights are a zero code in half a byte."""
-    nibbles = np.empty(2 * len(raw), np.uint8)
-    nibbles[0::2], nibbles[1::2] = raw & 15, raw >> 4
+    nibbles = _interleaved_nibbles(raw)
     counts = np.bincount(nibbles, minlength=16)
     background = int(np.argmax(counts))
     if counts[background] < 0.3 * len(nibbles):
@@ -321,7 +414,7 @@ def _estimate(streams) -> int:
         streams = streams[0]
     total = 0
     for s in streams:
-        if len(s.symbols):
+        if s.size:
             total += s.own.cost_bits(s.counts) + 8 * len(s.own.to_bytes())
     return total
 
@@ -332,7 +425,7 @@ def _assign_tables(streams: list[_Stream]) -> list[huffman.Table]:
     by_category: dict[tuple, list[_Stream]] = {}
     for s in streams:
         s.table_id = None
-        if len(s.symbols):
+        if s.size:
             by_category.setdefault(s.category, []).append(s)
     for members in by_category.values():
         if len(members) < 2:
@@ -376,7 +469,38 @@ def decode_gaps(symbols: np.ndarray) -> np.ndarray:
 
 def unpack_model(data: bytes | memoryview) -> onnx.ModelProto:
     """Rebuild the packed model in memory; CorruptPack (a ValueError) names anything that does not check out."""
-    records = container.read_records(data)
+    model, tensors = _read_pack(container.read_records(data))[1:]
+    protos = tensor_protos(model)
+    for index, meta, data in tensors:
+        if meta.get("field") == "float_data":
+            protos[index].float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
+        else:
+            protos[index].raw_data = data
+    return model
+
+
+def check_pack(path, manifest: PackManifest) -> None:
+    """Decode a written pack record by record and compare it with what was packed (the streamed pack's check):
+    the graph record must hold the packed graph, each tensor record decode to bytes whose whole SHA-256 is
+    the source tensor's. Memory: one record and its tensor, never the model."""
+    with open(path, "rb") as f:
+        model, tensors = _read_pack(container.read_file_records(f))[1:]
+        if model.SerializeToString() != manifest.graph:
+            raise RuntimeError("the written pack's graph record does not decode to the packed graph")
+        del model
+        done = 0
+        for index, _, data in tensors:
+            if done >= len(manifest.tensors) or (index, hashlib.sha256(data).digest()) != manifest.tensors[done]:
+                raise RuntimeError(f"the written pack's tensor record {done} does not decode to the packed tensor")
+            done += 1
+            del data
+    if done != len(manifest.tensors):
+        raise RuntimeError(f"the written pack holds {done} tensor record(s), not {len(manifest.tensors)}")
+
+
+def _read_pack(records):
+    """(header, graph model, tensors) of a pack's records: tensors yields (index, description, bytes) one
+    record at a time, each checked against its digest, and at the end checks the header's counts."""
     header = _expect(records, container.HEADER, "header")
     header = container.parse_json(header)
     if header.get("format") != FORMAT_NAME:
@@ -388,34 +512,86 @@ def unpack_model(data: bytes | memoryview) -> onnx.ModelProto:
         model = onnx.ModelProto.FromString(lzma.decompress(graph_record.body, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
     except Exception as exc:
         raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
-    protos = tensor_protos(model)
-    tables, filled = [], set()
-    for record in records:
-        if record.kind == container.TABLE:
-            tables.append(_table(record.body, record))
-        elif record.kind == container.TENSOR:
-            meta, body = container.split_meta(record)
-            index = meta.get("i")
-            if not isinstance(index, int) or not 0 <= index < len(protos) or index in filled:
-                raise container.CorruptPack(f"tensor record at byte {record.offset} refers to no tensor of the graph")
-            filled.add(index)
-            data = _decode_tensor(meta, body, tables, record)
-            if meta.get("field") == "float_data":
-                protos[index].float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
+    del graph_record
+    slots = len(tensor_protos(model))
+
+    def tensors():
+        tables, filled = [], set()
+        for record in records:
+            if record.kind == container.TABLE:
+                tables.append(_table(record.body, record))
+            elif record.kind == container.TENSOR:
+                meta, body = container.split_meta(record)
+                index = meta.get("i")
+                if not isinstance(index, int) or not 0 <= index < slots or index in filled:
+                    raise container.CorruptPack(f"tensor record at byte {record.offset} refers to no tensor of the graph")
+                filled.add(index)
+                yield index, meta, _decode_tensor(meta, body, tables, record)  # not kept here: one tensor at a time
             else:
-                protos[index].raw_data = data
-        else:
-            raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
-    if len(tables) != header.get("tables") or len(filled) != header.get("tensors"):
-        raise container.CorruptPack(
-            f"header promises {header.get('tensors')} tensor(s) and {header.get('tables')} table(s); "
-            f"the file has {len(filled)} and {len(tables)}")
-    return model
+                raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
+        if len(tables) != header.get("tables") or len(filled) != header.get("tensors"):
+            raise container.CorruptPack(
+                f"header promises {header.get('tensors')} tensor(s) and {header.get('tables')} table(s); "
+                f"the file has {len(filled)} and {len(tables)}")
+
+    return header, model, tensors()
 
 
 def read_header(data: bytes | memoryview) -> dict:
     """The header record of a pack (checked like every record)."""
     return container.parse_json(_expect(container.read_records(data), container.HEADER, "header"))
+
+
+def read_file_header(path) -> dict:
+    """The header record of a pack file, read without the rest of the file."""
+    with open(path, "rb") as f:
+        return container.parse_json(_expect(container.read_file_records(f), container.HEADER, "header"))
+
+
+INLINE_LIMIT = 1024  # as model.save (onnx's size_threshold, on sys.getsizeof of the bytes): larger initializers go external
+
+
+def unpack_external(path, staged) -> None:
+    """Write a pack that kept its weights external as `staged` (the graph) and `staged.name + ".data"`, one
+    tensor at a time: each record decoded, checked against its digest and appended to the data file, as
+    model.save would lay the model out (initializers over INLINE_LIMIT external, the others in the graph).
+    Memory: the graph and one tensor. CorruptPack names what does not check out."""
+    from pathlib import Path
+
+    from onnxshrink.streaming import _set_external as set_external
+
+    staged = Path(staged)
+    data_path = staged.with_name(staged.name + ".data")
+    small = sys.getsizeof(b"")
+    with open(path, "rb") as f, open(data_path, "wb") as sink:
+        model, tensors = _read_pack(container.read_file_records(f))[1:]
+        initializers: list[int] = []
+        protos = tensor_protos(model, initializers)
+        initializers = set(initializers)
+
+        def put(tensor, data) -> None:
+            offset = sink.tell()
+            sink.write(data)
+            set_external(tensor, data_path.name, offset, len(data))
+
+        for index, meta, data in tensors:
+            tensor = protos[index]
+            if meta.get("field") == "float_data":
+                tensor.float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
+            elif index in initializers and len(data) + small >= INLINE_LIMIT:
+                put(tensor, data)
+            else:
+                tensor.raw_data = data
+            del data
+        for index in sorted(initializers):  # those the graph record held (small, or coded better by LZMA)
+            tensor = protos[index]
+            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_LIMIT:
+                put(tensor, tensor.raw_data)
+                tensor.ClearField("raw_data")
+        written = sink.tell()
+    if not written:
+        data_path.unlink()
+    onnx.save_model(model, str(staged))
 
 
 def _expect(records, kind: int, name: str):

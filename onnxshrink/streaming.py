@@ -8,6 +8,9 @@ weight being rewritten. Both paths run the same pass code, so they write the sam
 
     input.onnx (graph) + input.onnx.data ──read one weight──► pass ──append──► staged .data
     after the pass: unchanged external tensors copied in chunks; the graph written last
+
+quantize and prune (without calibration) run through write_pass; pack reads its tensors through
+ExternalTensors instead (packing.pack_model: one read to plan each tensor, one to write it).
 """
 
 from __future__ import annotations
@@ -39,11 +42,17 @@ COPY_CHUNK = 16 << 20
 class TensorStore:
     """Where a pass reads weights and puts the tensors it adds: the model itself (the in-memory path)."""
 
+    streaming = False
+
     def read(self, tensor: onnx.TensorProto) -> np.ndarray:
         return numpy_helper.to_array(tensor)
 
     def add(self, graph: onnx.GraphProto, array: np.ndarray, name: str) -> None:
         graph.initializer.append(numpy_helper.from_array(array, name))
+
+    def replace(self, tensor: onnx.TensorProto, array: np.ndarray) -> None:
+        """Give an existing tensor new values (same name and place in the graph)."""
+        tensor.CopyFrom(numpy_helper.from_array(array, tensor.name))
 
 
 class StreamingStore(TensorStore):
@@ -52,6 +61,8 @@ class StreamingStore(TensorStore):
     Tensors written here carry a location token unique to this run until `finish` names the real data
     file, so they are never confused with the input's tensors, whatever its data file is called.
     """
+
+    streaming = True
 
     def __init__(self, source_dir: Path, sink: BinaryIO):
         self.source_dir = Path(source_dir)
@@ -88,6 +99,13 @@ class StreamingStore(TensorStore):
         self._externalize(tensor)
         graph.initializer.append(tensor)
 
+    def replace(self, tensor: onnx.TensorProto, array: np.ndarray) -> None:
+        # Written out from a tensor of its own: bytes set in the model's tensor would stay in the model's
+        # protobuf arena (upb frees nothing before the whole message), a weight's worth per weight replaced.
+        fresh = numpy_helper.from_array(array, tensor.name)
+        self._externalize(fresh)
+        tensor.CopyFrom(fresh)
+
     def finish(self, model: onnx.ModelProto, location: str) -> None:
         """Give every tensor its place in the output's data file `location`: those added are there already;
         unchanged external tensors are copied in chunks; inline ones as big as model.save would move are moved."""
@@ -123,6 +141,60 @@ class StreamingStore(TensorStore):
         if pad:
             self.sink.write(b"\0" * pad)
         return position + pad
+
+
+class ExternalTensors:
+    """The bytes of a model's tensors for `pack` when the model was loaded without its external data: each
+    external tensor read from its file when asked (exactly what onnx's loader would put in raw_data), so
+    packing holds one tensor at a time, not the model."""
+
+    def __init__(self, base_dir: str | os.PathLike):
+        self.base_dir = str(base_dir)
+
+    def read(self, tensor: onnx.TensorProto) -> bytes | None:
+        from onnxshrink.packing import tensor_bytes
+
+        if not external_data_helper.uses_external_data(tensor):
+            return tensor_bytes(tensor)
+        try:
+            reader = getattr(external_data_helper, "_read_external_data_bytes", None)
+            if reader is not None:
+                return reader(tensor, self.base_dir)
+            copy = onnx.TensorProto()
+            copy.CopyFrom(tensor)
+            external_data_helper.load_external_data_for_tensor(copy, self.base_dir)
+            return copy.raw_data
+        except (OSError, ValueError, onnx.checker.ValidationError) as exc:
+            raise ModelLoadError(f"tensor {tensor.name!r}: cannot read its external data ({model_io.first_line(exc)})") from exc
+
+    def inline(self, model: onnx.ModelProto, coded: set[int]) -> None:
+        """Make `model` (the pack's graph record) what loading its external data would have made it: the
+        tensors at the positions `coded` (packing.tensor_protos order, raw_data taken out) no longer external,
+        every other external tensor that onnx loads read back into raw_data."""
+        from onnxshrink.packing import tensor_protos
+
+        for index, tensor in enumerate(tensor_protos(model)):
+            if index in coded and external_data_helper.uses_external_data(tensor):
+                tensor.data_location = onnx.TensorProto.DEFAULT
+                del tensor.external_data[:]
+        for tensor in external_data_helper._get_all_tensors(model):
+            if external_data_helper.uses_external_data(tensor):
+                external_data_helper.load_external_data_for_tensor(tensor, self.base_dir)
+
+
+def packs_streamed(model: onnx.ModelProto) -> bool:
+    """Pack a model loaded without its data by streaming it when its weights are external, unless a sparse
+    tensor is (onnx's loader leaves those external, and so does the in-memory pack: kept on that path)."""
+    if not model_io.has_external_data(model):
+        return False
+    sparse = [s for g in model_io.iter_graphs(model.graph) for s in g.sparse_initializer]
+    for g in model_io.iter_graphs(model.graph):
+        for node in g.node:
+            for attribute in node.attribute:
+                if attribute.type == onnx.AttributeProto.SPARSE_TENSOR:
+                    sparse.append(attribute.sparse_tensor)
+                sparse.extend(attribute.sparse_tensors)
+    return not any(external_data_helper.uses_external_data(t) for s in sparse for t in (s.values, s.indices))
 
 
 NOTE = ("weights streamed: read from the input's data file one tensor at a time and written straight to the output's "

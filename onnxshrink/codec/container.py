@@ -7,6 +7,7 @@ file, a flipped bit or a foreign file is refused with the reason, never misread.
 from __future__ import annotations
 
 import json
+import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -77,33 +78,51 @@ def read_records(data: memoryview | bytes) -> Iterator[Record]:
     A record's CRC is checked before its body is handed out, so a caller never parses altered bytes.
     """
     data = memoryview(data)
-    if len(data) < PREAMBLE.size or bytes(data[: len(MAGIC)]) != MAGIC:
+    return _records(lambda offset, length: data[offset : offset + length], len(data))
+
+
+def read_file_records(stream: BinaryIO) -> Iterator[Record]:
+    """The same records and checks, read from an open file one record at a time (memory: the largest record)."""
+    size = os.fstat(stream.fileno()).st_size
+
+    def read_at(offset: int, length: int) -> memoryview:
+        stream.seek(offset)
+        return memoryview(stream.read(length))
+
+    return _records(read_at, size)
+
+
+def _records(read_at, size: int) -> Iterator[Record]:
+    head = read_at(0, PREAMBLE.size)
+    if size < PREAMBLE.size or bytes(head[: len(MAGIC)]) != MAGIC:
         raise CorruptPack("not an onnxshrink pack (no ONNXSHRK magic)")
-    _, major, minor = PREAMBLE.unpack_from(data, 0)
+    _, major, minor = PREAMBLE.unpack_from(head, 0)
     if major != VERSION[0]:
         raise CorruptPack(f"pack format version {major}.{minor}; this onnxshrink reads version {VERSION[0]}.x")
     offset, count = PREAMBLE.size, 0
     while True:
-        if offset == len(data):
+        if offset == size:
             raise CorruptPack(f"truncated: ends after {count} record(s) without the end record")
-        if offset + RECORD_HEAD.size > len(data):
+        if offset + RECORD_HEAD.size > size:
             raise CorruptPack(f"truncated inside a record header at byte {offset}")
-        kind, length = RECORD_HEAD.unpack_from(data, offset)
+        kind, length = RECORD_HEAD.unpack_from(read_at(offset, RECORD_HEAD.size), 0)
         end = offset + RECORD_HEAD.size + length
-        if end + CRC.size > len(data):
+        if end + CRC.size > size:
             raise CorruptPack(f"truncated: the {KIND_NAMES.get(kind, 'unknown')} record at byte {offset} needs {length} bytes")
-        (stored,) = CRC.unpack_from(data, end)
-        if zlib.crc32(data[offset:end]) != stored:
+        whole = read_at(offset, end + CRC.size - offset)
+        (stored,) = CRC.unpack_from(whole, end - offset)
+        if zlib.crc32(whole[: end - offset]) != stored:
             raise CorruptPack(f"checksum mismatch in the record at byte {offset}: the file is corrupted")
-        record = Record(kind, data[offset + RECORD_HEAD.size : end], offset)
+        record = Record(kind, whole[RECORD_HEAD.size : end - offset], offset)
+        del whole
         count += 1
         offset = end + CRC.size
         if kind == END:
             expected = json.loads(bytes(record.body)).get("records")
             if expected != count:
                 raise CorruptPack(f"record count mismatch: end record says {expected}, file has {count}")
-            if offset != len(data):
-                raise CorruptPack(f"{len(data) - offset} unexpected byte(s) after the end record")
+            if offset != size:
+                raise CorruptPack(f"{size - offset} unexpected byte(s) after the end record")
             return
         yield record
 

@@ -47,6 +47,7 @@ from onnxshrink.passes.common import attr, begin_pass, initializer_owners, selec
 from onnxshrink.passes.reconstruct import DEFAULT_DAMPING, Gram, refit
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
+from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
@@ -160,6 +161,16 @@ class Prune:
         self.threads = threads
         self.nm = parse_nm(config.pattern)
         self.importance = config.importance or ("activation" if calibration is not None else "magnitude")
+        self.tensors = TensorStore()  # onnxshrink.streaming swaps in a store that reads one weight at a time
+
+    @property
+    def streams(self) -> bool:
+        """Without calibration data a weight's mask needs only that weight and the allocation, which
+        `_cheapest_streamed` finds exactly from per-layer summaries: onnxshrink.streaming can run it. Calibration
+        (captures, refits), measured sensitivity curves, sparse storage and dead-unit removal stay in memory."""
+        config = self.config
+        return (self.calibration is None and not config.sensitivity and config.storage == "dense"
+                and not config.remove_dead_units)
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         config = self.config
@@ -184,11 +195,16 @@ class Prune:
         owners = initializer_owners(model)
         main_outputs = {name for node in model.graph.node for name in node.output}
         layers = [_describe(site, owners, records, main_outputs) for site in sites]
-        weights = {layer.name: _matrix(layer, owners) for layer in layers}
-        grams = self._original_grams(model, layers) if self.calibration is not None else {}
-        scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
-        counts = self._allocate(layers, weights, scores, report)
-        del scores  # recomputed per layer below: big models keep one layer's scores at a time
+        streamed = getattr(self.tensors, "streaming", False)  # weights read one at a time, never all held
+        if streamed:
+            weights, grams = None, {}
+            counts = self._allocate(layers, None, None, report, cheapest=lambda *a: self._cheapest_streamed(layers, owners, *a))
+        else:
+            weights = {layer.name: _matrix(layer, owners) for layer in layers}
+            grams = self._original_grams(model, layers) if self.calibration is not None else {}
+            scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
+            counts = self._allocate(layers, weights, scores, report)
+            del scores  # recomputed per layer below: big models keep one layer's scores at a time
         refit_on = self.calibration is not None and config.reconstruct
         if refit_on:
             report.notes.append(
@@ -197,7 +213,7 @@ class Prune:
                 "(twice per batch) to capture its inputs with upstream layers already pruned")
         total = pruned = 0
         for layer in layers:
-            w0 = weights[layer.name]
+            w0 = weights[layer.name] if weights is not None else _matrix(layer, owners, self.tensors.read)
             zeros_before = int(np.sum(w0 == 0))
             gram = grams.get(layer.name)
             teacher = None
@@ -222,7 +238,7 @@ class Prune:
                                f"({result.error_before:.2%} masked only)")
                 elif refit_on and layer.reason:
                     why.append(f"not refit: {layer.reason}")
-                _write(layer, w.astype(np.float32), bias, owners)
+                _write(layer, w.astype(np.float32), bias, owners, self.tensors)
                 zeros = int(np.sum(w == 0))
                 action = f"pruned {zeros / w0.size:.1%}" + (f" {self.nm[0]}:{self.nm[1]}" if self.nm else "")
                 report.changed = True
@@ -232,6 +248,9 @@ class Prune:
             # Dense storage: the file holds every zero, so the bytes do not change (pack or --storage sparse do).
             report.layers.append(LayerDecision(layer.name, layer.op_type, layer.weight, action, "; ".join(why),
                                                layer.size * 4, layer.size * 4))
+            if streamed:  # this layer's arrays go before the next weight is read
+                del w0, keep, score
+                w = None
         report.notes.append(
             f"{pruned}/{total} weights zero ({pruned / max(total, 1):.1%}) in {len(layers)} layer(s), "
             f"importance {self.importance}, scope {config.scope if not self.nm else self.config.pattern}")
@@ -256,12 +275,14 @@ class Prune:
 
     # ---- allocation ---------------------------------------------------------------------
 
-    def _allocate(self, layers, weights, scores, report) -> dict[str, int]:
-        """Zeros per layer; their sum is exactly round(sparsity * all weights) when the overrides allow it."""
+    def _allocate(self, layers, weights, scores, report, cheapest=None) -> dict[str, int]:
+        """Zeros per layer; their sum is exactly round(sparsity * all weights) when the overrides allow it.
+
+        `cheapest(free, caps, target)` (streaming) replaces the costs computed here from `scores`."""
         config = self.config
         if self.nm:
             return {layer.name: 0 for layer in layers}
-        sizes = {layer.name: weights[layer.name].size for layer in layers}
+        sizes = {layer.name: layer.size for layer in layers}
         fixed = {name: int(round(value * sizes[name])) for name, value in config.layer_sparsity.items() if name in sizes}
         free = [layer.name for layer in layers if layer.name not in fixed]
         target = int(round(config.sparsity * sum(sizes.values()))) - sum(fixed.values())
@@ -275,22 +296,75 @@ class Prune:
         if config.scope == "layer" or not free:
             counts.update({name: int(round(config.sparsity * sizes[name])) for name in free})
             return counts
+        if cheapest is not None:
+            counts.update(cheapest(free, caps, target))
+            return counts
         costs = {}
         curves = _measured_curves(config.sensitivity, free) if config.scope == "auto" else {}
         for name in free:
             s = np.sort(scores[name].reshape(-1))
-            if config.scope == "global":
-                cost = s / max(float(np.mean(s)), 1e-30)
-            elif name in curves:
+            if name in curves:
                 cost = _curve_costs(*curves[name], sizes[name], int(np.sum(s == 0)))
             else:
-                sq = np.square(s, dtype=np.float32)
-                cost = sq / np.float32(max(float(sq.sum(dtype=np.float64)), 1e-30))
+                cost = _costs(s, config.scope, _cost_scale(s, config.scope))
             costs[name] = cost[: caps[name]]
         if curves:
             report.notes.append(f"allocation from measured sensitivity for {len(curves)} layer(s)")
         counts.update(_cheapest(costs, free, target))
         return counts
+
+    def _cheapest_streamed(self, layers, owners, free, caps, target) -> dict[str, int]:
+        """What `_cheapest` returns on every layer's sorted costs, from the weights read one at a time.
+
+        `_cheapest` takes the costs up to v, the target-th smallest of all layers' (capped) costs, then the
+        ties at v in layer order. Costs are non-negative float32, so their bit patterns sort as they do:
+        v is found exactly by a radix selection, a histogram per layer of the top 16 bits (first read), then
+        one of the low 16 bits within the bin that holds v (second read). Memory: one weight, and 512 KiB
+        of counts per layer. A layer's cost scale (a sum or mean, which depends on summation order) is taken
+        from its sorted scores as in memory, so every cost is the same float."""
+        if target <= 0:
+            return {name: 0 for name in free}
+        by_name = {layer.name: layer for layer in layers}
+        scope = self.config.scope
+        scales, high, infinite = {}, {}, {}
+        for name in free:  # first read: each layer's cost scale and the top 16 bits of its costs
+            s = np.sort(_importance(_matrix(by_name[name], owners, self.tensors.read), None, self.importance).reshape(-1))
+            scales[name] = _cost_scale(s, scope)
+            keys = _cost_keys(_costs(s, scope, scales[name]))
+            del s
+            high[name] = np.cumsum(np.bincount(keys >> 16, minlength=1 << 16))
+            infinite[name] = int(np.count_nonzero(keys == _INF_KEY))
+            del keys
+        caps_of = np.array([caps[name] for name in free])
+
+        def capped(at_most: dict) -> np.ndarray:  # sum over layers of min(count, cap)
+            return sum(np.minimum(at_most[name], cap) for name, cap in zip(free, caps_of))
+
+        finite = {name: int(high[name][(_INF_KEY >> 16) - 1]) for name in free}
+        if capped(finite) < target:  # fewer finite costs than zeros wanted: `_cheapest` takes them all, then infinities
+            below = finite
+            upto = {name: finite[name] + infinite[name] for name in free}
+        else:
+            totals = capped(high)
+            top = int(np.searchsorted(totals, target))  # the first bin whose running count reaches the target
+            low = {}
+            for name in free:  # second read: the low 16 bits of the costs in that bin
+                keys = _cost_keys(_costs(_importance(_matrix(by_name[name], owners, self.tensors.read), None,
+                                                     self.importance).reshape(-1), scope, scales[name]))
+                inside = keys[(keys >> 16) == top] & 0xFFFF
+                del keys
+                low[name] = np.cumsum(np.bincount(inside, minlength=1 << 16))
+            before = {name: int(high[name][top - 1]) if top else 0 for name in free}
+            bottom = int(np.searchsorted(capped({name: before[name] + low[name] for name in free}), target))
+            below = {name: before[name] + (int(low[name][bottom - 1]) if bottom else 0) for name in free}
+            upto = {name: before[name] + int(low[name][bottom]) for name in free}
+        taken = {name: min(below[name], caps[name]) for name in free}
+        left = target - sum(taken.values())
+        for name in free:  # ties at the threshold, in layer order
+            extra = min(left, min(upto[name], caps[name]) - taken[name])
+            taken[name] += extra
+            left -= extra
+        return taken
 
     # ---- data ---------------------------------------------------------------------------
 
@@ -429,9 +503,10 @@ def _k(layer: _Layer) -> int:
     return layer.shape[1] if layer.transposed else layer.shape[0]
 
 
-def _matrix(layer: _Layer, owners) -> np.ndarray:
-    """The weight as the layer multiplies by it, [K, N] float32 (Gemm alpha folded in; the refit works in float64)."""
-    w = numpy_helper.to_array(owners[layer.weight][1]).astype(np.float32)
+def _matrix(layer: _Layer, owners, read=numpy_helper.to_array) -> np.ndarray:
+    """The weight as the layer multiplies by it, [K, N] float32 (Gemm alpha folded in; the refit works in float64).
+    `read` gets the array of a tensor (a streaming store reads it from the data file)."""
+    w = read(owners[layer.weight][1]).astype(np.float32)
     if layer.op_type == "Conv":
         return w.reshape(w.shape[0], -1).T
     if layer.transposed:
@@ -445,14 +520,16 @@ def _read_bias(layer: _Layer, owners) -> np.ndarray | None:
     return numpy_helper.to_array(owners[layer.bias][1]).astype(np.float64).reshape(-1) * layer.bias_scale
 
 
-def _write(layer: _Layer, w: np.ndarray, bias: np.ndarray | None, owners) -> None:
-    """Put a [K, N] matrix (and bias) back in the initializers, in their original layout."""
+def _write(layer: _Layer, w: np.ndarray, bias: np.ndarray | None, owners, store=None) -> None:
+    """Put a [K, N] matrix (and bias) back in the initializers, in their original layout (through `store`: a
+    streaming one writes the weight to the output's data file)."""
     if layer.op_type == "Conv":
         raw = w.T.reshape(layer.shape)
     else:
         raw = (w.T if layer.transposed else w) / np.float32(layer.alpha)
     tensor = owners[layer.weight][1]
-    tensor.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(raw, dtype=np.float32), tensor.name))
+    (store or TensorStore()).replace(tensor, np.ascontiguousarray(raw, dtype=np.float32))
+    del raw
     if bias is not None:
         old = owners[layer.bias][1]
         value = (bias / layer.bias_scale).astype(np.float32).reshape(tuple(old.dims))
@@ -522,6 +599,31 @@ def _mask(score: np.ndarray, zeros: int, nm) -> np.ndarray:
     flat = np.argpartition(flat, zeros - 1)[:zeros] if zeros < flat.size else np.arange(flat.size)  # O(n), not a sort
     keep.reshape(-1)[flat] = False
     return keep
+
+
+_INF_KEY = 0x7F800000  # float32 +inf as uint32: finite non-negative floats sort below it, NaNs above
+
+
+def _cost_scale(s: np.ndarray, scope: str) -> float:
+    """What a layer's costs are divided by, from its sorted scores (the sum's rounding depends on the order)."""
+    if scope == "global":
+        return float(np.mean(s))
+    return float(np.square(s, dtype=np.float32).sum(dtype=np.float64))
+
+
+def _costs(s: np.ndarray, scope: str, scale: float) -> np.ndarray:
+    """Per-weight cost of zeroing it, element by element from the scores (scope global: score over the layer's
+    mean; auto: its share of the layer's squared importance)."""
+    if scope == "global":
+        return s / max(scale, 1e-30)
+    return np.square(s, dtype=np.float32) / np.float32(max(scale, 1e-30))
+
+
+def _cost_keys(cost: np.ndarray) -> np.ndarray:
+    """Non-negative float32 costs as uint32 keys in the same order (NaNs after +inf, as np.sort puts them)."""
+    if cost.dtype != np.float32:
+        raise RuntimeError(f"costs are {cost.dtype}, not float32")
+    return cost.view(np.uint32)
 
 
 def _cheapest(costs: dict, names: list, target: int) -> dict[str, int]:

@@ -249,3 +249,26 @@ def test_weights_mode_defaults_to_the_folded_form():
     assert "DequantizeLinear" not in {n.op_type for n in folded.graph.node}
     qdq, _ = QuantizeWeightsOnly(WeightsOnlyConfig(qdq=True))(model)
     assert sum(n.op_type == "DequantizeLinear" for n in qdq.graph.node) == 3
+
+
+@pytest.mark.parametrize("shape", ["if_branches", "loop_body", "scan_body"])
+def test_static_mode_stores_control_flow_body_layers_int8(tmp_path, shape):
+    """Calibration cannot reach inside If/Loop/Scan bodies, but the folded form needs no activation ranges:
+    static mode stores those weights int8, and onnxruntime still folds their decoding inside the body."""
+    import graph_shapes
+
+    from onnxshrink import api
+
+    model, feed = getattr(graph_shapes, shape)()
+    source = save_model(model, tmp_path / "m.onnx")
+    np.savez(tmp_path / "calib.npz", **feed)
+    report = api.quantize(source, tmp_path / "q.onnx", StaticQuantizeConfig(), calibration=tmp_path / "calib.npz",
+                          run_validation=False)
+    layers = report.passes[0].layers
+    assert layers and all(layer.action == FOLDED and "If/Loop/Scan body" in layer.reason for layer in layers)
+    assert report.runtime["folded_decoding_left"] == 0
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    assert not [t for g in [written.graph] for t in g.initializer if t.data_type == TensorProto.FLOAT and t.dims == [32, 48]]
+    expected, got = make_session(source).run(None, feed), make_session(tmp_path / "q.onnx").run(None, feed)
+    for a, b in zip(expected, got):
+        np.testing.assert_allclose(b, a, atol=0.02)

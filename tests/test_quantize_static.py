@@ -23,6 +23,7 @@ from conftest import SAMPLES, build_model, float_value, make_mlp, save_model
 from onnxshrink.calibrate import BINS, RangeStats, calibrate
 from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.passes import quantize_static as qs
+from onnxshrink.passes.folded_weights import FOLDED
 from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
 from onnxshrink.runtime import make_session, optimized_op_counts
 
@@ -393,11 +394,13 @@ def test_skipped_layers_have_reasons(tmp_path):
                      "bias_in": rng.standard_normal(32).astype(np.float32)}], None, 8, False, [])
     result, report = QuantizeStatic(StaticQuantizeConfig(exclude=("excluded*",), keep_float="last", integer_min_macs=0), data)(model)
     reasons = kept_float(report)
-    assert "If/Loop/Scan" in reasons["in_branch"]
+    # The If branch's layer cannot be calibrated: it is stored int8 and runs a float kernel (the folded form).
+    branch = next(layer for layer in report.layers if layer.node == "in_branch")
+    assert branch.action == FOLDED and "If/Loop/Scan body" in branch.reason
     assert "computed" in reasons["computed_bias"]
     assert "excluded" in reasons["excluded_one"]
     assert "--keep-float" in reasons["last"]
-    assert quantized_layers(report) == ["fc0"]
+    assert quantized_layers(report) == ["in_branch", "fc0"]  # the folded branch layer, then the calibrated one
     assert all(reason for reason in reasons.values())
     path = written(result, tmp_path)
     counts = optimized_op_counts(path)

@@ -140,6 +140,14 @@ class QuantizeStatic:
                 tiny.add(record.name)
         sites, skipped = self._select(model, records)
         relabel_folded(model, skipped)
+        body = _body_sites(model, skipped, records)
+        if body:
+            # Calibration cannot see inside If/Loop/Scan bodies, but int8 storage needs no activation ranges.
+            moved = {site.name for site in body}
+            skipped = [decision for decision in skipped if decision.node not in moved]
+            report.layers.extend(fold_layers(model, body, {site.name: BODY_REASON for site in body}))
+            unchanged = model
+            report.changed = True
         report.layers.extend(skipped)
         small = self._small_layers(model, sites, records)
         if small:
@@ -260,7 +268,7 @@ class QuantizeStatic:
 
         def judge(node, record, constants):
             if not node.output or node.output[0] not in main:
-                return "inside an If/Loop/Scan body: calibration sees the main graph only"
+                return BODY
             if record.dtype != "float":
                 return f"weight is {record.dtype}: only float32 layers are quantized"
             x = node.input[0]
@@ -545,6 +553,31 @@ class _Plan:
                                  name=base + "_QuantizeLinear"),
                 helper.make_node("DequantizeLinear", [base + "_q", scale, zero], [tensor], name=base + "_DequantizeLinear")])
         return after
+
+
+BODY = "inside an If/Loop/Scan body: calibration sees the main graph only"
+BODY_REASON = ("inside an If/Loop/Scan body, which calibration does not reach: int8 storage with float kernels "
+               "(needs no activation ranges)")
+
+
+def _body_sites(model, skipped, records) -> list[Site]:
+    """The layers left out only for sitting in a control-flow body, as sites the folded form can rewrite."""
+    wanted = {decision.node for decision in skipped if decision.reason == BODY}
+    sites = []
+    for graph in iter_graphs(model.graph):
+        if graph is model.graph or not wanted:
+            continue
+        for index, node in enumerate(graph.node):
+            name = node.name or f"{node.op_type}_{index}"
+            weight = node.input[1] if len(node.input) > 1 else ""
+            record = records.get(weight)
+            if (name not in wanted or record is None or record.dtype != "float" or record.is_graph_input
+                    or record.nbytes < TINY_BYTES):
+                continue
+            if node.op_type in ("MatMul", "Gemm") and len(record.shape) != 2:
+                continue
+            sites.append(Site(graph, node, name, weight))
+    return sites
 
 
 def _relu_after_maxpool(model, plan) -> int:

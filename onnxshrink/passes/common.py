@@ -8,10 +8,11 @@ import fnmatch
 from dataclasses import dataclass
 
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 from onnxshrink.model import iter_graphs, prepare
 from onnxshrink.report import LayerDecision, PassReport
+from onnxshrink.weights import tensor_nbytes
 
 
 _HANDED_OVER: set[int] = set()
@@ -187,3 +188,48 @@ def drop_unused_initializers(model):
         if len(keep) != len(graph.initializer):
             del graph.initializer[:]
             graph.initializer.extend(keep)
+
+
+SHAPE_COPY_MAX_BYTES = 1 << 20  # output_shapes' copy of the model leaves initializers this big out (dims only)
+
+
+def output_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
+    """Tensor name -> dims (None where unknown) as shape inference finds them, graph inputs included.
+    `input_shapes` (name -> shape) pins graph inputs, e.g. to a calibration batch's. Inference runs on a
+    copy whose big initializers are graph inputs (dims only), so no weight is copied."""
+    light = onnx.ModelProto()
+    light.ir_version = model.ir_version
+    light.opset_import.extend(model.opset_import)
+    light.functions.extend(model.functions)
+    graph = light.graph
+    graph.node.extend(model.graph.node)
+    graph.output.extend(model.graph.output)
+    graph.value_info.extend(model.graph.value_info)
+    existing = {i.name for i in model.graph.input}
+    for value in model.graph.input:
+        copy = graph.input.add()
+        copy.CopyFrom(value)
+        shape = (input_shapes or {}).get(value.name)
+        if shape is not None and copy.type.HasField("tensor_type"):
+            dims = copy.type.tensor_type.shape
+            del dims.dim[:]
+            for size in shape:
+                dims.dim.add().dim_value = int(size)
+    for tensor in model.graph.initializer:
+        if tensor.data_location == TensorProto.EXTERNAL or tensor_nbytes(tensor) >= SHAPE_COPY_MAX_BYTES:
+            if tensor.name not in existing:
+                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
+        else:
+            graph.initializer.append(tensor)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(light)
+    except Exception:  # noqa: BLE001 - no shapes only means unknown sizes
+        return {}
+    shapes = {}
+    for scope in iter_graphs(inferred.graph):
+        inputs = list(scope.input) if scope is inferred.graph else []  # the main graph's inputs are layer inputs too
+        for value in list(scope.value_info) + list(scope.output) + inputs:
+            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+                shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
+                                      for d in value.type.tensor_type.shape.dim]
+    return shapes

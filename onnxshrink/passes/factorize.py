@@ -49,7 +49,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import Names, attr, begin_pass, drop_unused_initializers, initializer_owners, select_layers
+from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, initializer_owners,
+                                      output_shapes, select_layers)
 from onnxshrink.passes.prune import _describe, _matrix, _read_bias, teacher_gram
 from onnxshrink.passes.reconstruct import Gram
 from onnxshrink.report import LayerDecision, PassReport
@@ -464,36 +465,9 @@ def _nothing_to_factorize(pairs) -> str:
 
 
 def _layer_rows(model: onnx.ModelProto) -> dict[str, int]:
-    """Tensor name -> rows it holds at batch 1 (product of all but the last dimension; symbolic ones 1),
-    from ONNX shape inference on a copy without the large initializers (main graph only)."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.input.extend(model.graph.input)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    known = {v.name for v in model.graph.input}
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL or int(np.prod(tensor.dims)) > 64:
-            if tensor.name not in known:
-                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            graph.initializer.append(tensor)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # shape inference is a hint here: batch 1 where it fails
-        return {}
-    rows = {}
-    for value in list(inferred.graph.value_info) + list(inferred.graph.input):
-        dims = value.type.tensor_type.shape.dim
-        if not value.type.tensor_type.HasField("shape") or len(dims) < 2:
-            continue
-        rows[value.name] = int(np.prod([d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else 1
-                                        for d in dims[:-1]]))
-    return rows
+    """Tensor name -> rows it holds at batch 1: the product of all but its last dimension, unknown ones 1."""
+    return {name: int(np.prod([d if d else 1 for d in dims[:-1]]))
+            for name, dims in output_shapes(model).items() if len(dims) >= 2}
 
 
 def _layer_model(op_type: str, k: int, n: int, r: int | None, rows: int, trans_b: bool) -> onnx.ModelProto:

@@ -31,7 +31,6 @@ FOLDED = "int8 folded (float kernel)"  # LayerDecision.action of a layer written
 # 16->32 3x3 Conv after a float Conv, then MaxPool (NHWC transposes): 8x8 1.02, 10x10 0.94, 12x12 0.86.
 # At batch 32 the integer kernels were faster from the smallest sizes tried.
 INTEGER_MIN_MACS = {"dynamic": 131072, "static": 393216}
-BIG_DECODE_BYTES = 1 << 20  # a shape-inference copy of the model leaves initializers this big out
 
 
 def channel_axis(node: onnx.NodeProto) -> int:
@@ -91,51 +90,6 @@ def macs_per_sample(node: onnx.NodeProto, weight_shape, shapes: dict) -> int | N
         return None if not spatial or any(d is None for d in spatial) else weights * int(np.prod(spatial))
     rows = [d for d in (dims[1:-1] if dims and len(dims) > 2 else []) if d is not None]
     return weights * int(np.prod(rows)) if rows else weights
-
-
-def output_shapes(model: onnx.ModelProto, input_shapes: dict | None = None) -> dict:
-    """Tensor name -> dims (None where unknown) as shape inference finds them. `input_shapes` (name -> shape)
-    pins graph inputs, e.g. to a calibration batch's. Inference runs on a copy whose big initializers
-    are graph inputs (dims only), so no weight is copied."""
-    light = onnx.ModelProto()
-    light.ir_version = model.ir_version
-    light.opset_import.extend(model.opset_import)
-    light.functions.extend(model.functions)
-    graph = light.graph
-    graph.node.extend(model.graph.node)
-    graph.output.extend(model.graph.output)
-    graph.value_info.extend(model.graph.value_info)
-    existing = {i.name for i in model.graph.input}
-    for value in model.graph.input:
-        copy = graph.input.add()
-        copy.CopyFrom(value)
-        shape = (input_shapes or {}).get(value.name)
-        if shape is not None and copy.type.HasField("tensor_type"):
-            dims = copy.type.tensor_type.shape
-            del dims.dim[:]
-            for size in shape:
-                dims.dim.add().dim_value = int(size)
-    for tensor in model.graph.initializer:
-        if tensor.data_location == TensorProto.EXTERNAL or _nbytes(tensor) >= BIG_DECODE_BYTES:
-            if tensor.name not in existing:
-                graph.input.append(helper.make_tensor_value_info(tensor.name, tensor.data_type, list(tensor.dims)))
-        else:
-            graph.initializer.append(tensor)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(light)
-    except Exception:  # noqa: BLE001 - no shapes only means unknown sizes
-        return {}
-    shapes = {}
-    for scope in iter_graphs(inferred.graph):
-        for value in list(scope.value_info) + list(scope.output):
-            if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-                shapes[value.name] = [d.dim_value if d.HasField("dim_value") else None
-                                      for d in value.type.tensor_type.shape.dim]
-    return shapes
-
-
-def _nbytes(tensor: onnx.TensorProto) -> int:
-    return len(tensor.raw_data) if tensor.HasField("raw_data") else 4 * int(np.prod(tensor.dims) if tensor.dims else 1)
 
 
 def folded_source(graph: onnx.GraphProto, weight: str) -> str | None:

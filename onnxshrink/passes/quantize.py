@@ -29,9 +29,9 @@ from onnx import helper
 
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
-                                      ensure_opset, initializer_owners, select_layers)
+                                      ensure_opset, initializer_owners, output_shapes, select_layers)
 from onnxshrink.passes.folded_weights import (FOLDED, INTEGER_MIN_MACS, add_folded, channel_axis, has_folded,
-                                              macs_per_sample, output_shapes, quantize_folded, relabel_folded)
+                                              macs_per_sample, quantize_folded, relabel_folded)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors

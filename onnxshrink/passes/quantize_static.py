@@ -40,9 +40,8 @@ from onnxshrink.calibrate import METHODS, calibrate
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.fold_batchnorm import fold_batchnorm
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
-                                      initializer_owners, select_layers)
-from onnxshrink.passes.folded_weights import (FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, output_shapes,
-                                              relabel_folded)
+                                      initializer_owners, output_shapes, select_layers)
+from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, relabel_folded
 from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import make_session

@@ -16,11 +16,11 @@ from onnxshrink.errors import ModelLoadError, OutputError, UsageError
 from onnxshrink.info import inspect_model
 from onnxshrink.data import input_specs, load_npz
 from onnxshrink.passes.common import handed_over
-from onnxshrink.passes.folded_weights import FOLDED, decoding_left
+from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, constant_nodes_left
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
-from onnxshrink.runtime import make_session, optimized_op_counts
+from onnxshrink.runtime import make_session, op_counts, optimized_graph, optimized_op_counts
 from onnxshrink.validate import ValidateConfig
 from onnxshrink.validate import validate as _validate
 
@@ -280,6 +280,7 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
     output = Path(output) if output is not None else model_io.default_output(model_path, None, ".shrink")
     model_io.check_output_path(output, [model_path], force)
     model = model_io.load(model_path, with_data=False)
+    external = model_io.has_external_data(model)  # asked before the data is read in (not the file parsed again)
     report = PackReport("pack", str(model_path), None)
     # External weights: planned, written and checked one tensor at a time, never all in memory (streaming.py).
     source = streaming.ExternalTensors(model_path.parent) if streaming.packs_streamed(model) else None
@@ -289,8 +290,7 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
 
     def write(stream):
         nonlocal manifest
-        manifest = pack_model(model, stream, report, external_data=model_io.file_has_external_data(model_path),
-                              source=source)
+        manifest = pack_model(model, stream, report, external_data=external, source=source)
 
     def check(staged: Path):
         # Decode what was written: every coded tensor must match its SHA-256 (unpack_model checks), and a
@@ -421,21 +421,18 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
     return report
 
 
-# Below this many weights a dynamically quantized layer is slower than fp32 at batch 1 (docs/benchmarks.md).
-SMALL_LAYER_WEIGHTS = 131072
-
-
 def _advise_on_latency(report: CommandReport, pass_report) -> None:
     """Say so when the compressed model measured slower, and what would help."""
     latency = report.validation.latency_ms if report.validation else None
     if not latency or not latency.get("ratio") or latency["ratio"] <= 1.0:
         return
     text = f"the output ran {latency['ratio']:.2f}x slower than the original at batch {latency['batch']}"
-    largest = max((layer.bytes_before // 4 for layer in pass_report.layers if layer.action.startswith("int8 per")), default=0)
-    if pass_report.name == "quantize-dynamic" and 0 < largest < SMALL_LAYER_WEIGHTS:
-        text += (f"; its largest integer-kernel layer has {largest} weights, and quantizing activations at run time "
-                 f"costs about 2 us per layer: --integer-min-macs {SMALL_LAYER_WEIGHTS} (the default) stores such "
-                 "layers int8 and runs them as float kernels")
+    threshold = (pass_report.options or {}).get("integer_min_macs")
+    if pass_report.name == "quantize-dynamic" and threshold is not None and threshold < INTEGER_MIN_MACS["dynamic"]:
+        # Only when the user lowered it: at the default, small layers already run as float kernels.
+        text += (f"; --integer-min-macs {threshold} gave small layers integer kernels, and quantizing their input at run "
+                 f"time costs about 2 us a layer: the default ({INTEGER_MIN_MACS['dynamic']}) stores them int8 and runs "
+                 "them as float kernels")
     if pass_report.name == "quantize-blockwise":
         text += "; MatMulNBits gains speed only on large layers (about 256 x 256 and up at batch 1): here it buys size"
     report.notes.append(text)
@@ -448,7 +445,8 @@ def _failed_name(output: Path) -> str:
 
 def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
     """Count what onnxruntime runs after its fusions: integer kernels vs float MatMul/Gemm/Conv left."""
-    counts = optimized_op_counts(path, threads)
+    optimized = optimized_graph(path, threads)
+    counts = op_counts(optimized)
     integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
     float_ops = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}
     # Weight-only and folded layers are float kernels by design; every other quantized layer must become a fused kernel.
@@ -466,5 +464,5 @@ def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
     if folded:
         # int8 + Cast + Mul reads initializers only: onnxruntime must fold it at load, or it decodes on every run.
         runtime["folded_layers"] = folded
-        runtime["folded_decoding_left"] = decoding_left(path, threads)
+        runtime["folded_decoding_left"] = constant_nodes_left(optimized)
     return runtime

@@ -289,11 +289,14 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
         remove_dead = bool(options.pop("remove_dead_units", False))
         config = PruneConfig(**{"sparsity": 0.5, **options}, exclude=exclude, layer_sparsity=overrides)
         reports = api.prune(current, target, config, **common).passes
-        counts = _zero_counts(target, reports)
+        model = model_io.load(target)
+        counts = _zero_counts(model, reports)
         if remove_dead:
+            from onnxshrink.passes.common import handed_over
             from onnxshrink.passes.dead_units import RemoveDeadUnits
 
-            model, dead = RemoveDeadUnits()(model_io.load(target))
+            with handed_over(model):
+                model, dead = RemoveDeadUnits()(model)
             model_io.save(model, target, force=True)
             reports.append(dead)
         return reports, counts
@@ -383,10 +386,9 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
     return RecipeRun(str(output), reports, sparsity, formats, bits, overall)
 
 
-def _zero_counts(path: Path, reports) -> dict:
+def _zero_counts(model, reports) -> dict:
     """node -> (zeros, weights) of its pruned weight: zeros / weights is what layer_sparsity needs to reproduce
     the mask exactly."""
-    model = model_io.load(path)
     tensors = {t.name: t for g in model_io.iter_graphs(model.graph) for t in g.initializer}
     fractions = {}
     for report in reports:

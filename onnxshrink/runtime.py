@@ -101,10 +101,18 @@ def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:
 
 def optimized_op_counts(model: str | os.PathLike | onnx.ModelProto, threads: int = 1) -> Counter:
     """Op histogram of the graph onnxruntime actually executes after its fusions, subgraphs included."""
+    return op_counts(optimized_graph(model, threads))
+
+
+def optimized_graph(model: str | os.PathLike | onnx.ModelProto, threads: int = 1) -> onnx.ModelProto:
+    """The graph onnxruntime executes after its fusions and constant folding (weights not loaded)."""
     with tempfile.TemporaryDirectory(prefix="onnxshrink-ort-") as tmp:
         target = Path(tmp) / "optimized.onnx"
         make_session(model, threads, optimize=True, optimized_path=str(target), prepack=_quantized(model))
-        optimized = onnx.load(str(target), load_external_data=False)
+        return onnx.load(str(target), load_external_data=False)
+
+
+def op_counts(optimized: onnx.ModelProto) -> Counter:
     counts = Counter()
     # Layers inside If/Loop/Scan bodies are fused there too; count them, or they look unfused.
     for graph in iter_graphs(optimized.graph):

@@ -172,16 +172,3 @@ def fold_layers(model: onnx.ModelProto, sites: list, reasons: dict, tensors=None
         graph.node.extend(rewritten)
     drop_unused_initializers(model)
     return decisions
-
-
-def decoding_left(model, threads: int = 1) -> int:
-    """How many Cast/Mul nodes on initializers onnxruntime left in the graph it runs (0: all folded at load)."""
-    import tempfile
-    from pathlib import Path
-
-    from onnxshrink.runtime import make_session
-
-    with tempfile.TemporaryDirectory(prefix="onnxshrink-folded-") as tmp:
-        target = Path(tmp) / "optimized.onnx"
-        make_session(model, threads, optimize=True, optimized_path=str(target))
-        return constant_nodes_left(onnx.load(str(target), load_external_data=False))

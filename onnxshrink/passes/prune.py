@@ -43,7 +43,7 @@ from onnx import numpy_helper
 
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
-from onnxshrink.passes.common import attr, begin_pass, initializer_owners, select_layers
+from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
 from onnxshrink.passes.reconstruct import DEFAULT_DAMPING, Gram, refit
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
@@ -257,7 +257,8 @@ class Prune:
         if config.remove_dead_units:
             from onnxshrink.passes.dead_units import RemoveDeadUnits
 
-            model, dead = RemoveDeadUnits()(model)
+            with handed_over(model):  # this pass's own model: rewritten in place, not copied
+                model, dead = RemoveDeadUnits()(model)
             report.notes += dead.notes
             rows = {decision.node: decision for decision in report.layers}
             for decision in dead.layers:  # said on the layer's own row

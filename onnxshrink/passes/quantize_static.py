@@ -142,8 +142,8 @@ class QuantizeStatic:
         body = _body_sites(model, skipped, records)
         if body:
             # Calibration cannot see inside If/Loop/Scan bodies, but int8 storage needs no activation ranges.
-            moved = {site.name for site in body}
-            skipped = [decision for decision in skipped if decision.node not in moved]
+            moved = {(site.name, site.weight) for site in body}
+            skipped = [d for d in skipped if d.reason != BODY or (d.node, d.weight) not in moved]
             report.layers.extend(fold_layers(model, body, {site.name: BODY_REASON for site in body}))
             unchanged = model
             report.changed = True

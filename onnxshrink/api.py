@@ -381,6 +381,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         else:
             # full_check=False: sparse initializers feeding MatMul fail onnx's full check; onnxruntime loads them below.
             staged = model_io.save(result, staging / output.name, external_data=external, check=full_check)
+            del result  # written: validation and the move below work from the file
         report = CommandReport(command, str(model_path), None, [pass_report], {})
         if streamed:
             report.notes.append(streaming.NOTE)
@@ -397,11 +398,9 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")
-        if streamed:
+        if streamed or external:
+            # The graph and its data file (named after the graph), renamed; the graph says the new data file name.
             streaming.move_into_place(staged, final, [model_path], force or not passed)
-        elif external:
-            # The staged model names its data file after the staged name; write it again under the final one.
-            model_io.save(result, final, inputs=[model_path], force=force or not passed, external_data=True, check=full_check)
         else:
             # Already written and checked: move it into place (atomic, same directory).
             model_io.check_output_path(final, [model_path], force or not passed)

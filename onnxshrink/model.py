@@ -21,6 +21,7 @@ from onnx import external_data_helper
 
 from onnxshrink.codec.container import MAGIC as PACK_MAGIC
 from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
+from onnxshrink.weights import tensor_nbytes
 
 # Protobuf refuses to serialize a single message over 2 GiB; leave headroom.
 EXTERNAL_DATA_THRESHOLD = 1_800_000_000
@@ -374,8 +375,9 @@ def _load_external_data(model: onnx.ModelProto, path: Path, read: bool = True) -
                     raise ModelLoadError(f"{path}: external data path {info.location!r} points outside the model's directory")
                 if not data_file.is_file():
                     raise ModelLoadError(f"{path}: external data file {info.location!r} is missing")
-                needed = (info.offset or 0) + (info.length or 0)
-                if info.length and data_file.stat().st_size < needed:
+                # Without a `length` key the tensor's dims and type say how many bytes it needs.
+                needed = (info.offset or 0) + (info.length or tensor_nbytes(tensor))
+                if data_file.stat().st_size < needed:
                     raise ModelLoadError(f"{path}: external data file {info.location!r} is truncated")
             if read:
                 external_data_helper.load_external_data_for_model(model, str(base))

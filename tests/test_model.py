@@ -275,6 +275,7 @@ def test_load_external_data_from_another_directory(tmp_path, monkeypatch):
         ("missing", "external data file 'ext.onnx.data' is missing"),
         ("truncated", "is truncated"),
         ("length", "is truncated"),
+        ("no_length_truncated", "is truncated"),  # no `length` key: the dims say how many bytes are needed
         ("outside", "points outside the model's directory"),
         ("absolute", "points outside the model's directory"),
         ("symlink", "is a symbolic link"),
@@ -292,6 +293,13 @@ def test_load_refuses_broken_external_data(tmp_path, breakage, message):
         data.write_bytes(data.read_bytes()[:100])
     elif breakage == "length":
         set_external_entry(path, "length", str(10**9))
+    elif breakage == "no_length_truncated":
+        model = onnx.load(str(path), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in [e for e in tensor.external_data if e.key == "length"]:
+                tensor.external_data.remove(entry)
+        onnx.save(model, str(path))
+        data.write_bytes(data.read_bytes()[:-8])
     elif breakage == "outside":
         set_external_entry(path, "location", "../elsewhere.data")
     elif breakage == "absolute":

@@ -101,7 +101,6 @@ class PackManifest:
 
     graph: bytes  # the serialized model the graph record holds
     tensors: list  # (index, SHA-256 of its bytes) in record order
-    tables: int
 
 
 def tensor_protos(model: onnx.ModelProto, initializers: list | None = None) -> list[onnx.TensorProto]:
@@ -241,7 +240,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
         "coded_bits_per_symbol": _mean_bits(coded, "coded_bits"),
         "file_bytes": writer.bytes_written,
     }
-    return PackManifest(graph_model, [(plan.index, plan.sha256) for plan in plans], len(tables))
+    return PackManifest(graph_model, [(plan.index, plan.sha256) for plan in plans])
 
 
 def _external(tensor: onnx.TensorProto) -> bool:
@@ -535,11 +534,6 @@ def _read_pack(records):
                 f"the file has {len(filled)} and {len(tables)}")
 
     return header, model, tensors()
-
-
-def read_header(data: bytes | memoryview) -> dict:
-    """The header record of a pack (checked like every record)."""
-    return container.parse_json(_expect(container.read_records(data), container.HEADER, "header"))
 
 
 def read_file_header(path) -> dict:

@@ -59,15 +59,9 @@ def decode(q: np.ndarray, scale: np.ndarray) -> np.ndarray:
     return q.astype(np.float32) * scale
 
 
-def write_folded(tensors, graph: onnx.GraphProto, w: np.ndarray, axis: int, base: str) -> tuple[list, int]:
-    """Add Wq and Ws to `graph` through `tensors` (a streaming.TensorStore); return the decoding nodes
-    (output `base + "_dq"`) and the bytes the two tensors take. `base` comes from passes.common.Names."""
-    q, scale = quantize_folded(w, axis)
-    return add_folded(tensors, graph, q, scale, base)
-
-
 def add_folded(tensors, graph: onnx.GraphProto, q: np.ndarray, scale: np.ndarray, base: str) -> tuple[list, int]:
-    """write_folded's second half, for callers that drop the float weight first (streaming: one weight at a time)."""
+    """Add Wq and Ws (quantize_folded's) to `graph` through `tensors` (a streaming.TensorStore); return the decoding
+    nodes (output `base + "_dq"`) and the bytes the two tensors take. `base` comes from passes.common.Names."""
     tensors.add(graph, q, base)
     tensors.add(graph, scale, base + "_scale")
     return decoding_nodes(base), int(q.nbytes + scale.nbytes)
@@ -139,7 +133,6 @@ def fold_layers(model: onnx.ModelProto, sites: list, reasons: dict, tensors=None
     """Rewrite these layers' weights in the folded form, in place; one LayerDecision each, reason from
     `reasons` (site name -> why). A weight read by several layers is stored once per axis and scope."""
     from onnxshrink.passes.common import Names, drop_unused_initializers, initializer_owners
-    from onnxshrink.report import LayerDecision
     from onnxshrink.streaming import TensorStore
 
     tensors = tensors or TensorStore()
@@ -153,22 +146,34 @@ def fold_layers(model: onnx.ModelProto, sites: list, reasons: dict, tensors=None
         for node in graph.node:
             site = by_node.get(id(node))
             if site is not None:
-                key = (site.weight, channel_axis(node), id(graph))
-                if key in done:
-                    decisions.append(LayerDecision(site.name, node.op_type, site.weight, FOLDED + " (shared weight)",
-                                                   reasons[site.name]))
-                else:
-                    owner, tensor = owners[site.weight]
-                    w = tensors.read(tensor).astype(np.float32, copy=False)
-                    base = names(site.weight + "_int8")
-                    nodes, after = write_folded(tensors, owner, w, key[1], base)
-                    rewritten.extend(nodes)
-                    done[key] = base + "_dq"
-                    decisions.append(LayerDecision(site.name, node.op_type, site.weight, FOLDED, reasons[site.name],
-                                                   int(w.nbytes), after))
-                node.input[1] = done[key]
+                decisions.append(fold_site(site, graph, tensors, owners, names, done, rewritten, reasons[site.name]))
             rewritten.append(node)
         del graph.node[:]
         graph.node.extend(rewritten)
     drop_unused_initializers(model)
     return decisions
+
+
+def fold_site(site, graph, tensors, owners, names, done: dict, new_nodes: list, reason: str):
+    """Point one layer at its weight decoded from int8 (Cast, Mul), written once per weight, axis and scope
+    (`done`: key -> decoded name); the decoding nodes go to `new_nodes`. Returns the layer's LayerDecision.
+    The float weight is dropped before the int8 one is written: a streamed model holds one weight at a time."""
+    from onnxshrink.report import LayerDecision
+
+    node = site.node
+    key = (site.weight, channel_axis(node), id(graph))
+    if key in done:
+        decision = LayerDecision(site.name, node.op_type, site.weight, FOLDED + " (shared weight)", reason)
+    else:
+        owner, tensor = owners[site.weight]
+        w = tensors.read(tensor).astype(np.float32, copy=False)
+        size = int(w.nbytes)
+        q, scale = quantize_folded(w, key[1])
+        del w
+        base = names(site.weight + "_int8")
+        nodes, after = add_folded(tensors, owner, q, scale, base)
+        new_nodes.extend(nodes)
+        done[key] = base + "_dq"
+        decision = LayerDecision(site.name, node.op_type, site.weight, FOLDED, reason, size, after)
+    node.input[1] = done[key]
+    return decision

@@ -30,8 +30,7 @@ from onnx import helper
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
                                       ensure_opset, initializer_owners, output_shapes, select_layers)
-from onnxshrink.passes.folded_weights import (FOLDED, INTEGER_MIN_MACS, add_folded, channel_axis, has_folded,
-                                              macs_per_sample, quantize_folded, relabel_folded)
+from onnxshrink.passes.folded_weights import INTEGER_MIN_MACS, fold_site, has_folded, macs_per_sample, relabel_folded
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
@@ -129,29 +128,6 @@ class QuantizeDynamic:
                 self._folded[id(site.node)] = (f"{macs} multiply-adds per sample < {threshold} (--integer-min-macs): "
                                                "an integer kernel would be slower than fp32 here")
 
-    def _fold(self, graph, site, owners, folded, report, names, new_nodes):
-        """Point the node at its weight decoded from int8 (Cast, Mul), written once per weight, axis and graph."""
-        node = site.node
-        axis = channel_axis(node)
-        key = (site.weight, axis, id(graph))
-        if key in folded:
-            report.layers.append(LayerDecision(site.name, node.op_type, site.weight, FOLDED + " (shared weight)",
-                                               self._folded[id(node)]))
-        else:
-            owner, tensor = owners[site.weight]
-            w = self.tensors.read(tensor).astype(np.float32, copy=False)
-            size = w.nbytes
-            q, scale = quantize_folded(w, axis)
-            del w  # streamed models: one float weight in memory at a time, gone before the store writes
-            base = names(site.weight + "_int8")
-            nodes, after = add_folded(self.tensors, owner, q, scale, base)
-            new_nodes.extend(nodes)
-            folded[key] = base + "_dq"
-            report.layers.append(LayerDecision(site.name, node.op_type, site.weight, FOLDED,
-                                               self._folded[id(node)], size, after))
-        node.input[1] = folded[key]
-        new_nodes.append(node)
-
     def _rewrite_graph(self, graph, sites, owners, quantized, folded, report, names):
         site_ids = {id(s.node): s for s in sites}
         activations: dict[str, tuple[str, str, str]] = {}
@@ -162,7 +138,9 @@ class QuantizeDynamic:
                 new_nodes.append(node)
                 continue
             if id(node) in self._folded:
-                self._fold(graph, site, owners, folded, report, names, new_nodes)
+                report.layers.append(fold_site(site, graph, self.tensors, owners, names, folded, new_nodes,
+                                               self._folded[id(node)]))
+                new_nodes.append(node)
                 continue
             x = node.input[0]
             if x not in activations:

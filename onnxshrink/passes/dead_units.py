@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
-from onnxshrink.passes.common import attr, begin_pass, initializer_owners
+from onnxshrink.passes.common import attr, begin_pass, initializer_owners, output_shapes
 from onnxshrink.passes.prune_channels import (CONV_CHANNEL_MULTIPLE, PruneChannels, _bias_add, _parameters, _removed_constant,
                                                chain_weights, remove_channels)
 from onnxshrink.report import LayerDecision, PassReport
@@ -58,9 +58,7 @@ class RemoveDeadUnits:
         return model, report
 
     def _round(self, model, removed) -> bool:
-        inferred = onnx.shape_inference.infer_shapes(model)
-        shapes = {v.name: [d.dim_value if d.HasField("dim_value") else None for d in v.type.tensor_type.shape.dim]
-                  for v in list(inferred.graph.value_info) + list(inferred.graph.input) + list(inferred.graph.output)}
+        shapes = output_shapes(model)  # inferred on a copy without the weights, each round
         # Every layer, whatever the user's filters: removing a dead unit changes no output.
         chains, _ = PruneChannels()._select(model, shapes)
         changed = False

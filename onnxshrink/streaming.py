@@ -77,19 +77,22 @@ class StreamingStore(TensorStore):
             raise RuntimeError(f"{tensor.name}: reading back a tensor this run wrote")
         shape = tuple(int(d) for d in tensor.dims)
         dtype = _raw_dtype(tensor.data_type)
-        with open(self.source_dir / location, "rb") as f:
-            f.seek(offset)
-            if dtype is None:  # int4, bfloat16, strings...: let onnx decode the raw bytes
-                copy = onnx.TensorProto()
-                copy.CopyFrom(tensor)
-                copy.ClearField("external_data")
-                copy.data_location = onnx.TensorProto.DEFAULT
-                copy.raw_data = f.read(length)
-                return numpy_helper.to_array(copy)
-            array = np.empty(shape, dtype=dtype)
-            if array.nbytes != length:
-                raise ModelLoadError(f"{tensor.name}: external data length {length} does not match its shape {list(shape)}")
-            read = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+        try:  # an input that cannot be read is the input's problem, not the output's (write_pass catches OSError)
+            with open(self.source_dir / location, "rb") as f:
+                f.seek(offset)
+                if dtype is None:  # int4, bfloat16, strings...: let onnx decode the raw bytes
+                    copy = onnx.TensorProto()
+                    copy.CopyFrom(tensor)
+                    copy.ClearField("external_data")
+                    copy.data_location = onnx.TensorProto.DEFAULT
+                    copy.raw_data = f.read(length)
+                    return numpy_helper.to_array(copy)
+                array = np.empty(shape, dtype=dtype)
+                if array.nbytes != length:
+                    raise ModelLoadError(f"{tensor.name}: external data length {length} does not match its shape {list(shape)}")
+                read = f.readinto(memoryview(array.reshape(-1).view(np.uint8)))
+        except OSError as exc:
+            raise ModelLoadError(f"{location}: cannot read external data of {tensor.name!r} ({exc.strerror or exc})") from exc
         if read != length:
             raise ModelLoadError(f"{tensor.name}: external data file {location!r} is truncated")
         return array

@@ -316,3 +316,20 @@ def test_quantizing_the_output_again_changes_nothing(external, tmp_path):
     assert not again.passes[0].changed
     a, b = tensors(tmp_path / "q.onnx"), tensors(tmp_path / "qq.onnx")
     assert sorted(a) == sorted(b) and all(a[n].tobytes() == b[n].tobytes() for n in a)
+
+
+def test_an_unreadable_input_data_file_is_an_input_error(external, tmp_path, monkeypatch):
+    """Streamed, the input's data file is read during the pass: failing to read it names the input (exit 3), not
+    the output (exit 5), and leaves nothing behind."""
+    real_open = open
+
+    def refuse(path, mode="r", *args, **kwargs):
+        if str(path).endswith(".data") and "r" in mode and Path(path).parent == external.parent:
+            raise PermissionError(13, "Permission denied")
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(streaming, "open", refuse, raising=False)
+    before = tree(tmp_path)
+    with pytest.raises(ModelLoadError, match="cannot read external data .*Permission denied"):
+        api.quantize(external, tmp_path / "q.onnx", run_validation=False)
+    assert tree(tmp_path) == before

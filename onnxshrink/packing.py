@@ -542,7 +542,6 @@ def read_file_header(path) -> dict:
         return container.parse_json(_expect(container.read_file_records(f), container.HEADER, "header"))
 
 
-INLINE_LIMIT = 1024  # as model.save (onnx's size_threshold, on sys.getsizeof of the bytes): larger initializers go external
 
 
 def unpack_external(path, staged) -> None:
@@ -552,6 +551,7 @@ def unpack_external(path, staged) -> None:
     Memory: the graph and one tensor. CorruptPack names what does not check out."""
     from pathlib import Path
 
+    from onnxshrink.streaming import INLINE_LIMIT
     from onnxshrink.streaming import _set_external as set_external
 
     staged = Path(staged)

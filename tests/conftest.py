@@ -83,6 +83,20 @@ def invoke(runner: CliRunner, *args: str):
     return runner.invoke(app, [str(a) for a in args], env={"COLUMNS": "160", "NO_COLOR": "1"})
 
 
+def assert_bad_option(runner: CliRunner, folder: Path, command: str, *args: str, message: str) -> None:
+    """A bad option or data file: one line on stderr starting with `message`, exit 3 for data (.npz) and 2 for
+    the rest, nothing on stdout, and the folder (input, an existing output, the data) exactly as it was."""
+    source = folder / "mlp.onnx"
+    onnx.save(make_mlp(), str(source))
+    (folder / "out.onnx").write_bytes(b"keep me")
+    np.savez(folder / "wrong.npz", x=np.zeros((4, 32), np.float32))
+    before = tree(folder)
+    result = invoke(runner, command, source, "-o", folder / "out.onnx", "--force", *args)
+    assert result.exit_code == (3 if "npz" in " ".join(args) else 2), result.output
+    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "Traceback" not in result.output and result.stdout == "" and tree(folder) == before
+
+
 def tree(directory: Path) -> dict[str, str]:
     """Everything under a directory, hidden entries included: a file's sha256, or what kind of entry it is.
 

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SAMPLES, build_model, float_value, invoke, make_mlp, save_model, tree
+from conftest import SAMPLES, assert_bad_option, build_model, float_value, invoke, make_mlp, save_model
 from onnxshrink import api, codebook
 from onnxshrink.data import load_npz, input_specs
 from onnxshrink.errors import UsageError
@@ -381,14 +381,7 @@ def test_cli_end_to_end_with_json(tmp_path, runner):
 ])
 def test_cli_bad_options_are_one_line_exit_2_or_3(tmp_path, runner, args, message, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    source = save_model(make_mlp(), tmp_path / "mlp.onnx")
-    (tmp_path / "out.onnx").write_bytes(b"keep me")
-    np.savez(tmp_path / "wrong.npz", x=np.zeros((4, 32), np.float32))
-    before = tree(tmp_path)
-    result = invoke(runner, "cluster", source, "-o", tmp_path / "out.onnx", "--force", *args)
-    assert result.exit_code == (3 if "npz" in args[-1] else 2), result.output
-    assert result.stderr.startswith(message) and len(result.stderr.strip().splitlines()) == 1, result.stderr
-    assert result.stdout == "" and tree(tmp_path) == before
+    assert_bad_option(runner, tmp_path, "cluster", *args, message=message)
 
 
 def test_pack_codes_indices_in_about_bits_per_weight_and_pruned_clustered_is_much_smaller(tmp_path):

@@ -27,13 +27,14 @@ from onnxshrink.errors import ModelLoadError
 from onnxshrink.report import JsonReport
 
 MIN_CODED_BYTES = 256  # smaller tensors stay inside the graph record, which is LZMA-compressed
-RECORD_OVERHEAD = 120  # bytes a tensor record costs besides its streams: framing, description, CRC
-TABLE_RECORD_OVERHEAD = 13  # a table record's framing and CRC
+RECORD_FRAMING = container.RECORD_HEAD.size + container.CRC.size  # bytes every record costs besides its body
 LZMA_SAMPLE = 65536  # bytes per sample when estimating LZMA on a large tensor
-DIGEST_HEX = 16  # SHA-256 prefix kept per tensor (64 bits): the CRCs catch damage, this catches wrong decoding
+WHOLE_GRAPH_CHECK = 2 << 20  # models up to this size are also LZMA-compressed whole (about 1 s), kept if smaller
 GAP_ESCAPE = 255  # gap symbol meaning "255 background elements, no element follows"
 FORMAT_NAME = "onnxshrink-pack"
 PACKED_INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+TYPED_FIELDS = (  # TensorProto's typed data fields: a tensor the graph left to a record has none, nor raw_data
+    "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 # The graph record: a raw LZMA2 stream (no .xz container: the record's CRC covers it), 8 MiB dictionary.
 GRAPH_CODEC = "lzma2-raw-8m"
 GRAPH_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 6 | lzma.PRESET_EXTREME, "dict_size": 8 << 20}]
@@ -177,9 +178,14 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
             plans.append(plan)
         del data
     # A record must beat what LZMA would spend on the tensor inside the graph; shared tables make small ones pay.
+    # Dropping tensors can leave a shared table to fewer of them, or to none: choose again until all still pay.
     tables = _assign_tables([s for p in plans for s in p.streams])
-    plans = [p for p in plans if _record_bits(p, tables) < 8 * p.in_graph_bytes]
-    tables = _assign_tables([s for p in plans for s in p.streams])
+    while plans:
+        paying = [p for p in plans if _record_bits(p, tables) < 8 * p.in_graph_bytes]
+        tables = _assign_tables([s for p in paying for s in p.streams])
+        if len(paying) == len(plans):
+            break
+        plans = paying
 
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
@@ -192,6 +198,14 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     graph_model = stripped.SerializeToString()
     del stripped, stripped_protos
     graph_bytes = lzma.compress(graph_model, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
+    # Records were chosen tensor by tensor, against LZMA on each tensor alone; on the whole graph LZMA also finds
+    # what tensors share (tied copies), so on a small model keeping every tensor in the graph can be smaller.
+    # Not for external-data models: their streamed pack cannot afford it and must write what this path writes.
+    if plans and source is None and not external_data and model.ByteSize() <= WHOLE_GRAPH_CHECK:
+        whole_model = model.SerializeToString()
+        whole_bytes = lzma.compress(whole_model, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
+        if 8 * len(whole_bytes) <= 8 * len(graph_bytes) + sum(_record_bits(p, tables) for p in plans):
+            plans, tables, graph_model, graph_bytes = [], [], whole_model, whole_bytes
 
     writer = container.Writer(stream)
     header = {"format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
@@ -267,8 +281,8 @@ def _dtype_name(data_type: int) -> str:
 
 # ---------------------------------------------------------------- choosing an encoding per tensor
 
-def _digest(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:DIGEST_HEX]
+def _digest(data: bytes) -> bytes:
+    return hashlib.sha256(data).digest()[: container.DIGEST_BYTES]
 
 
 def _plan(index: int, tensor: onnx.TensorProto, data: bytes, raw_field: bool = True) -> _Plan:
@@ -278,7 +292,7 @@ def _plan(index: int, tensor: onnx.TensorProto, data: bytes, raw_field: bool = T
     k = element_size(tensor)
     if len(raw) % k:
         k = 1
-    meta = {"i": index, "n": len(raw), "k": k, "sha": sha256.hexdigest()[:DIGEST_HEX]}
+    meta = {"i": index, "n": len(raw), "k": k, "sha": sha256.digest()[: container.DIGEST_BYTES]}
     if not raw_field:
         meta["field"] = "float_data"
     candidates = [("planes", _planes(raw, k, "dense"))]
@@ -297,14 +311,28 @@ def _plan(index: int, tensor: onnx.TensorProto, data: bytes, raw_field: bool = T
 
 
 def _record_bits(plan: _Plan, tables: list) -> int:
-    """What a tensor's record would cost, in bits, with the tables assigned to its streams."""
-    total = 8 * RECORD_OVERHEAD
+    """What a tensor's record would cost, in bits, with the tables assigned to its streams: framing, description
+    (holding the stream lengths these codes give), tables of its own, payloads, and its share of shared tables."""
+    total, descriptors = 8 * RECORD_FRAMING, []
     for s in plan.streams:
-        if s.table_id is not None:
-            total += tables[s.table_id].cost_bits(s.counts) + s.table_share_bits
-        elif s.size:
-            total += s.own.cost_bits(s.counts) + 8 * len(s.own.to_bytes())
-    return total
+        descriptor = {"c": s.size}
+        if s.table_id is None:
+            descriptor["b"] = len(s.own.to_bytes()) + _payload_bytes(s.own, s)
+        else:
+            descriptor["b"], descriptor["t"] = _payload_bytes(tables[s.table_id], s), s.table_id
+            total += s.table_share_bits
+        total += 8 * descriptor["b"]
+        descriptors.append(descriptor)
+    return total + 8 * len(container.join_meta({**plan.meta, "streams": descriptors}))
+
+
+def _payload_bytes(table: huffman.Table, stream: _Stream) -> int:
+    """The length of huffman.encode_with's payload of the stream under `table`: exact in one chunk (2**16
+    symbols), short of the word padding of each further chunk."""
+    if not stream.size:
+        return 0
+    chunks = -(-stream.size // (1 << huffman.CHUNK_LOG))
+    return 1 + 4 * (chunks - 1) + -(-table.cost_bits(stream.counts) // 8)
 
 
 def _size_in_graph(data: bytes) -> int:
@@ -353,14 +381,14 @@ def _rebuild_symbols(plan: _Plan, data: bytes | None) -> None:
         arrays = [_nibble_symbols(raw)]
     elif plan.encoding == "sparse":
         view = raw.view(np.dtype(f"<u{k}"))
-        background = np.frombuffer(bytes.fromhex(meta["bg"]), dtype=f"<u{k}")[0]
+        background = np.frombuffer(meta["bg"], dtype=f"<u{k}")[0]
         positions = np.flatnonzero(view != background)
         kept = np.ascontiguousarray(view[positions]).view(np.uint8)
         values = [_nibble_symbols(kept)] if meta["vals"] == "nibbles" else _plane_symbols(kept, k)
         arrays = [encode_gaps(positions)] + values
     else:  # sparse-nibbles
         nibbles = _interleaved_nibbles(raw)
-        positions = np.flatnonzero(nibbles != int(meta["bg"], 16))
+        positions = np.flatnonzero(nibbles != meta["bg"])
         arrays = [encode_gaps(positions), nibbles[positions]]
     if [len(a) for a in arrays] != [s.size for s in plan.streams]:
         raise RuntimeError(f"tensor {plan.tensor.name!r}: rebuilt streams differ from the planned ones")
@@ -391,7 +419,7 @@ def _sparse(raw: np.ndarray, k: int):
     if k == 1:
         value_options.append(("nibbles", _nibbles(kept, "sparse")))
     value_encoding, value_streams = min(value_options, key=lambda c: _estimate(c[1]))
-    extra = {"bg": np.asarray(background).astype(f"<u{k}").tobytes().hex(), "nnz": len(positions), "vals": value_encoding}
+    extra = {"bg": np.asarray(background).astype(f"<u{k}").tobytes(), "nnz": len(positions), "vals": value_encoding}
     return "sparse", ([_Stream(gaps, 256, ("gaps",))] + value_streams, extra)
 
 
@@ -404,7 +432,7 @@ def _sparse_nibbles(raw: np.ndarray):
         return None
     positions = np.flatnonzero(nibbles != background)
     streams = [_Stream(encode_gaps(positions), 256, ("gaps",)), _Stream(nibbles[positions], 16, ("nibbles", "sparse"))]
-    return "sparse-nibbles", (streams, {"bg": f"{background:x}", "nnz": len(positions)})
+    return "sparse-nibbles", (streams, {"bg": background, "nnz": len(positions)})
 
 
 def _estimate(streams) -> int:
@@ -436,14 +464,14 @@ def _assign_tables(streams: list[_Stream]) -> list[huffman.Table]:
             continue
         shared = huffman.Table.from_counts(sum(m.counts for m in joining))
         own_bits = sum(m.own.cost_bits(m.counts) + 8 * len(m.own.to_bytes()) for m in joining)
-        shared_bits = sum(shared.cost_bits(m.counts) for m in joining) + 8 * (len(shared.to_bytes()) + TABLE_RECORD_OVERHEAD)
+        shared_bits = sum(shared.cost_bits(m.counts) for m in joining) + 8 * (len(shared.to_bytes()) + RECORD_FRAMING)
         if shared_bits >= own_bits:
             continue
         table_id = len(tables)
         tables.append(shared)
         for m in joining:
             m.table_id = table_id
-            m.table_share_bits = 8 * (len(shared.to_bytes()) + TABLE_RECORD_OVERHEAD) // len(joining)
+            m.table_share_bits = 8 * (len(shared.to_bytes()) + RECORD_FRAMING) // len(joining)
     return tables
 
 
@@ -512,7 +540,7 @@ def _read_pack(records):
     except Exception as exc:
         raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
     del graph_record
-    slots = len(tensor_protos(model))
+    slots = tensor_protos(model)
 
     def tensors():
         tables, filled = [], set()
@@ -522,8 +550,10 @@ def _read_pack(records):
             elif record.kind == container.TENSOR:
                 meta, body = container.split_meta(record)
                 index = meta.get("i")
-                if not isinstance(index, int) or not 0 <= index < slots or index in filled:
+                if not isinstance(index, int) or not 0 <= index < len(slots) or index in filled:
                     raise container.CorruptPack(f"tensor record at byte {record.offset} refers to no tensor of the graph")
+                if not _takes_record(slots[index], meta):
+                    raise container.CorruptPack(f"tensor record at byte {record.offset} does not fit tensor {index} of the graph")
                 filled.add(index)
                 yield index, meta, _decode_tensor(meta, body, tables, record)  # not kept here: one tensor at a time
             else:
@@ -534,6 +564,14 @@ def _read_pack(records):
                 f"the file has {len(filled)} and {len(tables)}")
 
     return header, model, tensors()
+
+
+def _takes_record(slot: onnx.TensorProto, meta: dict) -> bool:
+    """Whether the graph left this tensor's data to a record (pack cleared its only data field), in a field its
+    type allows: a description whose index or field was altered would otherwise restore another model."""
+    if slot.HasField("raw_data") or any(len(getattr(slot, name)) for name in TYPED_FIELDS):
+        return False
+    return meta.get("field") != "float_data" or slot.data_type == onnx.TensorProto.FLOAT
 
 
 def read_file_header(path) -> dict:
@@ -627,7 +665,7 @@ def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
         raise
     except huffman.CorruptStream as exc:
         raise container.CorruptPack(f"{where}: {exc}") from exc
-    except (KeyError, TypeError, ValueError, IndexError) as exc:
+    except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as exc:
         raise container.CorruptPack(f"{where} has an invalid description ({type(exc).__name__}: {exc})") from exc
     if len(raw) != n or _digest(raw) != meta["sha"]:
         raise container.CorruptPack(f"{where} decodes to different bytes than were packed")
@@ -652,7 +690,7 @@ def _assemble(encoding, meta, streams, k, n, where) -> bytes:
     if encoding == "nibbles":
         return _join_nibbles(streams[0]).tobytes()
     if encoding == "sparse-nibbles":
-        positions, background = decode_gaps(streams[0]), int(meta["bg"], 16)
+        positions, background = decode_gaps(streams[0]), meta["bg"]
         out = np.full(2 * n, background, np.uint8)
         if len(positions) != len(streams[1]) or (len(positions) and positions[-1] >= len(out)) or background > 15:
             raise container.CorruptPack(f"{where}: sparse positions do not match its values")
@@ -663,7 +701,7 @@ def _assemble(encoding, meta, streams, k, n, where) -> bytes:
     if encoding == "sparse":
         positions = decode_gaps(streams[0])
         values = _join_nibbles(streams[1]) if meta["vals"] == "nibbles" else _join_planes(streams[1:], k)
-        background = np.frombuffer(bytes.fromhex(meta["bg"]), dtype=f"<u{k}")
+        background = np.frombuffer(meta["bg"], dtype=f"<u{k}")
         out = np.full(n // k, background[0], dtype=f"<u{k}")
         values = values.view(f"<u{k}")
         if len(positions) != len(values) or (len(positions) and positions[-1] >= len(out)):

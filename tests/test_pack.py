@@ -130,13 +130,14 @@ def test_library_load_and_session_run_a_pack_without_writing_a_file(tmp_path):
 
 def test_subgraph_constant_and_shared_tensors_round_trip(tmp_path):
     rng = np.random.default_rng(1)
-    w = rng.standard_normal((32, 32)).astype(np.float32)
+    # Three unrelated matrices: copies of one (w * 2, w.T) LZMA codes best in the graph record, where pack leaves them.
+    w, tw, w_else = rng.standard_normal((3, 32, 32)).astype(np.float32)
     then_branch = helper.make_graph(
-        [helper.make_node("Constant", [], ["tw"], value=numpy_helper.from_array(w * 2, "tw")),
+        [helper.make_node("Constant", [], ["tw"], value=numpy_helper.from_array(tw, "tw")),
          helper.make_node("MatMul", ["x", "tw"], ["then_out"])], "then", [], [float_value("then_out", [2, 32])])
     else_branch = helper.make_graph(
         [helper.make_node("MatMul", ["x", "W"], ["else_out"])], "else", [], [float_value("else_out", [2, 32])],
-        [numpy_helper.from_array(w.T.copy(), "W_else_unused")])
+        [numpy_helper.from_array(w_else, "W_else_unused")])
     model = build_model(
         [helper.make_node("MatMul", ["x", "W"], ["a"]),
          helper.make_node("If", ["cond"], ["y"], then_branch=then_branch, else_branch=else_branch),
@@ -250,8 +251,8 @@ def test_random_bit_flips_are_all_refused(packed):
 
 def test_wrong_version_and_foreign_files_are_named(packed):
     newer = bytearray(packed)
-    newer[8:10] = (2).to_bytes(2, "little")
-    with pytest.raises(container.CorruptPack, match="version 2"):
+    newer[8:10] = (3).to_bytes(2, "little")
+    with pytest.raises(container.CorruptPack, match="version 3"):
         unpack_model(bytes(newer))
     with pytest.raises(container.CorruptPack, match="not an onnxshrink pack"):
         unpack_model(b"PK\x03\x04 a zip file")
@@ -356,8 +357,8 @@ def _damaged_packs(folder, packed: bytes) -> None:
     flipped[len(packed) // 3] ^= 4
     (folder / "flipped.shrink").write_bytes(bytes(flipped))
     newer = bytearray(packed)
-    newer[8] = 2
-    (folder / "v2.shrink").write_bytes(bytes(newer))
+    newer[8] = 3
+    (folder / "v3.shrink").write_bytes(bytes(newer))
     (folder / "cut_at_record.shrink").write_bytes(packed[:-17])
 
 
@@ -365,7 +366,7 @@ def _damaged_packs(folder, packed: bytes) -> None:
     (["unpack", "truncated.shrink"], 3, "corrupted pack (truncated: the tensor record at byte"),
     (["unpack", "cut_at_record.shrink"], 3, "corrupted pack (truncated: the end record at byte"),
     (["inspect", "flipped.shrink"], 3, "corrupted pack (checksum mismatch in the record at byte"),
-    (["validate", "m.onnx", "v2.shrink"], 3, "corrupted pack (pack format version 2.0; this onnxshrink reads version 1.x)"),
+    (["validate", "m.onnx", "v3.shrink"], 3, "corrupted pack (pack format version 3.0; this onnxshrink reads versions 1.x and 2.x)"),
     (["unpack", "m.onnx"], 2, "m.onnx: is not a pack (.shrink); nothing to unpack"),
     (["pack", "m.shrink"], 2, "m.shrink: is already a pack (.shrink); unpack it first"),
     (["pack", "m.onnx", "-o", "m.onnx"], 5, "output path is the input model"),

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 MAGIC = b"ONNXSHRK"
-VERSION = (1, 0)  # major, minor: a reader refuses another major version
+VERSION = (2, 0)  # major, minor: what this writer writes
+READS = (1, 2)  # the major versions this reader reads (1.x: tensor descriptions in JSON); it refuses others
 PREAMBLE = struct.Struct("<8sHH")
 RECORD_HEAD = struct.Struct("<BQ")  # kind, body length
 CRC = struct.Struct("<I")
@@ -32,6 +33,7 @@ class Record:
     kind: int
     body: memoryview
     offset: int  # where the record starts in the file, for error messages
+    major: int = VERSION[0]  # the file's format version: how a tensor record's description reads
 
     @property
     def kind_name(self) -> str:
@@ -97,8 +99,9 @@ def _records(read_at, size: int) -> Iterator[Record]:
     if size < PREAMBLE.size or bytes(head[: len(MAGIC)]) != MAGIC:
         raise CorruptPack("not an onnxshrink pack (no ONNXSHRK magic)")
     _, major, minor = PREAMBLE.unpack_from(head, 0)
-    if major != VERSION[0]:
-        raise CorruptPack(f"pack format version {major}.{minor}; this onnxshrink reads version {VERSION[0]}.x")
+    if major not in READS:
+        readable = " and ".join(f"{m}.x" for m in READS)
+        raise CorruptPack(f"pack format version {major}.{minor}; this onnxshrink reads versions {readable}")
     offset, count = PREAMBLE.size, 0
     while True:
         if offset == size:
@@ -113,7 +116,7 @@ def _records(read_at, size: int) -> Iterator[Record]:
         (stored,) = CRC.unpack_from(whole, end - offset)
         if zlib.crc32(whole[: end - offset]) != stored:
             raise CorruptPack(f"checksum mismatch in the record at byte {offset}: the file is corrupted")
-        record = Record(kind, whole[RECORD_HEAD.size : end - offset], offset)
+        record = Record(kind, whole[RECORD_HEAD.size : end - offset], offset, major)
         del whole
         count += 1
         offset = end + CRC.size
@@ -137,21 +140,147 @@ def parse_json(record: Record) -> dict:
     return value
 
 
-META_LENGTH = struct.Struct("<I")
+# ---------------------------------------------------------------- tensor descriptions
 
-
-def split_meta(record: Record) -> tuple[dict, memoryview]:
-    """A tensor record's body: a length-prefixed JSON description, then its coded streams."""
-    body = record.body
-    if len(body) < META_LENGTH.size:
-        raise CorruptPack(f"tensor record at byte {record.offset} is too short")
-    (length,) = META_LENGTH.unpack_from(body, 0)
-    if META_LENGTH.size + length > len(body):
-        raise CorruptPack(f"tensor record at byte {record.offset} has a bad description length")
-    meta = parse_json(Record(record.kind, body[META_LENGTH.size : META_LENGTH.size + length], record.offset))
-    return meta, body[META_LENGTH.size + length :]
+DIGEST_BYTES = 8  # SHA-256 prefix per tensor (64 bits): the CRCs catch damage, this catches wrong decoding
+ENCODINGS = ("planes", "nibbles", "sparse", "sparse-nibbles")  # a description's encoding codes 0..3
+VALUE_ENCODINGS = ("planes", "nibbles")  # how a `sparse` tensor's elements are coded, codes 0..1
+FLOAT_DATA = 1  # flag: the values go back into the typed float_data field, not raw_data
+JSON_LENGTH = struct.Struct("<I")  # 1.x: a u32-length-prefixed JSON description
 
 
 def join_meta(meta: dict) -> bytes:
-    text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
-    return META_LENGTH.pack(len(text)) + text
+    """A tensor description as the 2.x binary struct (docs/FORMAT.md): about 25 bytes where JSON took 100-150,
+    which decides whether small tensors are worth a record of their own."""
+    out = bytearray()
+    _put_varint(out, meta["i"])
+    _put_varint(out, meta["n"])
+    out.append(meta["k"])
+    out.append(FLOAT_DATA if meta.get("field") == "float_data" else 0)
+    if len(meta["sha"]) != DIGEST_BYTES:
+        raise ValueError(f"a tensor digest is {DIGEST_BYTES} bytes, not {len(meta['sha'])}")
+    out += meta["sha"]
+    out.append(ENCODINGS.index(meta["enc"]))
+    if meta["enc"] == "sparse":
+        out += meta["bg"]
+        _put_varint(out, meta["nnz"])
+        out.append(VALUE_ENCODINGS.index(meta["vals"]))
+    elif meta["enc"] == "sparse-nibbles":
+        out.append(meta["bg"])
+        _put_varint(out, meta["nnz"])
+    _put_varint(out, len(meta["streams"]))
+    for stream in meta["streams"]:
+        _put_varint(out, stream["c"])
+        _put_varint(out, stream["b"])
+        _put_varint(out, stream["t"] + 1 if "t" in stream else 0)
+    length = bytearray()
+    _put_varint(length, len(out))
+    return bytes(length + out)
+
+
+def split_meta(record: Record) -> tuple[dict, memoryview]:
+    """A tensor record's body: its description, then its coded streams. The description is a dict with the
+    keys of docs/FORMAT.md: `sha` as bytes, `bg` as bytes (`sparse`) or an int (`sparse-nibbles`)."""
+    if record.major == 1:
+        return _split_json_meta(record)
+    where = f"tensor record at byte {record.offset}"
+    fields = _Fields(record.body, where)
+    length = fields.varint()
+    end = fields.pos + length
+    if end > len(record.body):
+        raise CorruptPack(f"{where} has a truncated description")
+    fields = _Fields(record.body[:end], where, fields.pos)
+    meta = {"i": fields.varint(), "n": fields.varint(), "k": fields.byte()}
+    flags = fields.byte()
+    if flags & ~FLOAT_DATA:
+        raise CorruptPack(f"{where} has unknown description flags {flags:#x}")
+    if flags & FLOAT_DATA:
+        meta["field"] = "float_data"
+    meta["sha"] = fields.take(DIGEST_BYTES)
+    meta["enc"] = fields.code(ENCODINGS, "encoding")
+    k, n = meta["k"], meta["n"]
+    if k == 0 or n % k:
+        raise CorruptPack(f"{where} describes {n} bytes in elements of {k}")
+    if meta["enc"] == "sparse":
+        meta["bg"] = fields.take(k)
+        meta["nnz"] = fields.listed(n // k)
+        meta["vals"] = fields.code(VALUE_ENCODINGS, "value encoding")
+    elif meta["enc"] == "sparse-nibbles":
+        meta["bg"] = fields.byte()
+        if meta["bg"] > 15:
+            raise CorruptPack(f"{where} has a background nibble of {meta['bg']}")
+        meta["nnz"] = fields.listed(2 * n)
+    meta["streams"] = []
+    for _ in range(fields.varint()):  # an absurd count runs out of description bytes
+        stream = {"c": fields.varint(), "b": fields.varint()}
+        table = fields.varint()
+        if table:
+            stream["t"] = table - 1
+        meta["streams"].append(stream)
+    # Description bytes after the streams' entries are skipped: room for fields a later 2.x minor version adds.
+    return meta, record.body[end:]
+
+
+class _Fields:
+    """Reads a binary description's fields in order; running past its end is a CorruptPack naming the record."""
+
+    def __init__(self, data: memoryview, where: str, pos: int = 0):
+        self.data, self.where, self.pos = data, where, pos
+
+    def take(self, count: int) -> bytes:
+        if self.pos + count > len(self.data):
+            raise CorruptPack(f"{self.where} has a truncated description")
+        self.pos += count
+        return bytes(self.data[self.pos - count : self.pos])
+
+    def byte(self) -> int:
+        return self.take(1)[0]
+
+    def varint(self) -> int:
+        value = 0
+        for shift in range(0, 64, 7):
+            byte = self.byte()
+            value |= (byte & 0x7F) << shift
+            if byte < 0x80:
+                return value
+        raise CorruptPack(f"{self.where} has an overlong number in its description")
+
+    def listed(self, elements: int) -> int:
+        """How many of `elements` differ from the background: no more than there are."""
+        count = self.varint()
+        if count > elements:
+            raise CorruptPack(f"{self.where} lists {count} of {elements} elements")
+        return count
+
+    def code(self, names: tuple, what: str) -> str:
+        code = self.byte()
+        if code >= len(names):
+            raise CorruptPack(f"{self.where} has unknown {what} code {code}")
+        return names[code]
+
+
+def _put_varint(out: bytearray, value: int) -> None:
+    if value < 0:
+        raise ValueError(f"a description field cannot be negative ({value})")
+    while value >= 0x80:
+        out.append((value & 0x7F) | 0x80)
+        value >>= 7
+    out.append(value)
+
+
+def _split_json_meta(record: Record) -> tuple[dict, memoryview]:
+    """A 1.x tensor record: a u32-length-prefixed JSON description, with `sha` and `bg` in hex."""
+    body = record.body
+    if len(body) < JSON_LENGTH.size:
+        raise CorruptPack(f"tensor record at byte {record.offset} is too short")
+    (length,) = JSON_LENGTH.unpack_from(body, 0)
+    if JSON_LENGTH.size + length > len(body):
+        raise CorruptPack(f"tensor record at byte {record.offset} has a bad description length")
+    meta = parse_json(Record(record.kind, body[JSON_LENGTH.size : JSON_LENGTH.size + length], record.offset))
+    try:
+        meta["sha"] = bytes.fromhex(meta["sha"])
+        if "bg" in meta:
+            meta["bg"] = int(meta["bg"], 16) if meta.get("enc") == "sparse-nibbles" else bytes.fromhex(meta["bg"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CorruptPack(f"tensor record at byte {record.offset} has an invalid description ({exc})") from exc
+    return meta, body[JSON_LENGTH.size + length :]

@@ -1,0 +1,218 @@
+"""The 2.0 pack format: binary tensor descriptions, 1.0 packs (JSON descriptions) still read, malformed
+descriptions refused, and small models that pack smaller than LZMA on the whole model."""
+
+from __future__ import annotations
+
+import io
+import json
+import lzma
+import zlib
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxshrink import api, packing
+from onnxshrink.codec import container
+from onnxshrink.packing import unpack_model
+from tests.conftest import build_model, save_model
+
+
+def skewed_codes(rng, shape, zeros=0.35) -> np.ndarray:
+    """Cluster indices as a 16-entry codebook leaves them: a third 0 (pruned), the others skewed, differently
+    in each layer."""
+    weights = np.concatenate(([zeros], (1 - zeros) * rng.dirichlet(np.full(15, 0.5))))
+    return rng.choice(16, size=shape, p=weights).astype(np.uint8)
+
+
+def identity_model(tensors: list[onnx.TensorProto], constants: list[onnx.TensorProto] = ()) -> onnx.ModelProto:
+    """Each initializer (and each Constant node's tensor) passed to an output of its own."""
+    nodes = [helper.make_node("Identity", [t.name], [t.name + "_out"]) for t in tensors]
+    nodes += [helper.make_node("Constant", [], [c.name], value=c) for c in constants]
+    outputs = [helper.make_tensor_value_info(t.name + "_out", t.data_type, list(t.dims)) for t in tensors]
+    outputs += [helper.make_tensor_value_info(c.name, c.data_type, list(c.dims)) for c in constants]
+    return build_model(nodes, [], outputs, tensors)
+
+
+def every_kind() -> onnx.ModelProto:
+    """A tensor for each coding: planes of fp32 (k=4), fp16 (k=2) and int8, nibbles, sparse fp32 and uint8,
+    sparse-nibbles, an fp32 Constant in float_data (whose planes share tables with the other fp32 planes), and
+    576-byte uint8 tensors, worth a record now that a description is short."""
+    rng = np.random.default_rng(0)
+    pruned = rng.standard_normal((128, 64)).astype(np.float32)
+    pruned[rng.random(pruned.shape) < 0.7] = 0
+    mostly_zero = skewed_codes(rng, 4096)
+    mostly_zero[rng.random(4096) < 0.6] = 0
+    halves = np.minimum(rng.geometric(0.35, (2, 4096)) - 1, 15)
+    mostly_88 = np.where(rng.random((2, 8192)) < 0.7, 8, rng.integers(0, 16, (2, 8192)))
+    arrays = {
+        "fp32": rng.standard_normal((64, 64)).astype(np.float32),
+        "fp16": rng.standard_normal((64, 64)).astype(np.float16),
+        "int8": np.clip(rng.standard_normal((64, 64)) * 20, -127, 127).astype(np.int8),
+        "codes": (halves[0] | (halves[1] << 4)).astype(np.uint8),
+        "pruned": pruned,
+        "mostly_zero": mostly_zero,
+        "q4": (mostly_88[0] | (mostly_88[1] << 4)).astype(np.uint8),
+        **{f"small{i}": skewed_codes(rng, (24, 24)) for i in range(4)},
+    }
+    typed = helper.make_tensor("typed", TensorProto.FLOAT, [64, 32], rng.standard_normal(64 * 32).astype(np.float32).tolist())
+    return identity_model([numpy_helper.from_array(a, name) for name, a in arrays.items()], [typed])
+
+
+@pytest.fixture(scope="module")
+def packed(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("kinds")
+    path = save_model(every_kind(), folder / "m.onnx")
+    report = api.pack(path, folder / "m.shrink")
+    return path, report, (folder / "m.shrink").read_bytes()
+
+
+def tensor_records(pack: bytes):
+    """(record, description, description length) of each tensor record."""
+    for record in container.read_records(pack):
+        if record.kind == container.TENSOR:
+            meta, streams = container.split_meta(record)
+            yield record, meta, len(record.body) - len(streams)
+
+
+def as_version_1(pack: bytes) -> bytes:
+    """The pack as the 1.0 writer laid it out: each description a u32-length-prefixed JSON object with its digest
+    and background in hex. Everything else (header, graph, tables, streams) is the same in both versions."""
+    out = io.BytesIO()
+    writer = container.Writer(out)
+    for record in container.read_records(pack):
+        if record.kind != container.TENSOR:
+            writer.record(record.kind, record.body)
+            continue
+        meta, streams = container.split_meta(record)
+        meta["sha"] = meta["sha"].hex()
+        if "bg" in meta:
+            meta["bg"] = f"{meta['bg']:x}" if meta["enc"] == "sparse-nibbles" else meta["bg"].hex()
+        text = json.dumps(meta, separators=(",", ":"), sort_keys=True).encode()
+        writer.record(container.TENSOR, container.JSON_LENGTH.pack(len(text)), text, streams)
+    writer.close()
+    data = bytearray(out.getvalue())
+    container.PREAMBLE.pack_into(data, 0, container.MAGIC, 1, 0)
+    return bytes(data)
+
+
+def with_body(pack: bytes, record: container.Record, body: bytes) -> bytes:
+    """`pack` with one record's body replaced and its CRC recomputed, so that only the parser can object."""
+    head = container.RECORD_HEAD.pack(record.kind, len(body))
+    end = record.offset + container.RECORD_HEAD.size + len(record.body) + container.CRC.size
+    return pack[: record.offset] + head + body + container.CRC.pack(zlib.crc32(head + body)) + pack[end:]
+
+
+def test_every_kind_of_tensor_has_a_short_binary_description(packed):
+    path, report, pack = packed
+    assert unpack_model(pack).SerializeToString() == onnx.load(str(path)).SerializeToString()
+    assert {t.encoding for t in report.tensors} == {"planes", "nibbles", "sparse", "sparse-nibbles"}
+    assert report.totals["shared_tables"] >= 1
+    assert pack[8:12] == bytes([2, 0, 0, 0])  # format 2.0
+    descriptions = {report.tensors[n].name: (meta, length) for n, (_, meta, length) in enumerate(tensor_records(pack))}
+    assert descriptions["typed"][0]["field"] == "float_data"
+    assert {descriptions[name][0]["k"] for name in ("fp32", "fp16", "int8")} == {4, 2, 1}
+    meta, length = descriptions["mostly_zero"]
+    assert meta["enc"] == "sparse" and meta["k"] == 1 and length < 40  # JSON took about 150
+    assert all(length <= 25 + 6 * len(meta["streams"]) for meta, length in descriptions.values())
+
+
+def test_a_version_1_pack_still_unpacks_to_the_same_model(packed, tmp_path):
+    path, _, pack = packed
+    old = as_version_1(pack)
+    assert old[8:12] == bytes([1, 0, 0, 0]) and len(old) > len(pack) + 80 * len(list(tensor_records(pack)))
+    assert unpack_model(old).SerializeToString() == onnx.load(str(path)).SerializeToString()
+    (tmp_path / "old.shrink").write_bytes(old)
+    api.unpack(tmp_path / "old.shrink", tmp_path / "old.onnx")
+    assert onnx.load(str(tmp_path / "old.onnx")).SerializeToString() == onnx.load(str(path)).SerializeToString()
+
+
+def test_a_damaged_version_1_description_is_refused(packed):
+    old = as_version_1(packed[2])
+    record = next(r for r in container.read_records(old) if r.kind == container.TENSOR)
+    (length,) = container.JSON_LENGTH.unpack_from(record.body)
+    text, streams = bytes(record.body[4 : 4 + length]), bytes(record.body[4 + length :])
+    for broken, message in [(text.replace(b'"sha":"', b'"sha":"zz'), "invalid description"),
+                            (text.replace(b'"i":', b'"j":'), "refers to no tensor"), (b"[1, 2]", "not a JSON object")]:
+        body = container.JSON_LENGTH.pack(len(broken)) + broken + streams
+        with pytest.raises(container.CorruptPack, match=f"tensor record at byte {record.offset} .*{message}"):
+            unpack_model(with_body(old, record, body))
+
+
+def test_other_major_versions_are_refused_by_name(packed):
+    newer = bytearray(packed[2])
+    newer[8:10] = (3).to_bytes(2, "little")
+    with pytest.raises(container.CorruptPack, match=r"version 3\.0; this onnxshrink reads versions 1\.x and 2\.x"):
+        unpack_model(bytes(newer))
+
+
+def sparse_record(pack: bytes):
+    return next((r, length) for r, meta, length in tensor_records(pack) if meta["enc"] == "sparse" and meta["k"] == 1)
+
+
+# A sparse uint8 tensor's description: length, i (1 byte), n (2), k, flags, sha (8), encoding at 14, background,
+# nnz (2), value encoding at 18, then the streams' entries.
+@pytest.mark.parametrize("damage, message", [
+    (lambda b: b[:12], "truncated description"),
+    (lambda b: b"\xff\x7f" + b[1:], "truncated description"),  # a length past the record's end
+    (lambda b: b[:1] + b"\x80" * 11 + b[12:], "overlong number"),
+    (lambda b: b[:5] + b"\xf0" + b[6:], "unknown description flags"),
+    (lambda b: b[:14] + b"\x09" + b[15:], "unknown encoding code 9"),
+    (lambda b: b[:18] + b"\x05" + b[19:], "unknown value encoding code 5"),
+    (lambda b: b[:4] + b"\x00" + b[5:], "elements of 0"),  # k
+    (lambda b: b[:16] + b"\xff\x7f" + b[18:], "lists 16383 of 4096 elements"),  # nnz
+    (lambda b: b[:1] + b"\x7f" + b[2:], "refers to no tensor of the graph"),  # i
+])
+def test_a_malformed_binary_description_is_refused_in_one_line(packed, damage, message):
+    pack = packed[2]
+    record, length = sparse_record(pack)
+    body = bytes(record.body)
+    assert body[14] == container.ENCODINGS.index("sparse") and body[18] in (0, 1) and 0x80 <= body[16] < 0x80 + 0x20
+    with pytest.raises(container.CorruptPack, match=message) as refused:
+        unpack_model(with_body(pack, record, damage(body)))
+    assert f"at byte {record.offset}" in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_every_single_bit_flip_of_a_description_is_refused(packed):
+    """With the CRC recomputed, no altered description may crash the reader or restore another model."""
+    path, _, pack = packed
+    expected = onnx.load(str(path)).SerializeToString()
+    record, length = sparse_record(pack)
+    description, streams = bytes(record.body[:length]), bytes(record.body[length:])
+    for position in range(length):
+        for bit in range(8):
+            changed = bytearray(description)
+            changed[position] ^= 1 << bit
+            try:
+                model = unpack_model(with_body(pack, record, bytes(changed) + streams))
+            except container.CorruptPack as exc:
+                assert "\n" not in str(exc)
+            else:
+                assert model.SerializeToString() == expected, (position, bit)
+
+
+def test_a_small_codebook_model_packs_smaller_than_lzma_on_the_whole_model(tmp_path):
+    """24 cluster-index tensors of 32x32, each layer's skewed differently: with JSON descriptions pack coded half
+    of them and lost to plain LZMA by 760 bytes; now each is worth a record, and they pay for the container
+    (176 bytes: preamble, header, framing, end record) with room to spare."""
+    rng = np.random.default_rng(2)
+    model = identity_model([numpy_helper.from_array(skewed_codes(rng, (32, 32)), f"layer{i}.weight_idx") for i in range(24)])
+    path = save_model(model, tmp_path / "codes.onnx")
+    report = api.pack(path, tmp_path / "codes.shrink")
+    assert len(report.tensors) == 24
+    whole = lzma.compress(model.SerializeToString(), format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS)
+    assert report.size["output"] < len(whole)
+
+
+def test_tied_copies_stay_in_the_graph_when_that_is_smaller(tmp_path, monkeypatch):
+    """Each copy alone codes better with Huffman; LZMA on the graph codes the copies for almost nothing."""
+    codes = skewed_codes(np.random.default_rng(3), (64, 64))
+    model = identity_model([numpy_helper.from_array(codes, f"tied{i}") for i in range(4)])
+    path = save_model(model, tmp_path / "tied.onnx")
+    report = api.pack(path, tmp_path / "tied.shrink")
+    monkeypatch.setattr(packing, "WHOLE_GRAPH_CHECK", -1)
+    per_tensor = api.pack(path, tmp_path / "records.shrink")
+    assert per_tensor.tensors and not report.tensors
+    assert report.size["output"] < per_tensor.size["output"]
+    assert api.load(tmp_path / "tied.shrink").SerializeToString() == model.SerializeToString()

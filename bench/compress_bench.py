@@ -36,7 +36,7 @@ QUANTIZE = {
     "4-bit GPTQ b32": {"mode": "blockwise", "bits": 4, "block_size": 32, "algorithm": "gptq"},
     "4-bit GPTQ b128": {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"},
 }
-CLUSTER = {f"cluster {b}-bit": {"bits": b, "float16": True} for b in (5, 4, 3)}  # as compress clusters
+CLUSTER = {f"cluster {b}-bit": {"bits": b, "other_floats": "int8"} for b in (5, 4, 3)}  # as compress clusters
 DROP = 0.01
 
 

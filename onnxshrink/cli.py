@@ -350,7 +350,9 @@ def cluster_command(
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
     keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both clusterable layers float.")] = None,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Keep layers with fewer weights float.")] = 0,
-    float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds.")] = False,
+    float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds (= --other-floats fp16).")] = False,
+    other_floats: Annotated[str, typer.Option("--other-floats", help="fp32, fp16, or int8: biases, norms and embeddings as int8 with one scale each (fp16 where that would change them by over 1%), codebooks as fp16.")] = "fp32",
+    rounding: Annotated[Optional[str], typer.Option("--rounding", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -372,7 +374,8 @@ def cluster_command(
 
     types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = ClusterConfig(bits=bits, per=per, weighting=weighting, refit=refit, exclude=tuple(exclude or ()),
-                           keep_float=keep_float, min_weights=min_weights, float16=float16, **({"op_types": types} if types else {}))
+                           keep_float=keep_float, min_weights=min_weights, float16=float16, other_floats=other_floats,
+                           rounding=rounding, **({"op_types": types} if types else {}))
     options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,

@@ -34,6 +34,8 @@ REFIT_DAMPING = 1e-4
 REFIT_FLOPS = 2e10  # K^2 * N * levels budget of a per-channel refit (about a second); larger layers are not refit
 SUBSET_FLOPS = 5e9  # a per-layer codebook past this builds its normal equations from a subset of columns
 CHUNK_BYTES = 32 * 1024 * 1024
+GPTQ_DAMP = 0.01  # ridge added to H's diagonal, as a fraction of its mean (the GPTQ paper's 1%)
+GPTQ_LAZY_BLOCK = 128  # inputs rounded before their error is folded into the rest in one matrix product
 
 
 def fit(values: np.ndarray, levels: int, weights: np.ndarray | None = None, reserve_zero: bool = False,
@@ -72,6 +74,51 @@ def assign(values: np.ndarray, codebooks: np.ndarray, reserve_zero: bool = False
     if reserve_zero:
         idx[v == 0] = 0
     return idx
+
+
+def gptq_assign(values: np.ndarray, codebooks: np.ndarray, hessian: np.ndarray, reserve_zero: bool = False,
+                damp: float = GPTQ_DAMP, lazy_block: int = GPTQ_LAZY_BLOCK) -> np.ndarray:
+    """Indices [K, N] of a [K, N] weight (K inputs) into `codebooks` (one row for the layer, or one per output
+    column), rounded as GPTQ rounds to its grid: input by input, each input's rounding error on the layer's
+    outputs folded into the inputs not yet rounded, through the inverse of H = X^T X [K, K]. Nearest-entry
+    rounding ignores that errors on correlated inputs can cancel; this is what lets 3-bit codebooks keep
+    accuracy that 4 bits needed. With `reserve_zero`, exact zeros (pruned) stay at entry 0 and only they do;
+    the error of keeping them there is compensated like any rounding (SparseGPT's mask)."""
+    from onnxshrink.gptq import _inverse_cholesky_upper
+
+    k, n = values.shape
+    books = np.asarray(codebooks, dtype=np.float64)
+    per_column = books.shape[0] > 1
+    w = np.asarray(values, dtype=np.float64).T.copy()  # [N, K]: inputs as columns, as in the paper
+    pruned = (w == 0) if reserve_zero else np.zeros(w.shape, dtype=bool)
+    h = np.array(hessian, dtype=np.float64, copy=True)
+    dead = np.diag(h) <= 0  # an input never nonzero: its weights cannot change the outputs
+    h[dead, dead] = 1.0
+    start = 1 if reserve_zero else 0
+    free = books[:, start:]
+    mid = (free[:, 1:] + free[:, :-1]) / 2  # [R, L-1] decision boundaries
+    rows = np.arange(n)
+    upper = _inverse_cholesky_upper(h, damp)
+    idx = np.empty((n, k), dtype=np.int64)
+    for i1 in range(0, k, lazy_block):
+        i2 = min(i1 + lazy_block, k)
+        block, errors, u = w[:, i1:i2].copy(), np.zeros((n, i2 - i1)), upper[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            x = block[:, i]
+            if per_column:
+                choice = np.sum(x[:, None] > mid, axis=1) + start
+                q = books[rows, choice]
+            else:
+                choice = np.searchsorted(mid[0], x) + start
+                q = books[0, choice]
+            choice = np.where(pruned[:, i1 + i], 0, choice)
+            q = np.where(pruned[:, i1 + i], 0.0, q)
+            idx[:, i1 + i] = choice
+            err = (x - q) / u[i, i]
+            block[:, i:] -= np.outer(err, u[i, i:])
+            errors[:, i] = err
+        w[:, i2:] -= errors @ upper[i1:i2, i2:]
+    return idx.T
 
 
 def decode(idx: np.ndarray, codebooks: np.ndarray) -> np.ndarray:

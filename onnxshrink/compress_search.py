@@ -72,7 +72,8 @@ PASS_OPTIONS = {
                  "act_order": "boolean", "symmetric": "boolean", "per_channel": "boolean", "exclude": _STR_LIST,
                  "keep_float": "string", "min_weights": "integer"},
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
-                "keep_float": "string", "min_weights": "integer", "float16": "boolean"},
+                "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
+                "rounding": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}
@@ -322,13 +323,14 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
     if not groups:
         groups = {default: []}
     reports, source = [], current
-    float16 = bool(options.pop("float16", False))
+    float16, other_floats = bool(options.pop("float16", False)), options.pop("other_floats", "fp32")
     for number, (width, members) in enumerate(sorted(groups.items(), reverse=True)):
         others = tuple(glob_literal(n) for n in names if n not in members) if len(groups) > 1 else ()
         last = number == len(groups) - 1
         out = target if last else target.with_name(f"{target.stem}.bits{width}.onnx")
-        # fp16 for the rest once every group is clustered: a bias halved earlier could not be refit with its layer.
-        config = ClusterConfig(**options, bits=width, exclude=exclude + others, float16=float16 and last)
+        # fp16/int8 for the rest once every group is clustered: a bias stored so earlier could not be refit with its layer.
+        config = ClusterConfig(**options, bits=width, exclude=exclude + others, float16=float16 and last,
+                               other_floats=other_floats if last else "fp32")
         reports += api.cluster(source, out, config, **common).passes
         source = out
     return reports, {}
@@ -432,13 +434,13 @@ class CompressConfig:
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
 FORMATS = {
-    "cluster4": PassSpec("cluster", {"bits": 4, "float16": True}),
-    "cluster3": PassSpec("cluster", {"bits": 3, "float16": True}),
+    "cluster4": PassSpec("cluster", {"bits": 4, "other_floats": "int8"}),
+    "cluster3": PassSpec("cluster", {"bits": 3, "other_floats": "int8"}),
     "gptq4": PassSpec("quantize", {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"}),
-    "cluster5": PassSpec("cluster", {"bits": 5, "float16": True}),
-    "cluster6": PassSpec("cluster", {"bits": 6, "float16": True}),
+    "cluster5": PassSpec("cluster", {"bits": 5, "other_floats": "int8"}),
+    "cluster6": PassSpec("cluster", {"bits": 6, "other_floats": "int8"}),
     "int8": PassSpec("quantize", {"mode": "dynamic"}),
-    "cluster2": PassSpec("cluster", {"bits": 2, "float16": True}),
+    "cluster2": PassSpec("cluster", {"bits": 2, "other_floats": "int8"}),
     "float": None,
 }
 

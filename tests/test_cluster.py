@@ -324,6 +324,81 @@ def test_activation_weighting_and_refit_reduce_output_error_on_sample_mlp():
     assert errors["refit"] < 0.7 * min(errors["plain"], errors["weighted"]), errors
 
 
+def test_gptq_rounding_lowers_output_error_and_keeps_pruned_zeros_alone():
+    rng = np.random.default_rng(4)
+    # Correlated inputs, as a layer's activations are: errors on some inputs can cancel on others.
+    x = rng.standard_normal((512, 12)) @ rng.standard_normal((12, 48)) + 0.3 * rng.standard_normal((512, 48))
+    w = rng.standard_normal((48, 24)) / 7
+    w[rng.random(w.shape) < 0.4] = 0.0
+    for per_column in (False, True):
+        rows = w.T if per_column else w.reshape(1, -1)
+        books = codebook.fit(rows, 8, reserve_zero=True)
+        nearest = codebook.assign(rows, books, reserve_zero=True)
+        nearest = nearest.T if per_column else nearest.reshape(w.shape)
+        gptq = codebook.gptq_assign(w, books, x.T @ x, reserve_zero=True)
+        assert np.array_equal(gptq == 0, w == 0)  # zeros, and only zeros, at entry 0
+
+        def error(idx):
+            q = codebook.decode(idx.T, books).T if per_column else books[0][idx]
+            return np.linalg.norm(x @ (w - q)) / np.linalg.norm(x @ w)
+
+        assert error(gptq) < 0.9 * error(nearest), (per_column, error(gptq), error(nearest))
+        assert not np.array_equal(gptq, nearest)
+
+
+def test_gptq_rounding_lowers_the_sample_models_output_error():
+    for name in ("digits_mlp", "digits_cnn"):
+        model = onnx.load(str(SAMPLES / f"{name}.onnx"))
+        calibration = load_npz(SAMPLES / f"{name}.calib.npz", input_specs(model))
+        feed = {"input": np.load(SAMPLES / f"{name}.eval.npz")["input"]}
+        reference = run(model, feed, False)
+        errors = {}
+        for rounding in ("nearest", "gptq"):
+            clustered, report = Cluster(ClusterConfig(bits=3, rounding=rounding), calibration)(model)
+            errors[rounding] = np.linalg.norm(run(clustered, feed, False) - reference) / np.linalg.norm(reference)
+            assert all(f"rounded to the {'GPTQ' if rounding == 'gptq' else 'nearest'}" in layer.reason
+                       for layer in report.layers if layer.action.startswith("codebook"))
+        assert errors["gptq"] < 0.8 * errors["nearest"], (name, errors)
+
+
+def test_other_floats_int8_stores_biases_and_norms_in_int8_and_codebooks_in_fp16(tmp_path):
+    source = SAMPLES / "digits_transformer.onnx"
+    half = api.cluster(source, tmp_path / "h.onnx", ClusterConfig(bits=4, float16=True), run_validation=False)
+    report = api.cluster(source, tmp_path / "i.onnx", ClusterConfig(bits=4, other_floats="int8"), run_validation=False)
+    model = onnx.load(report.output)
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert any(n.endswith("bias_int8") for n, t in types.items() if t == TensorProto.INT8)
+    assert any("norm" in n for n, t in types.items() if t == TensorProto.INT8)  # LayerNorm parameters too
+    assert all(types[n] == TensorProto.FLOAT16 for n in types if n.endswith("_codebook_fp16"))
+    assert not any(n.endswith("_codebook") for n in types)  # every codebook went to fp16
+    assert report.runtime["codebook_decoding_left"] == 0  # the Casts and Muls fold like the codebook decoding
+    assert all(" x fp16" in layer.action for layer in report.passes[0].layers if layer.action.startswith("codebook"))
+    note = next(n for n in report.passes[0].notes if n.startswith("--other-floats int8"))
+    assert "as int8" in note
+    x = np.load(SAMPLES / "digits_transformer.eval.npz")["input"][:64]
+    reference = run(onnx.load(half.output), {"input": x})
+    np.testing.assert_allclose(run(model, {"input": x}), reference, rtol=0.05, atol=0.05)
+    packed = [api.pack(path, tmp_path / f"{name}.shrink").size["output"] for name, path in
+              (("h", half.output), ("i", report.output))]
+    assert packed[1] < packed[0] - 400  # int8 halves the fp16 bytes of ~1.2k bias and norm values
+    again = api.cluster(report.output, tmp_path / "again.onnx", ClusterConfig(bits=4, other_floats="int8"),
+                        run_validation=False)
+    assert not again.passes[0].changed
+
+
+def test_other_floats_int8_falls_back_to_fp16_where_one_scale_cannot_hold_the_tensor():
+    wide = np.concatenate([np.full(63, 1e-2), [5.0]]).astype(np.float32)  # int8 with one scale zeroes the small ones
+    model = build_model(
+        [helper.make_node("MatMul", ["x", "w"], ["m"], name="fc"), helper.make_node("Add", ["m", "b"], ["y"], name="add")],
+        [float_value("x", ["n", 64])], [float_value("y", ["n", 64])],
+        [numpy_helper.from_array((np.random.default_rng(0).standard_normal((64, 64)) / 8).astype(np.float32), "w"),
+         numpy_helper.from_array(wide, "b")])
+    clustered, report = Cluster(ClusterConfig(bits=4, other_floats="int8"))(model)
+    types = {t.name: t.data_type for t in clustered.graph.initializer}
+    assert types.get("b_fp16") == TensorProto.FLOAT16 and "b_int8" not in types
+    assert "2 as fp16" in report.notes[-1] and "as int8" not in report.notes[-1]  # the bias and the codebook
+
+
 def test_four_bits_keeps_sample_mlp_accuracy_within_one_point(tmp_path):
     evaluation = np.load(SAMPLES / "digits_mlp.eval.npz")
     labels, feed = evaluation["labels"], {"input": evaluation["input"]}
@@ -376,6 +451,9 @@ def test_cli_end_to_end_with_json(tmp_path, runner):
     (["--weighting", "maybe"], "error: --weighting 'maybe': choose none or activation"),
     (["--op-types", "Gather"], "error: --op-types: unsupported op type(s) Gather"),
     (["--keep-float", "middle"], "error: --keep-float 'middle': choose first, last or both"),
+    (["--other-floats", "fp8"], "error: --other-floats 'fp8': choose fp32, fp16 or int8"),
+    (["--rounding", "gptq"], "error: --rounding gptq needs calibration data (--calibration FILE.npz)"),
+    (["--rounding", "stochastic"], "error: --rounding 'stochastic': choose nearest or gptq"),
     (["--calibration", "wrong.npz"], "error: wrong.npz: missing input 'input' (keys present: x)"),
     (["--calibration", "missing.npz"], "error: missing.npz: no such data file"),
 ])

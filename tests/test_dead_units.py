@@ -165,7 +165,7 @@ def test_cli_options(runner, tmp_path):
     source = save_model(make_mlp(seed=2), tmp_path / "m.onnx")
     result = invoke(runner, "cluster", source, "--float16", "-o", tmp_path / "o.onnx", "--no-validate")
     assert result.exit_code == 0, result.output
-    assert "stored as fp16" in result.output
+    assert "as fp16" in result.output
     result = invoke(runner, "prune", source, "--sparsity", "0.9", "--remove-dead-units", "-o", tmp_path / "p.onnx",
                     "--no-validate")
     assert result.exit_code == 0, result.output

@@ -49,8 +49,13 @@ from onnxshrink.weights import find_tensors
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
 PER = ("layer", "channel")
 WEIGHTINGS = ("none", "activation")
+ROUNDINGS = ("nearest", "gptq")
 HALF_MIN_ELEMENTS = 32  # below this a tensor saves less than its Cast node costs in the file
 HALF_MAX_ERROR = 1e-3  # relative L2 change above which a tensor stays float32 (tiny or huge values)
+INT8_MAX_ERROR = 1e-2  # relative L2 change above which --other-floats int8 stores a tensor as fp16 instead
+INT8_MAX_PEAK_RATIO = 10.0  # a peak this many times the RMS: one int8 scale would flatten the small values
+CODEBOOK_MIN_ELEMENTS = 8  # a 16-entry codebook saves 32 B as fp16, more than its Cast costs packed
+OTHER_FLOATS = ("fp32", "fp16", "int8")
 ENERGY_FLOOR = 1e-3  # activation weights are E[x^2] + this x their mean: inputs never seen still count a little
 
 
@@ -64,7 +69,9 @@ class ClusterConfig:
     exclude: tuple = ()  # glob patterns on node names
     keep_float: str | None = None  # "first", "last" or "both"
     min_weights: int = 0  # layers with fewer weights stay float
-    float16: bool = False  # the float32 tensors left (biases, codebooks, norms, embeddings) as fp16 behind Casts
+    float16: bool = False  # shorthand for other_floats="fp16"
+    other_floats: str = "fp32"  # the float32 tensors left (biases, codebooks, norms, embeddings): fp32, fp16 or int8
+    rounding: str | None = None  # "nearest" (None) or "gptq" (needs calibration)
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -77,6 +84,12 @@ def check_config(config: ClusterConfig, calibration) -> None:
         raise UsageError(f"--weighting {config.weighting!r}: choose none or activation")
     if config.weighting == "activation" and calibration is None:
         raise UsageError("--weighting activation needs calibration data (--calibration FILE.npz)")
+    if config.other_floats not in OTHER_FLOATS:
+        raise UsageError(f"--other-floats {config.other_floats!r}: choose fp32, fp16 or int8")
+    if config.rounding not in (None,) + ROUNDINGS:
+        raise UsageError(f"--rounding {config.rounding!r}: choose nearest or gptq")
+    if config.rounding == "gptq" and calibration is None:
+        raise UsageError("--rounding gptq needs calibration data (--calibration FILE.npz)")
     unknown = set(config.op_types) - set(SUPPORTED_OPS)
     if unknown:
         raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from MatMul, Gemm, Conv)")
@@ -99,6 +112,7 @@ class Cluster:
         self.levels = 2 ** int(config.bits)
         self.weighting = config.weighting or ("activation" if calibration is not None else "none")
         self.refit = bool(config.refit) and calibration is not None
+        self.rounding = config.rounding or "nearest"
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         config = self.config
@@ -133,7 +147,7 @@ class Cluster:
         self._records = records
         self._main_outputs = {name for node in model.graph.node for name in node.output}
         original = None
-        if self.calibration is not None and (self.weighting == "activation" or self.refit):
+        if self.calibration is not None and (self.weighting == "activation" or self.refit or self.rounding == "gptq"):
             original = onnx.ModelProto()
             original.CopyFrom(model)
         stats = []
@@ -145,8 +159,11 @@ class Cluster:
             report.notes.append(nothing_to_cluster(model))
             return model, report
         self._notes(report, stats, original is not None)
-        if config.float16:
-            report.notes.append(halve_floats(model))
+        others = other_floats(config)
+        if others != "fp32":
+            report.notes.append(store_other_floats(model, others))
+            for layer in report.layers:  # the codebooks went to fp16 with the rest
+                layer.action = layer.action.replace(" x fp32", " x fp16")
         return model, report
 
     # ---- selection ---------------------------------------------------------------------
@@ -213,11 +230,18 @@ class Cluster:
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
         books = codebook.fit(rows, levels, weights, reserve_zero=reserve)
-        idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
-        idx = idx_rows.T if config.per == "channel" else idx_rows.reshape(k, n)
+        rounded = "nearest entry"
+        if gram is not None and self.rounding == "gptq":
+            idx = codebook.gptq_assign(view, books, _input_hessian(gram, k), reserve_zero=reserve)
+            idx_rows = idx.T if config.per == "channel" else idx.reshape(1, -1)
+            rounded = "GPTQ (errors folded into the inputs not yet rounded)"
+        else:
+            idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
+            idx = idx_rows.T if config.per == "channel" else idx_rows.reshape(k, n)
         mse, uniform = float(np.mean((rows - codebook.decode(idx_rows, books)) ** 2)), codebook.uniform_mse(rows, levels)
         stats.append(("mse", mse, uniform))
-        why = [f"weight MSE {mse:.3g}, {mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
+        why = [f"rounded to the {rounded}; weight MSE {mse:.3g}, "
+               f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
                + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
                + ("; weighted by input energy" if weights is not None else "")]
         if gram is not None and self.refit:
@@ -296,38 +320,115 @@ class Cluster:
                             f"codes the indices in about {config.bits} bit(s) per weight")
 
 
-def halve_floats(model: onnx.ModelProto) -> str:
-    """Store the float32 initializers cluster leaves (biases, codebooks, LayerNorm parameters, embeddings) as fp16,
-    each decoded by a Cast that onnxruntime folds at load. Once weights are clustered, pruned and packed, these
+def other_floats(config: ClusterConfig) -> str:
+    """fp32, fp16 or int8: --float16 is --other-floats fp16 (int8 wins when both are given)."""
+    return "fp16" if config.float16 and config.other_floats == "fp32" else config.other_floats
+
+
+def store_other_floats(model: onnx.ModelProto, mode: str) -> str:
+    """Store the float32 initializers cluster leaves (biases, LayerNorm parameters, embeddings) as fp16 behind a
+    Cast, or with `mode` "int8" as int8 behind Cast and Mul(scale), and the codebooks as fp16 in either mode;
+    onnxruntime folds every decoding node at load. Once weights are clustered, pruned and packed, these tensors
     are a fifth to a third of a small model's file, and LZMA cannot shrink float noise. MatMul/Gemm/Conv weights
-    are left to the passes that compress them; graph inputs and outputs, tensors under HALF_MIN_ELEMENTS and
-    tensors fp16 would change by more than HALF_MAX_ERROR (relative L2) stay float32."""
+    are left to the passes that compress them; graph inputs and outputs and tiny tensors stay float32 (a decoding
+    node costs about what they would save; codebooks go down to CODEBOOK_MIN_ELEMENTS); a tensor falls back from
+    int8 to fp16, or from fp16 to float32, where its values would change by more than INT8_MAX_ERROR or
+    HALF_MAX_ERROR (relative L2)."""
     names = Names(model)
-    halved = saved = 0
-    worst = 0.0
+    books = codebook_tensors(model)
+    counts = {"fp16": 0, "int8": 0}
+    saved, worst = 0, {"fp16": 0.0, "int8": 0.0}
     for graph in iter_graphs(model.graph):
         weights = {node.input[1] for node in graph.node if node.op_type in SUPPORTED_OPS and len(node.input) > 1}
         public = {v.name for v in list(graph.input) + list(graph.output)}
         for tensor in list(graph.initializer):
-            if (tensor.data_type != TensorProto.FLOAT or tensor.name in weights or tensor.name in public
-                    or int(np.prod(tensor.dims)) < HALF_MIN_ELEMENTS):
+            size = int(np.prod(tensor.dims))
+            small = size < (CODEBOOK_MIN_ELEMENTS if tensor.name in books else HALF_MIN_ELEMENTS)
+            if tensor.data_type != TensorProto.FLOAT or tensor.name in weights or tensor.name in public or small:
                 continue
             value = numpy_helper.to_array(tensor)
-            with np.errstate(over="ignore"):
-                half = value.astype(np.float16)
-            norm = float(np.linalg.norm(value))
-            error = float(np.linalg.norm(half.astype(np.float32) - value)) / norm if norm > 0 else 0.0
-            if not np.all(np.isfinite(half)) or error > HALF_MAX_ERROR:
+            stored = None
+            if mode == "int8" and tensor.name not in books:
+                stored = _as_int8(value)
+            if stored is None:
+                stored = _as_fp16(value)
+            if stored is None:
                 continue
-            name = names(tensor.name + "_fp16")
+            kind, data, scale, error = stored
+            name = names(tensor.name + ("_int8" if kind == "int8" else "_fp16"))
             graph.initializer.remove(tensor)
-            graph.initializer.append(numpy_helper.from_array(half, name))
-            graph.node.insert(0, helper.make_node("Cast", [name], [tensor.name], name=name + "_Cast", to=TensorProto.FLOAT))
-            halved, saved, worst = halved + 1, saved + 2 * value.size, max(worst, error)
-    if not halved:
-        return "--float16: no other float32 tensor to store as fp16"
-    return (f"--float16: {halved} other float32 tensor(s) (biases, codebooks, norms, embeddings) stored as fp16 behind "
-            f"Casts onnxruntime folds at load: {saved} B smaller, largest relative change {worst:.1e}")
+            graph.initializer.append(numpy_helper.from_array(data, name))
+            decoded = names(name + "_float") if kind == "int8" else tensor.name
+            nodes = [helper.make_node("Cast", [name], [decoded], name=name + "_Cast", to=TensorProto.FLOAT)]
+            if kind == "int8":
+                scale_name = names(name + "_scale")
+                graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name))
+                nodes.append(helper.make_node("Mul", [decoded, scale_name], [tensor.name], name=name + "_Mul"))
+            for position, node in enumerate(nodes):
+                graph.node.insert(position, node)
+            counts[kind] += 1
+            saved += value.nbytes - data.nbytes - (4 if kind == "int8" else 0)
+            worst[kind] = max(worst[kind], error)
+    flag = "--other-floats int8" if mode == "int8" else "--float16"
+    if not any(counts.values()):
+        return f"{flag}: no other float32 tensor to store in fewer bits"
+    parts = [f"{counts[k]} as {k} (largest relative change {worst[k]:.1e})" for k in ("int8", "fp16") if counts[k]]
+    return (f"{flag}: other float32 tensors (biases, codebooks, norms, embeddings) stored {', '.join(parts)}, behind "
+            f"Casts onnxruntime folds at load: {saved} B smaller")
+
+
+def _as_fp16(value: np.ndarray):
+    with np.errstate(over="ignore"):
+        half = value.astype(np.float16)
+    error = _relative_change(value, half.astype(np.float32))
+    if not np.all(np.isfinite(half)) or error > HALF_MAX_ERROR:
+        return None
+    return "fp16", half, None, error
+
+
+def _as_int8(value: np.ndarray):
+    """Symmetric int8 with one scale for the tensor: norms and biases span a narrow range. A tensor with an outlier
+    (peak over INT8_MAX_PEAK_RATIO x its RMS) would lose its small values to the scale the outlier needs."""
+    peak = float(np.max(np.abs(value))) if value.size else 0.0
+    rms = float(np.sqrt(np.mean(np.square(value, dtype=np.float64)))) if value.size else 0.0
+    if not np.isfinite(peak) or peak == 0.0 or peak > INT8_MAX_PEAK_RATIO * rms:
+        return None
+    scale = np.float32(peak / 127.0)
+    q = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
+    error = _relative_change(value, q.astype(np.float32) * scale)
+    return None if error > INT8_MAX_ERROR else ("int8", q, scale, error)
+
+
+def _relative_change(value: np.ndarray, stored: np.ndarray) -> float:
+    norm = float(np.linalg.norm(value))
+    return float(np.linalg.norm(stored - value)) / norm if norm > 0 else 0.0
+
+
+def codebook_tensors(model: onnx.ModelProto) -> set[str]:
+    """Initializers that are codebooks: the data a codebook-decoding Gather reads (directly or through Reshape)."""
+    gathers = codebook_outputs(model)
+    producers, inits = {}, set()
+    for graph in iter_graphs(model.graph):
+        inits.update(t.name for t in graph.initializer)
+        producers.update((output, node) for node in graph.node for output in node.output)
+    found = set()
+    for name in gathers:
+        source = producers[name].input[0]
+        while source not in inits and source in producers and producers[source].op_type == "Reshape":
+            source = producers[source].input[0]
+        if source in inits:
+            found.add(source)
+    return found
+
+
+def _input_hessian(gram, k: int) -> np.ndarray:
+    """X^T X of the layer's K inputs; centred when the layer has a bias, which the refit then re-solves
+    (a constant error across samples costs nothing once the bias absorbs it)."""
+    h = gram.xtx[:k, :k]
+    if gram.bias and gram.xtx[k, k] > 0:
+        s = gram.xtx[:k, k]
+        h = h - np.outer(s, s) / gram.xtx[k, k]
+    return h
 
 
 def _to_view(raw: np.ndarray, layer) -> np.ndarray:

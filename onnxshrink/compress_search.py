@@ -57,6 +57,7 @@ from onnxshrink import api
 from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.common import glob_literal
+from onnxshrink.passes.fold_layernorm import fold_layernorm
 from onnxshrink.report import JsonReport, ValidationReport
 from onnxshrink.validate import Thresholds, ValidateConfig
 
@@ -367,6 +368,12 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
             if spec.name == "prune":
                 counts.update(pruned)
                 sparsity.update({node: zeros / size for node, (zeros, size) in counts.items()})
+        if recipe.passes:  # the metadata names the whole pipeline, not its last pass's options
+            model = model_io.load(current)
+            model_io.stamp(model, "compress", {"recipe": recipe.summary()})
+            current = scratch / "stamped.onnx"
+            model_io.save(model, current, force=True)
+            del model
         if output.name.endswith(".shrink"):
             api.pack(current, output, force=True)
         else:
@@ -497,8 +504,10 @@ def parse_duration(text: str) -> float:
 
 
 class _Search:
-    def __init__(self, model_path: Path, output: Path, config: CompressConfig, workdir: Path, progress: Progress | None):
+    def __init__(self, model_path: Path, output: Path, config: CompressConfig, workdir: Path, progress: Progress | None,
+                 source: Path | None = None):
         self.model_path, self.output, self.config, self.workdir = model_path, output, config, workdir
+        self.source = source or model_path  # what recipes start from: the input, its norms folded (exact)
         self.progress = progress or (lambda step, done, total: None)
         self.started = time.monotonic()
         self.candidates: list[Candidate] = []
@@ -543,7 +552,7 @@ class _Search:
         run = report = error = None
         try:
             if recipe.passes:
-                run = run_recipe(self.model_path, recipe, target, calibration=self.config.calibration,
+                run = run_recipe(self.source, recipe, target, calibration=self.config.calibration,
                                  workdir=self.workdir, threads=self.config.threads, cache=self.cache)
             else:
                 _copy_model(self.model_path, target)
@@ -713,16 +722,24 @@ def compress(
     model_io.check_output_path(output, inputs, force)
     if save_recipe is not None:
         model_io.check_output_path(Path(save_recipe), inputs, force)
-    model_io.load(model_path)  # unreadable input: exit 3 before anything runs
+    model = model_io.load(model_path)  # unreadable input: exit 3 before anything runs
     workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".compress", dir=output.parent))
     try:
-        search = _Search(model_path, output, config, workdir, progress)
+        source, folded = None, fold_layernorm(model)
+        if folded:
+            source = workdir / "input.folded.onnx"
+            model_io.save(model, source, force=True)
+        del model
+        search = _Search(model_path, output, config, workdir, progress, source)
         if recipe is not None:
             report = _recipe_mode(search, recipe)
         else:
             report = _auto_mode(search)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if folded:
+        report.notes.insert(0, f"{folded} LayerNormalization scale(s) and shift(s) folded into the MatMuls that read "
+                               "them before any pass (exact up to float rounding): fewer small tensors to store")
     if save_recipe is not None and report.recipe is not None and report.passed:
         text = resolve_dict_toml(report.recipe)
         model_io.write_atomically(Path(save_recipe), lambda stream: stream.write(text.encode()))
@@ -741,7 +758,7 @@ def _recipe_mode(search: _Search, recipe: Recipe) -> CompressReport:
     search.tick("recipe")
     config = search.config
     target = search.workdir / f"recipe{'.shrink' if search.pack else '.onnx'}"
-    run = run_recipe(search.model_path, recipe, target, calibration=config.calibration, workdir=search.workdir,
+    run = run_recipe(search.source, recipe, target, calibration=config.calibration, workdir=search.workdir,
                      threads=config.threads)
     search.tick("validate")
     final = _final_validation(search, target)
@@ -775,7 +792,7 @@ def _auto_mode(search: _Search) -> CompressReport:
 
         # Measured once, it orders the per-layer moves. Prune's own allocation is kept for the uniform settings:
         # these curves are measured without the refit, and steering by them did worse (README, compress).
-        sensitivity = api.sensitivity(search.model_path, config.calibration, SensitivityConfig(sparsities=(0.9,)),
+        sensitivity = api.sensitivity(search.source, config.calibration, SensitivityConfig(sparsities=(0.9,)),
                                       threads=config.threads)
         search.fragility = {glob_literal(layer.node): layer.drift[0] for layer in sensitivity.layers}
     formats = [f for f in available_formats(config.calibration) if config.formats is None or f in config.formats]

@@ -14,8 +14,10 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
+import onnxshrink
 from conftest import SAMPLES
 from onnxshrink import api
+from onnxshrink.compress_search import CompressConfig, PassSpec, Recipe, compress
 from onnxshrink.api import INTEGER_KERNELS
 from onnxshrink.passes.cluster import ClusterConfig
 from onnxshrink.passes.prune import PruneConfig
@@ -157,3 +159,18 @@ def test_pack_round_trips(tmp_path, form):
     assert report.size["output"] < report.size["original"]
     api.unpack(tmp_path / "m.shrink", tmp_path / "back.onnx")
     assert onnx.load(str(tmp_path / "back.onnx")).SerializeToString() == onnx.load(str(source)).SerializeToString()
+
+
+def test_compress_folds_the_norms_first_and_names_its_recipe_in_the_metadata(tmp_path, base_accuracy):
+    recipe = Recipe([PassSpec("prune", {"sparsity": 0.5, "remove_dead_units": True}),
+                     PassSpec("cluster", {"bits": 4, "other_floats": "int8"})])
+    config = CompressConfig(calibration=str(CALIB), data=str(EVAL), labels="labels")
+    report = compress(MODEL, tmp_path / "t.shrink", config, recipe=recipe)
+    assert report.notes[0].startswith("5 LayerNormalization scale(s) and shift(s) folded")
+    model = onnxshrink.load(report.output)
+    norms = [n for n in model.graph.node if n.op_type == "LayerNormalization"]
+    values = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert len(norms) == 5 and all(len(n.input) == 2 and np.all(values[n.input[1]] == 1) for n in norms)
+    metadata = {p.key: p.value for p in model.metadata_props}
+    assert metadata["onnxshrink.command"] == "compress" and "prune(sparsity=0.5" in metadata["onnxshrink.options"]
+    assert report.validation.accuracy["candidate"] >= base_accuracy - 0.03  # judged against the unfolded original

@@ -347,6 +347,8 @@ def store_other_floats(model: onnx.ModelProto, mode: str) -> str:
             if tensor.data_type != TensorProto.FLOAT or tensor.name in weights or tensor.name in public or small:
                 continue
             value = numpy_helper.to_array(tensor)
+            if np.all(value == value.flat[0]):  # one repeated value (a LayerNorm scale of ones): LZMA stores it in bytes
+                continue
             stored = None
             if mode == "int8" and tensor.name not in books:
                 stored = _as_int8(value)
@@ -358,10 +360,10 @@ def store_other_floats(model: onnx.ModelProto, mode: str) -> str:
             name = names(tensor.name + ("_int8" if kind == "int8" else "_fp16"))
             graph.initializer.remove(tensor)
             graph.initializer.append(numpy_helper.from_array(data, name))
-            decoded = names(name + "_float") if kind == "int8" else tensor.name
+            decoded = name + "_float" if kind == "int8" else tensor.name  # names(...) reserved name + its suffixes
             nodes = [helper.make_node("Cast", [name], [decoded], name=name + "_Cast", to=TensorProto.FLOAT)]
             if kind == "int8":
-                scale_name = names(name + "_scale")
+                scale_name = name + "_scale"
                 graph.initializer.append(numpy_helper.from_array(np.array(scale, dtype=np.float32), scale_name))
                 nodes.append(helper.make_node("Mul", [decoded, scale_name], [tensor.name], name=name + "_Mul"))
             for position, node in enumerate(nodes):

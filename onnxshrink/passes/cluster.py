@@ -232,7 +232,7 @@ class Cluster:
         books = codebook.fit(rows, levels, weights, reserve_zero=reserve)
         rounded = "nearest entry"
         if gram is not None and self.rounding == "gptq":
-            idx = codebook.gptq_assign(view, books, _input_hessian(gram, k), reserve_zero=reserve)
+            idx = codebook.gptq_assign(view, books, _input_hessian(gram, k, centred=self.refit), reserve_zero=reserve)
             idx_rows = idx.T if config.per == "channel" else idx.reshape(1, -1)
             rounded = "GPTQ (errors folded into the inputs not yet rounded)"
         else:
@@ -423,11 +423,11 @@ def codebook_tensors(model: onnx.ModelProto) -> set[str]:
     return found
 
 
-def _input_hessian(gram, k: int) -> np.ndarray:
-    """X^T X of the layer's K inputs; centred when the layer has a bias, which the refit then re-solves
-    (a constant error across samples costs nothing once the bias absorbs it)."""
+def _input_hessian(gram, k: int, centred: bool) -> np.ndarray:
+    """X^T X of the layer's K inputs; `centred` when the refit will re-solve the layer's bias (a constant error
+    across samples costs nothing once the bias absorbs it)."""
     h = gram.xtx[:k, :k]
-    if gram.bias and gram.xtx[k, k] > 0:
+    if centred and gram.bias and gram.xtx[k, k] > 0:
         s = gram.xtx[:k, k]
         h = h - np.outer(s, s) / gram.xtx[k, k]
     return h

@@ -590,7 +590,7 @@ class _Search:
                 self.tick(f"{name}, sparsity {grid[mid]:g}")
                 passes = [PassSpec("prune", {"sparsity": grid[mid], "remove_dead_units": True})] if grid[mid] > 0 else []
                 if FORMATS[name] is not None:
-                    passes.append(PassSpec(FORMATS[name].name, dict(FORMATS[name].options)))
+                    passes.append(format_pass(name, self.config))
                 if not passes:
                     low = mid  # the float model unpruned: the lossless start
                     continue
@@ -632,6 +632,18 @@ class _Search:
                 return
             step = max(found, key=lambda f: (size - f[0].size) / max(1.0 - (f[0].cosine or 1.0) - drift, 1e-6))
             size, recipe, run, drift = step[0].size, step[1], step[2], 1.0 - (step[0].cosine or 1.0)
+
+
+def format_pass(name: str, config: CompressConfig) -> PassSpec:
+    """The pass of weight format `name`. Codebook indices are rounded GPTQ's way when the budget is on the outputs
+    alone (--min-cosine, --max-drift): it cuts their error 35-45%, and the search then found 4-11% smaller sample
+    models; against labels (--max-accuracy-drop) nearest rounding found smaller ones (README, cluster)."""
+    spec = FORMATS[name]
+    options = dict(spec.options)
+    on_outputs = getattr(config.thresholds, "max_accuracy_drop", None) is None
+    if spec.name == "cluster" and config.calibration and on_outputs:
+        options["rounding"] = "gptq"
+    return PassSpec(spec.name, options)
 
 
 def _moves(recipe: Recipe, tier: int) -> list:

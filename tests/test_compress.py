@@ -12,7 +12,8 @@ from onnx import numpy_helper
 
 from conftest import SAMPLES, invoke, make_mlp, save_model, tree
 from onnxshrink import api, compress_search
-from onnxshrink.compress_search import CompressConfig, compress, load_recipe, parse_duration, parse_recipe, run_recipe
+from onnxshrink.compress_search import (FORMATS, CompressConfig, compress, format_pass, load_recipe, parse_duration,
+                                        parse_recipe, run_recipe)
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.cluster import ClusterConfig
 from onnxshrink.passes.prune import PruneConfig
@@ -254,3 +255,15 @@ def test_cli_bad_recipe_is_one_line_exit_2(runner, tmp_path):
     assert result.stderr.strip().startswith("error: ") and "option 'sparsity' must be a number, not True" in result.stderr
     assert tree(tmp_path) == before
     assert onnx.load(model) is not None
+
+
+def test_codebooks_round_gptq_way_when_the_budget_is_on_outputs_alone(digits):
+    calib = str(digits[1])
+    outputs = CompressConfig(thresholds=Thresholds(min_cosine=0.999), calibration=calib)
+    assert format_pass("cluster3", outputs).options == {"bits": 3, "other_floats": "int8", "rounding": "gptq"}
+    assert "rounding" not in format_pass("gptq4", outputs).options  # a quantize format: no codebook
+    labels = CompressConfig(thresholds=Thresholds(max_accuracy_drop=0.01), labels="labels", calibration=calib)
+    assert "rounding" not in format_pass("cluster3", labels).options  # nearest rounding found smaller models there
+    no_data = CompressConfig(thresholds=Thresholds(min_cosine=0.999))
+    assert "rounding" not in format_pass("cluster3", no_data).options  # GPTQ needs calibration data
+    assert "rounding" not in FORMATS["cluster3"].options  # the table itself is left alone

@@ -329,7 +329,7 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
         others = tuple(glob_literal(n) for n in names if n not in members) if len(groups) > 1 else ()
         last = number == len(groups) - 1
         out = target if last else target.with_name(f"{target.stem}.bits{width}.onnx")
-        # fp16/int8 for the rest once every group is clustered: a bias stored so earlier could not be refit with its layer.
+        # Other floats in fewer bits once every group is clustered: a bias stored so earlier could not be refit.
         config = ClusterConfig(**options, bits=width, exclude=exclude + others, float16=float16 and last,
                                other_floats=other_floats if last else "fp32")
         reports += api.cluster(source, out, config, **common).passes

@@ -13,10 +13,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from conftest import build_model, save_model
 from onnxshrink import api, packing
 from onnxshrink.codec import container
 from onnxshrink.packing import unpack_model
-from tests.conftest import build_model, save_model
 
 
 def skewed_codes(rng, shape, zeros=0.35) -> np.ndarray:

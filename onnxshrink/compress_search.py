@@ -368,9 +368,10 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
             if spec.name == "prune":
                 counts.update(pruned)
                 sparsity.update({node: zeros / size for node, (zeros, size) in counts.items()})
-        if recipe.passes:  # the metadata names the whole pipeline, not its last pass's options
+        if recipe.passes:  # the metadata names the pipeline, not its last pass's options; the settings stay out of it
+            # so that a saved recipe (every layer's exact setting) rebuilds the search's file byte for byte
             model = model_io.load(current)
-            model_io.stamp(model, "compress", {"recipe": recipe.summary()})
+            model_io.stamp(model, "compress", {"passes": [spec.name for spec in recipe.passes]})
             current = scratch / "stamped.onnx"
             model_io.save(model, current, force=True)
             del model

@@ -146,6 +146,7 @@ def test_automatic_mode_finds_a_smaller_valid_model_and_its_recipe_reproduces_it
     assert again.mode == "recipe"
     first, second = tensors(out), tensors(tmp_path / "again.shrink")
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
+    assert out.read_bytes() == (tmp_path / "again.shrink").read_bytes()  # metadata and all: bit for bit
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
 
 

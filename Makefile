@@ -83,6 +83,7 @@ big-model: venv
 bench-scale: big-model
 	$(BIN)/python bench/scale.py --model build/big/big.onnx --out docs/benchmarks-scale.md
 
-## fuzz: the random-graph fuzz test with 400 examples per run instead of the suite's 12
+## fuzz: the random-graph fuzz test with 400 examples per run instead of the suite's 12, and 5000 edited packs instead of 200
 fuzz: venv
 	HYPOTHESIS_PROFILE=long $(BIN)/python -m pytest tests/test_fuzz_graphs.py
+	PACK_FUZZ_VARIANTS=5000 $(BIN)/python -m pytest tests/test_pack_hostile.py -k fuzzed

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -49,8 +48,7 @@ def session(path: str | os.PathLike, sess_options=None, providers=None, *, threa
 
     Without `sess_options`, the CPU session onnxshrink itself measures with (`threads` intra-op threads).
     """
-    model = model_io.load(path)
-    source = model if model_io.is_pack(path) else path
+    source = model_io.runnable(path, model_io.load(path))
     if sess_options is None and providers is None:
         return make_session(source, threads)
     import onnxruntime as ort
@@ -229,7 +227,8 @@ def factorize(
 def _check_decoding_folded(report: CommandReport, model_path, threads: int) -> None:
     """Codebook decoding reads initializers only, so onnxruntime should fold it at load: check its optimized graph."""
     decoding = ("Cast", "Gather", "Reshape", "Add", "Mul")  # Mul: --other-floats int8 scales
-    before, after = optimized_op_counts(model_path, threads), optimized_op_counts(report.output, threads)
+    before = optimized_op_counts(model_io.runnable(model_path), threads)
+    after = optimized_op_counts(model_io.runnable(report.output), threads)
     left = sum(max(after[op] - before[op], 0) for op in decoding)
     report.runtime["codebook_decoding_left"] = left
     floats = ", ".join(f"{k} x{v}" for k, v in report.runtime["float_kernels"].items()) or "none"
@@ -278,7 +277,7 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
     if model_io.is_pack(model_path):
         raise UsageError(f"{model_path}: is already a pack (.shrink); unpack it first")
     output = Path(output) if output is not None else model_io.default_output(model_path, None, ".shrink")
-    model_io.check_output_path(output, [model_path], force)
+    model_io.check_output_path(output, [model_path], force, with_data=False)  # a pack is one file
     model = model_io.load(model_path, with_data=False)
     external = model_io.has_external_data(model)  # asked before the data is read in (not the file parsed again)
     report = PackReport("pack", str(model_path), None)
@@ -331,7 +330,7 @@ def unpack(pack_path: str | os.PathLike, output: str | os.PathLike | None = None
     except OSError as exc:
         raise ModelLoadError(f"{pack_path}: cannot read ({exc.strerror or exc})") from exc
     if external:  # weights in a data file: decoded and written one tensor at a time, never the model in memory
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
+        staging = model_io.staging_dir(output, ".tmp")
         try:
             unpack_external(pack_path, staging / output.name)
             streaming.move_into_place(staging / output.name, output, [pack_path], force)
@@ -351,7 +350,7 @@ def unpack(pack_path: str | os.PathLike, output: str | os.PathLike | None = None
 
 def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike):
     """Calibration batches from an .npz whose keys are the model's input names."""
-    return load_npz(path, input_specs(model))
+    return load_npz(path, input_specs(model), role="calibration data")
 
 
 def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, validation, run_validation, threads, options,
@@ -371,7 +370,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         model_io.stamp(result, command, options)
         del original
 
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".check", dir=output.parent))
+    staging = model_io.staging_dir(output, ".check")
     try:
         if streamed:
             result, pass_report = streaming.write_pass(original, model_path, transform, staging / output.name,
@@ -405,6 +404,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
             # Already written and checked: move it into place (atomic, same directory).
             model_io.check_output_path(final, [model_path], force or not passed)
             os.replace(staged, final)
+            model_io.drop_stale_data(final)  # an earlier output's data file (replaced only with force)
         if report.validation is not None:
             report.validation.candidate = str(final)
     except OSError as exc:
@@ -444,7 +444,7 @@ def _failed_name(output: Path) -> str:
 
 def _runtime_kernels(path: Path, threads: int, pass_report) -> dict:
     """Count what onnxruntime runs after its fusions: integer kernels vs float MatMul/Gemm/Conv left."""
-    optimized = optimized_graph(path, threads)
+    optimized = optimized_graph(model_io.runnable(path), threads)
     counts = op_counts(optimized)
     integer = {k: v for k, v in counts.items() if k in INTEGER_KERNELS}
     float_ops = {k: v for k, v in counts.items() if k in FLOAT_KERNELS}

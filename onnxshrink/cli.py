@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import asdict
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -28,6 +29,26 @@ from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
 from onnxshrink.render import render_command, render_info, render_pack, render_validation
 from onnxshrink.validate import Thresholds, ValidateConfig
 
+EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended, unlike Ctrl-C's 130
+_sigterm = {"received": False}
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (kill, a CI job's timeout, docker stop), raised wherever the process is, as Ctrl-C's KeyboardInterrupt
+    is: the same `finally` blocks then remove the staging files, and no `except Exception` can swallow it."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    _sigterm["received"] = True
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short (SIGKILL still can)
+    raise Terminated()
+
+
+def _interrupted(exc: BaseException) -> tuple[str, int]:
+    """The word and exit code for Ctrl-C (130) or SIGTERM (143): CI can tell a kill from a keyboard."""
+    return ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+
+
 class _OneLineErrors(TyperGroup):
     """Click's own usage errors (unknown option, bad value, missing argument) as one `error:` line, exit 2."""
 
@@ -46,6 +67,9 @@ class _OneLineErrors(TyperGroup):
         except typer.Abort:
             sys.stderr.write("interrupted\n")
             code = EXIT_INTERRUPTED
+        if code == EXIT_INTERRUPTED and _sigterm["received"]:  # SIGTERM outside a command's edge: typer made it 130
+            sys.stderr.write("terminated (SIGTERM)\n")
+            code = EXIT_TERMINATED
         if standalone_mode:
             sys.exit(code)
         return code
@@ -90,7 +114,8 @@ def _root(
     """Make ONNX models smaller and faster, and prove with onnxruntime how far they drifted.
 
     Exit codes: 0 ok, 1 a threshold failed, 2 usage error, 3 unusable input,
-    4 unsupported model, 5 cannot write the output, 70 internal error, 130 interrupted.
+    4 unsupported model, 5 cannot write the output, 70 internal error, 130 interrupted (Ctrl-C),
+    143 terminated (SIGTERM).
     """
 
 
@@ -118,9 +143,10 @@ def _edge(func):
                 traceback.print_exc()
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
             raise typer.Exit(exc.exit_code) from None
-        except KeyboardInterrupt:
-            err.print("[red]interrupted[/]; no output was written", highlight=False)
-            raise typer.Exit(EXIT_INTERRUPTED) from None
+        except KeyboardInterrupt as exc:
+            word, code = _interrupted(exc)
+            err.print(f"[red]{word}[/]; no output was written", highlight=False)
+            raise typer.Exit(code) from None
         except Exception as exc:
             if debug:
                 traceback.print_exc()
@@ -438,7 +464,8 @@ def compress_command(
     recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe: passes in order with per-layer settings; runs it instead of searching.")] = None,
     save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Write the chosen pipeline, per layer, as a TOML recipe.")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: reconstruction, GPTQ, codebook refits; judging data when --data is not given.")] = None,
-    time_budget: Annotated[str, typer.Option("--time-budget", help="Stop searching after this long: 90s, 5m, 1h or seconds. The best valid model so far is always on disk.")] = "10m",
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Stop searching after this long: 90s, 5m, 1h or seconds (default 10m, none with --max-candidates alone). The best valid model so far is always on disk. How far a search gets in seconds depends on the machine: for the same bytes everywhere use --max-candidates.")] = None,
+    max_candidates: Annotated[Optional[int], typer.Option("--max-candidates", min=1, help="Stop after N candidates (the lossless start included): a budget that gives the same output on every machine. With --time-budget as well, whichever comes first stops the search.")] = None,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -454,14 +481,19 @@ def compress_command(
     """Find the smallest model within an accuracy/drift budget (prune, quantize or cluster per layer, pack), or run a recipe."""
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from onnxshrink.compress_search import CompressConfig, compress, parse_duration
+    from onnxshrink.compress_search import DEFAULT_TIME_BUDGET_S, CompressConfig, compress, parse_duration
     from onnxshrink.render import render_compress
 
+    if time_budget is not None:
+        seconds = parse_duration(time_budget)
+    else:  # a candidate budget alone is the whole budget: a clock would make the result depend on the machine
+        seconds = None if max_candidates is not None else DEFAULT_TIME_BUDGET_S
     config = CompressConfig(thresholds=Thresholds(max_drift, min_cosine, None, max_accuracy_drop, None),
                             data=str(data) if data else None, labels=labels, samples=samples,
-                            calibration=str(calibration) if calibration else None, time_budget_s=parse_duration(time_budget),
-                            threads=threads, seed=seed)
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f} s"),
+                            calibration=str(calibration) if calibration else None, time_budget_s=seconds,
+                            max_candidates=max_candidates, threads=threads, seed=seed)
+    unit = " s" if seconds is not None else " candidates"
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}" + unit),
                TimeElapsedColumn())
     bar = Progress(*columns, console=Console(stderr=True), transient=True)  # started by the first report of progress
     tasks = {}
@@ -474,14 +506,15 @@ def compress_command(
 
     try:
         report = compress(model, output, config, recipe=recipe, save_recipe=save_recipe, force=force, progress=progress)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         from onnxshrink.model import default_output
 
         bar.stop()
+        word, code = _interrupted(exc)
         written = output or default_output(model, "compressed", ".shrink")
-        Console(stderr=True).print(f"[red]interrupted[/]; {escape(str(written))} holds the best valid model found so far, "
+        Console(stderr=True).print(f"[red]{word}[/]; {escape(str(written))} holds the best valid model found so far, "
                                    "if one was written", highlight=False)
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        raise typer.Exit(code) from None
     finally:
         if tasks:
             bar.stop()
@@ -525,7 +558,7 @@ def sensitivity_command(
     from onnxshrink import model as model_io
 
     if output is not None:
-        model_io.check_output_path(output, [model], force)
+        model_io.check_output_path(output, [model], force, with_data=False)  # one JSON file
     report = api.sensitivity(model, calibration, config, threads=threads)
     if output is not None:
         model_io.write_atomically(output, lambda stream: stream.write((report.to_json() + "\n").encode()))
@@ -643,9 +676,17 @@ def unpack_command(
 
 
 def main() -> None:
-    """Console entry point: Click usage errors exit 2, everything else goes through the command edge."""
+    """Console entry point: Click usage errors exit 2, everything else goes through the command edge.
+
+    SIGTERM is handled as Ctrl-C is (staging files removed, nothing partial left), with exit code 143.
+    """
+    try:
+        signal.signal(signal.SIGTERM, _on_sigterm)
+    except ValueError:  # not the main thread (an embedding program): its own signal handling stands
+        pass
     try:
         app()
-    except KeyboardInterrupt:
-        sys.stderr.write("interrupted\n")
-        sys.exit(EXIT_INTERRUPTED)
+    except KeyboardInterrupt as exc:
+        word, code = _interrupted(exc)
+        sys.stderr.write(word + "\n")
+        sys.exit(code)

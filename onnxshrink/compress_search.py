@@ -29,7 +29,9 @@ temporary files), then packs when the output ends in `.shrink`. `compress` in au
 Every candidate is the whole model validated against the original on the judging data; a passing
 candidate smaller than the best replaces the output atomically, so the file on disk is always the
 best valid model so far. The clock is checked before each candidate, and one that would overrun the
-time budget (estimated from the last ones) is not started.
+time budget (estimated from the last ones) is not started. How many candidates fit in seconds depends on the
+machine, and so does the result; a candidate budget (`max_candidates`) gives the same bytes everywhere, the
+search being otherwise deterministic (seeded inputs, one onnxruntime thread by default).
 """
 
 from __future__ import annotations
@@ -43,12 +45,15 @@ import math
 import os
 import re
 import shutil
-import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyproject installs it there)
+    import tomli as tomllib
 
 import numpy as np
 from onnx import numpy_helper
@@ -347,7 +352,7 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
     """
     model_path, output = Path(model_path), Path(output)
     parent = Path(workdir) if workdir is not None else output.parent
-    scratch = Path(tempfile.mkdtemp(prefix=".onnxshrink.", suffix=".recipe", dir=parent))
+    scratch = model_io.staging_dir(parent / "recipe", ".recipe")
     try:
         current, reports, sparsity, counts = model_path, [], {}, {}
         for index, spec in enumerate(recipe.passes):
@@ -420,6 +425,8 @@ def _copy_model(source: Path, output: Path) -> None:
     else:
         data = source.read_bytes()
         model_io.write_atomically(output, lambda stream: stream.write(data))
+        if not output.name.endswith(".shrink"):
+            model_io.drop_stale_data(output)  # an inline model: an earlier output's data file would read as its own
 
 
 # ---- the automatic search -----------------------------------------------------------------------
@@ -431,13 +438,15 @@ class CompressConfig:
     labels: str | None = None
     samples: int | None = None
     calibration: str | None = None
-    time_budget_s: float = DEFAULT_TIME_BUDGET_S
+    time_budget_s: float | None = DEFAULT_TIME_BUDGET_S  # None: no time limit (the search ends on its own)
     threads: int = 1
     seed: int = 0
     sparsities: tuple = DEFAULT_SPARSITIES
     formats: tuple | None = None  # names from FORMATS to try (None: every one available)
     refine: bool = True  # per-layer moves after the uniform settings
-    max_candidates: int | None = None  # stop after this many candidates (the time budget applies as well)
+    # Stop after this many candidates, the lossless start included: the budget that gives the same bytes on every
+    # machine. A time budget set as well applies as a safety limit: whichever comes first stops the search.
+    max_candidates: int | None = None
 
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
@@ -492,8 +501,9 @@ class CompressReport(JsonReport):
     validation: ValidationReport | None
     seconds: float
     time_budget_s: float | None
-    stopped: str  # "search done", "time budget", "recipe"
+    stopped: str  # "search done", "time budget", "candidate limit", "recipe"
     notes: list = field(default_factory=list)
+    max_candidates: int | None = None  # the candidate budget, when one was set (auto mode)
 
 
 def parse_duration(text: str) -> float:
@@ -532,6 +542,8 @@ class _Search:
         if self.config.max_candidates is not None and len(self.candidates) >= self.config.max_candidates:
             self.stopped = "candidate limit"
             return False
+        if self.config.time_budget_s is None:
+            return True
         estimate = max(self.costs[-3:], default=0.0)
         final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)  # the lossless candidate: one validation
         if self.elapsed() + estimate + final_check > self.config.time_budget_s:
@@ -540,9 +552,15 @@ class _Search:
         return True
 
     def tick(self, step: str) -> None:
-        budget = int(math.ceil(self.config.time_budget_s))
+        """Report progress: seconds of the time budget, or candidates of the candidate budget when there is no time
+        budget (the search ends on its own: the progress total is then the candidates so far)."""
         best = f" (best {self.original_size / self.best[0]:.1f}x smaller)" if self.best else ""
-        self.progress(f"{step}{best}", min(int(self.elapsed()), budget), budget)
+        if self.config.time_budget_s is not None:
+            budget = int(math.ceil(self.config.time_budget_s))
+            self.progress(f"{step}{best}", min(int(self.elapsed()), budget), budget)
+        else:
+            done = len(self.candidates)
+            self.progress(f"{step}{best}", done, self.config.max_candidates or max(done, 1))
 
     def attempt(self, recipe: Recipe, phase: str, strict: bool = False, label: str | None = None) -> tuple[Candidate, RecipeRun | None]:
         """Build, validate, and keep a candidate if it passes and is the smallest so far. Unless `strict`, a
@@ -725,18 +743,22 @@ def compress(
     if recipe is None and all(v is None for v in (thresholds.max_accuracy_drop, thresholds.min_cosine, thresholds.max_drift,
                                                  thresholds.min_agreement)):
         raise UsageError("automatic mode needs a budget: --max-accuracy-drop, --min-cosine or --max-drift (or give --recipe)")
-    if not config.time_budget_s > 0:
+    if config.time_budget_s is not None and not config.time_budget_s > 0:
         raise UsageError(f"time budget {config.time_budget_s}: must be positive")
+    if config.max_candidates is not None and config.max_candidates < 1:
+        raise UsageError(f"--max-candidates {config.max_candidates}: must be at least 1 (the lossless start)")
     if config.labels and not (config.data or config.calibration):
         raise UsageError("--labels needs --data (or --calibration): labels are read from the data file")
     if thresholds.max_accuracy_drop is not None and not config.labels:
         raise UsageError("--max-accuracy-drop needs --labels (and --data holding them)")
     inputs = [model_path] + [Path(p) for p in (config.data, config.calibration) if p]
-    model_io.check_output_path(output, inputs, force)
+    model_io.check_output_path(output, inputs, force, with_data=not output.name.endswith(".shrink"))
     if save_recipe is not None:
-        model_io.check_output_path(Path(save_recipe), inputs, force)
+        model_io.check_output_path(Path(save_recipe), inputs, force, with_data=False)
+    if recipe is not None:  # where a result failing the thresholds goes: replaced without --force, never an input
+        model_io.check_output_path(_failed_output(output), inputs, True, with_data=not output.name.endswith(".shrink"))
     model = model_io.load(model_path)  # unreadable input: exit 3 before anything runs
-    workdir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".compress", dir=output.parent))
+    workdir = model_io.staging_dir(output, ".compress")
     try:
         source, folded = None, fold_layernorm(model)
         if folded:
@@ -763,6 +785,12 @@ def compress(
     return report
 
 
+def _failed_output(output: Path) -> Path:
+    """OUT.failed.shrink (or .onnx): where recipe mode writes a result that fails the thresholds."""
+    stem = output.name.rsplit(".", 1)[0]
+    return output.with_name(f"{stem}.failed{output.suffix}")
+
+
 def resolve_dict_toml(recipe: dict) -> str:
     return parse_recipe(recipe).to_toml()
 
@@ -777,8 +805,7 @@ def _recipe_mode(search: _Search, recipe: Recipe) -> CompressReport:
     final = _final_validation(search, target)
     destination = search.output
     if not final.passed:
-        stem = search.output.name.rsplit(".", 1)[0]
-        destination = search.output.with_name(f"{stem}.failed{search.output.suffix}")
+        destination = _failed_output(search.output)
     _copy_model(target, destination)
     final.candidate = str(destination)
     search.best = (target.stat().st_size, recipe, run, final)
@@ -843,4 +870,5 @@ def _report(search: _Search, mode: str, final: ValidationReport | None, output: 
         {"original": original, "output": size, "ratio": size / original if size else None,
          "times_smaller": original / size if size else None, "lossless": lossless},
         recipe, summary, layers, search.candidates, final, search.elapsed(),
-        search.config.time_budget_s if mode == "auto" else None, search.stopped)
+        search.config.time_budget_s if mode == "auto" else None, search.stopped,
+        max_candidates=search.config.max_candidates if mode == "auto" else None)

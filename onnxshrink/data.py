@@ -2,11 +2,17 @@
 
 Data is a list of batches (dicts of input name -> array) so that models with a fixed
 batch size and inputs without a batch axis (scalars, recurrent state) run unchanged.
+
+An .npz is untrusted: only the members the model needs are read, each one's declared size
+(its .npy header) is checked against what the zip says it holds before anything is allocated,
+and non-finite values are refused, since one NaN silently ruins calibration and drift alike.
 """
 
 from __future__ import annotations
 
+import math
 import zipfile
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +26,9 @@ DEFAULT_BATCH = 32
 DEFAULT_SYNTHETIC_SAMPLES = 16
 # Symbolic dimensions other than the batch axis take this size unless --shape says otherwise.
 DEFAULT_SYMBOLIC_DIM = 1
+NPY_MAGIC = b"\x93NUMPY"
+DEFLATE_MAX_RATIO = 1032  # deflate never expands more than this (zlib's documented limit): beyond it the zip lies
+READ_CHUNK = 16 << 20  # bytes read (and checked) at a time
 
 
 @dataclass
@@ -58,7 +67,7 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
             raise DataError(f"input {value.name!r} is not a tensor (sequences and maps are not supported)")
         dims = []
         for dim in tensor_type.shape.dim:
-            if dim.HasField("dim_value") and dim.dim_value > 0:
+            if dim.HasField("dim_value") and dim.dim_value >= 0:  # a fixed 0 is a real size (onnxruntime checks it)
                 dims.append(int(dim.dim_value))
             elif dim.HasField("dim_param") and dim.dim_param:
                 dims.append(dim.dim_param)
@@ -88,8 +97,11 @@ def load_npz(
     labels_key: str | None = None,
     samples: int | None = None,
     batch_size: int = DEFAULT_BATCH,
+    role: str = "data",
 ) -> Dataset:
-    """Read inputs (keys = input names, batch along axis 0) and optional labels from an .npz."""
+    """Read inputs (keys = input names, batch along axis 0) and optional labels from an .npz.
+
+    `role` names the data in messages ("calibration data", "evaluation data")."""
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: no such data file")
@@ -100,31 +112,37 @@ def load_npz(
         raise DataError(f"{path}: not an .npz archive (a single .npy array?); save inputs with numpy.savez")
     if not magic.startswith(b"PK"):
         raise DataError(f"{path}: not an .npz archive (expected a zip file written by numpy.savez)")
-    try:
-        archive = np.load(path, allow_pickle=False)
-        if not isinstance(archive, np.lib.npyio.NpzFile):
-            raise DataError(f"{path}: not an .npz archive (a single .npy array?)")
-        with archive:
-            arrays = {key: archive[key] for key in archive.files}
-        for key, value in arrays.items():
-            if not isinstance(value, np.ndarray):  # np.load returns other zip members as raw bytes
-                raise DataError(f"{path}: member {key!r} is not a .npy array")
-    except DataError:
-        raise
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise DataError(f"{path}: cannot read .npz data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
-
     notes = []
     feeds = {}
-    for spec in specs:
-        if spec.name not in arrays:
-            raise DataError(f"{path}: missing input {spec.name!r} (keys present: {', '.join(sorted(arrays)) or 'none'})")
-        feeds[spec.name] = _conform(arrays[spec.name], spec, path, notes)
     labels = None
-    if labels_key is not None:
-        if labels_key not in arrays:
-            raise DataError(f"{path}: no labels array {labels_key!r} (keys present: {', '.join(sorted(arrays))})")
-        labels = arrays[labels_key]
+    converted = {}  # input name -> the dtype the file stored, when it was converted
+    try:
+        with zipfile.ZipFile(path) as archive:
+            members = _npz_members(archive)
+            present = ", ".join(sorted(members)) or "none"
+            for spec in specs:
+                if spec.name not in members:
+                    raise DataError(f"{path}: missing input {spec.name!r} (keys present: {present})")
+            size = path.stat().st_size
+            for spec in specs:  # one member at a time: read, checked, converted; unused members never opened
+                array = _read_member(archive, members[spec.name], spec.name, path, size)
+                stored = array.dtype
+                feeds[spec.name] = _conform(array, spec, path, notes)
+                if feeds[spec.name].dtype != stored:
+                    converted[spec.name] = stored
+                del array
+            if labels_key is not None:
+                if labels_key not in members:
+                    raise DataError(f"{path}: no labels array {labels_key!r} (keys present: {present})")
+                labels = _read_member(archive, members[labels_key], labels_key, path, size)
+    except DataError:
+        raise
+    except MemoryError as exc:
+        raise DataError(f"{path}: cannot read .npz data (its arrays do not fit in memory)") from exc
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, zlib.error, NotImplementedError) as exc:
+        raise DataError(f"{path}: cannot read .npz data ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})") from exc
+
+    if labels is not None:
         if labels.dtype.kind not in "iub":
             raise DataError(f"{path}: labels {labels_key!r} must be integers, got {labels.dtype}")
         if labels.ndim == 0:
@@ -140,7 +158,111 @@ def load_npz(
         feeds = {k: (a[:count] if a.ndim > 0 and a.shape[0] >= count else a) for k, a in feeds.items()}
         labels = labels[:count] if labels is not None else None
     axes = batch_axes(feeds, specs, count)
+    _check_values(feeds, axes, converted, path, role)
     return Dataset(_split(feeds, specs, count, batch_size, notes, axes), labels, count, False, notes, axes)
+
+
+def _npz_members(archive: zipfile.ZipFile) -> dict[str, zipfile.ZipInfo]:
+    """Key -> zip member, as numpy names them: `x.npy` is key `x`; a member named exactly as the key wins."""
+    members = {}
+    for info in archive.infolist():
+        if not info.is_dir() and info.filename.endswith(".npy"):
+            members.setdefault(info.filename[:-4], info)
+    for info in archive.infolist():
+        if not info.is_dir() and not info.filename.endswith(".npy"):
+            members[info.filename] = info
+    return members
+
+
+def _read_member(archive: zipfile.ZipFile, info: zipfile.ZipInfo, key: str, path: Path, file_size: int) -> np.ndarray:
+    """One .npy member, its sizes checked before any allocation.
+
+    The zip directory's sizes must fit the file (stored bytes) and deflate's ratio (inflated bytes), and the
+    .npy header's shape x itemsize must equal the inflated size less the header: a lie in any of them, a
+    member claiming terabytes in a few bytes, is refused before it is read or inflated.
+    """
+    where = f"{path}: member {info.filename!r}"
+    if info.flag_bits & 0x1:
+        raise DataError(f"{where} is encrypted")
+    if info.header_offset + info.compress_size > file_size:
+        raise DataError(f"{where} claims {info.compress_size} stored bytes, more than the file holds "
+                        "(truncated or corrupted)")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):  # bzip2, lzma: no useful ratio bound
+        raise DataError(f"{where} uses zip compression method {info.compress_type}; numpy.savez and savez_compressed "
+                        "write stored or deflated members only")
+    if info.compress_type == zipfile.ZIP_STORED and info.file_size != info.compress_size:
+        raise DataError(f"{where} is stored uncompressed but claims {info.file_size} bytes in {info.compress_size}")
+    if info.compress_type == zipfile.ZIP_DEFLATED and info.file_size > DEFLATE_MAX_RATIO * info.compress_size + 1024:
+        raise DataError(f"{where} claims {info.file_size} bytes inflated from {info.compress_size}, more than deflate "
+                        "can produce (a zip bomb?)")
+    with archive.open(info) as stream:
+        magic = stream.read(8)
+        if not magic.startswith(NPY_MAGIC) or len(magic) < 8:
+            raise DataError(f"{path}: member {key!r} is not a .npy array")
+        version = (magic[6], magic[7])
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream)
+        else:
+            raise DataError(f"{where}: unsupported .npy format version {version[0]}.{version[1]}")
+        if dtype.hasobject:
+            raise ValueError("Object arrays cannot be loaded when allow_pickle=False")
+        count = math.prod(int(d) for d in shape)
+        declared = count * dtype.itemsize
+        held = info.file_size - stream.tell()
+        if declared != held:
+            raise DataError(f"{where}: its header declares shape {list(shape)} of {dtype} ({declared} bytes) but the "
+                            f"member holds {held} bytes")
+        array = np.empty(count, dtype)
+        if declared:
+            view = memoryview(array.view(np.uint8))
+            done = 0
+            while done < declared:
+                chunk = stream.read(min(READ_CHUNK, declared - done))
+                if not chunk:
+                    raise DataError(f"{where} ends after {done} of its {declared} bytes (truncated or corrupted)")
+                view[done:done + len(chunk)] = chunk
+                done += len(chunk)
+        stream.read(1)  # at the end: zipfile checks the CRC
+    if fortran:
+        return array.reshape(shape[::-1]).transpose()
+    return array.reshape(shape)
+
+
+def _check_values(feeds: dict, axes: dict, converted: dict, path: Path, role: str) -> None:
+    """Refuse NaN/Inf (naming the input and sample) and data whose every input is all zeros.
+
+    Scanned in slices of samples, so no copy of an input is made. One all-zero input is fine (BERT's
+    token_type_ids, a recurrent state's initial zeros); all of them zero carries nothing to measure.
+    """
+    nonzero = False
+    for name, array in feeds.items():
+        axis = axes.get(name)
+        rows = np.moveaxis(array, axis, 0) if axis is not None else array.reshape(1, *array.shape)
+        per_row = max(1, math.prod(rows.shape[1:]))
+        step = max(1, (READ_CHUNK // max(array.itemsize, 1)) // per_row)
+        for start in range(0, rows.shape[0], step):
+            part = rows[start:start + step]
+            nonzero = nonzero or bool(np.any(part))
+            if array.dtype.kind not in "fc":
+                continue
+            finite = np.isfinite(part)
+            if finite.all():
+                continue
+            flat = finite.reshape(part.shape[0], -1)
+            row = int(np.argmin(flat.all(axis=1)))
+            column = int(np.argmin(flat[row]))
+            value = part[row].reshape(-1)[column]
+            what = "nan" if np.isnan(value) else ("inf" if value.real > 0 else "-inf")
+            if name in converted:
+                what += f" after conversion from {converted[name]} to {array.dtype}"
+            where = (f"in sample {start + row}" if axis is not None
+                     else f"at index {list(int(i) for i in np.unravel_index(column, array.shape))}")
+            raise DataError(f"{path}: input {name!r} has a non-finite value ({what}) {where}; {role} must be finite")
+    if feeds and not nonzero and any(a.size for a in feeds.values()):
+        raise DataError(f"{path}: every input is all zeros ({', '.join(feeds)}); {role} of zeros measures nothing: "
+                        "give real samples")
 
 
 def synthesize(
@@ -203,7 +325,8 @@ def _conform(array: np.ndarray, spec: InputSpec, path: Path, notes: list) -> np.
         if not same_kind:
             raise DataError(f"{path}: input {spec.name!r} is {array.dtype}, model expects {spec.dtype}")
         notes.append(f"input {spec.name!r} converted from {array.dtype} to {spec.dtype}")
-        array = array.astype(spec.dtype)
+        with np.errstate(over="ignore"):  # a value out of range becomes inf, which _check_values names
+            array = array.astype(spec.dtype)
     return array
 
 
@@ -231,7 +354,8 @@ def batch_axes(feeds: dict, specs: list[InputSpec], count: int) -> dict[str, int
 
 def _split(feeds: dict, specs: list[InputSpec], count: int, batch_size: int, notes: list, axes: dict) -> list[dict]:
     """Cut batched inputs along their batch axis into runs; pass the others whole to each run."""
-    static = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and axes.get(s.name) == 0}
+    static = {s.shape[0] for s in specs
+              if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0 and axes.get(s.name) == 0}
     step = min(static) if static else min(batch_size, count)
     if static and count % step:
         notes.append(f"model has a fixed batch of {step}: the last {count % step} sample(s) are not used")

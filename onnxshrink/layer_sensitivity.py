@@ -22,7 +22,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink import gptq
-from onnxshrink.model import iter_graphs
+from onnxshrink.model import iter_graphs, prepare
 
 from onnxshrink.data import Dataset, input_specs, synthesize
 from onnxshrink.errors import DataError, UsageError
@@ -119,6 +119,7 @@ def _rounded(model: onnx.ModelProto, decision, bits: int) -> onnx.ModelProto:
     """A copy of the model whose one layer has its weights rounded to `bits` (fake quantization, still float)."""
     copy = onnx.ModelProto()
     copy.CopyFrom(model)
+    prepare(copy)  # a weight held in a Constant node becomes an initializer, as the passes see it
     node, tensor = None, None
     for graph in iter_graphs(copy.graph):
         node = node or next((n for n in graph.node if n.name == decision.node), None)

@@ -7,10 +7,13 @@ directory, checked, then renamed into place; the input is never overwritten.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
+import time
 import warnings
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -21,6 +24,9 @@ from onnx import external_data_helper
 
 from onnxshrink.codec.container import MAGIC as PACK_MAGIC
 from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
+from onnxshrink.runtime import make_session
+from onnxshrink.protos import all_tensor_protos as _all_tensor_protos
+from onnxshrink.protos import iter_graphs  # noqa: F401  (passes import it from here)
 from onnxshrink.weights import tensor_nbytes
 
 # Protobuf refuses to serialize a single message over 2 GiB; leave headroom.
@@ -90,6 +96,14 @@ def is_pack(path: str | os.PathLike) -> bool:
         return False
 
 
+def runnable(path: str | os.PathLike, model: onnx.ModelProto | None = None) -> str | onnx.ModelProto:
+    """What onnxruntime should load for a model file: an ONNX file's path (onnxruntime reads its weights itself,
+    nothing is held here), or a pack decoded in memory (`model`, when the caller already loaded it)."""
+    if not is_pack(path):
+        return str(path)
+    return model if model is not None else load(path)
+
+
 def has_external_data(model: onnx.ModelProto) -> bool:
     return any(
         t.data_location == onnx.TensorProto.EXTERNAL for t in _all_tensor_protos(model.graph)
@@ -141,13 +155,22 @@ def stamp(model: onnx.ModelProto, command: str, options: dict) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None:
-    """Refuse an output that would overwrite an input (its model or data file), or an existing file without force."""
+def check_output_path(output: Path, inputs: Iterable[Path], force: bool, *, with_data: bool = True) -> None:
+    """Refuse an output that would overwrite an input (its model or data file), or an existing file without force.
+
+    `with_data` (a command that writes ONNX): `OUT.data`, where its weights may go, is checked as OUT is. An
+    existing one is refused without force even when this model will need none (it is not known yet, and a fresh
+    OUT beside an earlier OUT.data reads as one model); with force it is replaced, or removed once OUT lands
+    (`drop_stale_data`). Packs, JSON and recipes are one file: `with_data=False`.
+    """
+    output = Path(output)
     inputs = [Path(p) for p in inputs]
+    data_file = output.with_name(output.name + ".data")
     for source in inputs:
         if _same_file(output, source):
             raise OutputError(f"{output}: output path is the input model; choose another -o")
-    data_file = output.with_name(output.name + ".data")
+        if with_data and _same_file(data_file, source):
+            raise OutputError(f"{output}: its data file {data_file.name} is an input of this command; choose another -o")
     if output.exists() or data_file.exists():
         input_data = [source.parent / location for source in inputs for location in _input_locations(source)]
         if any(_same_file(output, d) for d in input_data):
@@ -160,6 +183,11 @@ def check_output_path(output: Path, inputs: Iterable[Path], force: bool) -> None
         raise OutputError(f"{output}: exists and is not a regular file")
     if output.exists() and not force:
         raise OutputError(f"{output}: already exists (use --force to replace it)")
+    if with_data and data_file.exists():
+        if not data_file.is_file():
+            raise OutputError(f"{data_file}: exists and is not a regular file")
+        if not force:
+            raise OutputError(f"{data_file}: already exists (use --force to replace it)")
     if not output.parent.exists():
         raise OutputError(f"{output.parent}: output directory does not exist")
     if not output.parent.is_dir():
@@ -189,13 +217,10 @@ def save(
         external_data = (
             has_external_data(model)
             or any(file_has_external_data(p) for p in inputs)
-            or model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+            or _too_big_for_one_protobuf(model)
         )
     data_name = output.name + ".data"
-    try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent))
-    except OSError as exc:
-        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+    staging = staging_dir(output, ".tmp")
     try:
         staged_model = staging / output.name
         try:
@@ -220,9 +245,12 @@ def save(
         except Exception as exc:  # a bug in a pass, never the user's fault
             raise RuntimeError(f"written model fails the ONNX checker: {first_line(exc)}") from exc
         staged_data = staging / data_name
-        if staged_data.exists():
+        wrote_data = staged_data.exists()
+        if wrote_data:
             os.replace(staged_data, output.parent / data_name)
         os.replace(staged_model, output)
+        if not wrote_data:
+            drop_stale_data(output)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return output
@@ -241,9 +269,11 @@ def default_output(model_path: str | os.PathLike, suffix: str | None, extension:
 
 def write_atomically(output: Path, write, check=None) -> None:
     """Write a file through `write(stream)` under a temporary name in the output's folder, run
-    `check(staged_path)`, then rename it into place: a failure or Ctrl-C never leaves a partial output."""
+    `check(staged_path)`, then rename it into place: a failure, Ctrl-C or SIGTERM never leaves a partial output."""
+    output = Path(output)
+    sweep_stale_staging(output.parent)
     try:
-        handle, staged = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".tmp", dir=output.parent)
+        handle, staged = tempfile.mkstemp(prefix=f"{STAGING_MARKER}{output.name}.", suffix=".tmp", dir=output.parent)
     except OSError as exc:
         raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
     staged = Path(staged)
@@ -263,25 +293,77 @@ def write_atomically(output: Path, write, check=None) -> None:
         staged.unlink(missing_ok=True)
 
 
-def iter_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    """The graph and every subgraph nested in If/Loop/Scan attributes, depth first."""
-    yield graph
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.type == onnx.AttributeProto.GRAPH:
-                yield from iter_graphs(attr.g)
-            elif attr.type == onnx.AttributeProto.GRAPHS:
-                for sub in attr.graphs:
-                    yield from iter_graphs(sub)
+# Staging files and folders beside an output are named `.onnxshrink-OUT.XXXXXXXX.SUFFIX` (XXXXXXXX: tempfile's
+# random part), so that the sweep below can tell them from a user's files. Before this marker they were
+# `.OUT.XXXXXXXX.SUFFIX` and `.onnxshrink.XXXXXXXX.recipe`: still recognised, the first only where OUT ends as
+# onnxshrink's outputs do (a user's `.notes.20240101.tmp` has the same shape).
+STAGING_MARKER = ".onnxshrink-"
+STAGING_SUFFIXES = (".tmp", ".check", ".compress", ".recipe")
+STALE_STAGING_S = 24 * 3600  # a live run touches its staging far more often than this
+_RANDOM_PART = r"[a-z0-9_]{8}"
+_STAGING_NAME = re.compile(
+    rf"\.onnxshrink-.+\.{_RANDOM_PART}\.(?:tmp|check|compress|recipe)"
+    rf"|\..+\.(?:onnx|shrink|json|toml)\.{_RANDOM_PART}\.(?:tmp|check|compress)"  # before the marker
+    rf"|\.onnxshrink\.{_RANDOM_PART}\.recipe"  # before the marker
+    rf"|\.onnxshrink-probe-{_RANDOM_PART}"  # _check_writable_dir's probe
+)
 
 
-def _all_tensor_protos(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    for g in iter_graphs(graph):
-        yield from g.initializer
-        for node in g.node:
-            for attr in node.attribute:
-                if attr.type == onnx.AttributeProto.TENSOR:
-                    yield attr.t
+def staging_dir(output: Path, suffix: str = ".tmp") -> Path:
+    """A new folder beside `output` to write it in (`.onnxshrink-OUT.XXXXXXXX.SUFFIX`), after the stale staging
+    a killed run left in that folder is swept."""
+    output = Path(output)
+    if suffix not in STAGING_SUFFIXES:
+        raise ValueError(f"staging suffix {suffix!r} is not one the sweep recognises")
+    sweep_stale_staging(output.parent)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f"{STAGING_MARKER}{output.name}.", suffix=suffix, dir=output.parent))
+    except OSError as exc:
+        raise OutputError(f"{output}: cannot write ({exc.strerror or exc})") from exc
+
+
+def is_staging_name(name: str) -> bool:
+    """Whether a file name is exactly one onnxshrink gives its staging files and folders (new or old naming)."""
+    return _STAGING_NAME.fullmatch(name) is not None
+
+
+def sweep_stale_staging(directory: Path, max_age_s: float = STALE_STAGING_S) -> list[Path]:
+    """Remove the staging a run killed before its cleanup (kill -9, power loss) left in `directory`: entries
+    named exactly as onnxshrink names them and unchanged for `max_age_s` (a folder: nor anything directly in it).
+    Anything else, a user's file with a similar name or a symbolic link included, is left alone; so is whatever
+    cannot be removed (the write goes on). Returns the paths removed."""
+    cutoff = time.time() - max_age_s
+    removed = []
+    try:
+        entries = [e for e in os.scandir(directory) if is_staging_name(e.name)]
+    except OSError:
+        return removed
+    for entry in entries:
+        try:
+            if entry.is_symlink():
+                continue
+            newest = entry.stat(follow_symlinks=False).st_mtime
+            if entry.is_dir(follow_symlinks=False):
+                with os.scandir(entry.path) as children:
+                    newest = max([newest] + [c.stat(follow_symlinks=False).st_mtime for c in children])
+                if newest < cutoff:
+                    shutil.rmtree(entry.path)
+                    removed.append(Path(entry.path))
+            elif entry.is_file(follow_symlinks=False) and newest < cutoff:
+                os.unlink(entry.path)
+                removed.append(Path(entry.path))
+        except OSError:
+            continue
+    return removed
+
+
+def drop_stale_data(output: Path) -> None:
+    """After OUT landed with no data file: an `OUT.data` beside it is an earlier output's (check_output_path lets
+    one through only with force) and would read as this model's, so it goes."""
+    output = Path(output)
+    data_file = output.with_name(output.name + ".data")
+    if data_file.is_file() and not data_file.is_symlink():
+        data_file.unlink(missing_ok=True)
 
 
 def _check_readable_file(path: Path) -> None:
@@ -396,13 +478,21 @@ def full_check_error(model: onnx.ModelProto, path: str | os.PathLike) -> Excepti
     try:
         if not is_pack(path):
             onnx.checker.check_model(str(path), full_check=True)
-        elif model.ByteSize() > EXTERNAL_DATA_THRESHOLD:
+        elif _too_big_for_one_protobuf(model):
             return None  # a pack this big has no single-protobuf form to check; its tensors were checked by digest
         else:
             onnx.checker.check_model(model, full_check=True)
     except Exception as exc:
         return exc
     return None
+
+
+def _too_big_for_one_protobuf(model: onnx.ModelProto) -> bool:
+    """Over the protobuf limit, ByteSize() itself fails (EncodeError) on some protobuf builds: that is an answer."""
+    try:
+        return model.ByteSize() > EXTERNAL_DATA_THRESHOLD
+    except Exception:
+        return True
 
 
 def _check_loadable(model: onnx.ModelProto, path: Path, for_rewrite: bool) -> None:
@@ -416,9 +506,8 @@ def _check_loadable(model: onnx.ModelProto, path: Path, for_rewrite: bool) -> No
     if checker_error is None:
         return
     try:
-        from onnxshrink.runtime import make_session
-
-        make_session(path)
+        # A pack is asked about as the model it decoded to (never by path: that would decode it again).
+        make_session(model if is_pack(path) else path)
     except Exception as exc:
         raise ModelLoadError(
             f"{path}: invalid ONNX model ({first_line(checker_error)}); onnxruntime refuses it too ({first_line(exc)})"
@@ -434,6 +523,28 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
+_HANDED_OVER: set[int] = set()
+
+
+@contextlib.contextmanager
+def handed_over(model: onnx.ModelProto):
+    """Within this block a pass rewrites `model` in place instead of copying it: for a caller that loaded
+    the model only to transform it (the command API), so a model with gigabytes of weights is not held twice."""
+    _HANDED_OVER.add(id(model))
+    try:
+        yield model
+    finally:
+        _HANDED_OVER.discard(id(model))
+
+
+def claim_handed_over(model: onnx.ModelProto) -> bool:
+    """Whether `model` was handed over (a pass may then rewrite it in place); the claim holds for one pass."""
+    if id(model) not in _HANDED_OVER:
+        return False
+    _HANDED_OVER.discard(id(model))
+    return True
+
+
 def first_line(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     line = text.splitlines()[0]
@@ -441,11 +552,24 @@ def first_line(exc: BaseException) -> str:
 
 
 def prepare(model: onnx.ModelProto) -> int:
-    """Move tensors held in `Constant` nodes into initializers (of their own graph), so passes see them.
+    """Move tensors held in `Constant` nodes into initializers (of their own graph), so passes see them,
+    and lift an IR 3 model to IR 4, so that every initializer (moved here or added by a pass) is valid.
 
     Returns how many were moved. Constants inside If/Loop/Scan bodies become that
     body's initializers, which keeps scoping exactly as it was.
+
+    Why IR 4 rather than listing each new initializer as a graph input: IR 3 requires every initializer
+    to be a graph input too, and onnxruntime runs such an IR 3 input as a constant (it refuses a feed for
+    it). IR 4 only lifted that rule (and added bfloat16); under IR 4 an initializer listed as an input
+    becomes an input the caller may override (no constant folding). So the main graph's initializers
+    leave its input list as the IR goes to 4: the model keeps its meaning, its callers feed what they fed.
     """
+    if 0 < model.ir_version < 4:
+        initializers = {t.name for t in model.graph.initializer}
+        inputs = [value for value in model.graph.input if value.name not in initializers]
+        del model.graph.input[:]
+        model.graph.input.extend(inputs)
+        model.ir_version = 4
     moved = 0
     for graph in iter_graphs(model.graph):
         kept = []

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import math
+import posixpath
 import sys
 from dataclasses import dataclass, field
 
@@ -24,6 +26,7 @@ import onnx
 
 from onnxshrink.codec import container, huffman
 from onnxshrink.errors import ModelLoadError
+from onnxshrink.protos import iter_graphs
 from onnxshrink.report import JsonReport
 
 MIN_CODED_BYTES = 256  # smaller tensors stay inside the graph record, which is LZMA-compressed
@@ -33,6 +36,18 @@ WHOLE_GRAPH_CHECK = 2 << 20  # models up to this size are also LZMA-compressed w
 GAP_ESCAPE = 255  # gap symbol meaning "255 background elements, no element follows"
 FORMAT_NAME = "onnxshrink-pack"
 PACKED_INT4 = {onnx.TensorProto.INT4, onnx.TensorProto.UINT4}
+# Element types packed several to a byte in raw_data (as onnx packs them), by bits per element.
+PACKED_BITS = {getattr(onnx.TensorProto, name): bits for name, bits in (
+    ("INT4", 4), ("UINT4", 4), ("FLOAT4E2M1", 4), ("INT2", 2), ("UINT2", 2), ("FLOAT6E2M3", 6), ("FLOAT6E3M2", 6))
+    if hasattr(onnx.TensorProto, name)}
+# Reading: a protobuf holds at most 2 GiB, so a graph record decodes to at most this many bytes (the header
+# names the exact count, `graph_bytes`, in packs written since it was added), and a pack without external data
+# restores at most this many tensor bytes. Every size a record declares is checked against these and the graph
+# before anything is allocated for it.
+MAX_GRAPH_BYTES = 1 << 31
+# Writing: tensors that LZMA codes better stay in the graph record, but not past this many bytes (protobuf
+# refuses to serialize 2 GiB; the half left is room for the rest of the graph): the largest then get records.
+GRAPH_RECORD_LIMIT = 1 << 30
 TYPED_FIELDS = (  # TensorProto's typed data fields: a tensor the graph left to a record has none, nor raw_data
     "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data")
 # The graph record: a raw LZMA2 stream (no .xz container: the record's CRC covers it), 8 MiB dictionary.
@@ -144,6 +159,25 @@ def tensor_bytes(tensor: onnx.TensorProto) -> bytes | None:
     return None
 
 
+def declared_bytes(tensor: onnx.TensorProto, float_data: bool = False) -> int | None:
+    """The bytes a tensor's data takes by its dims and type, as raw_data (or as little-endian fp32 when its values
+    go to `float_data`); None for a type of no fixed size (strings, unknown types). A tensor record must decode to
+    exactly this: a pack cannot make a [64, 64] tensor hold 134 M floats, nor allocate for them."""
+    if any(d < 0 for d in tensor.dims):
+        return None
+    count = math.prod(tensor.dims)
+    if float_data:
+        return 4 * count if tensor.data_type == onnx.TensorProto.FLOAT else None
+    bits = PACKED_BITS.get(tensor.data_type)
+    if bits is not None:
+        return -(-count * bits // 8)
+    try:
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    except (KeyError, ValueError, TypeError):
+        return None
+    return None if dtype.kind in "OSUV" else count * dtype.itemsize
+
+
 def element_size(tensor: onnx.TensorProto) -> int:
     if tensor.data_type in PACKED_INT4:
         return 1  # two values per byte: the nibbles encoding splits them
@@ -164,19 +198,23 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     """
     protos = tensor_protos(model)
     read = source.read if source is not None else tensor_bytes
-    plans, with_bytes = [], 0
+    plans, with_bytes, data_bytes = [], 0, 0
     for index, tensor in enumerate(protos):
         data = read(tensor)
         if data is None:
             continue
         with_bytes += 1
-        if len(data) >= MIN_CODED_BYTES:
-            plan = _plan(index, tensor, data, raw_field=tensor.HasField("raw_data") or _external(tensor))
+        data_bytes += len(data)
+        raw_field = tensor.HasField("raw_data") or _external(tensor)
+        # Only a tensor whose bytes match its dims and type gets a record: a reader refuses any other.
+        if len(data) >= MIN_CODED_BYTES and len(data) == declared_bytes(tensor, float_data=not raw_field):
+            plan = _plan(index, tensor, data, raw_field=raw_field)
             plan.in_graph_bytes = _size_in_graph(data)
             if source is not None:
                 plan.forget_symbols()
             plans.append(plan)
         del data
+    candidates = list(plans)
     # A record must beat what LZMA would spend on the tensor inside the graph; shared tables make small ones pay.
     # Dropping tensors can leave a shared table to fewer of them, or to none: choose again until all still pay.
     tables = _assign_tables([s for p in plans for s in p.streams])
@@ -186,6 +224,17 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
         if len(paying) == len(plans):
             break
         plans = paying
+    in_graph = data_bytes - sum(p.meta["n"] for p in plans)
+    if in_graph > GRAPH_RECORD_LIMIT:  # one protobuf cannot hold them all: the largest get records anyway
+        chosen = {p.index for p in plans}
+        for plan in sorted((p for p in candidates if p.index not in chosen), key=lambda p: -p.meta["n"]):
+            if in_graph <= GRAPH_RECORD_LIMIT:
+                break
+            plans.append(plan)
+            in_graph -= plan.meta["n"]
+        plans.sort(key=lambda p: p.index)
+        tables = _assign_tables([s for p in plans for s in p.streams])
+    del candidates  # the plans of tensors left in the graph: a tensor's worth of memory each
 
     stripped = onnx.ModelProto()
     stripped.CopyFrom(model)
@@ -201,7 +250,8 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     # Records were chosen tensor by tensor, against LZMA on each tensor alone; on the whole graph LZMA also finds
     # what tensors share (tied copies), so on a small model keeping every tensor in the graph can be smaller.
     # Not for external-data models: their streamed pack cannot afford it and must write what this path writes.
-    if plans and source is None and not external_data and model.ByteSize() <= WHOLE_GRAPH_CHECK:
+    if (plans and source is None and not external_data and model.ByteSize() <= WHOLE_GRAPH_CHECK
+            and data_bytes <= GRAPH_RECORD_LIMIT):
         whole_model = model.SerializeToString()
         whole_bytes = lzma.compress(whole_model, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
         if 8 * len(whole_bytes) <= 8 * len(graph_bytes) + sum(_record_bits(p, tables) for p in plans):
@@ -209,7 +259,7 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
 
     writer = container.Writer(stream)
     header = {"format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
-              "graph_codec": GRAPH_CODEC}
+              "graph_codec": GRAPH_CODEC, "graph_bytes": len(graph_model)}
     if external_data:
         header["external_data"] = True
     writer.json_record(container.HEADER, header)
@@ -527,22 +577,19 @@ def check_pack(path, manifest: PackManifest) -> None:
 
 def _read_pack(records):
     """(header, graph model, tensors) of a pack's records: tensors yields (index, description, bytes) one
-    record at a time, each checked against its digest, and at the end checks the header's counts."""
-    header = _expect(records, container.HEADER, "header")
-    header = container.parse_json(header)
-    if header.get("format") != FORMAT_NAME:
-        raise container.CorruptPack(f"header names format {header.get('format')!r}, not {FORMAT_NAME}")
-    graph_record = _expect(records, container.GRAPH, "graph")
-    try:
-        if header.get("graph_codec") != GRAPH_CODEC:
-            raise ValueError(f"unknown graph codec {header.get('graph_codec')!r}")
-        model = onnx.ModelProto.FromString(lzma.decompress(graph_record.body, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS))
-    except Exception as exc:
-        raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
-    del graph_record
+    record at a time, each checked against its digest, and at the end checks the header's counts.
+
+    Nothing is allocated for a size the file declares before that size is checked: the graph record decodes to
+    at most the bytes its header names, each tensor record must decode to the bytes its graph tensor's dims and
+    type take, and each stream's symbol count must follow from those (docs/FORMAT.md, "Reading a pack")."""
+    header = _check_header(container.parse_json(_expect(records, container.HEADER, "header")))
+    model = _decode_graph(_expect(records, container.GRAPH, "graph"), header)
+    _check_locations(model)
     slots = tensor_protos(model)
+    budget = None if header.get("external_data") else MAX_GRAPH_BYTES  # one protobuf, when unpacked
 
     def tensors():
+        nonlocal budget
         tables, filled = [], set()
         for record in records:
             if record.kind == container.TABLE:
@@ -550,20 +597,135 @@ def _read_pack(records):
             elif record.kind == container.TENSOR:
                 meta, body = container.split_meta(record)
                 index = meta.get("i")
-                if not isinstance(index, int) or not 0 <= index < len(slots) or index in filled:
-                    raise container.CorruptPack(f"tensor record at byte {record.offset} refers to no tensor of the graph")
-                if not _takes_record(slots[index], meta):
-                    raise container.CorruptPack(f"tensor record at byte {record.offset} does not fit tensor {index} of the graph")
+                where = f"tensor record at byte {record.offset}"
+                if type(index) is not int or not 0 <= index < len(slots) or index in filled:
+                    raise container.CorruptPack(f"{where} refers to no tensor of the graph")
+                slot = slots[index]
+                if not _takes_record(slot, meta):
+                    raise container.CorruptPack(f"{where} does not fit tensor {index} of the graph")
+                expected = declared_bytes(slot, float_data=meta.get("field") == "float_data")
+                if meta["n"] != expected:
+                    raise container.CorruptPack(
+                        f"{where} declares {meta['n']} bytes; tensor {slot.name!r:.80} of the graph "
+                        f"({_dtype_name(slot.data_type)} {list(slot.dims)!s:.80}) holds {expected}")
+                if budget is not None:
+                    budget -= meta["n"]
+                    if budget < 0:
+                        raise container.CorruptPack(f"{where}: the tensors pass {MAX_GRAPH_BYTES} bytes, more than "
+                                                    "a pack without external data can restore (one protobuf)")
+                _check_layout(meta, len(body), where)
                 filled.add(index)
                 yield index, meta, _decode_tensor(meta, body, tables, record)  # not kept here: one tensor at a time
             else:
                 raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
-        if len(tables) != header.get("tables") or len(filled) != header.get("tensors"):
+        if len(tables) != header["tables"] or len(filled) != header["tensors"]:
             raise container.CorruptPack(
-                f"header promises {header.get('tensors')} tensor(s) and {header.get('tables')} table(s); "
+                f"header promises {header['tensors']} tensor(s) and {header['tables']} table(s); "
                 f"the file has {len(filled)} and {len(tables)}")
 
     return header, model, tensors()
+
+
+def _check_header(header: dict) -> dict:
+    """The header's fields, each of the type and range a writer gives it (a crafted one may hold anything)."""
+    if header.get("format") != FORMAT_NAME:
+        raise container.CorruptPack(f"header names format {header.get('format')!r:.60}, not {FORMAT_NAME}")
+    if header.get("graph_codec") != GRAPH_CODEC:
+        raise container.CorruptPack(f"header names graph codec {header.get('graph_codec')!r:.60}, not {GRAPH_CODEC}")
+    for key in ("tensors", "tables"):
+        if type(header.get(key)) is not int or header[key] < 0:
+            raise container.CorruptPack(f"header's {key!r} is {header.get(key)!r:.60}, not a count")
+    if type(header.get("external_data", False)) is not bool:
+        raise container.CorruptPack(f"header's 'external_data' is {header['external_data']!r:.60}, not true or false")
+    size = header.get("graph_bytes")
+    if size is not None and (type(size) is not int or not 0 < size <= MAX_GRAPH_BYTES):
+        raise container.CorruptPack(f"header's 'graph_bytes' is {size!r:.60}, not a size up to {MAX_GRAPH_BYTES}")
+    return header
+
+
+def _decode_graph(record, header: dict) -> onnx.ModelProto:
+    """The graph record's model. LZMA's output is bounded by the size the header declares (by 2 GiB, what one
+    protobuf holds, in packs that predate it): a 469 KB record once decoded to 3.1 GiB before failing."""
+    declared = header.get("graph_bytes")
+    limit = MAX_GRAPH_BYTES if declared is None else declared
+    decoder = lzma.LZMADecompressor(format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
+    try:
+        data = decoder.decompress(record.body, max_length=limit + 1)
+    except lzma.LZMAError as exc:
+        raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
+    if len(data) > limit:
+        bound = f"the {declared} bytes its header declares" if declared is not None else "what one protobuf holds"
+        raise container.CorruptPack(f"the graph record decodes to more than {bound}")
+    if not decoder.eof or decoder.unused_data or (declared is not None and len(data) != declared):
+        raise container.CorruptPack(f"the graph record decodes to {len(data)} bytes"
+                                    f"{' of an unfinished stream' if not decoder.eof else ''}"
+                                    f"{', then more bytes' if decoder.unused_data else ''}"
+                                    f"{f', not the {declared} its header declares' if declared is not None else ''}")
+    try:
+        return onnx.ModelProto.FromString(data)
+    except Exception as exc:  # protobuf's DecodeError, or a RecursionError on absurd nesting
+        raise container.CorruptPack(f"the graph record does not decode ({type(exc).__name__})") from exc
+
+
+def _check_locations(model: onnx.ModelProto) -> None:
+    """Refuse external data the graph record places outside the model's folder (an absolute path, `..`), as
+    loading an ONNX file does: decoding never reads it, but unpack would write a model that points there."""
+    for tensor in _every_tensor(model):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        if not _inside_folder(location):
+            raise container.CorruptPack(f"the graph's tensor {tensor.name!r:.80} keeps its data at {location!r:.200}, "
+                                        "outside the model's folder")
+
+
+def _every_tensor(model: onnx.ModelProto):
+    """tensor_protos, and the tensors of SPARSE_TENSORS attributes (which pack never codes)."""
+    yield from tensor_protos(model)
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            for attr in node.attribute:
+                for sparse in attr.sparse_tensors:
+                    yield from (sparse.values, sparse.indices)
+
+
+def _inside_folder(location: str) -> bool:
+    """Whether a relative location stays in its folder whatever the platform: no root, drive or `..` out."""
+    path = location.replace("\\", "/")
+    if not path or "\0" in path or path.startswith("/") or (len(path) > 1 and path[1] == ":"):
+        return False
+    normal = posixpath.normpath(path)
+    return normal not in (".", "..") and not normal.startswith("../")
+
+
+def _check_layout(meta: dict, body_length: int, where: str) -> None:
+    """Each stream's symbol count follows from `n`, `k`, the encoding and `nnz` (a gap stream's within the
+    escapes the element count allows), is at most 8 per byte of the stream (a Huffman code is at least a bit),
+    and the streams' lengths fill the record: a description cannot make the decoder allocate for more."""
+    n, k, streams = meta["n"], meta["k"], meta["streams"]
+    counts = [s["c"] for s in streams]
+    encoding = meta["enc"]
+    if encoding == "planes":
+        fits = counts == [n // k] * k
+    elif encoding == "nibbles":
+        fits = counts == [2 * n]
+    else:
+        nnz = meta["nnz"]
+        elements = n // k if encoding == "sparse" else 2 * n
+        if encoding == "sparse-nibbles":
+            values = [nnz]
+        else:
+            values = [2 * nnz * k] if meta["vals"] == "nibbles" else [nnz] * k
+        fits = (len(counts) == 1 + len(values) and counts[1:] == values
+                and nnz <= counts[0] <= nnz + (elements - nnz) // GAP_ESCAPE)
+    if not fits:
+        raise container.CorruptPack(f"{where} has {len(counts)} stream(s) of {counts!s:.80} symbols, "
+                                    f"not what {n} bytes coded as {encoding} take")
+    if sum(s["b"] for s in streams) != body_length:
+        raise container.CorruptPack(f"{where}'s streams do not fill it: {sum(s['b'] for s in streams)} bytes "
+                                    f"declared, {body_length} there")
+    if any(s["c"] > 8 * s["b"] for s in streams):
+        raise container.CorruptPack(f"{where} declares more symbols than its streams' bytes can code")
 
 
 def _takes_record(slot: onnx.TensorProto, meta: dict) -> bool:
@@ -571,13 +733,15 @@ def _takes_record(slot: onnx.TensorProto, meta: dict) -> bool:
     type allows: a description whose index or field was altered would otherwise restore another model."""
     if slot.HasField("raw_data") or any(len(getattr(slot, name)) for name in TYPED_FIELDS):
         return False
+    if slot.data_location == onnx.TensorProto.EXTERNAL:  # pack makes a tensor it codes internal
+        return False
     return meta.get("field") != "float_data" or slot.data_type == onnx.TensorProto.FLOAT
 
 
 def read_file_header(path) -> dict:
     """The header record of a pack file, read without the rest of the file."""
     with open(path, "rb") as f:
-        return container.parse_json(_expect(container.read_file_records(f), container.HEADER, "header"))
+        return _check_header(container.parse_json(_expect(container.read_file_records(f), container.HEADER, "header")))
 
 
 
@@ -589,38 +753,38 @@ def unpack_external(path, staged) -> None:
     Memory: the graph and one tensor. CorruptPack names what does not check out."""
     from pathlib import Path
 
-    from onnxshrink.streaming import INLINE_LIMIT
-    from onnxshrink.streaming import _set_external as set_external
+    from onnxshrink.protos import INLINE_LIMIT, set_external
 
     staged = Path(staged)
     data_path = staged.with_name(staged.name + ".data")
     small = sys.getsizeof(b"")
-    with open(path, "rb") as f, open(data_path, "wb") as sink:
-        model, tensors = _read_pack(container.read_file_records(f))[1:]
+    with open(path, "rb") as f:
+        model, tensors = _read_pack(container.read_file_records(f))[1:]  # header and graph checked: now write
         initializers: list[int] = []
         protos = tensor_protos(model, initializers)
         initializers = set(initializers)
+        with open(data_path, "wb") as sink:
 
-        def put(tensor, data) -> None:
-            offset = sink.tell()
-            sink.write(data)
-            set_external(tensor, data_path.name, offset, len(data))
+            def put(tensor, data) -> None:
+                offset = sink.tell()
+                sink.write(data)
+                set_external(tensor, data_path.name, offset, len(data))
 
-        for index, meta, data in tensors:
-            tensor = protos[index]
-            if meta.get("field") == "float_data":
-                tensor.float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
-            elif index in initializers and len(data) + small >= INLINE_LIMIT:
-                put(tensor, data)
-            else:
-                tensor.raw_data = data
-            del data
-        for index in sorted(initializers):  # those the graph record held (small, or coded better by LZMA)
-            tensor = protos[index]
-            if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_LIMIT:
-                put(tensor, tensor.raw_data)
-                tensor.ClearField("raw_data")
-        written = sink.tell()
+            for index, meta, data in tensors:
+                tensor = protos[index]
+                if meta.get("field") == "float_data":
+                    tensor.float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
+                elif index in initializers and len(data) + small >= INLINE_LIMIT:
+                    put(tensor, data)
+                else:
+                    tensor.raw_data = data
+                del data
+            for index in sorted(initializers):  # those the graph record held (small, or coded better by LZMA)
+                tensor = protos[index]
+                if tensor.HasField("raw_data") and sys.getsizeof(tensor.raw_data) >= INLINE_LIMIT:
+                    put(tensor, tensor.raw_data)
+                    tensor.ClearField("raw_data")
+            written = sink.tell()
     if not written:
         data_path.unlink()
     onnx.save_model(model, str(staged))
@@ -667,6 +831,8 @@ def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
         raise container.CorruptPack(f"{where}: {exc}") from exc
     except (KeyError, TypeError, ValueError, IndexError, ArithmeticError) as exc:
         raise container.CorruptPack(f"{where} has an invalid description ({type(exc).__name__}: {exc})") from exc
+    except MemoryError as exc:  # a size the graph declares (checked), only larger than this machine's memory
+        raise container.CorruptPack(f"{where}: its {n} bytes do not fit in memory") from exc
     if len(raw) != n or _digest(raw) != meta["sha"]:
         raise container.CorruptPack(f"{where} decodes to different bytes than were packed")
     return raw

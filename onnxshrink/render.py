@@ -208,7 +208,8 @@ def render_compress(console: Console, report) -> None:
     for note in report.notes:
         console.print(f"[yellow]note:[/] {escape(note)}")
     budget = f" of a {report.time_budget_s:g} s budget" if report.time_budget_s else ""
-    console.print(f"{report.stopped}: {len(report.candidates)} candidate(s) in {report.seconds:.1f} s{budget}")
+    limit = f" (limit {report.max_candidates})" if getattr(report, "max_candidates", None) else ""
+    console.print(f"{report.stopped}: {len(report.candidates)} candidate(s){limit} in {report.seconds:.1f} s{budget}")
     if report.output and report.size.get("output"):
         console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, "
                       f"{report.size['times_smaller']:.1f}x smaller than the input)")

@@ -12,7 +12,8 @@ import numpy as np
 import onnx
 
 from onnxshrink.errors import ModelLoadError, UnsupportedModelError
-from onnxshrink.model import iter_graphs
+from onnxshrink.codec.container import MAGIC as PACK_MAGIC
+from onnxshrink.protos import iter_graphs
 
 
 def session_options(threads: int = 1, optimize: bool = True, optimized_path: str | None = None, prepack: bool = True):
@@ -48,14 +49,16 @@ def _nodes(model: onnx.ModelProto):
 
 def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, optimize: bool = True, optimized_path: str | None = None,
                  prepack: bool = True):
-    """An onnxruntime CPU session; a model onnxruntime refuses is an unsupported model, not a crash."""
+    """An onnxruntime CPU session; a model onnxruntime refuses is an unsupported model, not a crash.
+
+    `model` is an ONNX file's path (onnxruntime reads its external data itself) or a model in memory. A pack's
+    path is refused: this module never loads a file (model.load decodes packs, and asks this module whether
+    onnxruntime accepts the result: loading here again once made reading a pack call itself 240 times).
+    """
     import onnxruntime as ort
 
-    if not isinstance(model, onnx.ModelProto):
-        from onnxshrink.model import is_pack, load
-
-        if is_pack(model):  # a .shrink file runs from memory, decoded, never unpacked to disk
-            model = load(model)
+    if not isinstance(model, onnx.ModelProto) and _is_pack_path(model):
+        raise TypeError(f"{model}: a pack must be decoded (model.load) before onnxruntime can run it")
     source = model.SerializeToString() if isinstance(model, onnx.ModelProto) else str(model)
     try:
         # No provider fallback: on some errors onnxruntime's fallback print()s a banner to stdout,
@@ -74,6 +77,14 @@ def make_session(model: str | os.PathLike | onnx.ModelProto, threads: int = 1, o
         hint = (f" (custom op {', '.join(custom[:3])}: onnxshrink runs every model it writes in stock onnxruntime, "
                 "which has no kernel for it; `pack` needs none)") if custom else ""
         raise UnsupportedModelError(f"onnxruntime cannot load the model: {message[:300]}{hint}") from exc
+
+
+def _is_pack_path(path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(PACK_MAGIC)) == PACK_MAGIC
+    except OSError:
+        return False
 
 
 def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:

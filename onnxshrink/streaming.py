@@ -28,14 +28,13 @@ from onnx import external_data_helper, numpy_helper
 
 from onnxshrink import model as model_io
 from onnxshrink.errors import ModelLoadError, OutputError
+from onnxshrink.protos import INLINE_LIMIT, set_external
 
 # Where each tensor starts in a data file we write: 1 MiB and larger at onnxruntime's allocation
 # granularity (64 KiB), so it can map them; smaller ones at 16 bytes (any numpy view is aligned).
 LARGE_TENSOR = 1 << 20
 LARGE_ALIGN = 64 << 10
 SMALL_ALIGN = 16
-# model.save writes tensors whose raw_data is at least this big (sys.getsizeof, as onnx measures) externally.
-INLINE_LIMIT = 1024
 COPY_CHUNK = 16 << 20
 
 
@@ -118,7 +117,7 @@ class StreamingStore(TensorStore):
                 if source != self.token:
                     start = self._align(length)
                     _copy_range(self.source_dir / source, offset, length, self.sink)
-                    _set_external(tensor, self.token, start, length)
+                    set_external(tensor, self.token, start, length)
             else:
                 self._externalize(tensor)
             if tensor.data_location == onnx.TensorProto.EXTERNAL:
@@ -134,7 +133,7 @@ class StreamingStore(TensorStore):
         self.sink.write(data)
         del data
         tensor.ClearField("raw_data")
-        _set_external(tensor, self.token, start, self.sink.tell() - start)
+        set_external(tensor, self.token, start, self.sink.tell() - start)
 
     def _align(self, length: int) -> int:
         """Pad the sink to where a tensor of `length` bytes starts; returns that offset."""
@@ -219,7 +218,6 @@ def write_pass(model: onnx.ModelProto, model_path: str | os.PathLike, transform,
     `edit(result)` runs before anything is written (the command's metadata stamp). Returns
     (result, pass report); the result holds external references only, not the weights.
     """
-    from onnxshrink.passes.common import handed_over
 
     staged = Path(staged)
     data_path = staged.with_name(staged.name + ".data")
@@ -228,7 +226,7 @@ def write_pass(model: onnx.ModelProto, model_path: str | os.PathLike, transform,
             store = StreamingStore(Path(model_path).parent, sink)
             transform.tensors = store
             try:
-                with handed_over(model):
+                with model_io.handed_over(model):
                     result, report = transform(model)
             finally:
                 transform.tensors = TensorStore()
@@ -264,9 +262,12 @@ def move_into_place(staged: Path, final: Path, inputs, force: bool) -> Path:
                 if entry.key == "location":
                     entry.value = final_data.name
         onnx.save_model(graph, str(staged))
-    if data.exists():
+    wrote_data = data.exists()
+    if wrote_data:
         os.replace(data, final_data)
     os.replace(staged, final)
+    if not wrote_data:
+        model_io.drop_stale_data(final)
     return final
 
 
@@ -293,13 +294,6 @@ def _external_entry(tensor: onnx.TensorProto) -> tuple[str, int, int]:
     from onnxshrink.weights import tensor_nbytes
 
     return info.location, int(info.offset or 0), int(info.length or tensor_nbytes(tensor))
-
-
-def _set_external(tensor: onnx.TensorProto, location: str, offset: int, length: int) -> None:
-    tensor.data_location = onnx.TensorProto.EXTERNAL
-    del tensor.external_data[:]
-    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
-        tensor.external_data.add(key=key, value=value)
 
 
 def _copy_range(path: Path, offset: int, length: int, sink: BinaryIO) -> None:

@@ -61,11 +61,12 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     if thresholds.max_accuracy_drop is not None and not config.labels:
         raise UsageError("--max-accuracy-drop needs --data and --labels")
     dataset = (
-        data_mod.load_npz(config.data, specs, config.labels, config.samples)
+        data_mod.load_npz(config.data, specs, config.labels, config.samples, role="evaluation data")
         if config.data
         else data_mod.synthesize(specs, config.samples, config.seed, config.shapes)
     )
-    sessions = [make_session(original, config.threads), make_session(candidate, config.threads)]
+    sessions = [make_session(model_io.runnable(original, original_model), config.threads),
+                make_session(model_io.runnable(candidate, candidate_model), config.threads)]
     del original_model, candidate_model
     try:
         reference = run_batches(sessions[0], dataset.batches)

@@ -268,3 +268,69 @@ def test_codebooks_round_gptq_way_when_the_budget_is_on_outputs_alone(digits):
     no_data = CompressConfig(thresholds=Thresholds(min_cosine=0.999))
     assert "rounding" not in format_pass("cluster3", no_data).options  # GPTQ needs calibration data
     assert "rounding" not in FORMATS["cluster3"].options  # the table itself is left alone
+
+
+# ---- reproducible budgets and signals (issue 18, items 14 and 9) ---------------------------------------
+
+def test_a_candidate_budget_gives_the_same_bytes_and_stops_there(runner, tmp_path, monkeypatch):
+    """--time-budget makes the result depend on the machine's speed; --max-candidates does not: two runs, the same
+    file, and the report says how many candidates were tried and why the search stopped."""
+    save_model(make_mlp(), tmp_path / "mlp.onnx")
+    monkeypatch.chdir(tmp_path)
+    reports = []
+    for name in ("a.shrink", "b.shrink"):
+        result = invoke(runner, "compress", "mlp.onnx", "--min-cosine", "0.7", "--max-candidates", "3", "-o", name, "--json")
+        assert result.exit_code == 0, result.output
+        reports.append(json.loads(result.stdout))
+    assert (tmp_path / "a.shrink").read_bytes() == (tmp_path / "b.shrink").read_bytes()
+    report = reports[0]
+    assert len(report["candidates"]) == 3 and report["stopped"] == "candidate limit"
+    assert report["max_candidates"] == 3 and report["time_budget_s"] is None  # no clock unless --time-budget is given
+    assert report["size"]["output"] < report["size"]["lossless"]  # a compressed candidate, not only the lossless start
+    assert "candidate limit: 3 candidate(s) (limit 3)" in invoke(
+        runner, "compress", "mlp.onnx", "--min-cosine", "0.7", "--max-candidates", "3", "-o", "c.shrink").stdout
+
+
+def test_a_time_budget_given_with_a_candidate_budget_still_stops_the_search(tmp_path):
+    model = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    config = CompressConfig(thresholds=Thresholds(min_cosine=0.7), time_budget_s=1e-9, max_candidates=50)
+    report = compress(model, tmp_path / "out.shrink", config)
+    assert report.stopped == "time budget" and len(report.candidates) == 1  # the lossless start, then the clock
+    assert report.time_budget_s == 1e-9 and report.max_candidates == 50
+    with pytest.raises(UsageError, match="--max-candidates 0: must be at least 1"):
+        compress(model, tmp_path / "x.shrink", CompressConfig(thresholds=Thresholds(min_cosine=0.7), max_candidates=0))
+
+
+def test_sigterm_during_the_search_exits_143_and_keeps_the_best_so_far(runner, tmp_path, monkeypatch):
+    from onnxshrink.cli import Terminated
+
+    save_model(make_mlp(), tmp_path / "mlp.onnx")
+    monkeypatch.chdir(tmp_path)
+    real, calls = api.validate, []
+
+    def killed(*args, **kwargs):  # what the SIGTERM handler raises, in the second validation
+        calls.append(1)
+        if len(calls) == 2:
+            raise Terminated
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(compress_search.api, "validate", killed)
+    result = invoke(runner, "compress", "mlp.onnx", "--min-cosine", "0.7", "--max-candidates", "5", "-o", "out.shrink")
+    assert result.exit_code == 143, result.output
+    assert result.stderr.strip().splitlines()[-1] == ("terminated (SIGTERM); out.shrink holds the best valid model found "
+                                                      "so far, if one was written")
+    assert (tmp_path / "out.shrink").exists()  # the lossless start, whole
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # the search's work folder removed
+
+
+def test_recipe_mode_never_writes_its_failed_result_over_an_input(runner, tmp_path, monkeypatch):
+    """-o m.onnx sends a result failing the thresholds to m.failed.onnx: when that is the input, refused up front
+    (before: exit 1, the input overwritten by the failed result)."""
+    save_model(make_mlp(), tmp_path / "m.failed.onnx")
+    (tmp_path / "r.toml").write_text('[[passes]]\nname = "prune"\nsparsity = 0.9\n')
+    monkeypatch.chdir(tmp_path)
+    before = tree(tmp_path)
+    result = invoke(runner, "compress", "m.failed.onnx", "--recipe", "r.toml", "--min-cosine", "0.9999", "-o", "m.onnx")
+    assert result.exit_code == 5, result.output
+    assert result.stderr.strip() == "error: m.failed.onnx: output path is the input model; choose another -o"
+    assert tree(tmp_path) == before

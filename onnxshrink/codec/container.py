@@ -121,7 +121,9 @@ def _records(read_at, size: int) -> Iterator[Record]:
         count += 1
         offset = end + CRC.size
         if kind == END:
-            expected = json.loads(bytes(record.body)).get("records")
+            expected = parse_json(record).get("records")
+            if type(expected) is not int:
+                raise CorruptPack(f"the end record at byte {record.offset} has no record count")
             if expected != count:
                 raise CorruptPack(f"record count mismatch: end record says {expected}, file has {count}")
             if offset != size:
@@ -130,11 +132,21 @@ def _records(read_at, size: int) -> Iterator[Record]:
         yield record
 
 
+MAX_JSON_BYTES = 1 << 16  # header, end record, 1.x description: a few hundred bytes each when written
+
+
 def parse_json(record: Record) -> dict:
+    """A JSON record body as a dict. Size and nesting are bounded (a crafted record could otherwise take memory
+    or overflow the parser's stack); the caller still checks the type of every field it reads."""
+    if len(record.body) > MAX_JSON_BYTES:
+        raise CorruptPack(f"{record.kind_name} record at byte {record.offset} holds {len(record.body)} bytes of JSON, "
+                          f"more than the {MAX_JSON_BYTES} a pack writes")
     try:
         value = json.loads(bytes(record.body))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CorruptPack(f"{record.kind_name} record at byte {record.offset} is not valid JSON") from exc
+    except RecursionError as exc:
+        raise CorruptPack(f"{record.kind_name} record at byte {record.offset} nests its JSON too deeply") from exc
     if not isinstance(value, dict):
         raise CorruptPack(f"{record.kind_name} record at byte {record.offset} is not a JSON object")
     return value
@@ -276,11 +288,66 @@ def _split_json_meta(record: Record) -> tuple[dict, memoryview]:
     (length,) = JSON_LENGTH.unpack_from(body, 0)
     if JSON_LENGTH.size + length > len(body):
         raise CorruptPack(f"tensor record at byte {record.offset} has a bad description length")
-    meta = parse_json(Record(record.kind, body[JSON_LENGTH.size : JSON_LENGTH.size + length], record.offset))
+    text = parse_json(Record(record.kind, body[JSON_LENGTH.size : JSON_LENGTH.size + length], record.offset))
     try:
-        meta["sha"] = bytes.fromhex(meta["sha"])
-        if "bg" in meta:
-            meta["bg"] = int(meta["bg"], 16) if meta.get("enc") == "sparse-nibbles" else bytes.fromhex(meta["bg"])
+        meta = _json_meta(text)
     except (KeyError, TypeError, ValueError) as exc:
         raise CorruptPack(f"tensor record at byte {record.offset} has an invalid description ({exc})") from exc
     return meta, body[JSON_LENGTH.size + length :]
+
+
+def _json_meta(text: dict) -> dict:
+    """A 1.x JSON description as the dict split_meta returns for 2.x, every field's type and range checked as
+    the binary reader checks them: past this point a description of either version is trusted to be well formed."""
+    def number(value, name) -> int:
+        if type(value) is not int or value < 0:
+            raise ValueError(f"{name} is {value!r:.40}, not a count")
+        return value
+
+    def code(value, names, name) -> str:
+        if value not in names:  # a str among the names; any other JSON value is not
+            raise ValueError(f"unknown {name} {value!r:.40}")
+        return value
+
+    # `i` as written: the reader refuses an index that names no tensor of the graph, whatever its type.
+    meta = {"i": text.get("i"), "n": number(text["n"], "n"), "k": number(text["k"], "k")}
+    k, n = meta["k"], meta["n"]
+    if not 0 < k < 256 or n % k:
+        raise ValueError(f"{n} bytes in elements of {k}")
+    if "field" in text:
+        if text["field"] != "float_data":
+            raise ValueError(f"unknown field {text['field']!r:.40}")
+        meta["field"] = "float_data"
+    if not isinstance(text["sha"], str):
+        raise TypeError("sha is not a string")
+    meta["sha"] = bytes.fromhex(text["sha"])
+    if len(meta["sha"]) != DIGEST_BYTES:
+        raise ValueError(f"a digest of {len(meta['sha'])} bytes")
+    meta["enc"] = code(text["enc"], ENCODINGS, "encoding")
+    if meta["enc"] in ("sparse", "sparse-nibbles"):
+        if not isinstance(text["bg"], str):
+            raise TypeError("bg is not a string")
+        elements = n // k if meta["enc"] == "sparse" else 2 * n
+        meta["nnz"] = number(text["nnz"], "nnz")
+        if meta["nnz"] > elements:
+            raise ValueError(f"lists {meta['nnz']} of {elements} elements")
+    if meta["enc"] == "sparse":
+        meta["bg"] = bytes.fromhex(text["bg"])
+        if len(meta["bg"]) != k:
+            raise ValueError(f"a background of {len(meta['bg'])} bytes in elements of {k}")
+        meta["vals"] = code(text["vals"], VALUE_ENCODINGS, "value encoding")
+    elif meta["enc"] == "sparse-nibbles":
+        meta["bg"] = int(text["bg"], 16)
+        if not 0 <= meta["bg"] <= 15:
+            raise ValueError(f"a background nibble of {meta['bg']}")
+    if not isinstance(text["streams"], list):
+        raise TypeError("streams is not a list")
+    meta["streams"] = []
+    for entry in text["streams"]:
+        if not isinstance(entry, dict):
+            raise TypeError("a stream entry is not an object")
+        stream = {"c": number(entry["c"], "c"), "b": number(entry["b"], "b")}
+        if "t" in entry:
+            stream["t"] = number(entry["t"], "t")
+        meta["streams"].append(stream)
+    return meta

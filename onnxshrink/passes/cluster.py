@@ -39,7 +39,8 @@ from onnxshrink import codebook
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import Names, attr, begin_pass, drop_unused_initializers, initializer_owners, select_layers
+from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, initializer_owners, raise_opset,
+                                      select_layers)
 from onnxshrink.passes.prune import _describe, _read_bias, teacher_gram
 from onnxshrink.passes.quantize import QUANTIZED_OPS
 from onnxshrink.passes.quantize_weights import _channel_axis
@@ -142,6 +143,16 @@ class Cluster:
         if not units:
             report.notes.append(nothing_to_cluster(model))
             return model, report
+        # Cast with an integer `to` needs opset 6; per-channel offsets (a broadcasting Add) and int8 scales 7.
+        needed = 7 if config.per == "channel" or other_floats(config) == "int8" else 6
+        what = "the codebook decoding (Cast, Gather" + (", broadcasting Add/Mul)" if needed == 7 else ")")
+        why = raise_opset(model, needed, what, report.notes)
+        if why:
+            for group in units.values():
+                report.layers.extend(LayerDecision(site.name, site.node.op_type, site.weight, "kept", why,
+                                                   records[site.weight].nbytes, records[site.weight].nbytes) for site in group)
+            report.notes.append(nothing_to_cluster(model))
+            return model, report
         self._owners = initializer_owners(model)
         self._names = Names(model)
         self._records = records
@@ -204,9 +215,6 @@ class Cluster:
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
         site = group[0]
-        if not np.all(np.isfinite(raw)):
-            return [LayerDecision(s.name, s.node.op_type, weight, "kept", "weight holds NaN or infinite values",
-                                  raw.nbytes, raw.nbytes) for s in group]
         layer = _describe(site, self._owners, self._records, self._main_outputs)
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape

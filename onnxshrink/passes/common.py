@@ -3,43 +3,34 @@ fresh names, and initializer bookkeeping across subgraph scopes."""
 
 from __future__ import annotations
 
-import contextlib
 import fnmatch
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
-from onnx import TensorProto, helper
+from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink.model import iter_graphs, prepare
+from onnxshrink.model import claim_handed_over, handed_over, iter_graphs, prepare  # noqa: F401 (handed_over: passes import it here)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import tensor_nbytes
 
 
-_HANDED_OVER: set[int] = set()
-
-
-@contextlib.contextmanager
-def handed_over(model: onnx.ModelProto):
-    """Within this block a pass rewrites `model` in place instead of copying it: for a caller that loaded
-    the model only to transform it (the command API), so a model with gigabytes of weights is not held twice."""
-    _HANDED_OVER.add(id(model))
-    try:
-        yield model
-    finally:
-        _HANDED_OVER.discard(id(model))
-
-
 def begin_pass(model: onnx.ModelProto, name: str, options: dict) -> tuple[onnx.ModelProto, PassReport]:
     """A copy of the model to rewrite (passes never touch their input, unless it was handed over),
-    its Constant-node tensors moved to initializers, and the pass's report with a note saying how many moved."""
-    if id(model) in _HANDED_OVER:
-        _HANDED_OVER.discard(id(model))
+    its Constant-node tensors moved to initializers (an IR 3 model lifted to IR 4, model.prepare says why), and the
+    pass's report with a note saying what changed."""
+    if claim_handed_over(model):
         copy = model
     else:
         copy = onnx.ModelProto()
         copy.CopyFrom(model)
     report = PassReport(name, options)
+    ir_version = copy.ir_version
     moved = prepare(copy)
+    if copy.ir_version != ir_version:
+        report.notes.append(f"IR version {ir_version} -> {copy.ir_version}: IR {ir_version} requires every initializer to "
+                            "be a graph input; the initializers left the input list (onnxruntime ran them as constants "
+                            "already, and refused feeds for them)")
     if moved:
         report.notes.append(f"moved {moved} Constant-node tensor(s) to initializers")
     return copy, report
@@ -55,12 +46,31 @@ class Site:
     weight: str
 
 
-def select_layers(model, records, op_types, config, judge):
+NONFINITE = "weight holds NaN or infinite values"  # the reason every command gives for leaving such a layer as it is
+
+
+def nonfinite(values: np.ndarray) -> bool:
+    """Whether a float weight holds NaN or +-Inf. No compressed form of it means anything (a scale, a codebook or a
+    magnitude order computed with NaN in it), so every command leaves such a layer exactly as it is and says why."""
+    return values.dtype.kind == "f" and not bool(np.isfinite(values).all())
+
+
+def select_layers(model, records, op_types, config, judge, read=numpy_helper.to_array):
     """Nodes of `op_types` to rewrite, and a kept-float LayerDecision with a reason for every other one.
 
     `config` supplies op_types/exclude/keep_float as every quantize mode spells them;
-    `judge(node, record, constants)` returns a pass-specific reason to skip, or None.
+    `judge(node, record, constants)` returns a pass-specific reason to skip, or None. A layer that would be
+    rewritten is last checked for NaN/Inf weights (NONFINITE): each weight read once, through `read` (a streamed
+    pass's store reads one external weight at a time, so a big model is never held whole).
     """
+    owners = initializer_owners(model)
+    finite: dict[str, bool] = {}
+
+    def nonfinite_reason(weight: str) -> str | None:
+        if weight not in finite and weight in owners:
+            finite[weight] = not nonfinite(read(owners[weight][1]))
+        return None if finite.get(weight, True) else NONFINITE
+
     sites, skipped = [], []
     candidates = []
     for graph in iter_graphs(model.graph):
@@ -83,7 +93,7 @@ def select_layers(model, records, op_types, config, judge):
         elif record.is_graph_input:
             reason = "weight is also a graph input: a caller may override it at run time, so it stays float"
         else:
-            reason = judge(node, record, constants)
+            reason = judge(node, record, constants) or nonfinite_reason(weight)
         if reason:
             skipped.append(LayerDecision(name, node.op_type, weight, "kept float", reason, size, size))
         else:
@@ -165,6 +175,48 @@ def ensure_opset(model, version, domain=""):
                 opset.version = version
             return
     model.opset_import.append(helper.make_opsetid(domain, version))
+
+
+def default_opset(model) -> int:
+    """The model's opset for the default (ai.onnx) domain."""
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 1)
+
+
+def raise_opset(model, version: int, what: str, notes: list | None = None) -> str | None:
+    """Let a pass write default-domain ops of opset `version` (`what` names them, for the reason): raise the model's
+    opset to `version` when every op it holds means the same there (the same schema version at both opsets) and
+    return None; else change nothing and return why the layer stays as it is.
+
+    Never a version converter: that rewrites the user's own nodes (Clip's attributes becoming inputs at 11, say),
+    and a node it gets wrong would be the tool's fault reported as the input's. An older opset than a written op
+    needs is a reason to leave that layer alone, never an error. A raise is noted in `notes` (a report's).
+    """
+    current = default_opset(model)
+    if current >= version:
+        return None
+    changed = set()
+    if model.functions:
+        changed.add("model-local function")
+    for graph in iter_graphs(model.graph):
+        for node in graph.node:
+            if node.domain not in ("", "ai.onnx"):
+                continue
+            if _schema_version(node.op_type, current) != _schema_version(node.op_type, version):
+                changed.add(node.op_type)
+    if changed:
+        return (f"{what} needs opset {version}; the model has opset {current}, and raising it would change the meaning "
+                f"of its {', '.join(sorted(changed))} node(s)")
+    ensure_opset(model, version)
+    if notes is not None:
+        notes.append(f"opset {current} -> {version}: {what} needs it, and every op of the model means the same there")
+    return None
+
+
+def _schema_version(op_type: str, opset: int) -> int | None:
+    try:
+        return onnx.defs.get_schema(op_type, opset, "").since_version
+    except onnx.defs.SchemaError:
+        return None
 
 
 def initializer_owners(model):

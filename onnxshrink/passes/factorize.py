@@ -118,6 +118,7 @@ class LowRank:
     kept_energy: float  # fraction of the squared singular values kept
     error: float | None = None  # relative output error on the calibration data
     plain_error: float | None = None  # plain SVD's, same rank and data
+    fallback: str | None = None  # why plain SVD was used although data was given
 
 
 def rank_for_ratio(k: int, n: int, ratio: float) -> int:
@@ -143,10 +144,14 @@ def low_rank(w: np.ndarray, rank: int | None = None, energy: float | None = None
     w = np.asarray(w, dtype=np.float64)
     k, n = w.shape
     u, s, vt = np.linalg.svd(w, full_matrices=False)
-    if gram is None:
+
+    def plain(fallback: str | None = None) -> LowRank:
         r = rank if rank is not None else rank_for_energy(s, energy)
         root = np.sqrt(s[:r])
-        return LowRank(u[:, :r] * root, root[:, None] * vt[:r], None, r, _kept(s, r))
+        return LowRank(u[:, :r] * root, root[:, None] * vt[:r], None, r, _kept(s, r), fallback=fallback)
+
+    if gram is None:
+        return plain()
     xtx, xty = gram.xtx, gram.xty
     if gram.bias:  # centre: the best bias for any W' is mean(Y) - mean(X) W', so fit W' to centred data
         rows = max(float(xtx[k, k]), 1.0)
@@ -155,10 +160,18 @@ def low_rank(w: np.ndarray, rank: int | None = None, energy: float | None = None
         c = xty[:k] - np.outer(sx, sy) / rows
     else:
         g, c = xtx, xty
-    lam = damping * max(float(np.mean(np.diag(g))), 1e-12)
+    # Inputs constant over the calibration data (all zero, or one row repeated) leave no covariance to whiten
+    # by: centred, it is rounding noise, and its Cholesky factor fails or means nothing.
+    spread = float(np.mean(np.diag(g)))
+    if not spread > 1e-10 * float(np.mean(np.diag(xtx[:k, :k]))):
+        return plain("the layer's inputs are constant on the calibration data (zero input covariance): plain SVD")
+    lam = damping * max(spread, 1e-12)
     g = g + lam * np.eye(k)
-    target = np.linalg.solve(g, c + lam * w)  # W*: the full-rank fit to the original outputs
-    lower = np.linalg.cholesky(g)
+    try:
+        target = np.linalg.solve(g, c + lam * w)  # W*: the full-rank fit to the original outputs
+        lower = np.linalg.cholesky(g)
+    except np.linalg.LinAlgError:
+        return plain("the layer's input covariance on the calibration data is singular: plain SVD")
     uw, sw, vtw = np.linalg.svd(lower.T @ target, full_matrices=False)
     r = rank if rank is not None else rank_for_energy(sw, energy)
     root = np.sqrt(sw[:r])
@@ -278,8 +291,6 @@ class Factorize:
         layer = _describe(site, self._owners, self._records, self._main_outputs)
         w = _matrix(layer, self._owners).astype(np.float64)
         k, n = w.shape
-        if not np.all(np.isfinite(w)):
-            return [self._kept(s, record, "weight holds NaN or infinite values") for s in group]
         rank = rank_for_ratio(k, n, config.rank_ratio) if config.rank_ratio is not None else None
         timing = None
         if rank is not None:
@@ -303,6 +314,8 @@ class Factorize:
             timing, reason = self._latency(site, layer, k, n, r)
             if reason:
                 return [self._with_timing(self._kept(s, record, reason), timing) for s in group]
+        if factors.fallback:
+            gram, plain = None, factors.fallback
         why = [f"keeps {factors.kept_energy:.2%} of the {'output' if gram is not None else 'weight'} energy "
                f"(squared singular values{' of the whitened weight' if gram is not None else ''})"]
         if factors.error is not None:

@@ -19,7 +19,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import begin_pass
+from onnxshrink.passes.common import NONFINITE, begin_pass, nonfinite
 from onnxshrink.report import LayerDecision, PassReport
 
 TINY = np.finfo(np.float32).tiny
@@ -48,6 +48,10 @@ class FlushDenormals:
                 count = int(np.count_nonzero(denormal))
                 if not count:
                     continue
+                if nonfinite(values):  # as every command does with such a weight: left as it is, and why
+                    report.layers.append(LayerDecision(tensor.name, "", tensor.name, "kept", NONFINITE,
+                                                       values.nbytes, values.nbytes))
+                    continue
                 flushed = np.where(denormal, np.zeros((), values.dtype), values)
                 graph.initializer[index].CopyFrom(numpy_helper.from_array(flushed, tensor.name))
                 report.layers.append(LayerDecision(tensor.name, "", tensor.name, f"zeroed {count} denormal(s)",
@@ -55,6 +59,7 @@ class FlushDenormals:
                                                    values.nbytes))
                 total += count
         report.changed = total > 0
-        report.notes.append(f"{total} denormal weight(s) zeroed in {len(report.layers)} tensor(s)" if total
+        zeroed = sum(1 for decision in report.layers if decision.action.startswith("zeroed"))
+        report.notes.append(f"{total} denormal weight(s) zeroed in {zeroed} tensor(s)" if total
                             else "no denormal weights: nothing to do")
         return model, report

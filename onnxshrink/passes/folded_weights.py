@@ -21,7 +21,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import attr
+from onnxshrink.passes.common import attr, raise_opset
 
 FOLDED = "int8 folded (float kernel)"  # LayerDecision.action of a layer written in this form
 # Multiply-adds per sample (weights x output positions) from which an integer kernel beat fp32 at batch 1
@@ -31,6 +31,12 @@ FOLDED = "int8 folded (float kernel)"  # LayerDecision.action of a layer written
 # 16->32 3x3 Conv after a float Conv, then MaxPool (NHWC transposes): 8x8 1.02, 10x10 0.94, 12x12 0.86.
 # At batch 32 the integer kernels were faster from the smallest sizes tried.
 INTEGER_MIN_MACS = {"dynamic": 131072, "static": 393216}
+FOLDED_OPSET = 7  # Cast with an integer `to` needs opset 6, Mul with numpy broadcasting 7
+
+
+def folded_opset(model: onnx.ModelProto, notes: list | None = None) -> str | None:
+    """None when the model's opset lets this form be written (raised to FOLDED_OPSET where that is safe), else why not."""
+    return raise_opset(model, FOLDED_OPSET, "the int8 decoding (Cast, broadcasting Mul)", notes)
 
 
 def channel_axis(node: onnx.NodeProto) -> int:

@@ -180,7 +180,8 @@ class Prune:
             original = onnx.ModelProto()
             original.CopyFrom(model)
         records = {r.name: r for r in find_tensors(model)}
-        sites, skipped = select_layers(model, records, SUPPORTED_OPS, config, _judge(records))
+        sites, skipped = select_layers(model, records, SUPPORTED_OPS, config, _judge(records),
+                                       read=self.tensors.read)
         for decision in skipped:
             decision.action = "kept"  # select_layers speaks for quantize ("kept float")
         report.layers.extend(skipped)

@@ -34,7 +34,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.data import Dataset
-from onnxshrink.passes.common import Site, attr, begin_pass, held_back, initializer_owners
+from onnxshrink.passes.common import NONFINITE, Site, attr, begin_pass, held_back, initializer_owners, nonfinite
 from onnxshrink.passes.prune import PruneConfig, _describe, _matrix, _read_bias, _write, capture, check_config, teacher_gram
 from onnxshrink.passes.reconstruct import refit
 from onnxshrink.report import LayerDecision, PassReport
@@ -402,6 +402,12 @@ def _chain(node, name, records, readers, outputs, shapes, graph):
         shared = records.get(tensor_name)
         if shared is None or len(shared.consumers) != 1 or shared.is_graph_input:
             return f"{tensor_name!r} is shared with other nodes or not a constant"
+    # Both weights lose channels (rows of the next one): one holding NaN/Inf stays as it is, as in every command.
+    inits = {t.name: t for t in graph.initializer}
+    if weight in inits and nonfinite(numpy_helper.to_array(inits[weight])):
+        return NONFINITE
+    if next_weight in inits and nonfinite(numpy_helper.to_array(inits[next_weight])):
+        return f"the next layer's weight {next_weight!r}: {NONFINITE}"
     index = list(graph.node).index(nxt)
     return _Chain(node, name, bias, batchnorm, activation, nxt, nxt.name or f"{nxt.op_type}_{index}", feed, per_channel)
 

@@ -29,8 +29,9 @@ from onnx import helper
 
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
-                                      ensure_opset, initializer_owners, output_shapes, select_layers)
-from onnxshrink.passes.folded_weights import INTEGER_MIN_MACS, fold_site, has_folded, macs_per_sample, relabel_folded
+                                      initializer_owners, output_shapes, raise_opset, select_layers)
+from onnxshrink.passes.folded_weights import (INTEGER_MIN_MACS, fold_site, folded_opset, has_folded, macs_per_sample,
+                                              relabel_folded)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
@@ -78,8 +79,9 @@ class QuantizeDynamic:
             report.notes.append(nothing_to_do(model, "MatMul/Gemm/Conv weight"))
             return model, report
         self._fold_small_layers(model, sites, records)
-        if any(id(site.node) not in self._folded for site in sites):
-            ensure_opset(model, 11)
+        sites = self._check_opset(model, sites, records, report)
+        if not sites:
+            return model, report
         quantized: dict[tuple, tuple[str, str, str]] = {}  # (weight, transposed, alpha) -> int8 names
         folded: dict[tuple, str] = {}  # (weight, axis, graph) -> decoded weight
         by_graph: dict[int, list[Site]] = {}
@@ -112,7 +114,26 @@ class QuantizeDynamic:
                 self._folded[id(node)] = "Gemm with beta != 1 and a computed bias (no integer form: it cannot be pre-scaled)"
             return None
 
-        return select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)
+        return select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge, read=self.tensors.read)
+
+    def _check_opset(self, model, sites, records, report):
+        """The integer form needs opset 11 (DynamicQuantizeLinear), the folded one 7: each raised only where that
+        changes none of the model's own ops (common.raise_opset); otherwise the integer layers get the folded
+        form, and if even that cannot be written the layers stay float, each with the reason."""
+        integer = [site for site in sites if id(site.node) not in self._folded]
+        why = integer and raise_opset(model, 11, "DynamicQuantizeLinear (the integer form)", report.notes)
+        for site in integer if why else ():
+            self._folded[id(site.node)] = why + ": the weight is folded instead"
+        if not any(id(site.node) in self._folded for site in sites):
+            return sites
+        why = folded_opset(model, report.notes)
+        if not why:
+            return sites
+        for site in sites:
+            size = records[site.weight].nbytes
+            report.layers.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float", why, size, size))
+        report.notes.append("nothing quantized: the model's opset is too old for what this mode writes")
+        return []
 
     def _fold_small_layers(self, model, sites, records):
         """Layers with too little work per sample for the integer kernel to pay get the folded form."""

@@ -155,7 +155,8 @@ class QuantizeBlockwise:
         model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
         owners = initializer_owners(model)
-        sites, skipped = select_layers(model, records, SUPPORTED_OPS, self.config, self._judge(records))
+        sites, skipped = select_layers(model, records, SUPPORTED_OPS, self.config, self._judge(records),
+                                       read=self.tensors.read)
         report.layers.extend(skipped)
         if not sites:
             report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))

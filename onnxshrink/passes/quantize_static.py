@@ -39,8 +39,8 @@ from onnx import helper, numpy_helper
 from onnxshrink.calibrate import METHODS, calibrate
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.fold_batchnorm import fold_batchnorm
-from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
-                                      initializer_owners, output_shapes, select_layers)
+from onnxshrink.passes.common import (NONFINITE, Names, Site, attr, begin_pass, drop_unused_initializers,
+                                      initializer_owners, nonfinite, output_shapes, select_layers)
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, relabel_folded
 from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
@@ -562,6 +562,7 @@ BODY_REASON = ("inside an If/Loop/Scan body, which calibration does not reach: i
 def _body_sites(model, skipped, records) -> list[Site]:
     """The layers left out only for sitting in a control-flow body, as sites the folded form can rewrite."""
     wanted = {decision.node for decision in skipped if decision.reason == BODY}
+    owners = initializer_owners(model)
     sites = []
     for graph in iter_graphs(model.graph):
         if graph is model.graph or not wanted:
@@ -574,6 +575,11 @@ def _body_sites(model, skipped, records) -> list[Site]:
                     or record.nbytes < TINY_BYTES):
                 continue
             if node.op_type in ("MatMul", "Gemm") and len(record.shape) != 2:
+                continue
+            if weight in owners and nonfinite(numpy_helper.to_array(owners[weight][1])):
+                for decision in skipped:  # left as it is, as every command leaves such a weight
+                    if decision.node == name and decision.reason == BODY:
+                        decision.reason = NONFINITE
                 continue
             sites.append(Site(graph, node, name, weight))
     return sites

@@ -21,10 +21,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink.passes.common import (Names, begin_pass, drop_unused_initializers, ensure_opset,
-                                      initializer_owners, select_layers)
+from onnxshrink.passes.common import (Names, begin_pass, drop_unused_initializers, initializer_owners, raise_opset,
+                                      select_layers)
 from onnxshrink.passes.folded_weights import channel_axis as _channel_axis
-from onnxshrink.passes.folded_weights import fold_layers, relabel_folded
+from onnxshrink.passes.folded_weights import fold_layers, folded_opset, relabel_folded
 from onnxshrink.passes.quantize import nothing_to_do, quantize_int8
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
@@ -72,12 +72,18 @@ class QuantizeWeightsOnly:
         if not sites:
             report.notes.append(nothing_to_do(model, "weight"))
             return model, report
+        why = (raise_opset(model, 13, "per-axis DequantizeLinear", report.notes) if self.config.qdq
+               else folded_opset(model, report.notes))
+        if why:
+            report.layers.extend(LayerDecision(site.name, site.node.op_type, site.weight, "kept float", why,
+                                               records[site.weight].nbytes, records[site.weight].nbytes) for site in sites)
+            report.notes.append("nothing quantized: the model's opset is too old for what this mode writes")
+            return model, report
         if not self.config.qdq:
             report.layers.extend(fold_layers(model, sites, {site.name: "weight-only" for site in sites}))
             report.notes.append(FOLDED_NOTE)
             report.changed = True
             return model, report
-        ensure_opset(model, 13)  # per-axis DequantizeLinear
         owners = initializer_owners(model)
         names = Names(model)
         done: dict[tuple[str, int], str] = {}

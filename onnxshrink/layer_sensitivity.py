@@ -21,7 +21,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxshrink import gptq
+from onnxshrink.algorithms import gptq
 from onnxshrink.model import iter_graphs, prepare
 
 from onnxshrink.data import Dataset, input_specs, synthesize

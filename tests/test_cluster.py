@@ -11,7 +11,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SAMPLES, assert_bad_option, build_model, float_value, invoke, make_mlp, save_model
-from onnxshrink import api, codebook
+from onnxshrink import api
+from onnxshrink.algorithms import codebook
 from onnxshrink.data import load_npz, input_specs
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.cluster import Cluster, ClusterConfig
@@ -118,7 +119,7 @@ def test_kmeans_rows_weights_zeros_and_long_rows():
 
 @pytest.mark.parametrize("per_column", [False, True])
 def test_refit_recovers_codebook_values_and_bias_that_produced_the_outputs(per_column):
-    from onnxshrink.passes.reconstruct import Gram
+    from onnxshrink.algorithms.reconstruct import Gram
 
     rng = np.random.default_rng(2)
     x = rng.standard_normal((400, 20))

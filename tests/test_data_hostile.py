@@ -21,7 +21,7 @@ from onnx import helper
 from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.errors import EXIT_INPUT
 from onnxshrink.passes.factorize import Factorize, FactorizeConfig, low_rank
-from onnxshrink.passes.reconstruct import Gram
+from onnxshrink.algorithms.reconstruct import Gram
 
 
 def error_line(result, code: int = EXIT_INPUT) -> str:

@@ -6,9 +6,6 @@ model.load asked runtime.make_session about the pack's path, which loaded the pa
 
 from __future__ import annotations
 
-import ast
-from pathlib import Path
-
 import numpy as np
 import onnx
 import pytest
@@ -20,8 +17,7 @@ from onnxshrink import model as model_io
 from onnxshrink import packing, runtime
 from onnxshrink.cli import app
 from onnxshrink.errors import ModelLoadError
-
-PACKAGE = Path(__file__).resolve().parent.parent / "onnxshrink"
+from test_imports import import_graph, reaches
 
 
 def _mvn_model() -> onnx.ModelProto:
@@ -103,49 +99,13 @@ def test_a_model_too_big_to_measure_counts_as_too_big():
     assert not model_io._too_big_for_one_protobuf(_mvn_model())
 
 
-def _import_graph() -> dict[str, set[str]]:
-    """Module -> onnxshrink modules it imports (function-local imports included: they tie modules together too)."""
-    modules = {}
-    for path in PACKAGE.rglob("*.py"):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        modules[name] = path
-    graph = {name: set() for name in modules}
-    for name, path in modules.items():
-        for node in ast.walk(ast.parse(path.read_text())):
-            targets = []
-            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-                targets = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
-            elif isinstance(node, ast.Import):
-                targets = [a.name for a in node.names]
-            for target in targets:
-                while target and target not in modules:
-                    target = target.rpartition(".")[0]
-                if target and target != name and target != "onnxshrink" and not name.startswith(target + "."):
-                    graph[name].add(target)
-    return graph
-
-
-def _reaches(graph, start, goal) -> bool:
-    seen, todo = set(), [start]
-    while todo:
-        current = todo.pop()
-        for nxt in graph[current]:
-            if nxt == goal:
-                return True
-            if nxt not in seen:
-                seen.add(nxt)
-                todo.append(nxt)
-    return False
-
-
 def test_model_io_imports_run_one_way():
     """No module at the I/O floor or below sits in an import circle (the shape of the 240-fold recursion)."""
-    graph = _import_graph()
+    graph = import_graph()
     floor = ["onnxshrink.model", "onnxshrink.runtime", "onnxshrink.packing", "onnxshrink.streaming",
              "onnxshrink.protos", "onnxshrink.weights", "onnxshrink.report", "onnxshrink.errors",
              "onnxshrink.codec.container", "onnxshrink.codec.huffman"]
-    circular = [m for m in floor if _reaches(graph, m, m)]
+    circular = [m for m in floor if reaches(graph, m, m)]
     assert circular == []
     assert not any(m.startswith("onnxshrink.passes") for m in graph["onnxshrink.streaming"])
     assert "onnxshrink.model" not in graph["onnxshrink.runtime"]

@@ -19,8 +19,9 @@ from test_fuzz_graphs import mlp_graphs, run_on_random_graph  # its hypothesis p
 from onnxshrink import api
 from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.errors import UsageError
-from onnxshrink.passes.prune import Prune, PruneConfig, _describe, _unfold
-from onnxshrink.passes.reconstruct import Gram, refit
+from onnxshrink.passes.prune import Prune, PruneConfig
+from onnxshrink.passes.prune_common import describe, unfold
+from onnxshrink.algorithms.reconstruct import Gram, refit
 from onnxshrink.runtime import capture_activations, make_session
 
 MLP_WEIGHTS = ("fc0.weight", "fc1.weight", "fc2.weight")
@@ -137,9 +138,9 @@ def test_conv_inputs_unfold_to_the_conv_output(strides):
     from onnxshrink.passes.common import initializer_owners
     from onnxshrink.weights import find_tensors
 
-    layer = _describe(site, initializer_owners(model), {r.name: r for r in find_tensors(model)}, {"y"})
+    layer = describe(site, initializer_owners(model), {r.name: r for r in find_tensors(model)}, {"y"})
     values = inits(model)
-    rows = _unfold(layer, x) @ values["cw"].reshape(8, -1).T + values["cb"]
+    rows = unfold(layer, x) @ values["cw"].reshape(8, -1).T + values["cb"]
     y = run(model, {"input": x})
     np.testing.assert_allclose(rows.reshape(2, y.shape[2], y.shape[3], 8).transpose(0, 3, 1, 2), y, rtol=1e-4, atol=1e-4)
 

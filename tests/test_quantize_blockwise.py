@@ -17,7 +17,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SAMPLES, build_model, float_value, make_mlp, save_model
-from onnxshrink import gptq
+from onnxshrink.algorithms import gptq
 from onnxshrink.data import input_specs, load_npz
 from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise, hessian_error, pack_codes, unpack_codes
 from onnxshrink.runtime import capture_activations, make_session, optimized_op_counts

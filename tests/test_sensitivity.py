@@ -88,7 +88,7 @@ def test_bit_width_drift_grows_as_bits_shrink_and_matches_rounding_by_hand():
     # The 8-bit drift of fc0 equals rounding its weight per output channel by hand and running the model.
     import onnxruntime as ort
 
-    from onnxshrink import gptq
+    from onnxshrink.algorithms import gptq
     from onnxshrink.data import synthesize
 
     feed = synthesize(input_specs(model), seed=0).batches[0]

@@ -16,7 +16,7 @@ same float MatMul/Gemm/Conv as the original, at the original's speed (api.cluste
 optimized graph and says so). The file holds one byte per weight (4x smaller than fp32);
 `onnxshrink pack` Huffman-codes the indices in about `bits` bits per weight.
 
-Codebooks (onnxshrink/codebook.py): 1-D k-means of the weight values, optionally weighted by
+Codebooks (onnxshrink/algorithms/codebook.py): 1-D k-means of the weight values, optionally weighted by
 the energy E[x_k^2] of each weight's input over the calibration data (as SqueezeLLM and GPTQ
 weigh weights). A weight with exact zeros (pruned) keeps codebook entry 0 = 0.0 for them, so
 zeros stay zeros and index 0 is what `pack` codes as gaps.
@@ -35,13 +35,13 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxshrink import codebook
+from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, initializer_owners, raise_opset,
                                       select_layers)
-from onnxshrink.passes.prune import _describe, _read_bias, teacher_gram
+from onnxshrink.passes.prune_common import describe as _describe, read_bias as _read_bias, teacher_gram
 from onnxshrink.passes.quantize import QUANTIZED_OPS
 from onnxshrink.passes.quantize_weights import _channel_axis
 from onnxshrink.report import LayerDecision, PassReport

@@ -4,7 +4,7 @@ A unit (output channel) of a MatMul/Gemm/Conv layer is dead when every weight of
 that reads it is zero: its value is never used. Its column of the producer's weight, its bias
 entry and its BatchNormalization entries are then wasted bytes, nonzero or not. A unit whose own
 weights are all zero outputs the constant act(BN(bias)), which the next layer's bias can absorb.
-Both kinds are removed (passes/prune_channels.py's rewrite, so the same chains qualify: one
+Both kinds are removed (passes/channel_chains.py's rewrite, so the same chains qualify: one
 reader, an elementwise activation, pooling or Flatten in between). Removing units can make more
 dead (fewer inputs left, an emptied row), so the pass repeats until nothing changes.
 
@@ -21,9 +21,10 @@ from __future__ import annotations
 import numpy as np
 import onnx
 
+from onnxshrink.passes.channel_chains import (CONV_CHANNEL_MULTIPLE, bias_add, chain_weights, parameters, remove_channels,
+                                              removed_constant, select_chains)
 from onnxshrink.passes.common import attr, begin_pass, initializer_owners, output_shapes
-from onnxshrink.passes.prune_channels import (CONV_CHANNEL_MULTIPLE, PruneChannels, _bias_add, _parameters, _removed_constant,
-                                               chain_weights, remove_channels)
+from onnxshrink.passes.prune_common import PruneConfig
 from onnxshrink.report import LayerDecision, PassReport
 
 MAX_ROUNDS = 8
@@ -36,7 +37,7 @@ class RemoveDeadUnits:
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         model, report = begin_pass(model, self.name, {})
-        params_before = _parameters(model)
+        params_before = parameters(model)
         removed: dict[str, list] = {}  # layer -> [units removed, units before]
         for _ in range(MAX_ROUNDS):
             changed = self._round(model, removed)
@@ -50,7 +51,7 @@ class RemoveDeadUnits:
             report.changed = True
             del model.graph.value_info[:]  # stale; not re-added: a checked inference is enough, and bytes count here
             onnx.shape_inference.infer_shapes(model, strict_mode=True)
-            params_after = _parameters(model)
+            params_after = parameters(model)
             report.notes.append(f"{sum(v[0] for v in removed.values())} dead unit(s) removed: parameters {params_before} "
                                 f"-> {params_after} ({params_after / max(params_before, 1):.1%}), outputs unchanged")
         else:
@@ -60,7 +61,7 @@ class RemoveDeadUnits:
     def _round(self, model, removed) -> bool:
         shapes = output_shapes(model)  # inferred on a copy without the weights, each round
         # Every layer, whatever the user's filters: removing a dead unit changes no output.
-        chains, _ = PruneChannels()._select(model, shapes)
+        chains, _ = select_chains(model, shapes, PruneConfig(pattern="channel"))
         changed = False
         for chain in chains:
             owners = initializer_owners(model)
@@ -86,8 +87,8 @@ def _dead(model, chain, owners) -> np.ndarray:
     # Conv's borders, not into a MatMul without a bias Add or a Gemm with beta 0), or where the value is 0.
     foldable = (consumer.op_type == "Conv" and not padded
                 or consumer.op_type == "Gemm" and float(attr(consumer, "beta", 1.0)) != 0
-                or consumer.op_type == "MatMul" and _bias_add(model.graph, consumer, owners) is not None)
-    constant &= foldable | (_removed_constant(chain, owners, channels) == 0)
+                or consumer.op_type == "MatMul" and bias_add(model.graph, consumer, owners) is not None)
+    constant &= foldable | (removed_constant(chain, owners, channels) == 0)
     dead = unread | constant
     if producer.op_type == "Conv":
         # Keep a multiple of the Conv block size; the dead channels kept are the ones no one reads (still exact).

@@ -51,8 +51,8 @@ from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, initializer_owners,
                                       output_shapes, select_layers)
-from onnxshrink.passes.prune import _describe, _matrix, _read_bias, teacher_gram
-from onnxshrink.passes.reconstruct import Gram
+from onnxshrink.passes.prune_common import describe as _describe, matrix as _matrix, read_bias as _read_bias, teacher_gram
+from onnxshrink.algorithms.reconstruct import Gram
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
 

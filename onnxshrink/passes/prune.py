@@ -28,123 +28,27 @@ sparsity changes nothing more. No layer goes past MAX_LAYER_SPARSITY.
 
 With calibration data, layers are processed in graph order; each one's inputs are captured
 from the model with every upstream layer already pruned, and its kept weights (and bias) are
-refit by least squares to the original model's outputs of that layer (passes/reconstruct.py),
+refit by least squares to the original model's outputs of that layer (algorithms/reconstruct.py),
 in `refit_steps` stages of growing sparsity, survivors re-ranked after each refit.
 """
 
 from __future__ import annotations
 
-import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxshrink.algorithms.reconstruct import Gram, refit
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
-from onnxshrink.passes.reconstruct import DEFAULT_DAMPING, Gram, refit
+from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, check_config, describe,
+                                            input_size, matrix, parse_nm, read_bias, teacher_gram, unfold, write)
 from onnxshrink.report import LayerDecision, PassReport
-from onnxshrink.runtime import capture_activations
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
-
-SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
-PATTERNS = ("unstructured", "N:M", "channel")
-IMPORTANCES = ("magnitude", "activation")
-SCOPES = ("auto", "layer", "global")
-STORAGES = ("dense", "sparse")
-MAX_LAYER_SPARSITY = 0.98
-
-
-@dataclass
-class PruneConfig:
-    sparsity: float | None = 0.5  # overall fraction of zeros in the pruned weights (not used with N:M)
-    pattern: str = "unstructured"  # "unstructured", "N:M" such as "2:4", or "channel"
-    importance: str | None = None  # "magnitude" or "activation"; None: activation with data, else magnitude
-    scope: str = "auto"
-    reconstruct: bool = True  # refit kept weights to the original's outputs (needs calibration data)
-    op_types: tuple = SUPPORTED_OPS
-    exclude: tuple = ()
-    keep_float: str | None = None  # "first", "last" or "both": left unpruned
-    layer_sparsity: dict = field(default_factory=dict)  # node name -> fraction
-    sensitivity: dict | None = None  # SensitivityReport.to_dict(): measured curves for scope auto
-    storage: str = "dense"
-    damping: float = DEFAULT_DAMPING
-    refit_steps: int = 4  # with reconstruction: prune and refit in this many stages per layer
-    remove_dead_units: bool = False  # then drop the units no weight reads any more (passes/dead_units.py): exact
-
-
-def parse_nm(pattern: str) -> tuple[int, int] | None:
-    """'2:4' -> (2, 4); None for the other patterns; UsageError for a malformed or impossible N:M."""
-    if pattern in ("unstructured", "channel"):
-        return None
-    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern or "")
-    if not match:
-        raise UsageError(f"--pattern {pattern!r}: choose unstructured, channel or N:M (such as 2:4)")
-    keep, group = int(match[1]), int(match[2])
-    if not 0 < keep < group:
-        raise UsageError(f"--pattern {pattern}: N:M keeps N of every M weights, so 0 < N < M (such as 2:4)")
-    return keep, group
-
-
-def check_config(config: PruneConfig, calibration) -> None:
-    """Contradictions and out-of-range values as UsageError, before any model is read."""
-    nm = parse_nm(config.pattern)
-    if config.importance not in (None, *IMPORTANCES):
-        raise UsageError(f"--importance must be magnitude or activation, not {config.importance!r}")
-    if config.scope not in SCOPES:
-        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, not {config.scope!r}")
-    if config.storage not in STORAGES:
-        raise UsageError(f"--storage must be dense or sparse, not {config.storage!r}")
-    if config.storage == "sparse" and config.pattern == "channel":
-        raise UsageError("--storage sparse stores zeros compactly; --pattern channel removes channels and leaves none")
-    if config.keep_float not in (None, "first", "last", "both"):
-        raise UsageError(f"--keep-float must be first, last or both, not {config.keep_float!r}")
-    if config.importance == "activation" and calibration is None:
-        raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
-    if nm is not None:  # the pattern fixes the sparsity at 1 - N/M; `sparsity` is not used
-        if config.layer_sparsity:
-            raise UsageError(f"--layer-sparsity cannot be combined with --pattern {config.pattern}")
-    else:
-        if config.sparsity is None:
-            raise UsageError("--sparsity is required (a fraction of zeros, such as 0.8)")
-        if not 0.0 <= config.sparsity <= MAX_LAYER_SPARSITY:
-            raise UsageError(f"--sparsity {config.sparsity}: must be between 0 and {MAX_LAYER_SPARSITY}")
-    for name, value in config.layer_sparsity.items():
-        if not 0.0 <= value <= MAX_LAYER_SPARSITY:
-            raise UsageError(f"--layer-sparsity {name}={value}: must be between 0 and {MAX_LAYER_SPARSITY}")
-    unknown = set(config.op_types) - set(SUPPORTED_OPS)
-    if unknown:
-        raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from MatMul, Gemm, Conv)")
-    if not config.damping > 0:
-        raise UsageError(f"damping {config.damping}: must be positive")
-    if not (isinstance(config.refit_steps, int) and config.refit_steps >= 1):
-        raise UsageError(f"refit_steps {config.refit_steps}: must be a positive integer")
-
-
-@dataclass
-class _Layer:
-    """A prunable layer, read before any rewrite: how its weight maps to [K, N], and its bias."""
-
-    name: str
-    op_type: str
-    weight: str
-    x: str
-    output: str
-    main_graph: bool
-    shape: tuple  # the initializer's shape
-    alpha: float
-    transposed: bool  # Gemm transB=1
-    bias: str | None  # an initializer read by this layer only, [N]
-    bias_scale: float  # Gemm beta
-    conv: dict | None  # kernel, strides, pads, dilations when the inputs can be unfolded (2-D, group 1)
-    reason: str = ""  # why data-aware steps do not apply
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape))
 
 
 class Prune:
@@ -195,13 +99,13 @@ class Prune:
             return model, report
         owners = initializer_owners(model)
         main_outputs = {name for node in model.graph.node for name in node.output}
-        layers = [_describe(site, owners, records, main_outputs) for site in sites]
+        layers = [describe(site, owners, records, main_outputs) for site in sites]
         streamed = getattr(self.tensors, "streaming", False)  # weights read one at a time, never all held
         if streamed:
             weights, grams = None, {}
             counts = self._allocate(layers, None, None, report, cheapest=lambda *a: self._cheapest_streamed(layers, owners, *a))
         else:
-            weights = {layer.name: _matrix(layer, owners) for layer in layers}
+            weights = {layer.name: matrix(layer, owners) for layer in layers}
             grams = self._original_grams(model, layers) if self.calibration is not None else {}
             scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
             counts = self._allocate(layers, weights, scores, report)
@@ -214,7 +118,7 @@ class Prune:
                 "(twice per batch) to capture its inputs with upstream layers already pruned")
         total = pruned = 0
         for layer in layers:
-            w0 = weights[layer.name] if weights is not None else _matrix(layer, owners, self.tensors.read)
+            w0 = weights[layer.name] if weights is not None else matrix(layer, owners, self.tensors.read)
             zeros_before = int(np.sum(w0 == 0))
             gram = grams.get(layer.name)
             teacher = None
@@ -232,14 +136,14 @@ class Prune:
                 w, bias = w0 * keep, None
                 if teacher is not None:
                     steps = 1 if self.nm else config.refit_steps
-                    keep, result = _gradual(w0, counts[layer.name], teacher, _read_bias(layer, owners), self.importance,
+                    keep, result = _gradual(w0, counts[layer.name], teacher, read_bias(layer, owners), self.importance,
                                             self.nm, config.damping, steps)
                     w, bias = result.weight, result.bias
                     why.append(f"layer output error {result.error_after:.2%} after refit "
                                f"({result.error_before:.2%} masked only)")
                 elif refit_on and layer.reason:
                     why.append(f"not refit: {layer.reason}")
-                _write(layer, w.astype(np.float32), bias, owners, self.tensors)
+                write(layer, w.astype(np.float32), bias, owners, self.tensors)
                 zeros = int(np.sum(w == 0))
                 action = f"pruned {zeros / w0.size:.1%}" + (f" {self.nm[0]}:{self.nm[1]}" if self.nm else "")
                 report.changed = True
@@ -330,7 +234,7 @@ class Prune:
         scope = self.config.scope
         scales, high, infinite = {}, {}, {}
         for name in free:  # first read: each layer's cost scale and the top 16 bits of its costs
-            s = np.sort(_importance(_matrix(by_name[name], owners, self.tensors.read), None, self.importance).reshape(-1))
+            s = np.sort(_importance(matrix(by_name[name], owners, self.tensors.read), None, self.importance).reshape(-1))
             scales[name] = _cost_scale(s, scope)
             keys = _cost_keys(_costs(s, scope, scales[name]))
             del s
@@ -351,7 +255,7 @@ class Prune:
             top = int(np.searchsorted(totals, target))  # the first bin whose running count reaches the target
             low = {}
             for name in free:  # second read: the low 16 bits of the costs in that bin
-                keys = _cost_keys(_costs(_importance(_matrix(by_name[name], owners, self.tensors.read), None,
+                keys = _cost_keys(_costs(_importance(matrix(by_name[name], owners, self.tensors.read), None,
                                                      self.importance).reshape(-1), scope, scales[name]))
                 inside = keys[(keys >> 16) == top] & 0xFFFF
                 del keys
@@ -373,43 +277,15 @@ class Prune:
     def _original_grams(self, model, layers) -> dict[str, Gram]:
         """X^T X of every layer's inputs in the unpruned model, in one capture run."""
         usable = [layer for layer in layers if not layer.reason]
-        grams = {layer.name: Gram(_k(layer)) for layer in usable}
+        grams = {layer.name: Gram(input_size(layer)) for layer in usable}
         for batch, values in capture(self.calibration, model, [layer.x for layer in usable], self.threads):
             for layer in usable:
-                grams[layer.name].add(_unfold(layer, values.get(layer.x, batch.get(layer.x))))
+                grams[layer.name].add(unfold(layer, values.get(layer.x, batch.get(layer.x))))
         return grams
 
     def _teacher_gram(self, original, model, layer, w0, owners) -> Gram:
-        return teacher_gram(self.calibration, original, model, layer, layer, _read_bias(layer, owners) is not None,
+        return teacher_gram(self.calibration, original, model, layer, layer, read_bias(layer, owners) is not None,
                             self.threads)
-
-
-def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, threads: int = 1, columns=None) -> Gram:
-    """X^T X and X^T Y of one layer: X from the model as rewritten so far, Y the original model's outputs.
-
-    `original_layer` describes the layer as it is in `original` (channel pruning changes its shape);
-    `columns` picks the original outputs that the layer still computes."""
-    owners = initializer_owners(original)
-    original_w = _matrix(original_layer, owners)
-    original_b = _read_bias(original_layer, owners) if bias else None
-    if columns is not None:
-        original_w = original_w[:, columns]
-        original_b = original_b[columns] if original_b is not None else None
-    gram = Gram(_k(layer), original_w.shape[1], bias=bias)
-    pairs = zip(capture(dataset, model, [layer.x], threads), capture(dataset, original, [original_layer.x], threads))
-    for (batch, now), (_, before) in pairs:
-        y = _unfold(original_layer, before.get(original_layer.x, batch.get(original_layer.x))) @ original_w
-        gram.add(_unfold(layer, now.get(layer.x, batch.get(layer.x))), y if original_b is None else y + original_b)
-    return gram
-
-
-def capture(dataset, model, names, threads: int = 1):
-    """(batch, {name: value}) for every calibration batch; graph inputs are read from the batch itself."""
-    graph_inputs = {i.name for i in model.graph.input}
-    captured = sorted({n for n in names if n not in graph_inputs})
-    batches = dataset.batches
-    stream = capture_activations(model, captured, batches, threads) if captured else ({} for _ in batches)
-    return zip(batches, stream)
 
 
 def _store_sparse(model: onnx.ModelProto, report: PassReport) -> None:
@@ -464,97 +340,6 @@ def _judge(records):
         return None
 
     return judge
-
-
-def _describe(site, owners, records, main_outputs) -> _Layer:
-    node = site.node
-    shape = tuple(int(d) for d in owners[site.weight][1].dims)
-    gemm, conv = node.op_type == "Gemm", node.op_type == "Conv"
-    n = shape[0] if conv or (gemm and attr(node, "transB", 0)) else shape[1]
-    bias, scale = None, 1.0
-    if gemm or conv:
-        candidate = node.input[2] if len(node.input) > 2 and node.input[2] else None
-        scale = float(attr(node, "beta", 1.0)) if gemm else 1.0
-    else:  # MatMul followed by an Add of a constant [N] vector
-        consumers = [c for c in site.graph.node if node.output[0] in c.input]
-        candidate = None
-        if len(consumers) == 1 and consumers[0].op_type == "Add":
-            other = [i for i in consumers[0].input if i != node.output[0]]
-            candidate = other[0] if len(other) == 1 else None
-    if candidate in owners and candidate in records and records[candidate].dtype == "float" and \
-            len(records[candidate].consumers) == 1 and int(np.prod(records[candidate].shape or [1])) == n and \
-            records[candidate].shape[-1:] == [n] and scale != 0:
-        bias = candidate
-    reason, conv_info = "", None
-    if node.output[0] not in main_outputs:
-        reason = "inside an If/Loop/Scan body, whose inputs cannot be captured"
-    elif conv:
-        if len(shape) != 4 or attr(node, "group", 1) != 1 or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-            reason = "only 2-D, group 1 Conv with explicit pads has its inputs unfolded"
-        else:
-            conv_info = {"kernel": shape[2:], "strides": list(attr(node, "strides", [1, 1])),
-                         "pads": list(attr(node, "pads", [0, 0, 0, 0])), "dilations": list(attr(node, "dilations", [1, 1]))}
-    return _Layer(site.name, node.op_type, site.weight, node.input[0], node.output[0], not reason.startswith("inside"),
-                  shape, float(attr(node, "alpha", 1.0)) if gemm else 1.0, bool(gemm and attr(node, "transB", 0)),
-                  bias, scale, conv_info, reason)
-
-
-def _k(layer: _Layer) -> int:
-    if layer.op_type == "Conv":
-        return int(np.prod(layer.shape[1:]))
-    return layer.shape[1] if layer.transposed else layer.shape[0]
-
-
-def _matrix(layer: _Layer, owners, read=numpy_helper.to_array) -> np.ndarray:
-    """The weight as the layer multiplies by it, [K, N] float32 (Gemm alpha folded in; the refit works in float64).
-    `read` gets the array of a tensor (a streaming store reads it from the data file)."""
-    w = read(owners[layer.weight][1]).astype(np.float32)
-    if layer.op_type == "Conv":
-        return w.reshape(w.shape[0], -1).T
-    if layer.transposed:
-        w = w.T
-    return w * layer.alpha
-
-
-def _read_bias(layer: _Layer, owners) -> np.ndarray | None:
-    if layer.bias is None or layer.bias not in owners:
-        return None
-    return numpy_helper.to_array(owners[layer.bias][1]).astype(np.float64).reshape(-1) * layer.bias_scale
-
-
-def _write(layer: _Layer, w: np.ndarray, bias: np.ndarray | None, owners, store=None) -> None:
-    """Put a [K, N] matrix (and bias) back in the initializers, in their original layout (through `store`: a
-    streaming one writes the weight to the output's data file)."""
-    if layer.op_type == "Conv":
-        raw = w.T.reshape(layer.shape)
-    else:
-        raw = (w.T if layer.transposed else w) / np.float32(layer.alpha)
-    tensor = owners[layer.weight][1]
-    (store or TensorStore()).replace(tensor, np.ascontiguousarray(raw, dtype=np.float32))
-    del raw
-    if bias is not None:
-        old = owners[layer.bias][1]
-        value = (bias / layer.bias_scale).astype(np.float32).reshape(tuple(old.dims))
-        old.CopyFrom(numpy_helper.from_array(value, old.name))
-
-
-def _unfold(layer: _Layer, x: np.ndarray) -> np.ndarray:
-    """A layer's input as the rows its [K, N] weight multiplies: [rows, K] (Conv: im2col patches)."""
-    x = np.asarray(x, dtype=np.float32)
-    if layer.op_type != "Conv":
-        return x.reshape(-1, _k(layer))
-    info = layer.conv
-    (kh, kw), (sh, sw), (dh, dw) = info["kernel"], info["strides"], info["dilations"]
-    top, left, bottom, right = info["pads"]
-    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
-    b, c, h, w = x.shape
-    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
-    patches = np.empty((b, ho, wo, c, kh, kw), dtype=np.float32)
-    for i in range(kh):
-        for j in range(kw):
-            window = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
-            patches[..., i, j] = window.transpose(0, 2, 3, 1)
-    return patches.reshape(b * ho * wo, c * kh * kw)
 
 
 def _importance(w: np.ndarray, gram: Gram | None, importance: str) -> np.ndarray:

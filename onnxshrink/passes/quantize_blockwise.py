@@ -36,7 +36,7 @@ onnxruntime's own QDQ->MatMulNBits fusion uses; pass 1 for float32 activations. 
 layers gain nothing: at level 4 a 256x256 layer ran as fast as fp32 at batch 1, and at
 batch 32 layers up to 1024x1024 ran 1.3-2.5x slower. For those, 4 bits buys size.
 
-Algorithms: "rtn" rounds each weight to its block's grid; "gptq" (onnxshrink.gptq)
+Algorithms: "rtn" rounds each weight to its block's grid; "gptq" (onnxshrink.algorithms.gptq)
 quantizes each layer against the Hessian of its calibration inputs, layers in graph
 order, each layer's inputs captured from the model with the layers before it already
 quantized (as the GPTQ paper does), so later layers compensate earlier layers' error.
@@ -50,7 +50,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxshrink import gptq as gptq_mod
+from onnxshrink.algorithms import gptq as gptq_mod
 from onnxshrink.data import Dataset
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,

@@ -28,6 +28,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxshrink.algorithms.gptq import inverse_cholesky_upper
+
 LLOYD_ITERATIONS = 300
 BINS = 16384  # rows longer than 4 * BINS are fitted on a weighted histogram of this many bins
 REFIT_DAMPING = 1e-4
@@ -84,8 +86,6 @@ def gptq_assign(values: np.ndarray, codebooks: np.ndarray, hessian: np.ndarray, 
     rounding ignores that errors on correlated inputs can cancel; this is what lets 3-bit codebooks keep
     accuracy that 4 bits needed. With `reserve_zero`, exact zeros (pruned) stay at entry 0 and only they do;
     the error of keeping them there is compensated like any rounding (SparseGPT's mask)."""
-    from onnxshrink.gptq import _inverse_cholesky_upper
-
     k, n = values.shape
     books = np.asarray(codebooks, dtype=np.float64)
     per_column = books.shape[0] > 1
@@ -98,7 +98,7 @@ def gptq_assign(values: np.ndarray, codebooks: np.ndarray, hessian: np.ndarray, 
     free = books[:, start:]
     mid = (free[:, 1:] + free[:, :-1]) / 2  # [R, L-1] decision boundaries
     rows = np.arange(n)
-    upper = _inverse_cholesky_upper(h, damp)
+    upper = inverse_cholesky_upper(h, damp)
     idx = np.empty((n, k), dtype=np.int64)
     for i1 in range(0, k, lazy_block):
         i2 = min(i1 + lazy_block, k)
@@ -244,7 +244,7 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
           damping: float = REFIT_DAMPING, max_flops: float = REFIT_FLOPS) -> CodebookRefit | None:
     """Least-squares codebook values for a [K, N] layer whose weight is codebooks[idx] (one codebook,
     or one per output column when codebooks has N rows), fitted to the teacher outputs in `gram`
-    (onnxshrink.passes.reconstruct.Gram: X^T X, X^T Y, ||Y||^2). None when a per-column refit
+    (onnxshrink.algorithms.reconstruct.Gram: X^T X, X^T Y, ||Y||^2). None when a per-column refit
     would exceed `max_flops`; a per-layer codebook past SUBSET_FLOPS uses an even subset of the columns
     (a 16-entry codebook is well determined by a few dozen). Never worse than the k-means codebooks on
     the calibration data."""

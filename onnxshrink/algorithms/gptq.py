@@ -124,7 +124,7 @@ class Hessian:
         self.samples = total
 
 
-def _inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
+def inverse_cholesky_upper(h: np.ndarray, damp: float) -> np.ndarray:
     """Upper Cholesky factor U of (H + damp*mean(diag H)*I)^-1 (U^T U = H^-1); damping grows if needed."""
     mean_diag = float(np.mean(np.diag(h)))
     for attempt in range(6):
@@ -171,7 +171,7 @@ def gptq(
         W, H, pruned = W[:, perm], H[np.ix_(perm, perm)], pruned[:, perm]
     else:
         perm = np.arange(k)
-    U = _inverse_cholesky_upper(H, damp)
+    U = inverse_cholesky_upper(H, damp)
     codes = np.empty((n, k), dtype=np.uint8)
     for i1 in range(0, k, lazy_block):
         i2 = min(i1 + lazy_block, k)

@@ -1,0 +1,240 @@
+"""What the pruning passes share: their config and its checks, a layer's weight seen as the [K, N] matrix it
+multiplies by, and the captures that feed a refit.
+
+prune.py zeroes weights, prune_channels.py removes channels, and factorize.py and cluster.py refit layers the
+same way: each reads a layer through `describe`/`matrix`/`read_bias`, refits it against `teacher_gram` (X from
+the model as rewritten so far, Y the original model's outputs) and writes it back with `write`.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+
+import numpy as np
+from onnx import numpy_helper
+
+from onnxshrink.algorithms.reconstruct import DEFAULT_DAMPING, Gram
+from onnxshrink.errors import UsageError
+from onnxshrink.passes.common import attr, initializer_owners
+from onnxshrink.runtime import capture_activations
+from onnxshrink.streaming import TensorStore
+
+SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
+PATTERNS = ("unstructured", "N:M", "channel")
+IMPORTANCES = ("magnitude", "activation")
+SCOPES = ("auto", "layer", "global")
+STORAGES = ("dense", "sparse")
+MAX_LAYER_SPARSITY = 0.98
+
+
+@dataclass
+class PruneConfig:
+    sparsity: float | None = 0.5  # overall fraction of zeros in the pruned weights (not used with N:M)
+    pattern: str = "unstructured"  # "unstructured", "N:M" such as "2:4", or "channel"
+    importance: str | None = None  # "magnitude" or "activation"; None: activation with data, else magnitude
+    scope: str = "auto"
+    reconstruct: bool = True  # refit kept weights to the original's outputs (needs calibration data)
+    op_types: tuple = SUPPORTED_OPS
+    exclude: tuple = ()
+    keep_float: str | None = None  # "first", "last" or "both": left unpruned
+    layer_sparsity: dict = field(default_factory=dict)  # node name -> fraction
+    sensitivity: dict | None = None  # SensitivityReport.to_dict(): measured curves for scope auto
+    storage: str = "dense"
+    damping: float = DEFAULT_DAMPING
+    refit_steps: int = 4  # with reconstruction: prune and refit in this many stages per layer
+    remove_dead_units: bool = False  # then drop the units no weight reads any more (passes/dead_units.py): exact
+
+
+def parse_nm(pattern: str) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4); None for the other patterns; UsageError for a malformed or impossible N:M."""
+    if pattern in ("unstructured", "channel"):
+        return None
+    match = re.fullmatch(r"\s*(\d+)\s*:\s*(\d+)\s*", pattern or "")
+    if not match:
+        raise UsageError(f"--pattern {pattern!r}: choose unstructured, channel or N:M (such as 2:4)")
+    keep, group = int(match[1]), int(match[2])
+    if not 0 < keep < group:
+        raise UsageError(f"--pattern {pattern}: N:M keeps N of every M weights, so 0 < N < M (such as 2:4)")
+    return keep, group
+
+
+def check_config(config: PruneConfig, calibration) -> None:
+    """Contradictions and out-of-range values as UsageError, before any model is read."""
+    nm = parse_nm(config.pattern)
+    if config.importance not in (None, *IMPORTANCES):
+        raise UsageError(f"--importance must be magnitude or activation, not {config.importance!r}")
+    if config.scope not in SCOPES:
+        raise UsageError(f"--scope must be one of {', '.join(SCOPES)}, not {config.scope!r}")
+    if config.storage not in STORAGES:
+        raise UsageError(f"--storage must be dense or sparse, not {config.storage!r}")
+    if config.storage == "sparse" and config.pattern == "channel":
+        raise UsageError("--storage sparse stores zeros compactly; --pattern channel removes channels and leaves none")
+    if config.keep_float not in (None, "first", "last", "both"):
+        raise UsageError(f"--keep-float must be first, last or both, not {config.keep_float!r}")
+    if config.importance == "activation" and calibration is None:
+        raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
+    if nm is not None:  # the pattern fixes the sparsity at 1 - N/M; `sparsity` is not used
+        if config.layer_sparsity:
+            raise UsageError(f"--layer-sparsity cannot be combined with --pattern {config.pattern}")
+    else:
+        if config.sparsity is None:
+            raise UsageError("--sparsity is required (a fraction of zeros, such as 0.8)")
+        if not 0.0 <= config.sparsity <= MAX_LAYER_SPARSITY:
+            raise UsageError(f"--sparsity {config.sparsity}: must be between 0 and {MAX_LAYER_SPARSITY}")
+    for name, value in config.layer_sparsity.items():
+        if not 0.0 <= value <= MAX_LAYER_SPARSITY:
+            raise UsageError(f"--layer-sparsity {name}={value}: must be between 0 and {MAX_LAYER_SPARSITY}")
+    unknown = set(config.op_types) - set(SUPPORTED_OPS)
+    if unknown:
+        raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from MatMul, Gemm, Conv)")
+    if not config.damping > 0:
+        raise UsageError(f"damping {config.damping}: must be positive")
+    if not (isinstance(config.refit_steps, int) and config.refit_steps >= 1):
+        raise UsageError(f"refit_steps {config.refit_steps}: must be a positive integer")
+
+
+@dataclass
+class Layer:
+    """A prunable layer, read before any rewrite: how its weight maps to [K, N], and its bias."""
+
+    name: str
+    op_type: str
+    weight: str
+    x: str
+    output: str
+    main_graph: bool
+    shape: tuple  # the initializer's shape
+    alpha: float
+    transposed: bool  # Gemm transB=1
+    bias: str | None  # an initializer read by this layer only, [N]
+    bias_scale: float  # Gemm beta
+    conv: dict | None  # kernel, strides, pads, dilations when the inputs can be unfolded (2-D, group 1)
+    reason: str = ""  # why data-aware steps do not apply
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+def describe(site, owners, records, main_outputs) -> Layer:
+    """A selected layer as a [K, N] matrix view: its weight's layout, its bias (an initializer only it reads), and
+    why its inputs cannot be captured or unfolded, if so."""
+    node = site.node
+    shape = tuple(int(d) for d in owners[site.weight][1].dims)
+    gemm, conv = node.op_type == "Gemm", node.op_type == "Conv"
+    n = shape[0] if conv or (gemm and attr(node, "transB", 0)) else shape[1]
+    bias, scale = None, 1.0
+    if gemm or conv:
+        candidate = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        scale = float(attr(node, "beta", 1.0)) if gemm else 1.0
+    else:  # MatMul followed by an Add of a constant [N] vector
+        consumers = [c for c in site.graph.node if node.output[0] in c.input]
+        candidate = None
+        if len(consumers) == 1 and consumers[0].op_type == "Add":
+            other = [i for i in consumers[0].input if i != node.output[0]]
+            candidate = other[0] if len(other) == 1 else None
+    if candidate in owners and candidate in records and records[candidate].dtype == "float" and \
+            len(records[candidate].consumers) == 1 and int(np.prod(records[candidate].shape or [1])) == n and \
+            records[candidate].shape[-1:] == [n] and scale != 0:
+        bias = candidate
+    reason, conv_info = "", None
+    if node.output[0] not in main_outputs:
+        reason = "inside an If/Loop/Scan body, whose inputs cannot be captured"
+    elif conv:
+        if len(shape) != 4 or attr(node, "group", 1) != 1 or attr(node, "auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
+            reason = "only 2-D, group 1 Conv with explicit pads has its inputs unfolded"
+        else:
+            conv_info = {"kernel": shape[2:], "strides": list(attr(node, "strides", [1, 1])),
+                         "pads": list(attr(node, "pads", [0, 0, 0, 0])), "dilations": list(attr(node, "dilations", [1, 1]))}
+    return Layer(site.name, node.op_type, site.weight, node.input[0], node.output[0], not reason.startswith("inside"),
+                 shape, float(attr(node, "alpha", 1.0)) if gemm else 1.0, bool(gemm and attr(node, "transB", 0)),
+                 bias, scale, conv_info, reason)
+
+
+def input_size(layer: Layer) -> int:
+    """K: the rows of the layer's [K, N] weight (Conv: Cin * kh * kw)."""
+    if layer.op_type == "Conv":
+        return int(np.prod(layer.shape[1:]))
+    return layer.shape[1] if layer.transposed else layer.shape[0]
+
+
+def matrix(layer: Layer, owners, read=numpy_helper.to_array) -> np.ndarray:
+    """The weight as the layer multiplies by it, [K, N] float32 (Gemm alpha folded in; the refit works in float64).
+    `read` gets the array of a tensor (a streaming store reads it from the data file)."""
+    w = read(owners[layer.weight][1]).astype(np.float32)
+    if layer.op_type == "Conv":
+        return w.reshape(w.shape[0], -1).T
+    if layer.transposed:
+        w = w.T
+    return w * layer.alpha
+
+
+def read_bias(layer: Layer, owners) -> np.ndarray | None:
+    """The bias as the layer adds it, [N] float64 (Gemm beta folded in), or None."""
+    if layer.bias is None or layer.bias not in owners:
+        return None
+    return numpy_helper.to_array(owners[layer.bias][1]).astype(np.float64).reshape(-1) * layer.bias_scale
+
+
+def write(layer: Layer, w: np.ndarray, bias: np.ndarray | None, owners, store=None) -> None:
+    """Put a [K, N] matrix (and bias) back in the initializers, in their original layout (through `store`: a
+    streaming one writes the weight to the output's data file)."""
+    if layer.op_type == "Conv":
+        raw = w.T.reshape(layer.shape)
+    else:
+        raw = (w.T if layer.transposed else w) / np.float32(layer.alpha)
+    tensor = owners[layer.weight][1]
+    (store or TensorStore()).replace(tensor, np.ascontiguousarray(raw, dtype=np.float32))
+    del raw
+    if bias is not None:
+        old = owners[layer.bias][1]
+        value = (bias / layer.bias_scale).astype(np.float32).reshape(tuple(old.dims))
+        old.CopyFrom(numpy_helper.from_array(value, old.name))
+
+
+def unfold(layer: Layer, x: np.ndarray) -> np.ndarray:
+    """A layer's input as the rows its [K, N] weight multiplies: [rows, K] (Conv: im2col patches)."""
+    x = np.asarray(x, dtype=np.float32)
+    if layer.op_type != "Conv":
+        return x.reshape(-1, input_size(layer))
+    info = layer.conv
+    (kh, kw), (sh, sw), (dh, dw) = info["kernel"], info["strides"], info["dilations"]
+    top, left, bottom, right = info["pads"]
+    x = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    b, c, h, w = x.shape
+    ho, wo = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    patches = np.empty((b, ho, wo, c, kh, kw), dtype=np.float32)
+    for i in range(kh):
+        for j in range(kw):
+            window = x[:, :, i * dh: i * dh + sh * (ho - 1) + 1: sh, j * dw: j * dw + sw * (wo - 1) + 1: sw]
+            patches[..., i, j] = window.transpose(0, 2, 3, 1)
+    return patches.reshape(b * ho * wo, c * kh * kw)
+
+
+def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, threads: int = 1, columns=None) -> Gram:
+    """X^T X and X^T Y of one layer: X from the model as rewritten so far, Y the original model's outputs.
+
+    `original_layer` describes the layer as it is in `original` (channel pruning changes its shape);
+    `columns` picks the original outputs that the layer still computes."""
+    owners = initializer_owners(original)
+    original_w = matrix(original_layer, owners)
+    original_b = read_bias(original_layer, owners) if bias else None
+    if columns is not None:
+        original_w = original_w[:, columns]
+        original_b = original_b[columns] if original_b is not None else None
+    gram = Gram(input_size(layer), original_w.shape[1], bias=bias)
+    pairs = zip(capture(dataset, model, [layer.x], threads), capture(dataset, original, [original_layer.x], threads))
+    for (batch, now), (_, before) in pairs:
+        y = unfold(original_layer, before.get(original_layer.x, batch.get(original_layer.x))) @ original_w
+        gram.add(unfold(layer, now.get(layer.x, batch.get(layer.x))), y if original_b is None else y + original_b)
+    return gram
+
+
+def capture(dataset, model, names, threads: int = 1):
+    """(batch, {name: value}) for every calibration batch; graph inputs are read from the batch itself."""
+    graph_inputs = {i.name for i in model.graph.input}
+    captured = sorted({n for n in names if n not in graph_inputs})
+    batches = dataset.batches
+    stream = capture_activations(model, captured, batches, threads) if captured else ({} for _ in batches)
+    return zip(batches, stream)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 from dataclasses import asdict
@@ -11,16 +12,16 @@ import onnx
 
 from onnxshrink import model as model_io
 from onnxshrink import streaming
-from onnxshrink.errors import ModelLoadError, OutputError, UsageError
+from onnxshrink.errors import InputsUnavailable, ModelLoadError, OutputError, UsageError
 from onnxshrink.info import inspect_model
-from onnxshrink.data import input_specs, load_npz
+from onnxshrink.data import input_specs, load_npz, split_holdout
 from onnxshrink.passes.common import handed_over
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, constant_nodes_left
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
-from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
+from onnxshrink.report import CommandReport, ModelInfo, ValidationReport, latency_slower
 from onnxshrink.runtime import make_session, op_counts, optimized_graph, optimized_op_counts
-from onnxshrink.validate import ValidateConfig
+from onnxshrink.validate import ValidateConfig, not_validated
 from onnxshrink.validate import validate as _validate
 
 INTEGER_KERNELS = ("com.microsoft.MatMulIntegerToFloat", "com.microsoft.DynamicQuantizeMatMul", "MatMulInteger",
@@ -94,7 +95,8 @@ def quantize(
             return QuantizeDynamic(config)
         if isinstance(config, WeightsOnlyConfig):
             return QuantizeWeightsOnly(config)
-        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
+                   if calibration is not None else None)
         from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
         from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
 
@@ -110,7 +112,7 @@ def quantize(
 
     return _run_pass_command(
         "quantize", model_path, output, suffix, make_pass, force=force,
-        validation=validation, run_validation=run_validation, threads=threads,
+        validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
         options=options if options is not None else asdict(config),
     )
 
@@ -139,7 +141,8 @@ def prune(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
+                   if calibration is not None else None)
         if config.pattern == "channel":
             from onnxshrink.passes.prune_channels import PruneChannels
 
@@ -148,7 +151,7 @@ def prune(
 
     return _run_pass_command(
         "prune", model_path, output, "pruned", make_pass, force=force,
-        validation=validation, run_validation=run_validation, threads=threads,
+        validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
         options=options if options is not None else asdict(config), full_check=config.storage != "sparse",
     )
 
@@ -177,12 +180,13 @@ def cluster(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
+                   if calibration is not None else None)
         return Cluster(config, dataset, threads=threads)
 
     report = _run_pass_command(
         "cluster", model_path, output, f"cluster{config.bits}", make_pass, force=force,
-        validation=validation, run_validation=run_validation, threads=threads,
+        validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
         options=options if options is not None else asdict(config),
     )
     if report.passes[0].changed:
@@ -214,12 +218,13 @@ def factorize(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = _calibration_data(model, calibration) if calibration is not None else None
+        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
+                   if calibration is not None else None)
         return Factorize(config, dataset, threads=threads)
 
     return _run_pass_command(
         "factorize", model_path, output, "factorized", make_pass, force=force,
-        validation=validation, run_validation=run_validation, threads=threads,
+        validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
         options=options if options is not None else asdict(config),
     )
 
@@ -348,13 +353,24 @@ def unpack(pack_path: str | os.PathLike, output: str | os.PathLike | None = None
                                                                      "ratio": size_out / size_in})
 
 
-def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike):
-    """Calibration batches from an .npz whose keys are the model's input names."""
-    return load_npz(path, input_specs(model), role="calibration data")
+def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike, hold_out: bool = False):
+    """Calibration batches from an .npz whose keys are the model's input names.
+
+    `hold_out`: validation will judge on this file's last samples (data.split_holdout), so the passes
+    calibrate on the rest only; a file too small to split calibrates on all of it."""
+    specs = input_specs(model)
+    dataset = load_npz(path, specs, role="calibration data")
+    split = split_holdout(dataset, specs) if hold_out else None
+    return split[0] if split is not None else dataset
+
+
+def _holds_out(validation: ValidateConfig | None, run_validation: bool) -> bool:
+    """Whether validation will use held-out calibration samples: it runs and was given no --data."""
+    return run_validation and (validation is None or not validation.data)
 
 
 def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, validation, run_validation, threads, options,
-                      full_check=True):
+                      full_check=True, calibration=None):
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
     model_io.check_output_path(output, [model_path], force)
@@ -381,7 +397,9 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
             # full_check=False: sparse initializers feeding MatMul fail onnx's full check; onnxruntime loads them below.
             staged = model_io.save(result, staging / output.name, external_data=external, check=full_check)
             del result  # written: validation and the move below work from the file
-        report = CommandReport(command, str(model_path), None, [pass_report], {})
+        report = CommandReport(command, str(model_path), None, [pass_report], {}, changed=pass_report.changed)
+        if not pass_report.changed:
+            report.notes.append(_no_change(command, pass_report))
         if streamed:
             report.notes.append(streaming.NOTE)
         report.runtime = _runtime_kernels(staged, threads, pass_report)
@@ -390,10 +408,15 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
                                 "(Cast/Mul) unfolded: they decode weights on every run")
         if run_validation:
             config = validation or ValidateConfig(threads=threads)
-            report.validation = _validate(model_path, staged, config)
+            if calibration is not None and not config.data:  # judged on the samples the passes held out
+                config = dataclasses.replace(config, calibration=str(calibration))
+            try:
+                report.validation = _validate(model_path, staged, config)
+            except InputsUnavailable as exc:  # the pass needed no inputs: its output lands, said to be unvalidated
+                report.validation = not_validated(model_path, staged, str(exc))
             report.validation.candidate = str(output)
         _advise_on_latency(report, pass_report)
-        passed = report.validation is None or report.validation.passed
+        passed = report.validation is None or report.validation.passed or not report.validation.validated
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")
@@ -421,11 +444,13 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
 
 
 def _advise_on_latency(report: CommandReport, pass_report) -> None:
-    """Say so when the compressed model measured slower, and what would help."""
+    """Say so when the compressed model measured slower by more than the runs' noise (report.latency_slower),
+    and what would help."""
     latency = report.validation.latency_ms if report.validation else None
-    if not latency or not latency.get("ratio") or latency["ratio"] <= 1.0:
+    if not latency or not latency.get("ratio") or not latency_slower(latency):
         return
-    text = f"the output ran {latency['ratio']:.2f}x slower than the original at batch {latency['batch']}"
+    text = (f"the output ran {latency['ratio']:.2f}x slower than the original at batch {latency['batch']} (p50 "
+            f"{latency['candidate']['p50']:.3g} vs {latency['original']['p50']:.3g} ms, beyond the runs' p90 - p50 spread)")
     threshold = (pass_report.options or {}).get("integer_min_macs")
     if pass_report.name == "quantize-dynamic" and threshold is not None and threshold < INTEGER_MIN_MACS["dynamic"]:
         # Only when the user lowered it: at the default, small layers already run as float kernels.
@@ -435,6 +460,22 @@ def _advise_on_latency(report: CommandReport, pass_report) -> None:
     if pass_report.name == "quantize-blockwise":
         text += "; MatMulNBits gains speed only on large layers (about 256 x 256 and up at batch 1): here it buys size"
     report.notes.append(text)
+
+
+def _no_change(command: str, pass_report) -> str:
+    """The first thing a no-op run says: nothing changed, why, and that the output is still written (a pipeline
+    that reads OUTPUT next finds it; its weights are the input's)."""
+    reasons = {}
+    for layer in pass_report.layers:
+        if layer.reason:
+            reasons[layer.reason] = reasons.get(layer.reason, 0) + 1
+    if 0 < len(reasons) <= 2:
+        why = "; ".join(f"{count} layer(s): {reason}" for reason, count in sorted(reasons.items(), key=lambda item: -item[1]))
+    elif reasons:  # reasons with each layer's own numbers: the table (or the JSON's layers) has them
+        why = f"{sum(reasons.values())} layer(s) kept, each for the reason listed with it"
+    else:
+        why = "; ".join(pass_report.notes[-1:]) or "nothing it applies to"
+    return f"no change: {command} changed no weight ({why}); the output is written all the same, with the input's weights"
 
 
 def _failed_name(output: Path) -> str:

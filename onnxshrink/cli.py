@@ -23,7 +23,7 @@ from rich.markup import escape
 from onnxshrink import __version__, api
 from onnxshrink import data as data_mod
 from onnxshrink.passes.common import glob_literal
-from onnxshrink.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_THRESHOLD, OnnxShrinkError, UsageError
+from onnxshrink.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOT_VALIDATED, EXIT_THRESHOLD, OnnxShrinkError, UsageError
 from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
 from onnxshrink.render import render_command, render_info, render_pack, render_validation
@@ -31,6 +31,24 @@ from onnxshrink.validate import Thresholds, ValidateConfig
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended, unlike Ctrl-C's 130
 _sigterm = {"received": False}
+# Under --json stdout holds exactly one document: the report, or else the error. Reset by each invocation.
+_json_out = {"wanted": False, "written": False}
+
+
+def _wants_json(args) -> bool:
+    """Whether the command line asks for --json (before a `--` that ends the options)."""
+    args = list(sys.argv[1:] if args is None else args)
+    return "--json" in (args[: args.index("--")] if "--" in args else args)
+
+
+def _json_error(code: int, message: str) -> None:
+    """Under --json, the error as stdout's one document, unless a report was already printed there."""
+    if _json_out["wanted"] and not _json_out["written"]:
+        from onnxshrink.report import error_json
+
+        sys.stdout.write(error_json(code, message) + "\n")
+        sys.stdout.flush()
+        _json_out["written"] = True
 
 
 class Terminated(KeyboardInterrupt):
@@ -53,6 +71,7 @@ class _OneLineErrors(TyperGroup):
     """Click's own usage errors (unknown option, bad value, missing argument) as one `error:` line, exit 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        _json_out.update(wanted=_wants_json(args), written=False)
         try:
             code = super().main(args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra)
             code = code if isinstance(code, int) else 0
@@ -64,21 +83,32 @@ class _OneLineErrors(TyperGroup):
             hint = f" (see '{where} --help')" if where else ""
             sys.stderr.write(f"error: {exc.format_message()}{hint}\n")
             code = exc.exit_code
+            _json_error(code, exc.format_message() + hint)
         except typer.Abort:
             sys.stderr.write("interrupted\n")
             code = EXIT_INTERRUPTED
         if code == EXIT_INTERRUPTED and _sigterm["received"]:  # SIGTERM outside a command's edge: typer made it 130
             sys.stderr.write("terminated (SIGTERM)\n")
             code = EXIT_TERMINATED
+        if code:  # any failure not yet written as a document (an interrupt outside a command's edge)
+            _json_error(code, {EXIT_INTERRUPTED: "interrupted", EXIT_TERMINATED: "terminated (SIGTERM)"}.get(code, f"exit code {code}"))
         if standalone_mode:
             sys.exit(code)
         return code
 
 
+# Shown under `onnxshrink --help` (the callback's docstring is not: `help=` below replaces it).
+EXIT_CODES_HELP = ("Exit codes: 0 ok · 1 a threshold failed · 2 usage error · 3 unusable input (model or data) · "
+                   "4 unsupported model · 5 cannot write the output · 6 written but not validated (no inputs the "
+                   "model runs on: give --data, --calibration or --shape) · 70 internal error · "
+                   "130 interrupted (Ctrl-C) · 143 terminated (SIGTERM). "
+                   "Under --json, stdout is one document: the report, or on a failure {\"error\": {\"code\", \"message\"}}.")
+
 app = typer.Typer(
     name="onnxshrink",
     cls=_OneLineErrors,
     help="Make ONNX models smaller and faster, and prove with onnxruntime how far they drifted.",
+    epilog=EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -111,12 +141,7 @@ def _version_callback(value: bool) -> None:
 def _root(
     version: Annotated[bool, typer.Option("--version", callback=_version_callback, is_eager=True, help="Show the version and exit.")] = False,
 ) -> None:
-    """Make ONNX models smaller and faster, and prove with onnxruntime how far they drifted.
-
-    Exit codes: 0 ok, 1 a threshold failed, 2 usage error, 3 unusable input,
-    4 unsupported model, 5 cannot write the output, 70 internal error, 130 interrupted (Ctrl-C),
-    143 terminated (SIGTERM).
-    """
+    """Make ONNX models smaller and faster, and prove with onnxruntime how far they drifted (exit codes: EXIT_CODES_HELP)."""
 
 
 def _consoles(as_json: bool) -> Console:
@@ -133,6 +158,7 @@ def _edge(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         debug = kwargs.get("debug", False)
+        _json_out["wanted"] = _json_out["wanted"] or bool(kwargs.get("as_json"))
         err = Console(stderr=True, soft_wrap=True)
         try:
             return func(*args, **kwargs)
@@ -142,16 +168,19 @@ def _edge(func):
             if debug:
                 traceback.print_exc()
             err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False)
+            _json_error(exc.exit_code, str(exc))
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt as exc:
             word, code = _interrupted(exc)
             err.print(f"[red]{word}[/]; no output was written", highlight=False)
+            _json_error(code, f"{word}; no output was written")
             raise typer.Exit(code) from None
         except Exception as exc:
             if debug:
                 traceback.print_exc()
             line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             err.print(f"[red]internal error:[/] {type(exc).__name__}: {escape(line)} (rerun with --debug for the traceback)", highlight=False)
+            _json_error(EXIT_INTERNAL, f"internal error: {type(exc).__name__}: {line}")
             raise typer.Exit(EXIT_INTERNAL) from None
 
     return wrapper
@@ -161,7 +190,17 @@ def _emit(as_json: bool, report, render) -> None:
     if as_json:
         sys.stdout.write(report.to_json() + "\n")
         sys.stdout.flush()
+        _json_out["written"] = True
     render(_consoles(as_json), report)
+
+
+def _exit_for_validation(report) -> None:
+    """A written model's exit code: 6 when validation could not run (the output landed, nothing was measured),
+    1 when a threshold failed (written as OUTPUT.failed.onnx), else 0."""
+    if report.validation is not None and not report.validation.validated:
+        raise typer.Exit(EXIT_NOT_VALIDATED)
+    if report.validation is not None and not report.validation.passed:
+        raise typer.Exit(EXIT_THRESHOLD)
 
 
 def _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio):
@@ -221,16 +260,16 @@ def validate_command(
 def quantize_command(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.int8.onnx, MODEL.int4.onnx, ... next to the input).")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).")] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", metavar="[dynamic|static|weights]", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).")] = None,
     bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits: 8, or 4 / 2 for blockwise MatMulNBits weights of MatMul/Gemm.")] = 8,
-    block_size: Annotated[int, typer.Option("--block-size", help="Block size along K for --bits < 8 (16, 32, 64, 128, 256).")] = 32,
-    algorithm: Annotated[str, typer.Option("--algorithm", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).")] = "rtn",
+    block_size: Annotated[int, typer.Option("--block-size", metavar="[16|32|64|128|256]", help="Block size along K for --bits < 8 (16, 32, 64, 128, 256).")] = 32,
+    algorithm: Annotated[str, typer.Option("--algorithm", metavar="[rtn|gptq]", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).")] = "rtn",
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns in order of decreasing activation energy.")] = False,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs for static scales or GPTQ.")] = None,
-    calibrator: Annotated[str, typer.Option("--calibrator", help="Activation range for --mode static: minmax, percentile, entropy, mse.")] = "minmax",
+    calibrator: Annotated[str, typer.Option("--calibrator", metavar="[minmax|percentile|entropy|mse]", help="Activation range for --mode static: minmax, percentile, entropy, mse.")] = "minmax",
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to quantize (default: all the mode supports).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both quantizable layers float.")] = None,
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Keep the first, last or both quantizable layers float.")] = None,
     per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.")] = True,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (not even stored int8).")] = 0,
@@ -281,8 +320,7 @@ def quantize_command(
         report.notes.append(f"kept float by --max-layer-drift {max_layer_drift:g} (drift at {getattr(config, 'bits', 8)} bits "
                             f"in {sensitivity_file}): {listed}")
     _emit(as_json, report, render_command)
-    if report.validation is not None and not report.validation.passed:
-        raise typer.Exit(EXIT_THRESHOLD)
+    _exit_for_validation(report)
 
 
 def _sensitive_layers(path, max_drift, bits) -> list:
@@ -301,17 +339,17 @@ def prune_command(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.pruned.onnx next to the input).")] = None,
     sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Overall fraction of zeros in the pruned weights, 0..0.98 (not with N:M).")] = None,
-    pattern: Annotated[str, typer.Option("--pattern", help="unstructured, N:M (N non-zeros in every M weights along the input axis, such as 2:4), or channel (removes whole output channels: fewer parameters, faster).")] = "unstructured",
-    importance: Annotated[Optional[str], typer.Option("--importance", help="magnitude (default without data) or activation (|w| x input norm; default with --calibration).")] = None,
-    scope: Annotated[str, typer.Option("--scope", help="Per-layer allocation: auto (from measured sensitivity), layer (the same everywhere), global (one threshold).")] = "auto",
+    pattern: Annotated[str, typer.Option("--pattern", metavar="[unstructured|N:M|channel]", help="unstructured, N:M (N non-zeros in every M weights along the input axis, such as 2:4), or channel (removes whole output channels: fewer parameters, faster).")] = "unstructured",
+    importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude (default without data) or activation (|w| x input norm; default with --calibration).")] = None,
+    scope: Annotated[str, typer.Option("--scope", metavar="[auto|layer|global]", help="Per-layer allocation: auto (from measured sensitivity), layer (the same everywhere), global (one threshold).")] = "auto",
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation importance and least-squares reconstruction.")] = None,
     reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="With --calibration, refit each layer's kept weights to the original model's outputs.")] = True,
     layer_sparsity: Annotated[Optional[list[str]], typer.Option("--layer-sparsity", help="NAME=F: this layer's sparsity, overriding the allocation (repeatable).")] = None,
     sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity --json`: allocate per-layer sparsity from it.")] = None,
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to prune (default MatMul,Gemm,Conv).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to leave unpruned (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Leave the first, last or both prunable layers unpruned.")] = None,
-    storage: Annotated[str, typer.Option("--storage", help="dense (default) or sparse (pruned weights as ONNX sparse initializers: a smaller file, not a faster one).")] = "dense",
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Leave the first, last or both prunable layers unpruned.")] = None,
+    storage: Annotated[str, typer.Option("--storage", metavar="[dense|sparse]", help="dense (default) or sparse (pruned weights as ONNX sparse initializers: a smaller file, not a faster one).")] = "dense",
     remove_dead_units: Annotated[bool, typer.Option("--remove-dead-units", help="Then remove the units (channels) no pruned weight reads any more: smaller weights, the same outputs.")] = False,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
@@ -358,8 +396,7 @@ def prune_command(
     report = api.prune(model, output, config, calibration=calibration, force=force, validation=validation,
                        run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
-    if report.validation is not None and not report.validation.passed:
-        raise typer.Exit(EXIT_THRESHOLD)
+    _exit_for_validation(report)
 
 
 @app.command("cluster")
@@ -368,17 +405,17 @@ def cluster_command(
     model: Annotated[Path, typer.Argument(help="ONNX model file.")],
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.cluster4.onnx, ... next to the input).")] = None,
     bits: Annotated[int, typer.Option("--bits", help="Codebook of 2^bits shared values per layer (1..8); indices stored as uint8.")] = 4,
-    per: Annotated[str, typer.Option("--per", help="layer (one codebook per weight tensor) or channel (one per output channel).")] = "layer",
-    weighting: Annotated[Optional[str], typer.Option("--weighting", help="none, or activation (k-means weighted by input energy E[x^2]; needs --calibration; the default with it).")] = None,
+    per: Annotated[str, typer.Option("--per", metavar="[layer|channel]", help="layer (one codebook per weight tensor) or channel (one per output channel).")] = "layer",
+    weighting: Annotated[Optional[str], typer.Option("--weighting", metavar="[none|activation]", help="none, or activation (k-means weighted by input energy E(x^2); needs --calibration; the default with it).")] = None,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="With --calibration, refit codebook values and biases to the original model's layer outputs.")] = True,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation weighting and least-squares refit.")] = None,
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to cluster (default MatMul,Gemm,Conv).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Keep the first, last or both clusterable layers float.")] = None,
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Keep the first, last or both clusterable layers float.")] = None,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Keep layers with fewer weights float.")] = 0,
     float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds (= --other-floats fp16).")] = False,
-    other_floats: Annotated[str, typer.Option("--other-floats", help="fp32, fp16, or int8: biases, norms and embeddings as int8 with one scale each (fp16 where that would change them by over 1%), codebooks as fp16.")] = "fp32",
-    rounding: Annotated[Optional[str], typer.Option("--rounding", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).")] = None,
+    other_floats: Annotated[str, typer.Option("--other-floats", metavar="[fp32|fp16|int8]", help="fp32, fp16, or int8: biases, norms and embeddings as int8 with one scale each (fp16 where that would change them by over 1%), codebooks as fp16.")] = "fp32",
+    rounding: Annotated[Optional[str], typer.Option("--rounding", metavar="[nearest|gptq]", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -407,8 +444,7 @@ def cluster_command(
     report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
                          run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
-    if report.validation is not None and not report.validation.passed:
-        raise typer.Exit(EXIT_THRESHOLD)
+    _exit_for_validation(report)
 
 
 @app.command("factorize")
@@ -422,7 +458,7 @@ def factorize_command(
     allow_slower: Annotated[bool, typer.Option("--allow-slower", help="Factorize layers even where the two thin MatMuls timed slower than the one (small layers at batch 1).")] = False,
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to factorize (default MatMul,Gemm).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to leave as they are (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", help="Leave the first, last or both factorizable layers as they are.")] = None,
+    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Leave the first, last or both factorizable layers as they are.")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -452,8 +488,7 @@ def factorize_command(
     report = api.factorize(model, output, config, calibration=calibration, force=force, validation=validation,
                            run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
-    if report.validation is not None and not report.validation.passed:
-        raise typer.Exit(EXIT_THRESHOLD)
+    _exit_for_validation(report)
 
 
 @app.command("compress")
@@ -465,6 +500,7 @@ def compress_command(
     save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Write the chosen pipeline, per layer, as a TOML recipe.")] = None,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: reconstruction, GPTQ, codebook refits; judging data when --data is not given.")] = None,
     time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Stop searching after this long: 90s, 5m, 1h or seconds (default 10m, none with --max-candidates alone). The best valid model so far is always on disk. How far a search gets in seconds depends on the machine: for the same bytes everywhere use --max-candidates.")] = None,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="--recipe: build even though the recipe records other calibration data than --calibration gives (or none): the model will differ from the one the recipe was saved from.")] = False,
     max_candidates: Annotated[Optional[int], typer.Option("--max-candidates", min=1, help="Stop after N candidates (the lossless start included): a budget that gives the same output on every machine. With --time-budget as well, whichever comes first stops the search.")] = None,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -505,15 +541,17 @@ def compress_command(
         bar.update(tasks["task"], description=escape(step), completed=done, total=total)
 
     try:
-        report = compress(model, output, config, recipe=recipe, save_recipe=save_recipe, force=force, progress=progress)
+        report = compress(model, output, config, recipe=recipe, save_recipe=save_recipe, force=force, progress=progress,
+                          allow_other_data=allow_other_data)
     except KeyboardInterrupt as exc:
         from onnxshrink.model import default_output
 
         bar.stop()
         word, code = _interrupted(exc)
         written = output or default_output(model, "compressed", ".shrink")
-        Console(stderr=True).print(f"[red]{word}[/]; {escape(str(written))} holds the best valid model found so far, "
-                                   "if one was written", highlight=False)
+        message = f"{written} holds the best valid model found so far, if one was written"
+        Console(stderr=True).print(f"[red]{word}[/]; {escape(message)}", highlight=False)
+        _json_error(code, f"{word}; {message}")
         raise typer.Exit(code) from None
     finally:
         if tasks:
@@ -530,7 +568,7 @@ def sensitivity_command(
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs (without it: synthetic inputs, magnitude importance).")] = None,
     sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated sparsities to try on each layer.")] = "0.25,0.5,0.7,0.8,0.9,0.95",
     bits: Annotated[str, typer.Option("--bits", help="Comma-separated bit widths (2-8) to round each layer to.")] = "8,4,3,2",
-    importance: Annotated[Optional[str], typer.Option("--importance", help="magnitude or activation (default: activation with --calibration).")] = None,
+    importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude or activation (default: activation with --calibration).")] = None,
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types (default MatMul,Gemm,Conv).")] = None,
     exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to skip (repeatable).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report here (for prune --sensitivity).")] = None,
@@ -642,8 +680,7 @@ def flush_denormals_command(
     report = api.flush_denormals(model, output, force=force, validation=validation, run_validation=not no_validate,
                                  threads=threads)
     _emit(as_json, report, render_command)
-    if report.validation is not None and not report.validation.passed:
-        raise typer.Exit(EXIT_THRESHOLD)
+    _exit_for_validation(report)
 
 
 @app.command("pack")
@@ -689,4 +726,5 @@ def main() -> None:
     except KeyboardInterrupt as exc:
         word, code = _interrupted(exc)
         sys.stderr.write(word + "\n")
+        _json_error(code, word)
         sys.exit(code)

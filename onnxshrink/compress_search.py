@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import hashlib
 import importlib
 import itertools
 import json
@@ -46,6 +47,7 @@ import os
 import re
 import shutil
 import time
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -110,6 +112,9 @@ class PassSpec:
 @dataclass
 class Recipe:
     passes: list = field(default_factory=list)  # PassSpec, in order
+    # The calibration data a saved recipe was built with (REQUIREMENT_KEYS; calibration "" when none): replaying
+    # it with other data (or none) builds another model, so that is refused unless the user allows it.
+    requires: dict | None = None
 
     def summary(self) -> str:
         parts = []
@@ -120,11 +125,15 @@ class Recipe:
         return " -> ".join(parts) or "lossless"
 
     def to_dict(self) -> dict:
-        return {"passes": [{"name": s.name, **s.options, **({"layers": [{"match": r.match, **r.options} for r in s.layers]}
+        return {**({"requires": dict(self.requires)} if self.requires is not None else {}), "passes": [{"name": s.name, **s.options, **({"layers": [{"match": r.match, **r.options} for r in s.layers]}
                                                              if s.layers else {})} for s in self.passes]}
 
     def to_toml(self) -> str:
         lines = ["# onnxshrink compress recipe: onnxshrink compress MODEL --recipe THIS_FILE", ""]
+        if self.requires is not None:
+            lines += ["# built with this calibration data; other data (or none) needs --allow-other-data", "[requires]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in self.requires.items()]
+            lines.append("")
         for spec in self.passes:
             lines += ["[[passes]]", f"name = {_toml_value(spec.name)}"]
             lines += [f"{key} = {_toml_value(value)}" for key, value in spec.options.items()]
@@ -168,13 +177,20 @@ def _check_options(where: str, given: dict, allowed: dict) -> dict:
 
 def parse_recipe(data: dict, source: str = "recipe") -> Recipe:
     """A recipe from its TOML table; every problem is a one-line UsageError naming the bad key."""
-    unknown = sorted(set(data) - {"passes"})
+    unknown = sorted(set(data) - {"passes", "requires"})
     if unknown:
-        raise UsageError(f"{source}: unknown key {unknown[0]!r} (a recipe holds [[passes]] tables)")
+        raise UsageError(f"{source}: unknown key {unknown[0]!r} (a recipe holds [[passes]] tables and [requires])")
     passes = data.get("passes")
     if not isinstance(passes, list) or not passes or not all(isinstance(p, dict) for p in passes):
         raise UsageError(f"{source}: no [[passes]] tables (each names a pass: {', '.join(PASSES)})")
     recipe = Recipe()
+    if "requires" in data:
+        requires = data["requires"]
+        if not isinstance(requires, dict):
+            raise UsageError(f"{source}: 'requires' must be a [requires] table")
+        recipe.requires = _check_options(f"{source}: [requires]", requires, REQUIREMENT_KEYS)
+        if "calibration" not in recipe.requires:
+            raise UsageError(f"{source}: [requires] names no 'calibration' (the file's name, or \"\" for none)")
     for index, table in enumerate(passes):
         table = dict(table)
         name = table.pop("name", None)
@@ -221,6 +237,75 @@ def _check_values(where: str, spec: PassSpec) -> None:
         bits = rule.options.get("bits")
         if bits is not None and not 1 <= bits <= 8:
             raise UsageError(f"{where}.layers[{number}]: bits {bits}: must be between 1 and 8")
+
+
+REQUIREMENT_KEYS = {"calibration": "string", "calibration_samples": "integer", "calibration_sha256": "string"}
+
+
+def data_requirements(calibration: str | os.PathLike | None) -> dict:
+    """What a saved recipe records of its calibration data: the file's name, its sample count and SHA-256."""
+    if not calibration:
+        return {"calibration": ""}
+    path = Path(calibration)
+    digest = hashlib.sha256()
+    with open(path, "rb") as stream:
+        for block in iter(lambda: stream.read(1 << 20), b""):
+            digest.update(block)
+    found = {"calibration": path.name}
+    samples = _sample_count(path)
+    if samples is not None:
+        found["calibration_samples"] = samples
+    found["calibration_sha256"] = digest.hexdigest()
+    return found
+
+
+def _sample_count(path: Path) -> int | None:
+    """The samples in an .npz (the longest axis 0 of its arrays), from the .npy headers alone."""
+    lengths = []
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():
+                if not info.filename.endswith(".npy"):
+                    continue
+                with archive.open(info) as member:
+                    version = np.lib.format.read_magic(member)
+                    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                    shape = read(member)[0]
+                if shape:
+                    lengths.append(int(shape[0]))
+    except (OSError, ValueError, zipfile.BadZipFile):
+        return None
+    return max(lengths) if lengths else None
+
+
+def check_requirements(recipe: Recipe, calibration, source: str, allow_other_data: bool) -> str | None:
+    """Refuse to replay a saved recipe with calibration data other than what it was built with (a different
+    model would come out, with exit 0); with `allow_other_data`, a note saying so. None when the data match
+    or the recipe records none (written by hand, or by an older onnxshrink)."""
+    if recipe.requires is None:
+        return None
+    wanted, given = recipe.requires, data_requirements(calibration)
+    if not wanted["calibration"]:
+        if not given["calibration"]:
+            return None
+        problem = f"{source} was built without calibration data; --calibration {calibration} would build another model"
+    elif not given["calibration"]:
+        problem = (f"{source} was built with calibration data {wanted['calibration']} "
+                   f"({_data_summary(wanted)}); without --calibration it builds a different model")
+    elif wanted.get("calibration_sha256") in (None, given["calibration_sha256"]):
+        return None
+    else:
+        problem = (f"{source} was built with calibration data {wanted['calibration']} ({_data_summary(wanted)}), "
+                   f"not {Path(calibration).name} ({_data_summary(given)})")
+    if not allow_other_data:
+        raise UsageError(f"{problem}: give that data, or --allow-other-data to build with this")
+    return f"warning: {problem} (--allow-other-data)"
+
+
+def _data_summary(found: dict) -> str:
+    samples = found.get("calibration_samples")
+    return ", ".join(filter(None, [f"{samples} samples" if samples is not None else "",
+                                   f"sha256 {found['calibration_sha256'][:12]}" if found.get("calibration_sha256") else ""]))
 
 
 def _quantize_mode(options: dict) -> str:
@@ -731,14 +816,18 @@ def compress(
     save_recipe: str | os.PathLike | None = None,
     force: bool = False,
     progress: Progress | None = None,
+    allow_other_data: bool = False,
 ) -> CompressReport:
     """The smallest model within the thresholds (automatic), or the recipe's pipeline; OUTPUT is packed when it
     ends in .shrink. Automatic mode always keeps the best valid model so far at OUTPUT."""
     config = config or CompressConfig()
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, "compressed", ".shrink")
-    if isinstance(recipe, (str, os.PathLike)):
-        recipe = load_recipe(recipe)
+    replayed = None
+    if recipe is not None:
+        source = str(recipe) if isinstance(recipe, (str, os.PathLike)) else "the recipe"
+        recipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
+        replayed = check_requirements(recipe, config.calibration, source, allow_other_data)
     thresholds = config.thresholds or Thresholds()
     if recipe is None and all(v is None for v in (thresholds.max_accuracy_drop, thresholds.min_cosine, thresholds.max_drift,
                                                  thresholds.min_agreement)):
@@ -772,11 +861,13 @@ def compress(
             report = _auto_mode(search)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+    if replayed:
+        report.notes.insert(0, replayed)
     if folded:
         report.notes.insert(0, f"{folded} LayerNormalization scale(s) and shift(s) folded into the MatMuls that read "
                                "them before any pass (exact up to float rounding): fewer small tensors to store")
     if save_recipe is not None and report.recipe is not None and report.passed:
-        text = resolve_dict_toml(report.recipe)
+        text = resolve_dict_toml({**report.recipe, "requires": data_requirements(config.calibration)})
         model_io.write_atomically(Path(save_recipe), lambda stream: stream.write(text.encode()))
         report.notes.append(f"recipe written to {save_recipe}: onnxshrink compress {model_path} --recipe {save_recipe}")
     elif save_recipe is not None:

@@ -11,6 +11,7 @@ and non-finite values are refused, since one NaN silently ruins calibration and 
 from __future__ import annotations
 
 import math
+import re
 import zipfile
 import zlib
 from dataclasses import dataclass, field
@@ -20,12 +21,21 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxshrink.errors import DataError, UsageError
+from onnxshrink.errors import DataError, InputsUnavailable, UsageError
 
 DEFAULT_BATCH = 32
 DEFAULT_SYNTHETIC_SAMPLES = 16
 # Symbolic dimensions other than the batch axis take this size unless --shape says otherwise.
 DEFAULT_SYMBOLIC_DIM = 1
+# Image inputs (rank 4, 1 or 3 channels) with a symbolic height or width: the smallest of these that runs.
+PROBE_SIZES = (32, 64, 128, 224, 256, 320, 416, 512, 640)
+# Token inputs (input_ids, attention_mask, ...): a realistic sentence length, or the longest shorter one that runs.
+TOKEN_LENGTH = 128
+TOKEN_LENGTHS = (128, 64, 32, 16, 8, 4, 2, 1)
+# Calibration data that also serves validation keeps its last quarter (at least MIN_HOLDOUT samples) out of the
+# calibrating passes; with fewer than MIN_HOLDOUT + MIN_CALIBRATION samples nothing is held out.
+MIN_HOLDOUT = 4
+MIN_CALIBRATION = 4
 NPY_MAGIC = b"\x93NUMPY"
 DEFLATE_MAX_RATIO = 1032  # deflate never expands more than this (zlib's documented limit): beyond it the zip lies
 READ_CHUNK = 16 << 20  # bytes read (and checked) at a time
@@ -50,6 +60,7 @@ class Dataset:
     synthetic: bool
     notes: list
     batch_axes: dict = field(default_factory=dict)  # input name -> axis holding the samples (absent: passed whole)
+    shape_sources: dict = field(default_factory=dict)  # synthesized: input name -> where its sizes came from (SOURCES)
 
     def input_shapes(self) -> dict:
         return {name: list(array.shape) for name, array in self.batches[0].items()}
@@ -271,33 +282,291 @@ def synthesize(
     seed: int = 0,
     shape_overrides: dict[str, list[int]] | None = None,
     batch_size: int = DEFAULT_BATCH,
+    *,
+    model: onnx.ModelProto | None = None,
+    runs=None,
+    reference_shapes: dict[str, list[int]] | None = None,
 ) -> Dataset:
-    """Seeded random inputs from the signature; drift on these is not accuracy."""
+    """Seeded random inputs from the signature; drift on these is not accuracy.
+
+    With `model`, symbolic sizes come from its metadata and token inputs get realistic values
+    (plan_inputs); with `runs` (a batch -> error message or None), image sizes are probed until the
+    model runs. Without them every symbolic dimension other than the batch is 1.
+    """
     rng = np.random.default_rng(seed)
     samples = samples or DEFAULT_SYNTHETIC_SAMPLES
     overrides = shape_overrides or {}
+    plan = plan_inputs(specs, model, overrides, reference_shapes)
+    if runs is not None:
+        _probe(plan, specs, runs, seed)
+    any_dynamic = any(BATCH in plan.dims[s.name] for s in specs)
+    notes = ["inputs are synthetic (seeded random): drift measured on them is not task accuracy"]
+    batches = []
+    count = -(-samples // batch_size) if any_dynamic else samples
+    remaining = samples
+    for _ in range(count):
+        rows = min(batch_size, remaining) if any_dynamic else 1
+        remaining -= rows
+        batches.append(plan.batch(specs, rows, rng))
+    dataset = Dataset(batches, None, samples, True, notes)
+    dataset.shape_sources = {s.name: plan.source(s.name) for s in specs}
+    notes.extend(plan.notes(specs, dataset.input_shapes()))
+    return dataset
+
+
+# Where a synthesized input's sizes came from, most specific first (the report's input_shape_sources).
+SOURCES = ("--shape", "calibration", "metadata", "probe", "token length", "default", "signature")
+BATCH = "<batch>"  # a dims entry: the axis that takes the samples of a run
+
+
+@dataclass
+class Fill:
+    """How an input's values are made: random, token ids below `high`, all ones, zeros, or positions 0..L-1."""
+
+    kind: str = "random"  # random | ids | ones | zeros | positions
+    high: int | None = None
+    table: str | None = None  # the embedding table whose rows bound the ids
+
+
+@dataclass
+class InputPlan:
+    """Each input's dims (ints, BATCH, or a key into `sizes`), each size's source, and each input's fill."""
+
+    dims: dict
+    sizes: dict = field(default_factory=dict)  # key (a dim_param, or (input, axis) when unnamed) -> int
+    sources: dict = field(default_factory=dict)  # key -> one of SOURCES
+    fills: dict = field(default_factory=dict)  # input name -> Fill (absent: random)
+    image_keys: list = field(default_factory=list)  # keys to probe at image sizes
+    token_keys: list = field(default_factory=list)  # keys at the token length
+    whole: dict = field(default_factory=dict)  # input name -> "--shape" when the whole shape was given
+
+    def shape(self, name: str, rows: int) -> list[int]:
+        return [rows if d == BATCH else (d if isinstance(d, int) else self.sizes[d]) for d in self.dims[name]]
+
+    def source(self, name: str) -> str:
+        if name in self.whole:
+            return self.whole[name]
+        found = {self.sources[d] for d in self.dims[name] if d != BATCH and not isinstance(d, int)}
+        return next((s for s in SOURCES if s in found), "signature")
+
+    def batch(self, specs: list[InputSpec], rows: int, rng: np.random.Generator) -> dict:
+        return {s.name: _values(rng, s, self.shape(s.name, rows), self.fills.get(s.name)) for s in specs}
+
+    def notes(self, specs: list[InputSpec], shapes: dict) -> list[str]:
+        told = [f"{s.name} {shapes[s.name]} ({self.source(s.name)})" for s in specs if self.source(s.name) != "signature"]
+        notes = [f"synthesized input sizes: {', '.join(told)}"] if told else []
+        tokens = []
+        for spec in specs:
+            fill = self.fills.get(spec.name)
+            if fill is None:
+                continue
+            if fill.kind == "ids":
+                tokens.append(f"{spec.name} ids spread over 0..{fill.high - 1} (the rows of embedding {fill.table!r})"
+                              if fill.high else f"{spec.name} ids 0 or 1 (no embedding table found)")
+            else:
+                tokens.append(f"{spec.name} {'0..L-1' if fill.kind == 'positions' else fill.kind}")
+        if tokens:
+            notes.append("token inputs: " + ", ".join(tokens))
+        return notes
+
+
+def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, overrides: dict | None = None,
+                reference_shapes: dict | None = None) -> InputPlan:
+    """Give every symbolic dimension a size, in this order: --shape, the calibration file's shapes, the model's
+    metadata (`imgsz`), the token length for token inputs, a probe for image inputs (left to `_probe`), else 1.
+
+    A named dimension (`height`) takes one size wherever it appears; an unnamed one is its input's own.
+    """
+    overrides = overrides or {}
     unknown = set(overrides) - {s.name for s in specs}
     if unknown:
         raise UsageError(f"--shape names unknown input(s): {', '.join(sorted(unknown))}")
-    any_dynamic = any(s.dynamic_batch and s.name not in overrides for s in specs)
-    notes = ["inputs are synthetic (seeded random): drift measured on them is not task accuracy"]
-    batches = []
-    runs = -(-samples // batch_size) if any_dynamic else samples
-    remaining = samples
-    for _ in range(runs):
-        rows = min(batch_size, remaining) if any_dynamic else 1
-        remaining -= rows
-        batch = {}
-        for spec in specs:
-            shape = overrides.get(spec.name) or [
-                rows if (i == 0 and not isinstance(d, int)) else (d if isinstance(d, int) else DEFAULT_SYMBOLIC_DIM)
-                for i, d in enumerate(spec.shape)
-            ]
-            if spec.name in overrides and len(shape) != len(spec.shape):
-                raise UsageError(f"--shape {spec.name}: model input has rank {len(spec.shape)}, got {len(shape)} dims")
-            batch[spec.name] = _random(rng, spec.dtype, shape)
-        batches.append(batch)
-    return Dataset(batches, None, samples, True, notes)
+    plan = InputPlan({})
+    for spec in specs:
+        if spec.name in overrides and len(overrides[spec.name]) != len(spec.shape):
+            raise UsageError(f"--shape {spec.name}: model input has rank {len(spec.shape)}, got "
+                             f"{len(overrides[spec.name])} dims")
+
+    def key(spec, axis):
+        d = spec.shape[axis]
+        return d if isinstance(d, str) else (spec.name, axis)
+
+    def known(k, size, source):
+        if k not in plan.sizes:
+            plan.sizes[k], plan.sources[k] = int(size), source
+
+    for spec in specs:  # --shape: the whole input, and its named dims wherever else they appear
+        if spec.name in overrides:
+            plan.dims[spec.name] = list(overrides[spec.name])
+            plan.whole[spec.name] = "--shape"
+            for axis, d in enumerate(spec.shape):
+                if axis > 0 and isinstance(d, str):
+                    known(d, overrides[spec.name][axis], "--shape")
+    for spec in specs:
+        ref = (reference_shapes or {}).get(spec.name)
+        if spec.name not in overrides and ref is not None and len(ref) == len(spec.shape):
+            for axis, d in enumerate(spec.shape):
+                if axis > 0 and not isinstance(d, int):
+                    known(key(spec, axis), ref[axis], "calibration")
+    fills = token_fills(model, specs) if model is not None else {}
+    plan.fills = fills
+    imgsz = metadata_image_size(model) if model is not None else None
+    for spec in specs:
+        if spec.name in overrides:
+            continue
+        plan.dims[spec.name] = [BATCH if axis == 0 and not isinstance(d, int) else (d if isinstance(d, int) else key(spec, axis))
+                                for axis, d in enumerate(spec.shape)]
+        image = image_axes(spec)
+        for axis, d in enumerate(spec.shape):
+            if axis == 0 or isinstance(d, int):
+                continue
+            k = key(spec, axis)
+            if image is not None and axis in image:
+                if imgsz is not None:
+                    known(k, imgsz[image.index(axis)], "metadata")
+                elif k not in plan.sizes:
+                    plan.image_keys.append(k)
+                    known(k, DEFAULT_SYMBOLIC_DIM, "default")  # until probed
+            elif spec.name in fills and axis == 1 and k not in plan.sizes:
+                plan.token_keys.append(k)
+                known(k, TOKEN_LENGTH, "token length")
+    for spec in specs:  # what no rule sized: 1
+        for d in plan.dims[spec.name]:
+            if d != BATCH and not isinstance(d, int):
+                known(d, DEFAULT_SYMBOLIC_DIM, "default")
+    return plan
+
+
+def _probe(plan: InputPlan, specs: list[InputSpec], runs, seed: int) -> None:
+    """Image sizes: the smallest of PROBE_SIZES at which one sample runs with every output non-empty. Token
+    lengths: TOKEN_LENGTH, or the longest shorter one that runs. Raises InputsUnavailable when no image size runs."""
+    rng = np.random.default_rng(seed)
+    if plan.image_keys:
+        errors = []
+        for size in PROBE_SIZES:
+            for k in plan.image_keys:
+                plan.sizes[k] = size
+            error = runs(plan.batch(specs, 1, rng))
+            if error is None:
+                for k in plan.image_keys:
+                    plan.sources[k] = "probe"
+                break
+            errors.append((size, error))
+        else:
+            shapes = ", ".join(f"{s.name} [{', '.join(_probe_text(d, plan.image_keys) for d in plan.dims[s.name])}]"
+                               for s in specs)
+            raise InputsUnavailable(
+                f"no synthesized input runs the model: {shapes} failed for every S of {', '.join(map(str, PROBE_SIZES))} "
+                f"(at {errors[-1][0]}: {errors[-1][1]}); give --data, --calibration, or sizes with "
+                "--shape NAME=D1,D2,...")
+    pending = [k for k in plan.token_keys if plan.sources.get(k) == "token length"]
+    if pending:
+        for length in TOKEN_LENGTHS:
+            for k in pending:
+                plan.sizes[k] = length
+            if runs(plan.batch(specs, 1, rng)) is None:
+                if length != TOKEN_LENGTH:
+                    for k in pending:
+                        plan.sources[k] = "probe"
+                return
+        for k in pending:  # none runs: validation reports the model's own error at the usual length
+            plan.sizes[k] = TOKEN_LENGTH
+
+
+def _probe_text(d, probed: list) -> str:
+    return "1" if d == BATCH else ("S" if d in probed else str(d))
+
+
+def image_axes(spec: InputSpec) -> tuple[int, int] | None:
+    """(H axis, W axis) of an image-like input: rank 4, 1 or 3 fixed channels at axis 1 (NCHW) or 3 (NHWC),
+    and a symbolic height or width."""
+    shape = spec.shape
+    if len(shape) != 4 or spec.dtype.kind not in "fu":
+        return None
+    if shape[1] in (1, 3) and not all(isinstance(d, int) for d in shape[2:]):
+        return (2, 3)
+    if shape[3] in (1, 3) and not all(isinstance(d, int) for d in shape[1:3]):
+        return (1, 2)
+    return None
+
+
+def metadata_image_size(model: onnx.ModelProto) -> tuple[int, int] | None:
+    """(height, width) from an `imgsz` metadata entry, as ultralytics writes it (`[640, 640]`, or one number)."""
+    for prop in model.metadata_props:
+        if prop.key == "imgsz":
+            numbers = [int(n) for n in re.findall(r"\d+", prop.value)]
+            if len(numbers) == 1 and numbers[0] > 0:
+                return (numbers[0], numbers[0])
+            if len(numbers) == 2 and min(numbers) > 0:
+                return (numbers[0], numbers[1])
+    return None
+
+
+PASS_THROUGH = ("Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity")
+
+
+def token_fills(model: onnx.ModelProto, specs: list[InputSpec]) -> dict[str, Fill]:
+    """Token inputs (integer, rank 2) and their values, recognised by name and by use; others are left out.
+
+    An input whose values index the rows of a rank-2 table (a Gather, maybe behind Cast/Reshape) is token
+    ids, spread over the table's rows. By name: `*mask*` all ones, `token_type*`/`segment*` zeros,
+    `position*` 0..L-1; `input_ids` without a table found gets ids 0 or 1 (the valid range is unknown).
+    """
+    tables = {t.name: list(t.dims) for t in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            tables[node.output[0]] = list(node.attribute[0].t.dims)
+    users = {}
+    for node in model.graph.node:
+        for index, name in enumerate(node.input):
+            users.setdefault(name, []).append((node, index))
+    fills = {}
+    for spec in specs:
+        if spec.dtype.kind not in "iu" or len(spec.shape) != 2:
+            continue
+        lower = spec.name.lower()
+        if "mask" in lower:
+            fills[spec.name] = Fill("ones")
+        elif "token_type" in lower or "segment" in lower:
+            fills[spec.name] = Fill("zeros")
+        elif "position" in lower:
+            fills[spec.name] = Fill("positions")
+        else:
+            table = _embedding_table(spec.name, users, tables)
+            if table is not None:
+                fills[spec.name] = Fill("ids", tables[table][0], table)
+            elif "input_ids" in lower or lower in ("ids", "tokens"):
+                fills[spec.name] = Fill("ids")
+    return fills
+
+
+def _embedding_table(name: str, users: dict, tables: dict) -> str | None:
+    """The rank-2 table whose rows `name` indexes through Gather (after Cast/Reshape/...), if any."""
+    frontier, seen = [name], set()
+    while frontier:
+        value = frontier.pop()
+        if value in seen:
+            continue
+        seen.add(value)
+        for node, index in users.get(value, ()):
+            if node.op_type == "Gather" and index == 1 and node.input[0] in tables and len(tables[node.input[0]]) == 2 \
+                    and not any(a.name == "axis" and a.i != 0 for a in node.attribute):
+                return node.input[0]
+            if node.op_type in PASS_THROUGH and index == 0:
+                frontier.extend(node.output)
+    return None
+
+
+def _values(rng: np.random.Generator, spec: InputSpec, shape: list[int], fill: Fill | None) -> np.ndarray:
+    if fill is None or fill.kind == "random" or (fill.kind == "ids" and not fill.high):
+        return _random(rng, spec.dtype, shape)
+    if fill.kind == "ids":
+        return rng.integers(0, fill.high, shape).astype(spec.dtype)
+    if fill.kind == "ones":
+        return np.ones(shape, spec.dtype)
+    if fill.kind == "zeros":
+        return np.zeros(shape, spec.dtype)
+    return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=spec.dtype), shape).copy()  # positions
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:
@@ -308,6 +577,39 @@ def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.n
     if dtype.kind in "iu":
         return rng.integers(0, 2, shape).astype(dtype)
     raise DataError(f"cannot synthesize inputs of type {dtype}; give --data")
+
+
+def split_holdout(dataset: Dataset, specs: list[InputSpec]) -> tuple[Dataset, Dataset, range] | None:
+    """(calibrating samples, held-out samples, the held-out rows): the last quarter, at least MIN_HOLDOUT samples,
+    is kept for validation so that no sample both calibrates and judges. None when there are too few samples to
+    leave MIN_CALIBRATION to calibrate, or no input carries samples."""
+    count = sum(_rows(batch, dataset.batch_axes) for batch in dataset.batches) if dataset.batch_axes else 0
+    held = max(MIN_HOLDOUT, count // 4)
+    if count - held < MIN_CALIBRATION:
+        return None
+    start = count - held
+    return take_samples(dataset, specs, 0, start), take_samples(dataset, specs, start, count), range(start, count)
+
+
+def take_samples(dataset: Dataset, specs: list[InputSpec], start: int, stop: int) -> Dataset:
+    """Samples start..stop-1 of a dataset, cut into runs as load_npz does; inputs without samples passed whole."""
+    axes = dataset.batch_axes
+    feeds = {}
+    for name, first in dataset.batches[0].items():
+        if name in axes:
+            joined = np.concatenate([b[name] for b in dataset.batches], axis=axes[name])
+            feeds[name] = np.take(joined, np.arange(start, stop), axis=axes[name])
+        else:
+            feeds[name] = first
+    labels = dataset.labels[start:stop] if dataset.labels is not None else None
+    notes = list(dataset.notes)
+    batches = _split(feeds, specs, stop - start, DEFAULT_BATCH, notes, axes)
+    return Dataset(batches, labels, stop - start, dataset.synthetic, notes, dict(axes))
+
+
+def _rows(batch: dict, axes: dict) -> int:
+    name = next(iter(axes))
+    return int(batch[name].shape[axes[name]])
 
 
 def _conform(array: np.ndarray, spec: InputSpec, path: Path, notes: list) -> np.ndarray:

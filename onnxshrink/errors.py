@@ -27,6 +27,11 @@ class DataError(OnnxShrinkError):
     exit_code = 3
 
 
+class InputsUnavailable(DataError):
+    """No data was given and no synthesized input runs the model: a command that needs none still writes its
+    output, not validated (exit EXIT_NOT_VALIDATED); `validate` itself cannot go on (exit 3)."""
+
+
 class UnsupportedModelError(OnnxShrinkError):
     """A valid model that this tool cannot process (and says why)."""
 
@@ -51,5 +56,6 @@ EXIT_USAGE = 2
 EXIT_INPUT = 3
 EXIT_UNSUPPORTED = 4
 EXIT_OUTPUT = 5
+EXIT_NOT_VALIDATED = 6  # the output is written, but validation could not run (no inputs the model runs on)
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130

@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from onnxshrink.report import CommandReport, ModelInfo, ValidationReport
+from onnxshrink.report import CommandReport, ModelInfo, ValidationReport, latency_slower
 
 
 def human_bytes(n: float | None) -> str:
@@ -27,6 +27,15 @@ def _num(value, digits: int = 4) -> str:
             return "nan"
         return f"{value:.{digits}g}"
     return str(value)
+
+
+def _note(console: Console, note: str) -> None:
+    """A report's note: `warning: ...` and `no change: ...` keep their own word, the rest are notes."""
+    for word in ("warning:", "no change:"):
+        if note.startswith(word):
+            console.print(f"[yellow]{word}[/]{escape(note[len(word):])}", highlight=False)
+            return
+    console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
 
 
 def _shape(shape) -> str:
@@ -79,6 +88,9 @@ def render_info(console: Console, info: ModelInfo, show_all: bool = False) -> No
 
 
 def render_validation(console: Console, report: ValidationReport) -> None:
+    if not getattr(report, "validated", True):  # nothing was measured: say so, and why, instead of a table
+        console.print(f"validation [yellow]NOT RUN[/]: {escape(report.reason or '')}", highlight=False)
+        return
     inputs = "synthetic inputs" if report.synthetic_inputs else "given data"
     table = Table(title=escape(f"Validation: {report.candidate} vs {report.original} ({report.samples} samples, {inputs})"), title_justify="left")
     for col in ("output", "max abs", "mean rel", "cosine", "cosine min", "top-1 agree"):
@@ -94,7 +106,9 @@ def render_validation(console: Console, report: ValidationReport) -> None:
         lat = report.latency_ms
         summary.add_row(
             f"latency p50 (batch {lat['batch']}, {lat['threads']} thread{'s' if lat['threads'] != 1 else ''})",
-            f"{lat['original']['p50']:.4g} ms", f"{lat['candidate']['p50']:.4g} ms", _num(lat["ratio"], 3))
+            f"{lat['original']['p50']:.4g} ms", f"{lat['candidate']['p50']:.4g} ms",
+            ("-" if lat["ratio"] is None else f"{lat['ratio']:.3f}")
+            + (" (noise)" if (lat["ratio"] or 0) > 1 and latency_slower(lat) is False else ""))
         summary.add_row("latency p90", f"{lat['original']['p90']:.4g} ms", f"{lat['candidate']['p90']:.4g} ms", "")
     if report.accuracy:
         acc = report.accuracy
@@ -104,12 +118,17 @@ def render_validation(console: Console, report: ValidationReport) -> None:
         mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
         console.print(f"  {mark} {escape(check.name)}: {_num(check.value)} (threshold {check.threshold:g})")
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
-    verdict = "[green]PASSED[/]" if report.passed else "[red]FAILED[/]"
-    console.print(f"validation {verdict}" + ("" if report.checks else " (no thresholds given)"))
+        _note(console, note)
+    if not report.checks:  # nothing was gated: PASSED would claim a judgement nobody asked for
+        console.print("validation [yellow]not gated[/] (no thresholds given: the figures above are not judged)")
+    else:
+        console.print(f"validation {'[green]PASSED[/]' if report.passed else '[red]FAILED[/]'}")
 
 
 def render_command(console: Console, report: CommandReport) -> None:
+    first = [note for note in report.notes if note.startswith("no change:")]
+    for note in first:  # a no-op run says so before anything else
+        _note(console, note)
     for pass_report in report.passes:
         table = Table(title=escape(pass_report.name), title_justify="left")
         for col in ("node", "op", "weight", "action", "bytes", "why"):
@@ -120,7 +139,7 @@ def render_command(console: Console, report: CommandReport) -> None:
             table.add_row(escape(layer.node), layer.op_type, escape(layer.weight), escape(layer.action), size, escape(layer.reason), style=style)
         console.print(table)
         for note in pass_report.notes:
-            console.print(f"[yellow]note:[/] {escape(note)}")
+            _note(console, note)
     if report.runtime:
         rt = report.runtime
         kernels = ", ".join(f"{k} x{v}" for k, v in rt["integer_kernels"].items()) or "none"
@@ -131,7 +150,8 @@ def render_command(console: Console, report: CommandReport) -> None:
     if report.validation:
         render_validation(console, report.validation)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        if note not in first:
+            _note(console, note)
     if report.output:
         console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, {report.size['ratio']:.3f}x the input)")
 
@@ -156,7 +176,7 @@ def render_pack(console: Console, report, show_all: bool = False) -> None:
                       f"{human_bytes(totals['tensor_bytes_before'])} -> {human_bytes(totals['tensor_bytes_after'])}, "
                       f"graph {human_bytes(totals['graph_bytes'])}, shared tables {human_bytes(totals['shared_table_bytes'])}")
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        _note(console, note)
     if report.output:
         console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, "
                       f"{report.size['ratio']:.3f}x the input, {1 / report.size['ratio']:.2f}x smaller)")
@@ -182,7 +202,7 @@ def render_sensitivity(console: Console, report) -> None:
     for decision in report.skipped:
         console.print(f"[dim]not measured: {escape(decision.node)} ({escape(decision.reason)})[/]")
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        _note(console, note)
 
 
 def render_compress(console: Console, report) -> None:
@@ -206,7 +226,7 @@ def render_compress(console: Console, report) -> None:
     if report.validation:
         render_validation(console, report.validation)
     for note in report.notes:
-        console.print(f"[yellow]note:[/] {escape(note)}")
+        _note(console, note)
     budget = f" of a {report.time_budget_s:g} s budget" if report.time_budget_s else ""
     limit = f" (limit {report.max_candidates})" if getattr(report, "max_candidates", None) else ""
     console.print(f"{report.stopped}: {len(report.candidates)} candidate(s){limit} in {report.seconds:.1f} s{budget}")

@@ -29,7 +29,20 @@ class JsonReport:
         return _clean(self)
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+        """The document `--json` prints (and `sensitivity -o` writes): the report, plus the version that wrote it,
+        so a pipeline's logs say which onnxshrink produced a verdict."""
+        return json.dumps({**self.to_dict(), "onnxshrink_version": _version()}, indent=2, allow_nan=False)
+
+
+def _version() -> str:
+    from onnxshrink import __version__  # the package is loaded by the time a report is written
+
+    return __version__
+
+
+def error_json(code: int, message: str) -> str:
+    """What `--json` prints instead of a report when a command fails: stdout is always one document."""
+    return json.dumps({"error": {"code": code, "message": message}, "onnxshrink_version": _version()}, indent=2)
 
 
 @dataclass
@@ -73,8 +86,58 @@ class Check:
     passed: bool
 
 
+# Drift this large is a changed model, not rounding noise: said even when no threshold was given.
+WARN_BELOW_COSINE = 0.99
+WARN_BELOW_AGREEMENT = 0.99
+# The quality gates: when one of them was given, the verdict speaks for the drift and no warning is added.
+QUALITY_CHECKS = ("max_drift", "min_cosine", "min_agreement", "max_accuracy_drop")
+# A latency difference counts only above the runs' own spread, and never below this fraction of p50.
+LATENCY_NOISE_FLOOR = 0.02
+
+
+def drift_warning(outputs: dict, checks: list, synthetic: bool = False) -> str | None:
+    """`warning: ... changed a lot` when some output's cosine or top-1 agreement is below 0.99 and no quality gate
+    was given (with one, PASSED/FAILED already answers); None otherwise."""
+    if any(check.name.split("[")[0] in QUALITY_CHECKS for check in checks):
+        return None
+    # `not >=`: a NaN (an output that became NaN) counts as changed.
+    cosine = {name: d.cosine for name, d in outputs.items() if d.cosine is not None and not d.cosine >= WARN_BELOW_COSINE}
+    agree = {name: d.top1_agreement for name, d in outputs.items()
+             if d.top1_agreement is not None and not d.top1_agreement >= WARN_BELOW_AGREEMENT}
+    if not cosine and not agree:
+        return None
+    parts = []
+    if cosine:
+        worst = min(cosine, key=cosine.get)
+        parts.append(f"cosine {cosine[worst]:.4g}" + (f" ({worst})" if len(outputs) > 1 else ""))
+    if agree:
+        worst = min(agree, key=agree.get)
+        parts.append(f"top-1 agreement {agree[worst]:.4g}" + (f" ({worst})" if len(outputs) > 1 else ""))
+    inputs = " on synthetic inputs" if synthetic else ""
+    return (f"warning: the candidate's outputs changed a lot{inputs}: {', '.join(parts)} (below "
+            f"{WARN_BELOW_COSINE:g}), and no drift or accuracy threshold was given (--min-cosine, --min-agreement, "
+            "--max-accuracy-drop)")
+
+
+def latency_slower(latency: dict | None) -> bool | None:
+    """Whether the candidate ran slower by more than the measured noise: its p50 exceeds the original's by more
+    than the larger p90 - p50 spread of the two models, and by more than 2% of the original's p50.
+    None without a latency measurement."""
+    if not latency or not latency.get("original") or not latency.get("candidate"):
+        return None
+    original, candidate = latency["original"], latency["candidate"]
+    if not original.get("p50"):
+        return None
+    spread = max(original["p90"] - original["p50"], candidate["p90"] - candidate["p50"], 0.0)
+    noise = max(spread, LATENCY_NOISE_FLOOR * original["p50"])
+    return candidate["p50"] - original["p50"] > noise
+
+
 @dataclass
 class ValidationReport(JsonReport):
+    """`passed` is True when every given threshold held, and so also when none was given: `gated` says whether
+    any was (a verdict without gates is "not gated", never PASSED)."""
+
     passed: bool
     original: str
     candidate: str
@@ -87,6 +150,17 @@ class ValidationReport(JsonReport):
     latency_ms: dict
     checks: list  # Check
     notes: list = field(default_factory=list)
+    validated: bool = True  # False: no inputs the model runs on (nothing measured; `reason` says why)
+    reason: str | None = None
+    input_shape_sources: dict = field(default_factory=dict)  # input -> --shape, calibration, metadata, probe, ...
+    validation_data: str | None = None  # "synthetic", the --data file, or "held-out calibration samples A..B of F"
+    gated: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.gated = bool(self.checks)
+        warning = drift_warning(self.outputs, self.checks, self.synthetic_inputs)
+        if warning and warning not in self.notes:
+            self.notes.append(warning)
 
 
 @dataclass
@@ -121,3 +195,4 @@ class CommandReport(JsonReport):
     runtime: dict | None = None  # what onnxruntime really runs (fused kernels)
     validation: ValidationReport | None = None
     notes: list = field(default_factory=list)
+    changed: bool = True  # False: the pass changed no weight (the output is still written: a copy of the input)

@@ -7,6 +7,7 @@ between them so a noisy machine slows both alike and the ratio holds.
 from __future__ import annotations
 
 import os
+import re
 import time
 from dataclasses import dataclass
 
@@ -14,7 +15,7 @@ import numpy as np
 
 from onnxshrink import data as data_mod
 from onnxshrink import model as model_io
-from onnxshrink.errors import DataError, ModelLoadError, UsageError
+from onnxshrink.errors import DataError, InputsUnavailable, ModelLoadError, UsageError
 from onnxshrink.report import Check, OutputDrift, ValidationReport
 from onnxshrink.runtime import make_session, run_batches
 
@@ -33,6 +34,7 @@ class Thresholds:
 @dataclass
 class ValidateConfig:
     data: str | None = None
+    calibration: str | None = None  # without `data`: validate on this file's held-out samples (data.split_holdout)
     labels: str | None = None
     samples: int | None = None
     shapes: dict | None = None
@@ -60,13 +62,9 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         raise UsageError("--labels needs --data: labels are read from the data file")
     if thresholds.max_accuracy_drop is not None and not config.labels:
         raise UsageError("--max-accuracy-drop needs --data and --labels")
-    dataset = (
-        data_mod.load_npz(config.data, specs, config.labels, config.samples, role="evaluation data")
-        if config.data
-        else data_mod.synthesize(specs, config.samples, config.seed, config.shapes)
-    )
     sessions = [make_session(model_io.runnable(original, original_model), config.threads),
                 make_session(model_io.runnable(candidate, candidate_model), config.threads)]
+    dataset, origin = _dataset(config, specs, original_model, sessions[0])
     del original_model, candidate_model
     try:
         reference = run_batches(sessions[0], dataset.batches)
@@ -74,8 +72,8 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         if not dataset.synthetic:
             raise
         shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in dataset.batches[0].items())
-        raise DataError(f"{exc} (synthesized inputs: {shapes}; symbolic dimensions other than the batch "
-                        "default to 1: give --data, or sizes with --shape NAME=D1,D2,...)") from exc
+        raise InputsUnavailable(f"{exc} (synthesized inputs: {shapes}; symbolic dimensions that no metadata, token "
+                                "rule or probe sized default to 1: give --data, or sizes with --shape NAME=D1,D2,...)") from exc
     produced = run_batches(sessions[1], dataset.batches)
 
     outputs = {}
@@ -114,6 +112,75 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         latency_ms=latency,
         checks=checks,
         notes=list(dataset.notes),
+        input_shape_sources=dict(dataset.shape_sources),
+        validation_data=origin,
+    )
+
+
+def _dataset(config: ValidateConfig, specs: list, model, session) -> tuple[data_mod.Dataset, str]:
+    """The inputs to judge on, and what they are: --data; else the held-out part of --calibration; else
+    synthesized, sized by the model's metadata, token rules and a probe run in `session` (data.synthesize)."""
+    if config.data:
+        return data_mod.load_npz(config.data, specs, config.labels, config.samples, role="evaluation data"), str(config.data)
+    reference = None
+    notes = []
+    if config.calibration:
+        full = data_mod.load_npz(config.calibration, specs, role="calibration data")
+        split = data_mod.split_holdout(full, specs)
+        if split is not None:
+            _, held, rows = split
+            if config.samples and config.samples < held.samples:
+                held = data_mod.take_samples(held, specs, 0, config.samples)
+                rows = range(rows.start, rows.start + config.samples)
+            origin = f"held-out calibration samples {rows.start}..{rows.stop - 1} of {config.calibration}"
+            held.notes.append(f"validated on {origin}; the calibrating passes used samples 0..{split[2].start - 1} "
+                              "only, so no sample both calibrated and judged")
+            return held, origin
+        reference = full.input_shapes()
+        notes.append(f"{config.calibration} has {full.samples} sample(s), too few to hold any out for validation "
+                     f"(at least {data_mod.MIN_HOLDOUT + data_mod.MIN_CALIBRATION} needed): calibrated on all of them, "
+                     "validated on synthetic inputs of their shapes")
+    dataset = data_mod.synthesize(specs, config.samples, config.seed, config.shapes, model=model,
+                                  runs=_runs(session), reference_shapes=reference)
+    dataset.notes.extend(notes)
+    return dataset, "synthetic"
+
+
+def _runs(session):
+    """batch -> None when the session runs it with every output non-empty, else why not (for the size probe)."""
+    names = [o.name for o in session.get_outputs()]
+
+    def run(batch: dict) -> str | None:
+        try:
+            values = session.run(names, batch)
+        except Exception as exc:
+            return short_error(exc)
+        empty = [n for n, v in zip(names, values) if np.asarray(v).size == 0]
+        return f"empty output(s) {', '.join(empty)}" if empty else None
+
+    return run
+
+
+def short_error(exc: Exception) -> str:
+    """onnxruntime's run error without its source path and C++ signature: `Reshape node 'fixed': The input ...`."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    status = text.split("Status Message:", 1)[1].strip() if "Status Message:" in text else text
+    status = re.sub(r"^\S+\.(?:h|cc|cpp):\d+\s+", "", status)  # /onnxruntime_src/.../reshape_helper.h:91
+    status = re.sub(r"^[\w:~<>]+\([^)]*\)\s*", "", status)  # onnxruntime::ReshapeHelper::ReshapeHelper(...)
+    return (f"{node[1]} node {node[2]!r}: " if node else "") + status[:200]
+
+
+def not_validated(original, candidate, reason: str) -> ValidationReport:
+    """The report of a validation that could not run: `validated` false, `passed` false (nothing was shown),
+    and why. The command that wrote `candidate` still lands it (api: exit EXIT_NOT_VALIDATED at the CLI)."""
+    size_original, size_candidate = model_io.file_size(original), model_io.file_size(candidate)
+    return ValidationReport(
+        passed=False, original=str(original), candidate=str(candidate), synthetic_inputs=True, samples=0,
+        input_shapes={}, size={"original": size_original, "candidate": size_candidate,
+                               "ratio": size_candidate / size_original},
+        outputs={}, accuracy=None, latency_ms=None, checks=[],
+        notes=[f"not validated: {reason}"], validated=False, reason=reason, validation_data=None,
     )
 
 

@@ -16,6 +16,7 @@ import onnx
 import pytest
 from conftest import ROOT, UNWRITABLE_OUTPUTS, invoke, make_mlp, save_model, tree, unwritable_output
 
+import onnxshrink
 from onnxshrink.errors import EXIT_INPUT, EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_OUTPUT, EXIT_USAGE
 
 # Cheap validation: the tiny models run in microseconds, so this only bounds the work.
@@ -27,15 +28,21 @@ FAST = ("--samples", "4")
 
 
 
-def error_line(result, code: int) -> str:
-    """Assert a clean failure: the exit code, one `error:` line on stderr and nothing else, no traceback."""
+def error_line(result, code: int, as_json: bool = False) -> str:
+    """Assert a clean failure: the exit code, one `error:` line on stderr and nothing else, no traceback; stdout
+    empty, or under --json exactly the error document, saying what the stderr line says."""
     assert result.exit_code == code, f"exit {result.exit_code}, expected {code}\n{result.output}"
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert "Traceback" not in result.output
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1, result.stderr
     assert lines[0].startswith("error: "), lines[0]
-    assert result.stdout == ""
+    if as_json:
+        document = json.loads(result.stdout)
+        assert document["error"] == {"code": code, "message": lines[0].removeprefix("error: ")}
+        assert document["onnxshrink_version"] == onnxshrink.__version__
+    else:
+        assert result.stdout == ""
     return lines[0]
 
 
@@ -174,10 +181,10 @@ def test_bad_model(runner, work, kind, command):
 
 @pytest.mark.parametrize("kind", ["random", "truncated_0.5", "external_missing", "ort"])
 def test_bad_model_json(runner, work, kind):
-    """Under --json an error still leaves stdout empty (no half document) and says it in one line."""
+    """Under --json an error is stdout's one document (no half report), and still one line on stderr."""
     bad = make_bad_model(work, kind)
     for args in (["inspect", bad, "--json"], ["quantize", bad, "-o", work / "new.onnx", "--json"]):
-        error_line(invoke(runner, *args), EXIT_INPUT)
+        error_line(invoke(runner, *args), EXIT_INPUT, as_json=True)
     assert not (work / "new.onnx").exists()
 
 
@@ -597,9 +604,12 @@ def test_real_process_stderr_is_one_line(work, args, code):
     command = [sys.executable, "-m", "onnxshrink", *(a.format(work=work) for a in args)]
     done = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert done.returncode == code, done.stderr
-    assert done.stdout == ""
     lines = done.stderr.splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    if "--json" in args:  # the error as stdout's one document
+        assert json.loads(done.stdout)["error"] == {"code": code, "message": lines[0].removeprefix("error: ")}
+    else:
+        assert done.stdout == ""
     assert tree(work) == before
 
 

@@ -148,6 +148,37 @@ def test_automatic_mode_finds_a_smaller_valid_model_and_its_recipe_reproduces_it
     assert first.keys() == second.keys() and all(np.array_equal(first[k], second[k]) for k in first)
     assert out.read_bytes() == (tmp_path / "again.shrink").read_bytes()  # metadata and all: bit for bit
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
+    # The recipe records its calibration data; replaying it without that data, or with other data, is refused.
+    requires = load_recipe(saved).requires
+    with np.load(calib) as arrays:
+        assert requires["calibration"] == calib.name and requires["calibration_samples"] == len(arrays["input"])
+    assert len(requires["calibration_sha256"]) == 64
+    with pytest.raises(UsageError, match="built with calibration data digits_mlp.calib.npz .*without --calibration"):
+        compress(model, tmp_path / "none.shrink", CompressConfig(), recipe=saved)
+    other = tmp_path / "other.npz"
+    with np.load(calib) as arrays:
+        np.savez(other, **{k: v[:64] for k, v in arrays.items()})
+    with pytest.raises(UsageError, match="not other.npz \\(64 samples"):
+        compress(model, tmp_path / "other.shrink", CompressConfig(calibration=str(other)), recipe=saved)
+    assert not (tmp_path / "none.shrink").exists() and not (tmp_path / "other.shrink").exists()
+    allowed = compress(model, tmp_path / "other.shrink", CompressConfig(calibration=str(other)), recipe=saved,
+                       allow_other_data=True)
+    assert allowed.notes[0].startswith("warning: ") and "--allow-other-data" in allowed.notes[0]
+    assert (tmp_path / "other.shrink").read_bytes() != out.read_bytes()  # what the check is for
+
+
+def test_a_recipe_built_without_calibration_refuses_some(tmp_path):
+    recipe = parse_recipe({"requires": {"calibration": ""}, "passes": [{"name": "prune", "sparsity": 0.5}]})
+    assert compress_search.check_requirements(recipe, None, "r.toml", False) is None
+    calib = tmp_path / "c.npz"
+    np.savez(calib, input=np.zeros((3, 4), np.float32))
+    with pytest.raises(UsageError, match="r.toml was built without calibration data"):
+        compress_search.check_requirements(recipe, calib, "r.toml", False)
+    assert "warning" in compress_search.check_requirements(recipe, calib, "r.toml", True)
+    assert compress_search.check_requirements(parse_recipe({"passes": [{"name": "prune"}]}), calib, "r.toml", False) is None
+    assert "[requires]" in recipe.to_toml() and parse_recipe({**recipe.to_dict()}).requires == {"calibration": ""}
+    with pytest.raises(UsageError, match="names no 'calibration'"):
+        parse_recipe({"requires": {"calibration_samples": 3}, "passes": [{"name": "prune"}]})
 
 
 def test_refinement_moves_one_layer_at_a_time(digits, tmp_path):

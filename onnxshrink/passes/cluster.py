@@ -21,6 +21,9 @@ the energy E[x_k^2] of each weight's input over the calibration data (as Squeeze
 weigh weights). A weight with exact zeros (pruned) keeps codebook entry 0 = 0.0 for them, so
 zeros stay zeros and index 0 is what `pack` codes as gaps.
 
+Embedding tables (Gather data) get codebooks too (one per table, or one per row with --per channel),
+fitted to their values alone; a table tied to an output projection is clustered once for both readers.
+
 With calibration data, layers are fitted in graph order to the ORIGINAL model's outputs: each
 layer's inputs are captured from the model with every upstream layer already clustered, and
 after the assignment its codebook values (and bias) are refit by least squares so its outputs
@@ -39,10 +42,11 @@ from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, initializer_owners, raise_opset,
-                                      select_layers)
+from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers, initializer_owners,
+                                      raise_opset, select_layers)
 from onnxshrink.passes.prune_common import describe as _describe, read_bias as _read_bias, teacher_gram
 from onnxshrink.passes.quantize import QUANTIZED_OPS
+from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.passes.quantize_weights import _channel_axis
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
@@ -73,6 +77,7 @@ class ClusterConfig:
     float16: bool = False  # shorthand for other_floats="fp16"
     other_floats: str = "fp32"  # the float32 tensors left (biases, codebooks, norms, embeddings): fp32, fp16 or int8
     rounding: str | None = None  # "nearest" (None) or "gptq" (needs calibration)
+    embeddings: bool = True  # Gather tables (embeddings) get codebooks too, per row with --per channel
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -140,7 +145,8 @@ class Cluster:
                         f"tied weight also read by {', '.join(others) or 'another input'}, which is not clustered: "
                         "its codebook would change that too", records[weight].nbytes, records[weight].nbytes))
                 del units[weight]
-        if not units:
+        tables = self._tables(model, records, units, report) if config.embeddings else {}
+        if not units and not tables:
             report.notes.append(nothing_to_cluster(model))
             return model, report
         # Cast with an integer `to` needs opset 6; per-channel offsets (a broadcasting Add) and int8 scales 7.
@@ -148,7 +154,7 @@ class Cluster:
         what = "the codebook decoding (Cast, Gather" + (", broadcasting Add/Mul)" if needed == 7 else ")")
         why = raise_opset(model, needed, what, report.notes)
         if why:
-            for group in units.values():
+            for group in list(units.values()) + list(tables.values()):
                 report.layers.extend(LayerDecision(site.name, site.node.op_type, site.weight, "kept", why,
                                                    records[site.weight].nbytes, records[site.weight].nbytes) for site in group)
             report.notes.append(nothing_to_cluster(model))
@@ -164,6 +170,8 @@ class Cluster:
         stats = []
         for weight, group in units.items():
             report.layers.extend(self._cluster(model, original, weight, group, stats))
+        for weight, group in tables.items():
+            report.layers.extend(self._cluster_table(weight, group, stats))
         drop_unused_initializers(model)
         report.changed = any(layer.action.startswith("codebook") for layer in report.layers)
         if not report.changed:
@@ -207,6 +215,52 @@ class Cluster:
             return count + 4 * self.levels
         channels = shape[_channel_axis(node)]
         return count + 4 * self.levels * channels + 4 * channels + 8
+
+    # ---- embedding tables ----------------------------------------------------------------
+
+    def _tables(self, model, records, units, report) -> dict[str, list]:
+        """Gather tables (embeddings) to cluster: table -> every node that reads it (a tied output projection too,
+        taken out of `units`). A table is clustered on its values alone: no layer input weighs them."""
+        plan = EmbeddingPlan(model, records, self.config.exclude)
+        names = {node.name or f"{node.op_type}_{index}": node for index, node in enumerate(model.graph.node)}
+        tables = {}
+        for table in plan.tables.values():
+            count = int(np.prod(table.shape)) if table.shape else 0
+            why = table.skip or (f"{count} weights, fewer than --min-weights {self.config.min_weights}"
+                                 if count < self.config.min_weights else "")
+            if not why and self._bytes_after(table.shape, names[table.gathers[0][0]]) >= table.nbytes:
+                why = "indices and codebook would not be smaller than the table"
+            if why:
+                report.layers.extend(LayerDecision(name, "Gather", table.name, "kept", why, table.nbytes, table.nbytes)
+                                     for name, _ in table.gathers)
+                continue
+            readers = [name for name, _ in table.gathers] + [name for name, _, _ in table.others]
+            tables[table.name] = [Site(model.graph, names[name], name, table.name) for name in readers]
+            units.pop(table.name, None)
+        report.layers[:] = [d for d in report.layers if d.weight not in tables]  # a tied reader's "kept" (above)
+        return tables
+
+    def _cluster_table(self, weight, group, stats) -> list[LayerDecision]:
+        config, levels = self.config, self.levels
+        graph, tensor = self._owners[weight]
+        raw = numpy_helper.to_array(tensor).astype(np.float32)
+        rows = raw if config.per == "channel" else raw.reshape(1, -1)  # per channel: one codebook per row
+        reserve = bool(np.any(raw == 0))
+        books = codebook.fit(rows, levels, None, reserve_zero=reserve)
+        idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
+        mse, uniform = float(np.mean((rows - codebook.decode(idx_rows, books)) ** 2)), codebook.uniform_mse(rows, levels)
+        stats.append(("mse", mse, uniform))
+        gather = next(site for site in group if site.node.op_type == "Gather")
+        after = self._write(graph, weight, raw.shape, idx_rows.reshape(raw.shape), books.astype(np.float32),
+                            gather.node, group)
+        shape = f"{levels}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
+        action = f"codebook {shape} x fp32{' per row' if config.per == 'channel' else ''}, uint8 indices"
+        why = (f"embedding table, rounded to the nearest entry; weight MSE {mse:.3g}, "
+               f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding; decoded at load")
+        decisions = [LayerDecision(gather.name, "Gather", weight, action, why, raw.nbytes, after)]
+        decisions += [LayerDecision(site.name, site.node.op_type, weight, action + " (tied: clustered once)",
+                                    f"shares the codebook of {gather.name}", 0, 0) for site in group if site is not gather]
+        return decisions
 
     # ---- clustering one weight -----------------------------------------------------------
 

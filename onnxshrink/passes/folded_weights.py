@@ -40,10 +40,11 @@ def folded_opset(model: onnx.ModelProto, notes: list | None = None) -> str | Non
 
 
 def channel_axis(node: onnx.NodeProto) -> int:
-    """The output-channel axis of the weight: N of MatMul's [K, N], Gemm's per transB, Conv's M."""
+    """The output-channel axis of the weight: N of MatMul's [K, N], Gemm's per transB, Conv's M, a Gather
+    table's rows (what it gathers)."""
     if node.op_type == "Gemm":
         return 0 if attr(node, "transB", 0) else 1
-    if node.op_type == "Conv":
+    if node.op_type in ("Conv", "Gather"):
         return 0
     return 1
 

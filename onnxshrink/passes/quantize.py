@@ -17,6 +17,9 @@ instead (passes/folded_weights.py: int8 + Cast + Mul, folded by onnxruntime at l
 layer runs its float kernel at fp32 speed from a 4x smaller file): every Conv (ConvInteger is
 slower than fp32 Conv in onnxruntime CPU) and every layer with fewer multiply-adds per sample
 than `integer_min_macs` (quantizing its input at run time costs about 2 us, more than it saves).
+
+Embedding tables (Gather data) are stored int8 with one scale per row, only the gathered rows decoded
+(passes/quantize_embeddings.py); a table an output projection also reads is folded once for both.
 """
 
 from __future__ import annotations
@@ -32,12 +35,13 @@ from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused
                                       initializer_owners, output_shapes, raise_opset, select_layers)
 from onnxshrink.passes.folded_weights import (INTEGER_MIN_MACS, fold_site, folded_opset, has_folded, macs_per_sample,
                                               relabel_folded)
+from onnxshrink.passes.quantize_embeddings import EmbeddingPlan, row_scales
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
 QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DequantizeLinear", "MatMulNBits",
-                 "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm"}
+                 "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "GatherBlockQuantized"}
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")  # Conv in the folded form only
 
 
@@ -53,6 +57,8 @@ class QuantizeConfig:
     # Layers with fewer multiply-adds per sample get int8 storage with float compute (folded_weights.py):
     # at batch 1 their integer kernel is slower than fp32 (docs/benchmarks.md). 0: integer kernels everywhere.
     integer_min_macs: int = INTEGER_MIN_MACS["dynamic"]
+    # Embedding tables (Gather data) int8 per row (passes/quantize_embeddings.py); --exclude matches Gather names.
+    embeddings: bool = True
 
 
 class QuantizeDynamic:
@@ -72,15 +78,19 @@ class QuantizeDynamic:
         model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
         self._folded: dict[int, str] = {}  # id(node) -> why it gets the folded form
+        embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings, self.tensors.read)
         sites, skipped = self._select(model, records)
+        sites, skipped = embeddings.take_tied(sites), embeddings.drop_skipped(skipped)
         relabel_folded(model, skipped)
         report.layers.extend(skipped)
         if not sites:
-            report.notes.append(nothing_to_do(model, "MatMul/Gemm/Conv weight"))
+            if not embed(model, embeddings, self.tensors, report):
+                report.notes.append(nothing_to_do(model, "MatMul/Gemm/Conv weight"))
             return model, report
         self._fold_small_layers(model, sites, records)
         sites = self._check_opset(model, sites, records, report)
         if not sites:
+            embed(model, embeddings, self.tensors, report)
             return model, report
         quantized: dict[tuple, tuple[str, str, str]] = {}  # (weight, transposed, alpha) -> int8 names
         folded: dict[tuple, str] = {}  # (weight, axis, graph) -> decoded weight
@@ -93,6 +103,7 @@ class QuantizeDynamic:
             graph = graph_sites[0].graph
             self._rewrite_graph(graph, graph_sites, owners, quantized, folded, report, names)
         drop_unused_initializers(model)
+        embed(model, embeddings, self.tensors, report)
         report.changed = True
         return model, report
 
@@ -221,9 +232,19 @@ class QuantizeDynamic:
         return stem + "_bias"
 
 
+def embed(model: onnx.ModelProto, plan: EmbeddingPlan, tensors, report: PassReport, **options) -> bool:
+    """Rewrite the planned embedding tables (after the pass's own layers); their decisions go to the report."""
+    decisions, changed = plan.apply(model, tensors, notes=report.notes, **options)
+    decided = {d.node for d in decisions}  # a tied projection's kept-float line gives way to what was written
+    report.layers[:] = [d for d in report.layers if d.node not in decided] + decisions
+    report.changed = report.changed or changed
+    return changed
+
+
 def nothing_to_do(model: onnx.ModelProto, what: str) -> str:
     """Why a quantize pass found no layer: the model is quantized already, or has no such weight."""
-    if any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node) or has_folded(model):
+    if (any(n.op_type in QUANTIZED_OPS for g in iter_graphs(model.graph) for n in g.node) or has_folded(model)
+            or row_scales(model.graph)):
         return "model is already quantized: nothing to do"
     return f"no {what} to quantize"
 

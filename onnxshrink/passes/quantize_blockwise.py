@@ -36,6 +36,10 @@ onnxruntime's own QDQ->MatMulNBits fusion uses; pass 1 for float32 activations. 
 layers gain nothing: at level 4 a 256x256 layer ran as fast as fp32 at batch 1, and at
 batch 32 layers up to 1024x1024 ran 1.3-2.5x slower. For those, 4 bits buys size.
 
+Embedding tables (Gather data) get the same bits and blocks along each row, run by
+com.microsoft.GatherBlockQuantized, which decodes only the gathered rows (passes/quantize_embeddings.py;
+rounded to nearest with either algorithm: no layer input to weigh them by).
+
 Algorithms: "rtn" rounds each weight to its block's grid; "gptq" (onnxshrink.algorithms.gptq)
 quantizes each layer against the Hessian of its calibration inputs, layers in graph
 order, each layer's inputs captured from the model with the layers before it already
@@ -55,7 +59,8 @@ from onnxshrink.data import Dataset
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,
                                       initializer_owners, select_layers)
-from onnxshrink.passes.quantize import nothing_to_do
+from onnxshrink.passes.quantize import embed, nothing_to_do
+from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
 from onnxshrink.streaming import TensorStore
@@ -80,6 +85,8 @@ class BlockwiseConfig:
     keep_float: str | None = None  # "first", "last" or "both"
     accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: DEFAULT_ACCURACY_LEVEL
     act_order: bool = False  # gptq only: quantize columns by decreasing Hessian diagonal
+    # Gather tables in blocks along each row, run by com.microsoft.GatherBlockQuantized (quantize_embeddings.py)
+    embeddings: bool = True
 
 
 @dataclass
@@ -155,11 +162,16 @@ class QuantizeBlockwise:
         model, report = begin_pass(model, self.name, asdict(self.config))
         records = {r.name: r for r in find_tensors(model)}
         owners = initializer_owners(model)
+        embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings, self.tensors.read)
         sites, skipped = select_layers(model, records, SUPPORTED_OPS, self.config, self._judge(records),
                                        read=self.tensors.read)
+        sites, skipped = embeddings.take_tied(sites), embeddings.drop_skipped(skipped)
         report.layers.extend(skipped)
+        options = {"bits": self.config.bits, "block_size": self.config.block_size, "symmetric": self.config.symmetric,
+                   "accuracy_level": self.accuracy_level}
         if not sites:
-            report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
+            if not embed(model, embeddings, self.tensors, report, **options):
+                report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
             return model, report
         ensure_opset(model, 1, MS_DOMAIN)
         self._names = Names(model)
@@ -178,6 +190,7 @@ class QuantizeBlockwise:
                                                self.config.symmetric), decisions)
         report.layers.extend(decisions[id(layer)] for layer in layers)
         drop_unused_initializers(model)
+        embed(model, embeddings, self.tensors, report, **options)
         report.notes.append(self._accuracy_note())
         report.changed = True
         return model, report

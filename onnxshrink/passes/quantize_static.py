@@ -42,9 +42,11 @@ from onnxshrink.passes.fold_batchnorm import fold_batchnorm
 from onnxshrink.passes.common import (NONFINITE, Names, Site, attr, begin_pass, drop_unused_initializers,
                                       initializer_owners, nonfinite, output_shapes, select_layers)
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, relabel_folded
-from onnxshrink.passes.quantize import QUANTIZED_OPS, quantize_int8
+from onnxshrink.passes.quantize import QUANTIZED_OPS, embed, quantize_int8
+from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import make_session
+from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import TINY_BYTES, find_tensors
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
@@ -75,6 +77,7 @@ class StaticQuantizeConfig:
     # Layers with fewer multiply-adds per sample get int8 storage with float compute (folded_weights.py):
     # alone between float ops their Q/DQ + integer kernel is slower than fp32. 0: integer kernels everywhere.
     integer_min_macs: int = INTEGER_MIN_MACS["static"]
+    embeddings: bool = True  # Gather tables int8 per row, rows decoded after the Gather (quantize_embeddings.py)
 
 
 @dataclass
@@ -107,6 +110,16 @@ class QuantizeStatic:
             raise ValueError("static quantization needs calibration data (a Dataset with at least one batch)")
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
+        model, report = self._quantize(model)
+        plan = getattr(self, "_embeddings", None)
+        if plan is not None:
+            # Last, on the model returned: the layers above were found and rewritten by position.
+            embed(model, plan, TensorStore(), report)
+            self._embeddings = None
+        return model, report
+
+    def _quantize(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
+        self._embeddings = None
         model, report = begin_pass(model, self.name, asdict(self.config))
         present = {n.op_type for g in iter_graphs(model.graph) for n in g.node}
         if not present & ALREADY_QUANTIZED:
@@ -131,6 +144,9 @@ class QuantizeStatic:
             unchanged = model
 
         records = {r.name: r for r in find_tensors(model)}
+        # Before tiny weights are let in below (for the integer chain): a tiny table gains nothing int8.
+        self._embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings,
+                                         numpy_helper.to_array)
         tiny = set()
         for record in records.values():
             # Static quantization pays in speed, not size: a tiny layer left float would break the integer chain.
@@ -138,6 +154,7 @@ class QuantizeStatic:
                 record.compressible = True
                 tiny.add(record.name)
         sites, skipped = self._select(model, records)
+        sites, skipped = self._embeddings.take_tied(sites), self._embeddings.drop_skipped(skipped)
         relabel_folded(model, skipped)
         body = _body_sites(model, skipped, records)
         if body:

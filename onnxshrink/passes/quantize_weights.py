@@ -11,6 +11,7 @@ The folded form is the default: onnxruntime folds Cast and Mul when it loads the
 the fp32 kernels at fp32 speed (the weights take fp32 memory once loaded). QDQ is for runtimes
 that read DequantizeLinear as a weight-only int8 kernel; onnxruntime CPU dequantizes those on
 every run (1.2-11x slower than fp32 on the sample models and a 1024-wide MLP), so the report says so.
+Embedding tables (Gather data) get int8 per row, only the gathered rows decoded (quantize_embeddings.py).
 """
 
 from __future__ import annotations
@@ -25,8 +26,10 @@ from onnxshrink.passes.common import (Names, begin_pass, drop_unused_initializer
                                       select_layers)
 from onnxshrink.passes.folded_weights import channel_axis as _channel_axis
 from onnxshrink.passes.folded_weights import fold_layers, folded_opset, relabel_folded
-from onnxshrink.passes.quantize import nothing_to_do, quantize_int8
+from onnxshrink.passes.quantize import embed, nothing_to_do, quantize_int8
+from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.report import LayerDecision, PassReport
+from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
 SLOW_ON_ORT = ("weight-only QDQ: onnxruntime CPU dequantizes these weights on every run and is slower than fp32; "
@@ -43,6 +46,7 @@ class WeightsOnlyConfig:
     per_channel: bool = True
     symmetric: bool = True
     qdq: bool = False  # DequantizeLinear instead of the folded form (always per-channel symmetric)
+    embeddings: bool = True  # Gather tables int8 per row, rows decoded after the Gather (quantize_embeddings.py)
 
 
 class QuantizeWeightsOnly:
@@ -52,6 +56,7 @@ class QuantizeWeightsOnly:
 
     def __init__(self, config: WeightsOnlyConfig | None = None):
         self.config = config or WeightsOnlyConfig()
+        self.tensors = TensorStore()
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         model, report = begin_pass(model, self.name, asdict(self.config))
@@ -66,11 +71,14 @@ class QuantizeWeightsOnly:
                 return "both MatMul operands are constant"
             return None
 
+        embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings, self.tensors.read)
         sites, skipped = select_layers(model, records, ("MatMul", "Gemm", "Conv"), self.config, judge)
+        sites, skipped = embeddings.take_tied(sites), embeddings.drop_skipped(skipped)
         relabel_folded(model, skipped)
         report.layers.extend(skipped)
         if not sites:
-            report.notes.append(nothing_to_do(model, "weight"))
+            if not embed(model, embeddings, self.tensors, report):
+                report.notes.append(nothing_to_do(model, "weight"))
             return model, report
         why = (raise_opset(model, 13, "per-axis DequantizeLinear", report.notes) if self.config.qdq
                else folded_opset(model, report.notes))
@@ -82,6 +90,7 @@ class QuantizeWeightsOnly:
         if not self.config.qdq:
             report.layers.extend(fold_layers(model, sites, {site.name: "weight-only" for site in sites}))
             report.notes.append(FOLDED_NOTE)
+            embed(model, embeddings, self.tensors, report)
             report.changed = True
             return model, report
         owners = initializer_owners(model)
@@ -115,6 +124,7 @@ class QuantizeWeightsOnly:
                                                "int8 weight-only" + (" per-channel" if self.config.per_channel else ""),
                                                "", w.nbytes, after))
         drop_unused_initializers(model)
+        embed(model, embeddings, self.tensors, report)
         report.notes.append(SLOW_ON_ORT)
         report.changed = True
         return model, report

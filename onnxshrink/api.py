@@ -14,7 +14,7 @@ from onnxshrink import model as model_io
 from onnxshrink import streaming
 from onnxshrink.errors import InputsUnavailable, ModelLoadError, OutputError, UsageError
 from onnxshrink.info import inspect_model
-from onnxshrink.data import input_specs, load_npz, split_holdout
+from onnxshrink.data import MIN_CALIBRATION, MIN_HOLDOUT, input_specs, load_npz, split_holdout
 from onnxshrink.passes.common import handed_over
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, constant_nodes_left
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
@@ -77,6 +77,7 @@ def quantize(
     run_validation: bool = True,
     threads: int = 1,
     options: dict | None = None,
+    fallback=True,
 ) -> CommandReport:
     """Quantize a model file and validate the result against the original.
 
@@ -86,35 +87,93 @@ def quantize(
     (weight-only QDQ for other runtimes). When validation thresholds fail, the result
     is written as `OUTPUT.failed.onnx`, any existing OUTPUT is left untouched, and the
     report's validation says why.
+
+    Accuracy fallback (fallback.py; `fallback` True, a FallbackConfig, or False for none): when validation
+    judges on real samples (`--data`, or the held-out part of `calibration`) and an accuracy budget is set
+    (max_drift, min_cosine, min_agreement, max_accuracy_drop), the most sensitive layers are kept float one at
+    a time until it holds. Static mode with held-out calibration samples and no budget aims at
+    min_cosine 0.99 on every output (a validation threshold too); the other modes only with a budget given.
     """
+    from onnxshrink.fallback import AccuracyFallback, FallbackConfig, budget_of, evaluation_data
+
     config = config if config is not None else QuantizeConfig()
     suffix = f"int{config.bits}" if hasattr(config, "bits") else "int8"
+    fallback_config = fallback if isinstance(fallback, FallbackConfig) else FallbackConfig() if fallback else None
+    if fallback_config is not None and run_validation:
+        # A copy: the default budget below is added to it, never to the caller's object.
+        validation = dataclasses.replace(validation or ValidateConfig(threads=threads))
+    loop, default_budget, skipped = None, False, None
 
     def make_pass(model: onnx.ModelProto):
-        if isinstance(config, QuantizeConfig):
-            return QuantizeDynamic(config)
-        if isinstance(config, WeightsOnlyConfig):
-            return QuantizeWeightsOnly(config)
-        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
-                   if calibration is not None else None)
-        from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
-        from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
+        nonlocal loop, default_budget, skipped
 
-        if isinstance(config, StaticQuantizeConfig):
-            if dataset is None:
-                raise UsageError("static quantization needs calibration data (--calibration FILE.npz)")
-            return QuantizeStatic(config, dataset, threads=threads)
-        if isinstance(config, BlockwiseConfig):
-            if config.algorithm == "gptq" and dataset is None:
-                raise UsageError("--algorithm gptq needs calibration data (--calibration FILE.npz)")
-            return QuantizeBlockwise(config, dataset, threads=threads)
-        raise TypeError(f"not a quantize config: {type(config).__name__}")
+        def build(extra=()):
+            configured = dataclasses.replace(config, exclude=tuple(config.exclude) + tuple(extra)) if extra else config
+            return _quantize_pass(configured, model, calibration, validation, run_validation, threads)
 
-    return _run_pass_command(
+        if fallback_config is None or not run_validation:
+            return build()
+        budget = budget_of(validation.thresholds)
+        static = type(config).__name__ == "StaticQuantizeConfig"
+        if budget is None and not (static and calibration is not None):
+            return build()
+        if budget is not None and budget.max_accuracy_drop is not None and not (validation.data and validation.labels):
+            raise UsageError("--max-accuracy-drop needs --data and --labels")  # as validate says, before any work
+        found = evaluation_data(model, validation, calibration)
+        if found is None:  # judged on synthetic inputs at most: nothing real to fall back against
+            if budget is not None:
+                skipped = ("validation has no real samples to judge on (give --data, or --calibration with at least "
+                           f"{MIN_HOLDOUT + MIN_CALIBRATION} samples, a quarter of them held out)")
+            return build()
+        if model_io.has_external_data(model):
+            # The loop holds the model and its candidates in memory, and onnxruntime takes them serialized (< 2 GiB).
+            skipped = "the model keeps its weights in external data (too large to hold its candidates in memory)"
+            return build()
+        if budget is None:
+            from onnxshrink.fallback import DEFAULT_MIN_COSINE
+            from onnxshrink.validate import Thresholds
+
+            validation.thresholds = dataclasses.replace(validation.thresholds or Thresholds(), min_cosine=DEFAULT_MIN_COSINE)
+            budget, default_budget = budget_of(validation.thresholds), True
+        loop = AccuracyFallback(build, budget, *found, config=fallback_config, threads=threads)
+        return loop
+
+    report = _run_pass_command(
         "quantize", model_path, output, suffix, make_pass, force=force,
         validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
         options=options if options is not None else asdict(config),
     )
+    if skipped:
+        report.notes.append(f"accuracy fallback did not run: {skipped}")
+    if loop is not None:
+        report.fallback = asdict(loop.summary)
+        if default_budget:
+            report.notes.append(f"static mode with held-out calibration samples and no accuracy budget given: the budget "
+                                f"is min_cosine {loop.budget.min_cosine:g} on every output (--min-cosine etc. set "
+                                "another, --no-fallback none)")
+    return report
+
+
+def _quantize_pass(config, model: onnx.ModelProto, calibration, validation, run_validation: bool, threads: int):
+    """The pass a quantize config picks."""
+    if isinstance(config, QuantizeConfig):
+        return QuantizeDynamic(config)
+    if isinstance(config, WeightsOnlyConfig):
+        return QuantizeWeightsOnly(config)
+    dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
+               if calibration is not None else None)
+    from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
+    from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
+
+    if isinstance(config, StaticQuantizeConfig):
+        if dataset is None:
+            raise UsageError("static quantization needs calibration data (--calibration FILE.npz)")
+        return QuantizeStatic(config, dataset, threads=threads)
+    if isinstance(config, BlockwiseConfig):
+        if config.algorithm == "gptq" and dataset is None:
+            raise UsageError("--algorithm gptq needs calibration data (--calibration FILE.npz)")
+        return QuantizeBlockwise(config, dataset, threads=threads)
+    raise TypeError(f"not a quantize config: {type(config).__name__}")
 
 
 def prune(
@@ -245,13 +304,14 @@ def _check_decoding_folded(report: CommandReport, model_path, threads: int) -> N
                             f"model: it runs {floats} as the original does, with no decoding at run time")
 
 
-def sensitivity(model_path: str | os.PathLike, calibration: str | os.PathLike | None = None, config=None, *, threads: int = 1):
+def sensitivity(model_path: str | os.PathLike, calibration: str | os.PathLike | None = None, config=None, *, threads: int = 1,
+                stop=None):
     """Per-layer drift of the model's outputs when each layer alone is pruned at several sparsities."""
     from onnxshrink.layer_sensitivity import SensitivityConfig, measure
 
     model = model_io.load(model_path)
     dataset = _calibration_data(model, calibration) if calibration is not None else None
-    return measure(model, dataset, config or SensitivityConfig(), model_path=str(model_path), threads=threads)
+    return measure(model, dataset, config or SensitivityConfig(), model_path=str(model_path), threads=threads, stop=stop)
 
 
 def flush_denormals(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from dataclasses import asdict
 import signal
@@ -26,7 +27,8 @@ from onnxshrink.passes.common import glob_literal
 from onnxshrink.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_NOT_VALIDATED, EXIT_THRESHOLD, OnnxShrinkError, UsageError
 from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
-from onnxshrink.render import render_command, render_info, render_pack, render_validation
+from onnxshrink.progress import reporting
+from onnxshrink.render import ProgressDisplay, render_command, render_info, render_pack, render_validation
 from onnxshrink.validate import Thresholds, ValidateConfig
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended, unlike Ctrl-C's 130
@@ -186,6 +188,13 @@ def _edge(func):
     return wrapper
 
 
+@contextlib.contextmanager
+def _progress(command: str):
+    """The library's progress reports, shown on stderr while the block runs: a bar on a terminal, else a heartbeat."""
+    with ProgressDisplay(command) as display, reporting(display):
+        yield display
+
+
 def _emit(as_json: bool, report, render) -> None:
     if as_json:
         sys.stdout.write(report.to_json() + "\n")
@@ -249,7 +258,8 @@ def validate_command(
 ) -> None:
     """Run both models in onnxruntime on the same inputs; report drift, accuracy, latency and size. Exit 1 if a threshold fails."""
     config = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    report = api.validate(original, candidate, config)
+    with _progress("validate"):
+        report = api.validate(original, candidate, config)
     _emit(as_json, report, render_validation)
     if not report.passed:
         raise typer.Exit(EXIT_THRESHOLD)
@@ -274,9 +284,12 @@ def quantize_command(
     symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.")] = True,
     min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (not even stored int8).")] = 0,
     integer_min_macs: Annotated[Optional[int], typer.Option("--integer-min-macs", min=0, help="Dynamic/static: layers with fewer multiply-adds per sample are stored int8 but run float kernels (onnxruntime folds the decoding at load), where an integer kernel would be slower than fp32. Default 131072 dynamic, 393216 static; 0: integer kernels everywhere.")] = None,
+    smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="Static mode: SmoothQuant, LayerNorm/activation outliers moved into the weights with alpha searched per layer on the calibration data (default on; applied only where it measures better).")] = None,
     qdq: Annotated[bool, typer.Option("--qdq", help="--mode weights: write DequantizeLinear (for runtimes with weight-only int8 kernels; onnxruntime CPU runs it slower than fp32) instead of the folded form.")] = False,
     sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity -o`: with --max-layer-drift, keep its most sensitive layers float.")] = None,
     max_layer_drift: Annotated[Optional[float], typer.Option("--max-layer-drift", min=0.0, help="Keep float every layer whose drift at this bit width in --sensitivity exceeds this.")] = None,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="No accuracy fallback: keep every layer quantized even when the accuracy budget fails on the held-out samples.")] = False,
+    max_fallback: Annotated[Optional[int], typer.Option("--max-fallback", min=0, help="Accuracy fallback: keep at most this many layers float to meet the budget (default a quarter of the quantized layers).")] = None,
     no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
@@ -303,6 +316,10 @@ def quantize_command(
         if not hasattr(config, "integer_min_macs"):
             raise UsageError("--integer-min-macs applies to --mode dynamic and static only")
         config.integer_min_macs = integer_min_macs
+    if smooth is not None:
+        if not hasattr(config, "smooth"):
+            raise UsageError("--smooth/--no-smooth applies to --mode static only")
+        config.smooth = smooth
     if qdq:
         if not hasattr(config, "qdq"):
             raise UsageError("--qdq applies to --mode weights only")
@@ -313,8 +330,12 @@ def quantize_command(
     options = {"mode": type(config).__name__.removesuffix("Config"), **asdict(config),
                "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    report = api.quantize(model, output, config, calibration=calibration, force=force, validation=validation,
-                          run_validation=not no_validate, threads=threads, options=options)
+    from onnxshrink.fallback import FallbackConfig
+
+    with _progress("quantize"):
+        report = api.quantize(model, output, config, calibration=calibration, force=force, validation=validation,
+                              run_validation=not no_validate, threads=threads, options=options,
+                              fallback=False if no_fallback else FallbackConfig(max_layers=max_fallback))
     if sensitive:
         listed = ", ".join(f"{name} ({drift:.4f})" for name, drift in sensitive)
         report.notes.append(f"kept float by --max-layer-drift {max_layer_drift:g} (drift at {getattr(config, 'bits', 8)} bits "
@@ -343,7 +364,8 @@ def prune_command(
     importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude (default without data) or activation (|w| x input norm; default with --calibration).")] = None,
     scope: Annotated[str, typer.Option("--scope", metavar="[auto|layer|global]", help="Per-layer allocation: auto (from measured sensitivity), layer (the same everywhere), global (one threshold).")] = "auto",
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation importance and least-squares reconstruction.")] = None,
-    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="With --calibration, refit each layer's kept weights to the original model's outputs.")] = True,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="With --calibration, update each layer's kept weights (--method); --no-reconstruct is --method mask.")] = True,
+    method: Annotated[Optional[str], typer.Option("--method", metavar="[sparsegpt|refit|mask]", help="With --calibration: sparsegpt (OBS updates from each layer's X^T X, towards the original's outputs), refit (least squares to the original's outputs, in stages; the default) or mask (no update).")] = None,
     layer_sparsity: Annotated[Optional[list[str]], typer.Option("--layer-sparsity", help="NAME=F: this layer's sparsity, overriding the allocation (repeatable).")] = None,
     sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity --json`: allocate per-layer sparsity from it.")] = None,
     op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to prune (default MatMul,Gemm,Conv).")] = None,
@@ -385,7 +407,7 @@ def prune_command(
         except ValueError:
             raise UsageError(f"--layer-sparsity {item!r}: expected NAME=F, such as fc1/MatMul=0.5") from None
     types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
-    config = PruneConfig(sparsity=sparsity, pattern=pattern, importance=importance, scope=scope, reconstruct=reconstruct,
+    config = PruneConfig(sparsity=sparsity, pattern=pattern, importance=importance, scope=scope, reconstruct=reconstruct, method=method,
                          exclude=tuple(exclude or ()), keep_float=keep_float, layer_sparsity=overrides, storage=storage,
                          remove_dead_units=remove_dead_units,
                          sensitivity=load_report(sensitivity_file) if sensitivity_file else None,
@@ -393,8 +415,9 @@ def prune_command(
     options = {**asdict(config), "sensitivity": str(sensitivity_file) if sensitivity_file else None,
                "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    report = api.prune(model, output, config, calibration=calibration, force=force, validation=validation,
-                       run_validation=not no_validate, threads=threads, options=options)
+    with _progress("prune"):
+        report = api.prune(model, output, config, calibration=calibration, force=force, validation=validation,
+                           run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
     _exit_for_validation(report)
 
@@ -441,8 +464,9 @@ def cluster_command(
                            rounding=rounding, **({"op_types": types} if types else {}))
     options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
-                         run_validation=not no_validate, threads=threads, options=options)
+    with _progress("cluster"):
+        report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
+                             run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
     _exit_for_validation(report)
 
@@ -485,8 +509,9 @@ def factorize_command(
                              check_latency=not allow_slower, **({"op_types": types} if types else {}))
     options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    report = api.factorize(model, output, config, calibration=calibration, force=force, validation=validation,
-                           run_validation=not no_validate, threads=threads, options=options)
+    with _progress("factorize"):
+        report = api.factorize(model, output, config, calibration=calibration, force=force, validation=validation,
+                               run_validation=not no_validate, threads=threads, options=options)
     _emit(as_json, report, render_command)
     _exit_for_validation(report)
 
@@ -515,8 +540,6 @@ def compress_command(
     debug: DebugOpt = False,
 ) -> None:
     """Find the smallest model within an accuracy/drift budget (prune, quantize or cluster per layer, pack), or run a recipe."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
     from onnxshrink.compress_search import DEFAULT_TIME_BUDGET_S, CompressConfig, compress, parse_duration
     from onnxshrink.render import render_compress
 
@@ -528,34 +551,24 @@ def compress_command(
                             data=str(data) if data else None, labels=labels, samples=samples,
                             calibration=str(calibration) if calibration else None, time_budget_s=seconds,
                             max_candidates=max_candidates, threads=threads, seed=seed)
-    unit = " s" if seconds is not None else " candidates"
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed:.0f}/{task.total:.0f}" + unit),
-               TimeElapsedColumn())
-    bar = Progress(*columns, console=Console(stderr=True), transient=True)  # started by the first report of progress
-    tasks = {}
-
-    def progress(step: str, done: int, total: int) -> None:
-        if "task" not in tasks:
-            bar.start()
-            tasks["task"] = bar.add_task(escape(step), total=total)
-        bar.update(tasks["task"], description=escape(step), completed=done, total=total)
-
+    # One clock: with a time budget the search reports seconds of it, and the display shows those as its elapsed time.
+    display = ProgressDisplay("compress", unit=" s" if seconds is not None else " candidates",
+                              budget_seconds=seconds is not None and recipe is None)
     try:
-        report = compress(model, output, config, recipe=recipe, save_recipe=save_recipe, force=force, progress=progress,
-                          allow_other_data=allow_other_data)
+        with display:
+            # A replayed recipe has no budget to count against: its steps are shown with the elapsed time alone.
+            report = compress(model, output, config, recipe=recipe, save_recipe=save_recipe, force=force,
+                              progress=display if recipe is None else lambda phase, done, total: display(phase, 0, 0),
+                              allow_other_data=allow_other_data)
     except KeyboardInterrupt as exc:
         from onnxshrink.model import default_output
 
-        bar.stop()
         word, code = _interrupted(exc)
         written = output or default_output(model, "compressed", ".shrink")
         message = f"{written} holds the best valid model found so far, if one was written"
         Console(stderr=True).print(f"[red]{word}[/]; {escape(message)}", highlight=False)
         _json_error(code, f"{word}; {message}")
         raise typer.Exit(code) from None
-    finally:
-        if tasks:
-            bar.stop()
     _emit(as_json, report, render_compress)
     if not report.passed:
         raise typer.Exit(EXIT_THRESHOLD)
@@ -597,7 +610,8 @@ def sensitivity_command(
 
     if output is not None:
         model_io.check_output_path(output, [model], force, with_data=False)  # one JSON file
-    report = api.sensitivity(model, calibration, config, threads=threads)
+    with _progress("sensitivity"):
+        report = api.sensitivity(model, calibration, config, threads=threads)
     if output is not None:
         model_io.write_atomically(output, lambda stream: stream.write((report.to_json() + "\n").encode()))
     _emit(as_json, report, render_sensitivity)
@@ -677,8 +691,9 @@ def flush_denormals_command(
 ) -> None:
     """Zero denormal float weights (CPUs compute with them many times slower; `inspect` counts them), then validate."""
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    report = api.flush_denormals(model, output, force=force, validation=validation, run_validation=not no_validate,
-                                 threads=threads)
+    with _progress("flush-denormals"):
+        report = api.flush_denormals(model, output, force=force, validation=validation, run_validation=not no_validate,
+                                     threads=threads)
     _emit(as_json, report, render_command)
     _exit_for_validation(report)
 
@@ -694,7 +709,8 @@ def pack_command(
     debug: DebugOpt = False,
 ) -> None:
     """Write a .shrink file: the graph as ONNX, every weight Huffman-coded losslessly (unpack restores it bit for bit)."""
-    report = api.pack(model, output, force=force)
+    with _progress("pack"):
+        report = api.pack(model, output, force=force)
     _emit(as_json, report, lambda console, r: render_pack(console, r, show_all))
 
 
@@ -708,7 +724,8 @@ def unpack_command(
     debug: DebugOpt = False,
 ) -> None:
     """Restore the standard ONNX model from a .shrink file, identical in every tensor to the one packed."""
-    report = api.unpack(pack_file, output, force=force)
+    with _progress("unpack"):
+        report = api.unpack(pack_file, output, force=force)
     _emit(as_json, report, render_command)
 
 

@@ -75,7 +75,7 @@ _STR_LIST = "list of strings"
 PASS_OPTIONS = {
     "prune": {"sparsity": "number", "pattern": "string", "importance": "string", "scope": "string",
               "reconstruct": "boolean", "exclude": _STR_LIST, "keep_float": "string", "refit_steps": "integer",
-              "remove_dead_units": "boolean"},
+              "remove_dead_units": "boolean", "method": "string", "capture_rounds": "integer"},
     "quantize": {"mode": "string", "bits": "integer", "block_size": "integer", "algorithm": "string",
                  "act_order": "boolean", "symmetric": "boolean", "per_channel": "boolean", "exclude": _STR_LIST,
                  "keep_float": "string", "min_weights": "integer"},
@@ -636,6 +636,31 @@ class _Search:
             return False
         return True
 
+    def measure_fragility(self) -> None:
+        """Each layer's output drift when it alone is pruned to 0.9, which orders the per-layer moves; only that
+        is measured (no bit widths: nothing reads them), layer by layer until the deadline. Prune's own
+        allocation is kept for the uniform settings: these curves are measured without the refit, and steering
+        by them did worse (README, compress). Layers not reached keep no fragility (0: moved first)."""
+        from onnxshrink.layer_sensitivity import SensitivityConfig
+
+        last = [time.monotonic(), max(self.costs[:1], default=0.0)]  # a layer costs about one validation
+
+        def stop() -> bool:  # before each layer: its runs cannot be stopped once started
+            now = time.monotonic()
+            last[0], last[1] = now, max(last[1], now - last[0])  # the slowest layer so far (the first: with setup)
+            if self.config.time_budget_s is None:
+                return False
+            final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)
+            return self.elapsed() + last[1] + final_check > self.config.time_budget_s
+
+        config = self.config
+        if stop() or (config.time_budget_s is not None and  # the baseline and the first layer: two such runs
+                      self.elapsed() + 2 * last[1] + FINAL_LATENCY_S + last[1] > config.time_budget_s):
+            return
+        sensitivity = api.sensitivity(self.source, config.calibration, SensitivityConfig(sparsities=(0.9,), bits=()),
+                                      threads=config.threads, stop=stop)
+        self.fragility = {glob_literal(layer.node): layer.drift[0] for layer in sensitivity.layers}
+
     def tick(self, step: str) -> None:
         """Report progress: seconds of the time budget, or candidates of the candidate budget when there is no time
         budget (the search ends on its own: the progress total is then the candidates so far)."""
@@ -919,13 +944,7 @@ def _auto_mode(search: _Search) -> CompressReport:
         return report
     if search.pack:
         search.tick("sensitivity")
-        from onnxshrink.layer_sensitivity import SensitivityConfig
-
-        # Measured once, it orders the per-layer moves. Prune's own allocation is kept for the uniform settings:
-        # these curves are measured without the refit, and steering by them did worse (README, compress).
-        sensitivity = api.sensitivity(search.source, config.calibration, SensitivityConfig(sparsities=(0.9,)),
-                                      threads=config.threads)
-        search.fragility = {glob_literal(layer.node): layer.drift[0] for layer in sensitivity.layers}
+        search.measure_fragility()
     formats = [f for f in available_formats(config.calibration) if config.formats is None or f in config.formats]
     search.uniform(formats)
     if config.refine:

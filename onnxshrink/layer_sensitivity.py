@@ -27,6 +27,7 @@ from onnxshrink.model import iter_graphs, prepare
 from onnxshrink.data import Dataset, input_specs, synthesize
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.prune import SUPPORTED_OPS, Prune, PruneConfig
+from onnxshrink.progress import reporting, step
 from onnxshrink.report import JsonReport
 from onnxshrink.runtime import make_session, run_batches
 
@@ -70,7 +71,9 @@ class SensitivityReport(JsonReport):
 
 
 def measure(model: onnx.ModelProto, dataset: Dataset | None, config: SensitivityConfig | None = None,
-            model_path: str = "", threads: int = 1) -> SensitivityReport:
+            model_path: str = "", threads: int = 1, stop=None) -> SensitivityReport:
+    """`stop()`, asked before each layer's runs, ends the measurement when true (a caller's deadline): the layers
+    not reached are left out of the report and a note says so."""
     config = config or SensitivityConfig()
     grid = sorted(float(s) for s in config.sparsities)
     if not grid or any(not 0.0 < s < 1.0 for s in grid):
@@ -85,7 +88,8 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
     baseline = run_batches(make_session(model, threads), dataset.batches)
     base = Prune(PruneConfig(sparsity=0.0, importance=config.importance, reconstruct=False, op_types=config.op_types,
                              exclude=config.exclude, scope="layer"), None if synthetic else dataset, threads)
-    _, probe = base(model)
+    with reporting(None):
+        _, probe = base(model)
     measured = [d for d in probe.layers if d.action.startswith(("sparsity", "pruned"))]
     skipped = [d for d in probe.layers if d not in measured]
     bits = sorted({int(b) for b in config.bits}, reverse=True)
@@ -94,24 +98,33 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
     report = SensitivityReport(model_path, dataset.samples, synthetic, base.importance, grid, bits, skipped=skipped,
                                notes=notes)
     names = [d.node for d in measured]
-    for decision in measured:
+    runs, done = len(measured) * (len(grid) + len(bits)), 0
+    for index, decision in enumerate(measured):
+        if stop is not None and stop():
+            notes.append(f"stopped at the deadline: {index} of {len(measured)} layer(s) measured")
+            break
         drift, agreement = [], []
         for s in grid:
+            step(f"sensitivity: {decision.node}", done, runs)
+            done += 1
             overrides = {name: 0.0 for name in names if name != decision.node}
             config_s = PruneConfig(sparsity=s, importance=base.importance, reconstruct=False, scope="layer",
                                    op_types=config.op_types, exclude=config.exclude, layer_sparsity=overrides)
-            pruned, _ = Prune(config_s, None if synthetic else dataset, threads)(model)
+            with reporting(None):  # one bar: the inner pass's layers are not this loop's steps
+                pruned, _ = Prune(config_s, None if synthetic else dataset, threads)(model)
             outputs = run_batches(make_session(pruned, threads), dataset.batches)
             d, a = _drift(baseline, outputs)
             drift.append(d)
             agreement.append(a)
         layer = LayerSensitivity(decision.node, decision.op_type, decision.weight, decision.bytes_before // 4, drift, agreement)
         for b in bits:
+            step(f"sensitivity: {decision.node}", done, runs)
+            done += 1
             d, a = _drift(baseline, run_batches(make_session(_rounded(model, decision, b), threads), dataset.batches))
             layer.bit_drift.append(d)
             layer.bit_agreement.append(a)
         report.layers.append(layer)
-    notes.append(f"{len(measured) * (len(grid) + len(bits))} onnxruntime run(s) on {dataset.samples} sample(s)")
+    notes.append(f"{len(report.layers) * (len(grid) + len(bits))} onnxruntime run(s) on {dataset.samples} sample(s)")
     return report
 
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+import time
+
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, Progress, ProgressColumn, TextColumn
 from rich.table import Table
+from rich.text import Text
 
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport, latency_slower
 
@@ -101,7 +107,9 @@ def render_validation(console: Console, report: ValidationReport) -> None:
     summary = Table(show_header=True)
     for col in ("", "original", "candidate", "ratio"):
         summary.add_column(col, justify="left" if not col else "right")
-    summary.add_row("size", human_bytes(report.size["original"]), human_bytes(report.size["candidate"]), f"{report.size['ratio']:.3f}")
+    ratio = report.size["ratio"]
+    smaller = f" ({1 / ratio:.1f}x smaller)" if ratio and ratio < 1 else ""  # the headline a user looks for
+    summary.add_row("size", human_bytes(report.size["original"]), human_bytes(report.size["candidate"]), f"{ratio:.3f}{smaller}")
     if report.latency_ms:
         lat = report.latency_ms
         summary.add_row(
@@ -233,3 +241,127 @@ def render_compress(console: Console, report) -> None:
     if report.output and report.size.get("output"):
         console.print(f"wrote [bold]{escape(report.output)}[/] ({human_bytes(report.size['output'])}, "
                       f"{report.size['times_smaller']:.1f}x smaller than the input)")
+
+
+# ---- progress ------------------------------------------------------------------------------------------------
+
+CLOCK = time.monotonic  # the one clock of every progress display (tests swap in a fake one)
+TICKER_S: float | None = 1.0  # how often a display looks at its clock between reports; None: only on reports
+HEARTBEAT_FIRST_S = 10.0  # off a terminal: the first line once a command has run this long (quick runs, failures
+# found while loading included, keep their one-line answers)
+HEARTBEAT_S = 30.0  # then one line at least this often
+
+
+def _clock_text(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressDisplay:
+    """Shows what a long command is doing, on stderr only (stdout keeps the report or the one JSON document).
+
+    On a terminal: a transient rich bar. Off one (CI logs, pipes): a heartbeat line, the first after
+    HEARTBEAT_FIRST_S and then at least every HEARTBEAT_S, from a ticker thread, so a single step that reports
+    nothing for minutes still shows the job is alive. Called as the library's `progress(phase, done, total)`.
+
+    One clock: the elapsed time shown is this display's. With `budget_seconds`, `done` and `total` are seconds of a
+    time budget measured by the caller's clock; the display then anchors its clock to the caller's (the earliest
+    `now - done`), so `41/120 s` and the elapsed time are the same number and advance between reports.
+    """
+
+    def __init__(self, command: str, *, unit: str = "", budget_seconds: bool = False, console: Console | None = None):
+        self.command, self.unit, self.budget_seconds = command, unit, budget_seconds
+        self.console = console or Console(stderr=True)
+        self.terminal = self.console.is_terminal
+        self.clock = CLOCK
+        self.started = self.clock()
+        self.phase, self.done, self.total = "working", 0, 0  # until the library's first report
+        self.lines = 0  # heartbeat lines written
+        self._anchored = False  # whether `started` is the caller's budget clock yet
+        self._next_line = self.started + HEARTBEAT_FIRST_S
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread = None
+        self._bar = self._task = None
+
+    def elapsed(self) -> float:
+        return self.clock() - self.started
+
+    def count(self) -> str:
+        """`done/total unit`; for a time budget, the seconds so far on the one clock."""
+        if self.budget_seconds and self.total:
+            return f"{min(int(self.elapsed()), self.total)}/{self.total}{self.unit}"
+        return f"{self.done}/{self.total}{self.unit}" if self.total else ""
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        with self._lock:
+            now = self.clock()
+            if self.budget_seconds:  # the caller's clock started no later than now - done (done is truncated)
+                self.started = now - done if not self._anchored else min(self.started, now - done)
+                self._anchored = True
+            self.phase, self.done, self.total = phase, int(done), int(total)
+            self.tick(now)
+
+    def tick(self, now: float | None = None) -> None:
+        """Bring the display up to date with the clock: the bar's position, or a heartbeat line when one is due."""
+        with self._lock:
+            now = self.clock() if now is None else now
+            if self.terminal:
+                self._update_bar()
+            elif now >= self._next_line:
+                self._heartbeat(now)
+
+    def _heartbeat(self, now: float) -> None:
+        count = self.count()
+        clock = "" if self.budget_seconds and self.total else f" · {_clock_text(now - self.started)} elapsed"
+        phase = self.phase.removeprefix(f"{self.command}: ")  # "sensitivity: fc1", not "sensitivity: sensitivity: fc1"
+        sys.stderr.write(f"onnxshrink {self.command}: {phase}{' ' + count if count else ''}{clock}\n")
+        sys.stderr.flush()
+        self.lines += 1
+        self._next_line = now + HEARTBEAT_S
+
+    def _update_bar(self) -> None:
+        completed = min(self.elapsed(), self.total) if self.budget_seconds else self.done
+        total = self.total or None  # unknown: rich pulses the bar
+        if self._bar is None:
+            self._bar = Progress(TextColumn("{task.description}"), BarColumn(), _StatusColumn(self),
+                                 console=self.console, transient=True)
+            self._bar.start()
+            self._task = self._bar.add_task(escape(self.phase), total=total, completed=completed)
+        else:
+            self._bar.update(self._task, description=escape(self.phase), total=total, completed=completed)
+
+    def __enter__(self) -> "ProgressDisplay":
+        if TICKER_S is not None:
+            self._thread = threading.Thread(target=self._run, name="onnxshrink-progress", daemon=True)
+            self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICKER_S):
+            if self.terminal and self._bar is None:
+                continue  # nothing reported yet: no bar for a command that turns out quick
+            self.tick()
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        with self._lock:
+            if self._bar is not None:
+                self._bar.stop()
+                self._bar = None
+
+
+class _StatusColumn(ProgressColumn):
+    """`done/total` and the elapsed time, both read from the display's one clock."""
+
+    def __init__(self, display: ProgressDisplay):
+        super().__init__()
+        self.display = display
+
+    def render(self, task) -> Text:
+        count = self.display.count()
+        if self.display.budget_seconds and self.display.total:
+            return Text(count)
+        return Text(f"{count}  {_clock_text(self.display.elapsed())}".strip())

@@ -196,3 +196,4 @@ class CommandReport(JsonReport):
     validation: ValidationReport | None = None
     notes: list = field(default_factory=list)
     changed: bool = True  # False: the pass changed no weight (the output is still written: a copy of the input)
+    fallback: dict | None = None  # quantize's accuracy fallback (fallback.FallbackSummary): layers kept float and why

@@ -16,6 +16,7 @@ import numpy as np
 from onnxshrink import data as data_mod
 from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, InputsUnavailable, ModelLoadError, UsageError
+from onnxshrink.progress import step
 from onnxshrink.report import Check, OutputDrift, ValidationReport
 from onnxshrink.runtime import make_session, run_batches
 
@@ -62,11 +63,13 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         raise UsageError("--labels needs --data: labels are read from the data file")
     if thresholds.max_accuracy_drop is not None and not config.labels:
         raise UsageError("--max-accuracy-drop needs --data and --labels")
+    step("validate: loading models", 0, 3)
     sessions = [make_session(model_io.runnable(original, original_model), config.threads),
                 make_session(model_io.runnable(candidate, candidate_model), config.threads)]
     dataset, origin = _dataset(config, specs, original_model, sessions[0])
     del original_model, candidate_model
     try:
+        step("validate: original model", 0, 3)
         reference = run_batches(sessions[0], dataset.batches)
     except ModelLoadError as exc:
         if not dataset.synthetic:
@@ -74,6 +77,7 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in dataset.batches[0].items())
         raise InputsUnavailable(f"{exc} (synthesized inputs: {shapes}; symbolic dimensions that no metadata, token "
                                 "rule or probe sized default to 1: give --data, or sizes with --shape NAME=D1,D2,...)") from exc
+    step("validate: candidate model", 1, 3)
     produced = run_batches(sessions[1], dataset.batches)
 
     outputs = {}
@@ -93,6 +97,7 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
 
     latency = None
     if config.latency:
+        step("validate: latency", 2, 3)
         feed = latency_feed(dataset, specs)
         latency = measure_latency(sessions, feed, config.latency_budget_s, batch=feed_batch(feed, specs))
     size_original = model_io.file_size(original)

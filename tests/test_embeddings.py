@@ -151,7 +151,7 @@ def test_int8_numerics_match_the_per_row_rounded_table(mode):
 
 def test_blockwise_4bit_uses_gather_block_quantized_and_matches_numpy():
     model = encoder()
-    quantized, report = quantize(model, "blockwise4")
+    quantized, report = QuantizeBlockwise(BlockwiseConfig(bits=4, block_size=32, embedding_symmetric=True))(model)
     decision = decisions(report)["embeddings/Gather"]
     assert decision.action.startswith("int4 block 32 embedding") and "GatherBlockQuantized" in decision.action
     nodes = [n for n in quantized.graph.node if n.op_type == "GatherBlockQuantized"]

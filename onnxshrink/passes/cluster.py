@@ -48,6 +48,7 @@ from onnxshrink.passes.prune_common import describe as _describe, read_bias as _
 from onnxshrink.passes.quantize import QUANTIZED_OPS
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.passes.quantize_weights import _channel_axis
+from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import find_tensors
 
@@ -168,7 +169,8 @@ class Cluster:
             original = onnx.ModelProto()
             original.CopyFrom(model)
         stats = []
-        for weight, group in units.items():
+        for index, (weight, group) in enumerate(units.items()):
+            step("cluster: layers", index, len(units))
             report.layers.extend(self._cluster(model, original, weight, group, stats))
         for weight, group in tables.items():
             report.layers.extend(self._cluster_table(weight, group, stats))

@@ -29,7 +29,10 @@ sparsity changes nothing more. No layer goes past MAX_LAYER_SPARSITY.
 With calibration data, layers are processed in graph order; each one's inputs are captured
 from the model with every upstream layer already pruned, and its kept weights (and bias) are
 refit by least squares to the original model's outputs of that layer (algorithms/reconstruct.py),
-in `refit_steps` stages of growing sparsity, survivors re-ranked after each refit.
+in `refit_steps` stages of growing sparsity, survivors re-ranked after each refit (`method` "refit", the
+default). `method` "sparsegpt" chooses each layer's zeros and updates the kept weights from X^T X of its inputs
+alone (algorithms/sparsegpt.py): one capture run for all layers, or with `sequential` two per wave of layers
+(`_Hessians`), never two per layer. `method` "mask" updates nothing.
 """
 
 from __future__ import annotations
@@ -41,11 +44,14 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink.algorithms.reconstruct import Gram, refit
+from onnxshrink.algorithms.sparsegpt import output_error, refit_kept, sparsegpt, teacher_weights
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
 from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, check_config, describe,
-                                            input_size, matrix, parse_nm, read_bias, teacher_gram, unfold, write)
+                                            input_size, matrix, parse_nm, read_bias, resolved_method, teacher_gram,
+                                            unfold, write)
+from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
@@ -65,6 +71,7 @@ class Prune:
         self.threads = threads
         self.nm = parse_nm(config.pattern)
         self.importance = config.importance or ("activation" if calibration is not None else "magnitude")
+        self.method = resolved_method(config, calibration)
         self.tensors = TensorStore()  # onnxshrink.streaming swaps in a store that reads one weight at a time
 
     @property
@@ -80,7 +87,7 @@ class Prune:
         config = self.config
         model, report = begin_pass(model, self.name, asdict(self.config))
         original = None
-        if self.calibration is not None and config.reconstruct:  # the teacher: only the refit reads it
+        if self.method == "refit" or (self.method == "sparsegpt" and config.sequential):  # the teacher
             original = onnx.ModelProto()
             original.CopyFrom(model)
         records = {r.name: r for r in find_tensors(model)}
@@ -110,14 +117,18 @@ class Prune:
             scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
             counts = self._allocate(layers, weights, scores, report)
             del scores  # recomputed per layer below: big models keep one layer's scores at a time
-        refit_on = self.calibration is not None and config.reconstruct
+        refit_on = self.method == "refit"
+        hessians = _Hessians(self, original, model, layers, grams) if self.method == "sparsegpt" else None
+        if hessians is not None:
+            report.notes.append(hessians.note())
         if refit_on:
             report.notes.append(
                 f"reconstruction: {len(layers)} layer(s) refit in graph order to the original model's outputs on "
                 f"{self.calibration.samples} calibration sample(s); each layer reruns the model in onnxruntime "
                 "(twice per batch) to capture its inputs with upstream layers already pruned")
         total = pruned = 0
-        for layer in layers:
+        for index, layer in enumerate(layers):
+            step("prune: layers", index, len(layers))
             w0 = weights[layer.name] if weights is not None else matrix(layer, owners, self.tensors.read)
             zeros_before = int(np.sum(w0 == 0))
             gram = grams.get(layer.name)
@@ -128,21 +139,31 @@ class Prune:
             score = _importance(w0, gram, self.importance)
             keep = _mask(score, counts[layer.name], self.nm)
             why = []
+            hessian, target = hessians.of(layer, w0) if hessians is not None and not layer.reason else (None, None)
+            if hessian is not None and not np.all(w0[~keep] == 0):  # an OBS mask of its own, from the updated weights
+                w = sparsegpt(target, hessian, counts[layer.name], self.nm, damp=config.damping)
+                if config.kept_refit:  # keeps the zeros where they are: an N:M pattern stays N:M
+                    w = refit_kept(target, w, hessian)
+                keep = w != 0
+                keep |= w0 == 0  # zeros before count as kept: the test below sees the layer changed
             if np.all(w0[~keep] == 0):
                 zeros = zeros_before
                 action = f"sparsity {zeros / w0.size:.1%}"
                 why.append("already at this sparsity: unchanged")
             else:
-                w, bias = w0 * keep, None
-                if teacher is not None:
+                w, bias = (w if hessian is not None else w0 * keep), None
+                if hessian is not None:
+                    why.append(f"layer output error {output_error(target, w, hessian):.2%} after OBS updates "
+                               f"({output_error(target, w0 * (w != 0), hessian):.2%} masked only)")
+                elif teacher is not None:
                     steps = 1 if self.nm else config.refit_steps
                     keep, result = _gradual(w0, counts[layer.name], teacher, read_bias(layer, owners), self.importance,
                                             self.nm, config.damping, steps)
                     w, bias = result.weight, result.bias
                     why.append(f"layer output error {result.error_after:.2%} after refit "
                                f"({result.error_before:.2%} masked only)")
-                elif refit_on and layer.reason:
-                    why.append(f"not refit: {layer.reason}")
+                elif self.method != "mask" and layer.reason:
+                    why.append(f"weights not updated: {layer.reason}")
                 write(layer, w.astype(np.float32), bias, owners, self.tensors)
                 zeros = int(np.sum(w == 0))
                 action = f"pruned {zeros / w0.size:.1%}" + (f" {self.nm[0]}:{self.nm[1]}" if self.nm else "")
@@ -286,6 +307,91 @@ class Prune:
     def _teacher_gram(self, original, model, layer, w0, owners) -> Gram:
         return teacher_gram(self.calibration, original, model, layer, layer, read_bias(layer, owners) is not None,
                             self.threads)
+
+
+class _Hessians:
+    """X^T X of each layer's inputs for the OBS updates, captured in waves: one onnxruntime run over the
+    calibration data serves every layer whose input no unpruned layer upstream still changes (MiniLM: q, k and v
+    share a wave), so each layer sees the model with all the layers before it already pruned. The original model
+    runs alongside (X^T X0, X0 its inputs there): each layer is pruned towards the original's outputs, not its own,
+    which corrects upstream drift as the refit does, at two runs per wave instead of two per layer.
+    Without `sequential` (the default) the original model's statistics serve all layers (the one run that the
+    allocation needs anyway, no correction)."""
+
+    def __init__(self, owner: "Prune", original, model, layers, grams: dict):
+        self.owner, self.original, self.model = owner, original, model
+        self.usable = [layer for layer in layers if not layer.reason]
+        self.sequential = owner.config.sequential
+        self.done: set = set()
+        self.grams: dict = {} if self.sequential else dict(grams)
+        self.cross: dict = {}
+        self.upstream = _upstream_layers(model.graph, self.usable) if self.sequential else {}
+        self.round = _rounds(self.upstream, owner.config.capture_rounds) if self.sequential else {}
+
+    def note(self) -> str:
+        how = ("captured in waves from the model with upstream layers already pruned, towards the original's outputs"
+               if self.sequential else "captured once from the original model")
+        return (f"OBS updates (SparseGPT) of {len(self.usable)} layer(s) from X^T X of their inputs on "
+                f"{self.owner.calibration.samples} calibration sample(s), {how}")
+
+    def of(self, layer, w0) -> tuple:
+        """(H, the dense weights to prune towards) of a layer, or (None, None) when not captured."""
+        if layer.name not in self.grams and self.sequential:
+            self._capture(layer)
+        self.done.add(layer.name)
+        gram, cross = self.grams.pop(layer.name, None), self.cross.pop(layer.name, None)
+        if gram is None:
+            return None, None
+        target = w0 if cross is None else teacher_weights(w0, gram.xtx, cross, self.owner.config.damping)
+        return gram.xtx, target
+
+    def _capture(self, layer) -> None:
+        if self.round:  # a round of several waves: its later layers see the round's earlier ones unpruned
+            wave = [other for other in self.usable if other.name not in self.done
+                    and self.round[other.name] == self.round[layer.name]]
+        else:
+            wave = [other for other in self.usable if other.name not in self.done
+                    and not (self.upstream[other.name] - self.done - {other.name})]
+        wave = wave if any(other.name == layer.name for other in wave) else [layer]
+        for other in wave:
+            self.grams[other.name] = Gram(input_size(other))
+            self.cross[other.name] = np.zeros((input_size(other),) * 2)
+        names = [other.x for other in wave]
+        threads = self.owner.threads
+        data = self.owner.calibration
+        for (batch, now), (_, before) in zip(capture(data, self.model, names, threads),
+                                             capture(data, self.original, names, threads)):
+            for other in wave:
+                x = unfold(other, now.get(other.x, batch.get(other.x)))
+                self.grams[other.name].add(x)
+                x0 = unfold(other, before.get(other.x, batch.get(other.x)))
+                self.cross[other.name] += x.T @ x0  # float32 per batch, summed in float64
+
+
+def _rounds(upstream: dict, rounds: int) -> dict:
+    """Layer name -> capture round when at most `rounds` are allowed ({} for no limit): a layer's depth is the
+    longest chain of layers above it, and consecutive depths share a round (MiniLM, 6 rounds: one per block)."""
+    if rounds <= 0:
+        return {}
+    depth: dict = {}
+    order = sorted(upstream, key=lambda name: len(upstream[name]))  # every layer after all those above it
+    for name in order:
+        depth[name] = 1 + max((depth[other] for other in upstream[name] if other != name), default=-1)
+    levels = max(depth.values(), default=0) + 1
+    per = -(-levels // rounds)
+    return {name: d // per for name, d in depth.items()}
+
+
+def _upstream_layers(graph, layers) -> dict[str, set]:
+    """For each layer, the names of the layers whose output reaches its input (main graph, in graph order, which
+    ONNX keeps topological)."""
+    by_output = {layer.output: layer.name for layer in layers}
+    upstream: dict = {}
+    for node in graph.node:
+        names = frozenset().union(*(upstream.get(i, frozenset()) for i in node.input))
+        for t in node.output:
+            upstream[t] = names | {by_output[t]} if t in by_output else names
+    return {layer.name: set(upstream.get(layer.x, frozenset())) for layer in layers}
 
 
 def _store_sparse(model: onnx.ModelProto, report: PassReport) -> None:

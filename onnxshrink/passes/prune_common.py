@@ -23,6 +23,7 @@ from onnxshrink.streaming import TensorStore
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
 PATTERNS = ("unstructured", "N:M", "channel")
 IMPORTANCES = ("magnitude", "activation")
+METHODS = ("sparsegpt", "refit", "mask")
 SCOPES = ("auto", "layer", "global")
 STORAGES = ("dense", "sparse")
 MAX_LAYER_SPARSITY = 0.98
@@ -34,7 +35,17 @@ class PruneConfig:
     pattern: str = "unstructured"  # "unstructured", "N:M" such as "2:4", or "channel"
     importance: str | None = None  # "magnitude" or "activation"; None: activation with data, else magnitude
     scope: str = "auto"
-    reconstruct: bool = True  # refit kept weights to the original's outputs (needs calibration data)
+    reconstruct: bool = True  # update kept weights with calibration data (False: method "mask")
+    # With calibration data, how kept weights are updated: "sparsegpt" (OBS updates from each layer's X^T X,
+    # algorithms/sparsegpt.py), "refit" (least squares to the original's outputs, algorithms/reconstruct.py) or
+    # "mask" (none). None: refit.
+    method: str | None = None
+    # sparsegpt: each layer's X^T X from the model with upstream layers already pruned, towards the original's
+    # outputs (two runs per wave of layers); False: all from the original model in one run (measured better on
+    # MiniLM and the sample CNN, worse on the sample MLP at 80-90%: README, prune)
+    sequential: bool = False
+    capture_rounds: int = 0  # sparsegpt, sequential: at most this many capture rounds (0: one per wave of layers)
+    kept_refit: bool = True  # sparsegpt: then refit each output's kept weights by least squares (from X^T X alone)
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()
     keep_float: str | None = None  # "first", "last" or "both": left unpruned
@@ -72,6 +83,13 @@ def check_config(config: PruneConfig, calibration) -> None:
         raise UsageError("--storage sparse stores zeros compactly; --pattern channel removes channels and leaves none")
     if config.keep_float not in (None, "first", "last", "both"):
         raise UsageError(f"--keep-float must be first, last or both, not {config.keep_float!r}")
+    if config.method not in (None, *METHODS):
+        raise UsageError(f"--method must be one of {', '.join(METHODS)}, not {config.method!r}")
+    if config.method in ("sparsegpt", "refit") and calibration is None:
+        raise UsageError(f"--method {config.method} needs calibration data (--calibration FILE.npz)")
+    if config.method in ("sparsegpt", "refit") and not config.reconstruct:
+        raise UsageError(f"--method {config.method} updates the kept weights; --no-reconstruct asks for none "
+                         "(use --method mask)")
     if config.importance == "activation" and calibration is None:
         raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
     if nm is not None:  # the pattern fixes the sparsity at 1 - N/M; `sparsity` is not used
@@ -150,6 +168,13 @@ def describe(site, owners, records, main_outputs) -> Layer:
     return Layer(site.name, node.op_type, site.weight, node.input[0], node.output[0], not reason.startswith("inside"),
                  shape, float(attr(node, "alpha", 1.0)) if gemm else 1.0, bool(gemm and attr(node, "transB", 0)),
                  bias, scale, conv_info, reason)
+
+
+def resolved_method(config: PruneConfig, calibration) -> str:
+    """The weight update a config asks for: mask without calibration data or with reconstruct off."""
+    if calibration is None or not config.reconstruct:
+        return "mask"
+    return config.method or "refit"
 
 
 def input_size(layer: Layer) -> int:

@@ -30,11 +30,23 @@ accuracy, and unfused slower than fp32.
 accuracy_level (MatMulNBits attribute): 0/1 compute with float32 activations, 4 quantizes
 each block of activations to int8 inside the kernel. On onnxruntime 1.32 CPU (2048x2048
 layer, 1 thread) 2 and 8 bits at level 0/1 ran 4-11x slower than fp32 (no fast float
-kernel for them), at level 4 faster than fp32; 4 bits ran 0.6x/1.1x fp32 (batch 1/32) at
-level 0 and 0.2x/0.75-1.05x at level 4. The default (None) is therefore 4, the level
-onnxruntime's own QDQ->MatMulNBits fusion uses; pass 1 for float32 activations. Small
-layers gain nothing: at level 4 a 256x256 layer ran as fast as fp32 at batch 1, and at
-batch 32 layers up to 1024x1024 ran 1.3-2.5x slower. For those, 4 bits buys size.
+kernel for them): they get level 4. At 4 bits the best level depends on the rows a layer
+multiplies at once (bench/int4_speed.py, layers of 384x384 to 3072x768): level 4 ran
+0.25-0.6x fp32 at 1 row, but at 512 rows (batch 8 x sequence 64) with blocks of 32 or 64
+1.1-1.4x, where level 0 ran 0.9-1.0x; with blocks of 128 level 4 ran 0.6-1.0x at every
+row count. So, unless accuracy_level is given: level 4 for blocks of 128 or more and for
+layers whose input has no sequence axis (one row per sample); level 0 for a layer whose
+input has one (a transformer's projections). This is why --bits 4 on all-MiniLM-L6-v2 ran
+1.09x / 1.14x fp32 at batch 1 / 8 (level 4, blocks of 32) and onnxruntime's own
+MatMulNBitsQuantizer (level 0, same codes, same graph otherwise: bias folded into the node
+at load by both, no zero points, no g_idx) 0.98x / 0.85x.
+
+Where no MatMulNBits form is faster than fp32 (4 bits, 131072 to 262143 weights: a 384x384
+attention projection ran 1.07-1.3x fp32 at 64 rows in every form), the layer is written as
+QuantizeDynamic writes it (int8 per channel, onnxruntime's integer kernel, 0.4x fp32), before
+any MatMulNBits so GPTQ's captured inputs include it; its decision says so (integer_below=0
+turns this off). Smaller layers keep MatMulNBits (0.85-1.1x fp32, where the integer kernel
+was slower at one row).
 
 Embedding tables (Gather data) get the same bits and blocks along each row, run by
 com.microsoft.GatherBlockQuantized, which decodes only the gathered rows (passes/quantize_embeddings.py;
@@ -57,10 +69,12 @@ from onnx import helper
 from onnxshrink.algorithms import gptq as gptq_mod
 from onnxshrink.data import Dataset
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import (Names, attr, begin_pass, drop_unused_initializers, ensure_opset,
-                                      initializer_owners, select_layers)
+from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers, ensure_opset,
+                                      glob_literal, initializer_owners, output_shapes, select_layers)
+from onnxshrink.passes.folded_weights import INTEGER_MIN_MACS
 from onnxshrink.passes.quantize import embed, nothing_to_do
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
+from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations
 from onnxshrink.streaming import TensorStore
@@ -70,7 +84,15 @@ SUPPORTED_OPS = ("MatMul", "Gemm")
 # What onnxruntime 1.32's CPU MatMulNBits kernel accepts (3, 5, 6, 7 fail when the session is created).
 SUPPORTED_BITS = (2, 4, 8)
 ALGORITHMS = ("rtn", "gptq")
-DEFAULT_ACCURACY_LEVEL = 4  # int8 activations inside the kernel: the fast CPU path for every bit width
+# accuracy_level when the config leaves it None (see the module docstring): 4 (int8 activations) for blocks of
+# FAST_LEVEL_MIN_BLOCK or more and for 2/8 bits (no fast float kernel), 0 (float activations) for 4-bit smaller blocks.
+FAST_LEVEL_MIN_BLOCK = 128
+# 4-bit layers with INTEGER_MIN_MACS["dynamic"] <= K*N < INTEGER_BELOW_WEIGHTS run onnxruntime's int8 integer kernel
+# instead of MatMulNBits (bench/int4_speed.py, onnxruntime 1.32, 2-core Xeon with AVX-512 VNNI/AMX, 1 thread): every
+# MatMulNBits form of a 384x384 layer ran 1.07-1.3x fp32 at 64 rows, the integer kernel 0.4x at 1, 64 and 512 rows;
+# from 256x1024 and 384x1536 up MatMulNBits at block 128 ran 0.6-1.0x. Below the floor MatMulNBits ran at fp32's
+# speed (128x128, 256x256: 0.83-1.1x) and the integer kernel slower than fp32 at one row (1.34x at 128x128).
+INTEGER_BELOW_WEIGHTS = 262144
 MS_DOMAIN = "com.microsoft"
 
 
@@ -83,10 +105,17 @@ class BlockwiseConfig:
     op_types: tuple = SUPPORTED_OPS
     exclude: tuple = ()  # glob patterns on node names
     keep_float: str | None = None  # "first", "last" or "both"
-    accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: DEFAULT_ACCURACY_LEVEL
+    accuracy_level: int | None = None  # MatMulNBits accuracy_level; None: by bits and block size (accuracy_level())
+    # Layers with fewer weights run int8 integer kernels (QuantizeDynamic's form), not MatMulNBits; 0: never
+    integer_below: int = INTEGER_BELOW_WEIGHTS
     act_order: bool = False  # gptq only: quantize columns by decreasing Hessian diagonal
     # Gather tables in blocks along each row, run by com.microsoft.GatherBlockQuantized (quantize_embeddings.py)
     embeddings: bool = True
+    embedding_block_size: int | None = None  # the tables' blocks; None: block_size
+    # None: asymmetric (all-MiniLM-L6-v2, 4 bits: mean-pooled cosine 0.9815 vs 0.9794 symmetric, 0.9856 vs 0.9830
+    # with GPTQ, for 0.1% of fp32's bytes), symmetric when a table is tied to an output projection (its codes are
+    # shared with that MatMulNBits only when symmetric; else it would be stored int8)
+    embedding_symmetric: bool | None = None
 
 
 @dataclass
@@ -103,6 +132,7 @@ class _Layer:
     key: tuple  # (weight, transposed, alpha): sites with one key share one quantized weight
     bias: str | None  # Gemm's C
     beta: float
+    level: int  # MatMulNBits accuracy_level
 
 
 @dataclass
@@ -134,9 +164,9 @@ class QuantizeBlockwise:
                 message += (f"; {config.bits}-bit codes would have to be stored in {container}-bit containers, "
                             f"as large as --bits {container} and less accurate")
             raise ValueError(message)
-        size = config.block_size
-        if not isinstance(size, (int, np.integer)) or size < 16 or size & (size - 1):
-            raise ValueError(f"--block-size {size}: MatMulNBits needs a power of two of at least 16 (16, 32, 64, 128, 256)")
+        for size in (config.block_size, config.embedding_block_size or config.block_size):
+            if not isinstance(size, (int, np.integer)) or size < 16 or size & (size - 1):
+                raise ValueError(f"--block-size {size}: MatMulNBits needs a power of two of at least 16 (16, 32, 64, 128, 256)")
         if config.algorithm not in ALGORITHMS:
             raise ValueError(f"--algorithm {config.algorithm!r}: choose rtn or gptq")
         if config.algorithm == "gptq" and calibration is None:
@@ -156,7 +186,13 @@ class QuantizeBlockwise:
 
     @property
     def accuracy_level(self) -> int:
-        return DEFAULT_ACCURACY_LEVEL if self.config.accuracy_level is None else int(self.config.accuracy_level)
+        return self._level(self.config.block_size)
+
+    def _level(self, block_size: int) -> int:
+        """The configured level, else 4 (int8 activations) where that was measured fastest, else 0 (float)."""
+        if self.config.accuracy_level is not None:
+            return int(self.config.accuracy_level)
+        return 4 if self.config.bits != 4 or block_size >= FAST_LEVEL_MIN_BLOCK else 0
 
     def __call__(self, model: onnx.ModelProto) -> tuple[onnx.ModelProto, PassReport]:
         model, report = begin_pass(model, self.name, asdict(self.config))
@@ -167,8 +203,20 @@ class QuantizeBlockwise:
                                        read=self.tensors.read)
         sites, skipped = embeddings.take_tied(sites), embeddings.drop_skipped(skipped)
         report.layers.extend(skipped)
-        options = {"bits": self.config.bits, "block_size": self.config.block_size, "symmetric": self.config.symmetric,
-                   "accuracy_level": self.accuracy_level}
+        integer = {site.name: self._integer_reason(records[site.weight].shape) for site in sites}
+        integer = {name: why for name, why in integer.items() if why}
+        if integer:
+            report.layers.extend(self._integer_layers(model, integer, sites, skipped, report))
+            records = {r.name: r for r in find_tensors(model)}
+            owners = initializer_owners(model)
+            embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings, self.tensors.read)
+            sites = self._reselect(model, records, [site for site in sites if site.name not in integer])
+        table_block = self.config.embedding_block_size or self.config.block_size
+        table_symmetric = self.config.embedding_symmetric
+        if table_symmetric is None:  # a tied table shares its codes with a MatMulNBits projection only when symmetric
+            table_symmetric = bool(embeddings.tied)
+        options = {"bits": self.config.bits, "block_size": table_block, "symmetric": table_symmetric,
+                   "accuracy_level": self._level(table_block)}
         if not sites:
             if not embed(model, embeddings, self.tensors, report, **options):
                 report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
@@ -177,7 +225,8 @@ class QuantizeBlockwise:
         self._names = Names(model)
         self._owners = owners
         main_outputs = {name for node in model.graph.node for name in node.output}
-        layers = [self._layer(site, main_outputs) for site in sites]
+        shapes = output_shapes(model) if self.config.accuracy_level is None else {}
+        layers = [self._layer(site, main_outputs, shapes) for site in sites]
         units: dict[tuple, list[_Layer]] = {}
         for layer in layers:
             units.setdefault(layer.key, []).append(layer)
@@ -191,12 +240,20 @@ class QuantizeBlockwise:
         report.layers.extend(decisions[id(layer)] for layer in layers)
         drop_unused_initializers(model)
         embed(model, embeddings, self.tensors, report, **options)
-        report.notes.append(self._accuracy_note())
+        report.notes.append(self._accuracy_note(layers))
         report.changed = True
         return model, report
 
-    def _accuracy_note(self) -> str:
-        level = self.accuracy_level
+    def _accuracy_note(self, layers) -> str:
+        levels = sorted({layer.level for layer in layers}) or [self.accuracy_level]
+        if self.config.accuracy_level is None and self.config.bits == 4 and self.config.block_size < FAST_LEVEL_MIN_BLOCK:
+            rows = sum(layer.level == 0 for layer in layers)
+            return (f"MatMulNBits accuracy_level 4 (int8 activations inside the kernel) for {len(layers) - rows} "
+                    f"layer(s) with one row per sample, accuracy_level 0 (float32 activations) for {rows} whose input "
+                    "has a sequence axis: "
+                    f"at blocks under {FAST_LEVEL_MIN_BLOCK}, level 4 ran 0.3-0.6x fp32 at 1 row but 1.1-1.4x at "
+                    "512 rows, level 0 0.9-1.0x there (bench/int4_speed.py)")
+        level = levels[0]
         if level == 4:
             return ("MatMulNBits accuracy_level 4: onnxruntime quantizes each block of activations to int8 inside "
                     "the kernel (its fast CPU path); accuracy_level 1 keeps activations float32")
@@ -233,7 +290,51 @@ class QuantizeBlockwise:
 
         return judge
 
-    def _layer(self, site, main_outputs) -> _Layer:
+    def _integer_reason(self, shape) -> str | None:
+        """Why a [K, N] weight runs an int8 integer kernel instead of MatMulNBits, or None."""
+        weights, floor = int(np.prod(shape)), INTEGER_MIN_MACS["dynamic"]
+        if self.config.bits != 4 or not floor <= weights < self.config.integer_below:
+            return None
+        return (f"int8 integer kernel, not MatMulNBits: {floor} <= {weights} weights < {self.config.integer_below}, "
+                "where MatMulNBits ran slower than fp32 at 64 rows and the integer kernel faster (bench/int4_speed.py)")
+
+    def _integer_layers(self, model, integer: dict, sites, skipped, report) -> list[LayerDecision]:
+        """Rewrite the layers named in `integer` (name -> why) in place as QuantizeDynamic writes int8 layers (before
+        any MatMulNBits, so GPTQ's captured inputs see them); their decisions, each saying why not MatMulNBits."""
+        from onnxshrink.model import handed_over
+        from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
+
+        others = [site.name for site in sites if site.name not in integer] + [d.node for d in skipped]
+        config = QuantizeConfig(op_types=SUPPORTED_OPS, exclude=tuple(glob_literal(name) for name in others),
+                                symmetric=True, embeddings=False)
+        with handed_over(model):
+            rewritten, dynamic = QuantizeDynamic(config, tensors=self.tensors)(model)
+        assert rewritten is model
+        report.notes.extend(note for note in dynamic.notes if "nothing" not in note)
+        decisions = [d for d in dynamic.layers if d.node in integer]
+        for decision in decisions:
+            decision.reason = "; ".join(r for r in (integer[decision.node], decision.reason) if r)
+        return decisions
+
+    def _reselect(self, model, records, kept) -> list:
+        """`kept` (sites chosen before the int8 rewrite) found again in the rewritten model, by output name;
+        the original names stay (an unnamed node's index-based name may have shifted)."""
+        from dataclasses import replace
+
+        wanted = {site.node.output[0]: site.name for site in kept}
+        again, _ = select_layers(model, records, SUPPORTED_OPS, replace(self.config, keep_float=None), self._judge(records),
+                                 read=self.tensors.read)
+        return [Site(s.graph, s.node, wanted[s.node.output[0]], s.weight) for s in again if s.node.output[0] in wanted]
+
+    def _layer_level(self, x: str, shapes: dict) -> int:
+        """4-bit blocks under 128: level 0 for an input with a sequence axis (many rows per sample, where level 4
+        ran slower than fp32), else 4 (one row per sample, where level 4 ran 2x faster than level 0)."""
+        level = self.accuracy_level
+        if self.config.accuracy_level is None and level == 0 and len(shapes.get(x) or ()) < 3:
+            return 4
+        return level
+
+    def _layer(self, site, main_outputs, shapes) -> _Layer:
         node = site.node
         gemm = node.op_type == "Gemm"
         transposed = gemm and bool(attr(node, "transB", 0))
@@ -241,7 +342,7 @@ class QuantizeBlockwise:
         bias = node.input[2] if gemm and len(node.input) > 2 and node.input[2] else None
         return _Layer(site.graph, node.output[0] in main_outputs, site.name, node.op_type, site.weight, node.input[0],
                       node.output[0], (site.weight, transposed, alpha), bias,
-                      float(attr(node, "beta", 1.0)) if gemm else 1.0)
+                      float(attr(node, "beta", 1.0)) if gemm else 1.0, self._layer_level(node.input[0], shapes))
 
     def _weight(self, layer: _Layer) -> np.ndarray:
         """The weight as MatMulNBits multiplies it: [K, N], Gemm's transB and alpha applied."""
@@ -268,7 +369,9 @@ class QuantizeBlockwise:
                          key=lambda u: min(order.get(layer.output, 0) for layer in u))
         graph_inputs = {i.name for i in model.graph.input}
         waves = errors_gptq = errors_rtn = 0
+        units_total = len(pending)
         while pending:
+            step("quantize: gptq layers", units_total - len(pending), units_total)
             wave, tainted = [], set()
             for unit in pending:
                 if {layer.x for layer in unit} & tainted:
@@ -343,7 +446,7 @@ class QuantizeBlockwise:
                 add = helper.make_node("Add", [stem + "_out", addend], [layer.output], name=stem + "_BiasAdd")
         while inputs and not inputs[-1]:
             inputs.pop()
-        kwargs = {"accuracy_level": self.accuracy_level} if self.accuracy_level else {}
+        kwargs = {"accuracy_level": layer.level} if layer.level else {}
         node = helper.make_node("MatMulNBits", inputs, [stem + "_out" if add else layer.output], name=stem + "_MatMulNBits",
                                 domain=MS_DOMAIN, K=written.k, N=written.n, bits=self.config.bits,
                                 block_size=self.config.block_size, **kwargs)

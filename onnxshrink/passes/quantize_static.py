@@ -44,8 +44,10 @@ from onnxshrink.passes.common import (NONFINITE, Names, Site, attr, begin_pass, 
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, relabel_folded
 from onnxshrink.passes.quantize import QUANTIZED_OPS, embed, quantize_int8
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
+from onnxshrink.passes.smooth_quant import SmoothQuant
+from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
-from onnxshrink.runtime import make_session
+from onnxshrink.runtime import capture_activations, make_session
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import TINY_BYTES, find_tensors
 
@@ -60,7 +62,8 @@ PASS_THROUGH = {"MaxPool", "Flatten", "Reshape", "Transpose", "Squeeze", "Unsque
 MIN_CONV_CHANNELS = 4
 FLOAT_KERNELS = {"MatMul", "Gemm", "Conv", "com.microsoft.FusedMatMul", "com.microsoft.FusedGemm",
                  "com.microsoft.FusedConv", "com.microsoft.nchwc.Conv"}
-INTEGER_KERNELS = {"QLinearConv", "com.microsoft.QLinearConv", "com.microsoft.QGemm", "QLinearMatMul"}
+INTEGER_KERNELS = {"QLinearConv", "com.microsoft.QLinearConv", "com.microsoft.QGemm", "QLinearMatMul",
+                   "com.microsoft.MatMulIntegerToFloat"}
 ATTEMPTS = 4  # rewrites: each one drops the layers onnxruntime did not fuse in the previous one
 INT32_MAX = 2**31 - 1
 
@@ -78,6 +81,9 @@ class StaticQuantizeConfig:
     # alone between float ops their Q/DQ + integer kernel is slower than fp32. 0: integer kernels everywhere.
     integer_min_macs: int = INTEGER_MIN_MACS["static"]
     embeddings: bool = True  # Gather tables int8 per row, rows decoded after the Gather (quantize_embeddings.py)
+    # SmoothQuant (passes/smooth_quant.py): LayerNorm outliers moved into the weights of the MatMuls reading them,
+    # alpha searched per tensor on the calibration data; tensors where it measures no better are left alone.
+    smooth: bool = True
 
 
 @dataclass
@@ -186,12 +192,20 @@ class QuantizeStatic:
                                 "folded (int8 storage, float kernels)" if report.changed else
                                 "no Conv/MatMul/Gemm layer to quantize")
             return unchanged, report
+        if self.config.smooth:
+            # After the layers are chosen: only those that will run integer kernels take a scale.
+            model, smoothing = SmoothQuant(calibration=self.calibration, threads=self.threads,
+                                           layers={site.node.output[0] for site in sites})(model)
+            report.notes.extend(smoothing.notes)
+            by_output = {n.output[0]: n for n in model.graph.node if n.output}
+            sites = [Site(model.graph, by_output[site.node.output[0]], site.name, site.weight) for site in sites]
 
         ranks = _ranks(model)
         first_outputs = [n.output[0] if n.output else "" for n in model.graph.node]
         position = {site.name: first_outputs.index(site.node.output[0]) for site in sites}
         ranges: dict[str, tuple[float, float]] = {}
         unfused: set[str] = set()
+        quantized_outputs: set[str] = set()  # MatMul layers whose float output onnxruntime did not fuse
         result = None
         for _ in range(ATTEMPTS):
             # Each attempt rewrites a fresh copy; its layers are that copy's nodes.
@@ -202,11 +216,12 @@ class QuantizeStatic:
                       for s in sites if s.name not in unfused]
             if not layers:
                 break
-            plan = _Plan(candidate, layers)
+            plan = _Plan(candidate, layers, quantized_outputs)
             if _relu_after_maxpool(candidate, plan):
-                plan = _Plan(candidate, layers)
+                plan = _Plan(candidate, layers, quantized_outputs)
             missing = [t for t in plan.roots if t not in ranges]
             if missing:
+                step("quantize: calibrating activations", 0, 0)
                 ranges.update(calibrate(model, missing, self.calibration, self.config.calibrator, self.threads,
                                         self.config.percentile))
             decisions = self._rewrite(candidate, plan, ranges)
@@ -215,7 +230,11 @@ class QuantizeStatic:
             if not failed:
                 result = candidate
                 break
-            unfused.update(failed)
+            # A MatMul written with a float output that did not fuse (onnxruntime's MatMul + Add -> Gemm fusion
+            # runs first where shapes are static) is tried again with a quantized output (QLinearMatMul).
+            retry = {name for name in failed if name in plan.float_matmuls and name not in quantized_outputs}
+            quantized_outputs.update(retry)
+            unfused.update(set(failed) - retry)
         for site in sites:
             if site.name in unfused or result is None:
                 size = records[site.weight].nbytes
@@ -249,6 +268,16 @@ class QuantizeStatic:
             return {}
         first = self.calibration.batches[0]
         shapes = output_shapes(model, {name: np.shape(value) for name, value in first.items()})
+        # Shape inference loses the rows of a MatMul after a computed Reshape (attention's heads merged back:
+        # MiniLM's attention output layers counted 1 row instead of 64, and stayed float). One run knows them.
+        unknown = [site.node.output[0] for site in sites if site.node.op_type == "MatMul" and site.graph is model.graph
+                   and _rows_unknown(shapes.get(site.node.output[0]))]
+        if unknown:
+            try:
+                measured = next(iter(capture_activations(model, unknown, [first], self.threads)))
+                shapes.update({name: list(np.shape(value)) for name, value in measured.items()})
+            except Exception:  # noqa: BLE001 - a model that fails here fails calibration with its own message
+                pass
         small = {}
         for site in sites:
             macs = macs_per_sample(site.node, records[site.weight].shape, shapes)
@@ -448,7 +477,7 @@ class QuantizeStatic:
 class _Plan:
     """Which float tensors get QuantizeLinear -> DequantizeLinear, and whose range each one uses."""
 
-    def __init__(self, model, layers):
+    def __init__(self, model, layers, quantized_outputs=frozenset()):
         graph = model.graph
         self.layers = layers
         self.producers = {o: n for n in graph.node for o in n.output}
@@ -462,13 +491,20 @@ class _Plan:
         self.layer_inputs = {layer.x for layer in layers}
         required = set(self.layer_inputs)
         results = []
+        self.float_matmuls: set[str] = set()
         for layer in layers:
             result = self._folded(layer.output)
-            # QLinearConv/QLinearMatMul need a quantized output, and so does a layer followed by a Relu (only a
-            # quantized output folds it). Otherwise a Gemm writes float unless a quantized layer reads it.
-            if layer.kind != "Gemm" or result != layer.output or self._wanted(result, set()):
+            # QLinearConv needs a quantized output, and so does a layer followed by a Relu (only a quantized
+            # output folds it). Otherwise a Gemm writes float unless a quantized layer reads it, and so does a
+            # MatMul (onnxruntime's MatMulIntegerToFloat): quantizing a MatMul's output to uint8 is where static
+            # int8 lost most on MiniLM (the FFN output before its residual Add holds channels 200x the median:
+            # cosine 0.944 -> 0.989 with MatMul outputs left float).
+            float_ok = layer.kind == "Gemm" or (layer.kind == "MatMul" and layer.site.name not in quantized_outputs)
+            if not float_ok or result != layer.output or self._wanted(result, set()):
                 required.add(result)
                 results.append(result)
+            elif layer.kind == "MatMul":
+                self.float_matmuls.add(layer.site.name)
         # Forwards from quantized layers' outputs: a pass-through op writes a tensor with its input's scale, and
         # onnxruntime runs it on uint8 in the layer's NHWC layout. Not from tensors float ops wrote: there
         # quantizing after the op moves less data (onnxruntime's uint8 MaxPool in NCHW is 25x slower than float).
@@ -485,6 +521,11 @@ class _Plan:
                         work.append(out)
         self.required = required
         self.roots = sorted(t for t in required if t not in self.derived)
+        self.layer_nodes = {id(layer.site.node) for layer in layers} | {id(layer.add) for layer in layers if layer.add}
+        # Readers that take the quantized tensor: the layers, and pass-through ops whose output is quantized too.
+        self.quantized_readers = {id(layer.site.node) for layer in layers} | {
+            id(node) for tensor in self.derived for node in self.consumers.get(self.derived[tensor], [])
+            if tensor in node.output}
         self.input_qdq: list = []
         self.weight_inputs: dict[str, str] = {}  # weight DequantizeLinear output -> layer name
 
@@ -564,6 +605,15 @@ class _Plan:
             for i, name in enumerate(producer.output):
                 if name == tensor:
                     producer.output[i] = base + "_float"
+            if tensor not in self.derived and id(producer) not in self.layer_nodes:
+                # Written by a float op (a LayerNorm): its float readers (a residual Add) read it unrounded, and
+                # onnxruntime runs no DequantizeLinear for them. After a quantized layer they read the DQ instead:
+                # a float reader of the float tensor would keep the layer from writing uint8 itself.
+                for node in self.consumers.get(tensor, []):
+                    if id(node) not in self.quantized_readers:
+                        for i, name in enumerate(node.input):
+                            if name == tensor:
+                                node.input[i] = base + "_float"
             after.setdefault(id(producer), []).extend([
                 helper.make_node("QuantizeLinear", [base + "_float", scale, zero], [base + "_q"],
                                  name=base + "_QuantizeLinear"),
@@ -669,6 +719,11 @@ def _runs_as_integer(optimized, name: str) -> bool:
 
 def _kind(node) -> str:
     return f"{node.domain}.{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+
+
+def _rows_unknown(dims) -> bool:
+    """Whether a MatMul output's shape leaves its rows per sample unknown (its rank or a middle dim)."""
+    return dims is None or len(dims) < 2 or any(d is None for d in dims[1:-1])
 
 
 def _size(tensor) -> int:

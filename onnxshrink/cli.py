@@ -273,6 +273,7 @@ def quantize_command(
     mode: Annotated[Optional[str], typer.Option("--mode", metavar="[dynamic|static|weights]", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).")] = None,
     bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits: 8, or 4 / 2 for blockwise MatMulNBits weights of MatMul/Gemm.")] = 8,
     block_size: Annotated[int, typer.Option("--block-size", metavar="[16|32|64|128|256]", help="Block size along K for --bits < 8 (16, 32, 64, 128, 256).")] = 32,
+    embedding_block_size: Annotated[Optional[int], typer.Option("--embedding-block-size", metavar="[16|32|64|128|256]", help="--bits < 8: block size along each embedding table row (GatherBlockQuantized); default --block-size. Smaller blocks keep tables more exact for a few bytes.")] = None,
     algorithm: Annotated[str, typer.Option("--algorithm", metavar="[rtn|gptq]", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).")] = "rtn",
     act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns in order of decreasing activation energy.")] = False,
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs for static scales or GPTQ.")] = None,
@@ -308,6 +309,11 @@ def quantize_command(
 ) -> None:
     """Quantize weights (and activations) so onnxruntime runs integer kernels, then validate against the original."""
     config = _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, calibrator, op_types, tuple(exclude or ()), keep_float, per_channel, symmetric)
+    if embedding_block_size is not None:
+        if not hasattr(config, "embedding_block_size"):
+            raise UsageError("--embedding-block-size applies to --bits < 8 (blockwise) only")
+        _choice("--embedding-block-size", embedding_block_size, (16, 32, 64, 128, 256))
+        config.embedding_block_size = embedding_block_size
     if min_weights:
         if not isinstance(config, QuantizeConfig):
             raise UsageError("--min-weights applies to --mode dynamic only")

@@ -387,3 +387,25 @@ def test_a_model_of_embeddings_alone_is_already_quantized_the_second_time(mode):
     twice, second = quantize(once, mode)
     assert not second.changed and "model is already quantized: nothing to do" in second.notes
     assert twice.SerializeToString() == once.SerializeToString()
+
+
+def test_cli_embedding_block_size_sets_the_tables_blocks(tmp_path):
+    """--embedding-block-size reaches GatherBlockQuantized (the MatMuls keep --block-size); other modes refuse it."""
+    from typer.testing import CliRunner
+
+    from conftest import invoke
+
+    source = tmp_path / "enc.onnx"
+    onnx.save(encoder(), str(source))
+    runner = CliRunner()
+    result = invoke(runner, "quantize", source, "--bits", "4", "--block-size", "32", "--embedding-block-size", "16",
+                    "-o", tmp_path / "q.onnx", "--no-validate")
+    assert result.exit_code == 0, result.output
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    gather = next(n for n in written.graph.node if n.op_type == "GatherBlockQuantized")
+    assert next(a.i for a in gather.attribute if a.name == "block_size") == 16
+    assert {a.i for n in written.graph.node if n.op_type == "MatMulNBits" for a in n.attribute
+            if a.name == "block_size"} <= {32}
+    refused = invoke(runner, "quantize", source, "--embedding-block-size", "16", "-o", tmp_path / "d.onnx")
+    assert refused.exit_code == 2 and "applies to --bits < 8" in refused.output
+    assert not (tmp_path / "d.onnx").exists()

@@ -60,19 +60,11 @@ def ort_quantize_dynamic(src: Path, dst: Path, calib: Path):
 
 
 def ort_quantize_static(src: Path, dst: Path, calib: Path):
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 
-    arrays = dict(np.load(calib))
-    count = len(next(iter(arrays.values())))
+    from ort_calibration import npz_reader
 
-    class Reader(CalibrationDataReader):
-        def __init__(self):
-            self.rows = iter([{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)])
-
-        def get_next(self):
-            return next(self.rows, None)
-
-    quantize_static(str(src), str(dst), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+    quantize_static(str(src), str(dst), npz_reader(calib), quant_format=QuantFormat.QDQ, per_channel=True,
                     activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
 
 

@@ -202,23 +202,15 @@ def ort_method(kind: str, src: str, dst: str, cal: str) -> None:
     import logging
 
     import onnx
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic, quantize_static
+    from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic, quantize_static
+
+    from ort_calibration import npz_reader
 
     logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
     if kind == "dynamic":
         quantize_dynamic(src, dst, per_channel=True, weight_type=QuantType.QInt8)
     elif kind == "static":
-        arrays = dict(np.load(cal))
-        count = len(next(iter(arrays.values())))
-
-        class Reader(CalibrationDataReader):
-            def __init__(self):
-                self.rows = iter([{k: v[i:i + 1] for k, v in arrays.items()} for i in range(count)])
-
-            def get_next(self):
-                return next(self.rows, None)
-
-        quantize_static(src, dst, Reader(), quant_format=QuantFormat.QDQ)
+        quantize_static(src, dst, npz_reader(cal), quant_format=QuantFormat.QDQ)
     elif kind == "nbits":
         from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 

@@ -51,8 +51,10 @@ def fold_layernorm(model: onnx.ModelProto) -> int:
     return folded
 
 
-def _plan(norm, inits, readers, public):
-    """(γ, β or None, [(MatMul, bias Add, the Add's bias input)]) when `norm` can be folded, else None."""
+def norm_parameters(norm, inits, readers, public) -> list[str] | None:
+    """The names of γ (and β) of a LayerNormalization over the last axis that a per-channel factor can be folded
+    into: initializers read by this node alone (rescaling them changes no other node), its output not a graph
+    output. None for any other node. fold_layernorm and smooth_quant both fold into them."""
     if norm.op_type != "LayerNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.output) != 1:
         return None
     if attr(norm, "axis", -1) != -1 or norm.output[0] in public or len(norm.input) < 2:
@@ -60,6 +62,14 @@ def _plan(norm, inits, readers, public):
     params = [name for name in norm.input[1:3] if name]
     if any(name not in inits or len(readers.get(name, [])) != 1 for name in params):
         return None  # a parameter computed at run time, or shared with another node
+    return params
+
+
+def _plan(norm, inits, readers, public):
+    """(γ, β or None, [(MatMul, bias Add, the Add's bias input)]) when `norm` can be folded, else None."""
+    params = norm_parameters(norm, inits, readers, public)
+    if params is None:
+        return None
     gamma = numpy_helper.to_array(inits[norm.input[1]]).astype(np.float64)
     beta = numpy_helper.to_array(inits[norm.input[2]]).astype(np.float64) if len(params) == 2 else None
     if gamma.ndim != 1 or (beta is not None and beta.shape != gamma.shape):

@@ -29,7 +29,8 @@ from onnx import helper, numpy_helper
 
 from onnxshrink.algorithms.smoothing import ALPHAS, search_alpha
 from onnxshrink.model import iter_graphs
-from onnxshrink.passes.common import Names, attr, begin_pass
+from onnxshrink.passes.common import Names, begin_pass
+from onnxshrink.passes.fold_layernorm import norm_parameters
 from onnxshrink.report import PassReport
 from onnxshrink.runtime import capture_activations
 
@@ -191,13 +192,7 @@ def _sites(graph, inits, layers=None) -> list[_Site]:
 
 
 def _takes_scale(norm, inits, readers, public, channels) -> bool:
-    """Whether 1/s folds into this node exactly: a LayerNormalization over the last axis with its own γ (and β)."""
-    if norm.op_type != "LayerNormalization" or norm.domain not in ("", "ai.onnx") or len(norm.output) != 1:
-        return False
-    if attr(norm, "axis", -1) != -1 or norm.output[0] in public or len(norm.input) < 2:
-        return False
-    params = [name for name in norm.input[1:3] if name]
-    if any(name not in inits or len(readers.get(name, [])) != 1 for name in params):
-        return False  # computed at run time, or shared with another node: dividing it would change that one too
-    return all(inits[name].data_type == onnx.TensorProto.FLOAT and list(inits[name].dims) == [channels]
-               for name in params)
+    """Whether 1/s folds into this node exactly: a LayerNormalization over the last axis with its own fp32 γ (and β)."""
+    params = norm_parameters(norm, inits, readers, public)
+    return params is not None and all(inits[name].data_type == onnx.TensorProto.FLOAT
+                                      and list(inits[name].dims) == [channels] for name in params)

@@ -160,8 +160,7 @@ def _quantize_pass(config, model: onnx.ModelProto, calibration, validation, run_
         return QuantizeDynamic(config)
     if isinstance(config, WeightsOnlyConfig):
         return QuantizeWeightsOnly(config)
-    dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
-               if calibration is not None else None)
+    dataset = _pass_data(model, calibration, validation, run_validation)
     from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
     from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
 
@@ -200,8 +199,7 @@ def prune(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
-                   if calibration is not None else None)
+        dataset = _pass_data(model, calibration, validation, run_validation)
         if config.pattern == "channel":
             from onnxshrink.passes.prune_channels import PruneChannels
 
@@ -239,8 +237,7 @@ def cluster(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
-                   if calibration is not None else None)
+        dataset = _pass_data(model, calibration, validation, run_validation)
         return Cluster(config, dataset, threads=threads)
 
     report = _run_pass_command(
@@ -277,8 +274,7 @@ def factorize(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = (_calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
-                   if calibration is not None else None)
+        dataset = _pass_data(model, calibration, validation, run_validation)
         return Factorize(config, dataset, threads=threads)
 
     return _run_pass_command(
@@ -422,6 +418,13 @@ def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike, hold_out:
     dataset = load_npz(path, specs, role="calibration data")
     split = split_holdout(dataset, specs) if hold_out else None
     return split[0] if split is not None else dataset
+
+
+def _pass_data(model: onnx.ModelProto, calibration, validation: ValidateConfig | None, run_validation: bool):
+    """The calibration batches a pass fits on (None without --calibration): the samples validation will not judge."""
+    if calibration is None:
+        return None
+    return _calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
 
 
 def _holds_out(validation: ValidateConfig | None, run_validation: bool) -> bool:

@@ -29,7 +29,8 @@ temporary files), then packs when the output ends in `.shrink`. `compress` in au
 Every candidate is the whole model validated against the original on the judging data; a passing
 candidate smaller than the best replaces the output atomically, so the file on disk is always the
 best valid model so far. The clock is checked before each candidate, and one that would overrun the
-time budget (estimated from the last ones) is not started. How many candidates fit in seconds depends on the
+time budget (estimated from the last ones) is not started; under a time budget a lossy candidate is built in
+a child process that is stopped at the deadline (candidate_process.py), since a pass cannot be cut short. How many candidates fit in seconds depends on the
 machine, and so does the result; a candidate budget (`max_candidates`) gives the same bytes everywhere, the
 search being otherwise deterministic (seeded inputs, one onnxruntime thread by default).
 """
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import functools
 import hashlib
 import importlib
 import itertools
@@ -60,7 +62,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyprojec
 import numpy as np
 from onnx import numpy_helper
 
-from onnxshrink import api
+from onnxshrink import api, candidate_process
 from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.common import glob_literal
@@ -429,11 +431,12 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
 
 def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.PathLike, *,
                calibration: str | os.PathLike | None = None, workdir: str | os.PathLike | None = None,
-               threads: int = 1, cache: dict | None = None) -> RecipeRun:
+               threads: int = 1, cache: dict | None = None, evict: bool = True) -> RecipeRun:
     """Run the recipe's passes in order (unvalidated) and write OUTPUT (packed when it ends in .shrink).
 
     `cache` (key -> (file, reports)) lets a search reuse the first pass (prune, the slow one) of recipes that
-    share it; it keeps the CACHED_STEPS latest, in `workdir`. Every other step file is removed on return.
+    share it; it keeps the CACHED_STEPS latest, in `workdir` (unless `evict` is False: a candidate run in a child
+    process adds to a copy, and the search evicts). Every other step file is removed on return.
     """
     model_path, output = Path(model_path), Path(output)
     parent = Path(workdir) if workdir is not None else output.parent
@@ -452,8 +455,8 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
                 current = target
                 if shared:
                     cache[key] = (target, produced, pruned)
-                    while len(cache) > CACHED_STEPS:
-                        Path(cache.pop(next(iter(cache)))[0]).unlink(missing_ok=True)
+                    if evict:
+                        _evict(cache)
             reports += produced
             if spec.name == "prune":
                 counts.update(pruned)
@@ -484,6 +487,12 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
                 formats.setdefault(decision.node, "float")
     overall = sum(z for z, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1)
     return RecipeRun(str(output), reports, sparsity, formats, bits, overall)
+
+
+def _evict(cache: dict) -> None:
+    """Keep the CACHED_STEPS latest first-pass results; the older ones' files go."""
+    while len(cache) > CACHED_STEPS:
+        Path(cache.pop(next(iter(cache)))[0]).unlink(missing_ok=True)
 
 
 def _zero_counts(model, reports) -> dict:
@@ -610,6 +619,7 @@ class _Search:
         self.cache: dict = {}
         self.best: tuple | None = None  # (size, recipe, run, validation)
         self.stopped = "search done"
+        self.out_of_time = False  # a candidate was stopped at the deadline
         self.costs: list[float] = []
         self.starts: dict = {}  # format -> (candidate, recipe, run): its smallest passing uniform setting
         self.fragility: dict = {}  # escaped node name -> output drift when that layer alone is pruned hard
@@ -622,10 +632,19 @@ class _Search:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def _seconds_left(self) -> float | None:
+        """Seconds a candidate may run before the final check no longer fits the budget; None without a budget."""
+        if self.config.time_budget_s is None:
+            return None
+        final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)
+        return max(self.config.time_budget_s - self.elapsed() - final_check, 0.0)
+
     def affordable(self) -> bool:
         """Whether one more candidate (costed as the slowest of the last three) fits in the budget."""
         if self.config.max_candidates is not None and len(self.candidates) >= self.config.max_candidates:
             self.stopped = "candidate limit"
+            return False
+        if self.out_of_time:
             return False
         if self.config.time_budget_s is None:
             return True
@@ -674,19 +693,31 @@ class _Search:
 
     def attempt(self, recipe: Recipe, phase: str, strict: bool = False, label: str | None = None) -> tuple[Candidate, RecipeRun | None]:
         """Build, validate, and keep a candidate if it passes and is the smallest so far. Unless `strict`, a
-        candidate the passes cannot build is recorded as failed and the search goes on."""
+        candidate the passes cannot build is recorded as failed and the search goes on.
+
+        Under a time budget a lossy candidate is built in a child process (candidate_process.py) that is stopped
+        at the deadline: a candidate's cost is only estimated before it starts (the first lossy one, costed as
+        the lossless copy, once ran 40% past the budget), so the budget holds whatever the estimate."""
         start = time.monotonic()
         index = len(self.candidates)
         target = self.workdir / f"candidate{index}{'.shrink' if self.pack else '.onnx'}"
         run = report = error = None
+        work = functools.partial(_build_and_judge, self.source, self.model_path, recipe, target, self.config.calibration,
+                                 self.workdir, self.config.threads, self.judging)
+        remaining = self._seconds_left()
         try:
-            if recipe.passes:
-                run = run_recipe(self.source, recipe, target, calibration=self.config.calibration,
-                                 workdir=self.workdir, threads=self.config.threads, cache=self.cache)
+            if recipe.passes and not strict and remaining is not None and candidate_process.available():
+                outcome = candidate_process.run(work, dict(self.cache), remaining)
+                if outcome is None:  # stopped at the deadline: nothing it built is kept
+                    self.out_of_time = True
+                    self.stopped = "time budget"
+                    error = f"stopped at the time budget ({remaining:.0f} s were left for it)"
+                else:
+                    run, report, added, error = outcome
+                    self.cache.update(added)
+                    _evict(self.cache)
             else:
-                _copy_model(self.model_path, target)
-                run = RecipeRun(str(target), [], {}, {}, {})
-            report = api.validate(self.model_path, target, self.judging)
+                run, report = work(self.cache)
         except Exception as exc:
             if strict:
                 raise
@@ -761,6 +792,18 @@ class _Search:
                 return
             step = max(found, key=lambda f: (size - f[0].size) / max(1.0 - (f[0].cosine or 1.0) - drift, 1e-6))
             size, recipe, run, drift = step[0].size, step[1], step[2], 1.0 - (step[0].cosine or 1.0)
+
+
+def _build_and_judge(source: Path, model_path: Path, recipe: Recipe, target: Path, calibration, workdir: Path,
+                     threads: int, judging: ValidateConfig, cache: dict, evict: bool = True):
+    """One candidate: the recipe's file at `target`, and its validation against the original."""
+    if recipe.passes:
+        run = run_recipe(source, recipe, target, calibration=calibration, workdir=workdir, threads=threads,
+                         cache=cache, evict=evict)
+    else:
+        _copy_model(model_path, target)
+        run = RecipeRun(str(target), [], {}, {}, {})
+    return run, api.validate(model_path, target, judging)
 
 
 def format_pass(name: str, config: CompressConfig) -> PassSpec:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib
 import shutil
+import time
 
 import pytest
 
@@ -63,3 +64,27 @@ def test_the_search_never_overruns_its_budget(clocked, budget):
     report = compress(tmp_path / "digits_mlp.onnx", tmp_path / "out.shrink", _config(tmp_path, budget))
     assert now[0] <= budget and report.seconds <= budget
     assert report.stopped == "time budget"
+
+
+def test_a_candidate_that_would_overrun_is_stopped_at_the_deadline(tmp_path, monkeypatch):
+    """The first lossy candidate is costed as the lossless copy before it; one that runs far longer (here a pass
+    that would sleep a minute) is stopped when the budget's time is up, and the best so far stays the output."""
+    if not compress_search.candidate_process.available():
+        pytest.skip("candidates run in a child process only on Linux")
+    for suffix in ("onnx", "calib.npz", "eval.npz"):
+        shutil.copy(SAMPLES / f"digits_mlp.{suffix}", tmp_path / f"digits_mlp.{suffix}")
+    real_step = compress_search._step
+
+    def slow_step(*args, **kwargs):
+        time.sleep(60)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(compress_search, "_step", slow_step)
+    started = time.monotonic()
+    report = compress(tmp_path / "digits_mlp.onnx", tmp_path / "out.shrink", _config(tmp_path, 8.0))
+    assert time.monotonic() - started < 30  # not the minute the candidate would have taken
+    assert report.stopped == "time budget" and report.passed
+    stopped = report.candidates[-1]
+    assert not stopped.passed and stopped.error.startswith("stopped at the time budget")
+    assert report.candidates[0].best and (tmp_path / "out.shrink").exists()  # the lossless start, whole
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # the child's files went with the workdir

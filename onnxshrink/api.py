@@ -15,7 +15,7 @@ from onnxshrink import streaming
 from onnxshrink.errors import InputsUnavailable, ModelLoadError, OutputError, UsageError
 from onnxshrink.info import inspect_model
 from onnxshrink.data import MIN_CALIBRATION, MIN_HOLDOUT, input_specs, load_npz, split_holdout
-from onnxshrink.passes.common import handed_over
+from onnxshrink.passes.common import glob_literal, handed_over
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, constant_nodes_left
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
@@ -78,6 +78,8 @@ def quantize(
     threads: int = 1,
     options: dict | None = None,
     fallback=True,
+    allow_slower: bool = False,
+    latency_guard=None,
 ) -> CommandReport:
     """Quantize a model file and validate the result against the original.
 
@@ -93,6 +95,13 @@ def quantize(
     (max_drift, min_cosine, min_agreement, max_accuracy_drop), the most sensitive layers are kept float one at
     a time until it holds. Static mode with held-out calibration samples and no budget aims at
     min_cosine 0.99 on every output (a validation threshold too); the other modes only with a budget given.
+
+    Latency guard (latency_guard.py), after the fallback: the result is timed against the original (batch 1, and 8
+    where the batch is symbolic); where it is slower beyond noise, the layers the profiler finds slower than their
+    float originals move to the folded form (int8 storage, float kernels) until it is not. `allow_slower` keeps
+    the first result (validation still warns); `latency_guard` a GuardConfig, or a callable(original) -> measurement
+    (tests inject one). It does not run without validation, latency measurement, or inputs that run the model,
+    for external-data models, or in weight-only mode (its output is for other runtimes).
     """
     from onnxshrink.fallback import AccuracyFallback, FallbackConfig, budget_of, evaluation_data
 
@@ -102,14 +111,33 @@ def quantize(
     if fallback_config is not None and run_validation:
         # A copy: the default budget below is added to it, never to the caller's object.
         validation = dataclasses.replace(validation or ValidateConfig(threads=threads))
-    loop, default_budget, skipped = None, False, None
+    loop, default_budget, skipped, guard, guard_skipped = None, False, None, None, None
 
     def make_pass(model: onnx.ModelProto):
+        nonlocal guard, guard_skipped
+        first = choose_pass(model)
+        guard_skipped = None if allow_slower else _guard_skipped(config, model, validation, run_validation)
+        if allow_slower or guard_skipped:
+            return first
+        from onnxshrink.latency_guard import GuardConfig, LatencyGuard, measurement_for
+
+        def rebuild(fold, fresh):
+            kept = tuple(glob_literal(d["node"]) for d in loop.summary.layers) if loop is not None else ()
+            return _quantize_pass(_refine(config, kept, fold), fresh, calibration, validation, run_validation, threads)(fresh)
+
+        if callable(latency_guard) and not isinstance(latency_guard, GuardConfig):
+            guard = LatencyGuard(first, rebuild, latency_guard)
+        else:
+            settings = latency_guard or GuardConfig()
+            guard = LatencyGuard(first, rebuild, lambda original: measurement_for(
+                original, validation, calibration, threads, settings), settings)
+        return guard
+
+    def choose_pass(model: onnx.ModelProto):
         nonlocal loop, default_budget, skipped
 
         def build(extra=()):
-            configured = dataclasses.replace(config, exclude=tuple(config.exclude) + tuple(extra)) if extra else config
-            return _quantize_pass(configured, model, calibration, validation, run_validation, threads)
+            return _quantize_pass(_refine(config, extra), model, calibration, validation, run_validation, threads)
 
         if fallback_config is None or not run_validation:
             return build()
@@ -151,7 +179,38 @@ def quantize(
             report.notes.append(f"static mode with held-out calibration samples and no accuracy budget given: the budget "
                                 f"is min_cosine {loop.budget.min_cosine:g} on every output (--min-cosine etc. set "
                                 "another, --no-fallback none)")
+    if guard_skipped:
+        report.notes.append(f"latency guard did not run: {guard_skipped}")
+    if guard is not None:
+        if guard.note():
+            report.notes.append(guard.note())
+        if guard.skipped is None:
+            report.latency_guard = asdict(guard.summary)
     return report
+
+
+def _refine(config, exclude=(), fold=()):
+    """The config with node-name globs added to its exclude (the accuracy fallback's float layers) and fold (the
+    latency guard's folded ones)."""
+    changes = {}
+    if exclude:
+        changes["exclude"] = tuple(config.exclude) + tuple(exclude)
+    if fold:
+        changes["fold"] = tuple(config.fold) + tuple(fold)
+    return dataclasses.replace(config, **changes) if changes else config
+
+
+def _guard_skipped(config, model: onnx.ModelProto, validation: ValidateConfig | None, run_validation: bool) -> str | None:
+    """Why the latency guard cannot run on this command, or None."""
+    if not hasattr(config, "fold"):
+        return "weight-only mode writes for runtimes with weight-only kernels, not for onnxruntime's speed"
+    if not run_validation:
+        return "validation is off (it measures on validation's inputs)"
+    if validation is not None and not validation.latency:
+        return "latency measurement is off"
+    if model_io.has_external_data(model):
+        return "the model keeps its weights in external data (too large to hold its candidates in memory)"
+    return None
 
 
 def _quantize_pass(config, model: onnx.ModelProto, calibration, validation, run_validation: bool, threads: int):

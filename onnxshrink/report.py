@@ -197,3 +197,4 @@ class CommandReport(JsonReport):
     notes: list = field(default_factory=list)
     changed: bool = True  # False: the pass changed no weight (the output is still written: a copy of the input)
     fallback: dict | None = None  # quantize's accuracy fallback (fallback.FallbackSummary): layers kept float and why
+    latency_guard: dict | None = None  # quantize's latency guard (latency_guard.GuardSummary): ratios, layers folded, why

@@ -16,6 +16,8 @@ integer kernel would be slower than fp32 (fewer multiply-adds per sample than IN
 
 from __future__ import annotations
 
+import fnmatch
+
 import numpy as np
 import onnx
 from onnx import TensorProto, helper
@@ -32,6 +34,13 @@ FOLDED = "int8 folded (float kernel)"  # LayerDecision.action of a layer written
 # At batch 32 the integer kernels were faster from the smallest sizes tried.
 INTEGER_MIN_MACS = {"dynamic": 131072, "static": 393216}
 FOLDED_OPSET = 7  # Cast with an integer `to` needs opset 6, Mul with numpy broadcasting 7
+# LayerDecision.reason of a layer a config's `fold` globs named (the latency guard sets them, and rewrites the reason).
+FOLD_REQUESTED = "folded on request (the config's fold patterns)"
+
+
+def fold_requested(name: str, patterns) -> bool:
+    """Whether a layer's node name matches one of a config's `fold` globs (as `exclude` matches)."""
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns or ())
 
 
 def folded_opset(model: onnx.ModelProto, notes: list | None = None) -> str | None:

@@ -33,8 +33,8 @@ from onnx import helper
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
                                       initializer_owners, output_shapes, raise_opset, select_layers)
-from onnxshrink.passes.folded_weights import (INTEGER_MIN_MACS, fold_site, folded_opset, has_folded, macs_per_sample,
-                                              relabel_folded)
+from onnxshrink.passes.folded_weights import (FOLD_REQUESTED, INTEGER_MIN_MACS, fold_requested, fold_site, folded_opset,
+                                              has_folded, macs_per_sample, relabel_folded)
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan, row_scales
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
@@ -59,6 +59,9 @@ class QuantizeConfig:
     integer_min_macs: int = INTEGER_MIN_MACS["dynamic"]
     # Embedding tables (Gather data) int8 per row (passes/quantize_embeddings.py); --exclude matches Gather names.
     embeddings: bool = True
+    # Glob patterns on node names: these layers get the folded form (int8 storage, float kernel) whatever their size
+    # (the latency guard names the layers it measured slower than float; latency_guard.py).
+    fold: tuple = ()
 
 
 class QuantizeDynamic:
@@ -81,6 +84,9 @@ class QuantizeDynamic:
         embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings, self.tensors.read)
         sites, skipped = self._select(model, records)
         sites, skipped = embeddings.take_tied(sites), embeddings.drop_skipped(skipped)
+        for site in sites:
+            if fold_requested(site.name, self.config.fold):
+                self._folded.setdefault(id(site.node), FOLD_REQUESTED)
         relabel_folded(model, skipped)
         report.layers.extend(skipped)
         if not sites:

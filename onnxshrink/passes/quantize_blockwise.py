@@ -71,7 +71,8 @@ from onnxshrink.data import Dataset
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers, ensure_opset,
                                       glob_literal, initializer_owners, output_shapes, select_layers)
-from onnxshrink.passes.folded_weights import INTEGER_MIN_MACS
+from onnxshrink.passes.folded_weights import (FOLD_REQUESTED, INTEGER_MIN_MACS, fold_layers, fold_requested,
+                                              folded_opset)
 from onnxshrink.passes.quantize import embed, nothing_to_do
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.progress import step
@@ -116,6 +117,9 @@ class BlockwiseConfig:
     # with GPTQ, for 0.1% of fp32's bytes), symmetric when a table is tied to an output projection (its codes are
     # shared with that MatMulNBits only when symmetric; else it would be stored int8)
     embedding_symmetric: bool | None = None
+    # Glob patterns on node names: these layers get the folded form (int8 storage, float kernel), not MatMulNBits
+    # (the latency guard names the layers it measured slower than float; latency_guard.py).
+    fold: tuple = ()
 
 
 @dataclass
@@ -203,6 +207,13 @@ class QuantizeBlockwise:
                                        read=self.tensors.read)
         sites, skipped = embeddings.take_tied(sites), embeddings.drop_skipped(skipped)
         report.layers.extend(skipped)
+        fold = [site for site in sites if fold_requested(site.name, self.config.fold)]
+        if fold:
+            report.layers.extend(self._fold(model, fold, records, report))
+            records = {r.name: r for r in find_tensors(model)}
+            owners = initializer_owners(model)
+            embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings, self.tensors.read)
+            sites = self._reselect(model, records, [site for site in sites if site not in fold])
         integer = {site.name: self._integer_reason(records[site.weight].shape) for site in sites}
         integer = {name: why for name, why in integer.items() if why}
         if integer:
@@ -218,7 +229,7 @@ class QuantizeBlockwise:
         options = {"bits": self.config.bits, "block_size": table_block, "symmetric": table_symmetric,
                    "accuracy_level": self._level(table_block)}
         if not sites:
-            if not embed(model, embeddings, self.tensors, report, **options):
+            if not embed(model, embeddings, self.tensors, report, **options) and not report.changed:
                 report.notes.append(nothing_to_do(model, "MatMul/Gemm weight"))
             return model, report
         ensure_opset(model, 1, MS_DOMAIN)
@@ -315,6 +326,16 @@ class QuantizeBlockwise:
         for decision in decisions:
             decision.reason = "; ".join(r for r in (integer[decision.node], decision.reason) if r)
         return decisions
+
+    def _fold(self, model, sites, records, report) -> list[LayerDecision]:
+        """The layers the config's `fold` names, in the folded form (int8 storage, float kernel), before any other
+        rewrite; kept float, with the reason, where the model's opset cannot take that form."""
+        why = folded_opset(model, report.notes)
+        if why:
+            return [LayerDecision(site.name, site.node.op_type, site.weight, "kept float", f"{why}: left float instead "
+                                  "of folded", records[site.weight].nbytes, records[site.weight].nbytes) for site in sites]
+        report.changed = True
+        return fold_layers(model, sites, {site.name: FOLD_REQUESTED for site in sites}, self.tensors)
 
     def _reselect(self, model, records, kept) -> list:
         """`kept` (sites chosen before the int8 rewrite) found again in the rewritten model, by output name;

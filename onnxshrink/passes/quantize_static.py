@@ -41,7 +41,8 @@ from onnxshrink.model import iter_graphs
 from onnxshrink.passes.fold_batchnorm import fold_batchnorm
 from onnxshrink.passes.common import (NONFINITE, Names, Site, attr, begin_pass, drop_unused_initializers,
                                       initializer_owners, nonfinite, output_shapes, select_layers)
-from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, fold_layers, macs_per_sample, relabel_folded
+from onnxshrink.passes.folded_weights import (FOLD_REQUESTED, FOLDED, INTEGER_MIN_MACS, fold_layers, fold_requested,
+                                              macs_per_sample, relabel_folded)
 from onnxshrink.passes.quantize import QUANTIZED_OPS, embed, quantize_int8
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.passes.smooth_quant import SmoothQuant
@@ -84,6 +85,9 @@ class StaticQuantizeConfig:
     # SmoothQuant (passes/smooth_quant.py): LayerNorm outliers moved into the weights of the MatMuls reading them,
     # alpha searched per tensor on the calibration data; tensors where it measures no better are left alone.
     smooth: bool = True
+    # Glob patterns on node names: these layers get the folded form (int8 storage, float kernel) whatever their size
+    # (the latency guard names the layers it measured slower than float; latency_guard.py).
+    fold: tuple = ()
 
 
 @dataclass
@@ -172,6 +176,7 @@ class QuantizeStatic:
             report.changed = True
         report.layers.extend(skipped)
         small = self._small_layers(model, sites, records)
+        small.update({site.name: FOLD_REQUESTED for site in sites if fold_requested(site.name, self.config.fold)})
         if small:
             # Folded before calibration, so the ranges are measured with the weights the model will run.
             outputs = {site.name: site.node.output[0] for site in sites if site.name not in small}

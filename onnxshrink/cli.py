@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import asdict
 import signal
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 try:  # typer >= 0.29 vendors click
     from typer._click import exceptions as click_exceptions
@@ -69,7 +70,34 @@ def _interrupted(exc: BaseException) -> tuple[str, int]:
     return ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
 
 
-class _OneLineErrors(TyperGroup):
+def _no_type(ctx=None) -> None:
+    return None
+
+
+class _FlagsWithoutType:
+    """typer 0.29 prints `<bool>` beside every flag; a flag takes no value, so its help shows no type."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False):
+                param.display_type_rich = _no_type  # an instance attribute that only the help formatter reads
+        return params
+
+
+class _Command(_FlagsWithoutType, TyperCommand):
+    """A command whose usage line reads `onnxshrink quantize [OPTIONS] MODEL`, not typer's `{model}`."""
+
+    def collect_usage_pieces(self, ctx):
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for param in self.get_params(ctx):
+            if param.param_type_name == "argument":
+                name = (param.metavar or param.name).upper() + ("..." if param.nargs != 1 else "")
+                pieces.append(name if param.required else f"[{name}]")
+        return pieces
+
+
+class _OneLineErrors(_FlagsWithoutType, TyperGroup):
     """Click's own usage errors (unknown option, bad value, missing argument) as one `error:` line, exit 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
@@ -117,20 +145,75 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout; human output goes to stderr.")]
-ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="onnxruntime intra-op threads, the same for every model run.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for synthesized inputs and any random choice.")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.")]
-ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output file.")]
-DataOpt = Annotated[Optional[Path], typer.Option("--data", help=".npz whose keys are the model's input names (batch along axis 0).")]
-LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Key of an integer labels array in --data; enables task accuracy.")]
-SamplesOpt = Annotated[Optional[int], typer.Option("--samples", min=1, help="Use only the first N samples (default: all; 16 when synthesized).")]
-ShapeOpt = Annotated[Optional[list[str]], typer.Option("--shape", help="Shape for synthesized inputs, NAME=D1,D2,... (repeatable).")]
-MaxDriftOpt = Annotated[Optional[float], typer.Option("--max-drift", help="Fail (exit 1) if any output's max abs error exceeds this.")]
-MinCosineOpt = Annotated[Optional[float], typer.Option("--min-cosine", help="Fail if any output's mean cosine similarity is below this.")]
-MinAgreeOpt = Annotated[Optional[float], typer.Option("--min-agreement", help="Fail if top-1 agreement of class-score outputs is below this.")]
-MaxAccDropOpt = Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Fail if accuracy drops by more than this (absolute; 0.01 = 1 point). Needs --labels.")]
-MaxLatOpt = Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Fail if candidate/original p50 latency exceeds this.")]
+# ---- shared option definitions: one declaration per option, grouped into help panels ------------------------------
+WHAT, HOW, GATES, OUTPUT, RUN = "What to compress", "How", "Validation gates", "Output", "Run"
+
+ModelArg = Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file.", show_default=False)]
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print exactly one JSON document on stdout; human output goes to stderr.", rich_help_panel=OUTPUT)]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Also print the detail tables (each layer, output or candidate, and why); without it a short summary.", rich_help_panel=OUTPUT)]
+ForceOpt = Annotated[bool, typer.Option("--force", "-f", help="Replace an existing output file.", rich_help_panel=OUTPUT)]
+ShowAllOpt = Annotated[bool, typer.Option("--all", help="List every tensor, not only the 40 largest.", rich_help_panel=OUTPUT)]
+ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="onnxruntime intra-op threads, the same for every model run.", rich_help_panel=RUN)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for synthesized inputs and any random choice.", rich_help_panel=RUN)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.", rich_help_panel=RUN)]
+
+NoValidateOpt = Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.", rich_help_panel=GATES)]
+DataOpt = Annotated[Optional[Path], typer.Option("--data", help=".npz whose keys are the model's input names (batch along axis 0).", rich_help_panel=GATES)]
+LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Key of an integer labels array in --data; enables task accuracy.", rich_help_panel=GATES)]
+SamplesOpt = Annotated[Optional[int], typer.Option("--samples", min=1, help="Use only the first N samples (default: all; 16 when synthesized).", rich_help_panel=GATES)]
+ShapeOpt = Annotated[Optional[list[str]], typer.Option("--shape", help="Shape for synthesized inputs, NAME=D1,D2,... (repeatable).", rich_help_panel=GATES)]
+MaxDriftOpt = Annotated[Optional[float], typer.Option("--max-drift", help="Fail (exit 1) if any output's max abs error exceeds this.", rich_help_panel=GATES)]
+MinCosineOpt = Annotated[Optional[float], typer.Option("--min-cosine", help="Fail if any output's mean cosine similarity is below this.", rich_help_panel=GATES)]
+MinAgreeOpt = Annotated[Optional[float], typer.Option("--min-agreement", help="Fail if top-1 agreement of class-score outputs is below this.", rich_help_panel=GATES)]
+MaxAccDropOpt = Annotated[Optional[float], typer.Option("--max-accuracy-drop", help="Fail if accuracy drops by more than this (absolute; 0.01 = 1 point). Needs --labels.", rich_help_panel=GATES)]
+MaxLatOpt = Annotated[Optional[float], typer.Option("--max-latency-ratio", help="Fail if candidate/original p50 latency exceeds this.", rich_help_panel=GATES)]
+
+
+def _output_opt(help: str):
+    """--output/-o with the command's own default named in its help."""
+    return Annotated[Optional[Path], typer.Option("--output", "-o", help=help, rich_help_panel=OUTPUT)]
+
+
+def _calibration_opt(help: str):
+    return Annotated[Optional[Path], typer.Option("--calibration", help=f".npz of representative inputs: {help}", rich_help_panel=HOW)]
+
+
+def _op_types_opt(default: str, verb: str = ""):
+    return Annotated[Optional[str], typer.Option("--op-types", help=f"Comma-separated op types{verb} (default {default}).", rich_help_panel=WHAT)]
+
+
+def _exclude_opt(what: str):
+    return Annotated[Optional[list[str]], typer.Option("--exclude", help=f"Glob on node names to {what} (repeatable).", rich_help_panel=WHAT)]
+
+
+def _keep_float_opt(help: str):
+    return Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help=help, rich_help_panel=WHAT)]
+
+
+def _examples(*examples: str) -> str:
+    """A command's help epilog: 2-3 runnable examples, `COMMAND  # what it shows`, each comment on its own line and
+    long commands continued with a backslash, so they read (and paste) at 80 columns. No rich markup: `[` is eaten."""
+    lines = ["Examples:"]
+    for example in examples:
+        command, _, comment = example.partition("  # ")
+        if comment:
+            lines.append(f"# {comment.strip()}")
+        chunks: list = []  # an option with its value stays on one line
+        for word in command.split():
+            if chunks and not word.startswith("-") and chunks[-1].startswith("-") and " " not in chunks[-1]:
+                chunks[-1] += " " + word
+            else:
+                chunks.append(word)
+        line = ""
+        for chunk in chunks:
+            if line and len(line) + 1 + len(chunk) > 74:
+                lines.append(line + " \\")
+                line = "    " + chunk
+            else:
+                line = f"{line} {chunk}" if line else chunk
+        lines.append(line)
+    return "\n".join(lines)
 
 
 def _version_callback(value: bool) -> None:
@@ -149,8 +232,8 @@ def _root(
 def _consoles(as_json: bool) -> Console:
     """Human output: stdout normally, stderr under --json so stdout holds only the JSON document."""
     console = Console(stderr=as_json)
-    if not console.is_terminal:
-        console.width = 160  # logs and pipes: wide enough for the tables, never folded at 80
+    if not console.is_terminal and not os.environ.get("COLUMNS"):
+        console.width = 160  # logs and pipes: wide enough for the tables, never folded at 80 (unless COLUMNS says)
     return console
 
 
@@ -224,11 +307,13 @@ def _validate_config(data, labels, samples, shape, threads, seed, max_drift, min
     )
 
 
-@app.command("inspect")
+@app.command("inspect", cls=_Command, epilog=_examples(
+    "onnxshrink inspect model.onnx                  # the 40 largest tensors; --all lists every one",
+    "onnxshrink inspect model.onnx --json | jq .totals"))
 @_edge
 def inspect_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the 40 largest.")] = False,
+    model: ModelArg,
+    show_all: ShowAllOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -237,11 +322,14 @@ def inspect_command(
     _emit(as_json, info, lambda console, r: render_info(console, r, show_all))
 
 
-@app.command("validate")
+@app.command("validate", cls=_Command, epilog=_examples(
+    "onnxshrink validate model.onnx model.int8.onnx --data eval.npz --labels labels --max-accuracy-drop 0.01",
+    "onnxshrink validate model.onnx model.shrink --min-cosine 0.999 --json > report.json",
+    "onnxshrink validate model.onnx small.onnx --shape input=1,3,224,224 -v   # synthetic inputs, every output"))
 @_edge
 def validate_command(
-    original: Annotated[Path, typer.Argument(help="The reference model.")],
-    candidate: Annotated[Path, typer.Argument(help="The compressed model to judge.")],
+    original: Annotated[Path, typer.Argument(metavar="ORIGINAL", help="The reference model.", show_default=False)],
+    candidate: Annotated[Path, typer.Argument(metavar="CANDIDATE", help="The compressed model to judge (.onnx or .shrink).", show_default=False)],
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -251,47 +339,51 @@ def validate_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Run both models in onnxruntime on the same inputs; report drift, accuracy, latency and size. Exit 1 if a threshold fails."""
     config = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     with _progress("validate"):
         report = api.validate(original, candidate, config)
-    _emit(as_json, report, render_validation)
+    _emit(as_json, report, lambda console, r: render_validation(console, r, verbose))
     if not report.passed:
         raise typer.Exit(EXIT_THRESHOLD)
 
 
-@app.command("quantize")
+@app.command("quantize", cls=_Command, epilog=_examples(
+    "onnxshrink quantize model.onnx --data eval.npz --labels labels --max-accuracy-drop 0.01",
+    "onnxshrink quantize model.onnx --calibration calib.npz -o model.static.onnx      # static int8 (QDQ)",
+    "onnxshrink quantize model.onnx --bits 4 --algorithm gptq --calibration calib.npz  # 4-bit MatMulNBits"))
 @_edge
 def quantize_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.int8.onnx, MODEL.int4.onnx, ... next to the input).")] = None,
-    mode: Annotated[Optional[str], typer.Option("--mode", metavar="[dynamic|static|weights]", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).")] = None,
-    bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits: 8, or 4 / 2 for blockwise MatMulNBits weights of MatMul/Gemm.")] = 8,
-    block_size: Annotated[int, typer.Option("--block-size", metavar="[16|32|64|128|256]", help="Block size along K for --bits < 8 (16, 32, 64, 128, 256).")] = 32,
-    embedding_block_size: Annotated[Optional[int], typer.Option("--embedding-block-size", metavar="[16|32|64|128|256]", help="--bits < 8: block size along each embedding table row (GatherBlockQuantized); default --block-size. Smaller blocks keep tables more exact for a few bytes.")] = None,
-    algorithm: Annotated[str, typer.Option("--algorithm", metavar="[rtn|gptq]", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).")] = "rtn",
-    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns in order of decreasing activation energy.")] = False,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs for static scales or GPTQ.")] = None,
-    calibrator: Annotated[str, typer.Option("--calibrator", metavar="[minmax|percentile|entropy|mse]", help="Activation range for --mode static: minmax, percentile, entropy, mse.")] = "minmax",
-    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to quantize (default: all the mode supports).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Keep the first, last or both quantizable layers float.")] = None,
-    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.")] = True,
-    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.")] = True,
-    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (not even stored int8).")] = 0,
-    integer_min_macs: Annotated[Optional[int], typer.Option("--integer-min-macs", min=0, help="Dynamic/static: layers with fewer multiply-adds per sample are stored int8 but run float kernels (onnxruntime folds the decoding at load), where an integer kernel would be slower than fp32. Default 131072 dynamic, 393216 static; 0: integer kernels everywhere.")] = None,
-    smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="Static mode: SmoothQuant, LayerNorm/activation outliers moved into the weights with alpha searched per layer on the calibration data (default on; applied only where it measures better).")] = None,
-    qdq: Annotated[bool, typer.Option("--qdq", help="--mode weights: write DequantizeLinear (for runtimes with weight-only int8 kernels; onnxruntime CPU runs it slower than fp32) instead of the folded form.")] = False,
-    sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity -o`: with --max-layer-drift, keep its most sensitive layers float.")] = None,
-    max_layer_drift: Annotated[Optional[float], typer.Option("--max-layer-drift", min=0.0, help="Keep float every layer whose drift at this bit width in --sensitivity exceeds this.")] = None,
-    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="No accuracy fallback: keep every layer quantized even when the accuracy budget fails on the held-out samples.")] = False,
-    max_fallback: Annotated[Optional[int], typer.Option("--max-fallback", min=0, help="Accuracy fallback: keep at most this many layers float to meet the budget (default a quarter of the quantized layers).")] = None,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    model: ModelArg,
+    op_types: _op_types_opt("all the mode supports", " to quantize") = None,
+    exclude: _exclude_opt("keep float") = None,
+    keep_float: _keep_float_opt("Keep the first, last or both quantizable layers float.") = None,
+    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Dynamic mode: keep layers with fewer weights float (not even stored int8).", rich_help_panel=WHAT)] = 0,
+    sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity -o`: with --max-layer-drift, keep its most sensitive layers float.", rich_help_panel=WHAT)] = None,
+    max_layer_drift: Annotated[Optional[float], typer.Option("--max-layer-drift", min=0.0, help="Keep float every layer whose drift at this bit width in --sensitivity exceeds this.", rich_help_panel=WHAT)] = None,
+    mode: Annotated[Optional[str], typer.Option("--mode", metavar="[dynamic|static|weights]", help="dynamic (default; int8 weights, activations quantized at run time), static (calibrated QDQ; implied by --calibration), weights (weight-only QDQ for other runtimes).", rich_help_panel=HOW)] = None,
+    bits: Annotated[int, typer.Option("--bits", min=2, max=8, help="Weight bits: 8, or 4 / 2 for blockwise MatMulNBits weights of MatMul/Gemm.", rich_help_panel=HOW)] = 8,
+    block_size: Annotated[int, typer.Option("--block-size", metavar="[16|32|64|128|256]", help="Block size along K for --bits < 8.", rich_help_panel=HOW)] = 32,
+    embedding_block_size: Annotated[Optional[int], typer.Option("--embedding-block-size", metavar="[16|32|64|128|256]", help="--bits < 8: block size along each embedding table row (GatherBlockQuantized); default --block-size. Smaller blocks keep tables more exact for a few bytes.", rich_help_panel=HOW)] = None,
+    algorithm: Annotated[str, typer.Option("--algorithm", metavar="[rtn|gptq]", help="rtn (round to nearest) or gptq (data-aware rounding; needs --calibration).", rich_help_panel=HOW)] = "rtn",
+    act_order: Annotated[bool, typer.Option("--act-order", help="GPTQ: quantize columns in order of decreasing activation energy.", rich_help_panel=HOW)] = False,
+    calibration: _calibration_opt("static scales or GPTQ.") = None,
+    calibrator: Annotated[str, typer.Option("--calibrator", metavar="[minmax|percentile|entropy|mse]", help="Activation range for --mode static.", rich_help_panel=HOW)] = "minmax",
+    per_channel: Annotated[bool, typer.Option("--per-channel/--per-tensor", help="Weight scales per output channel or one per tensor.", rich_help_panel=HOW)] = True,
+    symmetric: Annotated[bool, typer.Option("--symmetric/--asymmetric", help="Symmetric weights (zero point 0) or asymmetric.", rich_help_panel=HOW)] = True,
+    integer_min_macs: Annotated[Optional[int], typer.Option("--integer-min-macs", min=0, help="Dynamic/static: layers with fewer multiply-adds per sample are stored int8 but run float kernels (onnxruntime folds the decoding at load), where an integer kernel would be slower than fp32. Default 131072 dynamic, 393216 static; 0: integer kernels everywhere.", rich_help_panel=HOW)] = None,
+    smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="Static mode: SmoothQuant, LayerNorm/activation outliers moved into the weights with alpha searched per layer on the calibration data (default on; applied only where it measures better).", rich_help_panel=HOW)] = None,
+    qdq: Annotated[bool, typer.Option("--qdq", help="--mode weights: write DequantizeLinear (for runtimes with weight-only int8 kernels; onnxruntime CPU runs it slower than fp32) instead of the folded form.", rich_help_panel=HOW)] = False,
+    no_fallback: Annotated[bool, typer.Option("--no-fallback", help="No accuracy fallback: keep every layer quantized even when the accuracy budget fails on the held-out samples.", rich_help_panel=GATES)] = False,
+    allow_slower: Annotated[bool, typer.Option("--allow-slower", help="Keep the quantized model even where it runs slower than the original (a warning only); by default the layers measured slower move to int8 storage with float kernels.", rich_help_panel=GATES)] = False,
+    max_fallback: Annotated[Optional[int], typer.Option("--max-fallback", min=0, help="Accuracy fallback: keep at most this many layers float to meet the budget (default a quarter of the quantized layers).", rich_help_panel=GATES)] = None,
+    no_validate: NoValidateOpt = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -301,10 +393,12 @@ def quantize_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    output: _output_opt("Output path (default MODEL.int8.onnx, MODEL.int4.onnx, ... next to the input).") = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Quantize weights (and activations) so onnxruntime runs integer kernels, then validate against the original."""
@@ -341,12 +435,13 @@ def quantize_command(
     with _progress("quantize"):
         report = api.quantize(model, output, config, calibration=calibration, force=force, validation=validation,
                               run_validation=not no_validate, threads=threads, options=options,
-                              fallback=False if no_fallback else FallbackConfig(max_layers=max_fallback))
+                              fallback=False if no_fallback else FallbackConfig(max_layers=max_fallback),
+                              allow_slower=allow_slower)
     if sensitive:
         listed = ", ".join(f"{name} ({drift:.4f})" for name, drift in sensitive)
         report.notes.append(f"kept float by --max-layer-drift {max_layer_drift:g} (drift at {getattr(config, 'bits', 8)} bits "
                             f"in {sensitivity_file}): {listed}")
-    _emit(as_json, report, render_command)
+    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
     _exit_for_validation(report)
 
 
@@ -360,26 +455,28 @@ def _sensitive_layers(path, max_drift, bits) -> list:
     return layers_above(load_report(path), bits, max_drift, str(path))
 
 
-@app.command("prune")
+@app.command("prune", cls=_Command, epilog=_examples(
+    "onnxshrink prune model.onnx --sparsity 0.8 --calibration calib.npz --data eval.npz --labels labels",
+    "onnxshrink prune model.onnx --pattern 2:4 --calibration calib.npz --method sparsegpt",
+    "onnxshrink prune model.onnx --sparsity 0.3 --pattern channel --remove-dead-units   # fewer parameters, faster"))
 @_edge
 def prune_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.pruned.onnx next to the input).")] = None,
-    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Overall fraction of zeros in the pruned weights, 0..0.98 (not with N:M).")] = None,
-    pattern: Annotated[str, typer.Option("--pattern", metavar="[unstructured|N:M|channel]", help="unstructured, N:M (N non-zeros in every M weights along the input axis, such as 2:4), or channel (removes whole output channels: fewer parameters, faster).")] = "unstructured",
-    importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude (default without data) or activation (|w| x input norm; default with --calibration).")] = None,
-    scope: Annotated[str, typer.Option("--scope", metavar="[auto|layer|global]", help="Per-layer allocation: auto (from measured sensitivity), layer (the same everywhere), global (one threshold).")] = "auto",
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation importance and least-squares reconstruction.")] = None,
-    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="With --calibration, update each layer's kept weights (--method); --no-reconstruct is --method mask.")] = True,
-    method: Annotated[Optional[str], typer.Option("--method", metavar="[sparsegpt|refit|mask]", help="With --calibration: sparsegpt (OBS updates from each layer's X^T X, towards the original's outputs), refit (least squares to the original's outputs, in stages; the default) or mask (no update).")] = None,
-    layer_sparsity: Annotated[Optional[list[str]], typer.Option("--layer-sparsity", help="NAME=F: this layer's sparsity, overriding the allocation (repeatable).")] = None,
-    sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity --json`: allocate per-layer sparsity from it.")] = None,
-    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to prune (default MatMul,Gemm,Conv).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to leave unpruned (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Leave the first, last or both prunable layers unpruned.")] = None,
-    storage: Annotated[str, typer.Option("--storage", metavar="[dense|sparse]", help="dense (default) or sparse (pruned weights as ONNX sparse initializers: a smaller file, not a faster one).")] = "dense",
-    remove_dead_units: Annotated[bool, typer.Option("--remove-dead-units", help="Then remove the units (channels) no pruned weight reads any more: smaller weights, the same outputs.")] = False,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    model: ModelArg,
+    op_types: _op_types_opt("MatMul,Gemm,Conv", " to prune") = None,
+    exclude: _exclude_opt("leave unpruned") = None,
+    keep_float: _keep_float_opt("Leave the first, last or both prunable layers unpruned.") = None,
+    layer_sparsity: Annotated[Optional[list[str]], typer.Option("--layer-sparsity", help="NAME=F: this layer's sparsity, overriding the allocation (repeatable).", rich_help_panel=WHAT)] = None,
+    sensitivity_file: Annotated[Optional[Path], typer.Option("--sensitivity", help="JSON from `onnxshrink sensitivity --json`: allocate per-layer sparsity from it.", rich_help_panel=WHAT)] = None,
+    sparsity: Annotated[Optional[float], typer.Option("--sparsity", help="Overall fraction of zeros in the pruned weights, 0..0.98 (not with N:M).", rich_help_panel=HOW)] = None,
+    pattern: Annotated[str, typer.Option("--pattern", metavar="[unstructured|N:M|channel]", help="unstructured, N:M (N non-zeros in every M weights along the input axis, such as 2:4), or channel (removes whole output channels: fewer parameters, faster).", rich_help_panel=HOW)] = "unstructured",
+    importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude (default without data) or activation (|w| x input norm; default with --calibration).", rich_help_panel=HOW)] = None,
+    scope: Annotated[str, typer.Option("--scope", metavar="[auto|layer|global]", help="Per-layer allocation: auto (from measured sensitivity), layer (the same everywhere), global (one threshold).", rich_help_panel=HOW)] = "auto",
+    calibration: _calibration_opt("activation importance and least-squares reconstruction.") = None,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct/--no-reconstruct", help="With --calibration, update each layer's kept weights (--method); --no-reconstruct is --method mask.", rich_help_panel=HOW)] = True,
+    method: Annotated[Optional[str], typer.Option("--method", metavar="[sparsegpt|refit|mask]", help="With --calibration: sparsegpt (OBS updates from each layer's X^T X, towards the original's outputs), refit (least squares to the original's outputs, in stages; the default) or mask (no update).", rich_help_panel=HOW)] = None,
+    storage: Annotated[str, typer.Option("--storage", metavar="[dense|sparse]", help="dense (default) or sparse (pruned weights as ONNX sparse initializers: a smaller file, not a faster one).", rich_help_panel=HOW)] = "dense",
+    remove_dead_units: Annotated[bool, typer.Option("--remove-dead-units", help="Then remove the units (channels) no pruned weight reads any more: smaller weights, the same outputs.", rich_help_panel=HOW)] = False,
+    no_validate: NoValidateOpt = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -389,10 +486,12 @@ def prune_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    output: _output_opt("Output path (default MODEL.pruned.onnx next to the input).") = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Zero (or remove) weights by importance; with calibration data refit the rest to the original's outputs; then validate."""
@@ -424,28 +523,30 @@ def prune_command(
     with _progress("prune"):
         report = api.prune(model, output, config, calibration=calibration, force=force, validation=validation,
                            run_validation=not no_validate, threads=threads, options=options)
-    _emit(as_json, report, render_command)
+    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
     _exit_for_validation(report)
 
 
-@app.command("cluster")
+@app.command("cluster", cls=_Command, epilog=_examples(
+    "onnxshrink cluster model.onnx --bits 4 --calibration calib.npz --data eval.npz --labels labels",
+    "onnxshrink cluster model.pruned.onnx --bits 4 --other-floats int8 -o small.onnx && onnxshrink pack small.onnx",
+    "onnxshrink cluster model.onnx --bits 3 --per channel --rounding gptq --calibration calib.npz"))
 @_edge
 def cluster_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.cluster4.onnx, ... next to the input).")] = None,
-    bits: Annotated[int, typer.Option("--bits", help="Codebook of 2^bits shared values per layer (1..8); indices stored as uint8.")] = 4,
-    per: Annotated[str, typer.Option("--per", metavar="[layer|channel]", help="layer (one codebook per weight tensor) or channel (one per output channel).")] = "layer",
-    weighting: Annotated[Optional[str], typer.Option("--weighting", metavar="[none|activation]", help="none, or activation (k-means weighted by input energy E(x^2); needs --calibration; the default with it).")] = None,
-    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="With --calibration, refit codebook values and biases to the original model's layer outputs.")] = True,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: activation weighting and least-squares refit.")] = None,
-    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to cluster (default MatMul,Gemm,Conv).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to keep float (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Keep the first, last or both clusterable layers float.")] = None,
-    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Keep layers with fewer weights float.")] = 0,
-    float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds (= --other-floats fp16).")] = False,
-    other_floats: Annotated[str, typer.Option("--other-floats", metavar="[fp32|fp16|int8]", help="fp32, fp16, or int8: biases, norms and embeddings as int8 with one scale each (fp16 where that would change them by over 1%), codebooks as fp16.")] = "fp32",
-    rounding: Annotated[Optional[str], typer.Option("--rounding", metavar="[nearest|gptq]", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).")] = None,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    model: ModelArg,
+    op_types: _op_types_opt("MatMul,Gemm,Conv", " to cluster") = None,
+    exclude: _exclude_opt("keep float") = None,
+    keep_float: _keep_float_opt("Keep the first, last or both clusterable layers float.") = None,
+    min_weights: Annotated[int, typer.Option("--min-weights", min=0, help="Keep layers with fewer weights float.", rich_help_panel=WHAT)] = 0,
+    bits: Annotated[int, typer.Option("--bits", help="Codebook of 2^bits shared values per layer (1..8); indices stored as uint8.", rich_help_panel=HOW)] = 4,
+    per: Annotated[str, typer.Option("--per", metavar="[layer|channel]", help="layer (one codebook per weight tensor) or channel (one per output channel).", rich_help_panel=HOW)] = "layer",
+    weighting: Annotated[Optional[str], typer.Option("--weighting", metavar="[none|activation]", help="none, or activation (k-means weighted by input energy E(x^2); needs --calibration; the default with it).", rich_help_panel=HOW)] = None,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="With --calibration, refit codebook values and biases to the original model's layer outputs.", rich_help_panel=HOW)] = True,
+    calibration: _calibration_opt("activation weighting and least-squares refit.") = None,
+    rounding: Annotated[Optional[str], typer.Option("--rounding", metavar="[nearest|gptq]", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).", rich_help_panel=HOW)] = None,
+    float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds (= --other-floats fp16).", rich_help_panel=HOW)] = False,
+    other_floats: Annotated[str, typer.Option("--other-floats", metavar="[fp32|fp16|int8]", help="fp32, fp16, or int8: biases, norms and embeddings as int8 with one scale each (fp16 where that would change them by over 1%), codebooks as fp16.", rich_help_panel=HOW)] = "fp32",
+    no_validate: NoValidateOpt = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -455,10 +556,12 @@ def cluster_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    output: _output_opt("Output path (default MODEL.cluster4.onnx, ... next to the input).") = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Share weights (Deep Compression): uint8 indices into small float codebooks that onnxruntime folds at load; then validate."""
@@ -473,23 +576,24 @@ def cluster_command(
     with _progress("cluster"):
         report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
                              run_validation=not no_validate, threads=threads, options=options)
-    _emit(as_json, report, render_command)
+    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
     _exit_for_validation(report)
 
 
-@app.command("factorize")
+@app.command("factorize", cls=_Command, epilog=_examples(
+    "onnxshrink factorize model.onnx --energy 0.99 --calibration calib.npz --data eval.npz --labels labels",
+    "onnxshrink factorize model.onnx --rank-ratio 0.25 --op-types MatMul --exclude 'head*'"))
 @_edge
 def factorize_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.factorized.onnx next to the input).")] = None,
-    rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Keep ceil(R x min(K, N)) of each [K, N] weight's rank, 0 < R <= 1 (a layer saves parameters only below K*N/(K+N)).")] = None,
-    energy: Annotated[Optional[float], typer.Option("--energy", help="Or: the smallest rank keeping this fraction of the squared singular values (of the output, with --calibration), such as 0.99.")] = None,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: minimise each layer's output error (SVD of the whitened weight), refit biases.")] = None,
-    allow_slower: Annotated[bool, typer.Option("--allow-slower", help="Factorize layers even where the two thin MatMuls timed slower than the one (small layers at batch 1).")] = False,
-    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types to factorize (default MatMul,Gemm).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to leave as they are (repeatable).")] = None,
-    keep_float: Annotated[Optional[str], typer.Option("--keep-float", metavar="[first|last|both]", help="Leave the first, last or both factorizable layers as they are.")] = None,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    model: ModelArg,
+    op_types: _op_types_opt("MatMul,Gemm", " to factorize") = None,
+    exclude: _exclude_opt("leave as they are") = None,
+    keep_float: _keep_float_opt("Leave the first, last or both factorizable layers as they are.") = None,
+    rank_ratio: Annotated[Optional[float], typer.Option("--rank-ratio", help="Keep ceil(R x min(K, N)) of each [K, N] weight's rank, 0 < R <= 1 (a layer saves parameters only below K*N/(K+N)).", rich_help_panel=HOW)] = None,
+    energy: Annotated[Optional[float], typer.Option("--energy", help="Or: the smallest rank keeping this fraction of the squared singular values (of the output, with --calibration), such as 0.99.", rich_help_panel=HOW)] = None,
+    calibration: _calibration_opt("minimise each layer's output error (SVD of the whitened weight), refit biases.") = None,
+    allow_slower: Annotated[bool, typer.Option("--allow-slower", help="Factorize layers even where the two thin MatMuls timed slower than the one (small layers at batch 1).", rich_help_panel=HOW)] = False,
+    no_validate: NoValidateOpt = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -499,10 +603,12 @@ def factorize_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    output: _output_opt("Output path (default MODEL.factorized.onnx next to the input).") = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Low-rank factorization: each MatMul/Gemm weight W as two thin ones, X @ A @ B (truncated SVD; data-aware with --calibration); then validate."""
@@ -518,31 +624,35 @@ def factorize_command(
     with _progress("factorize"):
         report = api.factorize(model, output, config, calibration=calibration, force=force, validation=validation,
                                run_validation=not no_validate, threads=threads, options=options)
-    _emit(as_json, report, render_command)
+    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
     _exit_for_validation(report)
 
 
-@app.command("compress")
+@app.command("compress", cls=_Command, epilog=_examples(
+    "onnxshrink compress model.onnx --calibration calib.npz --data eval.npz --labels labels --max-accuracy-drop 0.01",
+    "onnxshrink compress model.onnx --calibration calib.npz --min-cosine 0.99 --max-candidates 20 --save-recipe r.toml",
+    "onnxshrink compress model.onnx --recipe r.toml --calibration calib.npz -o model.shrink   # replay a search"))
 @_edge
 def compress_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path: .shrink writes the packed file, .onnx the runnable model (default MODEL.compressed.shrink).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe: passes in order with per-layer settings; runs it instead of searching.")] = None,
-    save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Write the chosen pipeline, per layer, as a TOML recipe.")] = None,
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs: reconstruction, GPTQ, codebook refits; judging data when --data is not given.")] = None,
-    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Stop searching after this long: 90s, 5m, 1h or seconds (default 10m, none with --max-candidates alone). The best valid model so far is always on disk. How far a search gets in seconds depends on the machine: for the same bytes everywhere use --max-candidates.")] = None,
-    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="--recipe: build even though the recipe records other calibration data than --calibration gives (or none): the model will differ from the one the recipe was saved from.")] = False,
-    max_candidates: Annotated[Optional[int], typer.Option("--max-candidates", min=1, help="Stop after N candidates (the lossless start included): a budget that gives the same output on every machine. With --time-budget as well, whichever comes first stops the search.")] = None,
+    model: ModelArg,
+    recipe: Annotated[Optional[Path], typer.Option("--recipe", help="TOML recipe: passes in order with per-layer settings; runs it instead of searching.", rich_help_panel=HOW)] = None,
+    allow_other_data: Annotated[bool, typer.Option("--allow-other-data", help="--recipe: build even though the recipe records other calibration data than --calibration gives (or none): the model will differ from the one the recipe was saved from.", rich_help_panel=HOW)] = False,
+    calibration: _calibration_opt("reconstruction, GPTQ, codebook refits; judging data when --data is not given.") = None,
+    time_budget: Annotated[Optional[str], typer.Option("--time-budget", help="Stop searching after this long: 90s, 5m, 1h or seconds (default 10m, none with --max-candidates alone). The best valid model so far is always on disk. How far a search gets in seconds depends on the machine: for the same bytes everywhere use --max-candidates.", rich_help_panel=HOW)] = None,
+    max_candidates: Annotated[Optional[int], typer.Option("--max-candidates", min=1, help="Stop after N candidates (the lossless start included): a budget that gives the same output on every machine. With --time-budget as well, whichever comes first stops the search.", rich_help_panel=HOW)] = None,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
     max_drift: MaxDriftOpt = None,
     min_cosine: MinCosineOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
+    output: _output_opt("Output path: .shrink writes the packed file, .onnx the runnable model (default MODEL.compressed.shrink).") = None,
+    save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Write the chosen pipeline, per layer, as a TOML recipe.", rich_help_panel=OUTPUT)] = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Find the smallest model within an accuracy/drift budget (prune, quantize or cluster per layer, pack), or run a recipe."""
@@ -575,25 +685,29 @@ def compress_command(
         Console(stderr=True).print(f"[red]{word}[/]; {escape(message)}", highlight=False)
         _json_error(code, f"{word}; {message}")
         raise typer.Exit(code) from None
-    _emit(as_json, report, render_compress)
+    _emit(as_json, report, lambda console, r: render_compress(console, r, verbose))
     if not report.passed:
         raise typer.Exit(EXIT_THRESHOLD)
 
 
-@app.command("sensitivity")
+@app.command("sensitivity", cls=_Command, epilog=_examples(
+    "onnxshrink sensitivity model.onnx --calibration calib.npz -o sens.json",
+    "onnxshrink prune model.onnx --sparsity 0.8 --sensitivity sens.json          # allocate sparsity from it",
+    "onnxshrink quantize model.onnx --bits 4 --sensitivity sens.json --max-layer-drift 0.05"))
 @_edge
 def sensitivity_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help=".npz of representative inputs (without it: synthetic inputs, magnitude importance).")] = None,
-    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated sparsities to try on each layer.")] = "0.25,0.5,0.7,0.8,0.9,0.95",
-    bits: Annotated[str, typer.Option("--bits", help="Comma-separated bit widths (2-8) to round each layer to.")] = "8,4,3,2",
-    importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude or activation (default: activation with --calibration).")] = None,
-    op_types: Annotated[Optional[str], typer.Option("--op-types", help="Comma-separated op types (default MatMul,Gemm,Conv).")] = None,
-    exclude: Annotated[Optional[list[str]], typer.Option("--exclude", help="Glob on node names to skip (repeatable).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the JSON report here (for prune --sensitivity).")] = None,
+    model: ModelArg,
+    op_types: _op_types_opt("MatMul,Gemm,Conv") = None,
+    exclude: _exclude_opt("skip") = None,
+    sparsities: Annotated[str, typer.Option("--sparsities", help="Comma-separated sparsities to try on each layer.", rich_help_panel=HOW)] = "0.25,0.5,0.7,0.8,0.9,0.95",
+    bits: Annotated[str, typer.Option("--bits", help="Comma-separated bit widths (2-8) to round each layer to.", rich_help_panel=HOW)] = "8,4,3,2",
+    importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude or activation (default: activation with --calibration).", rich_help_panel=HOW)] = None,
+    calibration: _calibration_opt("measure on it (without it: synthetic inputs, magnitude importance).") = None,
+    output: _output_opt("Also write the JSON report here (for prune --sensitivity).") = None,
     force: ForceOpt = False,
-    threads: ThreadsOpt = 1,
+    verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
+    threads: ThreadsOpt = 1,
     debug: DebugOpt = False,
 ) -> None:
     """Measure each layer's effect on the model's outputs when pruned alone at several sparsities, or rounded to n bits."""
@@ -620,7 +734,7 @@ def sensitivity_command(
         report = api.sensitivity(model, calibration, config, threads=threads)
     if output is not None:
         model_io.write_atomically(output, lambda stream: stream.write((report.to_json() + "\n").encode()))
-    _emit(as_json, report, render_sensitivity)
+    _emit(as_json, report, lambda console, r: render_sensitivity(console, r, verbose))
 
 
 def _choice(option: str, value, allowed) -> None:
@@ -674,12 +788,13 @@ def _check_types(types, allowed) -> None:
         raise UsageError(f"--op-types: unsupported op type(s) {', '.join(sorted(unknown))} (choose from {', '.join(allowed)})")
 
 
-@app.command("flush-denormals")
+@app.command("flush-denormals", cls=_Command, epilog=_examples(
+    "onnxshrink inspect model.onnx            # counts the denormal weights",
+    "onnxshrink flush-denormals model.onnx --data eval.npz --labels labels --max-accuracy-drop 0"))
 @_edge
 def flush_denormals_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.ftz.onnx next to the input).")] = None,
-    no_validate: Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.")] = False,
+    model: ModelArg,
+    no_validate: NoValidateOpt = False,
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
@@ -689,10 +804,12 @@ def flush_denormals_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    output: _output_opt("Output path (default MODEL.ftz.onnx next to the input).") = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
-    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Zero denormal float weights (CPUs compute with them many times slower; `inspect` counts them), then validate."""
@@ -700,31 +817,37 @@ def flush_denormals_command(
     with _progress("flush-denormals"):
         report = api.flush_denormals(model, output, force=force, validation=validation, run_validation=not no_validate,
                                      threads=threads)
-    _emit(as_json, report, render_command)
+    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
     _exit_for_validation(report)
 
 
-@app.command("pack")
+@app.command("pack", cls=_Command, epilog=_examples(
+    "onnxshrink pack model.pruned.cluster4.onnx -o model.shrink",
+    "onnxshrink validate model.onnx model.shrink --data eval.npz --labels labels   # size and accuracy vs the original",
+    "onnxshrink pack model.onnx -v --all          # every tensor: coding, bits per symbol, bytes"))
 @_edge
 def pack_command(
-    model: Annotated[Path, typer.Argument(help="ONNX model file (float, quantized or pruned).")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.shrink next to the input).")] = None,
-    show_all: Annotated[bool, typer.Option("--all", help="List every tensor, not only the 40 largest.")] = False,
+    model: Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file (float, quantized or pruned).", show_default=False)],
+    output: _output_opt("Output path (default MODEL.shrink next to the input).") = None,
     force: ForceOpt = False,
+    verbose: VerboseOpt = False,
+    show_all: ShowAllOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Write a .shrink file: the graph as ONNX, every weight Huffman-coded losslessly (unpack restores it bit for bit)."""
     with _progress("pack"):
         report = api.pack(model, output, force=force)
-    _emit(as_json, report, lambda console, r: render_pack(console, r, show_all))
+    _emit(as_json, report, lambda console, r: render_pack(console, r, show_all, verbose))
 
 
-@app.command("unpack")
+@app.command("unpack", cls=_Command, epilog=_examples(
+    "onnxshrink unpack model.shrink -o model.onnx",
+    "onnxshrink unpack model.shrink --json | jq .size"))
 @_edge
 def unpack_command(
-    pack_file: Annotated[Path, typer.Argument(metavar="PACK", help="A .shrink file written by `onnxshrink pack`.")],
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Output path (default MODEL.unpacked.onnx next to the input).")] = None,
+    pack_file: Annotated[Path, typer.Argument(metavar="PACK", help="A .shrink file written by `onnxshrink pack`.", show_default=False)],
+    output: _output_opt("Output path (default MODEL.unpacked.onnx next to the input).") = None,
     force: ForceOpt = False,
     as_json: JsonOpt = False,
     debug: DebugOpt = False,

@@ -56,7 +56,7 @@ def test_without_json_stdout_stays_empty(work, runner):
 
 @pytest.mark.parametrize("args, says", [
     (["quantize", "mlp.onnx", "--bogus", "--json"], "No such option: --bogus"),
-    (["quantize", "--json"], "Missing argument 'model'"),
+    (["quantize", "--json"], "Missing argument 'MODEL'"),
     (["quantize", "mlp.onnx", "--bits", "many", "--json"], "Invalid value for '--bits'"),
     (["quantize", "mlp.onnx", "--mode", "fast", "--json"], "--mode must be one of dynamic, static, weights"),
 ], ids=["unknown_option", "missing_argument", "bad_value", "domain_usage"])
@@ -223,8 +223,10 @@ def test_latency_within_noise_is_marked_in_the_table():
     console = Console(width=100, record=True, no_color=True)
     report = ValidationReport(True, "o.onnx", "c.onnx", False, 4, {}, {"original": 10, "candidate": 10, "ratio": 1.0},
                               {"y": drift()}, None, latency((1.0, 1.3), (1.2, 1.5)), [])
+    render_validation(console, report, verbose=True)
+    assert "1.200 (noise)" in console.export_text()  # the table
     render_validation(console, report)
-    assert "1.200 (noise)" in console.export_text()
+    assert console.export_text().rstrip().endswith("latency 1.20x (noise)")  # the headline
 
 
 # ---------------------------------------------------------------- no-op runs

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real bench-transformer bench-prune bench-cluster big-model bench-scale fuzz
+.PHONY: demo test samples clean venv bench bench-quick bench-real bench-transformer bench-prune bench-cluster big-model bench-scale fuzz test-breadth
 
 venv: $(VENV)/.installed
 
@@ -33,6 +33,11 @@ demo: venv
 ## test: the whole test suite
 test: venv
 	$(BIN)/python -m pytest
+
+## test-breadth: every weight command on each of the onnx package's ~2,000 backend test cases, shipped and with its
+## weights frozen into initializers (tests/test_backend_breadth.py, marked slow; about an hour on 2 cores)
+test-breadth: venv
+	$(BIN)/python -m pytest tests/test_backend_breadth.py -m slow
 
 ## samples: retrain the sample models from scikit-learn's digits data (deterministic)
 samples: venv

@@ -622,6 +622,10 @@ def _conform(array: np.ndarray, spec: InputSpec, path: Path, notes: list) -> np.
             raise DataError(
                 f"{path}: input {spec.name!r} has shape {list(array.shape)}, model expects {_shape_text(spec.shape)}"
             )
+    if array.dtype.kind == "V":  # numpy.savez writes ml_dtypes arrays (bfloat16, float8, int4) as raw records
+        raise DataError(f"{path}: input {spec.name!r} is stored as raw {array.dtype.itemsize}-byte records ({array.dtype.str}), "
+                        "as numpy.savez writes bfloat16, float8 or int4 arrays, which cannot be read back as numbers; "
+                        "save it as float32")
     if array.dtype != spec.dtype:
         same_kind = (array.dtype.kind == "f") == (spec.dtype.kind == "f") and array.dtype.kind != "b" and spec.dtype.kind != "b"
         if not same_kind:

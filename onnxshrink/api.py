@@ -426,6 +426,9 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
     report.output = str(output)
     size_in, size_out = model_io.file_size(model_path), output.stat().st_size
     report.size = {"original": size_in, "output": size_out, "ratio": size_out / size_in}
+    first_size = model_io.original_size(model, model_path)
+    if first_size != size_in:  # packing an earlier command's output: against the model the pipeline began with
+        report.size["pipeline_original"] = first_size
     left = report.totals["tensors_left_in_graph"]
     if left:
         report.notes.append(f"{left} small tensor(s) left in the graph record (LZMA-compressed): a coded record would cost more")
@@ -498,6 +501,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
     model_io.check_output_path(output, [model_path], force)
     original = model_io.load(model_path, for_rewrite=True, with_data=False)
     external = model_io.has_external_data(original)  # the file keeps weights external (asked before reading them)
+    first_size = model_io.original_size(original, model_path)  # the pipeline's first model (metadata), else this one
     transform = make_pass(original)
     # External weights and a pass that can stream: read one weight at a time, never the whole model (streaming.py).
     streamed = streaming.streams(original, transform)
@@ -505,14 +509,15 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         model_io.read_external_data(original, model_path)
         with handed_over(original):  # loaded for this pass alone: rewritten in place, not held twice
             result, pass_report = transform(original)
-        model_io.stamp(result, command, options)
+        model_io.stamp(result, command, options, first_size)
         del original
 
     staging = model_io.staging_dir(output, ".check")
     try:
         if streamed:
             result, pass_report = streaming.write_pass(original, model_path, transform, staging / output.name,
-                                                       edit=lambda m: model_io.stamp(m, command, options), check=full_check)
+                                                       edit=lambda m: model_io.stamp(m, command, options, first_size),
+                                                       check=full_check)
             staged = staging / output.name
             del original
         else:
@@ -562,6 +567,8 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
     report.output = str(final)
     size_in, size_out = model_io.file_size(model_path), model_io.file_size(final)
     report.size = {"original": size_in, "output": size_out, "ratio": size_out / size_in}
+    if first_size != size_in:  # an earlier command's output: the ratio a pipeline's user thinks in
+        report.size["pipeline_original"] = first_size
     return report
 
 

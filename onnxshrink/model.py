@@ -139,8 +139,21 @@ def file_has_external_data(path: str | os.PathLike) -> bool:
         return False
 
 
-def stamp(model: onnx.ModelProto, command: str, options: dict) -> None:
-    """Record the tool version and the options used in the model's metadata_props."""
+ORIGINAL_BYTES = "onnxshrink.original_bytes"  # metadata: the file size of the model a pipeline of commands began with
+
+
+def original_size(model: onnx.ModelProto, path: Path) -> int:
+    """The size of the model this one was made from, across a pipeline (prune, cluster, pack): what an earlier
+    onnxshrink command recorded in the metadata, else this file's own size (it is the original)."""
+    for prop in model.metadata_props:
+        if prop.key == ORIGINAL_BYTES and prop.value.isdigit() and int(prop.value) > 0:
+            return int(prop.value)
+    return file_size(path)
+
+
+def stamp(model: onnx.ModelProto, command: str, options: dict, original_bytes: int | None = None) -> None:
+    """Record the tool version, the options used and (`original_bytes`) the pipeline's first model's size in the
+    model's metadata_props."""
     from onnxshrink import __version__
 
     entries = {
@@ -148,6 +161,8 @@ def stamp(model: onnx.ModelProto, command: str, options: dict) -> None:
         "onnxshrink.command": command,
         "onnxshrink.options": json.dumps(options, sort_keys=True, default=str),
     }
+    if original_bytes is not None:
+        entries[ORIGINAL_BYTES] = str(int(original_bytes))
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

@@ -299,6 +299,8 @@ def render_command(console: Console, report: CommandReport, verbose: bool = Fals
                           f"{human_bytes(before)} pack)", highlight=False)
             return
         against = " than the original" if measured else " than the input"
+        if not measured and size.get("pipeline_original"):  # recorded by the command that made the input
+            before, against = size["pipeline_original"], " than the original"
         console.print(headline(report.output, before, after, validation, against), highlight=False)
 
 
@@ -325,8 +327,9 @@ def render_pack(console: Console, report, show_all: bool = False, verbose: bool 
     for note in report.notes:
         _note(console, note)
     if report.output:
-        console.print(headline(report.output, report.size.get("original"), report.size.get("output"),
-                               against=" than its input"),
+        first = report.size.get("pipeline_original")  # the model the pipeline began with, when recorded
+        console.print(headline(report.output, first or report.size.get("original"), report.size.get("output"),
+                               against=" than the original" if first else " than its input"),
                       highlight=False)
 
 

@@ -383,3 +383,27 @@ def test_robustness_table_rows_for_packs(runner, tmp_path, monkeypatch, args, co
     assert result.output.startswith("error: ") and message in result.output
     assert len(result.output.strip().splitlines()) == 1
     assert tree(tmp_path) == before
+
+
+def test_a_pipeline_is_measured_against_the_model_it_began_with(tmp_path):
+    """prune -> cluster -> pack: each output records the first model's size, so pack's headline is the pipeline's
+    ratio to the original, not to the clustered model it was given."""
+    from onnxshrink import api, model as model_io
+    from onnxshrink.passes.cluster import ClusterConfig
+    from onnxshrink.passes.prune import PruneConfig
+
+    original = SAMPLES / "digits_mlp.onnx"
+    pruned, clustered, packed = tmp_path / "p.onnx", tmp_path / "c.onnx", tmp_path / "c.shrink"
+    first = api.prune(original, pruned, PruneConfig(sparsity=0.8), run_validation=False)
+    assert "pipeline_original" not in first.size  # its input is the original
+    second = api.cluster(pruned, clustered, ClusterConfig(bits=4), run_validation=False)
+    assert second.size["pipeline_original"] == original.stat().st_size != second.size["original"]
+    assert model_io.original_size(model_io.load(clustered), clustered) == original.stat().st_size
+    report = api.pack(clustered, packed)
+    assert report.size["pipeline_original"] == original.stat().st_size
+    from typer.testing import CliRunner
+
+    result = invoke(CliRunner(), "pack", clustered, "-o", tmp_path / "again.shrink")
+    assert result.exit_code == 0, result.output
+    ratio = original.stat().st_size / (tmp_path / "again.shrink").stat().st_size
+    assert f"{ratio:.1f}x smaller than the original" in result.output

@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 DEMO_OUT := build/demo
 
-.PHONY: demo test samples clean venv bench bench-quick bench-real bench-transformer bench-prune bench-cluster big-model bench-scale fuzz test-breadth
+.PHONY: demo test samples clean venv bench bench-quick bench-real bench-transformer bench-prune bench-cluster big-model bench-scale fuzz test-breadth smoke
 
 venv: $(VENV)/.installed
 
@@ -43,6 +43,19 @@ test-breadth: venv
 samples: venv
 	$(BIN)/pip install --quiet -e '.[samples]'
 	$(BIN)/python sample_models/generate.py
+
+## smoke: the tool as a user installs it (`pip install .`, no dev extras, no editable path) under $(PYTHON), run on
+## a sample model from another folder; .ci/run does this with the oldest supported Python (3.10) where it exists
+SMOKE := build/smoke
+smoke:
+	rm -rf $(SMOKE) && mkdir -p $(SMOKE)
+	$(PYTHON) -m venv $(SMOKE)/venv
+	$(SMOKE)/venv/bin/pip install --quiet .
+	cd $(SMOKE) && venv/bin/onnxshrink --version
+	cd $(SMOKE) && venv/bin/onnxshrink quantize $(CURDIR)/sample_models/digits_mlp.onnx -o q.onnx \
+		--data $(CURDIR)/sample_models/digits_mlp.eval.npz --labels labels --max-accuracy-drop 0.01
+	cd $(SMOKE) && venv/bin/onnxshrink pack q.onnx -o q.shrink && venv/bin/onnxshrink validate \
+		$(CURDIR)/sample_models/digits_mlp.onnx q.shrink --data $(CURDIR)/sample_models/digits_mlp.eval.npz --labels labels
 
 clean:
 	rm -rf build .pytest_cache

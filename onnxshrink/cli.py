@@ -544,6 +544,7 @@ def cluster_command(
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="With --calibration, refit codebook values and biases to the original model's layer outputs.", rich_help_panel=HOW)] = True,
     calibration: _calibration_opt("activation weighting and least-squares refit.") = None,
     rounding: Annotated[Optional[str], typer.Option("--rounding", metavar="[nearest|gptq]", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).", rich_help_panel=HOW)] = None,
+    capture_rounds: Annotated[int, typer.Option("--capture-rounds", min=-1, help="With --calibration: 0 one capture run per wave of layers (exact, the default); N at most N runs (faster; 6 is one per block on MiniLM); -1 one run per layer.", rich_help_panel=HOW)] = 0,
     float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds (= --other-floats fp16).", rich_help_panel=HOW)] = False,
     other_floats: Annotated[str, typer.Option("--other-floats", metavar="[fp32|fp16|int8]", help="fp32, fp16, or int8: biases, norms and embeddings as int8 with one scale each (fp16 where that would change them by over 1%), codebooks as fp16.", rich_help_panel=HOW)] = "fp32",
     no_validate: NoValidateOpt = False,
@@ -570,7 +571,7 @@ def cluster_command(
     types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = ClusterConfig(bits=bits, per=per, weighting=weighting, refit=refit, exclude=tuple(exclude or ()),
                            keep_float=keep_float, min_weights=min_weights, float16=float16, other_floats=other_floats,
-                           rounding=rounding, **({"op_types": types} if types else {}))
+                           rounding=rounding, capture_rounds=capture_rounds, **({"op_types": types} if types else {}))
     options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     with _progress("cluster"):

@@ -83,7 +83,7 @@ PASS_OPTIONS = {
                  "keep_float": "string", "min_weights": "integer"},
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
                 "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
-                "rounding": "string"},
+                "rounding": "string", "capture_rounds": "integer"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}

@@ -314,8 +314,9 @@ def test_activation_weighting_and_refit_reduce_output_error_on_sample_mlp():
     reference = run(model, feed, False)
     errors = {}
     for label, config, data in (("plain", ClusterConfig(bits=3), None),
-                                ("weighted", ClusterConfig(bits=3, weighting="activation", refit=False), calibration),
-                                ("refit", ClusterConfig(bits=3), calibration)):
+                                ("weighted", ClusterConfig(bits=3, weighting="activation", refit=False,
+                                                           rounding="nearest"), calibration),
+                                ("refit", ClusterConfig(bits=3, rounding="nearest"), calibration)):
         clustered, report = Cluster(config, data)(model)
         errors[label] = np.linalg.norm(run(clustered, feed, False) - reference) / np.linalg.norm(reference)
         if label == "refit":
@@ -482,3 +483,96 @@ def test_pack_codes_indices_in_about_bits_per_weight_and_pruned_clustered_is_muc
     report = api.pack(tmp_path / "pruned.c4.onnx", tmp_path / "pruned.c4.shrink")
     assert {t.encoding for t in report.tensors if t.name.endswith("_idx")} == {"sparse"}
     assert report.size["output"] < 0.4 * plain, (report.size["output"], plain)
+
+
+# ---- statistics captured a round of layers at a time ------------------------------------------------
+
+def _two_waves(k=20, seed=5):
+    """x -> q, v (two MatMuls reading x, q with a bias Add) -> Add -> Relu -> o: waves {q, v} then {o}."""
+    rng = np.random.default_rng(seed)
+    inits_ = [numpy_helper.from_array(rng.normal(size=(k, k)).astype(np.float32), f"{n}.weight") for n in "qvo"]
+    inits_.append(numpy_helper.from_array(rng.normal(size=k).astype(np.float32), "q.bias"))
+    return build_model(
+        [helper.make_node("MatMul", ["x", "q.weight"], ["q0"], name="q"),
+         helper.make_node("Add", ["q0", "q.bias"], ["q1"], name="q_add"),
+         helper.make_node("MatMul", ["x", "v.weight"], ["v"], name="v"),
+         helper.make_node("Add", ["q1", "v"], ["s"], name="s"), helper.make_node("Relu", ["s"], ["r"], name="relu"),
+         helper.make_node("MatMul", ["r", "o.weight"], ["y"], name="o")],
+        [float_value("x", ["b", k])], [float_value("y", ["b", k])], inits_)
+
+
+def _calibration(model, k=20, rows=40):
+    x = np.random.default_rng(6).normal(size=(rows, k)).astype(np.float32)
+    name = model.graph.input[0].name
+    from onnxshrink.data import Dataset
+
+    return Dataset([{name: x[: rows // 2]}, {name: x[rows // 2:]}], None, rows, False, [])
+
+
+def test_one_run_per_wave_gives_the_statistics_of_one_run_per_layer():
+    from onnxshrink.passes.common import initializer_owners, select_layers  # noqa: F401
+    from onnxshrink.passes.prune_common import RoundCapture, describe, teacher_gram
+    from onnxshrink.weights import find_tensors
+
+    original = _two_waves()
+    data = _calibration(original)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    owners, records = initializer_owners(model), {r.name: r for r in find_tensors(model)}
+    outputs = {o for n in model.graph.node for o in n.output}
+    from onnxshrink.passes.common import Site
+
+    layers = [describe(Site(model.graph, node, node.name, node.input[1]), owners, records, outputs)
+              for node in model.graph.node if node.op_type == "MatMul"]
+    biases = {layer.name: layer.bias is not None for layer in layers}
+    assert biases == {"q": True, "v": False, "o": False}
+    rounds = RoundCapture(data, original, model, layers, biases, rounds=0)
+    per_layer = {}
+    for layer in layers:
+        expected = teacher_gram(data, original, model, layer, layer, biases[layer.name])
+        got = rounds.of(layer)
+        for field in ("xtx", "xty", "yty", "rows"):
+            np.testing.assert_allclose(getattr(got, field), getattr(expected, field), rtol=1e-10, atol=1e-8)
+        per_layer[layer.name] = got
+        if layer.name in ("q", "v"):  # rewrite the layer as a pass would: o's inputs must see the change
+            tensor = owners[layer.weight][1]
+            tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 0.5, tensor.name))
+    assert rounds.runs == 2  # {q, v} in one run of each model, then {o}
+    # o's inputs changed with q and v, so its X^T X is not the original's while its teacher outputs are
+    plain = teacher_gram(data, original, original, layers[2], layers[2], False)
+    assert not np.allclose(per_layer["o"].xtx, plain.xtx)
+    # one round for all three: o sees q and v as they were when the round ran (the block approximation)
+    block = RoundCapture(data, original, original, layers, biases, rounds=1)
+    for layer in layers:
+        got, expected = block.of(layer), teacher_gram(data, original, original, layer, layer, biases[layer.name])
+        np.testing.assert_allclose(got.xtx, expected.xtx, rtol=1e-10)
+    assert block.runs == 1
+
+
+@pytest.mark.parametrize("rounds", [0, 1])
+def test_cluster_captures_a_round_of_layers_per_run(monkeypatch, rounds):
+    from onnxshrink.passes import prune_common
+
+    model = _two_waves()
+    data = _calibration(model)
+    calls = []
+    real = prune_common.capture
+
+    def counting(dataset, model_, names, threads=1):
+        calls.append(sorted(names))
+        return real(dataset, model_, names, threads)
+
+    monkeypatch.setattr(prune_common, "capture", counting)
+    clustered, report = Cluster(ClusterConfig(bits=3, capture_rounds=rounds), data)(model)
+    monkeypatch.setattr(prune_common, "capture", real)
+    per_layer, _ = Cluster(ClusterConfig(bits=3, capture_rounds=-1), data)(model)
+    # the clustered model and the original side by side, once per round
+    assert calls == ([["x"], ["x"], ["r"], ["r"]] if rounds == 0 else [["r", "x"], ["r", "x"]])
+    assert all("after refit" in layer.reason for layer in report.layers)
+    feed = data.batches[0]
+    if rounds == 0:  # exactly the statistics of one capture per layer: the same model
+        np.testing.assert_array_equal(run(clustered, feed, False), run(per_layer, feed, False))
+    else:  # o was fitted to inputs from q and v unclustered: close to, not equal to, the wave's result
+        reference = run(model, feed, False)
+        errors = [np.linalg.norm(run(m, feed, False) - reference) / np.linalg.norm(reference) for m in (clustered, per_layer)]
+        assert errors[0] < 1.5 * errors[1], errors

@@ -118,7 +118,7 @@ from onnx import helper, numpy_helper, TensorProto  # noqa: E402
 from conftest import make_mlp  # noqa: E402
 from onnxshrink.data import Dataset  # noqa: E402
 from onnxshrink.errors import UsageError  # noqa: E402
-from onnxshrink.passes import prune as prune_module  # noqa: E402
+from onnxshrink.passes import prune as prune_module, prune_common  # noqa: E402
 from onnxshrink.passes.prune import Prune, PruneConfig  # noqa: E402
 from onnxshrink.runtime import make_session  # noqa: E402
 
@@ -206,9 +206,9 @@ def test_layers_sharing_an_input_are_captured_in_one_run(monkeypatch):
 
 def test_capture_rounds_group_consecutive_depths():
     upstream = {"a": set(), "b": {"a"}, "c": {"a", "b"}, "d": {"a", "b", "c"}, "e": set()}
-    assert prune_module._rounds(upstream, 0) == {}
-    assert prune_module._rounds(upstream, 2) == {"a": 0, "e": 0, "b": 0, "c": 1, "d": 1}
-    assert prune_module._rounds(upstream, 9) == {"a": 0, "e": 0, "b": 1, "c": 2, "d": 3}
+    assert prune_common.capture_rounds(upstream, 0) == {}
+    assert prune_common.capture_rounds(upstream, 2) == {"a": 0, "e": 0, "b": 0, "c": 1, "d": 1}
+    assert prune_common.capture_rounds(upstream, 9) == {"a": 0, "e": 0, "b": 1, "c": 2, "d": 3}
 
 
 def test_cli_method_sparsegpt(runner, tmp_path):
@@ -225,3 +225,42 @@ def test_cli_method_sparsegpt(runner, tmp_path):
     assert "OBS updates" in result.stdout and (tmp_path / "p.onnx").exists()
     bad = invoke(runner, "prune", model, "--sparsity", "0.5", "--method", "sparsegpt", "-o", tmp_path / "q.onnx")
     assert bad.exit_code == 2 and "--method sparsegpt needs calibration data" in bad.output
+
+
+def _masked_model(k=8):
+    """x [b, s, k] -> MatMul; an attention_mask [b, s] input the graph declares (and reads through an Identity)."""
+    w = np.random.default_rng(2).normal(size=(k, k)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), helper.make_node("Identity", ["attention_mask"], ["m"])],
+        "masked", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", "s", k]),
+                   helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "s", k]),
+         helper.make_tensor_value_info("m", TensorProto.INT64, ["b", "s"])], [numpy_helper.from_array(w, "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_padding_tokens_are_left_out_of_the_layer_statistics():
+    from onnxshrink.passes.common import Site, initializer_owners
+    from onnxshrink.weights import find_tensors
+
+    model = _masked_model()
+    rng = np.random.default_rng(3)
+    x = rng.normal(size=(2, 5, 8)).astype(np.float32)
+    mask = np.array([[1, 1, 1, 0, 0], [1, 1, 1, 1, 0]], dtype=np.int64)
+    data = Dataset([{"x": x, "attention_mask": mask}], None, 2, False, [])
+    owners, records = initializer_owners(model), {r.name: r for r in find_tensors(model)}
+    layer = prune_common.describe(Site(model.graph, model.graph.node[0], "mm", "w"), owners, records,
+                                  {"y", "m"})
+    assert prune_common.token_rows(data.batches[0], x, layer).tolist() == (mask.reshape(-1) == 1).tolist()
+    assert prune_common.token_rows({"x": x}, x, layer) is None  # no mask: every row counts
+    assert prune_common.token_rows({"attention_mask": mask[:1]}, x, layer) is None  # not this activation's shape
+    gram = prune_common.teacher_grams(data, model, model, [layer], {"mm": False})["mm"]
+    real = x.reshape(-1, 8)[mask.reshape(-1) == 1].astype(np.float64)
+    np.testing.assert_allclose(gram.xtx, real.T @ real, rtol=1e-6)
+    assert gram.rows == 7
+    # the pruning pass's statistics leave the padding out as well
+    hessian = Prune(PruneConfig(sparsity=0.5, method="sparsegpt", scope="layer"), data)._original_grams(
+        model, [layer])["mm"]
+    np.testing.assert_allclose(hessian.xtx, real.T @ real, rtol=1e-6)

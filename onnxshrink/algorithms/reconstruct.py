@@ -41,11 +41,13 @@ class Gram:
         self.yty = 0.0
         self.rows = 0
 
-    def add(self, x: np.ndarray, y: np.ndarray | None = None) -> None:
+    def add(self, x: np.ndarray, y: np.ndarray | None = None, xtx: np.ndarray | None = None) -> None:
+        """Fold in a batch of inputs (and outputs); `xtx` is this batch's X^T X when already computed for another
+        layer reading the same inputs (it is the costly product)."""
         x = np.asarray(x, dtype=np.float64).reshape(-1, self.k)
         if self.bias:
             x = np.concatenate([x, np.ones((x.shape[0], 1))], axis=1)
-        self.xtx += x.T @ x
+        self.xtx += x.T @ x if xtx is None else xtx
         if y is not None:
             y = np.asarray(y, dtype=np.float64).reshape(-1, self.n)
             self.xty += x.T @ y

@@ -48,9 +48,10 @@ from onnxshrink.algorithms.sparsegpt import output_error, refit_kept, sparsegpt,
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
-from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, check_config, describe,
-                                            input_size, matrix, parse_nm, read_bias, resolved_method, teacher_gram,
-                                            unfold, write)
+from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, capture_rounds,
+                                            check_config, describe, input_size, matrix, parse_nm, read_bias,
+                                            resolved_method, teacher_gram, token_rows, unfold, upstream_layers,
+                                            write)
 from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
@@ -301,7 +302,10 @@ class Prune:
         grams = {layer.name: Gram(input_size(layer)) for layer in usable}
         for batch, values in capture(self.calibration, model, [layer.x for layer in usable], self.threads):
             for layer in usable:
-                grams[layer.name].add(unfold(layer, values.get(layer.x, batch.get(layer.x))))
+                value = values.get(layer.x, batch.get(layer.x))
+                rows = token_rows(batch, value, layer)
+                x = unfold(layer, value)
+                grams[layer.name].add(x if rows is None else x[rows])
         return grams
 
     def _teacher_gram(self, original, model, layer, w0, owners) -> Gram:
@@ -325,8 +329,8 @@ class _Hessians:
         self.done: set = set()
         self.grams: dict = {} if self.sequential else dict(grams)
         self.cross: dict = {}
-        self.upstream = _upstream_layers(model.graph, self.usable) if self.sequential else {}
-        self.round = _rounds(self.upstream, owner.config.capture_rounds) if self.sequential else {}
+        self.upstream = upstream_layers(model.graph, self.usable) if self.sequential else {}
+        self.round = capture_rounds(self.upstream, owner.config.capture_rounds) if self.sequential else {}
 
     def note(self) -> str:
         how = ("captured in waves from the model with upstream layers already pruned, towards the original's outputs"
@@ -353,45 +357,28 @@ class _Hessians:
             wave = [other for other in self.usable if other.name not in self.done
                     and not (self.upstream[other.name] - self.done - {other.name})]
         wave = wave if any(other.name == layer.name for other in wave) else [layer]
+        names_in = {other.name for other in wave}
         for other in wave:
             self.grams[other.name] = Gram(input_size(other))
-            self.cross[other.name] = np.zeros((input_size(other),) * 2)
+            # below another layer of the same round: pruned towards its own outputs, or it would correct the upstream
+            # drift that the layer above corrects already (prune_common.RoundCapture)
+            if not (self.upstream[other.name] - {other.name}) & names_in:
+                self.cross[other.name] = np.zeros((input_size(other),) * 2)
         names = [other.x for other in wave]
         threads = self.owner.threads
         data = self.owner.calibration
         for (batch, now), (_, before) in zip(capture(data, self.model, names, threads),
                                              capture(data, self.original, names, threads)):
             for other in wave:
-                x = unfold(other, now.get(other.x, batch.get(other.x)))
-                self.grams[other.name].add(x)
+                value = now.get(other.x, batch.get(other.x))
+                rows = token_rows(batch, value, other)
+                x = unfold(other, value)
                 x0 = unfold(other, before.get(other.x, batch.get(other.x)))
-                self.cross[other.name] += x.T @ x0  # float32 per batch, summed in float64
-
-
-def _rounds(upstream: dict, rounds: int) -> dict:
-    """Layer name -> capture round when at most `rounds` are allowed ({} for no limit): a layer's depth is the
-    longest chain of layers above it, and consecutive depths share a round (MiniLM, 6 rounds: one per block)."""
-    if rounds <= 0:
-        return {}
-    depth: dict = {}
-    order = sorted(upstream, key=lambda name: len(upstream[name]))  # every layer after all those above it
-    for name in order:
-        depth[name] = 1 + max((depth[other] for other in upstream[name] if other != name), default=-1)
-    levels = max(depth.values(), default=0) + 1
-    per = -(-levels // rounds)
-    return {name: d // per for name, d in depth.items()}
-
-
-def _upstream_layers(graph, layers) -> dict[str, set]:
-    """For each layer, the names of the layers whose output reaches its input (main graph, in graph order, which
-    ONNX keeps topological)."""
-    by_output = {layer.output: layer.name for layer in layers}
-    upstream: dict = {}
-    for node in graph.node:
-        names = frozenset().union(*(upstream.get(i, frozenset()) for i in node.input))
-        for t in node.output:
-            upstream[t] = names | {by_output[t]} if t in by_output else names
-    return {layer.name: set(upstream.get(layer.x, frozenset())) for layer in layers}
+                if rows is not None:
+                    x, x0 = x[rows], x0[rows]
+                self.grams[other.name].add(x)
+                if other.name in self.cross:
+                    self.cross[other.name] += x.T @ x0  # float32 per batch, summed in float64
 
 
 def _store_sparse(model: onnx.ModelProto, report: PassReport) -> None:

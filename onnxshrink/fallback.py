@@ -32,7 +32,7 @@ from onnxshrink import data as data_mod
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.passes.common import drop_unused_initializers, glob_literal
 from onnxshrink.runtime import make_session, run_batches
-from onnxshrink.validate import Thresholds, _checks, compare_outputs, task_accuracy
+from onnxshrink.validate import Thresholds, _checks, attention_mask, compare_outputs, masks_output, task_accuracy
 
 DEFAULT_MIN_COSINE = 0.99  # static mode's budget with calibration data and no explicit one (issue 16)
 MIN_GAIN = 1e-6  # a restored layer must lower the drift by more than this to be worth moving
@@ -108,6 +108,9 @@ class AccuracyFallback:
         self._original = original
         self._weights = {t.name: t for t in original.graph.initializer}
         self._reference = run_batches(make_session(original, self.threads), self.dataset.batches)
+        # Judged as validate judges: padded positions of token outputs count nowhere (validate.attention_mask).
+        found = attention_mask(data_mod.input_specs(original), self.dataset.batches, self.dataset.batch_axes)
+        self._mask = None if found is None else found[1]
         summary = self.summary
         base = self._attempt(original, [])
         self._base_layers = base.report.layers
@@ -168,14 +171,18 @@ class AccuracyFallback:
 
     def _judge(self, candidate: onnx.ModelProto) -> tuple[bool, float]:
         produced = run_batches(make_session(candidate, self.threads), self.dataset.batches)
-        outputs = {name: compare_outputs(y0, produced[name]) for name, y0 in self._reference.items()}
+        outputs = {name: compare_outputs(y0, produced[name], self._mask_for(y0)) for name, y0 in self._reference.items()}
         accuracy = None
         if self.dataset.labels is not None and self._reference:
             first = next(iter(self._reference))
             accuracy = {"original": task_accuracy(self._reference[first], self.dataset.labels),
                         "candidate": task_accuracy(produced[first], self.dataset.labels)}
         checks = _checks(self.budget, outputs, accuracy, None)
-        return all(c.passed for c in checks), relative_drift(self._reference, produced)
+        return all(c.passed for c in checks), relative_drift(self._reference, produced, self._mask)
+
+    def _mask_for(self, output):
+        mask = getattr(self, "_mask", None)
+        return mask if mask is not None and masks_output(mask, output) else None
 
     def _rank(self, original, base: _Attempt) -> tuple[list[tuple[list, float]], bool]:
         """([nodes], held-out drift with them alone restored to float), most sensitive first; and whether they are
@@ -253,13 +260,16 @@ class _Attempt:
     drift: float
 
 
-def relative_drift(reference: dict, produced: dict) -> float:
-    """Mean over the float outputs of ||y - y0|| / ||y0|| (as layer_sensitivity measures it)."""
+def relative_drift(reference: dict, produced: dict, mask: np.ndarray | None = None) -> float:
+    """Mean over the float outputs of ||y - y0|| / ||y0|| (as layer_sensitivity measures it); padded positions of
+    outputs that `mask` covers (validate.masks_output) are left out."""
     errors = []
     for name, y0 in reference.items():
         if np.asarray(y0).dtype.kind != "f":
             continue
         a, b = np.asarray(y0, np.float64), np.asarray(produced[name], np.float64)
+        if mask is not None and masks_output(mask, a):
+            a, b = a[mask], b[mask]
         norm = float(np.linalg.norm(a))
         errors.append(float(np.linalg.norm(b - a)) / norm if norm > 0 else float(np.linalg.norm(b)))
     return float(np.mean(errors)) if errors else 0.0

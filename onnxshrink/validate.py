@@ -81,10 +81,17 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     produced = run_batches(sessions[1], dataset.batches)
 
     outputs = {}
+    found = attention_mask(specs, dataset.batches, dataset.batch_axes)
+    masked = []
     for name, expected in reference.items():
         if name not in produced:
             raise DataError(f"candidate has no output {name!r}")
-        outputs[name] = compare_outputs(expected, produced[name])
+        mask = found[1] if found is not None and masks_output(found[1], expected) else None
+        outputs[name] = compare_outputs(expected, produced[name], mask)
+        if mask is not None:
+            masked.append(name)
+    if masked:
+        dataset.notes.append(mask_note(found, masked))
 
     accuracy = None
     if dataset.labels is not None:
@@ -189,27 +196,97 @@ def not_validated(original, candidate, reason: str) -> ValidationReport:
     )
 
 
-def compare_outputs(expected: np.ndarray, actual: np.ndarray) -> OutputDrift:
-    """Drift of one output; mean_rel is mean|a-b| / mean|a| (robust to values near zero)."""
+MASK_NOTE = "masked by attention_mask"
+
+
+def attention_mask(specs: list, batches: list[dict], batch_axes: dict | None = None) -> tuple[str, np.ndarray] | None:
+    """(name, [samples, sequence] bool) of the input that marks padding, joined over the batches; None without one.
+
+    A padded position's output is whatever the model computes for a token nobody reads: a compressed model may move
+    it freely, so drift that counts it judges noise (and a padded batch of short sentences is mostly padding). The
+    input must say so by its name (`attention_mask`, `input_mask`: token_type_ids is 0/1 and ids-shaped too) and look
+    the part: integer or bool, rank 2, the shape of another integer rank-2 input (the token ids), values 0 and 1 only,
+    its samples along axis 0 (as the outputs it is matched with are joined).
+    """
+    if not batches:
+        return None
+    first = batches[0]
+    for spec in specs:
+        if "mask" not in spec.name.lower() or spec.name not in first or (batch_axes or {}).get(spec.name, 0) != 0:
+            continue
+        value = first[spec.name]
+        if value.ndim != 2 or value.dtype.kind not in "iub":
+            continue
+        if not any(other != spec.name and array.ndim == 2 and array.dtype.kind in "iu" and array.shape == value.shape
+                   for other, array in first.items()):
+            continue
+        parts = [np.asarray(batch[spec.name]) for batch in batches if spec.name in batch]
+        if len(parts) != len(batches) or len({p.shape[1] for p in parts}) != 1:
+            continue
+        joined = np.concatenate(parts, axis=0)
+        if not np.all((joined == 0) | (joined == 1)):
+            continue
+        return spec.name, joined.astype(bool)
+    return None
+
+
+def masks_output(mask: np.ndarray, output: np.ndarray) -> bool:
+    """Whether an output's leading dims are [batch, sequence] of the mask (token states, token logits)."""
+    return output.ndim >= 2 and tuple(output.shape[:2]) == tuple(mask.shape)
+
+
+def mask_note(found: tuple[str, np.ndarray], names: list[str]) -> str:
+    name, mask = found
+    padding = int(mask.size - np.count_nonzero(mask))
+    return (f"drift of {', '.join(names)} {MASK_NOTE} input {name!r}: {padding} padding position(s) of {mask.size} "
+            "left out of max_abs, mean_rel, cosine and agreement")
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray | None = None) -> OutputDrift:
+    """Drift of one output; mean_rel is mean|a-b| / mean|a| (robust to values near zero).
+
+    With `mask` ([batch, sequence], true where a token is real; masks_output), the positions it clears count
+    nowhere: their values are zeroed in both for the per-sample cosine and left out of every other figure.
+    """
     if expected.shape != actual.shape:
         raise DataError(f"output shapes differ: original {list(expected.shape)}, candidate {list(actual.shape)}")
+    if mask is not None and not masks_output(mask, expected):
+        raise DataError(f"mask of shape {list(mask.shape)} does not cover output of shape {list(expected.shape)}")
+    keep = None if mask is None else np.asarray(mask, dtype=bool)
     exact = None
     if expected.dtype.kind not in "fc":
-        exact = float(np.mean(expected == actual)) if expected.size else 1.0
+        chosen = (expected == actual) if keep is None else (expected == actual)[keep]
+        exact = float(np.mean(chosen)) if chosen.size else 1.0
     a = expected.astype(np.float64)
     b = actual.astype(np.float64)
-    if a.size == 0:
+    if keep is not None:
+        tail = (1,) * (a.ndim - 2)
+        a = np.where(keep.reshape(keep.shape + tail), a, 0.0)
+        b = np.where(keep.reshape(keep.shape + tail), b, 0.0)
+    kept_a, kept_b = (a, b) if keep is None else (a[keep], b[keep])
+    if kept_a.size == 0:
         return OutputDrift(0.0, 0.0, 1.0, 1.0, None, exact)
-    diff = np.abs(a - b)
+    diff = np.abs(kept_a - kept_b)
     max_abs = float(np.max(diff))
-    scale = float(np.mean(np.abs(a)))
+    scale = float(np.mean(np.abs(kept_a)))
     mean_rel = float(np.mean(diff) / scale) if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
     rows_a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
     rows_b = b.reshape(rows_a.shape)
     cosines = _row_cosines(rows_a, rows_b)
+    if keep is not None:
+        cosines = cosines[keep.any(axis=1)]  # a sample that is all padding has nothing to judge
+        cosines = cosines if cosines.size else np.ones(1)
     top1 = None
     if expected.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] > 1:
-        top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+        if keep is None:
+            top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+        elif a.ndim == 2:  # scores over the sequence itself (a span start): padding can never be the answer
+            hidden = np.where(keep, 0.0, -np.inf)
+            rows = keep.any(axis=1)
+            agree = np.argmax(a + hidden, axis=-1) == np.argmax(b + hidden, axis=-1)
+            top1 = float(np.mean(agree[rows])) if rows.any() else None
+        else:  # per-token scores: the real tokens' labels
+            top1 = float(np.mean(np.argmax(kept_a, axis=-1) == np.argmax(kept_b, axis=-1)))
     return OutputDrift(max_abs, mean_rel, float(np.mean(cosines)), float(np.min(cosines)), top1, exact)
 
 

@@ -13,9 +13,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from onnx import numpy_helper
+from onnx import TensorProto, helper, numpy_helper
 
-from conftest import invoke, make_mlp, save_model
+from conftest import build_model, float_value, invoke, make_mlp, save_model
 from onnxshrink.data import DEFAULT_BATCH
 from onnxshrink.errors import DataError
 from onnxshrink.validate import Thresholds, _checks, compare_outputs, task_accuracy
@@ -296,3 +296,127 @@ def test_task_accuracy():
     assert task_accuracy(sequence, labels) == pytest.approx(9 / 10)
     with pytest.raises(DataError):
         task_accuracy(scores, np.array([1, 0]))
+
+
+# ---- padding: token outputs are judged on the real tokens only --------------------------------------------------
+
+PAD, SEQ, CLASSES = 0, 6, 3
+
+
+def _token_model(pad_row_scale: float = 1.0, mask_name: str = "attention_mask") -> onnx.ModelProto:
+    """ids -> embedding Gather -> MatMul: per-token scores [batch, seq, 3] and their mean over all positions [batch, 3].
+    `pad_row_scale` changes only the pad token's embedding row, so only padded positions of `tokens` move."""
+    rng = np.random.default_rng(5)
+    table = rng.standard_normal((10, 4)).astype(np.float32)
+    table[PAD] *= pad_row_scale
+    weight = rng.standard_normal((4, CLASSES)).astype(np.float32)
+    ints = [helper.make_tensor_value_info(n, TensorProto.INT64, ["batch", "sequence"])
+            for n in ("input_ids", mask_name, "token_type_ids")]
+    nodes = [
+        helper.make_node("Gather", ["table", "input_ids"], ["embedded"], name="embed"),
+        helper.make_node("MatMul", ["embedded", "weight"], ["scores"], name="head"),
+        # The mask and segment inputs feed the graph (a Cast and Mul by zero) so they are real inputs.
+        helper.make_node("Cast", [mask_name], ["mask_f"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", ["token_type_ids"], ["type_f"], to=TensorProto.FLOAT),
+        helper.make_node("Add", ["mask_f", "type_f"], ["both"]),
+        helper.make_node("Mul", ["both", "zero"], ["nothing"]),
+        helper.make_node("Unsqueeze", ["nothing", "last"], ["nothing3"]),
+        helper.make_node("Add", ["scores", "nothing3"], ["tokens"]),
+        helper.make_node("ReduceMean", ["tokens"], ["pooled"], axes=[1], keepdims=0),
+    ]
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(weight, "weight"),
+             numpy_helper.from_array(np.array(0.0, np.float32), "zero"), numpy_helper.from_array(np.array([2]), "last")]
+    return build_model(nodes, ints, [float_value("tokens", ["batch", "sequence", CLASSES]), float_value("pooled", ["batch", CLASSES])], inits)
+
+
+def _token_data(path, mask_name: str = "attention_mask"):
+    rng = np.random.default_rng(6)
+    lengths = rng.integers(2, SEQ + 1, 12)
+    lengths[0] = SEQ  # one sentence without padding
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int64)
+    ids = np.where(mask == 1, rng.integers(1, 10, (12, SEQ)), PAD)
+    np.savez(path, input_ids=ids, **{mask_name: mask}, token_type_ids=np.zeros_like(ids))
+    return ids, mask
+
+
+def test_validate_leaves_padding_out_of_token_drift(tmp_path, runner):
+    original = save_model(_token_model(), tmp_path / "original.onnx")
+    candidate = save_model(_token_model(pad_row_scale=-3.0), tmp_path / "candidate.onnx")
+    ids, mask = _token_data(tmp_path / "data.npz")
+    result, report = _validate_json(runner, original, candidate, "--data", str(tmp_path / "data.npz"),
+                                    "--min-cosine", "0.9999")
+    tokens, pooled = report["outputs"]["tokens"], report["outputs"]["pooled"]
+    # Only padded positions moved: on the real tokens the models agree exactly.
+    assert tokens["max_abs"] == 0 and tokens["cosine"] == pytest.approx(1.0) and tokens["top1_agreement"] == 1.0
+    # The pooled output mixes padding in (its leading dims are not [batch, sequence]): judged whole, and it moved.
+    assert pooled["max_abs"] > 0.1
+    note = next(n for n in report["notes"] if "masked by attention_mask" in n)
+    assert "tokens" in note and "pooled" not in note.split("masked")[0]
+    assert f"{int((mask == 0).sum())} padding position(s) of {mask.size}" in note
+    assert result.exit_code != 0  # pooled fails --min-cosine: the padding did change what a user reads there
+
+
+def test_validate_without_a_mask_input_judges_every_position(tmp_path, runner):
+    # The same 0/1 input under a name that does not say "mask" (token_type_ids is 0/1 and ids-shaped as well).
+    original = save_model(_token_model(mask_name="segment"), tmp_path / "original.onnx")
+    candidate = save_model(_token_model(pad_row_scale=-3.0, mask_name="segment"), tmp_path / "candidate.onnx")
+    _token_data(tmp_path / "data.npz", mask_name="segment")
+    _, report = _validate_json(runner, original, candidate, "--data", str(tmp_path / "data.npz"))
+    assert report["outputs"]["tokens"]["max_abs"] > 0.1
+    assert not any("masked by" in n for n in report["notes"])
+
+
+def test_attention_mask_needs_name_shape_and_values():
+    from onnxshrink.data import InputSpec
+    from onnxshrink.validate import attention_mask
+
+    def spec(name):
+        return InputSpec(name, np.dtype(np.int64), ["batch", "sequence"])
+
+    ids = np.ones((2, 4), np.int64)
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1]])
+    specs = [spec("input_ids"), spec("attention_mask"), spec("token_type_ids")]
+    batches = [{"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}] * 2
+    name, joined = attention_mask(specs, batches)
+    assert name == "attention_mask" and joined.shape == (4, 4) and joined.dtype == bool
+    assert attention_mask(specs, [{**batches[0], "attention_mask": mask * 2}]) is None  # not 0/1
+    assert attention_mask(specs, [{**batches[0], "attention_mask": mask[:, :3]}]) is None  # not the ids' shape
+    assert attention_mask(specs[::2], batches) is None  # token_type_ids alone is no mask
+
+
+def test_compare_outputs_with_a_mask():
+    rng = np.random.default_rng(7)
+    a = rng.standard_normal((3, 4, 5))
+    b = a.copy()
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], dtype=bool)
+    b[~mask] = -a[~mask] * 10  # padding only: nothing counts
+    drift = compare_outputs(a, b, mask)
+    assert drift.max_abs == 0 and drift.cosine == pytest.approx(1.0) and drift.cosine_min == pytest.approx(1.0)
+    assert drift.top1_agreement == 1.0
+    b[0, 1] += 1.0  # a real token moves: measured on the 6 real tokens of the 2 samples that have any
+    drift = compare_outputs(a, b, mask)
+    assert drift.max_abs == pytest.approx(1.0)
+    assert drift.mean_rel == pytest.approx(5 / (6 * 5) / np.abs(a[mask]).mean())
+    row = lambda x: np.where(mask[0][:, None], x[0], 0).ravel()  # noqa: E731
+    expected = row(a) @ row(b) / np.linalg.norm(row(a)) / np.linalg.norm(row(b))
+    assert drift.cosine_min == pytest.approx(expected) and drift.cosine == pytest.approx((expected + 1) / 2)
+    # [batch, sequence] scores (a span start): argmax over the real tokens only.
+    start = rng.standard_normal((3, 4))
+    moved = start.copy()
+    moved[0, 3] = 99.0  # a padded position wins the candidate's raw argmax
+    assert compare_outputs(start, moved, mask).top1_agreement == 1.0
+    with pytest.raises(DataError):
+        compare_outputs(a, b, mask[:, :3])
+
+
+def test_fallback_ranks_drift_on_real_tokens_only():
+    # The accuracy fallback judges (and ranks layers) as validate does: padding positions are left out.
+    from onnxshrink.fallback import relative_drift
+
+    rng = np.random.default_rng(8)
+    reference = {"tokens": rng.standard_normal((2, 4, 3)), "pooled": rng.standard_normal((2, 3))}
+    mask = np.array([[1, 1, 1, 0], [1, 1, 0, 0]], dtype=bool)
+    produced = {name: value.copy() for name, value in reference.items()}
+    produced["tokens"][~mask] += 5.0
+    assert relative_drift(reference, produced, mask) == 0.0
+    assert relative_drift(reference, produced) > 0.5

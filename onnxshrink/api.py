@@ -98,7 +98,9 @@ def quantize(
 
     Latency guard (latency_guard.py), after the fallback: the result is timed against the original (batch 1, and 8
     where the batch is symbolic); where it is slower beyond noise, the layers the profiler finds slower than their
-    float originals move to the folded form (int8 storage, float kernels) until it is not. `allow_slower` keeps
+    float originals move to the folded form (int8 storage, float kernels) until it is not; failing that, whole-model
+    forms (every layer folded, then for static mode dynamic mode), each within the fallback's accuracy budget on its
+    held-out samples, and the first no slower is written (else the fastest measured). `allow_slower` keeps
     the first result (validation still warns); `latency_guard` a GuardConfig, or a callable(original) -> measurement
     (tests inject one). It does not run without validation, latency measurement, or inputs that run the model,
     for external-data models, or in weight-only mode (its output is for other runtimes).
@@ -121,16 +123,19 @@ def quantize(
             return first
         from onnxshrink.latency_guard import GuardConfig, LatencyGuard, measurement_for
 
-        def rebuild(fold, fresh):
-            kept = tuple(glob_literal(d["node"]) for d in loop.summary.layers) if loop is not None else ()
-            return _quantize_pass(_refine(config, kept, fold), fresh, calibration, validation, run_validation, threads)(fresh)
+        def kept():  # the layers the accuracy fallback kept float: every rebuild keeps them float
+            return tuple(glob_literal(d["node"]) for d in loop.summary.layers) if loop is not None else ()
 
+        def rebuild(fold, fresh):
+            return _quantize_pass(_refine(config, kept(), fold), fresh, calibration, validation, run_validation, threads)(fresh)
+
+        forms, judge = _whole_forms(config, rebuild, kept), _fallback_judge(loop)
         if callable(latency_guard) and not isinstance(latency_guard, GuardConfig):
-            guard = LatencyGuard(first, rebuild, latency_guard)
+            guard = LatencyGuard(first, rebuild, latency_guard, forms=forms, judge=judge)
         else:
             settings = latency_guard or GuardConfig()
             guard = LatencyGuard(first, rebuild, lambda original: measurement_for(
-                original, validation, calibration, threads, settings), settings)
+                original, validation, calibration, threads, settings), settings, forms=forms, judge=judge)
         return guard
 
     def choose_pass(model: onnx.ModelProto):
@@ -198,6 +203,41 @@ def _refine(config, exclude=(), fold=()):
     if fold:
         changes["fold"] = tuple(config.fold) + tuple(fold)
     return dataclasses.replace(config, **changes) if changes else config
+
+
+def _whole_forms(config, rebuild, kept) -> list:
+    """The latency guard's whole-model forms for this mode, cheapest first: every layer folded (int8 storage, float
+    kernels: near-lossless, fp32's speed), then, for static mode, dynamic mode (no Q/DQ pairs between layers)."""
+    from onnxshrink.latency_guard import WholeForm
+    from onnxshrink.passes.quantize import SUPPORTED_OPS
+
+    forms = [WholeForm("folded", lambda fresh: rebuild(("*",), fresh), "every layer folded (int8 storage, float kernels)")]
+    if type(config).__name__ == "StaticQuantizeConfig":
+        # The static default threshold becomes dynamic's (its integer kernel pays from smaller layers); one the
+        # user set (0: integer kernels everywhere) carries over.
+        macs = INTEGER_MIN_MACS["dynamic"] if config.integer_min_macs == INTEGER_MIN_MACS["static"] else config.integer_min_macs
+        dynamic = QuantizeConfig(op_types=tuple(o for o in config.op_types if o in SUPPORTED_OPS),
+                                 exclude=tuple(config.exclude), keep_float=config.keep_float, per_channel=config.per_channel,
+                                 symmetric=config.symmetric, integer_min_macs=macs, embeddings=config.embeddings)
+        forms.append(WholeForm("dynamic", lambda fresh: QuantizeDynamic(_refine(dynamic, kept()))(fresh),
+                               "dynamic mode (int8 weights, activations quantized at run time)", lossy=True))
+    return forms
+
+
+def _fallback_judge(loop):
+    """The accuracy fallback's verdict (its budget, its held-out samples) on a model the latency guard would return;
+    None without a fallback. Where the fallback's own result missed the budget, no worse than that result passes."""
+    if loop is None:
+        return None
+
+    def judge(model: onnx.ModelProto) -> tuple[bool, float]:
+        passed, drift = loop._judge(model)
+        summary = loop.summary
+        if not passed and not summary.met and summary.drift_after is not None:
+            passed = drift <= summary.drift_after
+        return passed, drift
+
+    return judge
 
 
 def _guard_skipped(config, model: onnx.ModelProto, validation: ValidateConfig | None, run_validation: bool) -> str | None:

@@ -19,12 +19,23 @@ model itself, on the machine that runs the command:
    slowest excess first, to the folded form (int8 storage, float kernel; passes/folded_weights.py), or to float
    where the model's opset cannot take it: the pass runs again with the layers in its config's `fold` globs, and
    the result is timed again. One layer per step for the first four, then the count doubles, until the candidate
-   is no slower, every ranked layer has moved, `max_attempts` pass runs or `time_budget_s` are spent.
+   is no slower, every ranked layer has moved, `max_attempts` pass runs or `time_budget_s` are spent;
+4. if it is still slower (or the profile blamed no single layer), whole-model forms, cheapest first (`forms`):
+   every layer folded in the same mode (int8 storage, float kernels: the file stays small, the speed is fp32's),
+   then, for static mode, the dynamic-mode result. The first that is no slower is returned: a later form costs
+   more time and more accuracy risk, and between two forms that are both no slower the difference is mostly the
+   timer's noise. Each form is judged first with the accuracy fallback's budget and held-out samples (`judge`)
+   and dropped when it misses; a lossy form (dynamic) is not tried when there is nothing to judge it on.
+   When nothing measured is no slower, the fastest model measured is returned (the first result included).
+
+The QDQ chains of small Convs are why step 4 exists: on the PP-OCR classifier the slowdown is the Q/DQ pairs
+between many small layers, not one kernel, and folding single layers out of the chain only adds Q/DQ around them.
 
 Cost: one timed pair per batch (budget_s each, 1 s by default) when the model is no slower, which is the usual
-case; otherwise two profiles per batch and one pass run plus one timed pair per step. Layers the accuracy fallback
-kept float stay float (the pass is run again with them excluded). The measurement is injectable (`measure`), so
-tests decide what is slower.
+case; otherwise two profiles per batch and one pass run plus one timed pair per step, and one pass run, one
+held-out judgement and one timed pair per whole-model form. Layers the accuracy fallback kept float stay float
+(the pass is run again with them excluded). The measurement is injectable (`measure`), so tests decide what is
+slower.
 """
 
 from __future__ import annotations
@@ -42,7 +53,7 @@ import onnx
 
 from onnxshrink.errors import InputsUnavailable
 from onnxshrink.passes.common import glob_literal
-from onnxshrink.passes.folded_weights import FOLDED
+from onnxshrink.passes.folded_weights import FOLD_REQUESTED, FOLDED
 from onnxshrink.report import LATENCY_NOISE_FLOOR, latency_slower
 from onnxshrink.runtime import make_session, session_options
 
@@ -76,6 +87,32 @@ class GuardSummary:
     attempts: int = 0  # pass runs after the first
     stopped: str = ""
     seconds: float = 0.0
+    # Which model was returned: "first" (as the pass wrote it), "layers" (single layers moved), or a whole-model
+    # form ("folded", "dynamic"); and each whole-model form tried:
+    # {"form", "after", "slower", "accuracy", "drift", "outcome"} (see WholeForm).
+    form: str = "first"
+    forms: list = field(default_factory=list)
+
+
+@dataclass
+class WholeForm:
+    """A whole-model alternative the guard tries when moving single layers leaves the model slower."""
+
+    name: str  # "folded", "dynamic": the report's `form`
+    build: object  # fresh copy of the original -> (model, PassReport)
+    what: str  # words for the notes and reasons: "every layer folded (int8 storage, float kernels)"
+    lossy: bool = False  # may miss the accuracy budget: not tried without held-out samples to judge it on
+
+
+@dataclass
+class _Best:
+    worst: float  # the largest candidate / original ratio over the batches
+    model: onnx.ModelProto
+    report: object
+    latency: dict
+    moved: list
+    form: str
+    why: str = ""  # a whole-model form returned as the fastest though slower: why, for its layers' reasons
 
 
 class LatencyGuard:
@@ -83,13 +120,17 @@ class LatencyGuard:
 
     `first(model)` gives the candidate; `rebuild(fold, model)` runs the pass again on a fresh copy of the original
     with the node-name globs in `fold` folded; `measure(original)` gives the measurement (OrtMeasure, or a fake in
-    tests), and raises InputsUnavailable when no input runs the model (then the guard only says so)."""
+    tests), and raises InputsUnavailable when no input runs the model (then the guard only says so). `forms`: the
+    whole-model forms (WholeForm) tried, in order, when single layers do not help; `judge(model) -> (passed,
+    drift)`: the accuracy fallback's verdict on held-out samples, or None when nothing judges."""
 
-    def __init__(self, first, rebuild, measure, config: GuardConfig | None = None):
+    def __init__(self, first, rebuild, measure, config: GuardConfig | None = None, forms=(), judge=None):
         self.first = first
         self.rebuild = rebuild
         self.measure = measure
         self.config = config or GuardConfig()
+        self.forms = list(forms)
+        self.judge = judge
         self.summary = GuardSummary()
         self.skipped: str | None = None  # why the guard did not measure ("" when the pass changed nothing)
 
@@ -117,8 +158,8 @@ class LatencyGuard:
         batch = max((b for b in latency if _slower_at(latency[b], config.min_difference_ms)), key=lambda b: latency[b]["ratio"] or 0.0)
         ranking = self._rank(measure, original, result, report, batch)
         summary.ranked = len(ranking)
-        best = (_worst(latency), result, report, latency, [])
-        moved: list = []
+        first_report = report
+        best = _Best(_worst(latency), result, report, latency, [], "first")
         counts = _schedule(len(ranking))
         if len(counts) > config.max_attempts:  # the last step allowed moves every ranked layer
             counts = counts[: max(config.max_attempts - 1, 0)] + [len(ranking)] if config.max_attempts else []
@@ -130,27 +171,86 @@ class LatencyGuard:
             moved = [entry["node"] for entry in ranking[:count]]
             summary.attempts += 1
             candidate, candidate_report = self.rebuild(tuple(glob_literal(n) for n in moved), _copy(original))
-            _carry_over(report, candidate_report)
+            _carry_over(first_report, candidate_report)
             timed = measure.latency(candidate)
             if not self._slower(timed):
-                best = (_worst(timed), candidate, candidate_report, timed, moved)
+                best = _Best(_worst(timed), candidate, candidate_report, timed, moved, "layers")
                 summary.stopped = f"no slower than the original after moving {len(moved)} layer(s)"
                 break
-            if _worst(timed) < best[0]:
-                best = (_worst(timed), candidate, candidate_report, timed, moved)
+            if _worst(timed) < best.worst:
+                best = _Best(_worst(timed), candidate, candidate_report, timed, moved, "layers")
         else:
             summary.stopped = summary.stopped or (
                 "every layer measured slower than its float original was moved, and the model is still slower: the "
                 "rest of the difference is outside the quantized layers" if ranking else
                 "no quantized layer measured slower than its float original: the difference is outside them")
-        _, result, report, latency, moved = best
-        if moved and summary.stopped.startswith(("step cap", "time budget", "every layer")):
-            summary.stopped += f"; the fastest model measured is the one returned ({len(moved)} layer(s) moved)"
-        summary.after = _ratios(latency, config.min_difference_ms)
-        summary.slower_after = self._slower(latency)
-        summary.layers = self._annotate(report, [entry for entry in ranking if entry["node"] in moved])
+        if self._slower(best.latency) and self.forms:
+            best = self._whole_forms(measure, original, first_report, best, start)
+        elif best.moved and summary.stopped.startswith(("step cap", "time budget", "every layer")):
+            summary.stopped += f"; the fastest model measured is the one returned ({len(best.moved)} layer(s) moved)"
+        summary.form = best.form
+        summary.after = _ratios(best.latency, config.min_difference_ms)
+        summary.slower_after = self._slower(best.latency)
+        summary.layers = self._annotate(best.report, [entry for entry in ranking if entry["node"] in best.moved])
         summary.seconds = time.perf_counter() - start
-        return result, report
+        return best.model, best.report
+
+    def _whole_forms(self, measure, original, first_report, best: _Best, start: float) -> _Best:
+        """Step 4: the whole-model forms, cheapest first; the first no slower (and within the accuracy budget) is
+        returned, else the fastest model measured. `summary.forms` says what each one measured and why it was
+        taken or not."""
+        summary, config = self.summary, self.config
+        layers_said = summary.stopped
+        single = _say_ratios(best.latency)  # the best of the first result and the single-layer moves
+        for form in self.forms:
+            entry = {"form": form.name, "after": {}, "slower": None, "accuracy": "not judged", "drift": None,
+                     "outcome": ""}
+            summary.forms.append(entry)
+            if time.perf_counter() - start > config.time_budget_s:
+                entry["outcome"] = f"not tried: time budget spent ({config.time_budget_s:g} s)"
+                continue
+            if form.lossy and self.judge is None:
+                entry["outcome"] = ("not tried: no accuracy budget and held-out samples to judge it on (it may "
+                                    "lose accuracy; --calibration with held-out samples, or --data, give them)")
+                continue
+            summary.attempts += 1
+            candidate, candidate_report = form.build(_copy(original))
+            _carry_over(first_report, candidate_report)
+            if _decisions(candidate_report) == _decisions(first_report):  # e.g. dynamic mode's Convs, folded already
+                entry["outcome"] = "not tried: it writes the same layers as the first result"
+                continue
+            if self.judge is not None:
+                passed, drift = self.judge(candidate)
+                entry["accuracy"], entry["drift"] = ("passed" if passed else "failed"), float(drift)
+                if not passed:
+                    entry["outcome"] = f"rejected: misses the accuracy budget on the held-out samples (drift {drift:.4g})"
+                    continue
+            timed = measure.latency(candidate)
+            entry["after"] = _ratios(timed, config.min_difference_ms)
+            entry["slower"] = self._slower(timed)
+            if not entry["slower"]:
+                entry["outcome"] = "chosen: no slower than the original"
+                why = (f"single layers left the model slower ({single}); {form.what} measured {_say_ratios(timed)}, "
+                       "no slower than the original")
+                _annotate_form(candidate_report, form.name, why)
+                summary.stopped = f"{layers_said}; then whole model {form.name}: {why}"
+                return _Best(_worst(timed), candidate, candidate_report, timed, [], form.name)
+            entry["outcome"] = "still slower than the original"
+            if _worst(timed) < best.worst:
+                why = (f"nothing measured was no slower than the original; {form.what} was the fastest "
+                       f"({_say_ratios(timed)}; single layers: {single})")
+                best = _Best(_worst(timed), candidate, candidate_report, timed, [], form.name, why)
+        tried = ", ".join(f"{e['form']} {e['outcome']}" for e in summary.forms)
+        returned = {"first": "the first result", "layers": f"{len(best.moved)} layer(s) moved"}.get(
+            best.form, f"whole model {best.form}")
+        summary.stopped = (f"{layers_said}; then no whole-model form was no slower ({tried}); the fastest model "
+                           f"measured is the one returned ({returned}: {_say_ratios(best.latency)})")
+        for entry in summary.forms:
+            if entry["form"] == best.form:
+                entry["outcome"] += "; the fastest measured: returned"
+        if best.form not in ("first", "layers"):
+            _annotate_form(best.report, best.form, best.why)
+        return best
 
     def _slower(self, latency: dict) -> bool:
         return any(_slower_at(v, self.config.min_difference_ms) for v in latency.values())
@@ -196,9 +296,31 @@ class LatencyGuard:
             return f"latency guard: no slower than the original ({ratios(s.before)}); nothing moved ({s.seconds:.1f} s)"
         names = ", ".join(e["node"] for e in s.layers[:5]) + (f" and {len(s.layers) - 5} more" if len(s.layers) > 5 else "")
         moved = f"moved {len(s.layers)} layer(s) to folded/float ({names})" if s.layers else "moved nothing"
+        forms = "; ".join(f"{e['form']}: {e['outcome']}" for e in s.forms)
+        if s.form not in ("first", "layers"):
+            moved = f"returned the whole model {s.form} ({forms})"
+        elif s.forms:
+            moved += f"; whole-model forms: {forms}"
         verdict = "no slower now" if not s.slower_after else "still slower"
         return (f"latency guard: slower than the original ({ratios(s.before)}); {moved}: {ratios(s.after)}, {verdict}; "
                 f"{s.stopped} ({s.attempts} pass run(s), {s.seconds:.1f} s; --allow-slower keeps the first result)")
+
+
+def _annotate_form(report, form: str, why: str) -> None:
+    """Every quantized layer of a whole-model form says the guard chose it, and why (its own reason after)."""
+    for decision in report.layers:
+        if decision.action.startswith("int"):
+            own = decision.reason if decision.reason and decision.reason != FOLD_REQUESTED else ""
+            decision.reason = f"latency guard: whole model {form}: {why}" + (f"; {own}" if own else "")
+    report.notes.append(f"latency guard: whole model {form}: {why}")
+
+
+def _decisions(report) -> list:
+    return [(d.node, d.action) for d in report.layers]
+
+
+def _say_ratios(latency: dict) -> str:
+    return ", ".join(f"{v['ratio']:.2f}x at batch {b}" for b, v in sorted(latency.items()) if v.get("ratio"))
 
 
 def _carry_over(first, rebuilt) -> None:

@@ -4,6 +4,7 @@ by the machine's timing; one end-to-end test runs the real measurement and asser
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -116,6 +117,7 @@ def test_no_slower_moves_nothing_and_profiles_nothing(mlp, tmp_path):
     report = api.quantize(mlp, tmp_path / "q.onnx", dynamic(), latency_guard=lambda original: fake)
     assert report.latency_guard["layers"] == [] and report.latency_guard["attempts"] == 0
     assert fake.profiled == [] and len(fake.timed) == 1
+    assert report.latency_guard["form"] == "first" and report.latency_guard["forms"] == []  # one timed pair, no form
     assert all(d.action.startswith("int8 per-channel") for d in report.passes[0].layers)
 
 
@@ -247,3 +249,167 @@ def test_nodes_are_charged_to_the_layer_whose_weight_they_read():
 def test_the_schedule_moves_one_layer_a_step_then_doubles():
     assert _schedule(0) == [] and _schedule(1) == [1] and _schedule(3) == [1, 2, 3]
     assert _schedule(10) == [1, 2, 3, 4, 8, 10] and _schedule(8) == [1, 2, 3, 4, 8]
+
+
+# ---- whole-model forms: when single layers do not help ---------------------------------------------------
+
+
+class FormMeasure(FakeMeasure):
+    """Times by the form a candidate has: "first" (a quantized kernel on some layer: static QDQ, or dynamic
+    mode's first result), "folded" (every layer a float MatMul over int8 weights), "dynamic" (static mode's
+    dynamic-mode result: DynamicQuantizeLinear present). Single layers moved change nothing: the slowdown is the
+    chain's, as on the PP-OCR classifier."""
+
+    def __init__(self, ratios, excess=None, batches=(1, 8)):
+        super().__init__(set(), excess or {}, batches)
+        self.ratios = ratios
+        self.forms = []  # the form of each candidate timed
+
+    def latency(self, candidate: onnx.ModelProto) -> dict:
+        form = self.form(candidate)
+        self.forms.append(form)
+        p50 = self.ratios[form]
+        return {b: {"original": {"p50": 1.0, "p90": 1.01}, "candidate": {"p50": p50, "p90": p50 + 0.01},
+                    "ratio": p50, "runs": 10, "batch": b, "threads": 1} for b in self.batches}
+
+    def layer_times(self, model: onnx.ModelProto, batch: int, weights: dict) -> dict:
+        self.profiled.append(batch)
+        return {layer: 10.0 + (self.excess.get(layer, 0.0) if self.form(model) != "folded" else 0.0) for layer in weights}
+
+    @staticmethod
+    def form(model: onnx.ModelProto) -> str:
+        ops = {n.op_type for n in model.graph.node}
+        if "DynamicQuantizeLinear" in ops and "QuantizeLinear" not in ops:
+            return "dynamic" if StaticSeen.static else "first"
+        if "QuantizeLinear" in ops or "MatMulInteger" in ops:
+            return "first"
+        return "folded"
+
+
+class StaticSeen:
+    static = False  # whether the test quantizes in static mode (then dynamic mode's integer layers are a form)
+
+
+@pytest.fixture
+def static_mode():
+    StaticSeen.static = True
+    yield
+    StaticSeen.static = False
+
+
+@pytest.fixture
+def calibrated(tmp_path):
+    """An MLP and a calibration file with held-out samples (the accuracy fallback judges forms on them)."""
+    model = save_model(make_mlp((32, 64, 64, 64, 10)), tmp_path / "m.onnx")
+    np.savez(tmp_path / "cal.npz", input=np.random.default_rng(1).standard_normal((32, 32)).astype(np.float32))
+    return model, tmp_path / "cal.npz"
+
+
+def static() -> StaticQuantizeConfig:
+    return StaticQuantizeConfig(integer_min_macs=0, smooth=False)
+
+
+def test_single_layers_failing_the_whole_model_folded_is_returned(mlp, tmp_path):
+    fake = FormMeasure({"first": 1.5, "folded": 0.98}, {"fc2/MatMul": 30.0, "fc1/MatMul": 20.0})
+    report = api.quantize(mlp, tmp_path / "q.onnx", dynamic(), latency_guard=lambda original: fake)
+    guard = report.latency_guard
+    assert fake.forms == ["first", "first", "first", "folded"]  # the first, two single-layer steps, the form
+    assert guard["form"] == "folded" and guard["attempts"] == 3 and guard["layers"] == []
+    assert guard["slower_before"] and not guard["slower_after"] and guard["after"][1]["ratio"] == 0.98
+    assert [(f["form"], f["outcome"], f["accuracy"]) for f in guard["forms"]] == [
+        ("folded", "chosen: no slower than the original", "not judged")]  # no budget: near-lossless, not judged
+    assert "then whole model folded: single layers left the model slower (1.50x at batch 1" in guard["stopped"]
+    for decision in report.passes[0].layers:
+        assert decision.action == FOLDED
+        assert decision.reason.startswith("latency guard: whole model folded: single layers left the model slower")
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    assert all(folded_source(written.graph, n.input[1]) for n in written.graph.node if n.op_type == "MatMul")
+    assert not any(n.op_type == "MatMulInteger" for n in written.graph.node)
+    assert any(note.startswith("latency guard: slower than the original (1.50x at batch 1, 1.50x at batch 8); "
+                               "returned the whole model folded") for note in report.notes)
+
+
+def test_static_mode_folded_still_slower_then_dynamic(calibrated, tmp_path, static_mode):
+    model, cal = calibrated
+    fake = FormMeasure({"first": 1.5, "folded": 1.2, "dynamic": 0.9})
+    report = api.quantize(model, tmp_path / "q.onnx", static(), calibration=cal, latency_guard=lambda original: fake)
+    guard = report.latency_guard
+    assert report.fallback["met"]  # the budget the forms are judged with (min_cosine 0.99 on held-out samples)
+    assert guard["ranked"] == 0 and fake.forms == ["first", "folded", "dynamic"]  # no layer to blame: forms
+    assert guard["form"] == "dynamic" and not guard["slower_after"] and guard["attempts"] == 2
+    folded, dyn = guard["forms"]
+    assert folded["outcome"] == "still slower than the original" and folded["slower"] and folded["accuracy"] == "passed"
+    assert dyn["outcome"] == "chosen: no slower than the original" and dyn["accuracy"] == "passed"
+    assert 0 <= dyn["drift"] < 0.1
+    assert report.passes[0].name == "quantize-dynamic"
+    quantized = [d for d in report.passes[0].layers if d.action.startswith("int")]
+    assert quantized and all(d.reason.startswith("latency guard: whole model dynamic: ") for d in quantized)
+    written = onnx.load(str(tmp_path / "q.onnx"))
+    assert any(n.op_type == "DynamicQuantizeLinear" for n in written.graph.node)
+    assert report.validation.passed
+
+
+def test_static_mode_without_held_out_samples_never_tries_dynamic(calibrated, tmp_path, static_mode):
+    model, cal = calibrated
+    fake = FormMeasure({"first": 1.5, "folded": 1.2, "dynamic": 0.9})
+    report = api.quantize(model, tmp_path / "q.onnx", static(), calibration=cal, fallback=False,
+                          latency_guard=lambda original: fake)
+    guard = report.latency_guard
+    assert fake.forms == ["first", "folded"] and guard["form"] == "folded"  # the fastest measured
+    assert guard["forms"][1]["outcome"].startswith("not tried: no accuracy budget and held-out samples")
+    assert guard["slower_after"] and "the fastest model measured is the one returned (whole model folded" in guard["stopped"]
+
+
+@pytest.mark.parametrize("ratios, returned", [({"first": 1.5, "folded": 1.3, "dynamic": 1.4}, "folded"),
+                                              ({"first": 1.1, "folded": 1.3, "dynamic": 1.2}, "first")])
+def test_nothing_no_slower_keeps_the_fastest_measured_and_says_so(calibrated, tmp_path, static_mode, ratios, returned):
+    model, cal = calibrated
+    fake = FormMeasure(ratios)
+    report = api.quantize(model, tmp_path / "q.onnx", static(), calibration=cal, latency_guard=lambda original: fake)
+    guard = report.latency_guard
+    assert guard["form"] == returned and guard["slower_after"]
+    assert guard["after"][1]["ratio"] == min(ratios.values())
+    assert "then no whole-model form was no slower" in guard["stopped"]
+    assert "the fastest model measured is the one returned" in guard["stopped"]
+    outcomes = {f["form"]: f["outcome"] for f in guard["forms"]}
+    assert outcomes["folded"].endswith("; the fastest measured: returned") == (returned == "folded")
+    layers = [d for d in report.passes[0].layers if d.action.startswith("int")]
+    said = [d.reason.startswith("latency guard: whole model folded: nothing measured was no slower") for d in layers]
+    assert all(said) if returned == "folded" else not any(said)
+    note = next(n for n in report.notes if n.startswith("latency guard: slower"))
+    assert "still slower" in note
+    jsonschema = pytest.importorskip("jsonschema")
+    from test_schemas import schema
+
+    jsonschema.validate(json.loads(report.to_json()), schema("command"))
+
+
+def test_a_form_that_misses_the_accuracy_budget_is_never_returned(mlp):
+    """The guard alone, with a judge that fails dynamic mode: it is rejected before it is timed."""
+    from onnxshrink.latency_guard import LatencyGuard, WholeForm
+
+    model = onnx.load(str(mlp))
+    fake = FormMeasure({"first": 1.5, "folded": 1.2, "dynamic": 0.5})
+    StaticSeen.static = True
+    try:
+        first = QuantizeStatic(static(), _dataset())
+        forms = [WholeForm("folded", QuantizeStatic(dataclasses.replace(static(), fold=("*",)), _dataset()), "folded"),
+                 WholeForm("dynamic", QuantizeDynamic(dynamic()), "dynamic", lossy=True)]
+        judge = lambda m: (FormMeasure.form(m) != "dynamic", 0.3 if FormMeasure.form(m) == "dynamic" else 0.01)  # noqa: E731
+        guard = LatencyGuard(first, lambda fold, fresh: first(fresh), lambda original: fake, forms=forms, judge=judge)
+        _, report = guard(model)
+    finally:
+        StaticSeen.static = False
+    assert fake.forms == ["first", "folded"]  # dynamic judged, rejected, never timed
+    assert guard.summary.forms[1]["outcome"] == "rejected: misses the accuracy budget on the held-out samples (drift 0.3)"
+    assert guard.summary.form == "folded" and guard.summary.forms[1]["accuracy"] == "failed"
+
+
+def test_a_form_that_writes_what_the_first_result_wrote_is_not_timed_again(mlp, tmp_path):
+    """Dynamic mode at its default threshold folds every layer of the tiny MLP already: folding them all is no
+    new model, so the guard does not time it again and keeps the first result."""
+    fake = FormMeasure({"first": 1.5, "folded": 1.5})
+    report = api.quantize(mlp, tmp_path / "q.onnx", QuantizeConfig(), latency_guard=lambda original: fake)
+    guard = report.latency_guard
+    assert fake.forms == ["folded"] and guard["form"] == "first" and guard["slower_after"]
+    assert guard["forms"][0]["outcome"] == "not tried: it writes the same layers as the first result"

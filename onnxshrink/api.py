@@ -17,7 +17,7 @@ from onnxshrink.info import inspect_model
 from onnxshrink.data import MIN_CALIBRATION, MIN_HOLDOUT, input_specs, load_npz, split_holdout
 from onnxshrink.passes.common import glob_literal, handed_over
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, constant_nodes_left
-from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
+from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic, inputs_for
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport, latency_slower
 from onnxshrink.runtime import make_session, op_counts, optimized_graph, optimized_op_counts
@@ -129,7 +129,8 @@ def quantize(
         def rebuild(fold, fresh):
             return _quantize_pass(_refine(config, kept(), fold), fresh, calibration, validation, run_validation, threads)(fresh)
 
-        forms, judge = _whole_forms(config, rebuild, kept), _fallback_judge(loop)
+        forms = _whole_forms(config, rebuild, kept, inputs_for(model, validation, calibration, threads))
+        judge = _fallback_judge(loop)
         if callable(latency_guard) and not isinstance(latency_guard, GuardConfig):
             guard = LatencyGuard(first, rebuild, latency_guard, forms=forms, judge=judge)
         else:
@@ -205,9 +206,10 @@ def _refine(config, exclude=(), fold=()):
     return dataclasses.replace(config, **changes) if changes else config
 
 
-def _whole_forms(config, rebuild, kept) -> list:
+def _whole_forms(config, rebuild, kept, dynamic_inputs=None) -> list:
     """The latency guard's whole-model forms for this mode, cheapest first: every layer folded (int8 storage, float
-    kernels: near-lossless, fp32's speed), then, for static mode, dynamic mode (no Q/DQ pairs between layers)."""
+    kernels: near-lossless, fp32's speed), then, for static mode, dynamic mode (no Q/DQ pairs between layers), with
+    dynamic mode's own activation check (`dynamic_inputs`: passes/quantize.inputs_for)."""
     from onnxshrink.latency_guard import WholeForm
     from onnxshrink.passes.quantize import SUPPORTED_OPS
 
@@ -219,7 +221,7 @@ def _whole_forms(config, rebuild, kept) -> list:
         dynamic = QuantizeConfig(op_types=tuple(o for o in config.op_types if o in SUPPORTED_OPS),
                                  exclude=tuple(config.exclude), keep_float=config.keep_float, per_channel=config.per_channel,
                                  symmetric=config.symmetric, integer_min_macs=macs, embeddings=config.embeddings)
-        forms.append(WholeForm("dynamic", lambda fresh: QuantizeDynamic(_refine(dynamic, kept()))(fresh),
+        forms.append(WholeForm("dynamic", lambda fresh: QuantizeDynamic(_refine(dynamic, kept()), inputs=dynamic_inputs)(fresh),
                                "dynamic mode (int8 weights, activations quantized at run time)", lossy=True))
     return forms
 
@@ -256,7 +258,7 @@ def _guard_skipped(config, model: onnx.ModelProto, validation: ValidateConfig | 
 def _quantize_pass(config, model: onnx.ModelProto, calibration, validation, run_validation: bool, threads: int):
     """The pass a quantize config picks."""
     if isinstance(config, QuantizeConfig):
-        return QuantizeDynamic(config)
+        return QuantizeDynamic(config, inputs=inputs_for(model, validation, calibration, threads))
     if isinstance(config, WeightsOnlyConfig):
         return QuantizeWeightsOnly(config)
     dataset = _pass_data(model, calibration, validation, run_validation)

@@ -381,6 +381,7 @@ def quantize_command(
     smooth: Annotated[Optional[bool], typer.Option("--smooth/--no-smooth", help="Static mode: SmoothQuant, LayerNorm/activation outliers moved into the weights with alpha searched per layer on the calibration data (default on; applied only where it measures better).", rich_help_panel=HOW)] = None,
     qdq: Annotated[bool, typer.Option("--qdq", help="--mode weights: write DequantizeLinear (for runtimes with weight-only int8 kernels; onnxruntime CPU runs it slower than fp32) instead of the folded form.", rich_help_panel=HOW)] = False,
     no_fallback: Annotated[bool, typer.Option("--no-fallback", help="No accuracy fallback: keep every layer quantized even when the accuracy budget fails on the held-out samples.", rich_help_panel=GATES)] = False,
+    activation_error_bound: Annotated[float, typer.Option("--max-activation-error", min=0.0, help="Dynamic mode: a layer whose output would lose more than this fraction to int8 rounding of its input (measured per row on validation's inputs; activation outliers) is stored int8 with a float kernel instead. 0 turns the check off.", rich_help_panel=HOW)] = 1 / 3,
     allow_slower: Annotated[bool, typer.Option("--allow-slower", help="Keep the quantized model even where it runs slower than the original (a warning only); by default the layers measured slower move to int8 storage with float kernels.", rich_help_panel=GATES)] = False,
     max_fallback: Annotated[Optional[int], typer.Option("--max-fallback", min=0, help="Accuracy fallback: keep at most this many layers float to meet the budget (default a quarter of the quantized layers).", rich_help_panel=GATES)] = None,
     no_validate: NoValidateOpt = False,
@@ -412,6 +413,8 @@ def quantize_command(
         if not isinstance(config, QuantizeConfig):
             raise UsageError("--min-weights applies to --mode dynamic only")
         config.min_weights = min_weights
+    if isinstance(config, QuantizeConfig):
+        config.activation_error_bound = activation_error_bound
     if integer_min_macs is not None:
         if not hasattr(config, "integer_min_macs"):
             raise UsageError("--integer-min-macs applies to --mode dynamic and static only")

@@ -138,7 +138,7 @@ def test_a_layer_the_accuracy_fallback_kept_float_stays_float(tmp_path):
     validation = ValidateConfig(data=str(tmp_path / "eval.npz"), thresholds=Thresholds(min_cosine=0.99))
     # Every layer measures slower quantized, the fallback's float one most of all: it is no candidate.
     fake = FakeMeasure({"fc0/MatMul", "fc2/MatMul"}, {SENSITIVE: 90.0, "fc2/MatMul": 20.0, "fc0/MatMul": 10.0})
-    report = api.quantize(model, tmp_path / "q.onnx", QuantizeConfig(integer_min_macs=0, per_channel=False),
+    report = api.quantize(model, tmp_path / "q.onnx", QuantizeConfig(integer_min_macs=0, per_channel=False, activation_error_bound=0),
                           validation=validation, latency_guard=lambda original: fake)
     assert [d["node"] for d in report.fallback["layers"]] == [SENSITIVE]
     layers = actions(report)

@@ -568,3 +568,97 @@ def test_min_weights_keeps_small_layers_float(tmp_path, runner):
     assert integer_kernels(counts) == 1
     wrong = invoke(runner, "quantize", source, "--mode", "weights", "--min-weights", "10", "-o", tmp_path / "w.onnx")
     assert wrong.exit_code == 2 and "--min-weights applies to --mode dynamic only" in wrong.stderr
+
+
+# ---- layers whose input dynamic int8 would damage ----------------------------------------------
+
+
+def make_outlier_layer(outlier: float, seed=11) -> onnx.ModelProto:
+    """x -> Mul(gain) -> MatMul(W) -> y, 64 -> 128. With outlier > 1, channel 3 of the MatMul's input reaches
+    `outlier` times the others whatever the input (as massive activations do in BERT-like models), and W's row 3 is
+    that much smaller, so the channel carries no more of the output than any other: per-tensor uint8 rounding of
+    the input, whose step the outlier sets, then rounds every other channel to zero."""
+    rng = np.random.default_rng(seed)
+    gain = np.ones(64, np.float32)
+    w = (rng.standard_normal((64, 128)) / 8).astype(np.float32)
+    gain[3], w[3] = outlier, w[3] / outlier
+    return _model(
+        [helper.make_node("Mul", ["input", "gain"], ["scaled"], name="gain/Mul"),
+         helper.make_node("MatMul", ["scaled", "fc.weight"], ["output"], name="fc/MatMul")],
+        [_float("input", ["batch", 64])], [_float("output", ["batch", 128])],
+        [numpy_helper.from_array(gain, "gain"), numpy_helper.from_array(w, "fc.weight")],
+    )
+
+
+def test_outlier_input_layer_is_folded_with_its_reason(tmp_path, runner):
+    source = save_model(make_outlier_layer(outlier=1000.0), tmp_path / "outlier.onnx")
+    result, report, output = quantize_cli(runner, source, "--no-validate")
+    assert result.exit_code == 0, result.output
+    reason = folded_layers(report)["fc/MatMul"]
+    assert reason.startswith("input spans") and "dynamic int8 of the input would lose" in reason, reason
+    lost = float(reason.split("would lose ")[1].split("%")[0])
+    assert lost > 50  # most of the row is rounded to zero, far past the 33% bound
+    assert any(n.startswith("activation check on synthetic") and "1 of 1 layer(s) folded" in n
+               for n in report["passes"][0]["notes"]), report["passes"][0]["notes"]
+    written = onnx.load(str(output))
+    assert op_counts(written)["MatMulInteger"] == 0 and op_counts(written)["DynamicQuantizeLinear"] == 0
+    # Folded, the layer keeps its output; in the integer form (the check off) it would not.
+    integer, _ = QuantizeDynamic(QuantizeConfig(integer_min_macs=0, activation_error_bound=0))(make_outlier_layer(1000.0))
+    assert op_counts(integer)["MatMulInteger"] == 1
+    x = np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32)
+    reference = run(source, {"input": x}, True)
+    folded = row_cosines(reference, run(output, {"input": x}, True)).mean()
+    produced = run(save_model(integer, tmp_path / "integer.onnx"), {"input": x}, True)
+    lost = np.nan_to_num(row_cosines(reference, produced)).mean() if np.abs(produced).max() > 0 else 0.0
+    assert folded > 0.98 and lost < 0.9, (folded, lost)
+
+
+def test_layer_without_outliers_keeps_its_integer_kernel(tmp_path, runner):
+    source = save_model(make_outlier_layer(outlier=1.0), tmp_path / "plain.onnx")
+    result, report, output = quantize_cli(runner, source, "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert int8_layers(report) == ["fc/MatMul"] and not folded_layers(report)
+    assert any("0 of 1 layer(s) folded" in n for n in report["passes"][0]["notes"])
+    assert op_counts(onnx.load(str(output)))["MatMulInteger"] == 1
+
+
+def test_row_error_matches_dynamic_quantize_linear_in_onnxruntime():
+    """The check's Q is what onnxruntime's DynamicQuantizeLinear + dequantization compute."""
+    from onnxshrink.passes.quantize import dynamic_quantize_linear, row_error
+
+    x = np.random.default_rng(3).standard_normal((16, 64)).astype(np.float32) * 3 + 0.5
+    graph = helper.make_graph(
+        [helper.make_node("DynamicQuantizeLinear", ["x"], ["q", "s", "z"]),
+         helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "dql", [_float("x", [16, 64])], [_float("y", [16, 64])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    expected = make_session(model, optimize=False).run(None, {"x": x})[0]
+    np.testing.assert_allclose(dynamic_quantize_linear(x), expected, rtol=0, atol=1e-6)
+    assert np.all(row_error(x, np.eye(64, dtype=np.float32)) < 0.05)  # a plain Gaussian input loses little
+
+
+def test_activation_check_skipped_with_a_note_where_it_cannot_run(tmp_path, runner):
+    # A model whose weights live in external data: not run a second time to measure.
+    model = make_outlier_layer(outlier=1000.0)
+    source = tmp_path / "external.onnx"
+    onnx.save(model, str(source), save_as_external_data=True, all_tensors_to_one_file=True, location="external.data",
+              size_threshold=0)
+    result, report, _ = quantize_cli(runner, source, "--no-validate")
+    assert result.exit_code == 0, result.output
+    assert any(n.startswith("activation check not run: the model keeps its weights in external data")
+               for n in report["passes"][0]["notes"]), report["passes"][0]["notes"]
+    assert int8_layers(report) == ["fc/MatMul"]  # as before the check existed
+
+    # Inputs the original cannot run: the layer keeps the integer form, and the note says why.
+    def broken(model, session):
+        raise RuntimeError("no inputs today")
+
+    _, pass_report = QuantizeDynamic(QuantizeConfig(integer_min_macs=0), inputs=broken)(make_outlier_layer(1000.0))
+    assert any(n.startswith("activation check not run: the original did not run on the inputs (no inputs today)")
+               for n in pass_report.notes), pass_report.notes
+    assert [d.node for d in pass_report.layers if d.action.startswith("int8")] == ["fc/MatMul"]
+
+    # Turned off: no measurement, no note.
+    _, pass_report = QuantizeDynamic(QuantizeConfig(integer_min_macs=0, activation_error_bound=0),
+                                     inputs=broken)(make_outlier_layer(1000.0))
+    assert not any("activation check" in n for n in pass_report.notes)

@@ -18,6 +18,14 @@ layer runs its float kernel at fp32 speed from a 4x smaller file): every Conv (C
 slower than fp32 Conv in onnxruntime CPU) and every layer with fewer multiply-adds per sample
 than `integer_min_macs` (quantizing its input at run time costs about 2 us, more than it saves).
 
+A layer whose input dynamic int8 would damage gets the folded form too, decided by measurement
+(check_activations): one onnxruntime run of the original on the inputs validation judges on exposes each
+layer's input x; DynamicQuantizeLinear's rounding (uint8, asymmetric, one scale per run from min/max) is
+applied to it, and the layer is folded where the rows of its output lose more than ACTIVATION_ERROR_BOUND
+(||(Q(x) - x) W|| / ||x W||, averaged over rows). That happens where a few channels reach hundreds of times the
+typical |x| (GELU outputs of all-mpnet-base-v2's FFN down-projections: 600-1000x): the 256 levels go to
+the outliers and most values round to zero (docs/benchmarks-transformer-mpnet.md).
+
 Embedding tables (Gather data) are stored int8 with one scale per row, only the gathered rows decoded
 (passes/quantize_embeddings.py); a table an output projection also reads is folded once for both.
 """
@@ -30,6 +38,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
+from onnxshrink import model as model_io
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers,
                                       initializer_owners, output_shapes, raise_opset, select_layers)
@@ -43,6 +52,13 @@ from onnxshrink.weights import find_tensors
 QUANTIZED_OPS = {"MatMulInteger", "ConvInteger", "QLinearMatMul", "QLinearConv", "DequantizeLinear", "MatMulNBits",
                  "DynamicQuantizeMatMul", "MatMulIntegerToFloat", "QGemm", "GatherBlockQuantized"}
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")  # Conv in the folded form only
+# Mean over rows of ||(Q(x) - x) W|| / ||x W||, Q as DynamicQuantizeLinear rounds, above which a layer is folded:
+# a third of each output row lost to the input's rounding, i.e. the rows' cosine to the float output under 0.95
+# (1 / sqrt(1 + e^2)). A round figure, not fitted: checked against two real encoders (docs/benchmarks-transformer-
+# mpnet.md), MiniLM's layers measure 0.01-0.21 and MPNet's outlier layers 0.45-0.85, its others under 0.23.
+ACTIVATION_ERROR_BOUND = 1 / 3
+ACTIVATION_CHECK_SAMPLES = 4  # samples run one at a time (the range is per run, as at batch 1)
+ACTIVATION_CHECK_ROWS = 16  # rows of each sample's layer input whose output error is computed (evenly spaced)
 
 
 @dataclass
@@ -62,6 +78,9 @@ class QuantizeConfig:
     # Glob patterns on node names: these layers get the folded form (int8 storage, float kernel) whatever their size
     # (the latency guard names the layers it measured slower than float; latency_guard.py).
     fold: tuple = ()
+    # Layers whose output rows would lose more than this to the run-time int8 rounding of their input get the folded
+    # form (check_activations); 0 turns the measurement off. Measured only where the pass is given inputs.
+    activation_error_bound: float = ACTIVATION_ERROR_BOUND
 
 
 class QuantizeDynamic:
@@ -70,9 +89,12 @@ class QuantizeDynamic:
     name = "quantize-dynamic"
     streams = True  # reads one weight at a time through self.tensors: onnxshrink.streaming can run it
 
-    def __init__(self, config: QuantizeConfig | None = None, tensors: TensorStore | None = None):
+    def __init__(self, config: QuantizeConfig | None = None, tensors: TensorStore | None = None, inputs=None):
+        """`inputs`: a callable (model, session) -> (data.Dataset, origin) giving the samples the activation check
+        runs (inputs_for: validation's), a string saying why it cannot run, or None (no check, no note)."""
         self.config = config or QuantizeConfig()
         self.tensors = tensors or TensorStore()
+        self.inputs = inputs
         unknown = set(self.config.op_types) - set(SUPPORTED_OPS)
         if unknown:
             raise ValueError(f"unsupported op types for dynamic quantization: {', '.join(sorted(unknown))}")
@@ -94,6 +116,7 @@ class QuantizeDynamic:
                 report.notes.append(nothing_to_do(model, "MatMul/Gemm/Conv weight"))
             return model, report
         self._fold_small_layers(model, sites, records)
+        self._fold_outlier_inputs(model, sites, report)
         sites = self._check_opset(model, sites, records, report)
         if not sites:
             embed(model, embeddings, self.tensors, report)
@@ -166,6 +189,37 @@ class QuantizeDynamic:
                 self._folded[id(site.node)] = (f"{macs} multiply-adds per sample < {threshold} (--integer-min-macs): "
                                                "an integer kernel would be slower than fp32 here")
 
+    def _fold_outlier_inputs(self, model, sites, report):
+        """Layers whose input the run-time int8 rounding would damage get the folded form (check_activations)."""
+        bound = self.config.activation_error_bound
+        if self.inputs is None or not bound or bound <= 0:
+            return
+        candidates = [s for s in sites if id(s.node) not in self._folded and s.node.op_type in ("MatMul", "Gemm")
+                      and s.graph is model.graph]
+        if not candidates:
+            return
+        skip = self.inputs if isinstance(self.inputs, str) else None
+        if skip is None and model_io.has_external_data(model):
+            skip = "the weights are streamed from external data (the original is never whole in memory to run)"
+        if skip is None:
+            try:
+                measured, origin = check_activations(model, candidates, self.inputs, self.tensors.read)
+            except Exception as exc:  # noqa: BLE001 - onnxruntime's load and run errors carry no common type
+                skip = f"the original did not run on the inputs ({str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__})"
+        if skip is not None:
+            report.notes.append(f"activation check not run: {skip}; every layer the integer form suits gets it")
+            return
+        folded = 0
+        for site in candidates:
+            error, spread = measured.get(site.name, (None, None))
+            if error is not None and error > bound:
+                folded += 1
+                self._folded[id(site.node)] = (
+                    f"input spans {spread:.0f}x its median |x|: dynamic int8 of the input would lose {error:.0%} of the "
+                    f"layer's output (> {bound:.0%}); folded (int8 storage, float kernel)")
+        report.notes.append(f"activation check on {origin}: {folded} of {len(candidates)} layer(s) folded, their input's "
+                            f"run-time int8 rounding losing more than {bound:.0%} of their output")
+
     def _rewrite_graph(self, graph, sites, owners, quantized, folded, report, names):
         site_ids = {id(s.node): s for s in sites}
         activations: dict[str, tuple[str, str, str]] = {}
@@ -236,6 +290,113 @@ class QuantizeDynamic:
         scaled = self.tensors.read(tensor) * np.float32(beta)
         self.tensors.add(graph, scaled.astype(np.float32), stem + "_bias")
         return stem + "_bias"
+
+
+def inputs_for(model: onnx.ModelProto, validation=None, calibration=None, threads: int = 1):
+    """The activation check's inputs as validation picks them (--data, else the held-out calibration samples, else
+    synthesized), for QuantizeDynamic(inputs=); a reason string where the check cannot run on this model."""
+    if model_io.has_external_data(model):
+        return "the model keeps its weights in external data (running a copy of it to measure would hold it twice)"
+
+    def inputs(original: onnx.ModelProto, session):
+        import dataclasses
+
+        from onnxshrink import data as data_mod
+        from onnxshrink.validate import ValidateConfig, _dataset
+
+        config = validation or ValidateConfig(threads=threads)
+        if calibration is not None and not config.data:
+            config = dataclasses.replace(config, calibration=str(calibration))
+        return _dataset(config, data_mod.input_specs(original), original, session)
+
+    return inputs
+
+
+def dynamic_quantize_linear(x: np.ndarray) -> np.ndarray:
+    """What onnxruntime's DynamicQuantizeLinear then dequantization give back: uint8, asymmetric, one scale and zero
+    point from the min/max of the whole tensor (widened to include 0), rounding half to even."""
+    low, high = min(0.0, float(x.min())), max(0.0, float(x.max()))
+    if high == low:
+        return np.zeros_like(x)
+    scale = np.float32((high - low) / 255.0)
+    zero = np.clip(np.rint(-low / scale), 0, 255)
+    return ((np.clip(np.rint(x / scale) + zero, 0, 255) - zero) * scale).astype(np.float32)
+
+
+def row_error(x: np.ndarray, w: np.ndarray, rows: int | None = None) -> np.ndarray:
+    """Per row of x [rows, K]: ||(Q(x) - x) W|| / ||x W||, Q = dynamic_quantize_linear over all of x (its range is
+    the whole tensor's), on `rows` evenly spaced rows (all by default: the products cost a forward pass each);
+    rows whose output is zero are left out."""
+    x = x.reshape(-1, x.shape[-1]).astype(np.float32, copy=False)
+    rounded = dynamic_quantize_linear(x)
+    if rows is not None and rows < x.shape[0]:
+        pick = np.linspace(0, x.shape[0] - 1, rows).round().astype(int)
+        x, rounded = x[pick], rounded[pick]
+    error = (rounded - x) @ w
+    out = x @ w
+    signal = np.einsum("ij,ij->i", out, out, dtype=np.float64)
+    keep = signal > 0
+    return np.sqrt(np.einsum("ij,ij->i", error, error, dtype=np.float64)[keep] / signal[keep])
+
+
+def check_activations(model: onnx.ModelProto, sites: list, inputs, read) -> tuple[dict, str]:
+    """{layer name: (mean row error, input max|x| / median|x|)} from one unoptimized onnxruntime session of `model`
+    with the layers' inputs as extra outputs, run on up to ACTIVATION_CHECK_SAMPLES samples one at a time; and
+    where the samples came from. `read` gives a weight initializer's array."""
+    from onnxshrink import data as data_mod
+    from onnxshrink.runtime import make_session
+
+    tensors = list(dict.fromkeys(site.node.input[0] for site in sites))
+    outputs = len(model.graph.output)
+    existing = {o.name for o in model.graph.output}
+    # The layers' inputs as extra outputs for as long as the session is made (no copy of a large model held).
+    model.graph.output.extend(helper.make_tensor_value_info(t, onnx.TensorProto.FLOAT, None)
+                              for t in tensors if t not in existing)
+    try:
+        session = make_session(model, 1, optimize=False)
+    finally:
+        del model.graph.output[outputs:]
+    dataset, origin = inputs(model, session)
+    specs = data_mod.input_specs(model)
+    owners = initializer_owners(model)
+    weights = {}
+    for site in sites:
+        w = read(owners[site.weight][1]).astype(np.float32, copy=False)
+        if site.node.op_type == "Gemm":
+            w = (w.T if attr(site.node, "transB", 0) else w) * np.float32(attr(site.node, "alpha", 1.0))
+        weights[site.name] = w
+    sums = {site.name: [0.0, 0] for site in sites}
+    spread = {t: 0.0 for t in tensors}
+    taken = 0
+    for feed in _one_sample_feeds(dataset, specs):
+        if taken >= ACTIVATION_CHECK_SAMPLES:
+            break
+        taken += 1
+        values = dict(zip(tensors, session.run(tensors, feed)))
+        for t, x in values.items():
+            magnitude = np.abs(x)
+            median = float(np.median(magnitude))
+            if median > 0:
+                spread[t] = max(spread[t], float(magnitude.max()) / median)
+        for site in sites:
+            errors = row_error(values[site.node.input[0]], weights[site.name], ACTIVATION_CHECK_ROWS)
+            sums[site.name][0] += float(errors.sum())
+            sums[site.name][1] += errors.size
+        del values
+    measured = {name: (total / count, spread[site.node.input[0]])
+                for site in sites for name, (total, count) in [(site.name, sums[site.name])] if count}
+    return measured, f"{origin} ({taken} sample(s), each run alone)"
+
+
+def _one_sample_feeds(dataset, specs):
+    """The dataset's samples one at a time (inputs with a batch axis sliced, the others passed whole): the
+    range DynamicQuantizeLinear takes is then one sample's, as at batch 1."""
+    axes = dataset.batch_axes or {s.name: 0 for s in specs if s.dynamic_batch}
+    for batch in dataset.batches:
+        sliced = [n for n in batch if n in axes and batch[n].ndim > axes[n]]
+        rows = batch[sliced[0]].shape[axes[sliced[0]]] if sliced else 1
+        for i in range(rows):
+            yield {n: (np.take(a, [i], axis=axes[n]) if n in sliced else a) for n, a in batch.items()}
 
 
 def embed(model: onnx.ModelProto, plan: EmbeddingPlan, tensors, report: PassReport, **options) -> bool:

@@ -36,7 +36,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from embedding_metrics import mean_pool, row_cosines, topk_overlap  # noqa: E402
+from embedding_metrics import pooled_embeddings, row_cosines, topk_overlap  # noqa: E402
 
 from onnxshrink.data import Dataset, input_specs, load_npz  # noqa: E402
 from onnxshrink.passes.cluster import Cluster, ClusterConfig  # noqa: E402
@@ -53,12 +53,7 @@ def minilm():
 
     def outputs(candidate, threads):
         session = make_session(candidate, threads)
-        names = {i.name for i in session.get_inputs()}
-        out = []
-        for start in range(0, len(held["input_ids"]), 50):
-            feed = {k: v[start:start + 50] for k, v in held.items() if k in names}
-            out.append(mean_pool(session.run(None, feed)[0], feed["attention_mask"]))
-        return np.concatenate(out)
+        return pooled_embeddings(session, held)
 
     def quality(reference, candidate):
         return (f"cosine {row_cosines(reference, candidate).mean():.4f} (worst {row_cosines(reference, candidate).min():.4f}), "

@@ -17,6 +17,16 @@ def mean_pool(hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
     return (hidden.astype(np.float64) * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
 
 
+def pooled_embeddings(session, held: dict, batch: int = 50) -> np.ndarray:
+    """Mean-pooled embeddings of the held-out sentences (an .npz's arrays) through an onnxruntime session, in batches."""
+    names = {i.name for i in session.get_inputs()}
+    out = []
+    for start in range(0, len(held["input_ids"]), batch):
+        feed = {k: v[start:start + batch] for k, v in held.items() if k in names}
+        out.append(mean_pool(session.run(None, feed)[0], feed["attention_mask"]))
+    return np.concatenate(out)
+
+
 def _unit(rows: np.ndarray) -> np.ndarray:
     return rows / np.maximum(np.linalg.norm(rows, axis=1, keepdims=True), 1e-12)
 

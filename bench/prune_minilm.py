@@ -26,7 +26,7 @@ import onnxruntime as ort
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from embedding_metrics import mean_pool, row_cosines, topk_overlap  # noqa: E402
+from embedding_metrics import pooled_embeddings, row_cosines, topk_overlap  # noqa: E402
 
 from onnxshrink.data import input_specs, load_npz  # noqa: E402
 from onnxshrink.passes.prune import Prune, PruneConfig  # noqa: E402
@@ -35,12 +35,7 @@ from onnxshrink.runtime import make_session  # noqa: E402
 
 def embeddings(model: onnx.ModelProto, held: dict, threads: int) -> np.ndarray:
     session = make_session(model, threads)
-    names = {i.name for i in session.get_inputs()}
-    out = []
-    for start in range(0, len(held["input_ids"]), 50):
-        feed = {k: v[start:start + 50] for k, v in held.items() if k in names}
-        out.append(mean_pool(session.run(None, feed)[0], feed["attention_mask"]))
-    return np.concatenate(out)
+    return pooled_embeddings(session, held)
 
 
 def main() -> None:

@@ -20,9 +20,12 @@ temporary files), then packs when the output ends in `.shrink`. `compress` in au
 
   1. the lossless form of the input (a pack, or the model itself for an `.onnx` output) is the first
      best, so a valid output exists from the start;
-  2. each layer's pruning sensitivity is measured once (layer_sensitivity): it orders the per-layer moves;
+  2. each layer's pruning sensitivity is measured once (layer_sensitivity): it orders the per-layer moves; the
+     phase is skipped or cut short when it would take more than FRAGILITY_SHARE of the time budget;
   3. for each weight format (cluster 2^bits codebooks, 4-bit GPTQ, dynamic int8) the highest sparsity
-     that passes is found by bisection over a grid (accuracy falls with sparsity);
+     that passes is found by bisection over a grid (accuracy falls with sparsity). A large model (LARGE_MODEL_BYTES,
+     where one candidate costs minutes) tries the cheap, accurate formats first (int8 dynamic, then static), climbs
+     a finer grid from sparsity 0 and stops at the first failure, and prunes one-shot (SparseGPT per layer);
   4. from the best of those, per-layer moves (one layer pruned further, or one layer one bit narrower)
      are tried greedily, the smallest passing one kept each round.
 
@@ -92,6 +95,20 @@ DEFAULT_TIME_BUDGET_S = 600.0
 CACHED_STEPS = 8  # first-pass results a search keeps for reuse
 _STEP_NUMBERS = itertools.count()  # unique step file names within a work folder
 FINAL_LATENCY_S = 1.0  # the final report's latency measurement
+# Models at least this large (the input file) are searched the large-model way (_Search.large): on MiniLM (90 MB) a
+# prune or cluster candidate costs minutes, so a 10-minute budget holds a handful of candidates, not hundreds.
+LARGE_MODEL_BYTES = 16 << 20
+# The large-model order: cheap formats that keep the most accuracy first (dynamic int8 is 9 s and cosine 0.991 on
+# MiniLM; static int8 58 s and 0.998, yet it ran 446 s in a search on a loaded machine and was stopped at the
+# deadline; 4-bit codebooks stop at 0.966-0.982, docs/benchmarks-cluster.md), wide codebooks before narrow ones.
+LARGE_FORMAT_ORDER = ("int8", "int8static", "gptq4", "cluster6", "cluster5", "cluster4", "cluster3", "cluster2", "float")
+# The sensitivity phase (one validation per layer) runs only when its estimate fits in this share of the budget: on
+# MiniLM (36 layers) it would take the whole budget, and it only orders the per-layer moves.
+FRAGILITY_SHARE = 0.2
+LARGE_ONLY = ("int8static",)  # formats the search tries on large models alone
+# A large model's sparsities: its first steps small, since one-shot pruning of MiniLM at 50% costs 0.07 cosine
+# (docs/prune.md) while int8 leaves 0.008 of a 0.99 budget.
+LARGE_SPARSITIES = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 Progress = Callable[[str, int, int], None]
 
@@ -223,11 +240,12 @@ def _check_values(where: str, spec: PassSpec) -> None:
     options = spec.options
     if spec.name == "quantize":
         mode = _quantize_mode(options)
-        if mode not in ("dynamic", "blockwise"):
-            raise UsageError(f"{where}: mode {mode!r}: choose dynamic (int8) or blockwise (MatMulNBits)")
-        bits = options.get("bits", 8 if mode == "dynamic" else 4)
-        if (mode == "dynamic" and bits != 8) or bits not in (2, 4, 8):
-            raise UsageError(f"{where}: bits {bits}: dynamic is 8-bit; blockwise takes 2, 4 or 8")
+        if mode not in ("dynamic", "static", "blockwise"):
+            raise UsageError(f"{where}: mode {mode!r}: choose dynamic (int8), static (int8, calibrated activations) "
+                             "or blockwise (MatMulNBits)")
+        bits = options.get("bits", 4 if mode == "blockwise" else 8)
+        if (mode != "blockwise" and bits != 8) or bits not in (2, 4, 8):
+            raise UsageError(f"{where}: bits {bits}: dynamic and static are 8-bit; blockwise takes 2, 4 or 8")
         if options.get("block_size", 32) not in (16, 32, 64, 128, 256):
             raise UsageError(f"{where}: block_size {options['block_size']}: choose 16, 32, 64, 128 or 256")
         if options.get("algorithm", "rtn") not in ("rtn", "gptq"):
@@ -402,6 +420,14 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
 
             options.pop("bits", None)
             return api.quantize(current, target, QuantizeConfig(**options, exclude=exclude), **common).passes, {}
+        if mode == "static":
+            from onnxshrink.passes.quantize_static import StaticQuantizeConfig
+
+            if not calibration:
+                raise UsageError(f"{where}: mode static needs calibration data (--calibration FILE.npz)")
+            options.pop("bits", None)
+            options.pop("min_weights", None)  # a dynamic/blockwise option
+            return api.quantize(current, target, StaticQuantizeConfig(**options, exclude=exclude), **common).passes, {}
         from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
 
         return api.quantize(current, target, BlockwiseConfig(**options, exclude=exclude), **common).passes, {}
@@ -541,6 +567,9 @@ class CompressConfig:
     # Stop after this many candidates, the lossless start included: the budget that gives the same bytes on every
     # machine. A time budget set as well applies as a safety limit: whichever comes first stops the search.
     max_candidates: int | None = None
+    # The large-model search (LARGE_FORMAT_ORDER, sparsities tried upwards from 0, one-shot SparseGPT pruning,
+    # captures per block): None decides by the input's size (LARGE_MODEL_BYTES).
+    large: bool | None = None
 
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
@@ -551,6 +580,9 @@ FORMATS = {
     "cluster5": PassSpec("cluster", {"bits": 5, "other_floats": "int8"}),
     "cluster6": PassSpec("cluster", {"bits": 6, "other_floats": "int8"}),
     "int8": PassSpec("quantize", {"mode": "dynamic"}),
+    # int8 with calibrated activations: on MiniLM cosine 0.998 and top-5 0.94 against dynamic's 0.991 and 0.88, room
+    # that pruning can spend; 58 s there. Large models only (LARGE_ONLY): not measured in the sample-model search.
+    "int8static": PassSpec("quantize", {"mode": "static"}),
     "cluster2": PassSpec("cluster", {"bits": 2, "other_floats": "int8"}),
     "float": None,
 }
@@ -610,7 +642,7 @@ def parse_duration(text: str) -> float:
 
 class _Search:
     def __init__(self, model_path: Path, output: Path, config: CompressConfig, workdir: Path, progress: Progress | None,
-                 source: Path | None = None):
+                 source: Path | None = None, layer_count: int = 0):
         self.model_path, self.output, self.config, self.workdir = model_path, output, config, workdir
         self.source = source or model_path  # what recipes start from: the input, its norms folded (exact)
         self.progress = progress or (lambda step, done, total: None)
@@ -621,10 +653,14 @@ class _Search:
         self.stopped = "search done"
         self.out_of_time = False  # a candidate was stopped at the deadline
         self.costs: list[float] = []
+        self.check_s: float | None = None  # the lossless candidate's validation, seconds
         self.starts: dict = {}  # format -> (candidate, recipe, run): its smallest passing uniform setting
         self.fragility: dict = {}  # escaped node name -> output drift when that layer alone is pruned hard
         self.pack = output.name.endswith(".shrink")
         self.original_size = model_io.file_size(model_path)
+        self.layer_count = layer_count
+        self.large = config.large if config.large is not None else self.original_size >= LARGE_MODEL_BYTES
+        self.notes: list[str] = []
         data = config.data or config.calibration
         self.judging = ValidateConfig(data=data, labels=config.labels, samples=config.samples, threads=config.threads,
                                       seed=config.seed, latency=False, thresholds=config.thresholds)
@@ -632,11 +668,18 @@ class _Search:
     def elapsed(self) -> float:
         return time.monotonic() - self.started
 
+    def final_check_s(self) -> float:
+        """What the final check costs: one validation, as the lossless candidate's took (its copy or pack left out:
+        packing 90 MB of MiniLM took most of its 69 s, and counted in it left no time for a lossy candidate)."""
+        if self.check_s is not None:
+            return FINAL_LATENCY_S + self.check_s
+        return FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)
+
     def _seconds_left(self) -> float | None:
         """Seconds a candidate may run before the final check no longer fits the budget; None without a budget."""
         if self.config.time_budget_s is None:
             return None
-        final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)
+        final_check = self.final_check_s()
         return max(self.config.time_budget_s - self.elapsed() - final_check, 0.0)
 
     def affordable(self) -> bool:
@@ -649,7 +692,12 @@ class _Search:
         if self.config.time_budget_s is None:
             return True
         estimate = max(self.costs[-3:], default=0.0)
-        final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)  # the lossless candidate: one validation
+        if self.large and len(self.costs) == 1 and self.check_s is not None and candidate_process.available():
+            # A large model's first lossy candidate: the lossless one's cost is mostly its pack of the float model
+            # (MiniLM: 362 s with a 78 s validation on a loaded machine, which left it unstarted); it runs in a
+            # child stopped at the deadline, so one validation's time left is enough to start it.
+            estimate = self.check_s
+        final_check = self.final_check_s()
         if self.elapsed() + estimate + final_check > self.config.time_budget_s:
             self.stopped = "time budget"
             return False
@@ -662,17 +710,38 @@ class _Search:
         by them did worse (README, compress). Layers not reached keep no fragility (0: moved first)."""
         from onnxshrink.layer_sensitivity import SensitivityConfig
 
-        last = [time.monotonic(), max(self.costs[:1], default=0.0)]  # a layer costs about one validation
+        last = [time.monotonic(), self.final_check_s() - FINAL_LATENCY_S]  # a layer costs about one validation
+        budget = self.config.time_budget_s
+        share = None if budget is None else FRAGILITY_SHARE * budget
+        phase = {"start": time.monotonic(), "calls": 0, "layer": 0.0}  # calls of stop(); the slowest layer measured
 
         def stop() -> bool:  # before each layer: its runs cannot be stopped once started
             now = time.monotonic()
+            if phase["calls"] >= 2:  # the first call comes before the baseline, the second after it
+                phase["layer"] = max(phase["layer"], now - last[0])
+            phase["calls"] += 1
             last[0], last[1] = now, max(last[1], now - last[0])  # the slowest layer so far (the first: with setup)
-            if self.config.time_budget_s is None:
+            if budget is None:
                 return False
-            final_check = FINAL_LATENCY_S + (self.costs[0] if self.costs else 0.0)
-            return self.elapsed() + last[1] + final_check > self.config.time_budget_s
+            measured = phase["calls"] - 2  # layers measured so far
+            if measured >= 1:  # the rest of the layers, at the slowest one's cost, must fit in the phase's share
+                rest = max(self.layer_count - measured, 0) * phase["layer"]
+                if now - phase["start"] + rest > share:
+                    self.notes.append(f"sensitivity phase stopped after {measured} layer(s): the other "
+                                      f"{max(self.layer_count - measured, 0)} would take {rest:.0f} s more, past "
+                                      f"{FRAGILITY_SHARE:.0%} of the time budget (unmeasured layers are moved first)")
+                    return True
+            final_check = self.final_check_s()
+            return self.elapsed() + last[1] + final_check > budget
 
         config = self.config
+        # A large model's layer costs about one lossless candidate (its runs, not fixed costs, dominate): when the
+        # phase cannot fit in its share, it does not start. A small one is judged on its measured layers (stop()).
+        if self.large and share is not None and (self.layer_count + 1) * last[1] > share:
+            self.notes.append(f"sensitivity phase skipped: {self.layer_count + 1} runs of about {last[1]:.0f} s would "
+                              f"take more than {FRAGILITY_SHARE:.0%} of the time budget (the per-layer moves go in "
+                              "model order)")
+            return
         if stop() or (config.time_budget_s is not None and  # the baseline and the first layer: two such runs
                       self.elapsed() + 2 * last[1] + FINAL_LATENCY_S + last[1] > config.time_budget_s):
             return
@@ -702,8 +771,9 @@ class _Search:
         index = len(self.candidates)
         target = self.workdir / f"candidate{index}{'.shrink' if self.pack else '.onnx'}"
         run = report = error = None
+        timings: dict = {}
         work = functools.partial(_build_and_judge, self.source, self.model_path, recipe, target, self.config.calibration,
-                                 self.workdir, self.config.threads, self.judging)
+                                 self.workdir, self.config.threads, self.judging, timings=timings)
         remaining = self._seconds_left()
         try:
             if recipe.passes and not strict and remaining is not None and candidate_process.available():
@@ -736,21 +806,26 @@ class _Search:
             passed, better, time.monotonic() - start, error))
         target.unlink(missing_ok=True)
         self.costs.append(time.monotonic() - start)
+        if phase == "lossless" and "validate" in timings:
+            self.check_s = timings["validate"]
         return self.candidates[-1], run
 
     def uniform(self, formats: list[str]) -> None:
-        """Per format, the highest passing sparsity on the grid, by bisection (accuracy falls with sparsity)."""
-        grid = sorted(self.config.sparsities) if self.pack else [0.0]  # zeros buy nothing in an unpacked file
+        """Per format, the highest passing sparsity on the grid, by bisection (accuracy falls with sparsity); a large
+        model climbs the grid from 0 instead, stopping at the first failure: its first bisection point (75% zeros)
+        costs minutes and fails (MiniLM), while the format alone is cheap and likely to pass."""
+        sparsities = self.config.sparsities
+        if self.large and sparsities == DEFAULT_SPARSITIES:
+            sparsities = LARGE_SPARSITIES
+        grid = sorted(sparsities) if self.pack else [0.0]  # zeros buy nothing in an unpacked file
         for name in formats:
             low, high = -1, len(grid)
             while high - low > 1:
                 if not self.affordable():
                     return
-                mid = (low + high) // 2
+                mid = low + 1 if self.large else (low + high) // 2
                 self.tick(f"{name}, sparsity {grid[mid]:g}")
-                passes = [PassSpec("prune", {"sparsity": grid[mid], "remove_dead_units": True})] if grid[mid] > 0 else []
-                if FORMATS[name] is not None:
-                    passes.append(format_pass(name, self.config))
+                passes = uniform_passes(name, grid[mid], self.config, self.large)
                 if not passes:
                     low = mid  # the float model unpruned: the lossless start
                     continue
@@ -795,15 +870,52 @@ class _Search:
 
 
 def _build_and_judge(source: Path, model_path: Path, recipe: Recipe, target: Path, calibration, workdir: Path,
-                     threads: int, judging: ValidateConfig, cache: dict, evict: bool = True):
-    """One candidate: the recipe's file at `target`, and its validation against the original."""
+                     threads: int, judging: ValidateConfig, cache: dict, evict: bool = True, timings: dict | None = None):
+    """One candidate: the recipe's file at `target`, and its validation against the original (its seconds in
+    `timings`, when given, for the caller's estimates)."""
     if recipe.passes:
         run = run_recipe(source, recipe, target, calibration=calibration, workdir=workdir, threads=threads,
                          cache=cache, evict=evict)
     else:
         _copy_model(model_path, target)
         run = RecipeRun(str(target), [], {}, {}, {})
-    return run, api.validate(model_path, target, judging)
+    started = time.monotonic()
+    report = api.validate(model_path, target, judging)
+    if timings is not None:
+        timings["validate"] = time.monotonic() - started
+    return run, report
+
+
+def uniform_passes(name: str, sparsity: float, config: CompressConfig, large: bool = False) -> list[PassSpec]:
+    """The passes of one uniform candidate: prune to `sparsity` (none at 0), then weight format `name`. A large
+    model is pruned the one-shot way (SparseGPT per layer, scope layer: measured better on MiniLM than the refit
+    and than scope auto, which needs a sensitivity run) and clustered with one capture per block (capture_rounds 6:
+    about 2.5x less CPU than one per wave on MiniLM, docs/benchmarks-cluster.md)."""
+    passes = []
+    if sparsity > 0:
+        options = {"sparsity": sparsity, "remove_dead_units": True}
+        if large and config.calibration:
+            options.update(method="sparsegpt", scope="layer")
+        passes.append(PassSpec("prune", options))
+    if FORMATS[name] is not None:
+        spec = format_pass(name, config)
+        if large and spec.name == "cluster" and config.calibration:
+            spec.options["capture_rounds"] = LARGE_CAPTURE_ROUNDS
+        passes.append(spec)
+    return passes
+
+
+LARGE_CAPTURE_ROUNDS = 6
+
+
+def search_formats(calibration, chosen: tuple | None, large: bool) -> list[str]:
+    """The formats the uniform phase tries, in order: FORMATS' order, or LARGE_FORMAT_ORDER for a large model."""
+    formats = [f for f in available_formats(calibration) if chosen is None or f in chosen]
+    if not large:
+        formats = [f for f in formats if f not in LARGE_ONLY or (chosen is not None and f in chosen)]
+    if large:
+        formats.sort(key=lambda f: LARGE_FORMAT_ORDER.index(f) if f in LARGE_FORMAT_ORDER else len(LARGE_FORMAT_ORDER))
+    return formats
 
 
 def format_pass(name: str, config: CompressConfig) -> PassSpec:
@@ -869,7 +981,7 @@ def available_formats(calibration) -> list[str]:
                 importlib.import_module("onnxshrink.passes.cluster")  # lands with `onnxshrink cluster`
             except ImportError:
                 continue
-        if name == "gptq4" and calibration is None:
+        if name in ("gptq4", "int8static") and calibration is None:
             continue
         formats.append(name)
     return formats
@@ -926,8 +1038,9 @@ def compress(
             model.metadata_props.extend(kept)
             model.metadata_props.add(key=model_io.ORIGINAL_BYTES, value=str(first_size))
             model_io.save(model, source, force=True)
+        layer_count = len(layer_names(model))
         del model
-        search = _Search(model_path, output, config, workdir, progress, source)
+        search = _Search(model_path, output, config, workdir, progress, source, layer_count)
         if recipe is not None:
             report = _recipe_mode(search, recipe)
         else:
@@ -993,13 +1106,18 @@ def _auto_mode(search: _Search) -> CompressReport:
     if search.pack:
         search.tick("sensitivity")
         search.measure_fragility()
-    formats = [f for f in available_formats(config.calibration) if config.formats is None or f in config.formats]
+    formats = search_formats(config.calibration, config.formats, search.large)
+    if search.large:
+        search.notes.append(f"large model ({search.original_size / 2**20:.0f} MB): formats in the order "
+                            f"{', '.join(formats)}, each from sparsity 0 upwards until one fails"
+                            + (", pruned one-shot (SparseGPT, per layer)" if config.calibration else ""))
     search.uniform(formats)
     if config.refine:
         search.refine()
     search.tick("final check")
     final = _final_validation(search, search.output)
     report = _report(search, "auto", final, search.output)
+    report.notes.extend(search.notes)
     if not search.pack:
         report.notes.append("an .onnx output holds every zero: sparsity was not searched (write a .shrink to gain from it)")
     return report

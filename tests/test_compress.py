@@ -367,3 +367,40 @@ def test_recipe_mode_never_writes_its_failed_result_over_an_input(runner, tmp_pa
     assert result.exit_code == 5, result.output
     assert result.stderr.strip() == "error: m.failed.onnx: output path is the input model; choose another -o"
     assert tree(tmp_path) == before
+
+
+# ---- the large-model search ---------------------------------------------------------------------
+
+def test_a_large_model_tries_cheap_formats_first_and_prunes_one_shot():
+    config = CompressConfig(calibration="cal.npz", thresholds=Thresholds(min_cosine=0.99))
+    order = compress_search.search_formats("cal.npz", None, large=True)
+    assert order[:4] == ["int8", "int8static", "gptq4", "cluster6"] and order.index("cluster5") < order.index("cluster4")
+    small = compress_search.search_formats("cal.npz", None, large=False)
+    assert "int8static" not in small and small == [f for f in compress_search.available_formats("cal.npz")
+                                                    if f != "int8static"]
+    assert compress_search.search_formats("cal.npz", ("int8static",), large=False) == ["int8static"]  # asked for
+    assert "int8static" not in compress_search.search_formats(None, None, large=True)  # needs calibration
+    prune, cluster = compress_search.uniform_passes("cluster4", 0.5, config, large=True)
+    assert prune.options == {"sparsity": 0.5, "remove_dead_units": True, "method": "sparsegpt", "scope": "layer"}
+    assert cluster.options["capture_rounds"] == compress_search.LARGE_CAPTURE_ROUNDS
+    # small models keep the passes' defaults; without calibration there is nothing to prune one-shot from
+    small = compress_search.uniform_passes("cluster4", 0.5, config, large=False)
+    assert small[0].options == {"sparsity": 0.5, "remove_dead_units": True} and "capture_rounds" not in small[1].options
+    bare = compress_search.uniform_passes("int8", 0.5, CompressConfig(), large=True)
+    assert bare[0].options == {"sparsity": 0.5, "remove_dead_units": True}
+    assert [p.name for p in compress_search.uniform_passes("int8", 0.0, config, large=True)] == ["quantize"]
+
+
+def test_a_large_model_climbs_the_sparsity_grid_from_zero_and_stops_at_the_first_failure(digits, tmp_path):
+    """large=True on the sample MLP: int8 alone first (not 75% zeros, the bisection's first point), then upwards;
+    the first failing sparsity ends that format and the next format starts again from 0."""
+    model, calib, data = digits
+    config = _config(calib, data, large=True, formats=("cluster4", "int8"), sparsities=(0.0, 0.5, 0.97, 0.98),
+                     time_budget_s=None)
+    report = compress(model, tmp_path / "out.shrink", config)
+    uniform = [c for c in report.candidates if c.phase == "uniform"]
+    assert [c.recipe.split(" -> ")[-1].split("(")[0] for c in uniform] == ["quantize"] * 3 + ["cluster"] * 3
+    assert uniform[0].recipe == "quantize(mode=dynamic)" and uniform[0].passed
+    assert "method=sparsegpt, scope=layer" in uniform[1].recipe and "sparsity=0.5" in uniform[1].recipe
+    assert [c.passed for c in uniform] == [True, True, False, True, True, False]  # 97% zeros fails, 98% not tried
+    assert report.passed and any(note.startswith("large model") for note in report.notes)

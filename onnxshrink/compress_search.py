@@ -1032,11 +1032,8 @@ def compress(
         source, folded = None, fold_layernorm(model)
         if folded:
             source = workdir / "input.folded.onnx"
-            first_size = model_io.original_size(model, model_path)  # what the output is measured against
-            kept = [p for p in model.metadata_props if p.key != model_io.ORIGINAL_BYTES]
-            del model.metadata_props[:]
-            model.metadata_props.extend(kept)
-            model.metadata_props.add(key=model_io.ORIGINAL_BYTES, value=str(first_size))
+            # What the output is measured against: the input's size, not the folded copy's.
+            model_io.set_metadata(model, {model_io.ORIGINAL_BYTES: str(model_io.original_size(model, model_path))})
             model_io.save(model, source, force=True)
         layer_count = len(layer_names(model))
         del model

@@ -163,6 +163,11 @@ def stamp(model: onnx.ModelProto, command: str, options: dict, original_bytes: i
     }
     if original_bytes is not None:
         entries[ORIGINAL_BYTES] = str(int(original_bytes))
+    set_metadata(model, entries)
+
+
+def set_metadata(model: onnx.ModelProto, entries: dict) -> None:
+    """Set these metadata_props keys (replacing any earlier value), keeping the others in order."""
     kept = [p for p in model.metadata_props if p.key not in entries]
     del model.metadata_props[:]
     model.metadata_props.extend(kept)

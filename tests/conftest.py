@@ -144,3 +144,15 @@ def unwritable_output(folder: Path, where: str) -> Path:
     if where.startswith(("proc", "sys")) and not output.parent.is_dir():
         pytest.skip(f"{output.parent} is not mounted here")
     return output
+
+
+def count_captures(monkeypatch, module) -> list:
+    """Patch `module.capture` (prune_common's activation capture) to record the sorted tensor names of each run."""
+    calls, real = [], module.capture
+
+    def counting(dataset, model, names, threads=1):
+        calls.append(sorted(names))
+        return real(dataset, model, names, threads)
+
+    monkeypatch.setattr(module, "capture", counting)
+    return calls

@@ -10,7 +10,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from conftest import SAMPLES, assert_bad_option, build_model, float_value, invoke, make_mlp, save_model
+from conftest import SAMPLES, assert_bad_option, build_model, count_captures, float_value, invoke, make_mlp, save_model
 from onnxshrink import api
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import load_npz, input_specs
@@ -555,14 +555,8 @@ def test_cluster_captures_a_round_of_layers_per_run(monkeypatch, rounds):
 
     model = _two_waves()
     data = _calibration(model)
-    calls = []
     real = prune_common.capture
-
-    def counting(dataset, model_, names, threads=1):
-        calls.append(sorted(names))
-        return real(dataset, model_, names, threads)
-
-    monkeypatch.setattr(prune_common, "capture", counting)
+    calls = count_captures(monkeypatch, prune_common)
     clustered, report = Cluster(ClusterConfig(bits=3, capture_rounds=rounds), data)(model)
     monkeypatch.setattr(prune_common, "capture", real)
     per_layer, _ = Cluster(ClusterConfig(bits=3, capture_rounds=-1), data)(model)

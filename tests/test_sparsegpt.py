@@ -115,7 +115,7 @@ def test_dead_inputs_do_not_break_the_factorisation():
 import onnx  # noqa: E402
 from onnx import helper, numpy_helper, TensorProto  # noqa: E402
 
-from conftest import make_mlp  # noqa: E402
+from conftest import count_captures, make_mlp  # noqa: E402
 from onnxshrink.data import Dataset  # noqa: E402
 from onnxshrink.errors import UsageError  # noqa: E402
 from onnxshrink.passes import prune as prune_module, prune_common  # noqa: E402
@@ -191,14 +191,7 @@ def _fan_out(k=16):
 
 def test_layers_sharing_an_input_are_captured_in_one_run(monkeypatch):
     model = _fan_out()
-    calls = []
-    real = prune_module.capture
-
-    def counting(dataset, model, names, threads=1):
-        calls.append(sorted(names))
-        return real(dataset, model, names, threads)
-
-    monkeypatch.setattr(prune_module, "capture", counting)
+    calls = count_captures(monkeypatch, prune_module)
     Prune(PruneConfig(sparsity=0.5, method="sparsegpt", scope="layer", sequential=True), _data(model, k=16))(model)
     # one run for the allocation's statistics, then per wave the pruned model and the original side by side
     assert calls == [["s", "x", "x", "x"], ["x", "x", "x"], ["x", "x", "x"], ["s"], ["s"]]

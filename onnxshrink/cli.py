@@ -33,7 +33,8 @@ from onnxshrink.render import ProgressDisplay, render_command, render_info, rend
 from onnxshrink.validate import Thresholds, ValidateConfig
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended, unlike Ctrl-C's 130
-_sigterm = {"received": False}
+EXIT_HANGUP = 128 + signal.SIGHUP  # 129: its terminal closed (an ssh session dropped, a terminal window shut)
+_sigterm = {"received": False, "signal": signal.SIGTERM}
 # Under --json stdout holds exactly one document: the report, or else the error. Reset by each invocation.
 _json_out = {"wanted": False, "written": False}
 
@@ -55,19 +56,49 @@ def _json_error(code: int, message: str) -> None:
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM (kill, a CI job's timeout, docker stop), raised wherever the process is, as Ctrl-C's KeyboardInterrupt
-    is: the same `finally` blocks then remove the staging files, and no `except Exception` can swallow it."""
+    """SIGTERM (kill, a CI job's timeout, docker stop) or SIGHUP (its terminal closed), raised wherever the process
+    is, as Ctrl-C's KeyboardInterrupt is: the same `finally` blocks then remove the staging files, and no
+    `except Exception` can swallow it."""
+
+    def __init__(self, signum: int = signal.SIGTERM):
+        super().__init__(signum)
+        self.signum = signum
 
 
 def _on_sigterm(signum, frame) -> None:
-    _sigterm["received"] = True
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short (SIGKILL still can)
-    raise Terminated()
+    _sigterm.update(received=True, signal=signum)
+    if signum == signal.SIGHUP:
+        _off_a_closed_terminal()
+    for handled in _HANDLED:  # a second signal must not cut the cleanup short (SIGKILL still can)
+        signal.signal(handled, signal.SIG_IGN)
+    raise Terminated(signum)
+
+
+_HANDLED = (signal.SIGTERM, signal.SIGHUP)
+
+
+def _off_a_closed_terminal() -> None:
+    """After a hangup, writing to the terminal fails (EIO): a progress line or the final message would then raise
+    in the middle of the cleanup, and the exit code would be 1. stdout/stderr on a closed terminal go to /dev/null
+    (an empty write tells: it fails on a hung-up terminal only); a pipe or file, still readable, is kept."""
+    for fd in (1, 2):
+        try:
+            os.write(fd, b"")
+        except OSError:
+            with contextlib.suppress(OSError):
+                null = os.open(os.devnull, os.O_WRONLY)
+                os.dup2(null, fd)
+                os.close(null)
+
+
+def _termination(signum: int) -> tuple[str, int]:
+    return (("terminated (SIGHUP)", EXIT_HANGUP) if signum == signal.SIGHUP
+            else ("terminated (SIGTERM)", EXIT_TERMINATED))
 
 
 def _interrupted(exc: BaseException) -> tuple[str, int]:
-    """The word and exit code for Ctrl-C (130) or SIGTERM (143): CI can tell a kill from a keyboard."""
-    return ("terminated (SIGTERM)", EXIT_TERMINATED) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
+    """The word and exit code for Ctrl-C (130), SIGTERM (143) or SIGHUP (129): CI can tell a kill from a keyboard."""
+    return _termination(exc.signum) if isinstance(exc, Terminated) else ("interrupted", EXIT_INTERRUPTED)
 
 
 def _no_type(ctx=None) -> None:
@@ -117,11 +148,12 @@ class _OneLineErrors(_FlagsWithoutType, TyperGroup):
         except typer.Abort:
             sys.stderr.write("interrupted\n")
             code = EXIT_INTERRUPTED
-        if code == EXIT_INTERRUPTED and _sigterm["received"]:  # SIGTERM outside a command's edge: typer made it 130
-            sys.stderr.write("terminated (SIGTERM)\n")
-            code = EXIT_TERMINATED
+        if code == EXIT_INTERRUPTED and _sigterm["received"]:  # SIGTERM/SIGHUP outside a command's edge: typer made it 130
+            word, code = _termination(_sigterm["signal"])
+            sys.stderr.write(word + "\n")
         if code:  # any failure not yet written as a document (an interrupt outside a command's edge)
-            _json_error(code, {EXIT_INTERRUPTED: "interrupted", EXIT_TERMINATED: "terminated (SIGTERM)"}.get(code, f"exit code {code}"))
+            _json_error(code, {EXIT_INTERRUPTED: "interrupted", EXIT_TERMINATED: "terminated (SIGTERM)",
+                               EXIT_HANGUP: "terminated (SIGHUP)"}.get(code, f"exit code {code}"))
         if standalone_mode:
             sys.exit(code)
         return code
@@ -131,7 +163,7 @@ class _OneLineErrors(_FlagsWithoutType, TyperGroup):
 EXIT_CODES_HELP = ("Exit codes: 0 ok · 1 a threshold failed · 2 usage error · 3 unusable input (model or data) · "
                    "4 unsupported model · 5 cannot write the output · 6 written but not validated (no inputs the "
                    "model runs on: give --data, --calibration or --shape) · 70 internal error · "
-                   "130 interrupted (Ctrl-C) · 143 terminated (SIGTERM). "
+                   "129 terminal closed (SIGHUP) · 130 interrupted (Ctrl-C) · 143 terminated (SIGTERM). "
                    "Under --json, stdout is one document: the report, or on a failure {\"error\": {\"code\", \"message\"}}.")
 
 app = typer.Typer(
@@ -865,10 +897,13 @@ def unpack_command(
 def main() -> None:
     """Console entry point: Click usage errors exit 2, everything else goes through the command edge.
 
-    SIGTERM is handled as Ctrl-C is (staging files removed, nothing partial left), with exit code 143.
+    SIGTERM and SIGHUP are handled as Ctrl-C is (staging files removed, nothing partial left), with exit codes 143
+    and 129. A SIGHUP already ignored (nohup) stays ignored.
     """
     try:
         signal.signal(signal.SIGTERM, _on_sigterm)
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:
+            signal.signal(signal.SIGHUP, _on_sigterm)
     except ValueError:  # not the main thread (an embedding program): its own signal handling stands
         pass
     try:

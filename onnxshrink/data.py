@@ -32,6 +32,9 @@ PROBE_SIZES = (32, 64, 128, 224, 256, 320, 416, 512, 640)
 # Token inputs (input_ids, attention_mask, ...): a realistic sentence length, or the longest shorter one that runs.
 TOKEN_LENGTH = 128
 TOKEN_LENGTHS = (128, 64, 32, 16, 8, 4, 2, 1)
+# Signal inputs (float, rank 2 or 3, a symbolic batch: audio [batch, samples], [batch, channels, samples]) with a
+# symbolic length: the shortest of these that runs (an STFT's reflect Pad or a wide Conv refuses 1 sample).
+SIGNAL_LENGTHS = (1, 16, 64, 256, 512, 1024, 1600, 4000, 16000)
 # Calibration data that also serves validation keeps its last quarter (at least MIN_HOLDOUT samples) out of the
 # calibrating passes; with fewer than MIN_HOLDOUT + MIN_CALIBRATION samples nothing is held out.
 MIN_HOLDOUT = 4
@@ -290,7 +293,7 @@ def synthesize(
     """Seeded random inputs from the signature; drift on these is not accuracy.
 
     With `model`, symbolic sizes come from its metadata and token inputs get realistic values
-    (plan_inputs); with `runs` (a batch -> error message or None), image sizes are probed until the
+    (plan_inputs); with `runs` (a batch -> error message or None), image sizes and signal lengths are probed until the
     model runs. Without them every symbolic dimension other than the batch is 1.
     """
     rng = np.random.default_rng(seed)
@@ -309,6 +312,7 @@ def synthesize(
         remaining -= rows
         batches.append(plan.batch(specs, rows, rng))
     dataset = Dataset(batches, None, samples, True, notes)
+    dataset.batch_axes = {s.name: plan.dims[s.name].index(BATCH) for s in specs if BATCH in plan.dims[s.name]}
     dataset.shape_sources = {s.name: plan.source(s.name) for s in specs}
     notes.extend(plan.notes(specs, dataset.input_shapes()))
     return dataset
@@ -337,6 +341,8 @@ class InputPlan:
     sources: dict = field(default_factory=dict)  # key -> one of SOURCES
     fills: dict = field(default_factory=dict)  # input name -> Fill (absent: random)
     image_keys: list = field(default_factory=list)  # keys to probe at image sizes
+    length_keys: list = field(default_factory=list)  # keys to probe at SIGNAL_LENGTHS
+    state_axes: list = field(default_factory=list)  # (input, axis): a state's unnamed axis that may be the batch
     token_keys: list = field(default_factory=list)  # keys at the token length
     whole: dict = field(default_factory=dict)  # input name -> "--shape" when the whole shape was given
 
@@ -373,7 +379,8 @@ class InputPlan:
 def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, overrides: dict | None = None,
                 reference_shapes: dict | None = None) -> InputPlan:
     """Give every symbolic dimension a size, in this order: --shape, the calibration file's shapes, the model's
-    metadata (`imgsz`), the token length for token inputs, a probe for image inputs (left to `_probe`), else 1.
+    metadata (`imgsz`), the token length for token inputs, a probe for image and signal inputs (left to `_probe`),
+    else 1.
 
     A named dimension (`height`) takes one size wherever it appears; an unnamed one is its input's own.
     """
@@ -411,14 +418,19 @@ def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, ov
     fills = token_fills(model, specs) if model is not None else {}
     plan.fills = fills
     imgsz = metadata_image_size(model) if model is not None else None
+    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
     for spec in specs:
         if spec.name in overrides:
             continue
-        plan.dims[spec.name] = [BATCH if axis == 0 and not isinstance(d, int) else (d if isinstance(d, int) else key(spec, axis))
-                                for axis, d in enumerate(spec.shape)]
+        state = bool(spec.shape) and isinstance(spec.shape[0], int)  # a fixed axis 0: the batch, if any, is elsewhere
+        plan.dims[spec.name] = [BATCH if (axis == 0 or state and d in batch_names) and not isinstance(d, int)
+                                else (d if isinstance(d, int) else key(spec, axis)) for axis, d in enumerate(spec.shape)]
+        symbolic = [axis for axis, d in enumerate(plan.dims[spec.name]) if d != BATCH and not isinstance(d, int)]
+        if state and spec.dtype.kind == "f" and len(symbolic) == 1 and BATCH not in plan.dims[spec.name]:
+            plan.state_axes.append((spec.name, symbolic[0]))
         image = image_axes(spec)
         for axis, d in enumerate(spec.shape):
-            if axis == 0 or isinstance(d, int):
+            if axis == 0 or isinstance(d, int) or plan.dims[spec.name][axis] == BATCH:
                 continue
             k = key(spec, axis)
             if image is not None and axis in image:
@@ -430,6 +442,9 @@ def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, ov
             elif spec.name in fills and axis == 1 and k not in plan.sizes:
                 plan.token_keys.append(k)
                 known(k, TOKEN_LENGTH, "token length")
+            elif axis == signal_axis(spec) and k not in plan.sizes:
+                plan.length_keys.append(k)
+                known(k, DEFAULT_SYMBOLIC_DIM, "default")  # until probed
     for spec in specs:  # what no rule sized: 1
         for d in plan.dims[spec.name]:
             if d != BATCH and not isinstance(d, int):
@@ -438,8 +453,9 @@ def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, ov
 
 
 def _probe(plan: InputPlan, specs: list[InputSpec], runs, seed: int) -> None:
-    """Image sizes: the smallest of PROBE_SIZES at which one sample runs with every output non-empty. Token
-    lengths: TOKEN_LENGTH, or the longest shorter one that runs. Raises InputsUnavailable when no image size runs."""
+    """Image sizes: the smallest of PROBE_SIZES at which one sample runs with every output non-empty. Signal
+    lengths: the shortest of SIGNAL_LENGTHS that runs. Token lengths: TOKEN_LENGTH, or the longest shorter one
+    that runs. Raises InputsUnavailable when no image size or no signal length runs."""
     rng = np.random.default_rng(seed)
     if plan.image_keys:
         errors = []
@@ -459,6 +475,27 @@ def _probe(plan: InputPlan, specs: list[InputSpec], runs, seed: int) -> None:
                 f"no synthesized input runs the model: {shapes} failed for every S of {', '.join(map(str, PROBE_SIZES))} "
                 f"(at {errors[-1][0]}: {errors[-1][1]}); give --data, --calibration, or sizes with "
                 "--shape NAME=D1,D2,...")
+    lengths = [k for k in plan.length_keys if plan.sources.get(k) == "default"]
+    if lengths:
+        errors = []
+        for length in SIGNAL_LENGTHS:
+            for k in lengths:
+                plan.sizes[k] = length
+            error = runs(plan.batch(specs, 1, rng))
+            if error is None:
+                if length != DEFAULT_SYMBOLIC_DIM:
+                    for k in lengths:
+                        plan.sources[k] = "probe"
+                break
+            errors.append((length, error))
+        else:
+            shapes = ", ".join(f"{s.name} [{', '.join(_probe_text(d, lengths, 'L') for d in plan.dims[s.name])}]"
+                               for s in specs)
+            raise InputsUnavailable(
+                f"no synthesized input runs the model: {shapes} failed for every L of "
+                f"{', '.join(map(str, SIGNAL_LENGTHS))} (at {errors[-1][0]}: {errors[-1][1]}); give --data, "
+                "--calibration, or sizes with --shape NAME=D1,D2,...")
+    _probe_state_batch(plan, specs, runs, rng)
     pending = [k for k in plan.token_keys if plan.sources.get(k) == "token length"]
     if pending:
         for length in TOKEN_LENGTHS:
@@ -473,8 +510,33 @@ def _probe(plan: InputPlan, specs: list[InputSpec], runs, seed: int) -> None:
             plan.sizes[k] = TOKEN_LENGTH
 
 
-def _probe_text(d, probed: list) -> str:
-    return "1" if d == BATCH else ("S" if d in probed else str(d))
+def _probe_state_batch(plan: InputPlan, specs: list[InputSpec], runs, rng: np.random.Generator) -> None:
+    """A recurrent state whose batch axis is unnamed (silero: state [2, ?, 128] beside input [?, ?]): when a run
+    of 2 samples fails with that axis at 1, it is taken as the batch if the run then succeeds."""
+    if not plan.state_axes or not any(BATCH in dims for dims in plan.dims.values()):
+        return
+    if runs(plan.batch(specs, 2, rng)) is None:
+        return
+    before = {name: list(plan.dims[name]) for name, _ in plan.state_axes}
+    for name, axis in plan.state_axes:
+        plan.dims[name][axis] = BATCH
+    if runs(plan.batch(specs, 2, rng)) is not None:
+        plan.dims.update(before)
+
+
+def _probe_text(d, probed: list, letter: str = "S") -> str:
+    return "1" if d == BATCH else (letter if d in probed else str(d))
+
+
+def signal_axis(spec: InputSpec) -> int | None:
+    """The length axis of a signal-like input (audio [batch, samples], [batch, channels, samples]): float, rank 2
+    or 3, a symbolic batch at axis 0, and this axis the last symbolic one after it. A recurrent state
+    ([2, batch, 128]) has a fixed axis 0 and is not one."""
+    shape = spec.shape
+    if len(shape) not in (2, 3) or spec.dtype.kind != "f" or isinstance(shape[0], int):
+        return None
+    symbolic = [axis for axis in range(1, len(shape)) if not isinstance(shape[axis], int)]
+    return symbolic[-1] if symbolic else None
 
 
 def image_axes(spec: InputSpec) -> tuple[int, int] | None:

@@ -44,7 +44,6 @@ import dataclasses
 import json
 import os
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass, field
 
@@ -56,6 +55,7 @@ from onnxshrink.passes.common import glob_literal
 from onnxshrink.passes.folded_weights import FOLD_REQUESTED, FOLDED
 from onnxshrink.report import LATENCY_NOISE_FLOOR, latency_slower
 from onnxshrink.runtime import make_session, session_options
+from onnxshrink.scratch import scratch_dir
 
 MOVABLE_OPS = ("MatMul", "Gemm", "Conv")  # what the passes' `fold` can rewrite
 ONE_BY_ONE = 4  # steps that move one more layer each; after them the count moved doubles per step
@@ -421,7 +421,7 @@ def profile(model: onnx.ModelProto, feed: dict, threads: int = 1, runs: int = 10
     with profiling on whose optimized graph is saved too: the profile's names are that graph's."""
     import onnxruntime as ort
 
-    with tempfile.TemporaryDirectory(prefix="onnxshrink-profile-") as folder:
+    with scratch_dir("profile") as folder:
         options = session_options(threads, True, os.path.join(folder, "optimized.onnx"))
         options.enable_profiling = True
         options.profile_file_prefix = os.path.join(folder, "profile")

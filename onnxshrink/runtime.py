@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 from collections import Counter
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import onnx
 from onnxshrink.errors import ModelLoadError, UnsupportedModelError
 from onnxshrink.codec.container import MAGIC as PACK_MAGIC
 from onnxshrink.protos import iter_graphs
+from onnxshrink.scratch import scratch_dir
 
 
 def session_options(threads: int = 1, optimize: bool = True, optimized_path: str | None = None, prepack: bool = True):
@@ -117,7 +117,7 @@ def optimized_op_counts(model: str | os.PathLike | onnx.ModelProto, threads: int
 
 def optimized_graph(model: str | os.PathLike | onnx.ModelProto, threads: int = 1) -> onnx.ModelProto:
     """The graph onnxruntime executes after its fusions and constant folding (weights not loaded)."""
-    with tempfile.TemporaryDirectory(prefix="onnxshrink-ort-") as tmp:
+    with scratch_dir("ort") as tmp:
         target = Path(tmp) / "optimized.onnx"
         make_session(model, threads, optimize=True, optimized_path=str(target), prepack=_quantized(model))
         return onnx.load(str(target), load_external_data=False)

@@ -82,12 +82,13 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
 
     outputs = {}
     found = attention_mask(specs, dataset.batches, dataset.batch_axes)
+    states = state_outputs(reference, dataset.batches[0], dataset.batch_axes)
     masked = []
     for name, expected in reference.items():
         if name not in produced:
             raise DataError(f"candidate has no output {name!r}")
         mask = found[1] if found is not None and masks_output(found[1], expected) else None
-        outputs[name] = compare_outputs(expected, produced[name], mask)
+        outputs[name] = compare_outputs(expected, produced[name], mask, scores=name not in states)
         if mask is not None:
             masked.append(name)
     if masked:
@@ -242,11 +243,43 @@ def mask_note(found: tuple[str, np.ndarray], names: list[str]) -> str:
             "left out of max_abs, mean_rel, cosine and agreement")
 
 
-def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray | None = None) -> OutputDrift:
+def state_outputs(reference: dict, batch: dict, batch_axes: dict) -> set[str]:
+    """Outputs that are a recurrent state handed back (silero's stateN for state [2, batch, 128], an LSTM's hn for
+    h): shaped as a float input whose samples are not along axis 0 (the rank and every axis but the first match),
+    of rank 3 or more or named after it (a fixed-batch classifier's [1, 10] logits beside [1, 10] features are
+    not). Their last axis is hidden units, not classes: top-1 agreement over it means nothing."""
+    states = {name: array for name, array in batch.items()
+              if array.dtype.kind == "f" and array.ndim >= 2 and batch_axes.get(name) != 0}
+    return {out for out, output in reference.items()
+            if any(output.ndim == s.ndim and output.shape[1:] == s.shape[1:] and (s.ndim >= 3 or out.startswith(name))
+                   for name, s in states.items())}
+
+
+def top1_agreement(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None) -> float | None:
+    """Share of rows (the last axis) whose argmax agrees, counting only rows whose top value is unique in `a`:
+    a tie's winner is an accident of order (all-zero ReLU rows, saturated scores), and any drift flips it. None
+    when ties are most of the rows (`rows`: those that count at all): then argmax holds no answer to agree on."""
+    top = np.max(a, axis=-1, keepdims=True)
+    unique = np.sum(a == top, axis=-1) == 1
+    if rows is not None:
+        unique = unique[rows]
+    total = unique.size
+    if total == 0 or np.count_nonzero(unique) * 2 < total:
+        return None
+    agree = np.argmax(a, axis=-1) == np.argmax(b, axis=-1)
+    return float(np.mean((agree[rows] if rows is not None else agree)[unique]))
+
+
+def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray | None = None,
+                    scores: bool = True) -> OutputDrift:
     """Drift of one output; mean_rel is mean|a-b| / mean|a| (robust to values near zero).
 
     With `mask` ([batch, sequence], true where a token is real; masks_output), the positions it clears count
     nowhere: their values are zeroed in both for the per-sample cosine and left out of every other figure.
+    Top-1 agreement only where argmax can be an answer: float scores over 2+ classes on the last axis of a
+    [batch, classes] or [batch, tokens, classes] output (rank 4 and up is a map: argmax over its width, or a
+    spectrogram's bins, decides nothing), not mostly tied (top1_agreement), and `scores` true (false for a
+    recurrent state: state_outputs).
     """
     if expected.shape != actual.shape:
         raise DataError(f"output shapes differ: original {list(expected.shape)}, candidate {list(actual.shape)}")
@@ -277,16 +310,14 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray |
         cosines = cosines[keep.any(axis=1)]  # a sample that is all padding has nothing to judge
         cosines = cosines if cosines.size else np.ones(1)
     top1 = None
-    if expected.dtype.kind == "f" and a.ndim >= 2 and a.shape[-1] > 1:
+    if scores and expected.dtype.kind == "f" and 2 <= a.ndim <= 3 and a.shape[-1] > 1:
         if keep is None:
-            top1 = float(np.mean(np.argmax(a, axis=-1) == np.argmax(b, axis=-1)))
+            top1 = top1_agreement(a, b)
         elif a.ndim == 2:  # scores over the sequence itself (a span start): padding can never be the answer
             hidden = np.where(keep, 0.0, -np.inf)
-            rows = keep.any(axis=1)
-            agree = np.argmax(a + hidden, axis=-1) == np.argmax(b + hidden, axis=-1)
-            top1 = float(np.mean(agree[rows])) if rows.any() else None
+            top1 = top1_agreement(a + hidden, b + hidden, keep.any(axis=1))
         else:  # per-token scores: the real tokens' labels
-            top1 = float(np.mean(np.argmax(kept_a, axis=-1) == np.argmax(kept_b, axis=-1)))
+            top1 = top1_agreement(kept_a, kept_b)
     return OutputDrift(max_abs, mean_rel, float(np.mean(cosines)), float(np.min(cosines)), top1, exact)
 
 

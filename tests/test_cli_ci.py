@@ -4,6 +4,7 @@ was gated, warnings fire only on real changes (drift, latency beyond noise), and
 from __future__ import annotations
 
 import json
+from signal import SIGHUP
 
 import numpy as np
 import onnx
@@ -80,7 +81,8 @@ def test_json_internal_error_is_an_error_document(work, runner, monkeypatch):
 
 
 @pytest.mark.parametrize("signal, code, word", [(KeyboardInterrupt, EXIT_INTERRUPTED, "interrupted"),
-                                                (cli.Terminated, cli.EXIT_TERMINATED, "terminated (SIGTERM)")])
+                                                (cli.Terminated, cli.EXIT_TERMINATED, "terminated (SIGTERM)"),
+                                                (lambda: cli.Terminated(SIGHUP), 129, "terminated (SIGHUP)")])
 def test_json_interrupt_is_an_error_document(work, runner, monkeypatch, signal, code, word):
     def stopped(*args, **kwargs):
         raise signal()

@@ -283,18 +283,109 @@ def test_probe_raises_inputs_unavailable_in_the_library(tmp_path):
         api.validate(path, path, ValidateConfig(latency=False))
 
 
+def framed_audio(rank: int = 2) -> onnx.ModelProto:
+    """Audio [batch, samples] (or [batch, 1, samples]) framed by a 400-wide, stride-160 Conv (25 ms windows at
+    16 kHz, as a filterbank front end): it cannot run on fewer than 400 samples (1 was synthesized before)."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 1, 400)) * 0.05).astype(np.float32), "frames.w"),
+             numpy_helper.from_array(np.array([1], np.int64), "axis1")]
+    nodes = [helper.make_node("Conv", ["x3" if rank == 2 else "x", "frames.w"], ["y"], name="frames",
+                              kernel_shape=[400], strides=[160])]
+    if rank == 2:
+        nodes.insert(0, helper.make_node("Unsqueeze", ["x", "axis1"], ["x3"]))
+    shape = ["batch", "samples"] if rank == 2 else ["batch", 1, "samples"]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 8, "frames"])], inits)
+
+
+@pytest.mark.parametrize("rank", [2, 3])
+def test_signal_length_is_probed_up_to_what_a_wide_conv_needs(tmp_path, runner, rank):
+    path = save_model(framed_audio(rank), tmp_path / "audio.onnx")
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "audio.q.onnx", "--json")
+    assert result.exit_code == 0, result.output  # was 6: x [16, 1] refused by the Conv
+    validation = _json(result)["validation"]
+    assert validation["validated"] is True
+    length = 512  # the shortest of the probe lengths that is at least 400
+    assert validation["input_shapes"] == {"x": [16, length] if rank == 2 else [16, 1, length]}
+    assert validation["input_shape_sources"] == {"x": "probe"}
+
+
+def test_a_signal_that_runs_at_length_1_keeps_it(tmp_path):
+    """The probe starts at 1: a model that runs there is judged as before."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "samples"])
+    path = save_model(_model([helper.make_node("Relu", ["x"], ["y"])], [x], [y], []), tmp_path / "relu.onnx")
+    report = api.validate(path, path, ValidateConfig(latency=False))
+    assert report.input_shapes == {"x": [16, 1]} and report.input_shape_sources == {"x": "default"}
+
+
+def recurrent_state() -> onnx.ModelProto:
+    """silero VAD's signature: audio [?, ?] and a state [2, ?, 4] whose unnamed axis 1 is the batch (its first
+    slice is concatenated with a per-sample feature of the audio, which needs the batches equal), a reflect Pad
+    that needs 2+ samples, and the state handed back as stateN."""
+    inits = [numpy_helper.from_array(np.array([0, 2, 0, 2], np.int64), "pads"),
+             numpy_helper.from_array(np.array(0, np.int64), "zero")]
+    nodes = [
+        helper.make_node("Pad", ["x", "pads"], ["padded"], mode="reflect"),
+        helper.make_node("ReduceMean", ["padded"], ["level"], axes=[1], keepdims=1),
+        helper.make_node("Gather", ["state", "zero"], ["h"], axis=0),
+        helper.make_node("Concat", ["h", "level"], ["output"], axis=1),
+        helper.make_node("Relu", ["state"], ["stateN"]),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, None]),
+              helper.make_tensor_value_info("state", TensorProto.FLOAT, [2, None, 4])]
+    outputs = [helper.make_tensor_value_info("output", TensorProto.FLOAT, [None, 5]),
+               helper.make_tensor_value_info("stateN", TensorProto.FLOAT, [2, None, 4])]
+    return _model(nodes, inputs, outputs, inits)
+
+
+def test_recurrent_state_gets_the_batch_and_the_audio_a_length(tmp_path, runner):
+    path = save_model(recurrent_state(), tmp_path / "vad.onnx")
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "vad.q.onnx", "--json")
+    assert result.exit_code == 0, result.output
+    validation = _json(result)["validation"]
+    assert validation["input_shapes"] == {"x": [16, 16], "state": [2, 16, 4]}  # state was [2, 1, 4]: Concat refused
+    assert validation["input_shape_sources"]["x"] == "probe"
+
+
+def test_named_state_batch_follows_the_runs():
+    """A state whose batch axis is named as the audio's batch ([2, batch, 4]) takes each run's rows, no probe."""
+    specs = [data_mod.InputSpec("x", np.dtype(np.float32), ["batch", 512]),
+             data_mod.InputSpec("state", np.dtype(np.float32), [2, "batch", 4])]
+    dataset = data_mod.synthesize(specs, 20, batch_size=8)
+    assert [b["state"].shape for b in dataset.batches] == [(2, 8, 4), (2, 8, 4), (2, 4, 4)]
+    assert dataset.batch_axes == {"x": 0, "state": 1}
+
+
+def no_length_fits() -> onnx.ModelProto:
+    """Audio reshaped into rows of 7: no probe length (none is a multiple of 7) runs it."""
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 7])
+    shape = numpy_helper.from_array(np.array([-1, 7], dtype=np.int64), "rows")
+    return _model([helper.make_node("Reshape", ["x", "rows"], ["y"], name="rows7")], [x], [y], [shape])
+
+
 def test_synthesized_inputs_the_model_refuses_still_write_the_output(tmp_path, runner):
-    """Not an image: no probe, the size defaults to 1 and a reflect Pad refuses it. quantize needs no inputs,
-    so its output lands, not validated (was exit 3 and nothing written)."""
+    """No signal length runs it. quantize needs no inputs, so its output lands, not validated (exit 6)."""
+    path = save_model(no_length_fits(), tmp_path / "rows.onnx")
+    result = invoke(runner, "quantize", path, "-o", tmp_path / "rows.q.onnx", "--json")
+    assert result.exit_code == 6, result.output
+    assert (tmp_path / "rows.q.onnx").is_file()
+    reason = _json(result)["validation"]["reason"]
+    assert reason.startswith("no synthesized input runs the model: x [1, L] failed for every L of 1, 16, 64, 256")
+    assert "Reshape node 'rows7'" in reason and "give --data, --calibration, or sizes with --shape" in reason
+
+
+def test_reflect_pad_runs_at_a_probed_length(tmp_path, runner):
+    """A reflect Pad of 2 refuses 1 sample (exit 6 before): the probe finds 16."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "samples"])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", None])
     pads = numpy_helper.from_array(np.array([0, 2, 0, 2], dtype=np.int64), "pads")
     graph = helper.make_graph([helper.make_node("Pad", ["x", "pads"], ["y"], mode="reflect")], "pad", [x], [y], [pads])
     path = save_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "pad.onnx")
     result = invoke(runner, "quantize", path, "-o", tmp_path / "pad.q.onnx", "--json")
-    assert result.exit_code == 6, result.output
-    assert (tmp_path / "pad.q.onnx").is_file()
-    assert "Pad reflect requires axis length >= 2" in _json(result)["validation"]["reason"]
+    assert result.exit_code == 0, result.output
+    assert _json(result)["validation"]["input_shapes"] == {"x": [16, 16]}
 
 
 def test_prune_calibrates_on_the_samples_validation_does_not_judge(tmp_path, monkeypatch):

@@ -28,7 +28,6 @@ folds at load), so it runs its float kernel at fp32 speed from a 4x smaller file
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -49,6 +48,7 @@ from onnxshrink.passes.smooth_quant import SmoothQuant
 from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.runtime import capture_activations, make_session
+from onnxshrink.scratch import scratch_dir
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import TINY_BYTES, find_tensors
 
@@ -691,7 +691,7 @@ def _relu_after_maxpool(model, plan) -> int:
 
 def _runtime_graph(model, threads) -> onnx.ModelProto:
     """The graph onnxruntime really runs, after all its fusions."""
-    with tempfile.TemporaryDirectory(prefix="onnxshrink-static-") as tmp:
+    with scratch_dir("static") as tmp:
         target = Path(tmp) / "optimized.onnx"
         make_session(model, threads, optimize=True, optimized_path=str(target))
         return onnx.load(str(target), load_external_data=False)

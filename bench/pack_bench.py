@@ -167,7 +167,11 @@ def main() -> None:
             f"{fmt_ratio(r['zstd'], r['onnx'])} | {fmt_ratio(r['pack'], r['onnx'])} | {r['pack'] / r['xz']:.3f} | "
             f"{fmt_plain(r['payload_vs_entropy'])} | {fmt_plain(r['vs_entropy'])} | "
             f"{r['pack_s']:.2f} | {r['load_s']:.3f} | {r['mb'] / r['load_s']:.0f} |")
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    out = Path(args.out)
+    kept = out.read_text() if out.exists() else ""
+    marker = "<!-- pack_load: begin -->"  # bench/pack_load.py's section, kept as it was
+    kept = "\n" + kept[kept.index(marker):] if marker in kept else ""
+    out.write_text("\n".join(lines) + "\n" + kept)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

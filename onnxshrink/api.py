@@ -431,10 +431,15 @@ def flush_denormals(
 PACK_FULL_COMPARE_BYTES = 256 << 20  # above this, pack's check relies on the per-tensor digests alone (memory)
 
 
-def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None, *, force: bool = False):
-    """Write a `.shrink` file: the graph as ONNX, every weight entropy-coded; read back and checked before it lands."""
-    from onnxshrink.packing import PackReport, check_pack, pack_model, unpack_model
+def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None, *, force: bool = False,
+         favor: str = "load"):
+    """Write a `.shrink` file: the graph as ONNX, every weight entropy-coded; read back and checked before it lands.
 
+    `favor` = "load" (a zstd graph record of 1 MiB or more unless LZMA saves over 0.5% of the pack) or "size"."""
+    from onnxshrink.packing import FAVORS, PackReport, check_pack, pack_model, unpack_model
+
+    if favor not in FAVORS:
+        raise UsageError(f"favor must be one of {', '.join(FAVORS)}, not {favor!r}")
     model_path = Path(model_path)
     if model_io.is_pack(model_path):
         raise UsageError(f"{model_path}: is already a pack (.shrink); unpack it first")
@@ -451,7 +456,7 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
 
     def write(stream):
         nonlocal manifest
-        manifest = pack_model(model, stream, report, external_data=external, source=source)
+        manifest = pack_model(model, stream, report, external_data=external, source=source, favor=favor)
 
     def check(staged: Path):
         # Decode what was written: every coded tensor must match its SHA-256 (unpack_model checks), and a

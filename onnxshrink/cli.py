@@ -865,6 +865,7 @@ def flush_denormals_command(
 def pack_command(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file (float, quantized or pruned).", show_default=False)],
     output: _output_opt("Output path (default MODEL.shrink next to the input).") = None,
+    favor: Annotated[str, typer.Option("--favor", metavar="[load|size]", help="load (default): a graph record of 1 MiB or more in zstd, which loads 20-50x faster than LZMA, unless LZMA saves over 0.5% of the pack; size: whichever is smaller.", rich_help_panel=HOW)] = "load",
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
     show_all: ShowAllOpt = False,
@@ -873,7 +874,7 @@ def pack_command(
 ) -> None:
     """Write a .shrink file: the graph as ONNX, every weight Huffman-coded losslessly (unpack restores it bit for bit)."""
     with _progress("pack"):
-        report = api.pack(model, output, force=force)
+        report = api.pack(model, output, force=force, favor=favor)
     _emit(as_json, report, lambda console, r: render_pack(console, r, show_all, verbose))
 
 

@@ -184,7 +184,7 @@ def test_a_recipe_built_without_calibration_refuses_some(tmp_path):
 def test_refinement_moves_one_layer_at_a_time(digits, tmp_path):
     model, calib, data = digits
     report = compress(model, tmp_path / "out.shrink", _config(calib, data, sparsities=(0.0, 0.8), refine=True,
-                                                              max_candidates=6))
+                                                              max_candidates=6, time_budget_s=None))
     moves = [c for c in report.candidates if c.phase == "per-layer"]
     assert len(report.candidates) == 6 and report.stopped == "candidate limit"
     assert moves and all(c.recipe.startswith("base + ") for c in moves)

@@ -251,8 +251,8 @@ def test_random_bit_flips_are_all_refused(packed):
 
 def test_wrong_version_and_foreign_files_are_named(packed):
     newer = bytearray(packed)
-    newer[8:10] = (3).to_bytes(2, "little")
-    with pytest.raises(container.CorruptPack, match="version 3"):
+    newer[8:10] = (4).to_bytes(2, "little")
+    with pytest.raises(container.CorruptPack, match="version 4"):
         unpack_model(bytes(newer))
     with pytest.raises(container.CorruptPack, match="not an onnxshrink pack"):
         unpack_model(b"PK\x03\x04 a zip file")
@@ -357,8 +357,8 @@ def _damaged_packs(folder, packed: bytes) -> None:
     flipped[len(packed) // 3] ^= 4
     (folder / "flipped.shrink").write_bytes(bytes(flipped))
     newer = bytearray(packed)
-    newer[8] = 3
-    (folder / "v3.shrink").write_bytes(bytes(newer))
+    newer[8] = 4
+    (folder / "v4.shrink").write_bytes(bytes(newer))
     (folder / "cut_at_record.shrink").write_bytes(packed[:-17])
 
 
@@ -366,7 +366,7 @@ def _damaged_packs(folder, packed: bytes) -> None:
     (["unpack", "truncated.shrink"], 3, "corrupted pack (truncated: the tensor record at byte"),
     (["unpack", "cut_at_record.shrink"], 3, "corrupted pack (truncated: the end record at byte"),
     (["inspect", "flipped.shrink"], 3, "corrupted pack (checksum mismatch in the record at byte"),
-    (["validate", "m.onnx", "v3.shrink"], 3, "corrupted pack (pack format version 3.0; this onnxshrink reads versions 1.x and 2.x)"),
+    (["validate", "m.onnx", "v4.shrink"], 3, "corrupted pack (pack format version 4.0; this onnxshrink reads versions 1.x, 2.x and 3.x)"),
     (["unpack", "m.onnx"], 2, "m.onnx: is not a pack (.shrink); nothing to unpack"),
     (["pack", "m.shrink"], 2, "m.shrink: is already a pack (.shrink); unpack it first"),
     (["pack", "m.onnx", "-o", "m.onnx"], 5, "output path is the input model"),

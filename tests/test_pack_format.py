@@ -1,5 +1,6 @@
-"""The 2.0 pack format: binary tensor descriptions, 1.0 packs (JSON descriptions) still read, malformed
-descriptions refused, and small models that pack smaller than LZMA on the whole model."""
+"""The pack format: binary tensor descriptions (2.0), a zstd graph record (3.0), 1.0 packs (JSON descriptions) and
+2.0 packs (LZMA graph) still read, malformed descriptions refused, and small models that pack smaller than LZMA on
+the whole model."""
 
 from __future__ import annotations
 
@@ -109,7 +110,8 @@ def test_every_kind_of_tensor_has_a_short_binary_description(packed):
     assert unpack_model(pack).SerializeToString() == onnx.load(str(path)).SerializeToString()
     assert {t.encoding for t in report.tensors} == {"planes", "nibbles", "sparse", "sparse-nibbles"}
     assert report.totals["shared_tables"] >= 1
-    assert pack[8:12] == bytes([2, 0, 0, 0])  # format 2.0
+    assert pack[8:12] == bytes([2, 0, 0, 0])  # format 2.0: a graph under 1 MiB keeps the smaller codec, LZMA
+    assert container.parse_json(next(container.read_records(pack)))["graph_codec"] == "lzma2-raw-8m"
     descriptions = {report.tensors[n].name: (meta, length) for n, (_, meta, length) in enumerate(tensor_records(pack))}
     assert descriptions["typed"][0]["field"] == "float_data"
     assert {descriptions[name][0]["k"] for name in ("fp32", "fp16", "int8")} == {4, 2, 1}
@@ -142,8 +144,8 @@ def test_a_damaged_version_1_description_is_refused(packed):
 
 def test_other_major_versions_are_refused_by_name(packed):
     newer = bytearray(packed[2])
-    newer[8:10] = (3).to_bytes(2, "little")
-    with pytest.raises(container.CorruptPack, match=r"version 3\.0; this onnxshrink reads versions 1\.x and 2\.x"):
+    newer[8:10] = (4).to_bytes(2, "little")
+    with pytest.raises(container.CorruptPack, match=r"version 4\.0; this onnxshrink reads versions 1\.x, 2\.x and 3\.x"):
         unpack_model(bytes(newer))
 
 
@@ -216,3 +218,177 @@ def test_tied_copies_stay_in_the_graph_when_that_is_smaller(tmp_path, monkeypatc
     assert per_tensor.tensors and not report.tensors
     assert report.size["output"] < per_tensor.size["output"]
     assert api.load(tmp_path / "tied.shrink").SerializeToString() == model.SerializeToString()
+
+
+# ---------------------------------------------------------------- the graph record's codec (format 3.0)
+
+def as_lzma_2_0(pack: bytes) -> bytes:
+    """The pack as the 2.0 writer laid it out: the same records, the graph record LZMA-coded."""
+    out = io.BytesIO()
+    records = container.read_records(pack)
+    header = container.parse_json(next(records))
+    graph = packing._decode_graph(next(records), header).SerializeToString()
+    writer = container.Writer(out, (2, 0))
+    writer.json_record(container.HEADER, {**header, "graph_codec": "lzma2-raw-8m"})
+    writer.record(container.GRAPH, lzma.compress(graph, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))
+    for record in records:
+        writer.record(record.kind, record.body)
+    writer.close()
+    return out.getvalue()
+
+
+def as_zstd_3_0(pack: bytes) -> bytes:
+    """The pack with its graph record in zstd, as `favor=load` writes a graph of 1 MiB or more."""
+    out = io.BytesIO()
+    records = container.read_records(pack)
+    header = container.parse_json(next(records))
+    graph = packing._decode_graph(next(records), header).SerializeToString()
+    writer = container.Writer(out, (3, 0))
+    writer.json_record(container.HEADER, {**header, "graph_codec": "zstd", "graph_bytes": len(graph)})
+    writer.record(container.GRAPH, packing.zstandard.ZstdCompressor(level=19).compress(graph))
+    for record in records:
+        writer.record(record.kind, record.body)
+    writer.close()
+    return out.getvalue()
+
+
+def sines_model() -> onnx.ModelProto:
+    """A DCT-like basis of cosines (as an STFT front end holds): LZMA codes it 12% smaller than zstd -19."""
+    basis = np.cos(2 * np.pi * np.arange(128)[:, None] * np.arange(256) / 256).astype(np.float32)
+    return identity_model([numpy_helper.from_array(basis, "basis")])
+
+
+def test_a_2_0_pack_with_an_lzma_graph_still_loads(packed, tmp_path):
+    """A small graph keeps LZMA: such packs are written as 2.0, byte for byte as the 2.0 writer wrote them."""
+    path, _, pack = packed
+    newer = as_zstd_3_0(pack)
+    assert newer[8:12] == bytes([3, 0, 0, 0])
+    assert unpack_model(newer).SerializeToString() == onnx.load(str(path)).SerializeToString()
+    old = as_lzma_2_0(newer)
+    assert old[8:12] == bytes([2, 0, 0, 0]) and old == pack
+    assert unpack_model(old).SerializeToString() == onnx.load(str(path)).SerializeToString()
+    (tmp_path / "old.shrink").write_bytes(old)
+    api.unpack(tmp_path / "old.shrink", tmp_path / "old.onnx")
+    assert onnx.load(str(tmp_path / "old.onnx")).SerializeToString() == onnx.load(str(path)).SerializeToString()
+
+
+def header_and_version(path) -> tuple[dict, bytes]:
+    data = path.read_bytes()
+    return container.parse_json(next(container.read_records(data))), data[8:12]
+
+
+def test_lzma_keeps_the_graph_where_it_saves_more_than_the_slack_and_favor_size_takes_the_smaller(tmp_path):
+    """favor=load trades at most ZSTD_SLACK of the pack for a graph record that decodes 20-50x faster; a basis
+    of cosines is 12% smaller in LZMA, so LZMA stays, written as 2.0 (readable by every reader since)."""
+    path = save_model(sines_model(), tmp_path / "sines.onnx")
+    sizes = {}
+    for favor in ("load", "size"):
+        report = api.pack(path, tmp_path / f"{favor}.shrink", favor=favor)
+        header, version = header_and_version(tmp_path / f"{favor}.shrink")
+        assert header["graph_codec"] == "lzma2-raw-8m" and version == bytes([2, 0, 0, 0]) and not report.tensors
+        assert api.load(tmp_path / f"{favor}.shrink").SerializeToString() == onnx.load(str(path)).SerializeToString()
+        sizes[favor] = report.size["output"]
+    assert sizes["load"] == sizes["size"]
+
+
+def test_favor_load_takes_zstd_within_the_slack_and_favor_size_does_not(tmp_path, monkeypatch):
+    path = save_model(every_kind(), tmp_path / "m.onnx")
+    monkeypatch.setattr(packing, "ZSTD_SLACK", 0.5)  # zstd whatever LZMA saves
+    monkeypatch.setattr(packing, "ZSTD_GRAPH_MIN", 0)  # however small the graph
+    api.pack(path, tmp_path / "load.shrink")
+    header, version = header_and_version(tmp_path / "load.shrink")
+    assert header["graph_codec"] == "zstd" and version == bytes([3, 0, 0, 0])
+    report = api.pack(path, tmp_path / "size.shrink", favor="size")
+    records = container.read_records((tmp_path / "size.shrink").read_bytes())
+    header = container.parse_json(next(records))
+    graph = packing._decode_graph(next(records), header).SerializeToString()
+    lzma_size = len(lzma.compress(graph, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))
+    zstd_size = len(packing.zstandard.ZstdCompressor(level=packing.ZSTD_LEVEL).compress(graph))
+    assert header["graph_codec"] == ("zstd" if zstd_size <= lzma_size else "lzma2-raw-8m")
+    assert report.totals["graph_bytes"] == min(lzma_size, zstd_size) + packing.RECORD_FRAMING
+    assert api.load(tmp_path / "size.shrink").SerializeToString() == onnx.load(str(path)).SerializeToString()
+
+
+def test_cli_favor_option(runner, tmp_path):
+    from conftest import invoke
+
+    path = save_model(sines_model(), tmp_path / "sines.onnx")
+    result = invoke(runner, "pack", path, "-o", tmp_path / "s.shrink", "--favor", "size")
+    assert result.exit_code == 0, result.output
+    assert header_and_version(tmp_path / "s.shrink")[0]["graph_codec"] == "lzma2-raw-8m"
+    result = invoke(runner, "pack", path, "-o", tmp_path / "x.shrink", "--favor", "speed")
+    assert result.exit_code == 2 and "favor must be one of load, size, not 'speed'" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "x.shrink").exists()
+
+
+# ---------------------------------------------------------------- zstd-planes tensors (format 3.0)
+
+def repeated_rows_model() -> onnx.ModelProto:
+    """An output layer whose rows repeat (classes trained alike, as a recogniser's rare characters): zstd on the
+    byte planes finds the repeats, which order-0 Huffman codes cannot; about 37% of the bytes, where LZMA takes 48%."""
+    rng = np.random.default_rng(4)
+    rows = rng.standard_normal((48, 256)).astype(np.float32)[rng.integers(0, 48, 512)]
+    rows[::3] += rng.standard_normal((len(rows[::3]), 256)).astype(np.float32)
+    return identity_model([numpy_helper.from_array(rows, "classifier"),
+                           numpy_helper.from_array(rng.standard_normal((64, 64)).astype(np.float32), "dense")])
+
+
+@pytest.mark.parametrize("external", [False, True], ids=["in-memory", "streamed"])
+def test_repeated_rows_are_coded_as_zstd_planes_and_round_trip(tmp_path, external):
+    model = repeated_rows_model()
+    expected = [numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
+    path = tmp_path / "m.onnx"
+    onnx.save(model, str(path), save_as_external_data=external, location="m.onnx.data", size_threshold=0)
+    report = api.pack(path, tmp_path / "m.shrink")
+    coded = {t.name: t for t in report.tensors}
+    assert coded["classifier"].encoding == "zstd-planes" and coded["dense"].encoding == "planes"
+    assert coded["classifier"].bytes_after < 0.4 * coded["classifier"].bytes_before
+    assert coded["classifier"].coded_bits < coded["classifier"].entropy_bits  # below what Huffman can reach
+    assert (tmp_path / "m.shrink").read_bytes()[8:12] == bytes([3, 0, 0, 0])
+    api.unpack(tmp_path / "m.shrink", tmp_path / "back.onnx")
+    back = onnx.load(str(tmp_path / "back.onnx"))  # external data read from back.onnx.data where it was written
+    assert [numpy_helper.to_array(t).tobytes() for t in back.graph.initializer] == expected
+
+
+def zstd_planes_record(pack: bytes):
+    return next((r, meta, length) for r, meta, length in tensor_records(pack) if meta["enc"] == "zstd-planes")
+
+
+def test_a_zstd_planes_frame_that_lies_about_its_size_is_refused_before_allocating(tmp_path):
+    import tracemalloc
+
+    import zstandard
+
+    path = save_model(repeated_rows_model(), tmp_path / "m.onnx")
+    api.pack(path, tmp_path / "m.shrink")
+    pack = (tmp_path / "m.shrink").read_bytes()
+    record, meta, length = zstd_planes_record(pack)
+    description, frame = bytes(record.body[:length]), bytes(record.body[length:])
+
+    def with_frame(new: bytes) -> bytes:
+        changed = container.join_meta({**meta, "streams": [{"c": meta["n"], "b": len(new)}]})
+        return with_body(pack, record, changed + new)
+
+    assert unpack_model(with_frame(frame)).SerializeToString() == onnx.load(str(path)).SerializeToString()
+    where = f"tensor record at byte {record.offset}"
+    bomb = zstandard.ZstdCompressor(level=1).compress(bytes(1 << 30))
+    cases = [(bomb, "zstd frame states 1073741824 bytes, not the 524288 its description declares"),
+             (frame[:-7], "does not decode \\(zstd: "),
+             (frame + b"\0" * 3, "does not decode \\(zstd: .*unused data"),
+             (zstandard.ZstdCompressor(level=1, write_content_size=False).compress(bytes(meta["n"])), "states no size"),
+             (b"\0" * 16, "is not a zstd frame")]
+    for new, message in cases:
+        with pytest.raises(container.CorruptPack, match=f"{where}.*{message}") as error:
+            unpack_model(with_frame(new))
+        assert "\n" not in str(error.value)
+    tracemalloc.start()
+    try:
+        with pytest.raises(container.CorruptPack):
+            unpack_model(with_frame(bomb))
+        assert tracemalloc.get_traced_memory()[1] < 16 << 20
+    finally:
+        tracemalloc.stop()
+    shared = container.join_meta({**meta, "streams": [{"c": meta["n"], "b": len(frame), "t": 0}]})
+    with pytest.raises(container.CorruptPack, match=f"{where} has 1 stream.* not one zstd frame of 524288 bytes"):
+        unpack_model(with_body(pack, record, shared + frame))
+    assert description  # the record's own description was read back above

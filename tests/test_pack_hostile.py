@@ -18,6 +18,7 @@ import tracemalloc
 import numpy as np
 import onnx
 import pytest
+import zstandard
 from onnx import TensorProto, helper, numpy_helper
 
 import onnxshrink
@@ -27,7 +28,7 @@ from onnxshrink.codec import container, huffman
 from onnxshrink.codec.container import CorruptPack
 from onnxshrink.errors import ModelLoadError
 from onnxshrink.packing import unpack_model
-from test_pack_format import as_version_1, every_kind
+from test_pack_format import as_lzma_2_0, as_version_1, as_zstd_3_0, every_kind
 
 FAST_LZMA = [{"id": lzma.FILTER_LZMA2, "preset": 0, "dict_size": 8 << 20}]  # decodable with GRAPH_FILTERS
 
@@ -47,16 +48,17 @@ def slot_model(dims=(64, 64), data_type=TensorProto.FLOAT, location=None) -> onn
     return model
 
 
-def craft(model=None, tensors=(), *, header=None, graph=None, end=None) -> bytes:
-    """A pack with valid CRCs: the header (overridden by `header`), the graph record (`model`, LZMA-coded, or the
-    raw body `graph`), tensor records from (description, streams) pairs, and an end record (or the body `end`)."""
+def craft(model=None, tensors=(), *, header=None, graph=None, end=None, codec=packing.GRAPH_CODEC) -> bytes:
+    """A pack with valid CRCs: the header (overridden by `header`), the graph record (`model`, coded with `codec`,
+    or the raw body `graph`), tensor records from (description, streams) pairs, and an end record (or the body `end`)."""
     out = io.BytesIO()
     writer = container.Writer(out)
     fields = {"format": packing.FORMAT_NAME, "producer": "test", "tensors": len(tensors), "tables": 0,
-              "graph_codec": packing.GRAPH_CODEC}
+              "graph_codec": codec}
     if model is not None:
         fields["graph_bytes"] = model.ByteSize()
-        graph = lzma.compress(model.SerializeToString(), format=lzma.FORMAT_RAW, filters=FAST_LZMA)
+        graph = (zstandard.ZstdCompressor(level=1).compress(model.SerializeToString()) if codec == packing.ZSTD_CODEC
+                 else lzma.compress(model.SerializeToString(), format=lzma.FORMAT_RAW, filters=FAST_LZMA))
     fields.update(header or {})
     writer.json_record(container.HEADER, {k: v for k, v in fields.items() if v is not None})
     writer.record(container.GRAPH, graph)
@@ -196,7 +198,7 @@ def test_the_graph_record_decodes_to_no_more_than_its_header_declares():
 
 
 def test_a_pack_without_graph_bytes_is_bounded_by_what_one_protobuf_holds(monkeypatch, kinds):
-    """Packs written before `graph_bytes` still read; their graph is bounded by protobuf's 2 GiB."""
+    """Packs written before `graph_bytes` (LZMA graphs) still read; their graph is bounded by protobuf's 2 GiB."""
     model, pack = kinds
     header_record = next(container.read_records(pack))
     header = container.parse_json(header_record)
@@ -207,6 +209,66 @@ def test_a_pack_without_graph_bytes_is_bounded_by_what_one_protobuf_holds(monkey
     monkeypatch.setattr(packing, "MAX_GRAPH_BYTES", 1 << 20)
     bomb = lzma.compress(b"\0" * (4 << 20), format=lzma.FORMAT_RAW, filters=FAST_LZMA)
     refused(craft(graph=bomb), "the graph record decodes to more than what one protobuf holds")
+
+
+def zstd_frame(data: bytes, content_size: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(level=1, write_content_size=content_size).compress(data)
+
+
+def test_a_zstd_graph_record_round_trips_and_its_stated_size_is_checked_before_allocating(tmp_path):
+    """zstandard allocates whatever size a frame states (and ignores max_output_size then): a 300-byte frame
+    stating 1 GiB of zeros would take 1 GiB. The stated size must be the header's, itself at most 2 GiB."""
+    model = slot_model()
+    model.graph.initializer[0].raw_data = bytes(64 * 64 * 4)
+    assert unpack_model(craft(model, codec="zstd")).SerializeToString() == model.SerializeToString()
+    bomb = zstd_frame(bytes(1 << 30))
+    assert len(bomb) < 64 << 10
+    pack = craft(graph=bomb, codec="zstd", header={"graph_bytes": model.ByteSize()})
+    refused(pack, f"the graph record's zstd frame states 1073741824 bytes, not the {model.ByteSize()} its header")
+    assert traced_peak(lambda: unpack_model(pack)) < 16 << 20
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda frame, _: frame[:-5], "does not decode \\(zstd: "),  # truncated: the frame ends early
+    (lambda frame, _: frame + b"\0\0\0\0", "does not decode \\(zstd: .*unused data"),
+    (lambda _, data: zstd_frame(data, content_size=False), "zstd frame states no size, not the \\d+ its header"),
+    (lambda _, data: zstd_frame(data + b"\0"), "zstd frame states \\d+ bytes, not the \\d+ its header"),
+    (lambda frame, _: b"\x29\xb5" + frame[2:], "the graph record is not a zstd frame"),
+    (lambda frame, _: b"\x50\x2a\x4d\x18" + (4).to_bytes(4, "little") + b"skip" + frame, "not the \\d+ its header"),
+    (lambda _, data: lzma.compress(data, format=lzma.FORMAT_RAW, filters=FAST_LZMA), "not a zstd frame"),
+])
+def test_a_damaged_zstd_graph_record_is_refused_in_one_line(damage, message):
+    model = slot_model()
+    data = model.SerializeToString()
+    refused(craft(graph=damage(zstd_frame(data), data), codec="zstd", header={"graph_bytes": len(data)}), message)
+
+
+def wide_window_frame(data: bytes) -> bytes:
+    """A valid zstd frame of `data` (one raw block) whose header asks for a 2 GiB window: magic, frame header
+    descriptor 0x80 (4-byte content size, not single-segment), window descriptor 0xA8 (2^31), the size, the block."""
+    block = (len(data) << 3 | 1).to_bytes(3, "little")  # raw block, the last
+    return b"\x28\xb5\x2f\xfd" + bytes([0x80, 0xA8]) + len(data).to_bytes(4, "little") + block + data
+
+
+def test_a_zstd_graph_needs_graph_bytes_and_a_bounded_window():
+    data = slot_model().SerializeToString()
+    refused(craft(graph=zstd_frame(data), codec="zstd"), "names the zstd graph codec without 'graph_bytes'")
+    frame = wide_window_frame(data)
+    assert zstandard.ZstdDecompressor().decompress(frame) == data  # a frame zstd reads, given the memory
+    refused(craft(graph=frame, codec="zstd", header={"graph_bytes": len(data)}),
+            "the graph record's zstd frame needs a 2147483648-byte window")
+
+
+def test_cli_refuses_a_zstd_bomb_with_exit_3_and_writes_nothing(runner, tmp_path):
+    (tmp_path / "bomb.shrink").write_bytes(craft(graph=zstd_frame(bytes(1 << 28)), codec="zstd",
+                                                 header={"graph_bytes": slot_model().ByteSize()}))
+    before = tree(tmp_path)
+    for args in (["unpack", "bomb.shrink", "-o", "out.onnx"], ["inspect", "bomb.shrink"]):
+        result = invoke(runner, *[tmp_path / a if a.endswith(("shrink", "onnx")) else a for a in args])
+        assert result.exit_code == 3, result.output
+        assert result.stderr.startswith(f"error: {tmp_path / 'bomb.shrink'}: corrupted pack (the graph record's zstd")
+        assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+    assert tree(tmp_path) == before
 
 
 @pytest.mark.parametrize("field, value", [("graph_bytes", -1), ("graph_bytes", "63"), ("graph_bytes", 1 << 40),
@@ -314,8 +376,7 @@ def tiled_model(tensors=3) -> onnx.ModelProto:
 def graph_bytes(pack: bytes) -> int:
     records = container.read_records(pack)
     header = container.parse_json(next(records))
-    body = next(records).body
-    assert len(lzma.decompress(body, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS)) == header["graph_bytes"]
+    assert packing._decode_graph(next(records), header).ByteSize() == header["graph_bytes"]
     return header["graph_bytes"]
 
 
@@ -327,6 +388,7 @@ def test_tensors_lzma_codes_better_get_records_when_the_graph_would_pass_the_lim
     expected = [numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
     path = tmp_path / "m.onnx"
     onnx.save(model, str(path), save_as_external_data=external, location="m.onnx.data", size_threshold=0)
+    monkeypatch.setattr(packing, "ZSTD_PLANES_MIN", 1 << 40)  # zstd-planes codes tiles about as well as LZMA
     report = api.pack(path, tmp_path / "all_in_graph.shrink")
     assert report.tensors == [] and graph_bytes((tmp_path / "all_in_graph.shrink").read_bytes()) > 3 * 65536
     monkeypatch.setattr(packing, "GRAPH_RECORD_LIMIT", 100_000)
@@ -402,7 +464,8 @@ def mutate(rng: np.random.Generator, pack: bytes) -> bytes:
         changed = json.dumps(text).encode()
         body = container.JSON_LENGTH.pack(len(changed)) + changed + body[4 + length:]
     elif edit == "graph" and kind == container.GRAPH:
-        model = onnx.ModelProto.FromString(lzma.decompress(body, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))
+        header = json.loads(records[0][1])
+        model = packing._decode_graph(container.Record(kind, memoryview(body), 0), header)
         tensor = pick(packing.tensor_protos(model))
         change = pick(["dims", "type", "external", "raw"])
         if change == "dims" and len(tensor.dims):
@@ -415,12 +478,14 @@ def mutate(rng: np.random.Generator, pack: bytes) -> bytes:
         else:
             tensor.raw_data = b"\0" * 4
         serialized = model.SerializeToString()
-        body = lzma.compress(serialized, format=lzma.FORMAT_RAW, filters=FAST_LZMA)
+        if header["graph_codec"] == packing.ZSTD_CODEC:
+            body = zstandard.ZstdCompressor(level=1).compress(serialized)
+        else:
+            body = lzma.compress(serialized, format=lzma.FORMAT_RAW, filters=FAST_LZMA)
         if rng.random() < 0.8:  # keep the header's size right, mostly: the edit then reaches the tensor checks
-            header = json.loads(records[0][1])
             header["graph_bytes"] = len(serialized)
             records[0] = (records[0][0], json.dumps(header).encode())
-    elif edit == "description" and kind == container.TENSOR and preamble[8] == 2:
+    elif edit == "description" and kind == container.TENSOR and preamble[8] in (2, 3):
         record = container.Record(kind, memoryview(body), 0)
         meta, streams = container.split_meta(record)
         key = pick(["i", "n", "k", "nnz", "c", "b", "t", "enc", "field"])
@@ -491,12 +556,12 @@ def test_fuzzed_packs_are_refused_or_decode_to_a_sound_model(kinds):
     allocation far beyond the file's declared sizes (the model holds about 150 KB of tensors)."""
     model, pack = kinds
     rng = np.random.default_rng(18)
-    bases = [pack, as_version_1(pack)]
+    bases = [pack, as_version_1(pack), as_zstd_3_0(pack)]
     outcomes = {"refused": 0, "decoded": 0}
     tracemalloc.start()
     try:
         for n in range(FUZZ_VARIANTS):
-            variant = mutate(rng, bases[n % 2])
+            variant = mutate(rng, bases[n % 3])
             tracemalloc.reset_peak()
             try:
                 decoded = unpack_model(variant)

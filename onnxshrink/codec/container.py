@@ -14,8 +14,9 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 MAGIC = b"ONNXSHRK"
-VERSION = (2, 0)  # major, minor: what this writer writes
-READS = (1, 2)  # the major versions this reader reads (1.x: tensor descriptions in JSON); it refuses others
+VERSION = (3, 0)  # major, minor: the newest this writer writes (3.0: the graph record may be zstd)
+LZMA_GRAPH_VERSION = (2, 0)  # what a pack whose graph record is LZMA is written as: every reader since 2.0 reads it
+READS = (1, 2, 3)  # the major versions this reader reads (1.x: tensor descriptions in JSON); it refuses others
 PREAMBLE = struct.Struct("<8sHH")
 RECORD_HEAD = struct.Struct("<BQ")  # kind, body length
 CRC = struct.Struct("<I")
@@ -43,11 +44,11 @@ class Record:
 class Writer:
     """Appends records to an open binary file; `close()` writes the END record that marks a whole file."""
 
-    def __init__(self, stream: BinaryIO):
+    def __init__(self, stream: BinaryIO, version: tuple[int, int] = VERSION):
         self.stream = stream
         self.records = 0
         self.bytes_written = 0
-        self._write(PREAMBLE.pack(MAGIC, *VERSION))
+        self._write(PREAMBLE.pack(MAGIC, *version))
 
     def _write(self, data: bytes) -> None:
         self.stream.write(data)
@@ -100,7 +101,8 @@ def _records(read_at, size: int) -> Iterator[Record]:
         raise CorruptPack("not an onnxshrink pack (no ONNXSHRK magic)")
     _, major, minor = PREAMBLE.unpack_from(head, 0)
     if major not in READS:
-        readable = " and ".join(f"{m}.x" for m in READS)
+        names = [f"{m}.x" for m in READS]
+        readable = ", ".join(names[:-1]) + " and " + names[-1] if len(names) > 1 else names[0]
         raise CorruptPack(f"pack format version {major}.{minor}; this onnxshrink reads versions {readable}")
     offset, count = PREAMBLE.size, 0
     while True:
@@ -155,7 +157,7 @@ def parse_json(record: Record) -> dict:
 # ---------------------------------------------------------------- tensor descriptions
 
 DIGEST_BYTES = 8  # SHA-256 prefix per tensor (64 bits): the CRCs catch damage, this catches wrong decoding
-ENCODINGS = ("planes", "nibbles", "sparse", "sparse-nibbles")  # a description's encoding codes 0..3
+ENCODINGS = ("planes", "nibbles", "sparse", "sparse-nibbles", "zstd-planes")  # a description's encoding codes 0..4
 VALUE_ENCODINGS = ("planes", "nibbles")  # how a `sparse` tensor's elements are coded, codes 0..1
 FLOAT_DATA = 1  # flag: the values go back into the typed float_data field, not raw_data
 JSON_LENGTH = struct.Struct("<I")  # 1.x: a u32-length-prefixed JSON description

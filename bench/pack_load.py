@@ -1,0 +1,188 @@
+"""Pack time, pack size and load time of `.shrink` files against the plain ONNX file, and the graph record's
+two codecs (LZMA, zstd) side by side, on MiniLM, MPNet and the real models `make bench-real` caches.
+
+    python bench/pack_load.py [--models minilm,mpnet,real] [--repeat 3] [--out docs/benchmarks-pack.md]
+
+For each model: `pack` (default `favor="load"`) and `pack` with `favor="size"`, each timed (wall and CPU
+seconds of this process, threads included) and sized; then `onnxshrink.session` of the ONNX file and of each
+pack, alternating, `--repeat` times (best wall and its CPU): in this process after a first warm-up load
+("warm"), and once in a fresh process ("cold": numba's cached kernels and zstandard are loaded then too).
+The graph record is decoded and coded again both ways: its bytes, and the decode speed of each codec.
+Models not cached are skipped. The section it writes replaces the previous one (between its markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import lzma
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import zstandard
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from pack_bench import REAL, real_name  # noqa: E402
+from real_models import cache_dir  # noqa: E402
+
+import onnxshrink  # noqa: E402
+from onnxshrink import api, packing  # noqa: E402
+from onnxshrink.codec import container  # noqa: E402
+
+BEGIN, END = "<!-- pack_load: begin -->", "<!-- pack_load: end -->"
+COLD = ("import sys, time, onnxshrink; t = time.perf_counter(); c = time.process_time(); "
+        "onnxshrink.session(sys.argv[1]); print(time.perf_counter() - t, time.process_time() - c)")
+
+
+def transformer(name: str) -> Path | None:
+    """The lead's export of MiniLM or MPNet (bench/transformer export), if present."""
+    found = sorted((Path.home() / ".cache" / "onnxshrink" / name).glob("export-*/model.onnx"))
+    return found[-1] if found else None
+
+
+def clock(fn):
+    wall, cpu = time.perf_counter(), time.process_time()
+    result = fn()
+    return result, time.perf_counter() - wall, time.process_time() - cpu
+
+
+def graph_codecs(path: Path) -> dict:
+    """The graph record of a pack: its codec, and its bytes under LZMA and zstd with their decode speeds."""
+    records = container.read_records(path.read_bytes())
+    header = container.parse_json(next(records))
+    graph = packing._decode_graph(next(records), header).SerializeToString()
+    row = {"codec": header["graph_codec"], "graph": len(graph)}
+    lz = lzma.compress(graph, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS)
+    zs = zstandard.ZstdCompressor(level=packing.ZSTD_LEVEL).compress(graph)
+    _, lz_s, _ = clock(lambda: lzma.decompress(lz, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))
+    _, zs_s, _ = clock(lambda: zstandard.ZstdDecompressor().decompress(zs))
+    row.update(lzma=len(lz), lzma_mbs=len(graph) / 1e6 / lz_s, zstd=len(zs), zstd_mbs=len(graph) / 1e6 / zs_s)
+    return row
+
+
+def session_times(paths: list[Path], repeat: int) -> list[dict]:
+    for p in paths:  # warm-up: numba kernels, onnxruntime, page cache
+        onnxshrink.session(p)
+    best = [None] * len(paths)
+    for _ in range(repeat):
+        for i, p in enumerate(paths):
+            _, wall, cpu = clock(lambda: onnxshrink.session(p))
+            if best[i] is None or wall < best[i][0]:
+                best[i] = (wall, cpu)
+    cold = []
+    for p in paths:
+        out = subprocess.run([sys.executable, "-c", COLD, str(p)], check=True, capture_output=True, text=True,
+                             cwd=ROOT).stdout.split()
+        cold.append((float(out[0]), float(out[1])))
+    return [{"wall": b[0], "cpu": b[1], "cold": c[0], "cold_cpu": c[1]} for b, c in zip(best, cold)]
+
+
+def measure(name: str, source: Path, work: Path, repeat: int) -> dict:
+    row = {"model": name, "onnx": source.stat().st_size}
+    packs = {}
+    for favor in ("load", "size"):
+        out = work / f"{favor}.shrink"
+        _, wall, cpu = clock(lambda: api.pack(source, out, force=True, favor=favor))
+        packs[favor] = out
+        row[favor] = {"size": out.stat().st_size, "pack_s": wall, "pack_cpu": cpu, **graph_codecs(out)}
+    onnx_t, load_t, size_t = session_times([source, packs["load"], packs["size"]], repeat)
+    row["onnx_load"], row["load"]["load"], row["size"]["load"] = onnx_t, load_t, size_t
+    return row
+
+
+def mb(n: int) -> str:
+    return f"{n / 1e6:.2f}" if n >= 1e6 else f"{n / 1e6:.3f}"
+
+
+def table(rows: list[dict], repeat: int) -> list[str]:
+    load = os.getloadavg()
+    lines = [
+        BEGIN,
+        "## Loading a pack: `onnxshrink.session` of the pack against the ONNX file",
+        "",
+        f"Produced by `python bench/pack_load.py` on {platform.machine()} ({os.cpu_count()} cores), Python "
+        f"{platform.python_version()}, onnxruntime {__import__('onnxruntime').__version__}, zstandard "
+        f"{zstandard.__version__}; load average {load[0]:.1f} / {load[1]:.1f} at the end of the run (other jobs "
+        "shared the machine: the wall times are noisy, CPU seconds less so). `favor` is pack's option: `load` (the "
+        "default) codes a graph record of 1 MiB or more with zstd -19 unless LZMA saves more than 0.5% of the pack; "
+        "a smaller one, and `size`, keep the smaller codec. Tensors of 64 KiB or more are coded `zstd-planes` "
+        f"where that is smaller than their Huffman coding. `session` is the best of {repeat} alternating calls in one process after a warm-up (wall, "
+        "then CPU seconds); `cold` is one call in a fresh process (numba's cached kernels load then). `x` is the "
+        "pack's warm wall time over the ONNX file's.",
+        "",
+        "| model | ONNX MB | favor | pack MB | pack s (CPU) | graph codec | session s (CPU) | x | cold s | ONNX session s (CPU) | ONNX cold s |",
+        "|---|---:|---|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | | | | |")
+            continue
+        o = r["onnx_load"]
+        for favor in ("load", "size"):
+            p = r[favor]
+            lines.append(
+                f"| {r['model']} | {mb(r['onnx'])} | {favor} | {mb(p['size'])} | {p['pack_s']:.1f} ({p['pack_cpu']:.1f}) | "
+                f"{p['codec']} | {p['load']['wall']:.3f} ({p['load']['cpu']:.3f}) | {p['load']['wall'] / o['wall']:.2f} | "
+                f"{p['load']['cold']:.2f} | {o['wall']:.3f} ({o['cpu']:.3f}) | {o['cold']:.2f} |")
+    lines += [
+        "",
+        "The graph record (the ONNX graph with the coded tensors' bytes taken out: what stays is the structure, the "
+        "small tensors and those LZMA codes better than Huffman), coded both ways (`favor=load` pack's graph):",
+        "",
+        "| model | graph MB | LZMA MB | LZMA decode MB/s | zstd -19 MB | zstd decode MB/s | zstd vs LZMA |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            continue
+        g = r["load"]
+        lines.append(f"| {r['model']} | {mb(g['graph'])} | {mb(g['lzma'])} | {g['lzma_mbs']:.0f} | {mb(g['zstd'])} | "
+                     f"{g['zstd_mbs']:.0f} | {g['zstd'] / g['lzma']:.3f} |")
+    return lines + [END]
+
+
+def write_section(out: Path, lines: list[str]) -> None:
+    text = out.read_text() if out.exists() else ""
+    section = "\n".join(lines) + "\n"
+    if BEGIN in text and END in text:
+        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+    else:
+        text = text.rstrip("\n") + "\n\n" + section
+    out.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="minilm,mpnet,real")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-pack.md"))
+    args = parser.parse_args()
+    wanted = args.models.split(",")
+    models = [(name, transformer(name)) for name in ("minilm", "mpnet") if name in wanted]
+    if "real" in wanted:
+        models += [(real_name(p), cache_dir() / p) for p in REAL]
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, source in models:
+            if source is None or not source.is_file():
+                continue
+            work = Path(tmp) / name
+            work.mkdir()
+            try:
+                rows.append(measure(name, source, work, args.repeat))
+            except Exception as exc:  # a failure is a row, not an aborted benchmark
+                rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
+            print(rows[-1], file=sys.stderr, flush=True)
+    write_section(Path(args.out), table(rows, args.repeat))
+    print(f"wrote {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

@@ -21,7 +21,10 @@ same measurements on a second model from other wheels (all-mpnet-base-v2) to con
    top-5 neighbour overlap, Spearman correlation of all pairwise similarities (bench/embedding_metrics.py); size, and
    latency at batch 1 and 8 with 1 onnxruntime thread, sessions alternating in one process.
 5. Each run keeps its rows in `<cache>/<model>/results.json`; the section "Both models side by side" at the end of
-   docs/benchmarks-transformer.md is rebuilt from both files by whichever model ran last.
+   docs/benchmarks-transformer.md is rebuilt from both files by whichever model ran last. A subset run (`--only`)
+   keeps every row it does not rerun, from results.json or, where that is gone (a fresh machine), from the doc
+   itself; the table's "measured" column says when each row was measured. Text after the doc's NOTES marker is
+   written by hand and carried over as it is.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import hashlib
 import json
 import os
 import platform
+import re
 import shlex
 import signal
 import subprocess
@@ -53,6 +57,9 @@ EXPORT_SCRIPT = ROOT / "transformer_export.py"
 NNCF_SCRIPT = ROOT / "transformer_nncf.py"
 MAIN_DOC = ROOT.parent / "docs" / "benchmarks-transformer.md"
 SIDE_BY_SIDE = "<!-- both models side by side: rebuilt by bench/transformer_bench.py from each model's results.json -->"
+# Text between this marker and SIDE_BY_SIDE (or the end) is written by hand and carried over by every run.
+NOTES = "<!-- notes: written by hand, kept as they are by bench/transformer_bench.py -->"
+KEPT = "earlier"  # a row's date when only the doc, not results.json, still had it
 TOP_K = 5
 EVAL_BATCH = 8
 EXPORT_TOLERANCE = 1e-3  # max abs difference of last_hidden_state (values of order 1) between ONNX and torch
@@ -494,6 +501,7 @@ def main() -> None:
                 row["result"]["wall"] = run["wall"]
             except Exception as exc:  # a row, never an aborted run
                 row["error"] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ''}"
+        row["date"] = time.strftime("%Y-%m-%d %H:%M")  # when this row was measured (the doc's 'measured' column)
         log(f"  -> {row['error'] or {k: round(v, 4) for k, v in row['result'].items()}}")
         rows.append(row)
         pending = [m.name for m in methods[index + 1:]]
@@ -511,13 +519,21 @@ def save_results(path: Path, model: Encoder, args, rows, info, judge, load_befor
     ran = {"date": time.strftime("%Y-%m-%d %H:%M"), "git": git_state(),
            "command": shlex.join(["python", "bench/transformer_bench.py", *shown_arguments(sys.argv[1:])])}
     rows = [{"name": row["method"].name, "command": row["method"].command, "error": row["error"],
-             "wall": row["run"]["wall"], "rss_mb": row["run"]["rss_mb"], "result": row["result"], "run": ran,
+             "wall": row["run"]["wall"], "rss_mb": row["run"]["rss_mb"], "result": row["result"],
+             "run": {**ran, "date": row.get("date", ran["date"])},
              "targets": verdicts(row["method"], row["result"] or {"wall": row["run"]["wall"]})} for row in rows]
     # Rows of an earlier run (an --only run adds to it) stay, each with its own run's date and command: a row's
     # figures are self-contained (latency is a ratio measured within the run).
     earlier = json.loads(path.read_text()).get("rows", []) if path.is_file() else []
+    # Rows only the doc still has (results.json lost, e.g. on a fresh machine) stay too: a subset run must not
+    # drop the figures it has nothing new for.
+    known = {row["name"] for row in earlier}
+    documented = doc_results(model)
+    earlier += [row for row in (documented or {}).get("rows", []) if row["name"] not in known]
     names = {row["name"] for row in rows}
     rows = [row for row in earlier if row["name"] not in names and "run" in row] + rows
+    order = [m.name for m in onnxshrink_methods("onnxshrink", model.key)] + [m.name for m in reference_methods(Path("nncf"))]
+    rows.sort(key=lambda row: order.index(row["name"]) if row["name"] in order else len(order))
     data = {
         "model": model.key, "title": model.title, "date": time.strftime("%Y-%m-%d"), "machine": machine(),
         "git": git_state(), "onnxruntime": onnxruntime.__version__, "note": args.note, "pending": pending,
@@ -534,10 +550,11 @@ def save_results(path: Path, model: Encoder, args, rows, info, judge, load_befor
 def side_by_side(cache: Path) -> list[str]:
     """The doc section comparing every model's last run, method by method (empty until two models have run)."""
     runs = []
-    for key in MODELS:
+    for key, model in MODELS.items():
         path = cache / key / "results.json"
-        if path.is_file():
-            runs.append(json.loads(path.read_text()))
+        run = json.loads(path.read_text()) if path.is_file() else doc_results(model)
+        if run:
+            runs.append(run)
     if len(runs) < 2:
         return []
     names = []
@@ -554,8 +571,7 @@ def side_by_side(cache: Path) -> list[str]:
         lines.append(f"- {run['title']}: {run['parameters'] / 1e6:.1f} M parameters"
                      + (f", {run['layers']} layers of width {run['hidden']}" if run.get("layers") else "")
                      + f", inputs {', '.join(run['inputs'] or [])}; fp32 ONNX {run['fp32_mb']:.1f} MB. Rows from "
-                     + "; ".join(sorted({f"`{r['run']['command']}` ({r['run']['date']}, git {r['run']['git']})"
-                                         for r in run["rows"] if "run" in r}))
+                     + run_labels([r["run"] for r in run["rows"] if "run" in r])
                      + f"; onnxruntime {run['onnxruntime']} on {run['machine']}; "
                      f"load average at the start of the last run {load}" + (f"; {run['note']}" if run.get("note") else "")
                      + (f"; **cut short, not run: {'; '.join(run['pending'])}**" if run.get("pending") else "") + ".")
@@ -601,6 +617,128 @@ def side_by_side(cache: Path) -> list[str]:
         if verdict:
             lines.append(f"- {name}: " + " — ".join(verdict))
     return lines
+
+
+def _number(pattern: str, text: str, cast=float):
+    found = re.search(pattern, text)
+    return cast(found.group(1)) if found else None
+
+
+def doc_results(model: Encoder) -> dict | None:
+    """The results.json form of what the model's doc shows: its table rows, commands and header.
+
+    What a run with no results.json (a fresh machine) keeps from before: without it a subset run (`--only`) would
+    rewrite the doc with its own rows alone.
+    """
+    if not model.doc.is_file():
+        return None
+    text = model.doc.read_text()
+    main, _, section = text.partition(SIDE_BY_SIDE)
+    commands = dict(re.findall(r"^- (.+?): `(.*)`$", main, re.M))
+    header = next((line for line in main.splitlines() if line.startswith("| method | size vs fp32")), "")
+    columns = [c.strip() for c in header.strip("|").split("|")]
+    rows, fp32_load = [], None
+    for line in main.splitlines():
+        if not line.startswith("| ") or line == header:
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) != len(columns):
+            continue
+        cell = dict(zip(columns, cells))
+        name = cell["method"]
+        if name.startswith("fp32"):
+            fp32_load = _number(r"([\d.]+)", cell["load s"])
+            continue
+        run = {"date": cell.get("measured", KEPT), "git": "?", "command": ""}  # shown by run_label
+        row = {"name": name, "command": commands.get(name, ""), "error": "", "result": None, "run": run,
+               "wall": _number(r"([\d.]+)", cell["wall s"]), "rss_mb": _number(r"([\d.]+)", cell["peak RSS MB"]),
+               "targets": cell["targets"]}
+        if cell["size vs fp32"].startswith("failed: "):
+            row["error"] = cell["size vs fp32"][len("failed: "):]
+        else:
+            cosine = re.match(r"([\d.]+) \(([\d.]+)\)", cell["cosine (worst)"])
+            b1, b8 = (float(v) for v in cell["latency b1 / b8"].split(" / "))
+            row["result"] = {"size": float(cell["size vs fp32"]), "cosine": float(cosine.group(1)),
+                             "min_cosine": float(cosine.group(2)), "topk": float(cell["top-5 overlap"]),
+                             "spearman": float(cell["Spearman"]), "b1": b1, "b8": b8,
+                             "load": _number(r"([\d.]+)", cell["load s"])}
+            # The side-by-side section's token cosines, where the main doc has them.
+            token = re.search(rf"^- {re.escape(name)}: .*?{re.escape(model.title)} ([\d.]+) / ([\d.]+)",
+                              MAIN_DOC.read_text() if MAIN_DOC.is_file() else "", re.M)
+            if token:
+                row["result"]["token_cosine"], row["result"]["token_cosine_padded"] = map(float, token.groups())
+        rows.append(row)
+    rows += _side_by_side_rows(model, {row["name"] for row in rows})
+    if not rows:
+        return None
+    load = re.search(r"at the start ([\d.]+)/([\d.]+)/([\d.]+)", main)
+    layers = re.search(r"(\d+) layers of width (\d+); inputs ([\w, ]+)\)", main)
+    return {
+        "model": model.key, "title": model.title, "rows": rows, "note": "", "pending": [],
+        "machine": _number(r"\) in \d+ min on (.+?)\.\n", main, str) or "?",
+        "onnxruntime": _number(r"onnxruntime ([\w.]+),", main, str) or "?",
+        "load_before": [float(v) for v in load.groups()] if load else [0.0, 0.0, 0.0],
+        "parameters": (_number(r"([\d.]+) M parameters", main) or 0.0) * 1e6,
+        "layers": int(layers.group(1)) if layers else None, "hidden": int(layers.group(2)) if layers else None,
+        "inputs": layers.group(3).split(", ") if layers else [],
+        "fp32_mb": _number(r"to ([\d.]+) MB\.", main) or 0.0, "fp32_load": fp32_load,
+    }
+
+
+def _side_by_side_rows(model: Encoder, known: set) -> list[dict]:
+    """Rows the main doc's side-by-side section has for this model and its own table does not (size, quality and
+    latency only: load, wall and RSS are not in that section)."""
+    text = MAIN_DOC.read_text().partition(SIDE_BY_SIDE)[2] if MAIN_DOC.is_file() else ""
+    header = next((line for line in text.splitlines() if line.startswith("| method | ")), "")
+    titles = [c.strip().split(":")[0] for c in header.strip().strip("|").split("|")[1:]]
+    if model.title not in titles:
+        return []
+    column = 1 + titles.index(model.title)
+    rows = []
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if not line.startswith("| ") or line == header or len(cells) != len(titles) + 1 or cells[0] in known:
+            continue
+        figures = re.fullmatch(r"([\d.]+) / ([\d.]+) \(([\d.]+)\) / ([\d.]+) / ([\d.]+) / ([\d.]+) / ([\d.]+)",
+                               cells[column])
+        if not figures:
+            continue
+        size, cosine, worst, topk, spearman, b1, b8 = map(float, figures.groups())
+        result = {"size": size, "cosine": cosine, "min_cosine": worst, "topk": topk, "spearman": spearman,
+                  "b1": b1, "b8": b8}
+        token = re.search(rf"^- {re.escape(cells[0])}: .*?{re.escape(model.title)} ([\d.]+) / ([\d.]+)", text, re.M)
+        if token:
+            result["token_cosine"], result["token_cosine_padded"] = map(float, token.groups())
+        targets = re.search(rf"^- {re.escape(cells[0])}: .*?{re.escape(model.title)}: (.*?)(?: — |$)", text, re.M)
+        method = next((m for m in onnxshrink_methods("onnxshrink", model.key) if m.name == cells[0]), None)
+        rows.append({"name": cells[0], "command": method.command if method else "", "error": "", "result": result,
+                     "wall": None, "rss_mb": None, "targets": targets.group(1) if targets else "-",
+                     "run": {"date": KEPT, "git": "?", "command": ""}})
+    return rows
+
+
+def _cell(value, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
+def run_labels(runs: list[dict]) -> str:
+    """How the doc names the runs rows come from: each command once, with the times its rows were measured."""
+    by_command: dict[tuple, set] = {}
+    for run in runs:
+        by_command.setdefault((run.get("command", ""), run.get("git", "")), set()).add(run["date"])
+    labels = []
+    for (command, git), dates in sorted(by_command.items()):
+        when = ", ".join(sorted(dates))
+        labels.append(f"rows kept from the doc of an earlier run ({when})" if not command else
+                      f"`{command}` ({when}" + (f", git {git})" if git else ")"))
+    return "; ".join(labels)
+
+
+def doc_notes(doc: Path) -> str:
+    """The hand-written notes of `doc` (from NOTES up to the side-by-side section), which a run keeps."""
+    if not doc.is_file() or NOTES not in doc.read_text():
+        return ""
+    return doc.read_text().split(NOTES, 1)[1].split(SIDE_BY_SIDE, 1)[0].strip("\n")
 
 
 def refresh_side_by_side(doc: Path, cache: Path) -> None:
@@ -682,24 +820,25 @@ def write_doc(out: Path, args, model: Encoder, rows, info, export_diff, torch_co
         "Targets are issue 14's and 15's, set on MiniLM and applied unchanged to this model, except the dynamic row's "
         "quality and speed ones (MiniLM's own 'no worse than today' figures): it keeps its size target only.",
         "",
-        "| method | size vs fp32 | cosine (worst) | top-5 overlap | Spearman | latency b1 / b8 | load s | wall s | peak RSS MB | targets |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| fp32 (the export) | 1.000 | 1 | 1 | 1 | 1 / 1 | {judge.fp32_load:.2f} | - | - | - |",
+        "| method | size vs fp32 | cosine (worst) | top-5 overlap | Spearman | latency b1 / b8 | load s | wall s | peak RSS MB | measured | targets |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---|",
+        f"| fp32 (the export) | 1.000 | 1 | 1 | 1 | 1 / 1 | {judge.fp32_load:.2f} | - | - | - | - |",
     ]
     for row in rows:  # save_results' form: this run's rows and those an earlier --only run left
         result = row["result"]
         if result is None:
-            lines.append(f"| {row['name']} | failed: {row['error'].replace('|', '/')} | | | | | | {row['wall']:.0f} | "
-                         f"{row['rss_mb']:.0f} | {row['targets']} |")
+            lines.append(f"| {row['name']} | failed: {row['error'].replace('|', '/')} | | | | | | {_cell(row['wall'], '.0f')} | "
+                         f"{_cell(row['rss_mb'], '.0f')} | {row['run']['date']} | {row['targets']} |")
             continue
         lines.append(
             f"| {row['name']} | {result['size']:.3f} | {result['cosine']:.4f} ({result['min_cosine']:.3f}) | "
             f"{result['topk']:.3f} | {result['spearman']:.4f} | {result['b1']:.2f} / {result['b8']:.2f} | "
-            f"{result['load']:.2f} | {row['wall']:.0f} | {row['rss_mb']:.0f} | {row['targets']} |")
-    earlier = sorted({f"`{row['run']['command']}` ({row['run']['date']})" for row in rows if row["run"]["command"] != command})
+            f"{_cell(result.get('load'), '.2f')} | {_cell(row['wall'], '.0f')} | {_cell(row['rss_mb'], '.0f')} | "
+            f"{row['run']['date']} | {row['targets']} |")
+    earlier = run_labels([{**row["run"], "git": ""} for row in rows if row["run"]["command"] != command])
     if earlier:
-        lines += ["", "Rows kept from an earlier run of the same export (each row's figures are its own; latency is a "
-                  "ratio within its run): " + "; ".join(earlier) + "."]
+        lines += ["", "Rows kept from an earlier run of the same export (each row's figures are its own, measured when its "
+                  "'measured' cell says; latency is a ratio within its run): " + earlier + "."]
     lines += ["", "Commands (`cal.npz` = the calibration part; every onnxshrink command also had `-o OUT --force`, "
               "and all but pack and the ones marked (validated) `--no-validate`):", ""]
     lines += [f"- {row['name']}: `{row['command']}`" for row in rows]
@@ -712,6 +851,9 @@ def write_doc(out: Path, args, model: Encoder, rows, info, export_diff, torch_co
         lines += ["", "Not in this run: " + "; ".join(skipped)]
     if pending:
         lines += ["", "**Run in progress (or cut short): still to run: " + "; ".join(pending) + ".**"]
+    notes = doc_notes(out)
+    if notes:
+        lines += ["", NOTES, notes]
     if out.resolve() == MAIN_DOC.resolve():
         section = side_by_side(cache)
         lines += ["", *section] if section else []

@@ -25,6 +25,7 @@ from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.passes import quantize_static as qs
 from onnxshrink.passes.folded_weights import FOLDED
 from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
+from onnxshrink.passes.smooth_quant import SmoothQuant
 from onnxshrink.runtime import make_session, optimized_op_counts
 
 INTEGER = {"QLinearConv", "com.microsoft.QLinearConv", "com.microsoft.QGemm", "QLinearMatMul",
@@ -638,3 +639,112 @@ def test_sample_models_keep_accuracy(tmp_path, name, calibrator):
                 (("fp32", source), ("static", path))}
     assert accuracy["fp32"] - accuracy["static"] <= 0.01, accuracy
     assert path.stat().st_size < 0.4 * source.stat().st_size
+
+
+# ---- SmoothQuant through an attention: the context's 1/s in the value projection --------------------
+
+
+def attention_block(seed=0, tanh=False, value_reader=False) -> onnx.ModelProto:
+    """x -> V = x Wv + bv (column 5 of Wv 40x: an outlier context channel) -> heads -> softmax(x xᵀ) V -> merged
+    -> MatMul(Wo). `tanh`: a Tanh on the context before the heads merge; `value_reader`: V's biased output is a graph
+    output too."""
+    rng = np.random.default_rng(seed)
+    width, heads = 16, 2
+    wv = (rng.standard_normal((width, width)) / 4).astype(np.float32)
+    wv[:, 5] *= 40.0
+    tensors = {"wv": wv, "bv": (rng.standard_normal(width) * 0.1).astype(np.float32),
+               "wo": (rng.standard_normal((width, 8)) / 4).astype(np.float32),
+               "split": np.array([0, 0, heads, width // heads], np.int64), "merge": np.array([0, 0, width], np.int64)}
+    nodes = [helper.make_node("MatMul", ["input", "wv"], ["v0"], name="v/MatMul"),
+             helper.make_node("Add", ["bv", "v0"], ["v"], name="v/Add"),
+             helper.make_node("Reshape", ["v", "split"], ["v4"], name="split"),
+             helper.make_node("Transpose", ["v4"], ["vh"], name="heads", perm=[0, 2, 1, 3]),
+             helper.make_node("Transpose", ["input"], ["xt"], name="xt", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["input", "xt"], ["scores"], name="scores"),
+             helper.make_node("Softmax", ["scores"], ["p"], name="softmax", axis=-1),
+             helper.make_node("Unsqueeze", ["p", "axis1"], ["p4"], name="p4"),
+             helper.make_node("MatMul", ["p4", "vh"], ["mixed" if tanh else "ctx4"], name="mix"),
+             *([helper.make_node("Tanh", ["mixed"], ["ctx4"], name="between")] if tanh else []),
+             helper.make_node("Transpose", ["ctx4"], ["ctxt"], name="back", perm=[0, 2, 1, 3]),
+             helper.make_node("Shape", ["ctxt"], ["ctx_shape"], name="shape"),  # reads the shape only (MPNet's)
+             helper.make_node("Reshape", ["ctxt", "merge"], ["ctx"], name="merge"),
+             helper.make_node("MatMul", ["ctx", "wo"], ["output"], name="o/MatMul")]
+    tensors["axis1"] = np.array([1], np.int64)
+    outputs = [float_value("output", ["batch", 8, 8]), helper.make_tensor_value_info("ctx_shape", TensorProto.INT64, [4])]
+    outputs += [float_value("v", ["batch", 8, width])] if value_reader else []
+    return build_model(nodes, [float_value("input", ["batch", 8, width])], outputs,
+                       [numpy_helper.from_array(v, k) for k, v in tensors.items()])
+
+
+def attention_tokens(n=32, seed=1):
+    return np.random.default_rng(seed).standard_normal((n, 8, 16)).astype(np.float32)
+
+
+def test_attention_context_scale_folds_into_the_value_projection():
+    model, x = attention_block(), attention_tokens()
+    smoothed, report = SmoothQuant(calibration=dataset(x))(model)
+    assert report.changed, report.notes
+    assert [n.op_type for n in smoothed.graph.node] == [n.op_type for n in model.graph.node]  # no Mul inserted
+    before, after = inits(model), inits(smoothed)
+    s = after["wo"][:, 0] / before["wo"][:, 0]  # row j of Wo times s_j ...
+    np.testing.assert_allclose(after["wv"], before["wv"] / s[None, :], rtol=1e-5)  # ... column j of Wv over s_j
+    np.testing.assert_allclose(after["bv"], before["bv"] / s, rtol=1e-5)
+    assert s[5] == s.max() > 1.0  # the outlier channel moved most
+    for got, want in zip(run_plain(smoothed, x), run_plain(model, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    assert any("value projection" in note for note in report.notes)
+    # And the static pass still runs both projections as integer kernels.
+    result, static_report = QuantizeStatic(StaticQuantizeConfig(integer_min_macs=0), dataset(x))(model)
+    assert sorted(quantized_layers(static_report)) == ["o/MatMul", "v/MatMul"]
+    assert not any(n.op_type == "Mul" for n in result.graph.node)
+
+
+@pytest.mark.parametrize("case", ["tanh between", "value read elsewhere"])
+def test_attention_fold_needs_the_exact_head_layout(case):
+    model = attention_block(tanh=True) if case == "tanh between" else attention_block(value_reader=True)
+    x = attention_tokens()
+    smoothed, _ = SmoothQuant(calibration=dataset(x))(model)
+    np.testing.assert_array_equal(inits(smoothed)["wv"], inits(model)["wv"])  # never scaled
+    for got, want in zip(run_plain(smoothed, x), run_plain(model, x)):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
+def run_plain(model, x):
+    return make_session(model, optimize=False).run(None, {"input": x})
+
+
+# ---- embedding tables of a few rows stay float --------------------------------------------------------
+
+
+def typed_encoder(seed=0) -> onnx.ModelProto:
+    """word (200 x 160) and token-type (2 x 160, one channel 30x) tables gathered, summed, normed, one MatMul."""
+    rng = np.random.default_rng(seed)
+    types = (rng.standard_normal((2, 160)) * 0.02).astype(np.float32)
+    types[:, 7] = 0.6
+    tensors = {"word": (rng.standard_normal((200, 160)) * 0.05).astype(np.float32), "types": types,
+               "gamma": np.ones(160, np.float32), "beta": np.zeros(160, np.float32),
+               "w": (rng.standard_normal((160, 48)) / 12).astype(np.float32)}
+    nodes = [helper.make_node("Gather", ["word", "input_ids"], ["we"], name="word/Gather"),
+             helper.make_node("Gather", ["types", "token_type_ids"], ["te"], name="types/Gather"),
+             helper.make_node("Add", ["we", "te"], ["e"], name="sum"),
+             helper.make_node("LayerNormalization", ["e", "gamma", "beta"], ["h"], name="norm", axis=-1),
+             helper.make_node("MatMul", ["h", "w"], ["output"], name="fc/MatMul")]
+    inputs = [helper.make_tensor_value_info(name, TensorProto.INT64, ["batch", 10]) for name in ("input_ids", "token_type_ids")]
+    return build_model(nodes, inputs, [float_value("output", ["batch", 10, 48])],
+                       [numpy_helper.from_array(v, k) for k, v in tensors.items()])
+
+
+def test_few_row_embedding_table_stays_float_and_the_word_table_is_int8():
+    rng = np.random.default_rng(9)
+    feeds = [{"input_ids": rng.integers(0, 200, (8, 10)), "token_type_ids": rng.integers(0, 2, (8, 10))} for _ in range(2)]
+    model = typed_encoder()
+    result, report = QuantizeStatic(StaticQuantizeConfig(integer_min_macs=0), Dataset(feeds, None, 16, False, []))(model)
+    decisions = {d.node: d for d in report.layers}
+    assert decisions["types/Gather"].action == "kept float" and "2-row table" in decisions["types/Gather"].reason
+    assert decisions["word/Gather"].action != "kept float"
+    stored = {t.name: t.data_type for t in result.graph.initializer}
+    assert stored["types"] == TensorProto.FLOAT and TensorProto.INT8 in stored.values() and "word" not in stored
+    np.testing.assert_array_equal(inits(result)["types"], inits(model)["types"])
+    want = make_session(model, optimize=False).run(None, feeds[0])[0]
+    got = make_session(result, optimize=True).run(None, feeds[0])[0]
+    assert_close(want, got, cosine=0.999)

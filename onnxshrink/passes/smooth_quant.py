@@ -13,6 +13,13 @@ of static int8's remaining error once MatMul outputs stay float. The numerics
 (algorithms/smoothing.py) pick alpha per norm on the calibration data by the fake-quantized
 layers' error, and leave a norm alone where no alpha measures better than none.
 
+An attention's context (the input of its output projection) takes 1/s in the value projection
+before it, exactly: each context channel is one value channel, moved by the heads' Reshape/Transpose
+and mixed only across positions by softmax(QKᵀ)·V:
+
+    X ──► MatMul(Wv) ──► Add(bv) ──► Reshape ──► Transpose ──► MatMul(P, ·) ──► Transpose ──► Reshape ──► MatMul(Wo)
+    X ──► MatMul(Wv/s) ─► Add(bv/s) ─► ... (unchanged) ...                                      ──► MatMul(diag(s) Wo)
+
 Any other activation read by such MatMuls (a GELU output) has no parameter to take 1/s, so a
 Mul(1/s) is inserted before them, only where the error falls at least MUL_GAIN times (on MiniLM
 the GELU outputs: cosine of mean-pooled embeddings 0.9964 -> 0.9981). Only the MatMuls the static
@@ -53,6 +60,7 @@ class _Site:
     norm: onnx.NodeProto | None  # the LayerNormalization that writes it and takes 1/s, else a Mul(1/s) is inserted
     matmuls: list  # MatMul nodes reading it as their activation, each with its own weight
     others: list  # any other reader: of a norm's output it gets the output times s back; else it reads it as before
+    source: tuple = ()  # (weight, bias or None): a value projection whose output columns take 1/s (attention context)
 
 
 class SmoothQuant:
@@ -92,7 +100,7 @@ class SmoothQuant:
             search = search_alpha(samples[out], weights, maxima[out], self.config.alphas)
             label = site.norm.name if site.norm is not None and site.norm.name else out
             # An inserted Mul costs a pass over the tensor at run time: it must buy a clear gain.
-            needed = 1.0 if site.norm is not None else MUL_GAIN
+            needed = 1.0 if site.norm is not None or site.source else MUL_GAIN
             if search.alpha is None or search.error * needed >= search.baseline:
                 report.notes.append(f"smooth-quant: {label} left as it is: no alpha in {list(self.config.alphas)} "
                                     f"beat none{'' if needed == 1.0 else f' {needed:g}x'} (fake-quantized error "
@@ -111,6 +119,16 @@ class SmoothQuant:
                         inits[name].CopyFrom(numpy_helper.from_array(value.astype(np.float32), name))
                 moved, factor = site.others, search.scales
                 how = f" (+1 Mul restoring it for {len(site.others)} other reader(s))" if site.others else ""
+            elif site.source:
+                weight, bias = site.source
+                value = numpy_helper.to_array(inits[weight]).astype(np.float64) / s[None, :]
+                inits[weight].CopyFrom(numpy_helper.from_array(value.astype(np.float32), weight))
+                if bias is not None:
+                    value = numpy_helper.to_array(inits[bias]).astype(np.float64)
+                    value = value / s.reshape(value.shape)
+                    inits[bias].CopyFrom(numpy_helper.from_array(value.astype(np.float32), bias))
+                moved, factor = [], None
+                how = " (1/s folded into the value projection's columns, through the attention)"
             else:
                 moved, factor = site.matmuls, (1.0 / s).astype(np.float32)
                 how = " (+1 Mul by 1/s before them)"
@@ -164,6 +182,7 @@ def _sites(graph, inits, layers=None) -> list[_Site]:
         for name in node.input:
             readers.setdefault(name, []).append(node)
     public = {v.name for v in graph.output}
+    producers = {o: n for n in graph.node for o in n.output}
 
     def smoothable(reader, tensor) -> bool:
         weight = reader.input[1] if reader.op_type == "MatMul" and len(reader.input) == 2 else None
@@ -184,11 +203,61 @@ def _sites(graph, inits, layers=None) -> list[_Site]:
             channels = {inits[m.input[1]].dims[0] for m in matmuls}
             if len(channels) != 1:
                 continue
+            count = channels.pop()
             norm = next((n for n in graph.node if tensor in n.output), None)
-            if norm is not None and not _takes_scale(norm, inits, readers, public, channels.pop()):
+            if norm is not None and not _takes_scale(norm, inits, readers, public, count):
                 norm = None
-            sites.append(_Site(tensor, norm, matmuls, others))
+            source = () if norm is not None or others else _value_projection(tensor, producers, readers, inits, public, count)
+            sites.append(_Site(tensor, norm, matmuls, others, source or ()))
     return sites
+
+
+def _value_projection(tensor, producers, readers, inits, public, channels):
+    """(weight, bias) of the value projection whose output channels are `tensor`'s channels, through an attention
+    (Reshape, Transpose(0,2,1,3), MatMul(P, V), Transpose(0,2,1,3), Reshape back), each step read by nothing else;
+    None where the graph is anything else."""
+
+    def step(name, op_type, perm=None):
+        node = producers.get(name)
+        values_read = [r for r in readers.get(name, []) if r.op_type not in ("Shape", "Size")]  # not the values
+        if (node is None or node.op_type != op_type or node.domain not in ("", "ai.onnx")
+                or len(values_read) != 1 or name in public):
+            return None
+        if perm is not None:
+            found = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            if found != perm:
+                return None
+        return node
+
+    heads = [0, 2, 1, 3]
+    merge = producers.get(tensor)
+    if merge is None or merge.op_type != "Reshape" or merge.domain not in ("", "ai.onnx"):
+        return None
+    back = step(merge.input[0], "Transpose", heads)
+    mix = back and step(back.input[0], "MatMul")
+    split_t = mix and step(mix.input[1], "Transpose", heads)
+    split = split_t and step(split_t.input[0], "Reshape")
+    if not split:
+        return None
+    current, bias = split.input[0], None
+    add = step(current, "Add")
+    if add is not None:
+        constant = [name for name in add.input if name in inits]
+        if len(constant) != 1 or len(readers.get(constant[0], [])) != 1:
+            return None
+        value = inits[constant[0]]
+        if value.data_type != onnx.TensorProto.FLOAT or int(np.prod(value.dims)) != channels:
+            return None
+        bias = constant[0]
+        current = next(name for name in add.input if name != bias)
+    projection = step(current, "MatMul")
+    if projection is None or len(projection.input) != 2 or projection.input[1] not in inits:
+        return None
+    weight = inits[projection.input[1]]
+    if (weight.data_type != onnx.TensorProto.FLOAT or len(weight.dims) != 2 or weight.dims[1] != channels
+            or len(readers.get(projection.input[1], [])) != 1):
+        return None
+    return projection.input[1], bias
 
 
 def _takes_scale(norm, inits, readers, public, channels) -> bool:

@@ -565,7 +565,8 @@ def test_hessian_streamed_in_batches_equals_the_full_product():
         h.add(x[start:{0: 7, 7: 50, 50: 64, 64: 100}[start]])
     np.testing.assert_allclose(h.h, 2 * x.T @ x / 100, rtol=1e-12)
     w, w_q = x[:24, :10], np.round(x[:24, :10])
-    assert hessian_error(w, w_q, h.h) == pytest.approx(gptq.layer_error(x, w, w_q), rel=1e-9)
+    # hessian_error is a reported figure computed in float32
+    assert hessian_error(w, w_q, h.h) == pytest.approx(gptq.layer_error(x, w, w_q), rel=1e-5)
 
 
 @pytest.mark.parametrize("symmetric", [True, False])

@@ -56,6 +56,12 @@ Algorithms: "rtn" rounds each weight to its block's grid; "gptq" (onnxshrink.alg
 quantizes each layer against the Hessian of its calibration inputs, layers in graph
 order, each layer's inputs captured from the model with the layers before it already
 quantized (as the GPTQ paper does), so later layers compensate earlier layers' error.
+How that stays affordable on a 110M-parameter encoder (bench/gptq_scale.py, docs/benchmarks-int4.md):
+each wave of layers runs only the part of the graph no earlier wave ran (passes/gptq_capture.py: the model
+about once in all, not once per wave: 48 waves on all-mpnet-base-v2); layers reading one tensor (q, k, v)
+share one X^T X, one factorization and one pass over the columns; padding tokens (attention_mask 0) are left
+out of X^T X as the cluster and prune passes leave them out (their outputs are masked: fitting them spends
+accuracy on nothing); the numerics run on the pass's thread budget of BLAS threads (gptq.blas_threads).
 """
 
 from __future__ import annotations
@@ -73,11 +79,12 @@ from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused
                                       glob_literal, initializer_owners, output_shapes, select_layers)
 from onnxshrink.passes.folded_weights import (FOLD_REQUESTED, INTEGER_MIN_MACS, fold_layers, fold_requested,
                                               folded_opset)
+from onnxshrink.passes.gptq_capture import SegmentCapture
 from onnxshrink.passes.quantize import embed, nothing_to_do
+from onnxshrink.passes.prune_common import token_rows
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
-from onnxshrink.runtime import capture_activations
 from onnxshrink.streaming import TensorStore
 from onnxshrink.weights import find_tensors
 
@@ -379,6 +386,10 @@ class QuantizeBlockwise:
 
     def _gptq(self, model, units, decisions, report):
         """Waves of layers in graph order: each wave's inputs captured with every earlier wave quantized."""
+        with gptq_mod.blas_threads(self.threads):  # the pass's thread budget holds for numpy's BLAS too
+            self._gptq_waves(model, units, decisions, report)
+
+    def _gptq_waves(self, model, units, decisions, report):
         config = self.config
         subgraph_units = [u for u in units.values() if not all(layer.main_graph for layer in u)]
         for unit in subgraph_units:
@@ -388,7 +399,7 @@ class QuantizeBlockwise:
         order = {node.output[0] if node.output else "": i for i, node in enumerate(model.graph.node)}
         pending = sorted((u for u in units.values() if all(layer.main_graph for layer in u)),
                          key=lambda u: min(order.get(layer.output, 0) for layer in u))
-        graph_inputs = {i.name for i in model.graph.input}
+        capture = SegmentCapture(model, self.calibration.batches, self.threads)
         waves = errors_gptq = errors_rtn = 0
         units_total = len(pending)
         while pending:
@@ -401,24 +412,45 @@ class QuantizeBlockwise:
                 tainted |= _downstream(model.graph, {layer.output for layer in unit})
             pending = pending[len(wave):]
             waves += 1
-            hessians = [gptq_mod.Hessian(self._weight(unit[0]).shape[0]) for unit in wave]
-            names = sorted({layer.x for unit in wave for layer in unit})
-            captured = [n for n in names if n not in graph_inputs]
-            stream = (capture_activations(model, captured, self.calibration.batches, self.threads) if captured
-                      else ({} for _ in self.calibration.batches))
-            for batch, values in zip(self.calibration.batches, stream):
-                for unit, hessian in zip(wave, hessians):
-                    for layer in unit:
-                        hessian.add(values[layer.x] if layer.x in values else batch[layer.x])
-            for unit, hessian in zip(wave, hessians):
-                w = self._weight(unit[0])
-                result = gptq_mod.gptq(w, hessian.h, config.bits, config.block_size, config.symmetric,
+            # Units reading the same inputs (q, k and v) share one Hessian and are quantized as one [K, N1+N2+N3]
+            # weight: GPTQ treats output columns independently, so the codes are those of each alone, for one
+            # factorization and one pass over the columns instead of three.
+            groups: dict[tuple, list] = {}
+            for unit in wave:
+                groups.setdefault(tuple(sorted({layer.x for layer in unit})), []).append(unit)
+            readers = {layer.x: layer for unit in wave for layer in unit}
+            names = sorted(readers)
+            hessians = {xs: gptq_mod.Hessian(self._weight(units_[0][0]).shape[0]) for xs, units_ in groups.items()}
+            for batch, values in capture.capture(names):
+                grams: dict[str, tuple] = {}  # input -> (X^T X of its real-token rows, rows)
+                for xs, hessian in hessians.items():
+                    for x in xs:
+                        if x not in grams:
+                            value = values[x] if x in values else batch[x]
+                            rows = token_rows(batch, value, readers[x])  # padding left out
+                            flat = np.asarray(value, dtype=np.float32).reshape(-1, hessian.k)
+                            if rows is not None:
+                                flat = flat[rows]
+                            grams[x] = (flat.T @ flat, flat.shape[0])
+                        hessian.add_gram(*grams[x])
+            for xs, units_ in groups.items():
+                hessian = hessians[xs]
+                weights = [self._weight(unit[0]) for unit in units_]
+                joined = np.concatenate(weights, axis=1) if len(weights) > 1 else weights[0]
+                result = gptq_mod.gptq(joined, hessian.h, config.bits, config.block_size, config.symmetric,
                                        act_order=config.act_order)
-                baseline = gptq_mod.rtn(w, config.bits, config.block_size, config.symmetric)
-                mine, theirs = hessian_error(w, result.dequantize(), hessian.h), hessian_error(w, baseline.dequantize(), hessian.h)
-                errors_gptq, errors_rtn = errors_gptq + mine, errors_rtn + theirs
-                self._write(unit, result, decisions,
-                            reason=f"output error on calibration inputs {mine:.2%} (round-to-nearest: {theirs:.2%})")
+                start = 0
+                for unit, w in zip(units_, weights):
+                    part = result.columns(start, start + w.shape[1])
+                    start += w.shape[1]
+                    baseline = gptq_mod.rtn(w, config.bits, config.block_size, config.symmetric)
+                    # Every output column counts: on MiniLM every second column gave twice the error (the
+                    # residual stream's outlier channels carry most of ||X W||).
+                    mine, theirs = hessian_errors(w, [part.dequantize(), baseline.dequantize()], hessian.h)
+                    errors_gptq, errors_rtn = errors_gptq + mine, errors_rtn + theirs
+                    self._write(unit, part, decisions,
+                                reason=f"output error on calibration inputs {mine:.2%} (round-to-nearest: {theirs:.2%})")
+            capture.invalidate({layer.output for unit in wave for layer in unit})
         report.notes.append(
             f"gptq: {self.calibration.samples} calibration sample(s), {sum(len(u) for u in units.values())} layer(s) in "
             f"{waves} wave(s); mean relative output error {errors_gptq / max(len(units) - len(subgraph_units), 1):.2%} "
@@ -503,11 +535,21 @@ def _downstream(graph: onnx.GraphProto, names: set[str]) -> set[str]:
 
 def hessian_error(w: np.ndarray, w_q: np.ndarray, h: np.ndarray) -> float:
     """||X W - X W_q|| / ||X W|| from H = 2 X^T X / n alone: sqrt(tr(D^T H D) / tr(W^T H W))."""
-    w = np.asarray(w, dtype=np.float64)
-    d = w - np.asarray(w_q, dtype=np.float64)
-    num = float(np.sum(d * (h @ d)))
-    den = float(np.sum(w * (h @ w)))
-    return float(np.sqrt(max(num, 0.0) / den)) if den > 0 else 0.0
+    return hessian_errors(w, [w_q], h)[0]
+
+
+def hessian_errors(w: np.ndarray, candidates: list, h: np.ndarray) -> list[float]:
+    """hessian_error of each candidate for w, from one product of H with [W, D1, D2, ...].
+
+    A reported figure, not a decision: float32 (the float64 products of a K=3072 layer took seconds)."""
+    w = np.asarray(w, dtype=np.float32)
+    n = w.shape[1]
+    stacked = np.concatenate([w] + [w - np.asarray(c, dtype=np.float32) for c in candidates], axis=1)
+    quadratic = np.sum(stacked * (np.asarray(h, dtype=np.float32) @ stacked), axis=0, dtype=np.float64)
+    den = float(quadratic[:n].sum())
+    if den <= 0:
+        return [0.0 for _ in candidates]
+    return [float(np.sqrt(max(float(quadratic[(i + 1) * n:(i + 2) * n].sum()), 0.0) / den)) for i in range(len(candidates))]
 
 
 def packed_bytes(k: int, n: int, bits: int, block_size: int, symmetric: bool) -> int:

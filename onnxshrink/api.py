@@ -49,13 +49,12 @@ def session(path: str | os.PathLike, sess_options=None, providers=None, *, threa
 
     Without `sess_options`, the CPU session onnxshrink itself measures with (`threads` intra-op threads).
     """
-    source = model_io.runnable(path, model_io.load(path))
-    if sess_options is None and providers is None:
-        return make_session(source, threads)
+    if sess_options is None and providers is None:  # a pack is decoded once, its weights handed over as arrays
+        return make_session(model_io.session_source(path), threads)
     import onnxruntime as ort
 
-    data = source.SerializeToString() if isinstance(source, onnx.ModelProto) else str(source)
-    return ort.InferenceSession(data, sess_options, providers=providers or ["CPUExecutionProvider"])
+    source = model_io.session_source(path, split_weights=False)  # a path, or a pack's bytes
+    return ort.InferenceSession(source, sess_options, providers=providers or ["CPUExecutionProvider"])
 
 
 def inspect(path: str | os.PathLike) -> ModelInfo:

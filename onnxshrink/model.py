@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -24,7 +25,7 @@ from onnx import external_data_helper
 
 from onnxshrink.codec.container import MAGIC as PACK_MAGIC
 from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
-from onnxshrink.runtime import make_session
+from onnxshrink.runtime import InMemoryModel, make_session
 from onnxshrink.protos import all_tensor_protos as _all_tensor_protos
 from onnxshrink.protos import iter_graphs  # noqa: F401  (passes import it from here)
 from onnxshrink.weights import tensor_nbytes
@@ -74,17 +75,80 @@ def read_external_data(model: onnx.ModelProto, path: str | os.PathLike) -> None:
 
 def _load_pack(path: Path, for_rewrite: bool) -> onnx.ModelProto:
     """Decode a `.shrink` file in memory; anything that does not check out is a load error naming why."""
+    model = _decode_pack(path)
+    # Serialized once: the checker reads these bytes, and so does onnxruntime if the checker refuses.
+    _check_loadable(model, path, for_rewrite, serialized=_serialized(model))
+    return model
+
+
+def _decode_pack(path: Path) -> onnx.ModelProto:
     from onnxshrink.codec.container import CorruptPack
     from onnxshrink.packing import unpack_model
 
     try:
-        model = unpack_model(path.read_bytes())
+        return unpack_model(path.read_bytes())
     except CorruptPack as exc:
         raise ModelLoadError(f"{path}: corrupted pack ({exc})") from exc
     except OSError as exc:
         raise ModelLoadError(f"{path}: cannot read ({exc.strerror or exc})") from exc
-    _check_loadable(model, path, for_rewrite)
-    return model
+
+
+def session_source(path: str | os.PathLike, split_weights: bool = True) -> str | bytes | InMemoryModel:
+    """What onnxruntime should load to run a model file: an ONNX file's path once `load` accepts it, or a pack
+    decoded once, handed to onnxruntime without the full ONNX checker: serialized once (bytes), or with
+    `split_weights` as its graph's bytes and its large main-graph weights as arrays (make_session's InMemoryModel).
+
+    Why no checker for a pack that is only run: it protects nothing here. `load` hands every model the checker
+    refuses to onnxruntime anyway (the fallback in _check_loadable), so onnxruntime, which resolves and
+    type-checks the graph itself, is the judge of what runs; the checker only adds its reason to the error.
+    Nor can the file prove it holds what `pack` once checked: its digests are written by whoever wrote the file.
+    What guards the decoding (sizes bounded before allocation, digests, external locations) still runs.
+    A pack onnxruntime refuses fails at make_session (UnsupportedModelError), one line.
+    """
+    path = Path(path)
+    if not is_pack(path):
+        load(path, with_data=False)
+        return str(path)
+    _check_readable_file(path)
+    model = _decode_pack(path)
+    weights = _take_weights(model) if split_weights else {}
+    data = _serialized(model)
+    del model
+    if data is None:
+        raise ModelLoadError(f"{path}: decodes to a model over {EXTERNAL_DATA_THRESHOLD} bytes, more than one protobuf "
+                             "onnxruntime can load from memory holds; unpack it to an ONNX file first")
+    return InMemoryModel(data, weights) if weights else data
+
+
+IN_MEMORY_LOCATION = "onnxshrink-in-memory"  # names no file: onnxruntime takes these tensors' data from arrays
+_ARRAY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                onnx.TensorProto.INT64}
+
+
+def _take_weights(model: onnx.ModelProto, min_bytes: int = 65536) -> dict:
+    """Move the main graph's large raw weights out of `model` into arrays; each tensor left in the graph is an
+    external reference onnxruntime fills from its array (it checks the array's type and shape against it).
+    Types numpy holds natively only, and no initializer that is also a graph input (a caller may feed it)."""
+    import numpy as np
+
+    inputs = {value.name for value in model.graph.input}
+    weights = {}
+    for tensor in model.graph.initializer:
+        if (tensor.data_type not in _ARRAY_TYPES or tensor.name in inputs or tensor.name in weights
+                or tensor.data_location == onnx.TensorProto.EXTERNAL or not tensor.HasField("raw_data")):
+            continue
+        raw = tensor.raw_data
+        dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+        # A tensor left in the graph record was never measured against its dims: a mismatch stays for
+        # onnxruntime to refuse (one line), as it would in the serialized model.
+        if len(raw) < min_bytes or any(d < 0 for d in tensor.dims) or len(raw) != math.prod(tensor.dims) * dtype.itemsize:
+            continue
+        weights[tensor.name] = np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+        tensor.ClearField("raw_data")
+        tensor.data_location = onnx.TensorProto.EXTERNAL
+        tensor.external_data.add(key="location", value=IN_MEMORY_LOCATION)
+    return weights
 
 
 def is_pack(path: str | os.PathLike) -> bool:
@@ -489,15 +553,18 @@ def _load_external_data(model: onnx.ModelProto, path: Path, read: bool = True) -
             raise ModelLoadError(f"{path}: cannot read external data ({first_line(exc)})") from exc
 
 
-def full_check_error(model: onnx.ModelProto, path: str | os.PathLike) -> Exception | None:
+def full_check_error(model: onnx.ModelProto, path: str | os.PathLike, serialized: bytes | None = None) -> Exception | None:
     """The full ONNX checker's complaint about a loaded model (None when it passes).
 
     An ONNX file is checked by path: onnx then reads neither its weights nor a serialized copy
-    (a model with 2.5 GB of external weights checks in a few MB); a pack is checked in memory.
+    (a model with 2.5 GB of external weights checks in a few MB); a pack is checked in memory, from
+    `serialized` (the model's bytes, when the caller has them: serializing a model is as slow as checking it).
     """
     try:
         if not is_pack(path):
             onnx.checker.check_model(str(path), full_check=True)
+        elif serialized is not None:
+            onnx.checker.check_model(serialized, full_check=True)
         elif _too_big_for_one_protobuf(model):
             return None  # a pack this big has no single-protobuf form to check; its tensors were checked by digest
         else:
@@ -505,6 +572,16 @@ def full_check_error(model: onnx.ModelProto, path: str | os.PathLike) -> Excepti
     except Exception as exc:
         return exc
     return None
+
+
+def _serialized(model: onnx.ModelProto) -> bytes | None:
+    """The model's bytes, or None over EXTERNAL_DATA_THRESHOLD (as _too_big_for_one_protobuf; past 2 GiB protobuf
+    refuses to serialize). Cheaper than ByteSize() then SerializeToString(): each walks the whole model."""
+    try:
+        data = model.SerializeToString()
+    except Exception:
+        return None
+    return data if len(data) <= EXTERNAL_DATA_THRESHOLD else None
 
 
 def _too_big_for_one_protobuf(model: onnx.ModelProto) -> bool:
@@ -515,19 +592,19 @@ def _too_big_for_one_protobuf(model: onnx.ModelProto) -> bool:
         return True
 
 
-def _check_loadable(model: onnx.ModelProto, path: Path, for_rewrite: bool) -> None:
+def _check_loadable(model: onnx.ModelProto, path: Path, for_rewrite: bool, serialized: bytes | None = None) -> None:
     """Require a passing ONNX checker, or failing that, a model onnxruntime accepts.
 
     The check is the full one (with strict shape inference) that `save` applies to
     what it writes: with a weaker check here, a corrupted input (a weight whose type
     or shape was flipped) loads and then fails at save time as an "internal error".
     """
-    checker_error = full_check_error(model, path)
+    checker_error = full_check_error(model, path, serialized)
     if checker_error is None:
         return
     try:
         # A pack is asked about as the model it decoded to (never by path: that would decode it again).
-        make_session(model if is_pack(path) else path)
+        make_session(path if not is_pack(path) else serialized if serialized is not None else model)
     except Exception as exc:
         raise ModelLoadError(
             f"{path}: invalid ONNX model ({first_line(checker_error)}); onnxruntime refuses it too ({first_line(exc)})"

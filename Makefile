@@ -11,7 +11,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[dev]'
+	$(BIN)/pip install --quiet -e '.[dev,ray]'  # ray: tests/test_executors.py runs compress --executor ray
 	touch $@
 
 ## demo: quantize the bundled digits MLP, then prune + cluster + pack it, each validated against the original on

@@ -1,6 +1,10 @@
 """`onnxshrink compress` (automatic mode) against every single fixed setting, on the sample models.
 
     python bench/compress_bench.py [--budget 5m] [--out docs/benchmarks-compress.md]
+    python bench/compress_bench.py --budget none --auto-only --models "digits MLP" --out -   # a quick check
+
+`--budget none` lets each search end on its own (the same candidates on any machine, however loaded); `--out -`
+prints the table instead of writing the doc (which holds the real-model sections too, bench/compress_real.py).
 
 For each sample model: the automatic search at --max-accuracy-drop 0.01, judged on the held-out eval
 data, with a stated time budget, written as a .shrink; then every fixed setting of prune (sparsity
@@ -70,20 +74,32 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--budget", default="5m")
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-compress.md"))
+    parser.add_argument("--models", nargs="*", default=list(MODELS), help="titles from MODELS")
+    parser.add_argument("--auto-only", action="store_true", help="the automatic search alone, no fixed settings")
     args = parser.parse_args()
-    budget = parse_duration(args.budget)
+    budget = None if args.budget == "none" else parse_duration(args.budget)
     rows, details = [], []
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for title, name in MODELS.items():
+            if title not in args.models:
+                continue
             model = SAMPLES / f"{name}.onnx"
             original = model.stat().st_size
             config = CompressConfig(thresholds=Thresholds(max_accuracy_drop=DROP), data=str(SAMPLES / f"{name}.eval.npz"),
                                     labels="labels", calibration=str(SAMPLES / f"{name}.calib.npz"), time_budget_s=budget)
-            start = time.monotonic()
+            start, cpu = time.monotonic(), time.process_time()
             report = compress(model, work / f"{name}.shrink", config, force=True)
-            seconds = time.monotonic() - start
+            seconds, cpu = time.monotonic() - start, time.process_time() - cpu
             acc = report.validation.accuracy
+            if args.auto_only:
+                planned = [c for c in report.candidates if c.phase == "planned"]
+                print(f"{title}: auto {report.size['times_smaller']:.1f}x ({report.size['output']} B) acc "
+                      f"{acc['candidate']:.4f} (fp32 {acc['original']:.4f}) in {seconds:.0f} s wall, {cpu:.0f} s CPU "
+                      f"(this process), {len(report.candidates)} candidates ({report.stopped}); planned: "
+                      + "; ".join(f"{c.times_smaller:.1f}x {'pass' if c.passed else 'FAIL'}" for c in planned if c.size)
+                      + f"\n  {report.recipe_summary}", flush=True)
+                continue
             fixed, tried = best_fixed(name, QUANTIZE, "quantize", work)
             clustered, tried_c = best_fixed(name, CLUSTER, "cluster", work)
             print(f"{title}: auto {report.size['times_smaller']:.1f}x acc {acc['candidate']:.4f} in {seconds:.0f}s; "
@@ -91,13 +107,15 @@ def main() -> None:
                   flush=True)
             rows.append(f"| {title} ({acc['original']:.4f}) | **{report.size['times_smaller']:.1f}x** "
                         f"({report.size['output']} B) | {acc['candidate']:.4f} ({(acc['candidate'] - acc['original']) * 100:+.1f}) "
-                        f"| {seconds:.0f} s of {budget:g} s, {len(report.candidates)} candidates ({report.stopped}) "
+                        f"| {seconds:.0f} s of {budget or 0:g} s, {len(report.candidates)} candidates ({report.stopped}) "
                         f"| {original / fixed[0]:.1f}x: {fixed[1]}, {fixed[2]:.4f} ({tried} tried) "
                         f"| {original / clustered[0]:.1f}x: {clustered[1]}, {clustered[2]:.4f} ({tried_c} tried) |")
             details.append(f"**{title}**: {report.recipe_summary}; per layer: "
                            + "; ".join(f"`{layer.node}` {layer.sparsity:.1%} zeros, "
                                        + (f"{layer.bits}-bit codebook" if layer.bits else layer.format)
                                        for layer in report.layers))
+    if args.auto_only:
+        return
     text = "\n".join([
         "# `onnxshrink compress` on the sample models",
         "",
@@ -116,7 +134,8 @@ def main() -> None:
         *[f"- {d}" for d in details],
         "",
     ])
-    Path(args.out).write_text(text)
+    if args.out != "-":
+        Path(args.out).write_text(text)
     print(text)
 
 

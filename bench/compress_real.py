@@ -2,6 +2,8 @@
 held-out quality a sentence-embedding user sees (mean-pooled cosine, top-5 neighbours; bench/embedding_metrics.py).
 
     python bench/compress_real.py [--budget 10m] [--min-cosine 0.99] [--out DIR]
+    python bench/compress_real.py --model det|rec      # ddddocr's detector / PP-OCR's recogniser (bench/conv_tasks.py)
+    python bench/compress_real.py --model det --ort-int8   # onnxruntime's quantize_dynamic instead, same task metric
     python bench/compress_real.py --result DIR/compress.json     # measure an earlier run's pack again
     python bench/compress_real.py --recipe R.toml                 # one fixed candidate (recipe mode) instead
 
@@ -24,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import conv_tasks  # noqa: E402
 from embedding_metrics import pooled_embeddings, row_cosines, topk_overlap  # noqa: E402
 
 EXPORT = os.path.expanduser("~/.cache/onnxshrink/minilm/export-c346037fd464")
@@ -38,15 +41,23 @@ def embeddings(path: Path, held: dict) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--export", default=EXPORT if os.path.isdir(EXPORT) else
-                        sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*")))[-1])
+    parser.add_argument("--model", choices=["minilm", "det", "rec"], default="minilm",
+                        help="det: ddddocr common_det.onnx (boxes kept); rec: PP-OCRv6 rec small (text read unchanged)")
+    parser.add_argument("--export", default=None, help="minilm: the export folder (default: the cached one)")
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--min-cosine", default="0.99")
     parser.add_argument("--out", default="/tmp/compress-real")
     parser.add_argument("--result", help="an earlier run's compress.json: measure its pack, run nothing")
     parser.add_argument("--recipe", help="run this recipe (compress --recipe) instead of the search")
+    parser.add_argument("--max-candidates", help="also stop after N candidates (compress --max-candidates): the same "
+                        "candidates on any machine, however loaded")
+    parser.add_argument("--ort-int8", action="store_true", help="det/rec: onnxruntime's quantize_dynamic (QInt8) instead")
     args = parser.parse_args()
-    export = Path(args.export)
+    if args.model != "minilm":
+        conv(args)
+        return
+    export = Path(args.export or (EXPORT if os.path.isdir(EXPORT) else
+                                  sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*")))[-1]))
     if args.result:
         result_path, wall, rss = Path(args.result), None, None
     else:
@@ -56,13 +67,7 @@ def main() -> None:
         command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(export / "model.onnx"),
                    "--calibration", str(export / "calibration.npz"), "--data", str(export / "heldout.npz"),
                    "--min-cosine", args.min_cosine, "-o", str(out / "out.shrink"), "--force", "--json"]
-        command += ["--recipe", args.recipe] if args.recipe else ["--time-budget", args.budget]
-        print(" ".join(command), file=sys.stderr)
-        started = time.monotonic()
-        with open(result_path, "wb") as stream:
-            subprocess.run(command, stdout=stream, check=False)
-        wall = time.monotonic() - started
-        rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+        wall, rss, _ = run_compress(command, args, result_path)
     result = json.loads(result_path.read_text())
     held = dict(np.load(export / "heldout.npz"))
     reference = embeddings(export / "model.onnx", held)
@@ -77,6 +82,23 @@ def main() -> None:
     print(f"held-out: pooled cosine {cosines.mean():.4f} (worst {cosines.min():.4f}), top-5 "
           f"{topk_overlap(reference, candidate, 5):.3f}; compress's own check (token states, padding left out): "
           f"{min(o['cosine'] for o in result['validation']['outputs'].values()):.4f}")
+    print_search(result)
+
+
+def run_compress(command: list, args, result_path: Path) -> tuple[float, float, float]:
+    """Run the compress command (JSON to result_path); its wall seconds, peak RSS in MB and CPU seconds (all its
+    processes and threads: on a shared machine the steadier figure)."""
+    command += ["--recipe", args.recipe] if args.recipe else ["--time-budget", args.budget]
+    command += ["--max-candidates", args.max_candidates] if args.max_candidates and not args.recipe else []
+    print(" ".join(command), file=sys.stderr)
+    started = time.monotonic()
+    with open(result_path, "wb") as stream:
+        subprocess.run(command, stdout=stream, check=False)
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.monotonic() - started, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+def print_search(result: dict) -> None:
     print(f"recipe: {result['recipe_summary']}")
     for c in result["candidates"]:
         ratio = f"{c['times_smaller']:.2f}x" if c["times_smaller"] else "-"
@@ -85,6 +107,53 @@ def main() -> None:
               f"{'pass' if c['passed'] else 'FAIL'} {c['recipe']}{'  [' + c['error'] + ']' if c['error'] else ''}")
     for note in result.get("notes", []):
         print(f"  note: {note}")
+
+
+def conv(args) -> None:
+    """det / rec: rendered calibration, judging and evaluation sets (bench/conv_tasks.py), then the task metric."""
+    out = Path(args.out)
+    data = conv_tasks.prepare(args.model, out)
+    result_path = out / "compress.json"
+    wall = rss = cpu = None
+    if args.ort_int8:
+        ort_int8(data, out, args.model)
+        return
+    if not args.result:
+        command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(data["model"]),
+                   "--calibration", str(data["calibration"]), "--data", str(data["judging"]),
+                   "--min-cosine", args.min_cosine, "-o", str(out / "out.shrink"), "--force", "--json"]
+        wall, rss, cpu = run_compress(command, args, result_path)
+    else:
+        result_path = Path(args.result)
+    result = json.loads(result_path.read_text())
+    print(f"wall {wall:.0f} s, CPU {cpu:.0f} s, peak RSS {rss / 1024:.2f} GB, load average {os.getloadavg()[0]:.1f}"
+          if wall is not None else "(an earlier run)")
+    budget = f" of {result['time_budget_s']:.0f} s" if result.get("time_budget_s") else ""
+    print(f"search {result['seconds']:.0f} s{budget}, stopped: {result['stopped']}; "
+          f"{result['size']['times_smaller']:.2f}x smaller ({result['size']['output']} B), {len(result['candidates'])} "
+          f"candidates; judging cosine {min(o['cosine'] for o in result['validation']['outputs'].values()):.4f}")
+    if result.get("output"):
+        print(f"task ({args.model}, held-out): {conv_tasks.task_metric(args.model, data['model'], Path(result['output']), data['evaluation'])['text']}")
+    print_search(result)
+
+
+def ort_int8(data: dict, out: Path, model: str) -> None:
+    """onnxruntime's dynamic int8 (the peer): size, wall time, task metric and the judging cosine, as above."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from onnxshrink import api
+    from onnxshrink.validate import Thresholds, ValidateConfig
+
+    target = out / "ort-int8.onnx"
+    started = time.monotonic()
+    quantize_dynamic(str(data["model"]), str(target), weight_type=QuantType.QInt8)
+    wall = time.monotonic() - started
+    report = api.validate(data["model"], target, ValidateConfig(data=str(data["judging"]), latency=False,
+                                                                  thresholds=Thresholds(min_cosine=0.99)))
+    cosine = min(o.cosine for o in report.outputs.values())
+    ratio = data["model"].stat().st_size / target.stat().st_size
+    print(f"ort quantize_dynamic QInt8: {wall:.0f} s, {ratio:.2f}x smaller, judging cosine {cosine:.4f}; task: "
+          f"{conv_tasks.task_metric(model, data['model'], target, data['evaluation'])['text']}")
 
 
 if __name__ == "__main__":

@@ -189,6 +189,9 @@ ShowAllOpt = Annotated[bool, typer.Option("--all", help="List every tensor, not 
 ThreadsOpt = Annotated[int, typer.Option("--threads", min=1, help="onnxruntime intra-op threads, the same for every model run.", rich_help_panel=RUN)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Seed for synthesized inputs and any random choice.", rich_help_panel=RUN)]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show the full traceback on errors.", rich_help_panel=RUN)]
+WorkersOpt = Annotated[Optional[int], typer.Option("--workers", min=1, show_default=False, help="Candidates evaluated at once, each in its own process holding a copy of the model (default: one per idle core, as many as memory holds; 1: one after another). Every count chooses the same model.", rich_help_panel=RUN)]
+ExecutorOpt = Annotated[str, typer.Option("--executor", metavar="[local|ray]", help="Where candidates run: local processes, or a Ray cluster (the optional extra named ray; the model and data are sent through Ray, no shared filesystem needed).", rich_help_panel=RUN)]
+RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--executor ray: the cluster to connect to (default RAY_ADDRESS, else a local Ray instance).", rich_help_panel=RUN)]
 
 NoValidateOpt = Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.", rich_help_panel=GATES)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help=".npz whose keys are the model's input names (batch along axis 0).", rich_help_panel=GATES)]
@@ -689,6 +692,9 @@ def compress_command(
     as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
     seed: SeedOpt = 0,
+    workers: WorkersOpt = None,
+    executor: ExecutorOpt = "local",
+    ray_address: RayAddressOpt = None,
     debug: DebugOpt = False,
 ) -> None:
     """Find the smallest model within an accuracy/drift budget (prune, quantize or cluster per layer, pack), or run a recipe."""
@@ -702,7 +708,8 @@ def compress_command(
     config = CompressConfig(thresholds=Thresholds(max_drift, min_cosine, None, max_accuracy_drop, None),
                             data=str(data) if data else None, labels=labels, samples=samples,
                             calibration=str(calibration) if calibration else None, time_budget_s=seconds,
-                            max_candidates=max_candidates, threads=threads, seed=seed)
+                            max_candidates=max_candidates, threads=threads, seed=seed, workers=workers,
+                            executor=executor, ray_address=ray_address)
     # One clock: with a time budget the search reports seconds of it, and the display shows those as its elapsed time.
     display = ProgressDisplay("compress", unit=" s" if seconds is not None else " candidates",
                               budget_seconds=seconds is not None and recipe is None)

@@ -35,7 +35,10 @@ best valid model so far. The clock is checked before each candidate, and one tha
 time budget (estimated from the last ones) is not started; under a time budget a lossy candidate is built in
 a child process that is stopped at the deadline (candidate_process.py), since a pass cannot be cut short. How many candidates fit in seconds depends on the
 machine, and so does the result; a candidate budget (`max_candidates`) gives the same bytes everywhere, the
-search being otherwise deterministic (seeded inputs, one onnxruntime thread by default).
+search being otherwise deterministic (seeded inputs, one onnxruntime thread by default). Independent candidates
+(the formats' walks of step 3 in lockstep, the moves of one round of step 4) are batches that an executor
+(executors.py: serial, local worker processes, Ray) may run side by side; they are recorded in batch order, so every
+executor gives the same search.
 """
 
 from __future__ import annotations
@@ -52,6 +55,7 @@ import os
 import re
 import shutil
 import time
+import uuid
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +69,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyprojec
 import numpy as np
 from onnx import numpy_helper
 
-from onnxshrink import api, candidate_process
+from onnxshrink import api, candidate_process, executors
 from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.common import glob_literal
@@ -86,7 +90,7 @@ PASS_OPTIONS = {
                  "keep_float": "string", "min_weights": "integer"},
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
                 "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
-                "rounding": "string", "capture_rounds": "integer"},
+                "rounding": "string", "capture_rounds": "integer", "embeddings": "boolean"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}
@@ -435,24 +439,11 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
 
     bits = _resolve(spec.layers, "bits", names, where)
     default = options.pop("bits", 4)
-    groups = {}
-    for name in names:
-        if not any(fnmatch.fnmatchcase(name, p) for p in exclude):
-            groups.setdefault(bits.get(name, default), []).append(name)
-    if not groups:
-        groups = {default: []}
-    reports, source = [], current
-    float16, other_floats = bool(options.pop("float16", False)), options.pop("other_floats", "fp32")
-    for number, (width, members) in enumerate(sorted(groups.items(), reverse=True)):
-        others = tuple(glob_literal(n) for n in names if n not in members) if len(groups) > 1 else ()
-        last = number == len(groups) - 1
-        out = target if last else target.with_name(f"{target.stem}.bits{width}.onnx")
-        # Other floats in fewer bits once every group is clustered: a bias stored so earlier could not be refit.
-        config = ClusterConfig(**options, bits=width, exclude=exclude + others, float16=float16 and last,
-                               other_floats=other_floats if last else "fp32")
-        reports += api.cluster(source, out, config, **common).passes
-        source = out
-    return reports, {}
+    # One pass for every width (ClusterConfig.layer_bits): one capture of the calibration data, where a pass per
+    # width captured it once per width (a 5-width plan of ddddocr's detector ran past a 10-minute budget).
+    config = ClusterConfig(**options, bits=default, exclude=exclude,
+                           layer_bits={name: width for name, width in bits.items() if width != default})
+    return api.cluster(current, target, config, **common).passes, {}
 
 
 def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.PathLike, *,
@@ -476,7 +467,9 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
             if shared and key in cache:
                 current, produced, pruned = cache[key]
             else:
-                target = (parent if shared else scratch) / f"step{index}.{spec.name}.{next(_STEP_NUMBERS)}.onnx"
+                # A name no other process picks: candidates built in forked children (each with its own copy of
+                # the counter) share the work folder, and a cached step must not be overwritten by another's.
+                target = (parent if shared else scratch) / f"step{index}.{spec.name}.{next(_STEP_NUMBERS)}.{uuid.uuid4().hex[:12]}.onnx"
                 produced, pruned = _step(spec, where, current, target, calibration, threads)
                 current = target
                 if shared:
@@ -508,7 +501,8 @@ def run_recipe(model_path: str | os.PathLike, recipe: Recipe, output: str | os.P
             if decision.action != "kept" and not decision.action.startswith("kept"):
                 formats[decision.node] = decision.action
                 if report.name == "cluster":
-                    bits[decision.node] = int(report.options.get("bits", 0))
+                    bits[decision.node] = int((report.options.get("layer_bits") or {}).get(decision.node,
+                                                                                            report.options.get("bits", 0)))
             else:
                 formats.setdefault(decision.node, "float")
     overall = sum(z for z, _ in counts.values()) / max(sum(n for _, n in counts.values()), 1)
@@ -570,6 +564,12 @@ class CompressConfig:
     # The large-model search (LARGE_FORMAT_ORDER, sparsities tried upwards from 0, one-shot SparseGPT pruning,
     # captures per block): None decides by the input's size (LARGE_MODEL_BYTES).
     large: bool | None = None
+    # How candidates are evaluated (executors.py): "local" processes, `workers` at a time (None: one per core, as many
+    # as memory holds; 1: one after another, in this process), or "ray" (a cluster at `ray_address` or RAY_ADDRESS,
+    # else a local instance). The same candidates give the same best model on every executor.
+    workers: int | None = None
+    executor: str = "local"
+    ray_address: str | None = None
 
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
@@ -630,6 +630,8 @@ class CompressReport(JsonReport):
     stopped: str  # "search done", "time budget", "candidate limit", "recipe"
     notes: list = field(default_factory=list)
     max_candidates: int | None = None  # the candidate budget, when one was set (auto mode)
+    executor: str | None = None  # "serial", "local" or "ray" (auto mode)
+    workers: int | None = None  # candidates evaluated at once (auto mode)
 
 
 def parse_duration(text: str) -> float:
@@ -664,6 +666,9 @@ class _Search:
         data = config.data or config.calibration
         self.judging = ValidateConfig(data=data, labels=config.labels, samples=config.samples, threads=config.threads,
                                       seed=config.seed, latency=False, thresholds=config.thresholds)
+        # The files every candidate reads (shipped as bytes to a Ray cluster), and how the candidates run.
+        self.inputs = {"source": self.source, "model": model_path, "calibration": config.calibration, "data": data}
+        self.executor = executors.SerialExecutor(self.inputs, workdir)
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -683,10 +688,14 @@ class _Search:
         return max(self.config.time_budget_s - self.elapsed() - final_check, 0.0)
 
     def affordable(self) -> bool:
-        """Whether one more candidate (costed as the slowest of the last three) fits in the budget."""
+        """Whether one more candidate fits the candidate budget and (costed as the slowest of the last three) the
+        time budget."""
         if self.config.max_candidates is not None and len(self.candidates) >= self.config.max_candidates:
             self.stopped = "candidate limit"
             return False
+        return self._time_for_one()
+
+    def _time_for_one(self) -> bool:
         if self.out_of_time:
             return False
         if self.config.time_budget_s is None:
@@ -702,6 +711,14 @@ class _Search:
             self.stopped = "time budget"
             return False
         return True
+
+    def _admit(self) -> float | None:
+        """Asked by the executor before each job of a batch starts: None when the time budget is spent, else the
+        seconds the job may run before it is stopped (the final check must still fit)."""
+        if not self._time_for_one():
+            return None
+        left = self._seconds_left()
+        return math.inf if left is None else left
 
     def measure_fragility(self) -> None:
         """Each layer's output drift when it alone is pruned to 0.9, which orders the per-layer moves; only that
@@ -761,37 +778,83 @@ class _Search:
             self.progress(f"{step}{best}", done, self.config.max_candidates or max(done, 1))
 
     def attempt(self, recipe: Recipe, phase: str, strict: bool = False, label: str | None = None) -> tuple[Candidate, RecipeRun | None]:
-        """Build, validate, and keep a candidate if it passes and is the smallest so far. Unless `strict`, a
-        candidate the passes cannot build is recorded as failed and the search goes on.
-
-        Under a time budget a lossy candidate is built in a child process (candidate_process.py) that is stopped
-        at the deadline: a candidate's cost is only estimated before it starts (the first lossy one, costed as
-        the lossless copy, once ran 40% past the budget), so the budget holds whatever the estimate."""
+        """Build, validate, and keep one candidate (the caller checked affordable()). Unless `strict`, a candidate
+        the passes cannot build is recorded as failed and the search goes on. A lossy one runs on the executor, so
+        that under a time budget it is stopped at the deadline (candidate_process.py); the lossless start and a
+        strict one run in this process."""
+        if recipe.passes and not strict:
+            left = self._seconds_left()
+            entry = (recipe, phase, label, label or recipe.summary())
+            return self._run_batch([entry], lambda: math.inf if left is None else left)[0][0]
         start = time.monotonic()
-        index = len(self.candidates)
-        target = self.workdir / f"candidate{index}{'.shrink' if self.pack else '.onnx'}"
+        target = self._target(len(self.candidates))
         run = report = error = None
         timings: dict = {}
-        work = functools.partial(_build_and_judge, self.source, self.model_path, recipe, target, self.config.calibration,
-                                 self.workdir, self.config.threads, self.judging, timings=timings)
-        remaining = self._seconds_left()
         try:
-            if recipe.passes and not strict and remaining is not None and candidate_process.available():
-                outcome = candidate_process.run(work, dict(self.cache), remaining)
-                if outcome is None:  # stopped at the deadline: nothing it built is kept
-                    self.out_of_time = True
-                    self.stopped = "time budget"
-                    error = f"stopped at the time budget ({remaining:.0f} s were left for it)"
-                else:
-                    run, report, added, error = outcome
-                    self.cache.update(added)
-                    _evict(self.cache)
-            else:
-                run, report = work(self.cache)
+            run, report = _build_and_judge(self.inputs, target, self.workdir, self.cache, recipe=recipe,
+                                           threads=self.config.threads, judging=self.judging, timings=timings)
         except Exception as exc:
             if strict:
                 raise
             error = f"{type(exc).__name__}: {model_io.first_line(exc)}"
+        self.costs.append(time.monotonic() - start)
+        if phase == "lossless" and "validate" in timings:
+            self.check_s = timings["validate"]
+        return self._record(recipe, phase, label, target, run, report, error, time.monotonic() - start)
+
+    def evaluate(self, entries: list) -> tuple[list, bool]:
+        """Build and judge a batch of independent candidates, (recipe, phase, label, progress text) each, on the
+        executor. Each is recorded (numbered, kept if the best, copied to the output) in batch order as soon as the
+        ones before it are, whatever order they end in: every executor then gives the same search. Under a time
+        budget each job is stopped at the deadline (a pass cannot be cut short; candidate_process.py). Returns the
+        (candidate, run) of the jobs that ran, in order, and whether all of them did."""
+        complete = True
+        if self.config.max_candidates is not None:
+            room = max(self.config.max_candidates - len(self.candidates), 0)
+            if room < len(entries):
+                entries, complete = entries[:room], False
+                self.stopped = "candidate limit"
+        recorded, ran_all = self._run_batch(entries, self._admit)
+        return recorded, complete and ran_all
+
+    def _run_batch(self, entries: list, admit) -> tuple[list, bool]:
+        first = len(self.candidates)
+        jobs = [executors.Job(functools.partial(_build_and_judge, recipe=recipe, threads=self.config.threads,
+                                                judging=self.judging), self._target(first + number), text)
+                for number, (recipe, _, _, text) in enumerate(entries)]
+        finished: dict = {}
+        recorded: list = []
+
+        def done(index: int, outcome: executors.Outcome) -> None:
+            self.costs.append(outcome.seconds)  # in the order they end: estimates only
+            if outcome.stopped:
+                self.out_of_time, self.stopped = True, "time budget"
+            finished[index] = outcome
+            while len(recorded) in finished:
+                number = len(recorded)
+                recorded.append(self._record_outcome(entries[number], jobs[number], finished.pop(number)))
+
+        outcomes = self.executor.map(jobs, self.cache, admit, done, lambda index: self.tick(jobs[index].label))
+        _evict(self.cache)
+        return recorded, None not in outcomes and not self.out_of_time
+
+    def _target(self, index: int) -> Path:
+        return self.workdir / f"candidate{index}{'.shrink' if self.pack else '.onnx'}"
+
+    def _record_outcome(self, entry: tuple, job: executors.Job, outcome: executors.Outcome) -> tuple:
+        recipe, phase, label, _ = entry
+        run = report = None
+        error = outcome.error
+        if outcome.stopped:  # stopped at the deadline: nothing it built is kept
+            error = f"stopped at the time budget ({outcome.limit:.0f} s were left for it)"
+        elif outcome.value is not None:
+            run, report = outcome.value
+        return self._record(recipe, phase, label, job.target, run, report, error, outcome.seconds)
+
+    def _record(self, recipe: Recipe, phase: str, label: str | None, target: Path, run, report, error,
+                seconds: float) -> tuple[Candidate, RecipeRun | None]:
+        """Number a built candidate, keep it when it passes and is the smallest so far (copied to the output)."""
+        index = len(self.candidates)
         size = target.stat().st_size if target.exists() and error is None else None
         passed = report is not None and report.passed
         better = passed and (self.best is None or size < self.best[0])
@@ -803,36 +866,45 @@ class _Search:
             report.accuracy["candidate"] if report and report.accuracy else None,
             max((o.max_abs for o in report.outputs.values()), default=None) if report else None,
             min((o.cosine for o in report.outputs.values()), default=None) if report else None,
-            passed, better, time.monotonic() - start, error))
+            passed, better, seconds, error))
         target.unlink(missing_ok=True)
-        self.costs.append(time.monotonic() - start)
-        if phase == "lossless" and "validate" in timings:
-            self.check_s = timings["validate"]
         return self.candidates[-1], run
 
     def uniform(self, formats: list[str]) -> None:
         """Per format, the highest passing sparsity on the grid, by bisection (accuracy falls with sparsity); a large
         model climbs the grid from 0 instead, stopping at the first failure: its first bisection point (75% zeros)
-        costs minutes and fails (MiniLM), while the format alone is cheap and likely to pass."""
+        costs minutes and fails (MiniLM), while the format alone is cheap and likely to pass. The formats' walks are
+        independent: they advance in lockstep, one step of each per batch, so that workers run them side by side."""
         sparsities = self.config.sparsities
         if self.large and sparsities == DEFAULT_SPARSITIES:
             sparsities = LARGE_SPARSITIES
         grid = sorted(sparsities) if self.pack else [0.0]  # zeros buy nothing in an unpacked file
-        for name in formats:
-            low, high = -1, len(grid)
-            while high - low > 1:
-                if not self.affordable():
-                    return
-                mid = low + 1 if self.large else (low + high) // 2
-                self.tick(f"{name}, sparsity {grid[mid]:g}")
-                passes = uniform_passes(name, grid[mid], self.config, self.large)
-                if not passes:
+        walks = {name: (-1, len(grid)) for name in formats}  # format -> (highest passing, lowest failing) index
+        while True:
+            entries, points = [], []
+            for name in formats:
+                low, high = walks[name]
+                passes = []
+                while high - low > 1:
+                    mid = low + 1 if self.large else (low + high) // 2
+                    passes = uniform_passes(name, grid[mid], self.config, self.large)
+                    if passes:
+                        break
                     low = mid  # the float model unpruned: the lossless start
-                    continue
-                candidate, run = self.attempt(Recipe(passes), "uniform")
-                low, high = (mid, high) if candidate.passed else (low, mid)
+                walks[name] = (low, high)
+                if passes:
+                    entries.append((Recipe(passes), "uniform", None, f"{name}, sparsity {grid[mid]:g}"))
+                    points.append((name, mid))
+            if not entries:
+                return
+            results, complete = self.evaluate(entries)
+            for (name, mid), (entry, (candidate, run)) in zip(points, zip(entries, results)):
+                low, high = walks[name]
+                walks[name] = (mid, high) if candidate.passed else (low, mid)
                 if candidate.passed and (name not in self.starts or candidate.size < self.starts[name][0].size):
-                    self.starts[name] = (candidate, Recipe(passes), run)
+                    self.starts[name] = (candidate, entry[0], run)
+            if not complete:
+                return
 
     def refine(self) -> None:
         """Per-layer moves from each format's best uniform setting, the smallest first, while time remains."""
@@ -844,7 +916,8 @@ class _Search:
     def descend(self, start: Candidate, recipe: Recipe, run: RecipeRun) -> None:
         """Greedy per-layer moves: one layer sparser, or one layer's codebook a bit narrower. Of the moves that pass
         and shrink the file, the one saving the most bytes per unit of added output drift (1 - cosine) becomes the
-        base of the next round (coarse moves first, finer ones when none passes). The output keeps the smallest."""
+        base of the next round (coarse moves first, finer ones when none passes). The output keeps the smallest.
+        The moves of a tier are one batch (the executor may run them side by side)."""
         size, drift = start.size, 1.0 - (start.cosine or 1.0)
         while True:
             base = resolve(recipe, run)
@@ -852,15 +925,16 @@ class _Search:
             for tier in (0, 1):
                 # The least sensitive layers first: if the budget runs out, the likeliest moves were tried.
                 moves = sorted(_moves(base, tier), key=lambda m: self.fragility.get(base.passes[m[0]].layers[m[1]].match, 0.0))
+                entries = []
                 for spec_index, rule_index, key, value in moves:
-                    if not self.affordable():
-                        return
                     move = f"{base.passes[spec_index].layers[rule_index].match} {key} {value}"
-                    self.tick(f"per layer: {move}")
-                    edited = _with_rule(base, spec_index, rule_index, key, value)
-                    candidate, result = self.attempt(edited, "per-layer", label=f"base + {move}")
-                    if candidate.passed and candidate.size < size:
-                        found.append((candidate, edited, result))
+                    entries.append((_with_rule(base, spec_index, rule_index, key, value), "per-layer", f"base + {move}",
+                                    f"per layer: {move}"))
+                results, complete = self.evaluate(entries)
+                if not complete:
+                    return
+                found = [(candidate, entry[0], result) for entry, (candidate, result) in zip(entries, results)
+                         if candidate.passed and candidate.size < size]
                 if found:
                     break
             if not found:
@@ -869,10 +943,15 @@ class _Search:
             size, recipe, run, drift = step[0].size, step[1], step[2], 1.0 - (step[0].cosine or 1.0)
 
 
-def _build_and_judge(source: Path, model_path: Path, recipe: Recipe, target: Path, calibration, workdir: Path,
-                     threads: int, judging: ValidateConfig, cache: dict, evict: bool = True, timings: dict | None = None):
+def _build_and_judge(inputs: dict, target: Path, workdir: Path, cache: dict, evict: bool = True, *, recipe: Recipe,
+                     threads: int, judging: ValidateConfig, timings: dict | None = None):
     """One candidate: the recipe's file at `target`, and its validation against the original (its seconds in
-    `timings`, when given, for the caller's estimates)."""
+    `timings`, when given, for the caller's estimates). `inputs` names the files it reads (source, model,
+    calibration, data): on a Ray worker they are local copies (executors.py)."""
+    source, model_path, calibration = inputs["source"], inputs["model"], inputs.get("calibration")
+    calibration = str(calibration) if calibration is not None else None
+    if inputs.get("data") is not None:
+        judging = dataclasses.replace(judging, data=str(inputs["data"]))
     if recipe.passes:
         run = run_recipe(source, recipe, target, calibration=calibration, workdir=workdir, threads=threads,
                          cache=cache, evict=evict)
@@ -908,14 +987,85 @@ def uniform_passes(name: str, sparsity: float, config: CompressConfig, large: bo
 LARGE_CAPTURE_ROUNDS = 6
 
 
-def search_formats(calibration, chosen: tuple | None, large: bool) -> list[str]:
-    """The formats the uniform phase tries, in order: FORMATS' order, or LARGE_FORMAT_ORDER for a large model."""
+def search_formats(calibration, chosen: tuple | None, large: bool, planned_bits: float | None = None) -> list[str]:
+    """The formats the uniform phase tries, in order: FORMATS' order, or LARGE_FORMAT_ORDER for a large model. A large
+    model whose planned codebooks passed at `planned_bits` per weight skips the uniform formats no narrower than that:
+    they could only win with pruning, which the large search climbs to one minutes-long candidate at a time."""
     formats = [f for f in available_formats(calibration) if chosen is None or f in chosen]
     if not large:
         formats = [f for f in formats if f not in LARGE_ONLY or (chosen is not None and f in chosen)]
     if large:
         formats.sort(key=lambda f: LARGE_FORMAT_ORDER.index(f) if f in LARGE_FORMAT_ORDER else len(LARGE_FORMAT_ORDER))
+        if planned_bits is not None and chosen is None:
+            formats = [f for f in formats if FORMAT_BITS.get(f, 32) < planned_bits]
     return formats
+
+
+FORMAT_BITS = {"int8": 8, "int8static": 8, "gptq4": 4, "cluster6": 6, "cluster5": 5, "cluster4": 4, "cluster3": 3,
+               "cluster2": 2, "float": 32}  # nominal bits per weight of each format
+PLANNED = "planned"  # the key of the planned codebooks in the search's starts
+
+
+def planned_recipe(allocation: dict, config: CompressConfig, large: bool) -> Recipe:
+    """One cluster pass with each layer's planned width: the most common width as the default, rules for the rest."""
+    spec = format_pass("cluster4", config)
+    # Embedding tables are not priced (no layer input weighs them): they keep the int8 of the other floats, which
+    # MiniLM's word table needs for cosine 0.99 (4-bit forms of it stop at 0.988).
+    spec.options["embeddings"] = False
+    if large and config.calibration:
+        spec.options["capture_rounds"] = LARGE_CAPTURE_ROUNDS
+    counts: dict = {}
+    for width in allocation.values():
+        counts[width] = counts.get(width, 0) + 1
+    default = max(sorted(counts), key=lambda width: counts[width]) if counts else 4
+    spec.options["bits"] = default
+    rules = [LayerRule(glob_literal(node), {"bits": width}) for node, width in allocation.items() if width != default]
+    return Recipe([PassSpec("cluster", spec.options, rules)])
+
+
+def plan_phase(search) -> float | None:
+    """Codebook widths per layer, planned before any whole-model candidate (compress_plan): each layer priced from
+    one capture of the calibration data, then the frontier's allocations at a few average widths bisected on the
+    whole model (about three candidates). The narrowest that passes becomes a start of the per-layer moves; its
+    average bits are returned (None: nothing passed, or nothing planned: an .onnx output, or --formats given)."""
+    from onnxshrink import compress_plan
+
+    config = search.config
+    # Formats the user chose are the only ones tried: the plan mixes codebook widths of its own
+    if not search.pack or config.formats is not None or "cluster4" not in available_formats(config.calibration):
+        return None
+    if not search.affordable():
+        return None
+    search.tick("pricing each layer's codebook widths")
+    started = time.monotonic()
+    prices = compress_plan.price_layers(search.source, config.calibration, threads=config.threads,
+                                        stop=lambda: not search.affordable(), min_share=compress_plan.MIN_LAYER_SHARE)
+    if not prices.layers:
+        search.notes.extend(prices.notes)
+        return None
+    rungs = compress_plan.ladder(prices)
+    search.notes.append(f"planned codebooks: {len(prices.layers)} layers priced in {time.monotonic() - started:.0f} s "
+                        f"({prices.runs} capture run(s) of {prices.samples} sample(s)); "
+                        f"{len(rungs)} allocations from {compress_plan.average_bits(rungs[0], prices):.1f} to "
+                        f"{compress_plan.average_bits(rungs[-1], prices):.1f} bits per weight, bisected")
+    search.notes.extend(prices.notes)
+    low, high, passed = -1, len(rungs), None
+    while high - low > 1:
+        if not search.affordable():
+            break
+        mid = (low + high) // 2
+        label = f"planned codebooks, {compress_plan.summary(rungs[mid], prices)}"
+        search.tick(label)
+        recipe = planned_recipe(rungs[mid], config, search.large)
+        candidate, run = search.attempt(recipe, "planned", label=label)
+        if candidate.passed:
+            low, passed = mid, (candidate, recipe, run)
+        else:
+            high = mid
+    if passed is None:
+        return None
+    search.starts[PLANNED] = passed
+    return compress_plan.average_bits(rungs[low], prices)
 
 
 def format_pass(name: str, config: CompressConfig) -> PassSpec:
@@ -1016,6 +1166,14 @@ def compress(
         raise UsageError(f"time budget {config.time_budget_s}: must be positive")
     if config.max_candidates is not None and config.max_candidates < 1:
         raise UsageError(f"--max-candidates {config.max_candidates}: must be at least 1 (the lossless start)")
+    if config.workers is not None and config.workers < 1:
+        raise UsageError(f"--workers {config.workers}: must be at least 1")
+    if config.executor not in ("local", "ray"):
+        raise UsageError(f"--executor {config.executor!r}: choose local or ray")
+    if config.ray_address is not None and config.executor != "ray":
+        raise UsageError("--ray-address needs --executor ray")
+    if config.executor == "ray" and recipe is None:
+        executors.import_ray()  # not installed: the one-line hint before any work
     if config.labels and not (config.data or config.calibration):
         raise UsageError("--labels needs --data (or --calibration): labels are read from the data file")
     if thresholds.max_accuracy_drop is not None and not config.labels:
@@ -1041,7 +1199,15 @@ def compress(
         if recipe is not None:
             report = _recipe_mode(search, recipe)
         else:
-            report = _auto_mode(search)
+            if config.executor == "ray":
+                search.tick("starting Ray")
+            executor = executors.make_executor(config.executor, search.inputs, workdir, config.workers,
+                                               model_bytes=search.original_size, threads=config.threads,
+                                               address=config.ray_address)
+            with executor:
+                search.executor = executor
+                report = _auto_mode(search)
+            report.executor, report.workers = executor.name, executor.workers
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if replayed:
@@ -1100,10 +1266,11 @@ def _auto_mode(search: _Search) -> CompressReport:
         report.notes.append("even the lossless form of the model fails the thresholds (it decodes to the same model): "
                             "they cannot be met; nothing written")
         return report
+    planned_bits = plan_phase(search)
     if search.pack:
         search.tick("sensitivity")
         search.measure_fragility()
-    formats = search_formats(config.calibration, config.formats, search.large)
+    formats = search_formats(config.calibration, config.formats, search.large, planned_bits)
     if search.large:
         search.notes.append(f"large model ({search.original_size / 2**20:.0f} MB): formats in the order "
                             f"{', '.join(formats)}, each from sparsity 0 upwards until one fails"

@@ -128,7 +128,7 @@ def test_durations(text, seconds):
 def test_automatic_mode_finds_a_smaller_valid_model_and_its_recipe_reproduces_it(digits, tmp_path):
     model, calib, data = digits
     out, saved = tmp_path / "out.shrink", tmp_path / "chosen.toml"
-    report = compress(model, out, _config(calib, data), save_recipe=saved)
+    report = compress(model, out, _config(calib, data, time_budget_s=None), save_recipe=saved)  # not load-dependent
     assert report.passed and out.exists()
     lossless = report.size["lossless"]
     assert report.size["output"] < lossless / 5
@@ -205,7 +205,7 @@ def test_interrupted_search_leaves_the_best_so_far_or_nothing(digits, tmp_path, 
     monkeypatch.setattr(compress_search.api, "validate", flaky)
     out = tmp_path / "out.shrink"
     with pytest.raises(KeyboardInterrupt):
-        compress(model, out, _config(calib, data))
+        compress(model, out, _config(calib, data, time_budget_s=None))
     monkeypatch.setattr(compress_search.api, "validate", real)
     assert out.exists()  # the lossless pack and the first passing candidate were written whole
     assert api.validate(model, out, ValidateConfig(data=str(data), labels="labels", latency=False,
@@ -399,8 +399,9 @@ def test_a_large_model_climbs_the_sparsity_grid_from_zero_and_stops_at_the_first
                      time_budget_s=None)
     report = compress(model, tmp_path / "out.shrink", config)
     uniform = [c for c in report.candidates if c.phase == "uniform"]
-    assert [c.recipe.split(" -> ")[-1].split("(")[0] for c in uniform] == ["quantize"] * 3 + ["cluster"] * 3
+    # the formats' walks advance in lockstep (one step of each per batch of candidates): int8's first, then cluster4's
+    assert [c.recipe.split(" -> ")[-1].split("(")[0] for c in uniform] == ["quantize", "cluster"] * 3
     assert uniform[0].recipe == "quantize(mode=dynamic)" and uniform[0].passed
-    assert "method=sparsegpt, scope=layer" in uniform[1].recipe and "sparsity=0.5" in uniform[1].recipe
-    assert [c.passed for c in uniform] == [True, True, False, True, True, False]  # 97% zeros fails, 98% not tried
+    assert "method=sparsegpt, scope=layer" in uniform[2].recipe and "sparsity=0.5" in uniform[2].recipe
+    assert [c.passed for c in uniform] == [True, True, True, True, False, False]  # 97% zeros fails, 98% not tried
     assert report.passed and any(note.startswith("large model") for note in report.notes)

@@ -108,3 +108,26 @@ def test_a_large_models_first_lossy_candidate_is_not_costed_as_the_lossless_pack
     assert report.stopped == "time budget" and report.passed
     small = compress(tmp_path / "digits_mlp.onnx", tmp_path / "small.shrink", _config(tmp_path, 120.0, large=False))
     assert [c.phase for c in small.candidates] == ["lossless"]  # costed as the lossless pack: not started
+
+
+def test_every_worker_is_stopped_at_the_deadline(tmp_path, monkeypatch):
+    """Two local workers start a batch of two candidates (two formats' first steps, in lockstep) that would each
+    run for a minute: both are stopped when the budget's time is up, recorded as such, and the output keeps the
+    lossless start."""
+    if not compress_search.candidate_process.available():
+        pytest.skip("local workers fork: Linux only")
+    from conftest import make_mlp, save_model
+
+    model = save_model(make_mlp(), tmp_path / "mlp.onnx")
+
+    def endless(*args, **kwargs):  # runs in the workers (forked after the patch)
+        time.sleep(60)
+
+    monkeypatch.setattr(compress_search, "run_recipe", endless)
+    config = CompressConfig(thresholds=Thresholds(min_cosine=0.8), time_budget_s=10.0, workers=2,
+                            formats=("int8", "float"), sparsities=(0.0, 0.5), refine=False)
+    report = compress(model, tmp_path / "out.shrink", config)
+    assert [c.phase for c in report.candidates] == ["lossless", "uniform", "uniform"]
+    assert all(c.error.startswith("stopped at the time budget") and not c.passed for c in report.candidates[1:])
+    assert report.stopped == "time budget" and report.passed and (report.executor, report.workers) == ("local", 2)
+    assert report.size["output"] == report.size["lossless"]

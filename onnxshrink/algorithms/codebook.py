@@ -269,13 +269,13 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
         part = cols[start:start + step]
         onehot = (idx[:, part, None] == np.arange(levels)).astype(np.float64)  # [K, c, L]
         ge = np.tensordot(g, onehot, axes=(1, 0))  # [K, c, L]
-        a_part = np.einsum("kcl,kcm->clm", onehot, ge)
-        r_part = np.einsum("kcl,kc->cl", onehot, p[:, part])
         if per_column:
-            a[start:start + len(part)], r[start:start + len(part)] = a_part, r_part
-        else:
-            a[0] += a_part.sum(axis=0)
-            r[0] += r_part.sum(axis=0)
+            a[start:start + len(part)] = np.einsum("kcl,kcm->clm", onehot, ge)
+            r[start:start + len(part)] = np.einsum("kcl,kc->cl", onehot, p[:, part])
+        else:  # the same sums over k and c as one matrix product: the einsum did not use BLAS (256 levels: minutes)
+            flat = onehot.reshape(-1, levels)
+            a[0] += flat.T @ ge.reshape(-1, levels)
+            r[0] += flat.T @ p[:, part].reshape(-1)
     free = np.arange(1 if keep_zero else 0, levels)
     af = a[:, free][:, :, free]
     lam = damping * max(float(np.mean(np.diagonal(af, axis1=1, axis2=2))), 1e-30)

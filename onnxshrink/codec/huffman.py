@@ -449,6 +449,17 @@ _pool = None
 _setup_lock = threading.Lock()
 
 
+def _forget_pool() -> None:
+    """In a forked child (compress's candidate workers): the parent's pool threads are not there, and a map on the
+    inherited pool would wait for them forever; the child starts its own."""
+    global _pool, _setup_lock
+    _pool, _setup_lock = None, threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pool)
+
+
 def _kernels() -> SimpleNamespace:
     """The numba-compiled kernels; numba is imported (and compiles or loads its disk cache) on first use only."""
     global _compiled

@@ -36,7 +36,7 @@ statistics for fewer runs; `capture_rounds` N groups waves into at most N runs. 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import onnx
@@ -87,6 +87,9 @@ class ClusterConfig:
     # 0: a wave of layers no pending layer feeds (exactly what one run per layer gives); N > 0: at most N rounds
     # of consecutive depths (6 on MiniLM: one per transformer block); -1: one layer per run.
     capture_rounds: int = 0
+    # node name -> bits for that layer (others: `bits`): one pass, so one capture, for a mixed-width plan
+    # (compress_plan), where a pass per width captured the calibration data once per width
+    layer_bits: dict = field(default_factory=dict)
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -114,6 +117,9 @@ def check_config(config: ClusterConfig, calibration) -> None:
             or config.capture_rounds < -1:
         raise UsageError(f"--capture-rounds {config.capture_rounds}: 0 (one run per wave of layers), N > 0 (at most "
                          "N runs) or -1 (one run per layer)")
+    for node, bits in dict(config.layer_bits or {}).items():
+        if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
+            raise UsageError(f"layer {node!r}: bits {bits} must be between 1 and 8")
     if not isinstance(config.min_weights, (int, np.integer)) or config.min_weights < 0:
         raise UsageError(f"--min-weights {config.min_weights}: must be a non-negative integer")
 
@@ -129,6 +135,7 @@ class Cluster:
         self.calibration = calibration
         self.threads = threads
         self.levels = 2 ** int(config.bits)
+        self.layer_levels = {node: 2 ** int(bits) for node, bits in dict(config.layer_bits or {}).items()}
         self.weighting = config.weighting or ("activation" if calibration is not None else "none")
         self.refit = bool(config.refit) and calibration is not None
         # GPTQ order raised MiniLM's 4-bit cosine from 0.9655 to 0.9766 but cost the sample models up to 0.7 points
@@ -223,19 +230,19 @@ class Cluster:
             count = int(np.prod(record.shape))
             if count < config.min_weights:
                 return f"{count} weights, fewer than --min-weights {config.min_weights}"
-            after = self._bytes_after(record.shape, node)
+            after = self._bytes_after(record.shape, node, self.layer_levels.get(node.name, self.levels))
             if after >= record.nbytes:
                 return f"indices and codebook ({after} B) would not be smaller than the weight ({record.nbytes} B)"
             return None
 
         return judge
 
-    def _bytes_after(self, shape, node) -> int:
-        count = int(np.prod(shape))
+    def _bytes_after(self, shape, node, levels=None) -> int:
+        count, levels = int(np.prod(shape)), levels or self.levels
         if self.config.per == "layer":
-            return count + 4 * self.levels
+            return count + 4 * levels
         channels = shape[_channel_axis(node)]
-        return count + 4 * self.levels * channels + 4 * channels + 8
+        return count + 4 * levels * channels + 4 * channels + 8
 
     # ---- embedding tables ----------------------------------------------------------------
 
@@ -262,7 +269,7 @@ class Cluster:
         return tables
 
     def _cluster_table(self, weight, group, stats) -> list[LayerDecision]:
-        config, levels = self.config, self.levels
+        config, levels = self.config, self.layer_levels.get(group[0].name, self.levels)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
         rows = raw if config.per == "channel" else raw.reshape(1, -1)  # per channel: one codebook per row
@@ -291,7 +298,7 @@ class Cluster:
         return None if _not_data_aware(layer, group) else layer
 
     def _cluster(self, model, original, weight, group, stats) -> list[LayerDecision]:
-        config, levels = self.config, self.levels
+        config, levels = self.config, self.layer_levels.get(group[0].name, self.levels)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
         site = group[0]
@@ -367,7 +374,7 @@ class Cluster:
             offsets_shape = [1] * len(shape)
             offsets_shape[axis] = shape[axis]
             offsets, flat = names(weight + "_offsets"), names(weight + "_codebook_flat")
-            inits += [numpy_helper.from_array((np.arange(shape[axis], dtype=np.int32) * self.levels).reshape(offsets_shape),
+            inits += [numpy_helper.from_array((np.arange(shape[axis], dtype=np.int32) * books.shape[-1]).reshape(offsets_shape),
                                               offsets),
                       numpy_helper.from_array(np.array([-1], dtype=np.int64), flat + "_shape")]
             nodes += [helper.make_node("Add", [index, offsets], [offsets + "_out"], name=offsets + "_Add"),
@@ -388,8 +395,9 @@ class Cluster:
         mse = [(a, b) for kind, a, b in stats if kind == "mse"]
         ratio = sum(a for a, _ in mse) / max(sum(b for _, b in mse), 1e-300)
         report.notes.append(
-            f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}; weight MSE "
-            f"{ratio:.2f}x that of uniform round-to-nearest with {self.levels} levels (summed over layers)")
+            f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}"
+            + (f" ({len(self.layer_levels)} layer(s) with their own width: layer_bits)" if self.layer_levels else "")
+            + f"; weight MSE {ratio:.2f}x that of uniform round-to-nearest at the same widths (summed over layers)")
         if data_aware:
             refits = [(a, b) for kind, a, b in stats if kind == "refit"]
             text = (f"fitted in graph order to the original model on {self.calibration.samples} calibration sample(s), "

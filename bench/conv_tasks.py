@@ -1,0 +1,189 @@
+"""Task data and task metrics for the two real conv models of issue 15 (item 3), shared by bench/compress_real.py.
+
+- det: ddddocr 1.6.1's `common_det.onnx`, a YOLOX-style detector of characters in click captchas. Images are
+  rendered (Pillow's built-in font, seeded): a noisy coloured background with 4-6 large characters, letterboxed to
+  416x416 with grey 114 and fed as raw 0-255 BGR floats, as ddddocr's own `preproc` does. Boxes are decoded with
+  ddddocr's post-processing (grid + stride decode, objectness x class score > 0.1, NMS 0.45). "Kept" = every fp32
+  box has a candidate box of IoU >= 0.5, and no extra box appears; the largest score change of a matched box too.
+- rec: rapidocr 3.10.0's `PP-OCRv6_rec_small.onnx`. Text lines rendered by bench/ocr_text.py; "unchanged" = the
+  CTC-greedy text of every line equals the fp32 model's.
+
+Each model gets three disjoint sets: calibration (fitting), judging (`compress --data`), and evaluation (the task
+metric, never seen by the search).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+
+def det_path() -> Path:
+    import real_models
+
+    return real_models.wheel_dir("ddddocr") / "ddddocr" / "common_det.onnx"
+
+
+def rec_path() -> Path:
+    import real_models
+
+    return real_models.wheel_dir("rapidocr") / "rapidocr" / "models" / "PP-OCRv6_rec_small.onnx"
+
+
+CAPTCHA_CHARS = "ABCDEFGHJKLMNPQRSTUVWXYZ23456789abdefghknqrty"
+
+
+def det_images(count: int, seed: int) -> np.ndarray:
+    """`count` click-captcha-like images, [count, 3, 416, 416] float32 in 0-255 (BGR), ddddocr's letterbox."""
+    from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+    rng = np.random.default_rng(seed)
+    out = np.full((count, 3, 416, 416), 114, np.float32)
+    for i in range(count):
+        w, h = int(rng.integers(300, 345)), int(rng.integers(150, 200))
+        base = rng.integers(120, 256, 3)
+        noise = rng.normal(0, 25, (h, w, 3)) + np.linspace(0, 60, w)[None, :, None] * rng.choice([-1, 1])
+        image = Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(2))
+        draw = ImageDraw.Draw(image)
+        for _ in range(int(rng.integers(3, 7))):  # clutter lines
+            draw.line([tuple(rng.integers(0, [w, h])) for _ in range(2)], fill=tuple(int(v) for v in rng.integers(0, 256, 3)),
+                      width=int(rng.integers(1, 3)))
+        for k in range(int(rng.integers(4, 7))):
+            glyph = Image.new("RGBA", (90, 90), (0, 0, 0, 0))
+            font = ImageFont.load_default(size=int(rng.integers(34, 52)))
+            colour = tuple(int(v) for v in rng.integers(0, 110, 3)) + (255,)
+            ImageDraw.Draw(glyph).text((20, 10), str(rng.choice(list(CAPTCHA_CHARS))), fill=colour, font=font)
+            glyph = glyph.rotate(float(rng.uniform(-35, 35)))
+            x = int(k * (w - 70) / 6 + rng.integers(0, 25))
+            image.paste(glyph, (x, int(rng.integers(0, max(h - 80, 1)))), glyph)
+        array = np.asarray(image, np.float32)[:, :, ::-1]  # RGB -> BGR, as cv2 reads
+        scale = min(416 / h, 416 / w)
+        resized = np.asarray(Image.fromarray(array.astype(np.uint8)).resize((int(w * scale), int(h * scale)), Image.BILINEAR),
+                             np.float32)
+        out[i, :, : resized.shape[0], : resized.shape[1]] = resized.transpose(2, 0, 1)
+    return out
+
+
+def _decode(output: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ddddocr's demo_postprocess + class-agnostic NMS: (boxes xyxy [n, 4], scores [n])."""
+    predictions = output[0].astype(np.float64).copy()
+    grids, strides = [], []
+    for stride in (8, 16, 32):
+        size = 416 // stride
+        xv, yv = np.meshgrid(np.arange(size), np.arange(size))
+        grids.append(np.stack((xv, yv), 2).reshape(-1, 2))
+        strides.append(np.full((size * size, 1), stride))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    predictions[:, :2] = (predictions[:, :2] + grid) * stride
+    predictions[:, 2:4] = np.exp(predictions[:, 2:4]) * stride
+    scores = (predictions[:, 4:5] * predictions[:, 5:]).max(1)
+    xy, wh = predictions[:, :2], predictions[:, 2:4]
+    boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)
+    valid = scores > 0.1
+    boxes, scores = boxes[valid], scores[valid]
+    order, keep = scores.argsort()[::-1], []
+    while order.size:
+        i = order[0]
+        keep.append(i)
+        ious = _iou(boxes[i], boxes[order[1:]])
+        order = order[1:][ious <= 0.45]
+    return boxes[keep], scores[keep]
+
+
+def _iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    low, high = np.maximum(box[:2], boxes[:, :2]), np.minimum(box[2:], boxes[:, 2:])
+    inter = np.prod(np.clip(high - low, 0, None), axis=1)
+    area = lambda b: np.prod(np.clip(b[..., 2:] - b[..., :2], 0, None), axis=-1)  # noqa: E731
+    return inter / np.maximum(area(box) + area(boxes) - inter, 1e-9)
+
+
+def det_detections(session, images: np.ndarray) -> list:
+    name = session.get_inputs()[0].name
+    return [_decode(session.run(None, {name: image[None]})[0]) for image in images]
+
+
+def det_score(reference: list, candidate: list) -> dict:
+    """Boxes kept against the fp32 model's: fp32 boxes matched at IoU >= 0.5, extra boxes, largest score change."""
+    matched = total = extra = 0
+    score_change = 0.0
+    for (ref_boxes, ref_scores), (boxes, scores) in zip(reference, candidate):
+        total += len(ref_boxes)
+        used = set()
+        for box, score in zip(ref_boxes, ref_scores):
+            ious = _iou(box, boxes) if len(boxes) else np.zeros(0)
+            j = int(ious.argmax()) if len(ious) else -1
+            if j >= 0 and ious[j] >= 0.5 and j not in used:
+                used.add(j)
+                matched += 1
+                score_change = max(score_change, abs(float(scores[j]) - float(score)))
+        extra += len(boxes) - len(used)
+    kept = matched == total and extra == 0
+    return {"boxes": total, "matched": matched, "extra": extra, "max_score_change": score_change, "kept": kept,
+            "text": f"{matched}/{total} boxes kept, {extra} extra, max score change {score_change:.3f}"}
+
+
+def rec_characters(path: Path) -> list[str]:
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return ["<blank>"] + meta["character"].splitlines() + [" "]
+
+
+def rec_sets() -> dict:
+    """Calibration, judging and evaluation line images ([n, 3, 48, 320])."""
+    from ocr_text import CALIB_LINES, EVAL_LINES, rec_inputs
+
+    judging = ["Invoice total", "Thank you", "Net 30 days", "Cash 20.00", "Due 2027-01-05", "Ref AB-77",
+               "Station 14", "Gate B22", "Tax 19%", "Subtotal 88.10", "Table 6", "Visa ****4242"]
+    return {"calibration": rec_inputs(CALIB_LINES, 2), "judging": rec_inputs(judging, 3),
+            "evaluation": rec_inputs(EVAL_LINES, 1)}
+
+
+def rec_texts(session, images: np.ndarray, characters: list[str]) -> list[str]:
+    from ocr_text import ctc_decode
+
+    texts = []
+    for image in images:
+        texts += ctc_decode(session.run(None, {"x": image[None]})[0], characters)
+    return texts
+
+
+def rec_score(reference: list[str], candidate: list[str]) -> dict:
+    from ocr_text import EVAL_LINES, edit_distance
+
+    same = sum(a == b for a, b in zip(reference, candidate))
+    truth = sum(a == b for a, b in zip(candidate, EVAL_LINES))
+    changed = [f"'{a}' -> '{b}'" for a, b in zip(reference, candidate) if a != b][:2]
+    cer = sum(edit_distance(a, b) for a, b in zip(candidate, reference)) / max(sum(len(a) for a in reference), 1)
+    return {"same": same, "lines": len(reference), "kept": same == len(reference), "exact_vs_truth": truth,
+            "text": f"{same}/{len(reference)} lines read as fp32 (CER vs fp32 {cer:.3f}), {truth} exact vs the rendered text"
+                    + (f"; e.g. {'; '.join(changed)}" if changed else "")}
+
+
+def prepare(model: str, folder: Path) -> dict:
+    """Write calibration.npz and judging.npz for `model` ("det" or "rec") into `folder`; return paths and eval data."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if model == "det":
+        path = det_path()
+        name = onnx.load(str(path), load_external_data=False).graph.input[0].name
+        sets = {"calibration": det_images(16, 0), "judging": det_images(8, 1), "evaluation": det_images(16, 2)}
+    else:
+        path, name, sets = rec_path(), "x", rec_sets()
+    np.savez(folder / "calibration.npz", **{name: sets["calibration"]})
+    np.savez(folder / "judging.npz", **{name: sets["judging"]})
+    return {"model": path, "calibration": folder / "calibration.npz", "judging": folder / "judging.npz",
+            "evaluation": sets["evaluation"]}
+
+
+def task_metric(model: str, reference_path: Path, candidate_path: Path, evaluation: np.ndarray) -> dict:
+    """The task metric of `candidate_path` (.onnx or .shrink) against `reference_path` on the evaluation set."""
+    import onnxshrink
+
+    reference, candidate = onnxshrink.session(reference_path), onnxshrink.session(candidate_path)
+    if model == "det":
+        return det_score(det_detections(reference, evaluation), det_detections(candidate, evaluation))
+    characters = rec_characters(reference_path)
+    return rec_score(rec_texts(reference, evaluation, characters), rec_texts(candidate, evaluation, characters))

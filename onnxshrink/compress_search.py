@@ -987,11 +987,17 @@ def uniform_passes(name: str, sparsity: float, config: CompressConfig, large: bo
 LARGE_CAPTURE_ROUNDS = 6
 
 
-def search_formats(calibration, chosen: tuple | None, large: bool, planned_bits: float | None = None) -> list[str]:
+def search_formats(calibration, chosen: tuple | None, large: bool, planned_bits: float | None = None,
+                   failed_width: int | None = None) -> list[str]:
     """The formats the uniform phase tries, in order: FORMATS' order, or LARGE_FORMAT_ORDER for a large model. A large
     model whose planned codebooks passed at `planned_bits` per weight skips the uniform formats no narrower than that:
-    they could only win with pruning, which the large search climbs to one minutes-long candidate at a time."""
+    they could only win with pruning, which the large search climbs to one minutes-long candidate at a time. When the
+    plan's allocation of every layer at `failed_width` bits failed, the codebook formats that wide or narrower are
+    skipped on any model: the widest of them is that very model (ddddocr's detector built it twice, 150 s of its
+    600), and narrower codebooks or pruning only lose more."""
     formats = [f for f in available_formats(calibration) if chosen is None or f in chosen]
+    if failed_width is not None and chosen is None:
+        formats = [f for f in formats if not (f.startswith("cluster") and FORMAT_BITS.get(f, 32) <= failed_width)]
     if not large:
         formats = [f for f in formats if f not in LARGE_ONLY or (chosen is not None and f in chosen)]
     if large:
@@ -1023,33 +1029,34 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool) -> Rec
     return Recipe([PassSpec("cluster", spec.options, rules)])
 
 
-def plan_phase(search) -> float | None:
+def plan_phase(search) -> tuple[float | None, int | None]:
     """Codebook widths per layer, planned before any whole-model candidate (compress_plan): each layer priced from
     one capture of the calibration data, then the frontier's allocations at a few average widths bisected on the
     whole model (about three candidates). The narrowest that passes becomes a start of the per-layer moves; its
-    average bits are returned (None: nothing passed, or nothing planned: an .onnx output, or --formats given)."""
+    average bits are returned (None: nothing passed, or nothing planned: an .onnx output, or --formats given), with
+    the width of the widest allocation that put every layer at one width and failed (None: no such allocation)."""
     from onnxshrink import compress_plan
 
     config = search.config
     # Formats the user chose are the only ones tried: the plan mixes codebook widths of its own
     if not search.pack or config.formats is not None or "cluster4" not in available_formats(config.calibration):
-        return None
+        return None, None
     if not search.affordable():
-        return None
+        return None, None
     search.tick("pricing each layer's codebook widths")
     started = time.monotonic()
     prices = compress_plan.price_layers(search.source, config.calibration, threads=config.threads,
                                         stop=lambda: not search.affordable(), min_share=compress_plan.MIN_LAYER_SHARE)
     if not prices.layers:
         search.notes.extend(prices.notes)
-        return None
+        return None, None
     rungs = compress_plan.ladder(prices)
     search.notes.append(f"planned codebooks: {len(prices.layers)} layers priced in {time.monotonic() - started:.0f} s "
                         f"({prices.runs} capture run(s) of {prices.samples} sample(s)); "
                         f"{len(rungs)} allocations from {compress_plan.average_bits(rungs[0], prices):.1f} to "
                         f"{compress_plan.average_bits(rungs[-1], prices):.1f} bits per weight, bisected")
     search.notes.extend(prices.notes)
-    low, high, passed = -1, len(rungs), None
+    low, high, passed, failed_width = -1, len(rungs), None, None
     while high - low > 1:
         if not search.affordable():
             break
@@ -1062,10 +1069,13 @@ def plan_phase(search) -> float | None:
             low, passed = mid, (candidate, recipe, run)
         else:
             high = mid
+            widths = set(rungs[mid].values())
+            if len(widths) == 1:
+                failed_width = max(failed_width or 0, widths.pop())
     if passed is None:
-        return None
+        return None, failed_width
     search.starts[PLANNED] = passed
-    return compress_plan.average_bits(rungs[low], prices)
+    return compress_plan.average_bits(rungs[low], prices), failed_width
 
 
 def format_pass(name: str, config: CompressConfig) -> PassSpec:
@@ -1266,11 +1276,11 @@ def _auto_mode(search: _Search) -> CompressReport:
         report.notes.append("even the lossless form of the model fails the thresholds (it decodes to the same model): "
                             "they cannot be met; nothing written")
         return report
-    planned_bits = plan_phase(search)
+    planned_bits, failed_width = plan_phase(search)
     if search.pack:
         search.tick("sensitivity")
         search.measure_fragility()
-    formats = search_formats(config.calibration, config.formats, search.large, planned_bits)
+    formats = search_formats(config.calibration, config.formats, search.large, planned_bits, failed_width)
     if search.large:
         search.notes.append(f"large model ({search.original_size / 2**20:.0f} MB): formats in the order "
                             f"{', '.join(formats)}, each from sparsity 0 upwards until one fails"

@@ -458,43 +458,10 @@ def _probe(plan: InputPlan, specs: list[InputSpec], runs, seed: int) -> None:
     that runs. Raises InputsUnavailable when no image size or no signal length runs."""
     rng = np.random.default_rng(seed)
     if plan.image_keys:
-        errors = []
-        for size in PROBE_SIZES:
-            for k in plan.image_keys:
-                plan.sizes[k] = size
-            error = runs(plan.batch(specs, 1, rng))
-            if error is None:
-                for k in plan.image_keys:
-                    plan.sources[k] = "probe"
-                break
-            errors.append((size, error))
-        else:
-            shapes = ", ".join(f"{s.name} [{', '.join(_probe_text(d, plan.image_keys) for d in plan.dims[s.name])}]"
-                               for s in specs)
-            raise InputsUnavailable(
-                f"no synthesized input runs the model: {shapes} failed for every S of {', '.join(map(str, PROBE_SIZES))} "
-                f"(at {errors[-1][0]}: {errors[-1][1]}); give --data, --calibration, or sizes with "
-                "--shape NAME=D1,D2,...")
+        _probe_sizes(plan, specs, runs, rng, plan.image_keys, PROBE_SIZES, "S")
     lengths = [k for k in plan.length_keys if plan.sources.get(k) == "default"]
     if lengths:
-        errors = []
-        for length in SIGNAL_LENGTHS:
-            for k in lengths:
-                plan.sizes[k] = length
-            error = runs(plan.batch(specs, 1, rng))
-            if error is None:
-                if length != DEFAULT_SYMBOLIC_DIM:
-                    for k in lengths:
-                        plan.sources[k] = "probe"
-                break
-            errors.append((length, error))
-        else:
-            shapes = ", ".join(f"{s.name} [{', '.join(_probe_text(d, lengths, 'L') for d in plan.dims[s.name])}]"
-                               for s in specs)
-            raise InputsUnavailable(
-                f"no synthesized input runs the model: {shapes} failed for every L of "
-                f"{', '.join(map(str, SIGNAL_LENGTHS))} (at {errors[-1][0]}: {errors[-1][1]}); give --data, "
-                "--calibration, or sizes with --shape NAME=D1,D2,...")
+        _probe_sizes(plan, specs, runs, rng, lengths, SIGNAL_LENGTHS, "L")
     _probe_state_batch(plan, specs, runs, rng)
     pending = [k for k in plan.token_keys if plan.sources.get(k) == "token length"]
     if pending:
@@ -522,6 +489,26 @@ def _probe_state_batch(plan: InputPlan, specs: list[InputSpec], runs, rng: np.ra
         plan.dims[name][axis] = BATCH
     if runs(plan.batch(specs, 2, rng)) is not None:
         plan.dims.update(before)
+
+
+def _probe_sizes(plan, specs, runs, rng, keys: list, sizes: tuple, letter: str) -> None:
+    """Give the symbolic dims `keys` the first of `sizes` at which one sample runs (recorded as probed unless it is
+    the default size); none running is InputsUnavailable, naming the last failure."""
+    errors = []
+    for size in sizes:
+        for k in keys:
+            plan.sizes[k] = size
+        error = runs(plan.batch(specs, 1, rng))
+        if error is None:
+            if size != DEFAULT_SYMBOLIC_DIM:
+                for k in keys:
+                    plan.sources[k] = "probe"
+            return
+        errors.append((size, error))
+    shapes = ", ".join(f"{s.name} [{', '.join(_probe_text(d, keys, letter) for d in plan.dims[s.name])}]" for s in specs)
+    raise InputsUnavailable(
+        f"no synthesized input runs the model: {shapes} failed for every {letter} of {', '.join(map(str, sizes))} "
+        f"(at {errors[-1][0]}: {errors[-1][1]}); give --data, --calibration, or sizes with --shape NAME=D1,D2,...")
 
 
 def _probe_text(d, probed: list, letter: str = "S") -> str:

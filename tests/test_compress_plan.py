@@ -116,6 +116,16 @@ def test_large_search_drops_formats_no_narrower_than_the_plan():
     assert search_formats("cal.npz", chosen, large=True, planned_bits=4.5) == ["int8", "cluster4"]
 
 
+def test_codebook_formats_no_wider_than_a_failed_uniform_plan_are_skipped():
+    every = search_formats("cal.npz", None, large=True)
+    after = search_formats("cal.npz", None, large=True, failed_width=3)
+    assert "cluster3" in every and "cluster2" in every
+    assert after == [f for f in every if f not in ("cluster3", "cluster2")]  # gptq4 and wider codebooks stay
+    small = search_formats("cal.npz", None, large=False, failed_width=4)
+    assert "cluster4" in search_formats("cal.npz", None, large=False) and "cluster4" not in small
+    assert search_formats("cal.npz", ("cluster4",), large=False, failed_width=4) == ["cluster4"]  # asked for
+
+
 def test_search_validates_planned_codebooks_before_the_uniform_formats(tmp_path, monkeypatch):
     path = save_model(make_mlp(), tmp_path / "mlp.onnx")
     rng = np.random.default_rng(3)

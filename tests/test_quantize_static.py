@@ -748,3 +748,22 @@ def test_few_row_embedding_table_stays_float_and_the_word_table_is_int8():
     want = make_session(model, optimize=False).run(None, feeds[0])[0]
     got = make_session(result, optimize=True).run(None, feeds[0])[0]
     assert_close(want, got, cosine=0.999)
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "weights", "int4"])
+def test_a_few_row_table_stays_float_in_every_mode_while_the_word_table_is_compressed(mode):
+    """The rule lives in the embedding plan every pass shares, not in static mode alone."""
+    from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic
+    from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
+    from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
+
+    model = typed_encoder()
+    quantizer = {"dynamic": lambda: QuantizeDynamic(QuantizeConfig()),
+                 "weights": lambda: QuantizeWeightsOnly(WeightsOnlyConfig()),
+                 "int4": lambda: QuantizeBlockwise(BlockwiseConfig(block_size=32))}[mode]()
+    result, report = quantizer(model)
+    decisions = {d.node: d for d in report.layers}
+    assert decisions["types/Gather"].action == "kept float" and "2-row table" in decisions["types/Gather"].reason
+    assert decisions["word/Gather"].action != "kept float"
+    np.testing.assert_array_equal(inits(result)["types"], inits(model)["types"])
+    assert "word" not in {t.name for t in result.graph.initializer if t.data_type == TensorProto.FLOAT}

@@ -26,7 +26,8 @@ is written in the folded form (passes/folded_weights.py: int8 + Cast + Mul, whic
 folds at load), so it runs its float kernel at fp32 speed from a 4x smaller file.
 
 Embedding tables are int8 per row (quantize_embeddings.py), except a table of fewer than FEW_ROWS rows (a
-transformer's token types): every token gathers one of its rows, so its rounding is the same shift on all of them.
+transformer's token types), which stays float in every mode: every token gathers one of its rows, so its rounding
+is the same shift on all of them.
 """
 
 from __future__ import annotations
@@ -68,13 +69,6 @@ FLOAT_KERNELS = {"MatMul", "Gemm", "Conv", "com.microsoft.FusedMatMul", "com.mic
                  "com.microsoft.FusedConv", "com.microsoft.nchwc.Conv"}
 INTEGER_KERNELS = {"QLinearConv", "com.microsoft.QLinearConv", "com.microsoft.QGemm", "QLinearMatMul",
                    "com.microsoft.MatMulIntegerToFloat"}
-# An embedding table of fewer rows than this (token types, segments) is gathered by every token: its int8 rounding is
-# one offset shared by all of them, for a saving of a few KB. MiniLM's token-type table (2 x 384, one channel 15x
-# its rows' rms: 3.4% int8 error) cost static int8 top-5 neighbour overlap 0.951 -> 0.938 and worst cosine
-# 0.9968 -> 0.9961 on its own (docs/benchmarks-transformer.md).
-FEW_ROWS = 64
-FEW_ROWS_REASON = ("{rows}-row table, read by every token: its int8 rounding would shift all of them alike, for a "
-                   "saving of a few KB")
 ATTEMPTS = 4  # rewrites: each one drops the layers onnxruntime did not fuse in the previous one
 INT32_MAX = 2**31 - 1
 
@@ -167,9 +161,6 @@ class QuantizeStatic:
         # Before tiny weights are let in below (for the integer chain): a tiny table gains nothing int8.
         self._embeddings = EmbeddingPlan(model, records, self.config.exclude, self.config.embeddings,
                                          numpy_helper.to_array)
-        for table in self._embeddings.tables.values():
-            if not table.skip and len(table.shape) == 2 and table.shape[0] < FEW_ROWS:
-                table.skip = FEW_ROWS_REASON.format(rows=table.shape[0])
         tiny = set()
         for record in records.values():
             # Static quantization pays in speed, not size: a tiny layer left float would break the integer chain.

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -156,3 +157,11 @@ def count_captures(monkeypatch, module) -> list:
 
     monkeypatch.setattr(module, "capture", counting)
     return calls
+
+
+def default_signals() -> None:
+    """For a child the test will signal (a `preexec_fn`, or after a fork): SIGINT, SIGTERM and SIGHUP back to their
+    defaults. A test run started in the background (`cmd &` ignores SIGINT) or under nohup (SIGHUP) hands its
+    children those signals ignored, and Python keeps an ignored SIGINT ignored: the child would never see them."""
+    for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(number, signal.SIG_DFL)

@@ -14,7 +14,7 @@ import time
 import onnx
 import pytest
 
-from conftest import ROOT, invoke, make_mlp, save_model, tree
+from conftest import ROOT, default_signals, invoke, make_mlp, save_model, tree
 from onnxshrink import api, model as model_io
 
 FAST = ("--no-validate",)
@@ -140,7 +140,7 @@ def test_a_signal_leaves_no_staging_files(work, stop_at, args, sig, code, word):
     script = STOP_AT.format(module=stop_at[0], function=stop_at[1])
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
     process = subprocess.Popen([sys.executable, "-c", script, *args], cwd=work, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+                               stderr=subprocess.PIPE, text=True, preexec_fn=default_signals)
     try:
         assert process.stdout.readline() == "staged\n", process.stderr.read()
         staged = [name for name in tree(work) if name not in before]

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, make_mlp, save_model, tree
+from conftest import ROOT, default_signals, make_mlp, save_model, tree
 
 # The real entry point, with api._validate made to stop once the output is staged: the test reads "staged" from
 # stdout (no timing involved), then signals. `time.sleep` is only the wait itself.
@@ -41,6 +41,7 @@ def _start(work, ignore_hangup: bool = False) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "NO_COLOR": "1"}
 
     def before_exec():  # as nohup does: SIGHUP ignored before the program starts
+        default_signals()
         if ignore_hangup:
             signal.signal(signal.SIGHUP, signal.SIG_IGN)
 
@@ -99,6 +100,7 @@ def test_a_closed_terminal_exits_129_and_leaves_no_staging(work):
     pid, terminal = pty.fork()
     if pid == 0:  # the child: its controlling terminal is the pty
         try:
+            default_signals()
             os.chdir(work)
             os.environ.update(PYTHONPATH=str(ROOT), NO_COLOR="1")
             os.execv(sys.executable, [sys.executable, "-c", STOP_AT_VALIDATE, "quantize", "mlp.onnx", "-o", "out.onnx"])

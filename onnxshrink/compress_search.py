@@ -1281,10 +1281,13 @@ def _auto_mode(search: _Search) -> CompressReport:
         search.tick("sensitivity")
         search.measure_fragility()
     formats = search_formats(config.calibration, config.formats, search.large, planned_bits, failed_width)
-    if search.large:
+    if search.large and formats:
         search.notes.append(f"large model ({search.original_size / 2**20:.0f} MB): formats in the order "
                             f"{', '.join(formats)}, each from sparsity 0 upwards until one fails"
                             + (", pruned one-shot (SparseGPT, per layer)" if config.calibration else ""))
+    elif search.large:
+        search.notes.append(f"large model ({search.original_size / 2**20:.0f} MB): no uniform format left to try "
+                            "(the planned codebooks passed below their widths, or failed at theirs)")
     search.uniform(formats)
     if config.refine:
         search.refine()

@@ -222,34 +222,32 @@ def test_tied_copies_stay_in_the_graph_when_that_is_smaller(tmp_path, monkeypatc
 
 # ---------------------------------------------------------------- the graph record's codec (format 3.0)
 
-def as_lzma_2_0(pack: bytes) -> bytes:
-    """The pack as the 2.0 writer laid it out: the same records, the graph record LZMA-coded."""
+def _with_graph_record(pack: bytes, version: tuple, codec: str, encode, declare_size: bool) -> bytes:
+    """The pack rewritten with its graph record coded by `encode`, under format `version` and header `codec`."""
     out = io.BytesIO()
     records = container.read_records(pack)
     header = container.parse_json(next(records))
     graph = packing._decode_graph(next(records), header).SerializeToString()
-    writer = container.Writer(out, (2, 0))
-    writer.json_record(container.HEADER, {**header, "graph_codec": "lzma2-raw-8m"})
-    writer.record(container.GRAPH, lzma.compress(graph, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))
+    writer = container.Writer(out, version)
+    writer.json_record(container.HEADER, {**header, "graph_codec": codec,
+                                          **({"graph_bytes": len(graph)} if declare_size else {})})
+    writer.record(container.GRAPH, encode(graph))
     for record in records:
         writer.record(record.kind, record.body)
     writer.close()
     return out.getvalue()
+
+
+def as_lzma_2_0(pack: bytes) -> bytes:
+    """The pack as the 2.0 writer laid it out: the same records, the graph record LZMA-coded."""
+    return _with_graph_record(pack, (2, 0), "lzma2-raw-8m", declare_size=False, encode=lambda graph: lzma.compress(
+        graph, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))
 
 
 def as_zstd_3_0(pack: bytes) -> bytes:
     """The pack with its graph record in zstd, as `favor=load` writes a graph of 1 MiB or more."""
-    out = io.BytesIO()
-    records = container.read_records(pack)
-    header = container.parse_json(next(records))
-    graph = packing._decode_graph(next(records), header).SerializeToString()
-    writer = container.Writer(out, (3, 0))
-    writer.json_record(container.HEADER, {**header, "graph_codec": "zstd", "graph_bytes": len(graph)})
-    writer.record(container.GRAPH, packing.zstandard.ZstdCompressor(level=19).compress(graph))
-    for record in records:
-        writer.record(record.kind, record.body)
-    writer.close()
-    return out.getvalue()
+    return _with_graph_record(pack, (3, 0), "zstd", declare_size=True,
+                              encode=packing.zstandard.ZstdCompressor(level=19).compress)
 
 
 def sines_model() -> onnx.ModelProto:

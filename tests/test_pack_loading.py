@@ -43,6 +43,12 @@ def mvn_pack(tmp_path, monkeypatch):
     return tmp_path / "mvn.shrink"
 
 
+def _pack_here(model, name: str) -> None:
+    """`model` packed as NAME.shrink in the current folder, as `onnxshrink pack NAME.onnx` would write it."""
+    with open(f"{name}.shrink", "wb") as stream:
+        packing.pack_model(model, stream, packing.PackReport("pack", f"{name}.onnx", f"{name}.shrink"))
+
+
 def test_pack_the_checker_refuses_reads_back_with_every_command(mvn_pack):
     runner = CliRunner()
     for args in (["inspect", "mvn.shrink"], ["unpack", "mvn.shrink", "-o", "back.onnx"], ["validate", "mvn.onnx", "mvn.shrink"]):
@@ -78,8 +84,7 @@ def test_a_pack_onnxruntime_refuses_too_is_one_load_error(tmp_path, monkeypatch)
     calls = []
     real = packing.unpack_model
     monkeypatch.setattr(packing, "unpack_model", lambda data: calls.append(1) or real(data))
-    with open("bad.shrink", "wb") as stream:
-        packing.pack_model(model, stream, packing.PackReport("pack", "bad.onnx", "bad.shrink"))
+    _pack_here(model, "bad")
     with pytest.raises(ModelLoadError, match="onnxruntime refuses it too"):
         model_io.load("bad.shrink")
     assert len(calls) == 1
@@ -196,8 +201,7 @@ def _flipped_weight_model() -> onnx.ModelProto:
 def test_the_checker_still_refuses_a_broken_graph_inside_a_pack(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     model = _flipped_weight_model()
-    with open("broken.shrink", "wb") as stream:
-        packing.pack_model(model, stream, packing.PackReport("pack", "broken.onnx", "broken.shrink"))
+    _pack_here(model, "broken")
     calls = _count_decodes(monkeypatch)
     with pytest.raises(ModelLoadError, match="invalid ONNX model.*onnxruntime refuses it too"):
         model_io.load("broken.shrink")
@@ -223,8 +227,7 @@ def test_a_pack_onnxruntime_refuses_is_one_error_from_session(tmp_path, monkeypa
     model = _mvn_model()
     model.graph.node[0].op_type = "NoSuchOp"
     monkeypatch.chdir(tmp_path)
-    with open("bad.shrink", "wb") as stream:
-        packing.pack_model(model, stream, packing.PackReport("pack", "bad.onnx", "bad.shrink"))
+    _pack_here(model, "bad")
     calls = _count_decodes(monkeypatch)
     with pytest.raises(UnsupportedModelError, match="onnxruntime cannot load the model"):
         onnxshrink.session("bad.shrink")
@@ -253,7 +256,6 @@ def test_a_weight_whose_bytes_do_not_fit_its_dims_is_left_for_onnxruntime_to_ref
     del model.graph.initializer[0].float_data[:]
     assert model_io._take_weights(onnx.ModelProto.FromString(model.SerializeToString())) == {}
     monkeypatch.chdir(tmp_path)
-    with open("odd.shrink", "wb") as stream:
-        packing.pack_model(model, stream, packing.PackReport("pack", "odd.onnx", "odd.shrink"))
+    _pack_here(model, "odd")
     with pytest.raises(OnnxShrinkError):
         onnxshrink.session("odd.shrink")

@@ -32,7 +32,8 @@ from onnxshrink import data as data_mod
 from onnxshrink.errors import OnnxShrinkError
 from onnxshrink.passes.common import drop_unused_initializers, glob_literal
 from onnxshrink.runtime import make_session, run_batches
-from onnxshrink.validate import Thresholds, _checks, attention_mask, compare_outputs, masks_output, task_accuracy
+from onnxshrink.validate import (Thresholds, _checks, attention_mask, compare_outputs, masks_output, non_score_outputs,
+                                 state_outputs, task_accuracy)
 
 DEFAULT_MIN_COSINE = 0.99  # static mode's budget with calibration data and no explicit one (issue 16)
 MIN_GAIN = 1e-6  # a restored layer must lower the drift by more than this to be worth moving
@@ -111,6 +112,9 @@ class AccuracyFallback:
         # Judged as validate judges: padded positions of token outputs count nowhere (validate.attention_mask).
         found = attention_mask(data_mod.input_specs(original), self.dataset.batches, self.dataset.batch_axes)
         self._mask = None if found is None else found[1]
+        # Top-1 agreement where validate counts it: not on a recurrent state, a hidden state or a detector's rows.
+        self._not_scores = non_score_outputs(original.graph, {n: a.ndim for n, a in self._reference.items()}) | state_outputs(
+            self._reference, self.dataset.batches[0] if self.dataset.batches else {}, self.dataset.batch_axes)
         summary = self.summary
         base = self._attempt(original, [])
         self._base_layers = base.report.layers
@@ -171,7 +175,8 @@ class AccuracyFallback:
 
     def _judge(self, candidate: onnx.ModelProto) -> tuple[bool, float]:
         produced = run_batches(make_session(candidate, self.threads), self.dataset.batches)
-        outputs = {name: compare_outputs(y0, produced[name], self._mask_for(y0)) for name, y0 in self._reference.items()}
+        outputs = {name: compare_outputs(y0, produced[name], self._mask_for(y0), scores=name not in self._not_scores)
+                   for name, y0 in self._reference.items()}
         accuracy = None
         if self.dataset.labels is not None and self._reference:
             first = next(iter(self._reference))

@@ -67,7 +67,8 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     sessions = [make_session(model_io.runnable(original, original_model), config.threads),
                 make_session(model_io.runnable(candidate, candidate_model), config.threads)]
     dataset, origin = _dataset(config, specs, original_model, sessions[0])
-    del original_model, candidate_model
+    graph = original_model.graph  # no weights (with_data=False): kept to tell scores from states (non_score_outputs)
+    del candidate_model
     try:
         step("validate: original model", 0, 3)
         reference = run_batches(sessions[0], dataset.batches)
@@ -82,13 +83,14 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
 
     outputs = {}
     found = attention_mask(specs, dataset.batches, dataset.batch_axes)
-    states = state_outputs(reference, dataset.batches[0], dataset.batch_axes)
+    not_scores = non_score_outputs(graph, {name: array.ndim for name, array in reference.items()})
+    not_scores |= state_outputs(reference, dataset.batches[0], dataset.batch_axes)
     masked = []
     for name, expected in reference.items():
         if name not in produced:
             raise DataError(f"candidate has no output {name!r}")
         mask = found[1] if found is not None and masks_output(found[1], expected) else None
-        outputs[name] = compare_outputs(expected, produced[name], mask, scores=name not in states)
+        outputs[name] = compare_outputs(expected, produced[name], mask, scores=name not in not_scores)
         if mask is not None:
             masked.append(name)
     if masked:
@@ -255,6 +257,47 @@ def state_outputs(reference: dict, batch: dict, batch_axes: dict) -> set[str]:
                    for name, s in states.items())}
 
 
+# Ops that only move values around: the output is what fed them.
+_RESHAPING = {"Identity", "Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Cast"}
+# Ops whose output is a representation (a hidden state, a pooled embedding), never scores over classes.
+_NORMALIZING = {"LayerNormalization", "SimplifiedLayerNormalization", "SkipLayerNormalization",
+                "SkipSimplifiedLayerNormalization", "RMSNormalization", "LpNormalization", "GroupNormalization",
+                "InstanceNormalization", "Tanh"}
+
+
+def non_score_outputs(graph, ranks: dict) -> set[str]:
+    """Outputs whose last axis is not classes, told by what makes them: a normalization (MiniLM's
+    last_hidden_state comes from LayerNormalization; exported in pieces, an Add of a Mul whose ancestry within six
+    nodes holds ReduceMean and Sqrt), a pooler's Tanh, or a rank-3 Concat (a detector's rows [batch, anchors,
+    box + scores] join coordinates and class scores: argmax over them decides nothing; a rank-2 Concat of class
+    scores stays scores). `ranks`: each output's rank as run. Shape alone cannot tell these from token logits."""
+    producer = {out: node for node in graph.node for out in node.output}
+
+    def made_by(name: str):
+        node = producer.get(name)
+        while node is not None and node.op_type in _RESHAPING and node.input:
+            node = producer.get(node.input[0])
+        return node
+
+    def decomposed_norm(node) -> bool:
+        if node.op_type != "Add":
+            return False
+        seen, frontier = set(), [node]
+        for _ in range(6):
+            frontier = [producer[i] for n in frontier for i in n.input if i in producer]
+            seen.update(n.op_type for n in frontier)
+        return "ReduceMean" in seen and ("Sqrt" in seen or "Pow" in seen and "Div" in seen)
+
+    found = set()
+    for output in graph.output:
+        node = made_by(output.name)
+        if node is None:
+            continue
+        if node.op_type in _NORMALIZING or decomposed_norm(node) or (node.op_type == "Concat" and ranks.get(output.name) == 3):
+            found.add(output.name)
+    return found
+
+
 def top1_agreement(a: np.ndarray, b: np.ndarray, rows: np.ndarray | None = None) -> float | None:
     """Share of rows (the last axis) whose argmax agrees, counting only rows whose top value is unique in `a`:
     a tie's winner is an accident of order (all-zero ReLU rows, saturated scores), and any drift flips it. None
@@ -279,7 +322,7 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray |
     Top-1 agreement only where argmax can be an answer: float scores over 2+ classes on the last axis of a
     [batch, classes] or [batch, tokens, classes] output (rank 4 and up is a map: argmax over its width, or a
     spectrogram's bins, decides nothing), not mostly tied (top1_agreement), and `scores` true (false for a
-    recurrent state: state_outputs).
+    recurrent state, state_outputs, and for hidden states and detector rows, non_score_outputs).
     """
     if expected.shape != actual.shape:
         raise DataError(f"output shapes differ: original {list(expected.shape)}, candidate {list(actual.shape)}")

@@ -96,3 +96,59 @@ def test_maps_of_rank_4_have_no_top1():
     assert compare_outputs(a, a + rng.random(a.shape) * 0.1).top1_agreement is None
     tokens = rng.standard_normal((4, 6, 5))  # per-token scores, rank 3: counted
     assert compare_outputs(tokens, tokens).top1_agreement == 1.0
+
+
+def _graph_ending(*ops_of_outputs) -> onnx.GraphProto:
+    """x [2, 4, 8] through one node per (op, name) pair; the Concat/LayerNormalization/decomposed forms are built
+    as real exporters write them."""
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 4, 8])  # samples on axis 0: no state
+    nodes, outputs, inits = [], [], [helper.make_tensor("g", onnx.TensorProto.FLOAT, [8], [1.0] * 8),
+                                     helper.make_tensor("b", onnx.TensorProto.FLOAT, [8], [0.0] * 8),
+                                     helper.make_tensor("w", onnx.TensorProto.FLOAT, [8, 8], np.random.default_rng(5).standard_normal(64).tolist())]
+    for op, name in ops_of_outputs:
+        if op == "LayerNormalization":
+            nodes.append(helper.make_node(op, ["x", "g", "b"], [name + "_n"], axis=-1))
+            nodes.append(helper.make_node("Identity", [name + "_n"], [name]))  # reshaping ops are looked through
+        elif op == "decomposed":
+            nodes += [helper.make_node("ReduceMean", ["x"], [name + "_m"], axes=[-1]),
+                      helper.make_node("Sub", ["x", name + "_m"], [name + "_d"]),
+                      helper.make_node("Mul", [name + "_d", name + "_d"], [name + "_s"]),
+                      helper.make_node("ReduceMean", [name + "_s"], [name + "_v"], axes=[-1]),
+                      helper.make_node("Sqrt", [name + "_v"], [name + "_r"]),
+                      helper.make_node("Div", [name + "_d", name + "_r"], [name + "_q"]),
+                      helper.make_node("Mul", [name + "_q", "g"], [name + "_y"]),
+                      helper.make_node("Add", [name + "_y", "b"], [name])]
+        elif op == "Concat":
+            nodes += [helper.make_node("Sigmoid", ["x"], [name + "_p"]),
+                      helper.make_node(op, ["x", name + "_p"], [name], axis=-1)]
+        else:  # token logits: MatMul then a bias Add
+            nodes += [helper.make_node("MatMul", ["x", "w"], [name + "_z"]),
+                      helper.make_node("Add", [name + "_z", "b"], [name])]
+        outputs.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, ["batch", 4, 16 if op == "Concat" else 8]))
+    return helper.make_graph(nodes, "g", [x], outputs, inits)
+
+
+def test_hidden_states_and_detector_rows_are_not_scores():
+    """MiniLM's last_hidden_state (LayerNormalization) counted 'top-1 agreement' over 384 hidden units, and a
+    YOLO-style detector's rows over box coordinates joined to scores: neither is a class."""
+    from onnxshrink.validate import non_score_outputs
+
+    graph = _graph_ending(("LayerNormalization", "last_hidden_state"), ("decomposed", "hidden_pieces"),
+                          ("Concat", "detections"), ("logits", "token_logits"))
+    onnx.checker.check_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), full_check=True)
+    assert non_score_outputs(graph, {"detections": 2}) == {"last_hidden_state", "hidden_pieces"}  # class scores joined
+    assert non_score_outputs(graph, {name: 3 for name in ('last_hidden_state', 'hidden_pieces', 'detections', 'token_logits')}) == {"last_hidden_state", "hidden_pieces", "detections"}
+
+
+def test_validation_reports_no_top1_for_a_hidden_state(tmp_path):
+    graph = _graph_ending(("LayerNormalization", "last_hidden_state"), ("logits", "token_logits"))
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    candidate = onnx.ModelProto()
+    candidate.CopyFrom(model)
+    candidate.graph.initializer[0].CopyFrom(helper.make_tensor("g", onnx.TensorProto.FLOAT, [8], [1.0, -1.0] * 4))
+    original = save_model(model, tmp_path / "encoder.onnx")
+    changed = save_model(candidate, tmp_path / "encoder.changed.onnx")
+    report = api.validate(original, changed, ValidateConfig(latency=False))
+    assert report.outputs["last_hidden_state"].top1_agreement is None
+    assert report.outputs["last_hidden_state"].cosine < 0.99  # still judged, by cosine
+    assert report.outputs["token_logits"].top1_agreement == 1.0  # per-token scores: still counted

@@ -309,7 +309,8 @@ def peak_rss_mb(pid: int) -> float | None:
 
 
 def run_child(argv: list[str], limit: float, log_path: Path) -> dict:
-    """Run one method; its wall time, peak RSS (MB, sampled every 50 ms) and exit; killed past `limit` s."""
+    """Run one method; its wall time, CPU seconds (user + system, its threads included), peak RSS (MB, sampled every
+    50 ms) and exit; killed past `limit` s."""
     start = time.perf_counter()
     peak, timed_out = 0.0, False
     with open(log_path, "wb") as out:
@@ -317,13 +318,13 @@ def run_child(argv: list[str], limit: float, log_path: Path) -> dict:
         try:
             while True:
                 peak = max(peak, peak_rss_mb(child.pid) or 0.0)
-                pid, status, _ = os.wait4(child.pid, os.WNOHANG)
+                pid, status, usage = os.wait4(child.pid, os.WNOHANG)
                 if pid:
                     break
                 if time.perf_counter() - start > limit:
                     timed_out = True
                     os.killpg(child.pid, signal.SIGKILL)
-                    pid, status, _ = os.wait4(child.pid, 0)
+                    pid, status, usage = os.wait4(child.pid, 0)
                     break
                 time.sleep(0.05)
         except BaseException:  # the bench interrupted: its child (in a session of its own) goes too
@@ -331,7 +332,8 @@ def run_child(argv: list[str], limit: float, log_path: Path) -> dict:
             raise
     child.returncode = os.waitstatus_to_exitcode(status)
     tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
-    return {"wall": time.perf_counter() - start, "rss_mb": peak, "rc": child.returncode,
+    return {"wall": time.perf_counter() - start, "cpu": usage.ru_utime + usage.ru_stime,
+            "rss_mb": peak, "rc": child.returncode,
             "timed_out": timed_out, "tail": " / ".join(tail)[-300:]}
 
 

@@ -409,10 +409,21 @@ def render_compress(console: Console, report, verbose: bool = False) -> None:
     budget = f" of a {report.time_budget_s:g} s budget" if report.time_budget_s else ""
     limit = f" (limit {report.max_candidates})" if getattr(report, "max_candidates", None) else ""
     listed = "" if verbose or not report.candidates else " (-v or --json lists them)"
-    console.print(f"{report.stopped}: {len(report.candidates)} candidate(s){limit} in {report.seconds:.1f} s{budget}{listed}")
+    console.print(f"{report.stopped}: {len(report.candidates)} candidate(s){limit} in {report.seconds:.1f} s{budget}"
+                  f"{_evaluated_on(report)}{listed}")
     if report.output and report.size.get("output"):
         console.print(headline(report.output, report.size.get("original"), report.size.get("output"), report.validation,
                                against=" than the original"), highlight=False)
+
+
+def _evaluated_on(report) -> str:
+    """Where candidates ran, when the search ran more than one at a time: a slow search is then not a serial one."""
+    executor, workers = getattr(report, "executor", None), getattr(report, "workers", None)
+    if executor == "ray":
+        return f", on Ray ({workers} at a time)" if workers else ", on Ray"
+    if executor == "local" and workers and workers > 1:
+        return f", {workers} worker processes"
+    return ""
 
 
 # ---- progress ------------------------------------------------------------------------------------------------

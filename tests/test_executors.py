@@ -186,6 +186,9 @@ def test_cli_workers_are_recorded_in_the_report(runner, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
     assert report["executor"] == "local" and report["workers"] == 2 and len(report["candidates"]) == 4
+    text = invoke(runner, "compress", "mlp.onnx", "--min-cosine", "0.7", "--max-candidates", "4", "--workers", "2",
+                  "-o", "out.shrink", "--force")
+    assert text.exit_code == 0 and "4 candidate(s) (limit 4) in " in text.stdout and ", 2 worker processes" in text.stdout
 
 
 def _huffman_parts(inputs, target, workdir, cache, evict):

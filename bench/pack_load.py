@@ -2,6 +2,7 @@
 two codecs (LZMA, zstd) side by side, on MiniLM, MPNet and the real models `make bench-real` caches.
 
     python bench/pack_load.py [--models minilm,mpnet,real] [--repeat 3] [--out docs/benchmarks-pack.md]
+    python bench/pack_load.py --profile MODEL.shrink [MODEL.onnx]   # where a session's CPU seconds go
 
 For each model: `pack` (default `favor="load"`) and `pack` with `favor="size"`, each timed (wall and CPU
 seconds of this process, threads included) and sized; then `onnxshrink.session` of the ONNX file and of each
@@ -117,7 +118,8 @@ def table(rows: list[dict], repeat: int) -> list[str]:
         "then CPU seconds); `cold` is one call in a fresh process (numba's cached kernels load then). `x` is the "
         "pack's warm wall time over the ONNX file's, `x CPU` the same for CPU seconds (steadier on a shared machine). "
         "The ONNX file is checked by path and loaded by path; a pack is decoded once and handed to onnxruntime as its "
-        "graph's bytes plus its weights of 64 KiB or more as arrays (external initializers), without the full ONNX "
+        "graph's bytes plus its weights of 64 KiB or more as arrays (external initializers; each coded weight is "
+        "decoded straight into its array, its SHA-256 checked on a thread of its own), without the full ONNX "
         "checker (onnxruntime judges what it runs; `onnxshrink.model.session_source`).",
         "",
         "| model | ONNX MB | favor | pack MB | pack s (CPU) | graph codec | session s (CPU) | x | x CPU | cold s | ONNX session s (CPU) | ONNX cold s |",
@@ -162,12 +164,33 @@ def write_section(out: Path, lines: list[str]) -> None:
     out.write_text(text)
 
 
+def profile(paths: list[str], repeat: int) -> None:
+    """CPU seconds (all threads: the Huffman pool's and the digest thread's count too) of `onnxshrink.session` of
+    each file, best of `repeat` after a warm-up, then the functions that took them (cProfile on CPU time, summed
+    over `repeat` calls): what is left to win, and where a pack's load differs from its ONNX file's."""
+    import cProfile
+    import pstats
+
+    for path in paths:
+        onnxshrink.session(path)
+        best = min(clock(lambda: onnxshrink.session(path))[2] for _ in range(repeat))
+        profiler = cProfile.Profile(time.process_time)
+        for _ in range(repeat):
+            profiler.runcall(onnxshrink.session, path)
+        print(f"{path}: session {best:.3f} CPU s (best of {repeat}); load average {os.getloadavg()[0]:.1f}")
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(12)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="minilm,mpnet,real")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-pack.md"))
+    parser.add_argument("--profile", nargs="+", metavar="FILE", help="profile onnxshrink.session of these files instead")
     args = parser.parse_args()
+    if args.profile:
+        profile(args.profile, args.repeat)
+        return
     wanted = args.models.split(",")
     models = [(name, transformer(name)) for name in ("minilm", "mpnet") if name in wanted]
     if "real" in wanted:

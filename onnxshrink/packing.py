@@ -18,7 +18,9 @@ import hashlib
 import lzma
 import math
 import posixpath
+import queue
 import sys
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -382,10 +384,6 @@ def _dtype_name(data_type: int) -> str:
 
 # ---------------------------------------------------------------- choosing an encoding per tensor
 
-def _digest(data: bytes) -> bytes:
-    return hashlib.sha256(data).digest()[: container.DIGEST_BYTES]
-
-
 def _plan(index: int, tensor: onnx.TensorProto, data: bytes, raw_field: bool = True) -> _Plan:
     """The cheapest coding of one tensor's bytes (`raw_field`: they sit in raw_data, not float_data)."""
     sha256 = hashlib.sha256(data)
@@ -632,15 +630,23 @@ def decode_gaps(symbols: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- unpacking
 
-def unpack_model(data: bytes | memoryview) -> onnx.ModelProto:
-    """Rebuild the packed model in memory; CorruptPack (a ValueError) names anything that does not check out."""
-    model, tensors = _read_pack(container.read_records(data))[1:]
+def unpack_model(data: bytes | memoryview, place=None) -> onnx.ModelProto:
+    """Rebuild the packed model in memory; CorruptPack (a ValueError) names anything that does not check out.
+
+    `place(model, index, tensor)`, called for each coded tensor whose bytes go to `raw_data`, before it is
+    decoded, may return a writable C-contiguous uint8 array of exactly its bytes: the tensor is decoded (and
+    checked) there, and left without data in the model for the caller to point at that array (the session path
+    hands such arrays to onnxruntime as they are: no bytes -> protobuf -> array copies). None: `raw_data`."""
+    model, tensors = _read_pack(container.read_records(data), place, hash_ahead=True)[1:]
     protos = tensor_protos(model)
     for index, meta, data in tensors:
+        if meta.get("placed"):
+            continue
         if meta.get("field") == "float_data":
             protos[index].float_data.extend(np.frombuffer(data, dtype="<f4").tolist())
         else:
-            protos[index].raw_data = data
+            protos[index].raw_data = data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
+        del data
     return model
 
 
@@ -654,8 +660,8 @@ def check_pack(path, manifest: PackManifest) -> None:
             raise RuntimeError("the written pack's graph record does not decode to the packed graph")
         del model
         done = 0
-        for index, _, data in tensors:
-            if done >= len(manifest.tensors) or (index, hashlib.sha256(data).digest()) != manifest.tensors[done]:
+        for index, meta, data in tensors:  # the decode computed each tensor's whole digest once: compare it
+            if done >= len(manifest.tensors) or (index, meta["digest"]) != manifest.tensors[done]:
                 raise RuntimeError(f"the written pack's tensor record {done} does not decode to the packed tensor")
             done += 1
             del data
@@ -663,9 +669,16 @@ def check_pack(path, manifest: PackManifest) -> None:
         raise RuntimeError(f"the written pack holds {done} tensor record(s), not {len(manifest.tensors)}")
 
 
-def _read_pack(records):
+def _read_pack(records, place=None, hash_ahead: bool = False):
     """(header, graph model, tensors) of a pack's records: tensors yields (index, description, bytes) one
-    record at a time, each checked against its digest, and at the end checks the header's counts.
+    record at a time, each checked against its digest, and at the end checks the header's counts. The bytes are
+    a uint8 array (or what `place` gave, see unpack_model: the description then has `placed` set); the
+    description gains `digest`, the whole SHA-256 of the bytes.
+
+    `hash_ahead` (a caller that keeps every tensor until the end anyway): each tensor is yielded decoded but not
+    yet checked, and hashed on a thread of its own while the next records decode (SHA-256 is a fifth of a
+    session's decoding, and hashlib releases the GIL); the generator ends, or raises the first mismatch in file
+    order, only once every tensor has been checked.
 
     Nothing is allocated for a size the file declares before that size is checked: the graph record decodes to
     at most the bytes its header names, each tensor record must decode to the bytes its graph tensor's dims and
@@ -677,6 +690,20 @@ def _read_pack(records):
     budget = None if header.get("external_data") else MAX_GRAPH_BYTES  # one protobuf, when unpacked
 
     def tensors():
+        hashing = _HashAhead() if hash_ahead else None
+        try:
+            yield from decoded(hashing)
+            if hashing is not None:
+                hashing.finish()
+        except container.CorruptPack:
+            if hashing is not None:
+                hashing.finish()  # a tensor before this error that did not check out is the first thing wrong
+            raise
+        finally:
+            if hashing is not None:
+                hashing.close()
+
+    def decoded(hashing):
         nonlocal budget
         tables, filled = [], set()
         for record in records:
@@ -703,7 +730,16 @@ def _read_pack(records):
                                                     "a pack without external data can restore (one protobuf)")
                 _check_layout(meta, len(body), where)
                 filled.add(index)
-                yield index, meta, _decode_tensor(meta, body, tables, record)  # not kept here: one tensor at a time
+                out = place(model, index, slot) if place is not None and meta.get("field") != "float_data" else None
+                if out is not None:
+                    if out.dtype != np.uint8 or out.shape != (meta["n"],) or not out.flags.c_contiguous:
+                        raise ValueError(f"place gave {out.dtype} {out.shape}, not {meta['n']} contiguous bytes")
+                    meta["placed"] = True
+                raw = _decode_tensor(meta, body, tables, record, out, check=hashing is None)
+                if hashing is not None:
+                    hashing.submit(raw, meta, where)
+                yield index, meta, raw  # not kept here: one tensor at a time
+                del raw
             else:
                 raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
         if len(tables) != header["tables"] or len(filled) != header["tensors"]:
@@ -712,6 +748,43 @@ def _read_pack(records):
                 f"the file has {len(filled)} and {len(tables)}")
 
     return header, model, tensors()
+
+
+class _HashAhead:
+    """Checks decoded tensors against their digests on one thread of its own, in file order (see _read_pack)."""
+
+    def __init__(self):
+        self.jobs = queue.Queue(maxsize=4)  # decoding waits rather than keep more than a few tensors for their check
+        self.failure: Exception | None = None  # CorruptPack, or whatever else stopped a check
+        self.thread: threading.Thread | None = None
+
+    def submit(self, raw: np.ndarray, meta: dict, where: str) -> None:
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._run, name="pack-digests", daemon=True)
+            self.thread.start()
+        self.jobs.put((raw, meta, where))
+
+    def _run(self) -> None:
+        while (job := self.jobs.get()) is not None:
+            if self.failure is None:
+                try:
+                    _checked(*job)
+                except Exception as exc:  # noqa: BLE001 - kept for finish(); the thread must go on taking jobs
+                    self.failure = exc
+            del job
+
+    def close(self) -> None:
+        """Stop the thread once it has checked what it was given."""
+        if self.thread is not None:
+            self.jobs.put(None)
+            self.thread.join()
+            self.thread = None
+
+    def finish(self) -> None:
+        """Wait for every check; the first tensor that did not check out is a CorruptPack raised here."""
+        self.close()
+        if self.failure is not None:
+            raise self.failure
 
 
 def _check_header(header: dict) -> dict:
@@ -751,11 +824,14 @@ def _unzstd_graph(body, declared: int) -> bytes:
     return _unzstd(body, declared, "the graph record", "its header declares")
 
 
-def _unzstd_planes(body, n: int, k: int, where: str) -> bytes:
+def _unzstd_planes(body, n: int, k: int, where: str, out: np.ndarray) -> np.ndarray:
     """A `zstd-planes` record's bytes: its frame decoded (exactly the `n` bytes checked against its graph
-    tensor), then the byte planes interleaved back into elements."""
-    planes = np.frombuffer(_unzstd(body, n, where, "its description declares"), dtype=np.uint8)
-    return planes.reshape(k, -1).T.tobytes() if k > 1 else planes.tobytes()  # one copy, interleaving as it goes
+    tensor), then the byte planes interleaved back into elements, in `out`."""
+    planes = np.frombuffer(_unzstd(body, n, where, "its description declares"), dtype=np.uint8).reshape(k, -1)
+    elements = out.reshape(-1, k)
+    for j in range(k):  # plane by plane: numpy copies a transposed (n/k, k) array k bytes at a time, 3x slower
+        elements[:, j] = planes[j]
+    return out
 
 
 def _unzstd(body, declared: int, what: str, source: str) -> bytes:
@@ -916,7 +992,7 @@ def unpack_external(path, staged) -> None:
                 elif index in initializers and len(data) + small >= INLINE_LIMIT:
                     put(tensor, data)
                 else:
-                    tensor.raw_data = data
+                    tensor.raw_data = bytes(data)
                 del data
             for index in sorted(initializers):  # those the graph record held (small, or coded better by LZMA)
                 tensor = protos[index]
@@ -949,23 +1025,34 @@ def _table(data, record) -> huffman.Table:
     return table
 
 
-def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
+def _decode_tensor(meta: dict, body: memoryview, tables: list, record, out: np.ndarray | None = None,
+                   check: bool = True) -> np.ndarray:
+    """A tensor record's bytes as a uint8 array of `n` (into `out` when given: byte planes are decoded straight
+    into their places, with no array per plane, no stacking and no copy to bytes), checked against its digest
+    (unless `check` is False: the caller checks it, _HashAhead)."""
     where = f"tensor record at byte {record.offset}"
     try:
-        streams, offset = [], 0
+        offset = 0
         encoding, k, n = meta["enc"], int(meta["k"]), int(meta["n"])
+        if out is None:
+            out = np.empty(n, np.uint8)
         if encoding == "zstd-planes":
-            return _checked(_unzstd_planes(body, n, k, where), meta, where)
-        for descriptor in meta["streams"]:
+            _unzstd_planes(body, n, k, where, out)
+            return _checked(out, meta, where) if check else out
+        # planes: stream j fills byte j of every element, in place; other encodings decode their streams first
+        targets = out.reshape(-1, k).T if encoding == "planes" else [None] * len(meta["streams"])
+        streams = []
+        for descriptor, target in zip(meta["streams"], targets):
             count, length = int(descriptor["c"]), int(descriptor["b"])
             data = body[offset : offset + length]
             if len(data) != length:
                 raise container.CorruptPack(f"{where} is shorter than its streams")
             offset += length
-            streams.append(_decode_stream(descriptor, data, count, tables, where))
+            streams.append(_decode_stream(descriptor, data, count, tables, where, target))
         if offset != len(body):
             raise container.CorruptPack(f"{where} has trailing bytes")
-        raw = _assemble(encoding, meta, streams, k, n, where)
+        if encoding != "planes":
+            _assemble(encoding, meta, streams, k, n, where, out)
     except container.CorruptPack:
         raise
     except huffman.CorruptStream as exc:
@@ -974,16 +1061,20 @@ def _decode_tensor(meta: dict, body: memoryview, tables: list, record) -> bytes:
         raise container.CorruptPack(f"{where} has an invalid description ({type(exc).__name__}: {exc})") from exc
     except MemoryError as exc:  # a size the graph declares (checked), only larger than this machine's memory
         raise container.CorruptPack(f"{where}: its {meta['n']} bytes do not fit in memory") from exc
-    return _checked(raw, meta, where)
+    return _checked(out, meta, where) if check else out
 
 
-def _checked(raw: bytes, meta: dict, where: str) -> bytes:
-    if len(raw) != meta["n"] or _digest(raw) != meta["sha"]:
+def _checked(raw: np.ndarray, meta: dict, where: str) -> np.ndarray:
+    """The decoded bytes, once their length and SHA-256 prefix match the description; the whole digest is kept in
+    `meta["digest"]` (check_pack compares it with the source tensor's: one hash of the bytes, not two)."""
+    digest = hashlib.sha256(raw).digest() if len(raw) == meta["n"] else b""
+    if digest[: container.DIGEST_BYTES] != meta["sha"]:
         raise container.CorruptPack(f"{where} decodes to different bytes than were packed")
+    meta["digest"] = digest
     return raw
 
 
-def _decode_stream(descriptor, data, count, tables, where) -> np.ndarray:
+def _decode_stream(descriptor, data, count, tables, where, out=None) -> np.ndarray:
     table_id = descriptor.get("t")
     if table_id is None:
         table, used = huffman.Table.from_bytes(data)
@@ -992,33 +1083,38 @@ def _decode_stream(descriptor, data, count, tables, where) -> np.ndarray:
         table = tables[table_id]
     else:
         raise container.CorruptPack(f"{where} names a table that does not exist")
-    return huffman.decode_with(table, data, count)
+    return huffman.decode_with(table, data, count, out=out)
 
 
-def _assemble(encoding, meta, streams, k, n, where) -> bytes:
-    if encoding == "planes":
-        return _join_planes(streams, k).tobytes()
+def _assemble(encoding, meta, streams, k, n, where, out: np.ndarray) -> None:
+    """The elements of a `nibbles`, `sparse` or `sparse-nibbles` record, from its decoded streams, into `out`."""
     if encoding == "nibbles":
-        return _join_nibbles(streams[0]).tobytes()
+        _join_nibbles(streams[0], out)
+        return
     if encoding == "sparse-nibbles":
         positions, background = decode_gaps(streams[0]), meta["bg"]
-        out = np.full(2 * n, background, np.uint8)
-        if len(positions) != len(streams[1]) or (len(positions) and positions[-1] >= len(out)) or background > 15:
+        nibbles = np.full(2 * n, background, np.uint8)
+        if len(positions) != len(streams[1]) or (len(positions) and positions[-1] >= len(nibbles)) or background > 15:
             raise container.CorruptPack(f"{where}: sparse positions do not match its values")
-        out[positions] = streams[1]
-        if out.max(initial=0) > 15:
+        nibbles[positions] = streams[1]
+        if nibbles.max(initial=0) > 15:
             raise container.CorruptPack(f"{where}: nibble values out of range")
-        return (out[0::2] | (out[1::2] << 4)).tobytes()
+        np.bitwise_or(nibbles[0::2], nibbles[1::2] << 4, out=out)
+        return
     if encoding == "sparse":
         positions = decode_gaps(streams[0])
-        values = _join_nibbles(streams[1]) if meta["vals"] == "nibbles" else _join_planes(streams[1:], k)
+        if meta["vals"] == "nibbles":
+            values = _join_nibbles(streams[1], np.empty(len(streams[1]) // 2, np.uint8))
+        else:
+            values = _join_planes(streams[1:], k)
         background = np.frombuffer(meta["bg"], dtype=f"<u{k}")
-        out = np.full(n // k, background[0], dtype=f"<u{k}")
+        elements = out.view(f"<u{k}")
         values = values.view(f"<u{k}")
-        if len(positions) != len(values) or (len(positions) and positions[-1] >= len(out)):
+        if len(positions) != len(values) or (len(positions) and positions[-1] >= len(elements)):
             raise container.CorruptPack(f"{where}: sparse positions do not match its values")
-        out[positions] = values
-        return out.tobytes()
+        elements[:] = background[0]
+        elements[positions] = values
+        return
     raise container.CorruptPack(f"{where} uses unknown encoding {encoding!r}")
 
 
@@ -1028,8 +1124,9 @@ def _join_planes(planes, k) -> np.ndarray:
     return np.stack(planes, axis=1).reshape(-1) if k > 1 else planes[0]
 
 
-def _join_nibbles(symbols: np.ndarray) -> np.ndarray:
+def _join_nibbles(symbols: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Low halves, then high halves, into the bytes of `out`."""
     half = len(symbols) // 2
-    if len(symbols) % 2 or (len(symbols) and symbols.max() > 15):
+    if len(symbols) % 2 or len(out) != half or (len(symbols) and symbols.max() > 15):
         raise container.CorruptPack("nibble stream is malformed")
-    return (symbols[:half] | (symbols[half:] << 4)).astype(np.uint8)
+    return np.bitwise_or(symbols[:half], symbols[half:] << 4, out=out)

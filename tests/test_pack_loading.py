@@ -62,9 +62,9 @@ def test_loading_a_pack_decodes_it_once(mvn_pack, monkeypatch):
     calls = []
     real = packing.unpack_model
 
-    def counting(data):
+    def counting(data, place=None):
         calls.append(len(data))
-        return real(data)
+        return real(data, place)
 
     monkeypatch.setattr(packing, "unpack_model", counting)
     model = model_io.load(mvn_pack)
@@ -83,7 +83,7 @@ def test_a_pack_onnxruntime_refuses_too_is_one_load_error(tmp_path, monkeypatch)
     monkeypatch.chdir(tmp_path)
     calls = []
     real = packing.unpack_model
-    monkeypatch.setattr(packing, "unpack_model", lambda data: calls.append(1) or real(data))
+    monkeypatch.setattr(packing, "unpack_model", lambda data, place=None: calls.append(1) or real(data, place))
     _pack_here(model, "bad")
     with pytest.raises(ModelLoadError, match="onnxruntime refuses it too"):
         model_io.load("bad.shrink")
@@ -121,7 +121,7 @@ def test_model_io_imports_run_one_way():
 def _count_decodes(monkeypatch) -> list:
     calls = []
     real = packing.unpack_model
-    monkeypatch.setattr(packing, "unpack_model", lambda data: calls.append(1) or real(data))
+    monkeypatch.setattr(packing, "unpack_model", lambda data, place=None: calls.append(1) or real(data, place))
     return calls
 
 

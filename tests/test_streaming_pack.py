@@ -313,9 +313,9 @@ def test_unpack_of_an_external_pack_writes_one_tensor_at_a_time(external, tmp_pa
     api.pack(external, tmp_path / "m.shrink")
     decode, alive, most = packing._decode_tensor, [], [0]
 
-    def watched(*args):
+    def watched(*args, **kwargs):
         most[0] = max(most[0], sum(ref() is not None for ref in alive))
-        owner = np.frombuffer(decode(*args), np.uint8).copy()
+        owner = np.frombuffer(decode(*args, **kwargs), np.uint8).copy()
         alive.append(weakref.ref(owner))
         return memoryview(owner)
 

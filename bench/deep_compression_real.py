@@ -3,13 +3,19 @@
     .venv/bin/python bench/deep_compression_real.py cluster --set bits=4
     .venv/bin/python bench/deep_compression_real.py prune --set method=sparsegpt scope=layer sparsity=0.5
     .venv/bin/python bench/deep_compression_real.py cluster --model det --set bits=4
+    .venv/bin/python bench/deep_compression_real.py prune --calibration text --sentences 1024 --set method=sparsegpt ...
+    .venv/bin/python bench/deep_compression_real.py prune --sensitivity 0.25,0.5,0.75 --set method=sparsegpt sparsity=0.5
 
 `--set field=value` sets a ClusterConfig / PruneConfig field (values parsed as Python literals when they parse).
 Prints wall time, CPU time (all threads: steadier than wall time on a shared machine), peak RSS of the process
 and the quality against the fp32 model:
 - minilm (default; bench/transformer_export.py's cached export): mean cosine of mean-pooled sentence embeddings
-  and top-5 neighbour overlap on the held-out sentences (bench/embedding_metrics.py), fitted on the 128
-  calibration sentences;
+  and top-5 neighbour overlap on the held-out sentences (bench/embedding_metrics.py), fitted on the export's 128
+  calibration sentences (`--calibration export`), on the prose of bench/calibration_text.py (`text`: up to 1499
+  sentences, 35k tokens; none of them held out), or on both, the first `--sentences N` of them. The sentences are
+  batched by length (32 a batch) and each batch is cut to its longest sentence: padding is masked out of every real
+  token, so the statistics of the real tokens are those of the 64-token padded batches, for a fraction of the runs;
+- mpnet: the same for all-mpnet-base-v2 (`make bench-transformer MODEL=mpnet`'s export, 4x MiniLM's size);
 - det (ddddocr 1.6.1's common_det.onnx, a YOLO-style detector, from the wheel bench/real_models.py caches):
   fitted on 8 seeded random images, judged on 8 others by the cosine of every output row (85 numbers per anchor:
   box, objectness, classes) and the largest change of the objectness*class score. Random images are no task
@@ -45,10 +51,44 @@ from onnxshrink.passes.prune import Prune, PruneConfig  # noqa: E402
 from onnxshrink.runtime import make_session  # noqa: E402
 
 
-def minilm():
-    path = Path(sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*/model.onnx")))[0])
+def sentence_batches(arrays: dict, size: int = 32) -> Dataset:
+    """Token arrays ([sentences, 64], with an attention_mask) as a Dataset of batches of similar length, each cut to
+    its longest sentence (the model's sequence axis is dynamic; the padding cut is masked out of every real token)."""
+    lengths = arrays["attention_mask"].sum(axis=1)
+    order = np.argsort(lengths, kind="stable")
+    batches = []
+    for start in range(0, len(order), size):
+        rows = np.sort(order[start:start + size])
+        width = int(lengths[rows].max())
+        batches.append({name: np.ascontiguousarray(value[rows, :width]) for name, value in arrays.items()})
+    dataset = Dataset(batches, None, len(order), False, [])
+    dataset.batch_axes = {name: 0 for name in arrays}
+    return dataset
+
+
+def calibration_sentences(folder: Path, model, source: str, count: int) -> Dataset:
+    """The first `count` (0: all) sentences of the export's calibration set, of bench/calibration_text.py's, or of
+    both (the export's first)."""
+    if source == "export-padded":  # the export's file as the CLI reads it: 64-token batches of 32
+        data = load_npz(folder / "calibration.npz", input_specs(model), role="calibration data")
+        return data
+    parts = []
+    if source in ("export", "both"):
+        parts.append(dict(np.load(folder / "calibration.npz")))
+    if source in ("text", "both"):
+        import calibration_text
+
+        parts.append(dict(np.load(calibration_text.build(folder.parent.name))))
+    arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
+    if count:
+        arrays = {name: value[:count] for name, value in arrays.items()}
+    return sentence_batches(arrays)
+
+
+def minilm(source: str = "export-padded", count: int = 0, key: str = "minilm"):
+    path = Path(sorted(glob.glob(os.path.expanduser(f"~/.cache/onnxshrink/{key}/export-*/model.onnx")))[0])
     model = onnx.load(path)
-    calibration = load_npz(path.parent / "calibration.npz", input_specs(model), role="calibration data")
+    calibration = calibration_sentences(path.parent, model, source, count)
     held = dict(np.load(path.parent / "heldout.npz"))
 
     def outputs(candidate, threads):
@@ -59,7 +99,9 @@ def minilm():
         return (f"cosine {row_cosines(reference, candidate).mean():.4f} (worst {row_cosines(reference, candidate).min():.4f}), "
                 f"top-5 {topk_overlap(reference, candidate, 5):.3f}")
 
-    return path, model, calibration, outputs, quality, f"{calibration.samples} calibration / {len(held['input_ids'])} held-out sentences"
+    tokens = sum(int(batch["attention_mask"].sum()) for batch in calibration.batches)
+    return (path, model, calibration, outputs, quality,
+            f"{calibration.samples} calibration sentences ({source}, {tokens} tokens) / {len(held['input_ids'])} held-out")
 
 
 def det():
@@ -99,18 +141,37 @@ def parse(pairs):
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["prune", "cluster"])
-    parser.add_argument("--model", choices=["minilm", "det"], default="minilm")
+    parser.add_argument("--model", choices=["minilm", "mpnet", "det"], default="minilm")
+    parser.add_argument("--calibration", choices=["export-padded", "export", "text", "both"], default="export-padded",
+                        help="encoders: the export's calibration.npz as the CLI reads it (export-padded), the same "
+                             "sentences batched by length (export), bench/calibration_text.py's prose (text), or both")
+    parser.add_argument("--sentences", type=int, default=0, help="encoders: only the first N calibration sentences")
     parser.add_argument("--set", nargs="*", default=[], help="config field=value")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--keep-padding", action="store_true",
                         help="fit padding tokens too (prune_common.PADDING_MASKS emptied): the statistics before issue 15")
+    parser.add_argument("--sensitivity", default=None, metavar="S1,S2,...",
+                        help="prune: first measure each layer's drift at these sparsities (onnxshrink sensitivity, no "
+                             "bit widths) on the calibration data and give the curves to the pass (scope auto)")
     parser.add_argument("--profile", default=None, help="write a cProfile of the pass to this file")
     args = parser.parse_args()
     if args.keep_padding:
         prune_common.PADDING_MASKS = ()
-    path, model, calibration, outputs, quality, what = {"minilm": minilm, "det": det}[args.model]()
+    if args.model == "det":
+        path, model, calibration, outputs, quality, what = det()
+    else:
+        path, model, calibration, outputs, quality, what = minilm(args.calibration, args.sentences, args.model)
     reference = outputs(model, args.threads)
     fields = parse(args.set)
+    if args.sensitivity:
+        from onnxshrink.layer_sensitivity import SensitivityConfig, measure
+
+        start, cpu = time.perf_counter(), time.process_time()
+        grid = tuple(float(v) for v in args.sensitivity.split(","))
+        fields["sensitivity"] = measure(model, calibration, SensitivityConfig(sparsities=grid, bits=()),
+                                        threads=args.threads).to_dict()
+        print(f"# sensitivity at {args.sensitivity}: {time.perf_counter() - start:.0f} s wall, "
+              f"{time.process_time() - cpu:.0f} s CPU", flush=True)
     config = ClusterConfig(**fields) if args.kind == "cluster" else PruneConfig(**fields)
     make = Cluster if args.kind == "cluster" else Prune
     print(f"# {platform.machine()} {os.cpu_count()} cores, onnxruntime {ort.__version__}, {path.name}, {what}")
@@ -129,7 +190,7 @@ def main() -> None:
     errors = [float(m) for layer in report.layers for m in re.findall(r"layer output error ([0-9.]+)%", layer.reason)[:1]]
     layer_errors = (f", layer output error mean {np.mean(errors):.1f}% max {np.max(errors):.1f}% ({len(errors)} layers)"
                     if errors else "")
-    print(f"{args.kind} {' '.join(args.set)}{' keep-padding' if args.keep_padding else ''}: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {rss:.0f} MB, "
+    print(f"{args.kind} {' '.join(args.set)}{' keep-padding' if args.keep_padding else ''} [{what}]: {wall:6.1f} s wall, {cpu:6.1f} s CPU, peak RSS {rss:.0f} MB, "
           f"{quality(reference, candidate)}{layer_errors}", flush=True)
 
 

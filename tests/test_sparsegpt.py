@@ -257,3 +257,38 @@ def test_padding_tokens_are_left_out_of_the_layer_statistics():
     hessian = Prune(PruneConfig(sparsity=0.5, method="sparsegpt", scope="layer"), data)._original_grams(
         model, [layer])["mm"]
     np.testing.assert_allclose(hessian.xtx, real.T @ real, rtol=1e-6)
+
+
+def test_damped_kept_refit_generalises_where_calibration_has_fewer_rows_than_inputs():
+    """48 rows for 64 inputs: X^T X is singular. The nearly undamped refit fits those rows (lower error on them) and
+    loses on fresh rows of the same distribution; the default damping, towards the dense weights, does better."""
+    rng = np.random.default_rng(11)
+    mixing = rng.normal(size=(64, 64))
+    x, fresh = (rng.normal(size=(n, 64)) @ mixing + rng.normal(size=(n, 64)) for n in (48, 4000))
+    w = rng.normal(size=(64, 16))
+    h, h_fresh = x.T @ x, fresh.T @ fresh
+    pruned = sparsegpt(w, h, zeros=w.size // 2)
+    loose, damped = refit_kept(w, pruned, h, damping=1e-6), refit_kept(w, pruned, h)
+    assert np.array_equal(loose != 0, pruned != 0) and np.array_equal(damped != 0, pruned != 0)
+    assert output_error(w, loose, h) < output_error(w, damped, h)  # on the calibration rows
+    assert output_error(w, damped, h_fresh) < 0.9 * output_error(w, loose, h_fresh)
+
+
+def test_kept_refit_leaves_an_unpruned_layer_and_its_own_result_unchanged():
+    rng = np.random.default_rng(12)
+    x, w = _correlated(rng, rows=200, k=24), rng.normal(size=(24, 8))
+    h = x.T @ x
+    np.testing.assert_allclose(refit_kept(w, w, h), w, atol=1e-9)  # nothing pruned: the dense weights are optimal
+    once = refit_kept(w, sparsegpt(w, h, zeros=96), h)
+    np.testing.assert_allclose(refit_kept(w, once, h), once, rtol=1e-6, atol=1e-9)
+
+
+def test_kept_refit_damping_reaches_the_pass_and_is_checked():
+    model = make_mlp()
+    data = _data(model, samples=40)  # fewer rows than fc1's 64 inputs
+    default, _ = Prune(PruneConfig(sparsity=0.5, method="sparsegpt"), data)(model)
+    loose, _ = Prune(PruneConfig(sparsity=0.5, method="sparsegpt", kept_refit_damping=1e-6), data)(model)
+    d, l = _weights(default), _weights(loose)
+    assert any(not np.array_equal(d[name], l[name]) for name in d)
+    with pytest.raises(UsageError, match="kept_refit_damping"):
+        Prune(PruneConfig(sparsity=0.5, method="sparsegpt", kept_refit_damping=0.0), data)

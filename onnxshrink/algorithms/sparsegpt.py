@@ -25,6 +25,7 @@ from onnxshrink.algorithms.gptq import inverse_cholesky_upper
 BLOCK = 128
 DAMP = 0.01
 CG_ITERATIONS = 25
+KEPT_REFIT_DAMP = 0.1  # refit_kept's pull towards the dense weights, relative to mean(diag H)
 
 
 def sparsegpt(w: np.ndarray, h: np.ndarray, zeros: int = 0, nm: tuple[int, int] | None = None,
@@ -105,10 +106,16 @@ def teacher_weights(w: np.ndarray, h: np.ndarray, cross: np.ndarray, damp: float
     return np.linalg.solve(h + lam * np.eye(h.shape[0]), np.asarray(cross, dtype=np.float64) @ np.asarray(w, np.float64))
 
 
-def refit_kept(w: np.ndarray, pruned: np.ndarray, h: np.ndarray, damping: float = 1e-6,
+def refit_kept(w: np.ndarray, pruned: np.ndarray, h: np.ndarray, damping: float = KEPT_REFIT_DAMP,
                iterations: int = CG_ITERATIONS) -> np.ndarray:
     """The weights kept by `pruned` (its non-zeros) refit by least squares to X W from H alone: the OBS updates
     cannot move a row once it is passed, a refit moves all of them (the better of the two is returned).
+
+    The objective is ||X (W - W')||^2 + lam ||W - W'||^2 over the kept weights, lam = damping * mean(diag H): the
+    damped Hessian the OBS updates use, so the refit pulls kept weights towards their dense values, not towards
+    zero. With fewer calibration rows than inputs (MiniLM's 1536-input FFN output layer: 1530 tokens) X^T X is
+    singular and a nearly undamped refit (1e-6, as before) fits those rows: damping 0.1 raised held-out cosine at
+    50% from 0.932 to 0.941 (docs/prune.md).
 
     Conjugate gradients on every output at once, from the OBS result, preconditioned by diag(H): each step is one
     H @ W product (K^2 N), where solving each output's kept system exactly costs N kept^3 (MiniLM's FFN output
@@ -118,18 +125,15 @@ def refit_kept(w: np.ndarray, pruned: np.ndarray, h: np.ndarray, damping: float 
     keep = start != 0
     h = np.asarray(h, dtype=np.float64)
     lam = damping * max(float(np.mean(np.diag(h))), 1e-12)
-    d = np.diag(h)[:, None] + lam
-
-    def apply(p):  # the masked, damped Hessian
-        return keep * (h @ p + lam * p)
-
+    damped = h + lam * np.eye(h.shape[0])
+    d = np.diag(damped)[:, None]
     x = start.copy()
-    r = keep * (h @ (t - x)) - keep * lam * x
+    r = keep * (damped @ (t - x))
     z = r / d
     p = z.copy()
     rz = np.sum(r * z, axis=0)
     for _ in range(iterations):
-        ap = apply(p)
+        ap = keep * (damped @ p)  # the masked, damped Hessian
         curvature = np.sum(p * ap, axis=0)
         alpha = np.divide(rz, curvature, out=np.zeros_like(rz), where=curvature > 0)
         x += alpha * p
@@ -140,7 +144,7 @@ def refit_kept(w: np.ndarray, pruned: np.ndarray, h: np.ndarray, damping: float 
         p = z + beta * p
         rz = rz_new
     x *= keep  # exact zeros where pruned
-    return x if output_error(t, x, h) < output_error(t, start, h) else start
+    return x if output_error(t, x, damped) < output_error(t, start, damped) else start
 
 
 def output_error(w: np.ndarray, w_new: np.ndarray, h: np.ndarray) -> float:

@@ -49,7 +49,8 @@ from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
 from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, capture_rounds,
-                                            check_config, describe, input_size, matrix, parse_nm, read_bias,
+                                            check_config, describe, few_rows_note, input_size, matrix, parse_nm,
+                                            read_bias,
                                             resolved_method, teacher_gram, token_rows, unfold, upstream_layers,
                                             write)
 from onnxshrink.progress import step
@@ -115,6 +116,10 @@ class Prune:
         else:
             weights = {layer.name: matrix(layer, owners) for layer in layers}
             grams = self._original_grams(model, layers) if self.calibration is not None else {}
+            if self.method in ("sparsegpt", "refit"):  # the rows of a capture do not depend on the pruning
+                short = few_rows_note((gram.k, gram.rows) for gram in grams.values())
+                if short:
+                    report.notes.append(short)
             scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
             counts = self._allocate(layers, weights, scores, report)
             del scores  # recomputed per layer below: big models keep one layer's scores at a time
@@ -144,7 +149,7 @@ class Prune:
             if hessian is not None and not np.all(w0[~keep] == 0):  # an OBS mask of its own, from the updated weights
                 w = sparsegpt(target, hessian, counts[layer.name], self.nm, damp=config.damping)
                 if config.kept_refit:  # keeps the zeros where they are: an N:M pattern stays N:M
-                    w = refit_kept(target, w, hessian)
+                    w = refit_kept(target, w, hessian, damping=config.kept_refit_damping)
                 keep = w != 0
                 keep |= w0 == 0  # zeros before count as kept: the test below sees the layer changed
             if np.all(w0[~keep] == 0):

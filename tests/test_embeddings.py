@@ -284,9 +284,9 @@ def test_cluster_gives_the_table_a_codebook_folded_at_load(per, tied):
     clustered, report = Cluster(ClusterConfig(bits=4, per=per))(model)
     by_node = decisions(report)
     decision = by_node["embeddings/Gather"]
-    # Per row, 16 fp32 values a row cost as much as a 64-wide row's indices.
+    # Per row, 16 fp32 values a row cost as much as a 64-wide row's indices; per layer, an fp16 scale a row.
     assert decision.action.startswith("codebook") and decision.bytes_after < decision.bytes_before / (
-        3.9 if per == "layer" else 1.9)
+        3.8 if per == "layer" else 1.9)
     if tied:
         assert "tied: clustered once" in by_node["head/Gemm"].action
     indices = [t for t in clustered.graph.initializer if list(t.dims) == [VOCAB, WIDTH]]
@@ -296,8 +296,9 @@ def test_cluster_gives_the_table_a_codebook_folded_at_load(per, tied):
     assert Counter(n.op_type for n in runtime.graph.node)["Gather"] == 1 and not constant_nodes_left(runtime)
     feed = {"ids": ids()}
     want, got = run(model, feed)[0], run(clustered, feed)[0]
-    # 16 values for the table and for each MatMul weight (rows of the table span 20x in scale: per row is closer).
-    assert np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got) > (0.98 if per == "layer" else 0.99)
+    # 16 values for the table and for each MatMul weight (rows of the table span 20x in scale: per layer, they are
+    # scaled to peak 1 first, or one set of values fits them badly: 0.98 before the row scales).
+    assert np.sum(want * got) / np.linalg.norm(want) / np.linalg.norm(got) > 0.99
     again, second = Cluster(ClusterConfig(bits=4, per=per))(clustered)
     assert not second.changed or all(not d.action.startswith("codebook") for d in second.layers)
 

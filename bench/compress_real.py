@@ -6,6 +6,8 @@ held-out quality a sentence-embedding user sees (mean-pooled cosine, top-5 neigh
     python bench/compress_real.py --model det --ort-int8   # onnxruntime's quantize_dynamic instead, same task metric
     python bench/compress_real.py --result DIR/compress.json     # measure an earlier run's pack again
     python bench/compress_real.py --recipe R.toml                 # one fixed candidate (recipe mode) instead
+    python bench/compress_real.py --model rec --prices            # the plan's prices only: each layer's proxy
+                                                                  # against its measured drift, and the finalists
 
 The model is the cached export (bench/transformer_export.py makes it); nothing is downloaded. Run it with
 `nice -n 10` on a shared machine, and say in the doc how busy the machine was: the search is bounded in seconds.
@@ -52,6 +54,8 @@ def main() -> None:
     parser.add_argument("--max-candidates", help="also stop after N candidates (compress --max-candidates): the same "
                         "candidates on any machine, however loaded")
     parser.add_argument("--ort-int8", action="store_true", help="det/rec: onnxruntime's quantize_dynamic (QInt8) instead")
+    parser.add_argument("--prices", action="store_true", help="det/rec: print compress's per-layer prices (layer-local "
+                        "proxy and measured whole-model drift at 4 bits) and the planned finalists, run nothing else")
     args = parser.parse_args()
     if args.model != "minilm":
         conv(args)
@@ -118,6 +122,9 @@ def conv(args) -> None:
     if args.ort_int8:
         ort_int8(data, out, args.model)
         return
+    if args.prices:
+        print_prices(data, float(args.min_cosine))
+        return
     if not args.result:
         command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(data["model"]),
                    "--calibration", str(data["calibration"]), "--data", str(data["judging"]),
@@ -135,6 +142,36 @@ def conv(args) -> None:
     if result.get("output"):
         print(f"task ({args.model}, held-out): {conv_tasks.task_metric(args.model, data['model'], Path(result['output']), data['evaluation'])['text']}")
     print_search(result)
+
+
+def print_prices(data: dict, min_cosine: float) -> None:
+    """compress_plan's prices of each layer: the proxy tr(D^T H D)/tr(W^T H W) at 4 bits, the whole-model drift
+    (1 - cosine on calibration samples) with that layer alone at 4 bits, per-channel errors; then the finalists."""
+    from onnxshrink import compress_plan as plan
+
+    started = time.monotonic()
+    prices = plan.price_layers(data["model"], data["calibration"], min_share=plan.MIN_LAYER_SHARE)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    print(f"priced {len(prices.layers)} layers in {time.monotonic() - started:.0f} s wall, "
+          f"{usage.ru_utime + usage.ru_stime:.0f} s CPU, load average {os.getloadavg()[0]:.1f}")
+    print(f"{'layer':24} {'weights':>9} {'proxy@4':>9} {'drift@4':>9} {'ratio':>7} {'channel@4':>10}")
+    for layer in prices.layers:
+        proxy = (layer.proxy or layer.errors).get(plan.SENSITIVITY_BITS, 0.0)
+        drift = layer.drift
+        ratio = f"{drift / proxy:7.2f}" if drift is not None and proxy > 0 else "      -"
+        channel = layer.channel_errors.get(plan.SENSITIVITY_BITS)
+        print(f"{layer.node[:24]:24} {layer.weights:9d} {proxy:9.5f} "
+              f"{(f'{drift:9.5f}' if drift is not None else '        -')} {ratio} "
+              f"{(f'{channel:10.5f}' if channel is not None else '         -')}")
+    if prices.int8_drift is not None:
+        print(f"other floats in int8: {prices.int8_elements} elements, drift {prices.int8_drift:.5f} "
+              f"({prices.int8_drift / (8 * prices.int8_elements):.2e} per bit saved over fp16)")
+    print(f"finalists at --min-cosine {min_cosine}:")
+    for allocation, per in plan.finalists(prices, min_cosine):
+        print(f"  {plan.summary(allocation, prices, per)}: predicted drift "
+              f"{plan.predicted_drift(allocation, prices, per):.4f}, marginal price "
+              f"{plan.marginal_price(allocation, prices, per):.2e}/bit, other floats "
+              f"{plan.other_floats(allocation, prices, per)}")
 
 
 def ort_int8(data: dict, out: Path, model: str) -> None:

@@ -10,10 +10,23 @@ relative output error under the layer's input statistics (the proxy GPTQ and HAW
     e_l(b) = tr(D^T H D) / tr(W^T H W),   D = codebook_b(W) - W,   H = X^T X / rows
 
 Layers whose inputs cannot be captured (a grouped Conv, a weight inside an If) are priced with H = I: their weight
-error alone. `frontier` then lowers, step by step, the layer whose next narrower width adds the least error per
-bit saved (HAWQ-style greedy on a sum of relative errors), from every layer at the widest width down to every layer
-at the narrowest; `ladder` picks the frontier's points at a few average widths. Those are the only allocations
-that get a whole-model validation (compress_search bisects them), instead of every format x sparsity.
+error alone.
+
+That error is the layer's own, not the model's: on PP-OCR's recogniser the 2.2M-weight CTC head prices at 0.0035 at
+4 bits, a tenth of a typical Conv, yet alone it costs the output 0.025 of cosine, more than any Conv but three
+(docs/benchmarks-compress.md). So each layer's curve is scaled to one measurement of the whole model: the drift
+(1 - output cosine) with that layer alone at SENSITIVITY_BITS, on a few calibration samples, from one onnxruntime
+session in which the weights are overridable inputs (no session build per layer). The same run prices the other
+floats (biases, norms) in int8 against fp16, so a finalist stores them in int8 only where that saves bits more
+cheaply than its next narrower codebook (`other_floats`).
+
+`frontier` then lowers, step by step, the layer whose next narrower width adds the least error per bit saved
+(HAWQ-style greedy on a sum of errors), from every layer at the widest width down to every layer at the narrowest;
+`ladder` picks the frontier's points at a few average widths. Each layer is priced in two layouts, one codebook per
+layer and one per output channel (CHANNEL_BITS, the codebooks counted in the bits), each measured on the model;
+`finalists` keeps the rungs of both within the drift budget that no other rung beats on bits and predicted drift.
+Those are the only allocations that get a whole-model validation (compress_search bisects them), instead of every
+format x sparsity.
 
 Everything here is numeric on captured arrays; it writes no graph (the cluster pass does, from per-layer bits rules).
 """
@@ -24,6 +37,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
+from onnx import helper, numpy_helper
 
 from onnxshrink import model as model_io
 from onnxshrink.algorithms import codebook
@@ -40,6 +55,11 @@ FIT_ITERATIONS = 30  # Lloyd iterations of a priced codebook (the pass runs 300;
 GRAM_ENTRIES = 24 << 20  # float64 X^T X entries captured in one run (192 MB): more layers -> another run
 MIN_LAYER_SHARE = 0.5  # below this share of the float weights in priced layers, no plan (MiniLM: 47%, its tables)
 ENERGY_FLOOR = 1e-3  # as passes/cluster.py: codebooks weighted by input energy E[x^2] + floor x mean
+SENSITIVITY_BITS = 4  # the width at which each layer's whole-model drift is measured, to scale its proxy curve
+SENSITIVITY_SAMPLES = 2  # calibration samples of that measurement: one model run per layer on each
+CHANNEL_BITS = (3, 4)  # per-channel codebook widths priced: wider ones cost more in codebooks than they save
+CODEBOOK_ENTRY_BITS = 16  # a codebook entry is stored as fp16
+DRIFT_SLACK = 4.0  # rungs predicted over this many times the drift budget are not validated (within_drift)
 
 
 @dataclass
@@ -49,6 +69,13 @@ class LayerPrice:
     errors: dict  # bits -> relative output error of that layer alone (monotone: never rises with bits)
     data_aware: bool  # False: priced by its weight error (H = I)
     reason: str = ""  # why not data-aware
+    # whole-model drift (1 - output cosine) with this layer alone at SENSITIVITY_BITS; `errors` are scaled to it.
+    # None: not measured (no data, stopped, a weight inside a subgraph): scaled by the median of the measured layers
+    drift: float | None = None
+    proxy: dict | None = None  # the layer-local errors before scaling
+    # bits -> error with one codebook per output channel (cluster --per channel), scaled as `errors`; {}: not priced
+    channel_errors: dict = field(default_factory=dict)
+    channels: int = 0  # output channels: a per-channel codebook each
 
 
 @dataclass
@@ -57,6 +84,10 @@ class Prices:
     runs: int = 0  # capture runs of the model
     samples: int = 0
     notes: list = field(default_factory=list)
+    # the other floats that --other-floats int8 would store as int8: their elements, and the whole-model drift with
+    # all of them in int8 (None: not measured)
+    int8_elements: int = 0
+    int8_drift: float | None = None
 
     @property
     def weights(self) -> int:
@@ -64,9 +95,11 @@ class Prices:
 
 
 def price_layers(model_path: str | Path, calibration: str | Path | Dataset | None, bits: tuple = BIT_CHOICES,
-                 threads: int = 1, samples: int = PROXY_SAMPLES, stop=None, min_share: float = 0.0) -> Prices:
-    """Every float MatMul/Gemm/Conv weight's relative output error at each codebook width. `stop()`, asked before
-    each capture run, ends the pricing early (the layers not reached are priced by weight error alone). When the
+                 threads: int = 1, samples: int = PROXY_SAMPLES, stop=None, min_share: float = 0.0,
+                 measure: bool = True) -> Prices:
+    """Every float MatMul/Gemm/Conv weight's relative output error at each codebook width, scaled to the whole
+    model's measured drift when `measure` (and there is calibration data). `stop()`, asked before each capture run
+    and each measured layer, ends the pricing early (the layers not reached are priced by weight error alone). When the
     layers hold less than `min_share` of the model's float weights, nothing is priced (a note says why): their
     widths cannot move the total much, and pricing costs a capture."""
     model = model_io.load(Path(model_path))
@@ -105,51 +138,95 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                 break
             hessians.update(_hessians(dataset, model, chunk, threads))
             prices.runs += 1
+    decoded, channel_decoded = {}, {}
     for layer in layers:
         w = matrix(layer, owners).astype(np.float64)
         h = hessians.get(layer.name)
         reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
-        errors = layer_errors(w, h, bits)
-        prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason))
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None)
+        if at_reference is not None:
+            decoded[layer.name] = (layer.weight, _raw(layer, at_reference).astype(np.float32))
+        per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
+                                                       SENSITIVITY_BITS if measure else None, per_channel=True) \
+            if w.shape[1] > 1 else ({}, None)
+        if channel_reference is not None:
+            channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_reference).astype(np.float32))
+        prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
+                                        channel_errors=per_channel, channels=int(w.shape[1])))
+    if measure and dataset is not None and not (stop is not None and stop()):
+        _measure(prices, model, calibration, decoded, channel_decoded, threads, stop)
     return prices
 
 
 def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES) -> dict:
     """bits -> tr(D^T H D) / tr(W^T H W) of a per-layer codebook of [K, N] weight `w` (H = I when None), fitted the
     cluster pass's way (k-means weighted by input energy, zeros kept at index 0, nearest entry); made monotone."""
+    return _layer_errors(w, h, bits, None)[0]
+
+
+def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
+                  per_channel: bool = False) -> tuple[dict, np.ndarray | None]:
+    """layer_errors, and the decoded [K, N] weight at width `keep` (None: not kept); `per_channel`: one codebook
+    per output column, as cluster --per channel fits them."""
+    if not bits and not keep:
+        return {}, None
     k, n = w.shape
     energy = None
     if h is not None:
         energy = np.clip(np.diag(h), 0, None)
         energy = energy + ENERGY_FLOOR * max(float(energy.mean()), 1e-30)
     reserve = bool(np.any(w == 0))
-    rows = w.reshape(1, -1)
-    weights = None if energy is None else np.broadcast_to(energy[:, None], (k, n)).reshape(1, -1)
+    rows = w.T if per_channel else w.reshape(1, -1)
+    weights = None if energy is None else (np.broadcast_to(energy[None, :], (n, k)) if per_channel else
+                                           np.broadcast_to(energy[:, None], (k, n)).reshape(1, -1))
     total = _quadratic(w, h)
-    errors, best = {}, 0.0
-    for b in sorted(bits, reverse=True):
+    errors, best, kept = {}, 0.0, None
+    for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
         books = codebook.fit(rows, 2 ** b, weights, reserve_zero=reserve, iterations=FIT_ITERATIONS)
-        d = codebook.decode(codebook.assign(rows, books, reserve_zero=reserve), books).reshape(k, n) - w
-        best = max(best, _quadratic(d, h) / total if total > 0 else 0.0)
+        decoded = codebook.decode(codebook.assign(rows, books, reserve_zero=reserve), books)
+        decoded = decoded.T if per_channel else decoded.reshape(k, n)
+        if b == keep:
+            kept = decoded
+        if b not in bits:
+            continue
+        best = max(best, _quadratic(decoded - w, h) / total if total > 0 else 0.0)
         errors[b] = float(best)
-    return dict(sorted(errors.items()))
+    return dict(sorted(errors.items())), kept
 
 
-def frontier(prices: Prices) -> list[dict]:
+def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
+    return layer.errors if per == "layer" else layer.channel_errors
+
+
+def stored_bits(layer: LayerPrice, width: int, per: str = "layer") -> float:
+    """Bits per weight of `layer` at `width`: its index, plus its share of per-channel codebooks."""
+    if per == "layer":
+        return float(width)
+    return width + CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
+
+
+def has_channel_layout(prices: Prices) -> bool:
+    return bool(prices.layers) and all(layer.channel_errors for layer in prices.layers)
+
+
+def frontier(prices: Prices, per: str = "layer") -> list[dict]:
     """Allocations (node -> bits) from all layers at the widest width to all at the narrowest, each one layer one
-    width narrower than the one before: the step that adds the least summed relative error per bit saved."""
-    current = {layer.node: max(layer.errors) for layer in prices.layers}
+    width narrower than the one before: the step that adds the least summed relative error per bit saved. `per`
+    "channel" prices one codebook per output channel (CHANNEL_BITS), its codebooks counted in the bits."""
+    current = {layer.node: max(layout_errors(layer, per)) for layer in prices.layers}
     by_node = {layer.node: layer for layer in prices.layers}
     path = [dict(current)]
     while True:
         best, best_cost = None, np.inf
         for node, width in current.items():
             layer = by_node[node]
-            narrower = [b for b in layer.errors if b < width]
+            errors = layout_errors(layer, per)
+            narrower = [b for b in errors if b < width]
             if not narrower:
                 continue
             b = max(narrower)
-            cost = (layer.errors[b] - layer.errors[width]) / (layer.weights * (width - b))
+            saved = layer.weights * (stored_bits(layer, width, per) - stored_bits(layer, b, per))
+            cost = (errors[b] - errors[width]) / saved
             if cost < best_cost or (cost == best_cost and best is not None and layer.weights > by_node[best[0]].weights):
                 best, best_cost = (node, b), cost
         if best is None:
@@ -158,32 +235,212 @@ def frontier(prices: Prices) -> list[dict]:
         path.append(dict(current))
 
 
-def average_bits(allocation: dict, prices: Prices) -> float:
-    sizes = {layer.node: layer.weights for layer in prices.layers}
-    total = sum(sizes[node] for node in allocation)
-    return sum(sizes[node] * b for node, b in allocation.items()) / max(total, 1)
+def finalists(prices: Prices, min_cosine: float | None) -> list[tuple]:
+    """(allocation, layout) pairs compress validates, widest first: each layout's ladder (the per-channel one when
+    priced), kept within the drift budget once measured, and of both layouts only the rungs no other rung beats
+    on both bits and predicted drift. One codebook per layer flattens the small output channels of a conv whose
+    batch norm was folded in (PP-OCR's recogniser: single-layer drift 0.24-0.35 at 4 bits on three Convs); one per
+    channel costs 2^bits fp16 entries a channel, which the bits count."""
+    rungs = []
+    for per in ("layer", "channel") if has_channel_layout(prices) else ("layer",):
+        chosen = ladder(prices, per=per)
+        if min_cosine is not None and measured(prices):
+            chosen = within_drift(prices, chosen, 1.0 - min_cosine, per=per)
+        rungs += [(a, per, average_bits(a, prices, per), predicted_drift(a, prices, per)) for a in chosen]
+    if not measured(prices):  # unmeasured drift cannot compare layouts: per layer, as before
+        rungs = [r for r in rungs if r[1] == "layer"]
+    front = [r for r in rungs if not any(o is not r and o[2] <= r[2] and o[3] <= r[3] and (o[2], o[3]) != (r[2], r[3])
+                                         for o in rungs)]
+    front.sort(key=lambda r: -r[2])
+    return [(a, per) for a, per, _, _ in front]
 
 
-def ladder(prices: Prices, averages: tuple = LADDER) -> list[dict]:
+def predicted_drift(allocation: dict, prices: Prices, per: str = "layer") -> float:
+    """The summed per-layer prices of `allocation` over those of every layer at its widest width: in units of
+    output drift once the prices are measured (`measured`). Layers do not add up exactly, and the cluster pass
+    rounds and refits better than the priced codebooks: validated drift was 0.03-0.75 of this on ddddocr's
+    detector and PP-OCR's recogniser (docs/benchmarks-compress.md), hence DRIFT_SLACK."""
+    return float(sum(layout_errors(layer, per)[allocation[layer.node]] - layer.errors[max(layer.errors)]
+                     for layer in prices.layers if layer.node in allocation))
+
+
+def measured(prices: Prices) -> bool:
+    return any(layer.drift is not None for layer in prices.layers)
+
+
+def within_drift(prices: Prices, rungs: list[dict], budget: float, slack: float = DRIFT_SLACK,
+                 per: str = "layer") -> list[dict]:
+    """The rungs predicted within `slack` x `budget` of drift (the widest always), plus the frontier's narrowest
+    allocation so predicted, in place of the rungs beyond it: bisecting from the middle of the ladder spent a
+    whole-model candidate on a rung predicted 15x over (PP-OCR's recogniser at 4.5 bits), and the rung the budget
+    allows fell between two of the ladder's."""
+    limit = slack * budget
+    kept = [r for r in rungs if predicted_drift(r, prices, per) <= limit] or rungs[:1]
+    fitting = [a for a in frontier(prices, per) if predicted_drift(a, prices, per) <= limit]
+    edge = fitting[-1] if fitting else None
+    if edge is not None and average_bits(edge, prices, per) < average_bits(kept[-1], prices, per) - 0.05 \
+            and len(kept) < len(rungs):
+        kept.append(edge)
+    return kept
+
+
+def marginal_price(allocation: dict, prices: Prices, per: str = "layer") -> float:
+    """Error per bit saved of the frontier's next step from `allocation` (inf when every layer is at its narrowest):
+    the going rate a byte saved elsewhere must beat."""
+    best = np.inf
+    for layer in prices.layers:
+        width, errors = allocation.get(layer.node), layout_errors(layer, per)
+        narrower = [b for b in errors if width is not None and b < width]
+        if narrower:
+            b = max(narrower)
+            saved = layer.weights * (stored_bits(layer, width, per) - stored_bits(layer, b, per))
+            best = min(best, (errors[b] - errors[width]) / saved)
+    return float(best)
+
+
+def other_floats(allocation: dict, prices: Prices, per: str = "layer") -> str:
+    """"int8" or "fp16" for the other floats of a planned allocation: int8 saves 8 bits per element over fp16, and
+    is worth it only when its measured drift per bit saved is below the allocation's marginal codebook price (on
+    PP-OCR's recogniser it is not: 0.3% of the pack for about 0.01 of output cosine). Unmeasured: int8, as the
+    uniform codebook formats store them."""
+    if prices.int8_drift is None or prices.int8_elements == 0:
+        return "int8"
+    price = prices.int8_drift / (8 * prices.int8_elements)
+    return "int8" if price <= marginal_price(allocation, prices, per) else "fp16"
+
+
+def average_bits(allocation: dict, prices: Prices, per: str = "layer") -> float:
+    by_node = {layer.node: layer for layer in prices.layers}
+    total = sum(by_node[node].weights for node in allocation)
+    return sum(by_node[node].weights * stored_bits(by_node[node], b, per) for node, b in allocation.items()) / max(total, 1)
+
+
+def ladder(prices: Prices, averages: tuple = LADDER, per: str = "layer") -> list[dict]:
     """The frontier's allocations nearest above each average width in `averages` (widest first, no repeats):
     the finalists compress validates on the whole model."""
-    path = frontier(prices)
+    path = frontier(prices, per)
     out = []
     for target in sorted(averages, reverse=True):
-        fitting = [a for a in path if average_bits(a, prices) >= target - 1e-9]
+        fitting = [a for a in path if average_bits(a, prices, per) >= target - 1e-9]
         chosen = fitting[-1] if fitting else path[0]
         if not out or chosen != out[-1]:
             out.append(chosen)
     return out
 
 
-def summary(allocation: dict, prices: Prices) -> str:
+def summary(allocation: dict, prices: Prices, per: str = "layer") -> str:
     """'4.1 bits per weight: 8 bits x2, 5 bits x10, 4 bits x60', for notes and candidate labels."""
     counts: dict = {}
     for b in allocation.values():
         counts[b] = counts.get(b, 0) + 1
     parts = ", ".join(f"{b} bits x{counts[b]}" for b in sorted(counts, reverse=True))
-    return f"{average_bits(allocation, prices):.2f} bits per weight ({parts})"
+    layout = ", codebook per channel" if per == "channel" else ""
+    return f"{average_bits(allocation, prices, per):.2f} bits per weight ({parts}{layout})"
+
+
+# ---- whole-model drift ---------------------------------------------------------------------------
+
+def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded: dict, threads: int, stop) -> None:
+    """Scale each layer's errors to its whole-model drift at SENSITIVITY_BITS, per layout (a per-layer codebook
+    wrecks small channels that a per-channel one keeps: the two amplify differently), and measure the other floats
+    in int8: one session whose weights are overridable inputs, one run of SENSITIVITY_SAMPLES samples per layer
+    and layout."""
+    from onnxshrink.passes.cluster import HALF_MIN_ELEMENTS, SUPPORTED_OPS, as_int8
+    from onnxshrink.runtime import make_session, run_batches
+
+    dataset = _dataset(model, calibration, SENSITIVITY_SAMPLES)
+    if dataset is None or not dataset.batches:
+        return
+    graph = model.graph
+    main = {t.name: t for t in graph.initializer}
+    weights = {node.input[1] for node in graph.node if node.op_type in SUPPORTED_OPS and len(node.input) > 1}
+    public = {v.name for v in list(graph.input) + list(graph.output)}
+    others = {}
+    for name, tensor in main.items():  # the tensors store_other_floats would put in int8 (before any codebook)
+        if tensor.data_type != onnx.TensorProto.FLOAT or name in weights or name in public:
+            continue
+        if int(np.prod(tensor.dims)) < HALF_MIN_ELEMENTS:
+            continue
+        value = numpy_helper.to_array(tensor)
+        stored = None if np.all(value == value.flat[0]) else as_int8(value)
+        if stored is not None:
+            others[name] = (stored[1].astype(np.float32) * stored[2]).reshape(value.shape)
+    feeds = {name: value for name, value in decoded.values() if name in main}
+    feeds.update(others)
+    if not feeds:
+        return
+    overridable = onnx.ModelProto()
+    overridable.CopyFrom(model)
+    known = {v.name for v in overridable.graph.input}
+    for name in feeds:
+        if name not in known:
+            tensor = main[name]
+            overridable.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
+    session = make_session(overridable, threads)
+    inputs = {v.name for v in session.get_inputs()}
+    batches, left = [], SENSITIVITY_SAMPLES  # a batch may hold more samples than that: cut it (16 on PP-OCR's data)
+    for batch in dataset.batches:
+        if left <= 0:
+            break
+        size = min(len(next(iter(batch.values()))), left) if batch else 1
+        batches.append({k: v[:size] if getattr(v, "ndim", 0) else v for k, v in batch.items() if k in inputs})
+        left -= size
+    reference = run_batches(session, batches)
+
+    def drift(replaced: dict) -> float:
+        outputs = run_batches(session, [dict(batch, **replaced) for batch in batches])
+        return max((_drift(reference[name], outputs[name]) for name in reference), default=0.0)
+
+    measured, channel_drift = {}, {}
+    for layer in prices.layers:
+        if stop is not None and stop():
+            prices.notes.append(f"sensitivity stopped after {len(measured)} of {len(prices.layers)} layers: the "
+                                "others are scaled by the median of those measured")
+            break
+        entry = decoded.get(layer.node)
+        if entry is None or entry[0] not in main:
+            continue
+        if entry[0] not in measured:
+            measured[entry[0]] = drift({entry[0]: entry[1]})
+            if layer.node in channel_decoded:
+                channel_drift[entry[0]] = drift({entry[0]: channel_decoded[layer.node][1]})
+        layer.drift = measured[entry[0]]
+    ratios = [layer.drift / layer.errors[SENSITIVITY_BITS] for layer in prices.layers
+              if layer.drift is not None and layer.errors.get(SENSITIVITY_BITS, 0) > 0]
+    if not ratios:
+        return
+    median = float(np.median(ratios))
+    for layer in prices.layers:
+        base = layer.errors.get(SENSITIVITY_BITS, 0)
+        scale = median if layer.drift is None or base <= 0 else layer.drift / base
+        layer.proxy = dict(layer.errors)
+        layer.errors = {b: e * scale for b, e in layer.errors.items()}
+        base, measured_channel = layer.channel_errors.get(SENSITIVITY_BITS, 0), channel_drift.get(decoded.get(
+            layer.node, ("",))[0])
+        if measured_channel is not None and base > 0:
+            scale = measured_channel / base
+        layer.channel_errors = {b: e * scale for b, e in layer.channel_errors.items()}
+    if others and not (stop is not None and stop()):
+        prices.int8_elements = sum(int(v.size) for v in others.values())
+        prices.int8_drift = drift(others)
+
+
+def _drift(a: np.ndarray, b: np.ndarray) -> float:
+    """1 - the mean per-sample cosine of two outputs (validate's cosine); 0 for non-float outputs."""
+    if a.dtype.kind != "f" or a.size == 0:
+        return 0.0
+    a = a.reshape(len(a), -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
+    b = b.reshape(a.shape).astype(np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    cosines = np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    return float(max(0.0, 1.0 - np.mean(cosines)))
+
+
+def _raw(layer, w: np.ndarray) -> np.ndarray:
+    """A [K, N] matrix in the initializer's own layout (prune_common.write's mapping)."""
+    if layer.op_type == "Conv":
+        return w.T.reshape(layer.shape)
+    return (w.T if layer.transposed else w) / layer.alpha
 
 
 # ---- capture ------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper, numpy_helper
+from onnx import helper
 
 from onnxshrink import model as model_io
 from onnxshrink.algorithms import codebook
@@ -345,7 +345,7 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
     wrecks small channels that a per-channel one keeps: the two amplify differently), and measure the other floats
     in int8: one session whose weights are overridable inputs, one run of SENSITIVITY_SAMPLES samples per layer
     and layout."""
-    from onnxshrink.passes.cluster import HALF_MIN_ELEMENTS, SUPPORTED_OPS, as_int8
+    from onnxshrink.passes.cluster import as_int8, other_float_tensors
     from onnxshrink.runtime import make_session, run_batches
 
     dataset = _dataset(model, calibration, SENSITIVITY_SAMPLES)
@@ -353,18 +353,11 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         return
     graph = model.graph
     main = {t.name: t for t in graph.initializer}
-    weights = {node.input[1] for node in graph.node if node.op_type in SUPPORTED_OPS and len(node.input) > 1}
-    public = {v.name for v in list(graph.input) + list(graph.output)}
     others = {}
-    for name, tensor in main.items():  # the tensors store_other_floats would put in int8 (before any codebook)
-        if tensor.data_type != onnx.TensorProto.FLOAT or name in weights or name in public:
-            continue
-        if int(np.prod(tensor.dims)) < HALF_MIN_ELEMENTS:
-            continue
-        value = numpy_helper.to_array(tensor)
-        stored = None if np.all(value == value.flat[0]) else as_int8(value)
+    for tensor, value in other_float_tensors(graph):  # those store_other_floats would put in int8 (no codebook yet)
+        stored = as_int8(value)
         if stored is not None:
-            others[name] = (stored[1].astype(np.float32) * stored[2]).reshape(value.shape)
+            others[tensor.name] = (stored[1].astype(np.float32) * stored[2]).reshape(value.shape)
     feeds = {name: value for name, value in decoded.values() if name in main}
     feeds.update(others)
     if not feeds:

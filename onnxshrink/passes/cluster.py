@@ -451,16 +451,7 @@ def store_other_floats(model: onnx.ModelProto, mode: str) -> str:
     counts = {"fp16": 0, "int8": 0}
     saved, worst = 0, {"fp16": 0.0, "int8": 0.0}
     for graph in iter_graphs(model.graph):
-        weights = {node.input[1] for node in graph.node if node.op_type in SUPPORTED_OPS and len(node.input) > 1}
-        public = {v.name for v in list(graph.input) + list(graph.output)}
-        for tensor in list(graph.initializer):
-            size = int(np.prod(tensor.dims))
-            small = size < (CODEBOOK_MIN_ELEMENTS if tensor.name in books else HALF_MIN_ELEMENTS)
-            if tensor.data_type != TensorProto.FLOAT or tensor.name in weights or tensor.name in public or small:
-                continue
-            value = numpy_helper.to_array(tensor)
-            if np.all(value == value.flat[0]):  # one repeated value (a LayerNorm scale of ones): LZMA stores it in bytes
-                continue
+        for tensor, value in other_float_tensors(graph, books):
             stored = None
             if mode == "int8" and tensor.name not in books:
                 stored = as_int8(value)
@@ -489,6 +480,22 @@ def store_other_floats(model: onnx.ModelProto, mode: str) -> str:
     parts = [f"{counts[k]} as {k} (largest relative change {worst[k]:.1e})" for k in ("int8", "fp16") if counts[k]]
     return (f"{flag}: other float32 tensors (biases, codebooks, norms, embeddings) stored {', '.join(parts)}, behind "
             f"Casts onnxruntime folds at load: {saved} B smaller")
+
+
+def other_float_tensors(graph: onnx.GraphProto, books: set = frozenset()):
+    """(tensor, value) of each float32 initializer of `graph` that --other-floats stores in fewer bits: not a
+    MatMul/Gemm/Conv weight (the passes compress those), not a graph input or output, not tiny (a decoding node
+    costs about what it would save; codebooks in `books` down to CODEBOOK_MIN_ELEMENTS), not one repeated value (a
+    LayerNorm scale of ones: LZMA stores it in bytes). compress_plan prices the same tensors."""
+    weights = {node.input[1] for node in graph.node if node.op_type in SUPPORTED_OPS and len(node.input) > 1}
+    public = {v.name for v in list(graph.input) + list(graph.output)}
+    for tensor in list(graph.initializer):
+        small = int(np.prod(tensor.dims)) < (CODEBOOK_MIN_ELEMENTS if tensor.name in books else HALF_MIN_ELEMENTS)
+        if tensor.data_type != TensorProto.FLOAT or tensor.name in weights or tensor.name in public or small:
+            continue
+        value = numpy_helper.to_array(tensor)
+        if not np.all(value == value.flat[0]):
+            yield tensor, value
 
 
 def _as_fp16(value: np.ndarray):

@@ -637,7 +637,10 @@ def unpack_model(data: bytes | memoryview, place=None) -> onnx.ModelProto:
     decoded, may return a writable C-contiguous uint8 array of exactly its bytes: the tensor is decoded (and
     checked) there, and left without data in the model for the caller to point at that array (the session path
     hands such arrays to onnxruntime as they are: no bytes -> protobuf -> array copies). None: `raw_data`."""
-    model, tensors = _read_pack(container.read_records(data), place, hash_ahead=True)[1:]
+    # tensor records skip their CRC: each decodes to bytes whose SHA-256 prefix is checked, a stronger check of
+    # the same bytes; a damaged record's CRC is still read, to name the damage (_read_pack, _HashAhead)
+    records = container.read_records(data, deferred=frozenset({container.TENSOR}))
+    model, tensors = _read_pack(records, place, hash_ahead=True)[1:]
     protos = tensor_protos(model)
     for index, meta, data in tensors:
         if meta.get("placed"):
@@ -706,42 +709,48 @@ def _read_pack(records, place=None, hash_ahead: bool = False):
     def decoded(hashing):
         nonlocal budget
         tables, filled = [], set()
-        for record in records:
-            if record.kind == container.TABLE:
-                tables.append(_table(record.body, record))
-            elif record.kind == container.TENSOR:
-                meta, body = container.split_meta(record)
-                index = meta.get("i")
-                where = f"tensor record at byte {record.offset}"
-                if type(index) is not int or not 0 <= index < len(slots) or index in filled:
-                    raise container.CorruptPack(f"{where} refers to no tensor of the graph")
-                slot = slots[index]
-                if not _takes_record(slot, meta):
-                    raise container.CorruptPack(f"{where} does not fit tensor {index} of the graph")
-                expected = declared_bytes(slot, float_data=meta.get("field") == "float_data")
-                if meta["n"] != expected:
-                    raise container.CorruptPack(
-                        f"{where} declares {meta['n']} bytes; tensor {slot.name!r:.80} of the graph "
-                        f"({_dtype_name(slot.data_type)} {list(slot.dims)!s:.80}) holds {expected}")
-                if budget is not None:
-                    budget -= meta["n"]
-                    if budget < 0:
-                        raise container.CorruptPack(f"{where}: the tensors pass {MAX_GRAPH_BYTES} bytes, more than "
-                                                    "a pack without external data can restore (one protobuf)")
-                _check_layout(meta, len(body), where)
-                filled.add(index)
-                out = place(model, index, slot) if place is not None and meta.get("field") != "float_data" else None
-                if out is not None:
-                    if out.dtype != np.uint8 or out.shape != (meta["n"],) or not out.flags.c_contiguous:
-                        raise ValueError(f"place gave {out.dtype} {out.shape}, not {meta['n']} contiguous bytes")
-                    meta["placed"] = True
-                raw = _decode_tensor(meta, body, tables, record, out, check=hashing is None)
-                if hashing is not None:
-                    hashing.submit(raw, meta, where)
-                yield index, meta, raw  # not kept here: one tensor at a time
-                del raw
-            else:
-                raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
+        record = None
+        try:
+            for record in records:
+                if record.kind == container.TABLE:
+                    tables.append(_table(record.body, record))
+                elif record.kind == container.TENSOR:
+                    meta, body = container.split_meta(record)
+                    index = meta.get("i")
+                    where = f"tensor record at byte {record.offset}"
+                    if type(index) is not int or not 0 <= index < len(slots) or index in filled:
+                        raise container.CorruptPack(f"{where} refers to no tensor of the graph")
+                    slot = slots[index]
+                    if not _takes_record(slot, meta):
+                        raise container.CorruptPack(f"{where} does not fit tensor {index} of the graph")
+                    expected = declared_bytes(slot, float_data=meta.get("field") == "float_data")
+                    if meta["n"] != expected:
+                        raise container.CorruptPack(
+                            f"{where} declares {meta['n']} bytes; tensor {slot.name!r:.80} of the graph "
+                            f"({_dtype_name(slot.data_type)} {list(slot.dims)!s:.80}) holds {expected}")
+                    if budget is not None:
+                        budget -= meta["n"]
+                        if budget < 0:
+                            raise container.CorruptPack(f"{where}: the tensors pass {MAX_GRAPH_BYTES} bytes, more than "
+                                                        "a pack without external data can restore (one protobuf)")
+                    _check_layout(meta, len(body), where)
+                    filled.add(index)
+                    out = place(model, index, slot) if place is not None and meta.get("field") != "float_data" else None
+                    if out is not None:
+                        if out.dtype != np.uint8 or out.shape != (meta["n"],) or not out.flags.c_contiguous:
+                            raise ValueError(f"place gave {out.dtype} {out.shape}, not {meta['n']} contiguous bytes")
+                        meta["placed"] = True
+                    raw = _decode_tensor(meta, body, tables, record, out, check=hashing is None)
+                    if hashing is not None:
+                        hashing.submit(raw, meta, where, record)
+                    yield index, meta, raw  # not kept here: one tensor at a time
+                    del raw
+                else:
+                    raise container.CorruptPack(f"unexpected {record.kind_name} record at byte {record.offset}")
+        except container.CorruptPack:
+            if record is not None:  # this record, or the one before a broken record head: a deferred CRC, checked
+                record.check_crc()  # now, names damage as such (its length may be what was damaged)
+            raise
         if len(tables) != header["tables"] or len(filled) != header["tensors"]:
             raise container.CorruptPack(
                 f"header promises {header['tensors']} tensor(s) and {header['tables']} table(s); "
@@ -758,17 +767,23 @@ class _HashAhead:
         self.failure: Exception | None = None  # CorruptPack, or whatever else stopped a check
         self.thread: threading.Thread | None = None
 
-    def submit(self, raw: np.ndarray, meta: dict, where: str) -> None:
+    def submit(self, raw: np.ndarray, meta: dict, where: str, record: container.Record) -> None:
         if self.thread is None:
             self.thread = threading.Thread(target=self._run, name="pack-digests", daemon=True)
             self.thread.start()
-        self.jobs.put((raw, meta, where))
+        self.jobs.put((raw, meta, where, record))
 
     def _run(self) -> None:
         while (job := self.jobs.get()) is not None:
             if self.failure is None:
                 try:
-                    _checked(*job)
+                    _checked(*job[:3])
+                except container.CorruptPack as exc:
+                    try:
+                        job[3].check_crc()  # a deferred CRC names damage as such
+                        self.failure = exc
+                    except container.CorruptPack as damage:
+                        self.failure = damage
                 except Exception as exc:  # noqa: BLE001 - kept for finish(); the thread must go on taking jobs
                     self.failure = exc
             del job

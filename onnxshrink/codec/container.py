@@ -35,10 +35,18 @@ class Record:
     body: memoryview
     offset: int  # where the record starts in the file, for error messages
     major: int = VERSION[0]  # the file's format version: how a tensor record's description reads
+    # kind, length, body and stored CRC, where the reader deferred the CRC check to the caller (read_records'
+    # `deferred`); None: checked before the record was handed out
+    unchecked: memoryview | None = None
 
     @property
     def kind_name(self) -> str:
         return KIND_NAMES.get(self.kind, f"kind {self.kind}")
+
+    def check_crc(self) -> None:
+        """Raise the reader's checksum error if this record's CRC was deferred and does not match."""
+        if self.unchecked is not None:
+            _check_crc(self.unchecked, self.offset)
 
 
 class Writer:
@@ -75,13 +83,17 @@ class Writer:
         self.json_record(END, {"records": self.records + 1})
 
 
-def read_records(data: memoryview | bytes) -> Iterator[Record]:
+def read_records(data: memoryview | bytes, deferred: frozenset = frozenset()) -> Iterator[Record]:
     """Yield every record after checking the preamble, each record's CRC, and that the file ends with END.
 
-    A record's CRC is checked before its body is handed out, so a caller never parses altered bytes.
+    A record's CRC is checked before its body is handed out, so a caller never parses altered bytes, except for
+    the kinds in `deferred`: their records come with the check left to the caller (`Record.check_crc`). A caller
+    defers only records whose content it verifies by a stronger check of its own and whose parser is bounded on
+    any bytes, as it must be anyway: a CRC is no defence against a crafted file (packing.unpack_model's tensors,
+    each decoded into bytes whose SHA-256 prefix is checked, skip a pass over most of the file).
     """
     data = memoryview(data)
-    return _records(lambda offset, length: data[offset : offset + length], len(data))
+    return _records(lambda offset, length: data[offset : offset + length], len(data), deferred)
 
 
 def read_file_records(stream: BinaryIO) -> Iterator[Record]:
@@ -95,7 +107,7 @@ def read_file_records(stream: BinaryIO) -> Iterator[Record]:
     return _records(read_at, size)
 
 
-def _records(read_at, size: int) -> Iterator[Record]:
+def _records(read_at, size: int, deferred: frozenset = frozenset()) -> Iterator[Record]:
     head = read_at(0, PREAMBLE.size)
     if size < PREAMBLE.size or bytes(head[: len(MAGIC)]) != MAGIC:
         raise CorruptPack("not an onnxshrink pack (no ONNXSHRK magic)")
@@ -115,10 +127,10 @@ def _records(read_at, size: int) -> Iterator[Record]:
         if end + CRC.size > size:
             raise CorruptPack(f"truncated: the {KIND_NAMES.get(kind, 'unknown')} record at byte {offset} needs {length} bytes")
         whole = read_at(offset, end + CRC.size - offset)
-        (stored,) = CRC.unpack_from(whole, end - offset)
-        if zlib.crc32(whole[: end - offset]) != stored:
-            raise CorruptPack(f"checksum mismatch in the record at byte {offset}: the file is corrupted")
-        record = Record(kind, whole[RECORD_HEAD.size : end - offset], offset, major)
+        later = kind in deferred
+        if not later:
+            _check_crc(whole, offset)
+        record = Record(kind, whole[RECORD_HEAD.size : end - offset], offset, major, whole if later else None)
         del whole
         count += 1
         offset = end + CRC.size
@@ -132,6 +144,13 @@ def _records(read_at, size: int) -> Iterator[Record]:
                 raise CorruptPack(f"{size - offset} unexpected byte(s) after the end record")
             return
         yield record
+
+
+def _check_crc(whole: memoryview, offset: int) -> None:
+    """`whole`: a record's head, body and stored CRC."""
+    (stored,) = CRC.unpack_from(whole, len(whole) - CRC.size)
+    if zlib.crc32(whole[: len(whole) - CRC.size]) != stored:
+        raise CorruptPack(f"checksum mismatch in the record at byte {offset}: the file is corrupted")
 
 
 MAX_JSON_BYTES = 1 << 16  # header, end record, 1.x description: a few hundred bytes each when written

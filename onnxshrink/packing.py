@@ -460,11 +460,11 @@ def _record_bits(plan: _Plan, tables: list) -> int:
 
 
 def _payload_bytes(table: huffman.Table, stream: _Stream) -> int:
-    """The length of huffman.encode_with's payload of the stream under `table`: exact in one chunk (2**16
-    symbols), short of the word padding of each further chunk."""
+    """The length of huffman.encode_with's payload of the stream under `table`: exact in one chunk, short of the
+    word padding of each further chunk."""
     if not stream.size:
         return 0
-    chunks = -(-stream.size // (1 << huffman.CHUNK_LOG))
+    chunks = -(-stream.size // (1 << huffman.chunk_log(stream.size)))
     return 1 + 4 * (chunks - 1) + -(-table.cost_bits(stream.counts) // 8)
 
 

@@ -66,7 +66,7 @@ def test_payload_round_trip_and_cost(symbols):
     table = Table.from_counts(counts)
     payload = encode_with(table, symbols)
     np.testing.assert_array_equal(decode_with(table, payload, symbols.size, symbols.dtype), symbols)
-    if 0 < symbols.size <= 1 << huffman.CHUNK_LOG:
+    if 0 < symbols.size <= 1 << huffman.chunk_log(symbols.size):  # one chunk: no chunk table, no padding
         assert len(payload) == 1 + math.ceil(table.cost_bits(counts) / 8)
 
 

@@ -5,7 +5,8 @@ Why this shape:
 - Lengths come from package-merge under the shortest limit from 12 to 16 bits that costs at most 0.2% more than
   16 bits, so decoding is one lookup in a 2**limit-entry table that stays in cache, four symbols per 64-bit refill.
 - A payload is split into independent chunks of 2**16 symbols whose sizes lead the payload, so encode and
-  decode run chunks on all cores (the numba kernels release the GIL).
+  decode run chunks on all cores (the numba kernels release the GIL), four chunks at a time on each; a stream of
+  fewer than four such chunks gets shorter ones (`chunk_log`), so that it still fills the decoder's four lanes.
 - Bits are packed LSB-first (codes stored bit-reversed), as in deflate: the decoder peeks with a mask.
 
 The numba kernels are compiled (and cached on disk) on first use only, so importing this module is cheap.
@@ -36,8 +37,10 @@ __all__ = [
 DEFAULT_MAX_LENGTH = 12     # the shortest limit tried: a 16 KiB decode table, which fits L1 cache
 MAX_CODE_LENGTH = 16        # enough for any alphabet of 65536 symbols; four codes always fit a 64-bit window
 MAX_ALPHABET = 1 << 16
-CHUNK_LOG = 16              # symbols per independent chunk: 2**16
+CHUNK_LOG = 16              # symbols per independent chunk: 2**16 (fewer in a short stream: chunk_log)
+LANE_CHUNK_LOG = 12         # the shortest chunk a short stream is cut into, so that it fills the decoder's lanes
 _MIN_CHUNK_LOG, _MAX_CHUNK_LOG = 6, 24
+THREADED_SYMBOLS = 1 << 18  # a shorter stream decodes on the calling thread alone
 _INVALID = 0x80                 # flag in a decode-table entry whose bit pattern is no code
 _DTYPE_CODES = {np.dtype(np.uint8): 1, np.dtype(np.uint16): 2}
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
@@ -569,14 +572,15 @@ def _threads() -> int:
 def _in_parallel(work, n_items: int, min_part: int = 1, grain: int = 1) -> list:
     """work(lo, hi) over contiguous slices of range(n_items), on every core; the kernels release the GIL.
 
-    With `grain` > 1 (the decoder's four lanes) and items enough for a grain per core, slices are whole grains,
-    up to four slices per core: a core the machine lends to another job then holds up a quarter of its share,
-    not all of it. The calling thread takes the first slice itself rather than waiting idle."""
+    With `grain` > 1 (the decoder's four lanes) slices are whole grains, and with items enough for a grain per
+    core, up to four slices per core: a core the machine lends to another job then holds up a quarter of its
+    share, not all of it. The calling thread takes the first slice itself rather than waiting idle."""
     global _pool
     threads = _threads()
     parts = min(threads, n_items // min_part)
-    if grain > 1 and n_items >= grain * threads:
-        parts = min(4 * threads, -(-n_items // grain))
+    if grain > 1:  # never split a group of lanes: two threads each running two chunks one chain at a time
+        groups = -(-n_items // grain)
+        parts = min(4 * threads, groups) if n_items >= grain * threads else min(threads, groups)
     if parts <= 1:
         return [work(0, n_items)]
     with _setup_lock:
@@ -584,7 +588,7 @@ def _in_parallel(work, n_items: int, min_part: int = 1, grain: int = 1) -> list:
             _pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="huffman")
         pool = _pool
     bounds = [n_items * k // parts for k in range(parts + 1)]
-    if grain > 1 and n_items >= grain * threads:
+    if grain > 1:
         bounds = [min(n_items, -(-b // grain) * grain) for b in bounds]
     rest = [pool.submit(work, lo, hi) for lo, hi in zip(bounds[1:-1], bounds[2:])]
     first = work(bounds[0], bounds[1])
@@ -611,6 +615,17 @@ def histogram(symbols: np.ndarray) -> np.ndarray:
     return counts[: present[-1] + 1] if present.size else counts[:0]
 
 
+def chunk_log(count: int) -> int:
+    """log2 of the symbols per chunk of a stream of `count` symbols: CHUNK_LOG, or shorter chunks, at least four,
+    where a stream has fewer than four of 2**CHUNK_LOG: the decoder runs four chunks at a time in four lanes and a
+    lone chunk at a third of that speed, and most streams of a conv net are shorter than 2**18 symbols (ddddocr's
+    common_det). Never under 2**LANE_CHUNK_LOG symbols: each further chunk costs 4 bytes of chunk table and up to 7
+    of padding, under 0.2% of a chunk's codes. Readers take any size the stream header names (6 to 24)."""
+    if count >= 4 << CHUNK_LOG:
+        return CHUNK_LOG
+    return max(LANE_CHUNK_LOG, (count // 4).bit_length() - 1)
+
+
 def encode_with(table: Table, symbols: np.ndarray) -> bytes:
     """The payload of `symbols` under `table` (no table, no count); ValueError if a symbol has no code."""
     symbols = _as_symbols(symbols)
@@ -618,7 +633,8 @@ def encode_with(table: Table, symbols: np.ndarray) -> bytes:
     if count == 0:
         return b""
     codes, lengths = table._encoder_arrays(symbols.dtype)
-    chunk_size = 1 << CHUNK_LOG
+    log = chunk_log(count)
+    chunk_size = 1 << log
     n_chunks = -(-count // chunk_size)
     chunk_words = (chunk_size * MAX_CODE_LENGTH) // 64 + 1
     words = np.empty(n_chunks * chunk_words, dtype=np.uint64)   # pages beyond what is written are never touched
@@ -631,7 +647,7 @@ def encode_with(table: Table, symbols: np.ndarray) -> bytes:
         missing = np.setdiff1d(np.unique(symbols), np.flatnonzero(lengths))
         raise ValueError(f"symbols without a code in the table: {missing[:8].tolist()}")
     used_words = -(-chunk_bits // 64)
-    header = np.uint8(CHUNK_LOG).tobytes() + used_words[:-1].astype("<u4").tobytes()
+    header = np.uint8(log).tobytes() + used_words[:-1].astype("<u4").tobytes()
     byte_view = words.view(np.uint8)
     parts = [header]
     for c in range(n_chunks - 1):
@@ -688,8 +704,11 @@ def decode_with(table: Table, payload, count: int, dtype=np.uint8, out: np.ndarr
     status = np.zeros(n_chunks, dtype=np.uint8)
     decode_table = table._decode_table(dtype)
     kernel = _kernels().decode
-    _in_parallel(lambda lo, hi: kernel(words, decode_table, table.max_length, chunk_size, count,
-                                       starts, ends, lo, hi, out, status), n_chunks, grain=4)
+    if count < THREADED_SYMBOLS:  # a thread's hand-off costs what decoding a few thousand symbols does
+        kernel(words, decode_table, table.max_length, chunk_size, count, starts, ends, 0, n_chunks, out, status)
+    else:
+        _in_parallel(lambda lo, hi: kernel(words, decode_table, table.max_length, chunk_size, count,
+                                           starts, ends, lo, hi, out, status), n_chunks, grain=4)
     if status.any():
         reason = {1: "invalid code", 2: "chunk size mismatch", 3: "nonzero padding"}[int(status.max())]
         raise CorruptStream(f"payload corrupt: {reason} in chunk {int(np.flatnonzero(status)[0])}")

@@ -330,6 +330,24 @@ def _exit_for_validation(report) -> None:
         raise typer.Exit(EXIT_THRESHOLD)
 
 
+def _op_types(op_types: Optional[str]) -> dict:
+    """--op-types as the config keyword it sets: {} keeps the pass's own default."""
+    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else ()
+    return {"op_types": types} if types else {}
+
+
+def _rewrite(command: str, run, config, calibration, threads: int, seed: int, verbose: bool, as_json: bool,
+             **recorded) -> None:
+    """The tail prune, cluster and factorize share: the resolved configuration (what the written model records,
+    not the raw flags), the library call `run(options)` under the progress display, the report, the exit code."""
+    options = {**asdict(config), **recorded, "calibration": str(calibration) if calibration else None,
+               "threads": threads, "seed": seed}
+    with _progress(command):
+        report = run(options)
+    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
+    _exit_for_validation(report)
+
+
 def _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio):
     return ValidateConfig(
         data=str(data) if data else None,
@@ -549,20 +567,16 @@ def prune_command(
             overrides[name] = float(value)
         except ValueError:
             raise UsageError(f"--layer-sparsity {item!r}: expected NAME=F, such as fc1/MatMul=0.5") from None
-    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = PruneConfig(sparsity=sparsity, pattern=pattern, importance=importance, scope=scope, reconstruct=reconstruct, method=method,
                          exclude=tuple(exclude or ()), keep_float=keep_float, layer_sparsity=overrides, storage=storage,
                          remove_dead_units=remove_dead_units,
-                         sensitivity=load_report(sensitivity_file) if sensitivity_file else None,
-                         **({"op_types": types} if types else {}))
-    options = {**asdict(config), "sensitivity": str(sensitivity_file) if sensitivity_file else None,
-               "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
+                         sensitivity=load_report(sensitivity_file) if sensitivity_file else None, **_op_types(op_types))
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    with _progress("prune"):
-        report = api.prune(model, output, config, calibration=calibration, force=force, validation=validation,
-                           run_validation=not no_validate, threads=threads, options=options)
-    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
-    _exit_for_validation(report)
+    _rewrite("prune", lambda options: api.prune(model, output, config, calibration=calibration, force=force,
+                                                validation=validation, run_validation=not no_validate,
+                                                threads=threads, options=options),
+             config, calibration, threads, seed, verbose, as_json,
+             sensitivity=str(sensitivity_file) if sensitivity_file else None)
 
 
 @app.command("cluster", cls=_Command, epilog=_examples(
@@ -606,17 +620,14 @@ def cluster_command(
     """Share weights (Deep Compression): uint8 indices into small float codebooks that onnxruntime folds at load; then validate."""
     from onnxshrink.passes.cluster import ClusterConfig
 
-    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = ClusterConfig(bits=bits, per=per, weighting=weighting, refit=refit, exclude=tuple(exclude or ()),
                            keep_float=keep_float, min_weights=min_weights, float16=float16, other_floats=other_floats,
-                           rounding=rounding, capture_rounds=capture_rounds, **({"op_types": types} if types else {}))
-    options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
+                           rounding=rounding, capture_rounds=capture_rounds, **_op_types(op_types))
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    with _progress("cluster"):
-        report = api.cluster(model, output, config, calibration=calibration, force=force, validation=validation,
-                             run_validation=not no_validate, threads=threads, options=options)
-    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
-    _exit_for_validation(report)
+    _rewrite("cluster", lambda options: api.cluster(model, output, config, calibration=calibration, force=force,
+                                                    validation=validation, run_validation=not no_validate,
+                                                    threads=threads, options=options),
+             config, calibration, threads, seed, verbose, as_json)
 
 
 @app.command("factorize", cls=_Command, epilog=_examples(
@@ -655,16 +666,13 @@ def factorize_command(
 
     if rank_ratio is None and energy is None:
         raise UsageError("--rank-ratio or --energy is required (such as --rank-ratio 0.5 or --energy 0.99)")
-    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = FactorizeConfig(rank_ratio=rank_ratio, energy=energy, exclude=tuple(exclude or ()), keep_float=keep_float,
-                             check_latency=not allow_slower, **({"op_types": types} if types else {}))
-    options = {**asdict(config), "calibration": str(calibration) if calibration else None, "threads": threads, "seed": seed}
+                             check_latency=not allow_slower, **_op_types(op_types))
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
-    with _progress("factorize"):
-        report = api.factorize(model, output, config, calibration=calibration, force=force, validation=validation,
-                               run_validation=not no_validate, threads=threads, options=options)
-    _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
-    _exit_for_validation(report)
+    _rewrite("factorize", lambda options: api.factorize(model, output, config, calibration=calibration, force=force,
+                                                        validation=validation, run_validation=not no_validate,
+                                                        threads=threads, options=options),
+             config, calibration, threads, seed, verbose, as_json)
 
 
 @app.command("compress", cls=_Command, epilog=_examples(
@@ -766,9 +774,8 @@ def sensitivity_command(
     except ValueError:
         raise UsageError(f"--bits {bits!r}: expected comma-separated integers such as 8,4") from None
     _choice("--importance", importance, (None, "magnitude", "activation"))
-    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
     config = SensitivityConfig(sparsities=grid, importance=importance, exclude=tuple(exclude or ()), bits=widths,
-                               **({"op_types": types} if types else {}))
+                               **_op_types(op_types))
     from onnxshrink import model as model_io
 
     if output is not None:
@@ -791,8 +798,9 @@ def _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, 
     _choice("--keep-float", keep_float, (None, "first", "last", "both"))
     _choice("--algorithm", algorithm, ("rtn", "gptq"))
     _choice("--calibrator", calibrator, ("minmax", "percentile", "entropy", "mse"))
-    types = tuple(t.strip() for t in op_types.split(",") if t.strip()) if op_types else None
-    common = {"exclude": exclude, "keep_float": keep_float, "symmetric": symmetric}
+    selected = _op_types(op_types)
+    types = selected.get("op_types")
+    common = {"exclude": exclude, "keep_float": keep_float, "symmetric": symmetric, **selected}
     if bits < 8 or algorithm == "gptq":
         if mode not in (None, "weights"):
             which = f"--bits {bits}" if bits < 8 else "--algorithm gptq"
@@ -807,7 +815,7 @@ def _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, 
         from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
 
         _check_types(types, ("MatMul", "Gemm"))
-        return BlockwiseConfig(bits=bits, block_size=block_size, algorithm=algorithm, act_order=act_order, **common, **({"op_types": types} if types else {}))
+        return BlockwiseConfig(bits=bits, block_size=block_size, algorithm=algorithm, act_order=act_order, **common)
     mode = mode or ("static" if calibration is not None else "dynamic")
     if mode == "static":
         if calibration is None:
@@ -815,14 +823,14 @@ def _quantize_config(mode, bits, block_size, algorithm, act_order, calibration, 
         from onnxshrink.passes.quantize_static import StaticQuantizeConfig
 
         _check_types(types, ("MatMul", "Gemm", "Conv"))
-        return StaticQuantizeConfig(calibrator=calibrator, per_channel=per_channel, **common, **({"op_types": types} if types else {}))
+        return StaticQuantizeConfig(calibrator=calibrator, per_channel=per_channel, **common)
     if calibration is not None:
         raise UsageError(f"--calibration is not used by --mode {mode}")
     if mode == "weights":
         _check_types(types, ("MatMul", "Gemm", "Conv"))
-        return WeightsOnlyConfig(per_channel=per_channel, **common, **({"op_types": types} if types else {}))
+        return WeightsOnlyConfig(per_channel=per_channel, **common)
     _check_types(types, ("MatMul", "Gemm", "Conv"))
-    return QuantizeConfig(per_channel=per_channel, **common, **({"op_types": types} if types else {}))
+    return QuantizeConfig(per_channel=per_channel, **common)
 
 
 def _check_types(types, allowed) -> None:

@@ -7,7 +7,11 @@ held-out quality a sentence-embedding user sees (mean-pooled cosine, top-5 neigh
     python bench/compress_real.py --result DIR/compress.json     # measure an earlier run's pack again
     python bench/compress_real.py --recipe R.toml                 # one fixed candidate (recipe mode) instead
     python bench/compress_real.py --model rec --prices            # the plan's prices only: each layer's proxy
-                                                                  # against its measured drift, and the finalists
+                                                                  # against its measured drift, each embedding
+                                                                  # table's drift at each width, and the finalists
+    python bench/compress_real.py --prices --at 4.38              # ... and the frontier's allocation of at least
+                                                                  # 4.38 bits per weight as OUT/frontier-4.38.toml
+                                                                  # (one codebook per layer; run it with --recipe)
 
 The model is the cached export (bench/transformer_export.py makes it); nothing is downloaded. Run it with
 `nice -n 10` on a shared machine, and say in the doc how busy the machine was: the search is bounded in seconds.
@@ -54,16 +58,23 @@ def main() -> None:
     parser.add_argument("--max-candidates", help="also stop after N candidates (compress --max-candidates): the same "
                         "candidates on any machine, however loaded")
     parser.add_argument("--ort-int8", action="store_true", help="det/rec: onnxruntime's quantize_dynamic (QInt8) instead")
-    parser.add_argument("--prices", action="store_true", help="det/rec: print compress's per-layer prices (layer-local "
-                        "proxy and measured whole-model drift at 4 bits) and the planned finalists, run nothing else")
+    parser.add_argument("--prices", action="store_true", help="print compress's per-layer prices (layer-local proxy "
+                        "and measured whole-model drift at 4 bits; a table's drift at each width) and the planned "
+                        "finalists, run nothing else")
+    parser.add_argument("--at", type=float, help="with --prices: also write the frontier's allocation of the fewest "
+                        "bits per weight at or above this average as a recipe, OUT/frontier-AT.toml")
     args = parser.parse_args()
     if args.model != "minilm":
         conv(args)
         return
     export = Path(args.export or (EXPORT if os.path.isdir(EXPORT) else
                                   sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*")))[-1]))
+    if args.prices:
+        print_prices({"model": export / "model.onnx", "calibration": export / "calibration.npz"}, float(args.min_cosine),
+                     args.at, Path(args.out))
+        return
     if args.result:
-        result_path, wall, rss = Path(args.result), None, None
+        result_path, wall, rss, cpu = Path(args.result), None, None, None
     else:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
@@ -71,13 +82,14 @@ def main() -> None:
         command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(export / "model.onnx"),
                    "--calibration", str(export / "calibration.npz"), "--data", str(export / "heldout.npz"),
                    "--min-cosine", args.min_cosine, "-o", str(out / "out.shrink"), "--force", "--json"]
-        wall, rss, _ = run_compress(command, args, result_path)
+        wall, rss, cpu = run_compress(command, args, result_path)
     result = json.loads(result_path.read_text())
     held = dict(np.load(export / "heldout.npz"))
     reference = embeddings(export / "model.onnx", held)
     candidate = embeddings(Path(result["output"]), held)
     cosines = row_cosines(reference, candidate)
-    print(f"wall {wall:.0f} s, peak RSS {rss / 1024:.2f} GB" if wall is not None else "(an earlier run)")
+    print(f"wall {wall:.0f} s, CPU {cpu:.0f} s, peak RSS {rss / 1024:.2f} GB, load average {os.getloadavg()[0]:.1f}"
+          if wall is not None else "(an earlier run)")
     budget = f" of {result['time_budget_s']:.0f} s" if result.get("time_budget_s") else ""
     lossless = result["size"].get("lossless")
     print(f"search {result['seconds']:.0f} s{budget}, stopped: {result['stopped']}; "
@@ -123,7 +135,7 @@ def conv(args) -> None:
         ort_int8(data, out, args.model)
         return
     if args.prices:
-        print_prices(data, float(args.min_cosine))
+        print_prices(data, float(args.min_cosine), args.at, out)
         return
     if not args.result:
         command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(data["model"]),
@@ -144,18 +156,37 @@ def conv(args) -> None:
     print_search(result)
 
 
-def print_prices(data: dict, min_cosine: float) -> None:
+def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Path | None = None) -> None:
     """compress_plan's prices of each layer: the proxy tr(D^T H D)/tr(W^T H W) at 4 bits, the whole-model drift
-    (1 - cosine on calibration samples) with that layer alone at 4 bits, per-channel errors; then the finalists."""
+    (1 - cosine on calibration samples) with that layer alone at 4 bits, per-channel errors, each table's drift at
+    each width; then the finalists. The model is priced as compress prices it: LayerNorms folded first."""
     from onnxshrink import compress_plan as plan
+    from onnxshrink import model as model_io
+    from onnxshrink.passes.fold_layernorm import fold_layernorm
 
     started = time.monotonic()
-    prices = plan.price_layers(data["model"], data["calibration"], min_share=plan.MIN_LAYER_SHARE)
+    source, model = data["model"], model_io.load(data["model"])
+    if fold_layernorm(model):
+        out.mkdir(parents=True, exist_ok=True)
+        source = out / "priced.folded.onnx"
+        model_io.save(model, source, force=True)
+    del model
+    prices = plan.price_layers(source, data["calibration"], min_share=plan.MIN_LAYER_SHARE)
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    print(f"priced {len(prices.layers)} layers in {time.monotonic() - started:.0f} s wall, "
-          f"{usage.ru_utime + usage.ru_stime:.0f} s CPU, load average {os.getloadavg()[0]:.1f}")
+    print(f"priced {len(prices.layers)} layers and tables in {time.monotonic() - started:.0f} s wall, "
+          f"{usage.ru_utime + usage.ru_stime:.0f} s CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MB, load average "
+          f"{os.getloadavg()[0]:.1f}")
+    for note in prices.notes:
+        print(f"note: {note}")
     print(f"{'layer':24} {'weights':>9} {'proxy@4':>9} {'drift@4':>9} {'ratio':>7} {'channel@4':>10}")
+    for layer in prices.tables:
+        print(f"table {layer.tensor} ({layer.weights} weights, {layer.rows} rows): bits per weight with row scales, "
+              "weight error, measured drift: " + "; ".join(
+                  f"{b}: {plan.stored_bits(layer, b):.2f}, {(layer.proxy or layer.errors)[b]:.4f}, "
+                  + (f"{layer.errors[b]:.5f}" if layer.proxy is not None else "-") for b in sorted(layer.errors)))
     for layer in prices.layers:
+        if layer.table:
+            continue
         proxy = (layer.proxy or layer.errors).get(plan.SENSITIVITY_BITS, 0.0)
         drift = layer.drift
         ratio = f"{drift / proxy:7.2f}" if drift is not None and proxy > 0 else "      -"
@@ -168,10 +199,32 @@ def print_prices(data: dict, min_cosine: float) -> None:
               f"({prices.int8_drift / (8 * prices.int8_elements):.2e} per bit saved over fp16)")
     print(f"finalists at --min-cosine {min_cosine}:")
     for allocation, per in plan.finalists(prices, min_cosine):
-        print(f"  {plan.summary(allocation, prices, per)}: predicted drift "
+        print(f"  {plan.summary(allocation, prices, per)}, {_stored_mb(allocation, prices, per):.2f} MiB coded: predicted drift "
               f"{plan.predicted_drift(allocation, prices, per):.4f}, marginal price "
               f"{plan.marginal_price(allocation, prices, per):.2e}/bit, other floats "
               f"{plan.other_floats(allocation, prices, per)}")
+    if at is not None:
+        from onnxshrink.compress_search import CompressConfig, planned_recipe
+
+        fitting = [a for a in plan.frontier(prices) if plan.average_bits(a, prices) >= at - 1e-9]
+        allocation = fitting[-1]
+        recipe = planned_recipe(allocation, CompressConfig(calibration=str(data["calibration"])), True,
+                                plan.other_floats(allocation, prices), "layer",
+                                tuple(layer.node for layer in prices.tables))
+        out.mkdir(parents=True, exist_ok=True)
+        path = out / f"frontier-{at}.toml"
+        path.write_text(recipe.to_toml())
+        print(f"frontier at >= {at} bits: {plan.summary(allocation, prices)}, {_stored_mb(allocation, prices, 'layer'):.2f} "
+              f"MiB coded, predicted drift {plan.predicted_drift(allocation, prices):.4f} -> {path}")
+
+
+def _stored_mb(allocation: dict, prices, per: str) -> float:
+    """The priced weights' bytes at `allocation` (indices at their width, row scales, per-channel codebooks): what
+    Huffman-coded indices approach from below."""
+    from onnxshrink import compress_plan as plan
+
+    return sum(layer.weights * plan.stored_bits(layer, allocation[layer.node], per) for layer in prices.layers
+               if layer.node in allocation) / 8 / 2**20
 
 
 def ort_int8(data: dict, out: Path, model: str) -> None:

@@ -2,6 +2,7 @@
 encoder (cluster's per-layer table codebook, with and without a scale a row).
 
     .venv/bin/python bench/table_codebooks.py [--model minilm|mpnet] [--bits 4,5]
+    .venv/bin/python bench/table_codebooks.py --layer-bits 5 --bits 4     # the whole model clustered and packed
 
 On the cached export (bench/transformer_bench.py: all-MiniLM-L6-v2 or all-mpnet-base-v2), the word table is
 replaced by its decoded codebook form, computed with onnxshrink.algorithms.codebook as `cluster` does: one codebook
@@ -10,12 +11,21 @@ of 2^bits values for the whole table (`plain`), or for the table's rows each sca
 Huffman coding approaches; + 16 bits a row for the scales), and the quality of the mean-pooled embeddings of the
 200 held-out sentences against fp32: mean cosine (worst sentence) and top-5 neighbour overlap
 (bench/embedding_metrics.py).
+
+`--layer-bits L`: the whole model as `onnxshrink cluster` writes it and `pack` stores it, the MatMuls at L bits
+(GPTQ rounding, one capture a block, other floats int8: what compress's codebook candidates run) and the embedding
+tables at each of --bits (a width rule on their Gathers, ClusterConfig.layer_bits): the size of the pack against
+the fp32 model, and the same pooled cosine and top-5 (the budget arithmetic of docs/benchmarks-compress.md).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import resource
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +55,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "mpnet"))
     parser.add_argument("--bits", default="4,5")
+    parser.add_argument("--layer-bits", type=int, help="cluster and pack the whole model, its MatMuls at this width")
     args = parser.parse_args()
     exports = sorted((cache_root() / args.model).glob("export-*/model.onnx"))
     if not exports:
@@ -62,6 +73,9 @@ def main() -> None:
         return em.pooled_embeddings(session, held)
 
     reference = embed(table)
+    if args.layer_bits:
+        whole_model(exports[-1], model, held, reference, args.layer_bits, [int(b) for b in args.bits.split(",")])
+        return
     print(f"{args.model}: {TABLE} {list(table.shape)}, {len(held['input_ids'])} held-out sentences")
     for bits in (int(b) for b in args.bits.split(",")):
         scale = np.max(np.abs(table), axis=1, keepdims=True).astype(np.float16).astype(np.float32)
@@ -75,6 +89,32 @@ def main() -> None:
             bits_per_weight = entropy(codes) + (0.0 if scales is None else 16 / table.shape[1])
             print(f"{bits}-bit {label:9s}  {bits_per_weight:.2f} bits/weight  cosine {cosines.mean():.5f} "
                   f"({cosines.min():.4f})  top-5 {em.topk_overlap(reference, got, 5):.3f}", flush=True)
+
+
+def whole_model(path: Path, model, held: dict, reference: np.ndarray, layer_bits: int, table_bits: list) -> None:
+    """Cluster the whole model (layers at `layer_bits`, each table at each width of `table_bits`), pack, measure."""
+    from onnxshrink import api, session
+    from onnxshrink.passes.cluster import ClusterConfig
+
+    gathers = [node.name for node in model.graph.node if node.op_type == "Gather" and node.input[0] in
+               {t.name for t in model.graph.initializer if len(t.dims) == 2}]
+    for bits in table_bits:
+        started, before = time.monotonic(), resource.getrusage(resource.RUSAGE_SELF)
+        with tempfile.TemporaryDirectory() as folder:
+            clustered, packed = Path(folder) / "c.onnx", Path(folder) / "c.shrink"
+            config = ClusterConfig(bits=layer_bits, other_floats="int8", rounding="gptq", capture_rounds=6,
+                                   layer_bits={name: bits for name in gathers})
+            api.cluster(path, clustered, config, calibration=path.with_name("calibration.npz"), force=True,
+                        run_validation=False)
+            api.pack(clustered, packed, force=True)
+            got = em.pooled_embeddings(session(packed), held)
+            size = packed.stat().st_size
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        cosines = em.row_cosines(reference, got)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        print(f"layers {layer_bits} bits, tables {bits} bits: {size} B, {path.stat().st_size / size:.2f}x, cosine "
+              f"{cosines.mean():.4f} ({cosines.min():.4f}), top-5 {em.topk_overlap(reference, got, 5):.3f}; "
+              f"{time.monotonic() - started:.0f} s wall, {cpu:.0f} s CPU, load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,12 @@ layer and one per output channel (CHANNEL_BITS, the codebooks counted in the bit
 Those are the only allocations that get a whole-model validation (compress_search bisects them), instead of every
 format x sparsity.
 
+Embedding tables (the Gather data the cluster pass codes: one codebook, an fp16 scale a row) are priced as items
+beside the layers: no layer input weighs a table's rows, so each width's price is measured outright, the whole
+model's drift with the table alone coded at that width (passes/cluster.table_codebook, the pass's own coding), in the
+same session as the layers. Their bits count the row scales. On MiniLM the word table is half of the weights: a plan
+without it priced under half of the model (MIN_LAYER_SHARE) and was skipped.
+
 Everything here is numeric on captured arrays; it writes no graph (the cluster pass does, from per-layer bits rules).
 """
 
@@ -38,7 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxshrink import model as model_io
 from onnxshrink.algorithms import codebook
@@ -53,7 +59,8 @@ PROXY_SAMPLES = 4  # calibration samples the prices are captured from: a price r
 ROWS_PER_SAMPLE = 2048  # rows of X kept per sample and layer (evenly spaced): a 208x208 Conv map has 43k
 FIT_ITERATIONS = 30  # Lloyd iterations of a priced codebook (the pass runs 300; the error moves by a few percent)
 GRAM_ENTRIES = 24 << 20  # float64 X^T X entries captured in one run (192 MB): more layers -> another run
-MIN_LAYER_SHARE = 0.5  # below this share of the float weights in priced layers, no plan (MiniLM: 47%, its tables)
+MIN_LAYER_SHARE = 0.5  # below this share of the float weights in priced layers and tables, no plan
+SCALE_BITS = 16  # a table's row scale is stored as fp16
 ENERGY_FLOOR = 1e-3  # as passes/cluster.py: codebooks weighted by input energy E[x^2] + floor x mean
 SENSITIVITY_BITS = 4  # the width at which each layer's whole-model drift is measured, to scale its proxy curve
 SENSITIVITY_SAMPLES = 2  # calibration samples of that measurement: one model run per layer on each
@@ -76,6 +83,14 @@ class LayerPrice:
     # bits -> error with one codebook per output channel (cluster --per channel), scaled as `errors`; {}: not priced
     channel_errors: dict = field(default_factory=dict)
     channels: int = 0  # output channels: a per-channel codebook each
+    # an embedding table's rows (an fp16 scale each, counted in its bits); 0: a layer. A table has one layout (one
+    # codebook, rows scaled) in either layout of the layers, and `errors` measured at every width.
+    rows: int = 0
+    tensor: str = ""  # the table's initializer
+
+    @property
+    def table(self) -> bool:
+        return self.rows > 0
 
 
 @dataclass
@@ -93,19 +108,25 @@ class Prices:
     def weights(self) -> int:
         return sum(layer.weights for layer in self.layers)
 
+    @property
+    def tables(self) -> list:
+        return [layer for layer in self.layers if layer.table]
+
 
 def price_layers(model_path: str | Path, calibration: str | Path | Dataset | None, bits: tuple = BIT_CHOICES,
                  threads: int = 1, samples: int = PROXY_SAMPLES, stop=None, min_share: float = 0.0,
                  measure: bool = True) -> Prices:
     """Every float MatMul/Gemm/Conv weight's relative output error at each codebook width, scaled to the whole
-    model's measured drift when `measure` (and there is calibration data). `stop()`, asked before each capture run
-    and each measured layer, ends the pricing early (the layers not reached are priced by weight error alone). When the
-    layers hold less than `min_share` of the model's float weights, nothing is priced (a note says why): their
+    model's measured drift when `measure` (and there is calibration data), and each embedding table's drift at each
+    width (its relative weight error when not measured). `stop()`, asked before each capture run and each measured
+    item, ends the pricing early (the layers not reached are priced by weight error alone). When the layers and
+    tables hold less than `min_share` of the model's float weights, nothing is priced (a note says why): their
     widths cannot move the total much, and pricing costs a capture."""
     model = model_io.load(Path(model_path))
     owners = initializer_owners(model)
     records = {r.name: r for r in find_tensors(model)}
     main_outputs = {name for node in model.graph.node for name in node.output}
+    tables = _tables(model, records)
     layers = []
     for graph in model_io.iter_graphs(model.graph):
         for index, node in enumerate(graph.node):
@@ -113,7 +134,8 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                 continue
             weight = node.input[1]
             record = records.get(weight)
-            if weight not in owners or record is None or record.dtype != "float" or node.input[0] in owners:
+            if weight not in owners or record is None or record.dtype != "float" or node.input[0] in owners \
+                    or weight in tables:  # a tied table: priced (and coded) once, as the table
                 continue
             if node.op_type != "Conv" and len(record.shape) != 2 or node.op_type == "Conv" and len(record.shape) < 3:
                 continue
@@ -121,10 +143,10 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
             layers.append(layer)
     prices = Prices()
     floats = sum(r.nbytes for r in records.values() if r.dtype == "float")
-    share = sum(4 * layer.size for layer in layers) / max(floats, 1)
+    share = (sum(4 * layer.size for layer in layers) + sum(4 * value.size for _, value in tables.values())) / max(floats, 1)
     if share < min_share:
-        prices.notes.append(f"no planned codebooks: MatMul/Gemm/Conv weights are {share:.0%} of the float weights "
-                            f"(under {min_share:.0%}); the rest (embedding tables, ...) is not priced")
+        prices.notes.append(f"no planned codebooks: MatMul/Gemm/Conv weights and embedding tables are {share:.0%} of "
+                            f"the float weights (under {min_share:.0%}); the rest (norms, biases, ...) is not priced")
         return prices
     dataset = _dataset(model, calibration, samples)
     hessians = {}
@@ -153,9 +175,42 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
             channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_reference).astype(np.float32))
         prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
                                         channel_errors=per_channel, channels=int(w.shape[1])))
+    from onnxshrink.passes.cluster import table_codebook
+
+    coded = {}  # table -> bits -> (indices, codebook, row scales): decoded only when measured
+    for tensor, (node, value) in tables.items():
+        proxy, coded[tensor], worst = {}, {}, 0.0
+        total = float(np.sum(np.square(value, dtype=np.float64)))
+        for b in sorted(bits, reverse=True):
+            idx, books, scale, table = table_codebook(value, 2 ** b, "layer")
+            error = float(np.sum(np.square(table - value, dtype=np.float64))) / total if total > 0 else 0.0
+            worst = proxy[b] = max(worst, error)
+            coded[tensor][b] = (idx.astype(np.uint8), books, scale)
+        prices.layers.append(LayerPrice(node, int(value.size), dict(sorted(proxy.items())), False,
+                                        "embedding table: no layer input weighs its rows", rows=int(value.shape[0]),
+                                        tensor=tensor))
     if measure and dataset is not None and not (stop is not None and stop()):
-        _measure(prices, model, calibration, decoded, channel_decoded, threads, stop)
+        _measure(prices, model, calibration, decoded, channel_decoded, threads, stop, coded)
     return prices
+
+
+def _tables(model, records) -> dict:
+    """table -> (its first Gather's node name, its values) for each embedding table the cluster pass codes (the
+    pass's choice: EmbeddingPlan, and a coded form smaller than the table)."""
+    from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
+
+    plan = EmbeddingPlan(model, records)
+    main = {t.name: t for t in model.graph.initializer}
+    out = {}
+    for table in plan.tables.values():
+        if table.skip or table.name not in main:
+            continue
+        value = numpy_helper.to_array(main[table.name]).astype(np.float32)
+        rows, count = value.shape[0], int(value.size)
+        if count + 2 * rows + 4 * 2 ** max(BIT_CHOICES) >= value.nbytes:
+            continue
+        out[table.name] = (table.gathers[0][0], value)
+    return out
 
 
 def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES) -> dict:
@@ -195,18 +250,22 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
-    return layer.errors if per == "layer" else layer.channel_errors
+    return layer.errors if per == "layer" or layer.table else layer.channel_errors
 
 
 def stored_bits(layer: LayerPrice, width: int, per: str = "layer") -> float:
-    """Bits per weight of `layer` at `width`: its index, plus its share of per-channel codebooks."""
+    """Bits per weight of `layer` at `width`: its index, plus its share of per-channel codebooks, or of a table's
+    fp16 row scales and codebook (a table has one layout whatever the layers'; cluster's table_per)."""
+    if layer.table:
+        return width + (SCALE_BITS * layer.rows + CODEBOOK_ENTRY_BITS * 2 ** width) / max(layer.weights, 1)
     if per == "layer":
         return float(width)
     return width + CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
 
 
 def has_channel_layout(prices: Prices) -> bool:
-    return bool(prices.layers) and all(layer.channel_errors for layer in prices.layers)
+    layers = [layer for layer in prices.layers if not layer.table]
+    return bool(layers) and all(layer.channel_errors for layer in layers)
 
 
 def frontier(prices: Prices, per: str = "layer") -> list[dict]:
@@ -329,22 +388,30 @@ def ladder(prices: Prices, averages: tuple = LADDER, per: str = "layer") -> list
 
 
 def summary(allocation: dict, prices: Prices, per: str = "layer") -> str:
-    """'4.1 bits per weight: 8 bits x2, 5 bits x10, 4 bits x60', for notes and candidate labels."""
+    """'4.1 bits per weight (8 bits x2, 5 bits x10, 4 bits x60; table 4 bits)', for notes and candidate labels."""
+    tables = {layer.node for layer in prices.tables}
     counts: dict = {}
-    for b in allocation.values():
-        counts[b] = counts.get(b, 0) + 1
+    for node, b in allocation.items():
+        if node not in tables:
+            counts[b] = counts.get(b, 0) + 1
     parts = ", ".join(f"{b} bits x{counts[b]}" for b in sorted(counts, reverse=True))
+    widths = [allocation[layer.node] for layer in prices.tables if layer.node in allocation]
+    if widths:
+        parts += f"; table{'s' if len(widths) > 1 else ''} " + ", ".join(f"{b}" for b in widths) + " bits"
     layout = ", codebook per channel" if per == "channel" else ""
     return f"{average_bits(allocation, prices, per):.2f} bits per weight ({parts}{layout})"
 
 
 # ---- whole-model drift ---------------------------------------------------------------------------
 
-def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded: dict, threads: int, stop) -> None:
+def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded: dict, threads: int, stop,
+             coded: dict | None = None) -> None:
     """Scale each layer's errors to its whole-model drift at SENSITIVITY_BITS, per layout (a per-layer codebook
-    wrecks small channels that a per-channel one keeps: the two amplify differently), and measure the other floats
-    in int8: one session whose weights are overridable inputs, one run of SENSITIVITY_SAMPLES samples per layer
-    and layout."""
+    wrecks small channels that a per-channel one keeps: the two amplify differently), price each table in `coded`
+    (table -> bits -> indices, codebook, row scales) at each width by its measured drift, and measure the other
+    floats in int8: one session whose weights are overridable inputs, one run of SENSITIVITY_SAMPLES samples per
+    layer and layout, and per table and width."""
+    coded = coded or {}
     from onnxshrink.passes.cluster import as_int8, other_float_tensors
     from onnxshrink.runtime import make_session, run_batches
 
@@ -355,11 +422,14 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
     main = {t.name: t for t in graph.initializer}
     others = {}
     for tensor, value in other_float_tensors(graph):  # those store_other_floats would put in int8 (no codebook yet)
+        if tensor.name in coded:  # a priced table: the cluster pass codes it before the other floats are stored
+            continue
         stored = as_int8(value)
         if stored is not None:
             others[tensor.name] = (stored[1].astype(np.float32) * stored[2]).reshape(value.shape)
     feeds = {name: value for name, value in decoded.values() if name in main}
     feeds.update(others)
+    feeds.update({name: None for name in coded if name in main})
     if not feeds:
         return
     overridable = onnx.ModelProto()
@@ -384,10 +454,24 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         outputs = run_batches(session, [dict(batch, **replaced) for batch in batches])
         return max((_drift(reference[name], outputs[name]) for name in reference), default=0.0)
 
+    for layer in prices.tables:  # first: a handful of runs, and their prices are the measurements themselves
+        if stop is not None and stop():
+            break
+        if layer.tensor not in coded or layer.tensor not in main:
+            continue
+        drifts, worst = {}, 0.0
+        for b in sorted(coded[layer.tensor], reverse=True):
+            idx, books, scale = coded[layer.tensor][b]
+            table = (books[0][idx] * scale).astype(np.float32)
+            worst = drifts[b] = max(worst, drift({layer.tensor: table}))
+        layer.proxy, layer.errors = layer.errors, {b: drifts[b] for b in sorted(drifts) if b in layer.errors}
+        layer.drift = layer.errors.get(SENSITIVITY_BITS)
     measured, channel_drift = {}, {}
     for layer in prices.layers:
+        if layer.table:
+            continue
         if stop is not None and stop():
-            prices.notes.append(f"sensitivity stopped after {len(measured)} of {len(prices.layers)} layers: the "
+            prices.notes.append(f"sensitivity stopped after {len(measured)} of {len(prices.layers) - len(prices.tables)} layers: the "
                                 "others are scaled by the median of those measured")
             break
         entry = decoded.get(layer.node)
@@ -399,11 +483,13 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
                 channel_drift[entry[0]] = drift({entry[0]: channel_decoded[layer.node][1]})
         layer.drift = measured[entry[0]]
     ratios = [layer.drift / layer.errors[SENSITIVITY_BITS] for layer in prices.layers
-              if layer.drift is not None and layer.errors.get(SENSITIVITY_BITS, 0) > 0]
+              if not layer.table and layer.drift is not None and layer.errors.get(SENSITIVITY_BITS, 0) > 0]
     if not ratios:
         return
     median = float(np.median(ratios))
     for layer in prices.layers:
+        if layer.table:
+            continue
         base = layer.errors.get(SENSITIVITY_BITS, 0)
         scale = median if layer.drift is None or base <= 0 else layer.drift / base
         layer.proxy = dict(layer.errors)

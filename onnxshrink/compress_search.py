@@ -67,7 +67,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyprojec
     import tomli as tomllib
 
 import numpy as np
-from onnx import numpy_helper
+from onnx import TensorProto, numpy_helper
 
 from onnxshrink import api, candidate_process, executors
 from onnxshrink import model as model_io
@@ -90,7 +90,8 @@ PASS_OPTIONS = {
                  "keep_float": "string", "min_weights": "integer"},
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
                 "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
-                "rounding": "string", "capture_rounds": "integer", "embeddings": "boolean"},
+                "rounding": "string", "capture_rounds": "integer", "embeddings": "boolean",
+                "table_per": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}
@@ -376,6 +377,14 @@ def layer_names(model) -> list[str]:
     return names
 
 
+def table_gathers(model) -> list[str]:
+    """Names of the main graph's Gathers (as the passes name them) that read a 2-D float initializer: an embedding
+    table's codebook width is a cluster rule on its Gather (ClusterConfig.layer_bits), as a layer's is on its node."""
+    tables = {t.name for t in model.graph.initializer if t.data_type == TensorProto.FLOAT and len(t.dims) == 2}
+    return [node.name or f"{node.op_type}_{index}" for index, node in enumerate(model.graph.node)
+            if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and node.input and node.input[0] in tables]
+
+
 def _resolve(rules, key: str, names: list[str], where: str) -> dict:
     """node -> the value of `key` from the last rule matching it; a rule matching no layer is an error."""
     chosen = {}
@@ -393,7 +402,9 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
     """Run one recipe pass from `current` into `target`; returns its pass report(s) and, for prune, each layer's
     (zeros, weights) as pruned, before any dead units are removed (what layer_sparsity needs to reproduce it)."""
     options = dict(spec.options)
-    names = layer_names(model_io.load(current))
+    model = model_io.load(current)
+    names = layer_names(model) + (table_gathers(model) if spec.name == "cluster" else [])
+    del model
     skip = [r.match for r in spec.layers if r.options.get("skip")]
     _resolve(spec.layers, "skip", names, where)  # every rule must name a layer
     exclude = tuple(options.pop("exclude", ())) + tuple(skip)
@@ -1013,25 +1024,31 @@ PLANNED = "planned"  # the key of the planned codebooks in the search's starts
 
 
 def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_floats: str = "int8",
-                   per: str = "layer") -> Recipe:
-    """One cluster pass with each layer's planned width: the most common width as the default, rules for the rest;
-    the other floats (biases, norms) in `other_floats` (compress_plan.other_floats prices int8 against fp16), one
-    codebook `per` layer or per output channel (compress_plan.finalists)."""
+                   per: str = "layer", tables: tuple = ()) -> Recipe:
+    """One cluster pass with each layer's planned width: the most common layer width as the default, rules for the
+    rest; the other floats (biases, norms) in `other_floats` (compress_plan.other_floats prices int8 against fp16),
+    one codebook `per` layer or per output channel (compress_plan.finalists). `tables` names the Gathers of the
+    priced embedding tables in `allocation`: each gets its own width rule and the row-scaled codebook in either
+    layout; a table not priced is not coded (it stays with the other floats)."""
     spec = format_pass("cluster4", config)
     spec.options["other_floats"] = other_floats
     if per != "layer":
         spec.options["per"] = per
-    # Embedding tables are not priced (no layer input weighs them): they keep the int8 of the other floats, which
-    # MiniLM's word table needs for cosine 0.99 (4-bit forms of it stop at 0.988).
-    spec.options["embeddings"] = False
+    tables = [node for node in tables if node in allocation]
+    if tables:
+        spec.options["table_per"] = "layer"
+    else:
+        spec.options["embeddings"] = False
     if large and config.calibration:
         spec.options["capture_rounds"] = LARGE_CAPTURE_ROUNDS
     counts: dict = {}
-    for width in allocation.values():
-        counts[width] = counts.get(width, 0) + 1
+    for node, width in allocation.items():
+        if node not in tables:
+            counts[width] = counts.get(width, 0) + 1
     default = max(sorted(counts), key=lambda width: counts[width]) if counts else 4
     spec.options["bits"] = default
-    rules = [LayerRule(glob_literal(node), {"bits": width}) for node, width in allocation.items() if width != default]
+    rules = [LayerRule(glob_literal(node), {"bits": width}) for node, width in allocation.items()
+             if width != default or node in tables]
     return Recipe([PassSpec("cluster", spec.options, rules)])
 
 
@@ -1057,14 +1074,20 @@ def plan_phase(search) -> tuple[float | None, int | None]:
         search.notes.extend(prices.notes)
         return None, None
     rungs = compress_plan.finalists(prices, getattr(config.thresholds, "min_cosine", None))
-    search.notes.append(f"planned codebooks: {len(prices.layers)} layers priced in {time.monotonic() - started:.0f} s "
+    tables = tuple(layer.node for layer in prices.tables)
+    priced = f"{len(prices.layers) - len(tables)} layers" + (f" and {len(tables)} embedding table(s)" if tables else "")
+    search.notes.append(f"planned codebooks: {priced} priced in {time.monotonic() - started:.0f} s "
                         f"({prices.runs} capture run(s) of {prices.samples} sample(s)); "
                         f"{len(rungs)} allocations from {compress_plan.average_bits(rungs[0][0], prices, rungs[0][1]):.1f} "
                         f"to {compress_plan.average_bits(rungs[-1][0], prices, rungs[-1][1]):.1f} bits per weight, bisected")
-    measured = [layer for layer in prices.layers if layer.drift is not None]
+    measured = [layer for layer in prices.layers if layer.drift is not None and not layer.table]
     if measured:
         search.notes.append(f"planned codebooks: {len(measured)} layers' prices scaled to the model's measured drift "
-                            f"at {compress_plan.SENSITIVITY_BITS} bits; other floats in int8: drift "
+                            f"at {compress_plan.SENSITIVITY_BITS} bits"
+                            + "".join(f"; table {layer.tensor} measured at each width ("
+                                      + ", ".join(f"{b} bits {e:.2g}" for b, e in sorted(layer.errors.items())) + ")"
+                                      for layer in prices.tables if layer.proxy is not None)
+                            + "; other floats in int8: drift "
                             + (f"{prices.int8_drift:.2g} for {prices.int8_elements} elements"
                                if prices.int8_drift is not None else "not measured"))
     search.notes.extend(prices.notes)
@@ -1089,7 +1112,7 @@ def plan_phase(search) -> tuple[float | None, int | None]:
             label = f"planned codebooks, {compress_plan.summary(allocation, prices, per)}" + (
                 ", other floats fp16" if floats == "fp16" else "")
             search.tick(label)
-            recipe = planned_recipe(allocation, config, search.large, floats, per)
+            recipe = planned_recipe(allocation, config, search.large, floats, per, tables)
             candidate, run = search.attempt(recipe, "planned", label=label)
             if candidate.passed:
                 low = mid

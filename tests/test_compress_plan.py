@@ -146,16 +146,22 @@ def test_search_validates_planned_codebooks_before_the_uniform_formats(tmp_path,
     assert "planned" not in [c.phase for c in plain.candidates]
 
 
-def test_no_plan_when_the_layers_hold_little_of_the_model(tmp_path):
+def test_no_plan_when_the_layers_and_tables_hold_little_of_the_model(tmp_path):
     rng = np.random.default_rng(4)
     table = rng.standard_normal((500, 16)).astype(np.float32)  # 8000 weights in an embedding table
     w = rng.standard_normal((16, 4)).astype(np.float32)  # 64 in the only layer
+    big = rng.standard_normal((40000, 4)).astype(np.float32)  # 160000 in a constant that no pass codes
     nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
-             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
-    model = build_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])],
-                        [float_value("y", ["n", 4])],
-                        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
-    path = save_model(model, tmp_path / "emb.onnx")
+             helper.make_node("MatMul", ["e", "w"], ["p"], name="proj"),
+             helper.make_node("Add", ["p", "big"], ["y"])]
+    inits = [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")]
+    ids = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n"])]
+    embedded = save_model(build_model(nodes[:2], ids, [float_value("p", ["n", 4])], inits), tmp_path / "emb.onnx")
+    # the table counts: a model whose tables are its bulk gets a plan (MiniLM: the word table is half of it)
+    planned = price_layers(embedded, None, min_share=compress_plan.MIN_LAYER_SHARE)
+    assert [layer.node for layer in planned.layers] == ["proj", "embed"] and not planned.notes
+    model = build_model(nodes, ids, [float_value("y", [40000, 4])], inits + [numpy_helper.from_array(big, "big")])
+    path = save_model(model, tmp_path / "bulk.onnx")
     skipped = price_layers(path, None, min_share=compress_plan.MIN_LAYER_SHARE)
-    assert skipped.layers == [] and "1% of the float weights" in skipped.notes[0]
-    assert [layer.node for layer in price_layers(path, None).layers] == ["proj"]
+    assert skipped.layers == [] and "5% of the float weights" in skipped.notes[0]
+    assert [layer.node for layer in price_layers(path, None).layers] == ["proj", "embed"]

@@ -88,8 +88,13 @@ class ClusterConfig:
     # of consecutive depths (6 on MiniLM: one per transformer block); -1: one layer per run.
     capture_rounds: int = 0
     # node name -> bits for that layer (others: `bits`): one pass, so one capture, for a mixed-width plan
-    # (compress_plan), where a pass per width captured the calibration data once per width
+    # (compress_plan), where a pass per width captured the calibration data once per width. An embedding table is
+    # named by its (first) Gather node: its width is its own, whatever the layers get.
     layer_bits: dict = field(default_factory=dict)
+    # the embedding tables' layout: "layer" (one codebook, an fp16 scale a row) or "channel" (a codebook a row);
+    # None: as `per`. compress's plan pairs per-channel layer codebooks with the row-scaled table, which costs 0.04
+    # bits a weight in scales where a 16-entry codebook a 384-wide row costs 0.67.
+    table_per: str | None = None
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -98,6 +103,9 @@ def check_config(config: ClusterConfig, calibration) -> None:
         raise UsageError(f"--bits {config.bits}: must be between 1 and 8 (a codebook of 2^bits values, uint8 indices)")
     if config.per not in PER:
         raise UsageError(f"--per {config.per!r}: choose layer (one codebook per weight) or channel (one per output channel)")
+    if config.table_per not in (None,) + PER:
+        raise UsageError(f"table_per {config.table_per!r}: choose layer (one codebook, an fp16 scale a row) or channel "
+                         "(one codebook a row)")
     if config.weighting not in (None,) + WEIGHTINGS:
         raise UsageError(f"--weighting {config.weighting!r}: choose none or activation")
     if config.weighting == "activation" and calibration is None:
@@ -136,6 +144,7 @@ class Cluster:
         self.threads = threads
         self.levels = 2 ** int(config.bits)
         self.layer_levels = {node: 2 ** int(bits) for node, bits in dict(config.layer_bits or {}).items()}
+        self.table_per = config.table_per or config.per
         self.weighting = config.weighting or ("activation" if calibration is not None else "none")
         self.refit = bool(config.refit) and calibration is not None
         # GPTQ order raised MiniLM's 4-bit cosine from 0.9655 to 0.9766 but cost the sample models up to 0.7 points
@@ -172,7 +181,8 @@ class Cluster:
             report.notes.append(nothing_to_cluster(model))
             return model, report
         # Cast with an integer `to` needs opset 6; per-channel offsets (a broadcasting Add) and int8 scales 7.
-        needed = 7 if config.per == "channel" or other_floats(config) == "int8" else 6
+        needed = 7 if config.per == "channel" or other_floats(config) == "int8" \
+            or (tables and self.table_per == "layer") else 6
         what = "the codebook decoding (Cast, Gather" + (", broadcasting Add/Mul)" if needed == 7 else ")")
         why = raise_opset(model, needed, what, report.notes)
         if why:
@@ -239,7 +249,8 @@ class Cluster:
 
     def _bytes_after(self, shape, node, levels=None) -> int:
         count, levels = int(np.prod(shape)), levels or self.levels
-        if self.config.per == "layer":
+        per = self.table_per if node.op_type == "Gather" else self.config.per
+        if per == "layer":
             return count + 4 * levels + (2 * shape[0] if node.op_type == "Gather" else 0)  # a table's row scales
         channels = shape[_channel_axis(node)]
         return count + 4 * levels * channels + 4 * channels + 8
@@ -256,7 +267,8 @@ class Cluster:
             count = int(np.prod(table.shape)) if table.shape else 0
             why = table.skip or (f"{count} weights, fewer than --min-weights {self.config.min_weights}"
                                  if count < self.config.min_weights else "")
-            if not why and self._bytes_after(table.shape, names[table.gathers[0][0]]) >= table.nbytes:
+            first = table.gathers[0][0]
+            if not why and self._bytes_after(table.shape, names[first], self.layer_levels.get(first)) >= table.nbytes:
                 why = "indices and codebook would not be smaller than the table"
             if why:
                 report.layers.extend(LayerDecision(name, "Gather", table.name, "kept", why, table.nbytes, table.nbytes)
@@ -269,27 +281,17 @@ class Cluster:
         return tables
 
     def _cluster_table(self, weight, group, stats) -> list[LayerDecision]:
-        config, levels = self.config, self.layer_levels.get(group[0].name, self.levels)
+        per, levels = self.table_per, self.layer_levels.get(group[0].name, self.levels)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
-        # One codebook for the table: its rows scaled to peak 1 first (an fp16 scale a row), since rows span 20x in
-        # scale and one set of values fits them all badly. MiniLM's word table alone, pooled cosine on held-out
-        # sentences: 0.99685 -> 0.99831 at 4 bits, 0.99822 -> 0.99957 at 5, for 2 bytes a row (docs/benchmarks-cluster.md).
-        row_scale = _row_scales(raw) if config.per == "layer" else None
-        scaled = raw if row_scale is None else raw / row_scale
-        rows = scaled if config.per == "channel" else scaled.reshape(1, -1)  # per channel: one codebook per row
-        reserve = bool(np.any(raw == 0))
-        books = codebook.fit(rows, levels, None, reserve_zero=reserve)
-        idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
-        decoded = codebook.decode(idx_rows, books).reshape(raw.shape) * (1.0 if row_scale is None else row_scale)
+        idx, books, row_scale, decoded = table_codebook(raw, levels, per)
         mse = float(np.mean((raw - decoded) ** 2))
-        uniform = codebook.uniform_mse(raw if config.per == "channel" else raw.reshape(1, -1), levels)
+        uniform = codebook.uniform_mse(raw if per == "channel" else raw.reshape(1, -1), levels)
         stats.append(("mse", mse, uniform))
         gather = next(site for site in group if site.node.op_type == "Gather")
-        after = self._write(graph, weight, raw.shape, idx_rows.reshape(raw.shape), books.astype(np.float32),
-                            gather.node, group, row_scale)
-        shape = f"{levels}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
-        kind = " per row" if config.per == "channel" else " x an fp16 scale a row"
+        after = self._write(graph, weight, raw.shape, idx, books.astype(np.float32), gather.node, group, row_scale, per)
+        shape = f"{levels}" if per == "layer" else f"{books.shape[0]} x {levels}"
+        kind = " per row" if per == "channel" else " x an fp16 scale a row"
         action = f"codebook {shape} x fp32{kind}, uint8 indices"
         why = (f"embedding table, rounded to the nearest entry; weight MSE {mse:.3g}, "
                f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding; decoded at load")
@@ -370,16 +372,16 @@ class Cluster:
                                            f"shares the codebook of {site.name}", 0, 0))
         return decisions
 
-    def _write(self, graph, weight, shape, idx, books, node, group, row_scale=None) -> int:
+    def _write(self, graph, weight, shape, idx, books, node, group, row_scale=None, per=None) -> int:
         """Indices, codebook and the decoding nodes in the graph that owns the weight (times `row_scale` [rows, 1],
-        stored fp16, when given); returns their bytes."""
-        names = self._names
+        stored fp16, when given), one codebook `per` layer or channel (None: the config's); returns their bytes."""
+        names, per = self._names, per or self.config.per
         idx_name, book_name, decoded = names(weight + "_idx"), names(weight + "_codebook"), names(weight + "_decoded")
         inits = [numpy_helper.from_array(np.ascontiguousarray(idx, dtype=np.uint8), idx_name),
-                 numpy_helper.from_array(books if self.config.per == "channel" else books[0], book_name)]
+                 numpy_helper.from_array(books if per == "channel" else books[0], book_name)]
         nodes = [helper.make_node("Cast", [idx_name], [idx_name + "_int32"], name=idx_name + "_Cast", to=TensorProto.INT32)]
         index, data = idx_name + "_int32", book_name
-        if self.config.per == "channel":
+        if per == "channel":
             axis = _channel_axis(node)
             offsets_shape = [1] * len(shape)
             offsets_shape[axis] = shape[axis]
@@ -518,6 +520,24 @@ def as_int8(value: np.ndarray):
     q = np.clip(np.rint(value / scale), -127, 127).astype(np.int8)
     error = _relative_change(value, q.astype(np.float32) * scale)
     return None if error > INT8_MAX_ERROR else ("int8", q, scale, error)
+
+
+def table_codebook(raw: np.ndarray, levels: int, per: str = "layer") -> tuple:
+    """An embedding table [rows, width] coded as the pass writes it: (indices [rows, width], codebooks [R, levels],
+    fp16 row scales [rows, 1] or None, the decoded table). compress_plan prices tables with this very coding.
+
+    per "layer": one codebook for the table, its rows scaled to peak 1 first (an fp16 scale a row), since rows span
+    20x in scale and one set of values fits them all badly. MiniLM's word table alone, pooled cosine on held-out
+    sentences: 0.99685 -> 0.99831 at 4 bits, 0.99822 -> 0.99957 at 5, for 2 bytes a row (docs/benchmarks-cluster.md).
+    per "channel": one codebook a row, fitted to the row's own values."""
+    row_scale = _row_scales(raw) if per == "layer" else None
+    scaled = raw if row_scale is None else raw / row_scale
+    rows = scaled if per == "channel" else scaled.reshape(1, -1)
+    reserve = bool(np.any(raw == 0))
+    books = codebook.fit(rows, levels, None, reserve_zero=reserve)
+    idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
+    decoded = codebook.decode(idx_rows, books).reshape(raw.shape) * (1.0 if row_scale is None else row_scale)
+    return idx_rows.reshape(raw.shape), books, row_scale, decoded.astype(np.float32)
 
 
 def _row_scales(table: np.ndarray) -> np.ndarray:

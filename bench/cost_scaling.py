@@ -2,7 +2,7 @@
 (issue 15, "Evidence": cost against model size, measured at two or more sizes).
 
     python bench/cost_scaling.py [--models sample,minilm,mpnet] [--commands static,gptq4,prune,cluster,pack]
-                                 [--limit 1800] [--out docs/benchmarks-cost.md]
+                                 [--limit 1800] [--out docs/benchmarks-cost.md] [--keep]
 
 Each command runs as its own child process (`.venv/bin/onnxshrink ... --no-validate`, so only the pass is timed),
 fitted on the model's calibration file: the sample transformer's `sample_models/digits_transformer.calib.npz`, the
@@ -10,7 +10,9 @@ transformer exports' 128 calibration sentences (bench/transformer_bench.py cache
 skipped). Wall and CPU seconds (user + system of the child and its threads, from `os.wait4`: the steadier figure on
 a shared machine) and peak RSS (transformer_bench.run_child). The table gives each command's CPU seconds per million weights and the exponent k
 of CPU ∝ weights^k between consecutive sizes: k ≈ 1 is linear in the weights; k > 1 is what grows faster (a layer's
-d x d Hessian, its d^3 factorization). The section it writes replaces the previous one (between its markers).
+d x d Hessian, its d^3 factorization). The section it writes replaces the previous one (between its markers);
+with `--keep` the previous section's rows of the (command, model) pairs this run does not measure stay, marked
+as kept (rerun one command after changing it, and the others' figures remain).
 """
 
 from __future__ import annotations
@@ -89,19 +91,25 @@ def exponent(rows: list[dict], command: str) -> list[str]:
 def section(rows: list[dict], sizes: dict, load: str) -> str:
     import onnxruntime
 
+    order = {name: index for index, name in enumerate(COMMANDS)}
+    models_order = {name: index for index, name in enumerate(sizes)}
+    rows = sorted(rows, key=lambda r: (order.get(r["command"], len(order)), models_order.get(r["model"], len(sizes))))
+    kept = [f"{r['command']} {r['model']}" for r in rows if r.get("kept")]
+
     lines = [BEGIN, "", "## How the cost grows with the model (issue 15)", "",
              f"`python bench/cost_scaling.py` on {platform.machine()}, {os.cpu_count()} cores, Python "
              f"{platform.python_version()}, onnx {onnx.__version__}, onnxruntime {onnxruntime.__version__}, numpy "
              f"{np.__version__}; load average {load} while it ran (other jobs shared the cores: CPU seconds, not wall "
              "seconds, are the comparable figure). Each command alone, `--no-validate`, fitted on the model's "
-             "calibration file.", "",
+             "calibration file." + (f" Rows marked * are kept from the previous run of this script (`--keep`): "
+                                    f"{', '.join(kept)}." if kept else ""), "",
              "| model | float weights | widest layer input | 2-D weights |", "|---|---:|---:|---:|"]
     for name, (total, widest, layers) in sizes.items():
         lines.append(f"| {name} | {total / 1e6:.2f} M | {widest} | {layers} |")
     lines += ["", "| command | model | wall s | CPU s | CPU s past `inspect` | per M weights | peak RSS MB | exit |",
               "|---|---|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        exit_ = "killed at the limit" if r["timed_out"] else str(r["rc"])
+        exit_ = ("killed at the limit" if r["timed_out"] else str(r["rc"])) + (" *" if r.get("kept") else "")
         own = net(r, rows)
         past, per_weight = ("-", "-") if own is None else (f"{own:.1f}", f"{own / (r['weights'] / 1e6):.2f}")
         lines.append(f"| `{r['shown']}` | {r['model']} | {r['wall']:.1f} | {r['cpu']:.1f} | {past} | {per_weight} | "
@@ -113,11 +121,32 @@ def section(rows: list[dict], sizes: dict, load: str) -> str:
     return "\n".join(lines + ["", END, ""])
 
 
+def previous_rows(doc: Path, sizes: dict) -> list[dict]:
+    """The rows of the section `doc` holds now, as `section` wrote them (for --keep)."""
+    text = doc.read_text() if doc.is_file() else ""
+    if BEGIN not in text or END not in text:
+        return []
+    shown = {"onnxshrink " + template.format(cal="cal.npz"): command for command, template in COMMANDS.items()}
+    rows = []
+    for line in text[text.index(BEGIN):text.index(END)].splitlines():
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 8 or cells[0].strip("`") not in shown or cells[1] not in sizes:
+            continue
+        exit_ = cells[7].rstrip(" *")
+        rows.append({"command": shown[cells[0].strip("`")], "model": cells[1], "shown": cells[0].strip("`"),
+                     "wall": float(cells[2]), "cpu": float(cells[3]), "rss_mb": float(cells[6]),
+                     "rc": int(exit_) if exit_.lstrip("-").isdigit() else -9, "timed_out": not exit_.lstrip("-").isdigit(),
+                     "weights": sizes[cells[1]][0], "kept": True})
+    return rows
+
+
 def write(doc: Path, text: str) -> None:
+    """The section in place of the previous one (the text around it stays where it is), or appended."""
     old = doc.read_text() if doc.is_file() else "# What each command costs\n\n"
     if BEGIN in old and END in old:
-        old = old[:old.index(BEGIN)] + old[old.index(END) + len(END):].lstrip("\n")
-    doc.write_text(old.rstrip("\n") + "\n\n" + text)
+        doc.write_text(old[:old.index(BEGIN)] + text.rstrip("\n") + old[old.index(END) + len(END):])
+    else:
+        doc.write_text(old.rstrip("\n") + "\n\n" + text)
 
 
 def main() -> None:
@@ -126,11 +155,13 @@ def main() -> None:
     parser.add_argument("--commands", default=",".join(COMMANDS))
     parser.add_argument("--limit", type=float, default=1800.0, help="seconds before a command is killed")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks-cost.md")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the previous section's rows of the (command, model) pairs this run does not measure")
     args = parser.parse_args()
     shrink = str(Path(sys.executable).with_name("onnxshrink"))
     present = models()
     chosen = [m for m in args.models.split(",") if m in present]
-    sizes = {m: weights(present[m][0]) for m in chosen}
+    sizes = {m: weights(present[m][0]) for m in present if m in chosen or args.keep}  # --keep: the kept rows' too
     rows, loads = [], []
     with tempfile.TemporaryDirectory(prefix="onnxshrink-cost-") as tmp:
         for command in args.commands.split(","):
@@ -153,7 +184,9 @@ def main() -> None:
                 rows.append(result)
                 out.unlink(missing_ok=True)
                 # after every row: a run stopped part way still leaves what it measured
-                write(args.out, section(rows, sizes, f"{min(loads):.1f}-{max(loads):.1f}"))
+                done = {(r["command"], r["model"]) for r in rows}
+                kept = [r for r in previous_rows(args.out, sizes) if (r["command"], r["model"]) not in done] if args.keep else []
+                write(args.out, section(rows + kept, sizes, f"{min(loads):.1f}-{max(loads):.1f}"))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -142,7 +142,10 @@ def calibrate(
     """(low, high) for each named float tensor of the main graph, low <= 0 <= high.
 
     `dataset` is a data.Dataset (or anything with `.batches`, or an iterable of feed
-    dicts); batches are run one at a time, so a long calibration set costs time, not memory.
+    dicts); batches are run one at a time, so a long calibration set costs time, not memory,
+    and a large batch in row chunks (runtime.Capture), so a large model's activations do not
+    either: the statistics are those of the whole batch (a tensor without the batch axis is
+    seen once per chunk, which weighs it more in a histogram, never in min/max).
     """
     if method not in METHODS:
         raise ValueError(f"unknown calibration method {method!r} (choose from {', '.join(METHODS)})")
@@ -153,7 +156,8 @@ def calibrate(
         return {}
     batches = getattr(dataset, "batches", dataset)
     stats = {name: RangeStats(None if method == "minmax" else BINS) for name in names}
-    for values in capture_activations(model, names, batches, threads):
+    for values in capture_activations(model, names, batches, threads, batch_axes=getattr(dataset, "batch_axes", None),
+                                      join=False):
         for name in names:
             stats[name].update(values[name])
         del values

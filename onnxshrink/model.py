@@ -25,7 +25,7 @@ from onnx import external_data_helper
 
 from onnxshrink.codec.container import MAGIC as PACK_MAGIC
 from onnxshrink.errors import ModelLoadError, OutputError, UnsupportedModelError
-from onnxshrink.runtime import InMemoryModel, make_session
+from onnxshrink.runtime import IN_MEMORY_LOCATION, InMemoryModel, make_session
 from onnxshrink.protos import all_tensor_protos as _all_tensor_protos
 from onnxshrink.protos import iter_graphs  # noqa: F401  (passes import it from here)
 from onnxshrink.weights import tensor_nbytes
@@ -123,7 +123,6 @@ def session_source(path: str | os.PathLike, split_weights: bool = True) -> str |
     return InMemoryModel(data, weights) if weights else data
 
 
-IN_MEMORY_LOCATION = "onnxshrink-in-memory"  # names no file: onnxruntime takes these tensors' data from arrays
 _ARRAY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
                 onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
                 onnx.TensorProto.INT64}

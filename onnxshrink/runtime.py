@@ -173,20 +173,258 @@ def _quantized(model) -> bool:
     return any(QUANTIZED_OPS.search(node.op_type) for node in _nodes(graph))
 
 
-def capture_activations(model: onnx.ModelProto, names: list[str], batches: list[dict], threads: int = 1):
+CAPTURE_BYTES = 64 * 2**20  # captured values per onnxruntime run, past which a batch runs in row chunks
+FIRST_ROWS = 2  # rows of the probe run that measures a batch layout's captured bytes per row (2: a Squeeze of
+                # the batch axis, which a single row would trigger, is not taken)
+IN_MEMORY_LOCATION = "onnxshrink-in-memory"  # names no file: onnxruntime takes these tensors' data from arrays
+SPLIT_WEIGHT_BYTES = 65536  # larger initializers reach a capture session as arrays, not in the graph's bytes
+
+
+class Capture:
+    """A session that computes named intermediate float tensors of a model (main graph only): `runs(batches)`
+    yields (feed, {name: value}) one onnxruntime run at a time.
+
+    Memory stays bounded by design, whatever the model's and the batch's sizes:
+    - the session holds only the nodes the names depend on, and gets the model's large weights as arrays: no
+      copy of the model and no serialized one (onnxruntime 1.32 still copies the arrays, once);
+    - a calibration batch whose captured values would pass `max_bytes` runs in row chunks along its batch axis,
+      sized from the bytes per row that a probe of its first FIRST_ROWS rows measured (the probe is its first
+      chunk; a batch that fits runs whole, as without a limit). Issue 15 item 5: MPNet's whole 32-sentence
+      batch held 528 MB of captured values, and more again inside onnxruntime.
+    A batch is split only when every input it feeds carries its samples on axis 0 (all of the same length, and
+    `batch_axes`, a Dataset's, says so when given) and the model declares that axis non-fixed: rows are then
+    independent, so statistics summed over the chunks equal the whole batch's up to summation order, and values
+    joined from them are the same bytes. Optimizations are off: the values are what the unfused graph computes.
+    """
+
+    def __init__(self, model: onnx.ModelProto, names: list[str], threads: int = 1):
+        self.names = list(dict.fromkeys(names))
+        self.free_batch_axis = _free_batch_axis(model)
+        # a graph input is its feed: a session for it alone would have no node, which onnxruntime refuses
+        fed = {value.name for value in model.graph.input} - {tensor.name for tensor in model.graph.initializer}
+        self.fed = [name for name in self.names if name in fed]
+        self.computed = [name for name in self.names if name not in fed]
+        self.session = make_session(_capture_model(model, self.computed), threads, optimize=False) \
+            if self.computed else None
+        self.rows_per_run: list[int | None] = []  # rows of each onnxruntime run (None: a batch passed whole)
+        self.batch = -1  # index of the batch the last run belonged to
+        self.batch_rows: int | None = None  # its rows, when it may run in chunks
+
+    def runs(self, batches, max_bytes: int | None = None, batch_axes: dict | None = None):
+        """`max_bytes`: captured bytes per run past which a batch is split (None: CAPTURE_BYTES; 0: never)."""
+        max_bytes = CAPTURE_BYTES if max_bytes is None else max_bytes
+        per_row: dict = {}  # a batch layout (every input's shape past axis 0) -> captured bytes per row
+        for index, batch in enumerate(batches):
+            self.batch = index
+            rows = _split_rows(batch, self.free_batch_axis, batch_axes) if max_bytes else None
+            self.batch_rows = rows
+            if rows is None:
+                yield batch, self._run(batch, None)
+                continue
+            layout = tuple(sorted((name, np.shape(value)[1:], np.asarray(value).dtype.str) for name, value in batch.items()))
+            start = 0
+            if layout not in per_row:  # a probe of the first rows measures the bytes per row
+                probe = min(FIRST_ROWS, rows)
+                feed = {name: value[:probe] for name, value in batch.items()}
+                values = self._run(feed, probe)
+                per_row[layout] = _nbytes(values) / probe
+                if probe < rows and per_row[layout] * rows <= max_bytes:
+                    del values  # the whole batch fits: it runs as one, as without a limit
+                else:
+                    yield feed, values
+                    del values
+                    start = probe
+            while start < rows:
+                step = max(1, int(max_bytes // max(per_row[layout], 1.0)))
+                stop = min(start + step, rows)
+                feed = batch if (start, stop) == (0, rows) else {name: value[start:stop] for name, value in batch.items()}
+                values = self._run(feed, stop - start)
+                per_row[layout] = _nbytes(values) / (stop - start)
+                yield feed, values
+                del values
+                start = stop
+
+    def _run(self, feed: dict, rows: int | None) -> dict:
+        try:
+            values = dict(zip(self.computed, self.session.run(self.computed, feed))) if self.session else {}
+        except Exception as exc:
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelLoadError(f"onnxruntime failed to run the model on the given inputs: {message[:300]}") from exc
+        values.update({name: np.array(feed[name]) for name in self.fed})  # a copy, as onnxruntime's output is
+        self.rows_per_run.append(rows)
+        return {name: values[name] for name in self.names}
+
+
+def _nbytes(values: dict) -> int:
+    return sum(np.asarray(value).nbytes for value in values.values())
+
+
+def capture_runs(model: onnx.ModelProto, names: list[str], batches, threads: int = 1,
+                 max_bytes: int | None = None, batch_axes: dict | None = None):
+    """Yield (feed, {name: value}) for each onnxruntime run (a batch, or a row chunk of one: Capture says when):
+    for statistics that are sums over rows (min/max, histograms, X^T X), with one run's values in memory."""
+    yield from Capture(model, names, threads).runs(batches, max_bytes, batch_axes)
+
+
+def capture_activations(model: onnx.ModelProto, names: list[str], batches, threads: int = 1,
+                        max_bytes: int | None = None, batch_axes: dict | None = None, join: bool = True):
     """Yield, batch by batch, the values of the named intermediate float tensors (main graph only).
 
-    The model is run with those tensors added as outputs and optimizations off, so
-    the values are exactly what the unfused graph computes. One batch is in memory
-    at a time: calibrators accumulate statistics instead of keeping activations.
-    """
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    existing = {o.name for o in probe.graph.output}
-    for name in names:
-        if name not in existing:
-            probe.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
-    session = make_session(probe, threads, optimize=False)
-    for batch in batches:
-        values = session.run(list(names), batch)
-        yield dict(zip(names, values))
+    A batch runs in row chunks when its values would pass `max_bytes` (Capture); its values are then filled in
+    chunk by chunk, so onnxruntime's copies and intermediates are one chunk's, and one batch's values are in
+    memory. `join` False yields each run's values instead (a chunk's rows): all a statistic over rows needs."""
+    capture = Capture(model, names, threads)
+    joiner = None
+    for _, values in capture.runs(batches, max_bytes, batch_axes):
+        rows = capture.rows_per_run[-1]
+        if not join or rows is None or rows == capture.batch_rows:
+            yield values
+            continue
+        if joiner is None or joiner.batch != capture.batch:
+            joiner = _BatchJoiner(capture.batch, capture.batch_rows)
+        joiner.add(values, rows)
+        del values
+        if joiner.filled == joiner.rows:
+            yield joiner.values()
+            joiner = None
+
+
+class _BatchJoiner:
+    """A batch's values filled in from its row chunks, in arrays allocated once. A value whose axis 0 does not
+    follow the chunk's rows (a shape, a constant) is the same in every chunk: the first chunk's is kept."""
+
+    def __init__(self, batch: int, rows: int):
+        self.batch, self.rows, self.filled, self.first_rows = batch, rows, 0, 0
+        self.arrays: dict[str, np.ndarray] = {}  # along the batch axis
+        self.whole: dict[str, np.ndarray] = {}  # without it
+        self.names: list[str] = []
+
+    def add(self, values: dict, rows: int) -> None:
+        if self.filled == 0:
+            self.names, self.first_rows = list(values), rows
+        for name, value in values.items():
+            value = np.asarray(value)
+            if self.filled == 0:
+                if value.ndim and value.shape[0] == rows:
+                    self.arrays[name] = np.empty((self.rows, *value.shape[1:]), value.dtype)
+                else:
+                    self.whole[name] = value
+            target = self.arrays.get(name)
+            if target is None:
+                continue
+            if value.shape[1:] != target.shape[1:] or value.shape[0] != rows:
+                # not along the batch axis after all: the first chunk's rows were its length by chance
+                self.whole[name] = target[:self.first_rows].copy()
+                del self.arrays[name]
+                continue
+            target[self.filled:self.filled + rows] = value
+        self.filled += rows
+
+    def values(self) -> dict:
+        return {name: self.arrays[name] if name in self.arrays else self.whole[name] for name in self.names}
+
+
+def _free_batch_axis(model: onnx.ModelProto) -> dict[str, bool]:
+    """Graph input name -> whether its axis 0 is declared non-fixed (a name or nothing), for inputs of rank >= 1."""
+    free = {}
+    for value in model.graph.input:
+        dims = value.type.tensor_type.shape.dim if value.type.HasField("tensor_type") else None
+        if dims is None or not value.type.tensor_type.HasField("shape"):
+            free[value.name] = True  # no shape declared: nothing fixes the batch
+        elif len(dims):
+            free[value.name] = not dims[0].HasField("dim_value")
+        else:
+            free[value.name] = False
+    return free
+
+
+def _split_rows(batch: dict, free_axis: dict[str, bool], batch_axes: dict | None) -> int | None:
+    """The batch's rows when it may run in row chunks (Capture says when), else None."""
+    lengths = set()
+    for name, value in batch.items():
+        shape = np.shape(value)
+        if not shape or not free_axis.get(name, True) or (batch_axes is not None and batch_axes.get(name) != 0):
+            return None
+        lengths.add(shape[0])
+    return lengths.pop() if len(lengths) == 1 and next(iter(lengths)) > 1 else None
+
+
+def _capture_model(model: onnx.ModelProto, names: list[str]) -> InMemoryModel:
+    """The part of `model` that computes `names` (its outputs), as a graph's bytes and its large weights as arrays:
+    a copy of the nodes, never of the weights' bytes more than once. Every graph input stays, so a calibration
+    batch feeds it unchanged."""
+    graph = model.graph
+    producers = {o: node for node in graph.node for o in node.output if o}
+    needed, stack, keep = set(), list(names), set()
+    while stack:
+        name = stack.pop()
+        if not name or name in needed:
+            continue
+        needed.add(name)
+        node = producers.get(name)
+        if node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        stack.extend(node.input)
+        stack.extend(_outer_names(node))
+    out = onnx.ModelProto()
+    for descriptor, value in model.ListFields():  # all but the graph: copying it whole would copy every weight
+        if descriptor.name == "graph":
+            continue
+        if hasattr(value, "extend"):
+            getattr(out, descriptor.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(out, descriptor.name).CopyFrom(value)
+        else:
+            setattr(out, descriptor.name, value)
+    out.graph.name = graph.name
+    out.graph.input.extend(graph.input)
+    out.graph.node.extend(node for node in graph.node if id(node) in keep)
+    inputs = {value.name for value in graph.input}
+    weights = {}
+    for tensor in graph.initializer:
+        if tensor.name not in needed and tensor.name not in inputs:
+            continue
+        array = _weight_array(tensor) if tensor.name not in inputs else None
+        if array is None:
+            out.graph.initializer.append(tensor)
+            continue
+        weights[tensor.name] = array
+        reference = out.graph.initializer.add(name=tensor.name, data_type=tensor.data_type, dims=tensor.dims,
+                                              data_location=onnx.TensorProto.EXTERNAL)
+        reference.external_data.add(key="location", value=IN_MEMORY_LOCATION)
+    out.graph.sparse_initializer.extend(t for t in graph.sparse_initializer
+                                        if t.values.name in needed or t.values.name in inputs)
+    out.graph.value_info.extend(v for v in graph.value_info if v.name in needed)
+    out.graph.output.extend(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in names)
+    return InMemoryModel(out.SerializeToString(), weights)
+
+
+_ARRAY_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE, onnx.TensorProto.INT8,
+                onnx.TensorProto.UINT8, onnx.TensorProto.INT16, onnx.TensorProto.UINT16, onnx.TensorProto.INT32,
+                onnx.TensorProto.INT64}
+
+
+def _weight_array(tensor: onnx.TensorProto) -> np.ndarray | None:
+    """A large raw initializer as an array onnxruntime can use in place (one copy of its bytes), else None."""
+    if (tensor.data_type not in _ARRAY_TYPES or tensor.data_location == onnx.TensorProto.EXTERNAL
+            or not tensor.HasField("raw_data") or any(d < 0 for d in tensor.dims)):
+        return None
+    dtype = np.dtype(onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type)).newbyteorder("<")
+    count = int(np.prod(tensor.dims, dtype=np.int64))
+    if count * dtype.itemsize < SPLIT_WEIGHT_BYTES:
+        return None
+    raw = tensor.raw_data
+    if len(raw) != count * dtype.itemsize:
+        return None  # left in the graph for onnxruntime to refuse, one line, as it would the model
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
+
+
+def _outer_names(node) -> set:
+    """Names a node's subgraphs (If/Loop/Scan bodies) read (a superset of what they read from the enclosing scope)."""
+    found = set()
+    for attribute in node.attribute:
+        subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
+        for sub in subgraphs:
+            found.update(name for g in iter_graphs(sub) for inner in g.node for name in inner.input if name)
+    return found

@@ -114,8 +114,10 @@ class Prune:
             weights, grams = None, {}
             counts = self._allocate(layers, None, None, report, cheapest=lambda *a: self._cheapest_streamed(layers, owners, *a))
         else:
-            weights = {layer.name: matrix(layer, owners) for layer in layers}
+            # Captured before the float copies of the weights are made: the capture's session and batch are gone by
+            # then (a model's bytes less at the peak).
             grams = self._original_grams(model, layers) if self.calibration is not None else {}
+            weights = {layer.name: matrix(layer, owners) for layer in layers}
             if self.method in ("sparsegpt", "refit"):  # the rows of a capture do not depend on the pruning
                 short = few_rows_note((gram.k, gram.rows) for gram in grams.values())
                 if short:

@@ -268,66 +268,15 @@ def capture(dataset, model, names, threads: int = 1):
     """(batch, {name: value}) for every calibration batch; graph inputs are read from the batch itself.
 
     Only the part of the graph that computes `names` runs: the layers of the first transformer block are captured
-    at a sixth of a full run's cost on MiniLM."""
+    at a sixth of a full run's cost on MiniLM. A large batch runs in row chunks (runtime.Capture), joined: one
+    batch's values are in memory, onnxruntime's copies and intermediates are a chunk's."""
     graph_inputs = {i.name for i in model.graph.input}
     captured = sorted({n for n in names if n not in graph_inputs})
     batches = dataset.batches
-    stream = capture_activations(prefix(model, captured), captured, batches, threads) if captured else ({} for _ in batches)
-    return zip(batches, stream)
-
-
-def prefix(model, names) -> onnx.ModelProto:
-    """A copy of `model` holding only the main-graph nodes (and initializers) that `names` depend on; every graph
-    input stays, so the calibration batches feed it unchanged. It has no outputs: capture_activations adds `names`."""
-    graph = model.graph
-    producers = {o: node for node in graph.node for o in node.output}
-    needed, stack, keep = set(), list(names), set()
-    while stack:
-        name = stack.pop()
-        if name in needed:
-            continue
-        needed.add(name)
-        node = producers.get(name)
-        if node is None or id(node) in keep:
-            continue
-        keep.add(id(node))
-        stack.extend(i for i in node.input if i)
-        stack.extend(_outer_names(node))
-    if len(keep) == len(graph.node):
-        return model
-    out = onnx.ModelProto()
-    for field, _ in model.ListFields():  # all but the graph: copying it whole would copy every weight
-        if field.name != "graph":
-            out.MergeFrom(_only(model, field.name))
-    out.graph.name = graph.name
-    out.graph.input.extend(graph.input)
-    out.graph.node.extend(node for node in graph.node if id(node) in keep)
-    out.graph.initializer.extend(t for t in graph.initializer if t.name in needed)
-    out.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in needed)
-    out.graph.value_info.extend(v for v in graph.value_info if v.name in needed)
-    return out
-
-
-def _only(model, field: str) -> onnx.ModelProto:
-    part = onnx.ModelProto()
-    value = getattr(model, field)
-    if hasattr(value, "extend"):
-        getattr(part, field).extend(value)
-    elif hasattr(value, "CopyFrom"):
-        getattr(part, field).CopyFrom(value)
-    else:
-        setattr(part, field, value)
-    return part
-
-
-def _outer_names(node) -> set:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read from the enclosing scope (a superset: all they read)."""
-    found = set()
-    for attribute in node.attribute:
-        for sub in list(attribute.g.node if attribute.HasField("g") else []) + [n for g in attribute.graphs for n in g.node]:
-            found.update(i for i in sub.input if i)
-            found.update(_outer_names(sub))
-    return found
+    if not captured:
+        return ((batch, {}) for batch in batches)
+    return zip(batches, capture_activations(model, captured, batches, threads,
+                                            batch_axes=getattr(dataset, "batch_axes", None)))
 
 
 def teacher_grams(dataset, original, model, layers, biases: dict, threads: int = 1, own: set = frozenset()) -> dict:

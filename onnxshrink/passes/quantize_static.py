@@ -42,7 +42,7 @@ from onnx import helper, numpy_helper
 from onnxshrink.calibrate import METHODS, calibrate
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes.fold_batchnorm import fold_batchnorm
-from onnxshrink.passes.common import (NONFINITE, Names, Site, attr, begin_pass, drop_unused_initializers,
+from onnxshrink.passes.common import (NONFINITE, Names, Site, attr, begin_pass, drop_unused_initializers, handed_over,
                                       initializer_owners, nonfinite, output_shapes, select_layers)
 from onnxshrink.passes.folded_weights import (FOLD_REQUESTED, FOLDED, INTEGER_MIN_MACS, fold_layers, fold_requested,
                                               macs_per_sample, relabel_folded)
@@ -202,9 +202,13 @@ class QuantizeStatic:
                                 "no Conv/MatMul/Gemm layer to quantize")
             return unchanged, report
         if self.config.smooth:
-            # After the layers are chosen: only those that will run integer kernels take a scale.
-            model, smoothing = SmoothQuant(calibration=self.calibration, threads=self.threads,
-                                           layers={site.node.output[0] for site in sites})(model)
+            # After the layers are chosen: only those that will run integer kernels take a scale. The model is this
+            # pass's own (begin_pass): smoothed in place, not copied (a copy held all along was 436 MB on MPNet).
+            with handed_over(model):
+                model, smoothing = SmoothQuant(calibration=self.calibration, threads=self.threads,
+                                               layers={site.node.output[0] for site in sites})(model)
+            if smoothing.changed and unchanged is model:
+                report.changed = True  # the model returned if no layer fuses below is the smoothed one (exact in float)
             report.notes.extend(smoothing.notes)
             by_output = {n.output[0]: n for n in model.graph.node if n.output}
             sites = [Site(model.graph, by_output[site.node.output[0]], site.name, site.weight) for site in sites]

@@ -366,17 +366,8 @@ def _capture_model(model: onnx.ModelProto, names: list[str]) -> InMemoryModel:
             continue
         keep.add(id(node))
         stack.extend(node.input)
-        stack.extend(_outer_names(node))
-    out = onnx.ModelProto()
-    for descriptor, value in model.ListFields():  # all but the graph: copying it whole would copy every weight
-        if descriptor.name == "graph":
-            continue
-        if hasattr(value, "extend"):
-            getattr(out, descriptor.name).extend(value)
-        elif hasattr(value, "CopyFrom"):
-            getattr(out, descriptor.name).CopyFrom(value)
-        else:
-            setattr(out, descriptor.name, value)
+        stack.extend(outer_names(node))
+    out = without_graph(model)
     out.graph.name = graph.name
     out.graph.input.extend(graph.input)
     out.graph.node.extend(node for node in graph.node if id(node) in keep)
@@ -420,7 +411,23 @@ def _weight_array(tensor: onnx.TensorProto) -> np.ndarray | None:
     return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims))
 
 
-def _outer_names(node) -> set:
+def without_graph(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of all of `model` but its graph (opsets, functions, metadata): copying the graph would copy every
+    weight, and a capture builds its own graph from the nodes it needs."""
+    out = onnx.ModelProto()
+    for descriptor, value in model.ListFields():
+        if descriptor.name == "graph":
+            continue
+        if hasattr(value, "extend"):
+            getattr(out, descriptor.name).extend(value)
+        elif hasattr(value, "CopyFrom"):
+            getattr(out, descriptor.name).CopyFrom(value)
+        else:
+            setattr(out, descriptor.name, value)
+    return out
+
+
+def outer_names(node) -> set:
     """Names a node's subgraphs (If/Loop/Scan bodies) read (a superset of what they read from the enclosing scope)."""
     found = set()
     for attribute in node.attribute:

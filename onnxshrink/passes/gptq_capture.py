@@ -21,8 +21,7 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxshrink.model import iter_graphs
-from onnxshrink.runtime import make_session
+from onnxshrink.runtime import make_session, outer_names, without_graph
 
 
 class SegmentCapture:
@@ -56,14 +55,14 @@ class SegmentCapture:
                 continue
             keep.add(id(node))
             stack.extend(node.input)
-            stack.extend(_outer_names(node))
+            stack.extend(outer_names(node))
         segment = [node for node in graph.node if id(node) in keep]
         done = self.done | {_key(node) for node in segment}
         read_later = set()
         for node in graph.node:
             if _key(node) not in done:
                 read_later.update(node.input)
-                read_later.update(_outer_names(node))
+                read_later.update(outer_names(node))
         produced = {o for node in segment for o in node.output if o}
         frontier = {o for node in graph.node if _key(node) in done for o in node.output if o in read_later}
         outputs = sorted((set(wanted) | (frontier & produced)))
@@ -98,23 +97,14 @@ class SegmentCapture:
         graph = self.model.graph
         tainted = set(outputs)
         for node in graph.node:
-            if (set(node.input) | _outer_names(node)) & tainted:
+            if (set(node.input) | outer_names(node)) & tainted:
                 tainted.update(o for o in node.output if o)
         self.cache = {name: value for name, value in self.cache.items() if name not in tainted}
         self.done = {key for key in self.done if not set(key) & tainted}
 
     def _segment_model(self, segment, fed, graph_inputs, outputs) -> onnx.ModelProto:
         model, graph = self.model, self.model.graph
-        out = onnx.ModelProto()
-        for field, _ in model.ListFields():  # all but the graph: copying it whole would copy every weight
-            if field.name != "graph":
-                part = getattr(model, field.name)
-                if hasattr(part, "extend"):
-                    getattr(out, field.name).extend(part)
-                elif hasattr(part, "CopyFrom"):
-                    getattr(out, field.name).CopyFrom(part)
-                else:
-                    setattr(out, field.name, part)
+        out = without_graph(model)
         out.graph.name = graph.name
         out.graph.input.extend(i for i in graph.input if i.name in fed)
         for name in sorted(fed - graph_inputs):
@@ -122,7 +112,7 @@ class SegmentCapture:
             out.graph.input.append(helper.make_tensor_value_info(
                 name, helper.np_dtype_to_tensor_dtype(array.dtype), [None] * array.ndim))
         out.graph.node.extend(segment)
-        needed = {n for node in segment for n in node.input} | {n for node in segment for n in _outer_names(node)}
+        needed = {n for node in segment for n in node.input} | {n for node in segment for n in outer_names(node)}
         out.graph.initializer.extend(t for t in graph.initializer if t.name in needed and t.name not in fed)
         out.graph.sparse_initializer.extend(t for t in graph.sparse_initializer if t.values.name in needed)
         out.graph.output.extend(onnx.ValueInfoProto(name=name) for name in outputs)  # types: onnxruntime infers
@@ -131,13 +121,3 @@ class SegmentCapture:
 
 def _key(node) -> tuple:
     return tuple(node.output)
-
-
-def _outer_names(node) -> set:
-    """Names a node's subgraphs (If/Loop/Scan bodies) read (a superset of what they read from the enclosing scope)."""
-    found = set()
-    for attribute in node.attribute:
-        subgraphs = [attribute.g] if attribute.type == onnx.AttributeProto.GRAPH else list(attribute.graphs)
-        for sub in subgraphs:
-            found.update(name for g in iter_graphs(sub) for inner in g.node for name in inner.input if name)
-    return found

@@ -463,7 +463,7 @@ def pack(model_path: str | os.PathLike, output: str | os.PathLike | None = None,
         if source is not None:
             check_pack(staged, manifest)
             return
-        restored = unpack_model(staged.read_bytes())
+        restored = unpack_model(staged.read_bytes(), every_crc=True)
         if size < PACK_FULL_COMPARE_BYTES and restored.SerializeToString() != model.SerializeToString():
             raise RuntimeError("the written pack does not decode to the packed model")
 

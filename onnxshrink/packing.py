@@ -630,7 +630,7 @@ def decode_gaps(symbols: np.ndarray) -> np.ndarray:
 
 # ---------------------------------------------------------------- unpacking
 
-def unpack_model(data: bytes | memoryview, place=None) -> onnx.ModelProto:
+def unpack_model(data: bytes | memoryview, place=None, every_crc: bool = False) -> onnx.ModelProto:
     """Rebuild the packed model in memory; CorruptPack (a ValueError) names anything that does not check out.
 
     `place(model, index, tensor)`, called for each coded tensor whose bytes go to `raw_data`, before it is
@@ -638,8 +638,9 @@ def unpack_model(data: bytes | memoryview, place=None) -> onnx.ModelProto:
     checked) there, and left without data in the model for the caller to point at that array (the session path
     hands such arrays to onnxruntime as they are: no bytes -> protobuf -> array copies). None: `raw_data`."""
     # tensor records skip their CRC: each decodes to bytes whose SHA-256 prefix is checked, a stronger check of
-    # the same bytes; a damaged record's CRC is still read, to name the damage (_read_pack, _HashAhead)
-    records = container.read_records(data, deferred=frozenset({container.TENSOR}))
+    # the same bytes; a damaged record's CRC is still read, to name the damage (_read_pack, _HashAhead).
+    # `every_crc`: pack's check of the file it wrote, which `unpack` and the streamed check will read with every CRC
+    records = container.read_records(data, deferred=frozenset() if every_crc else frozenset({container.TENSOR}))
     model, tensors = _read_pack(records, place, hash_ahead=True)[1:]
     protos = tensor_protos(model)
     for index, meta, data in tensors:

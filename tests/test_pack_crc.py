@@ -100,3 +100,31 @@ def test_damage_in_a_tensor_record_is_still_named_a_checksum_mismatch(pack):
             assert str(caught.value).startswith("checksum mismatch in the record at byte"), (position, caught.value)
             if position >= record.offset + container.RECORD_HEAD.size:  # a damaged length moves the record's end
                 assert str(caught.value).startswith(f"checksum mismatch in the record at byte {record.offset}:")
+
+
+def _stored_crc_flipped(data: bytes) -> tuple[bytes, container.Record]:
+    """The pack with one tensor record's stored CRC altered, its body intact."""
+    record = _tensor_records(data)[0]
+    damaged = bytearray(data)
+    damaged[record.offset + container.RECORD_HEAD.size + len(record.body)] ^= 0xFF
+    return bytes(damaged), record
+
+
+def test_every_crc_checks_what_loading_leaves_to_the_digests(pack):
+    """A stored CRC that no longer matches an intact body loads (the digests hold), but the check of a file just
+    written reads every CRC, as `unpack` and the streamed check will: such a file must not land."""
+    damaged, record = _stored_crc_flipped(pack)
+    assert len(packing.unpack_model(damaged).graph.initializer) == 3
+    with pytest.raises(CorruptPack, match=f"checksum mismatch in the record at byte {record.offset}:"):
+        packing.unpack_model(damaged, every_crc=True)
+
+
+def test_packs_own_check_reads_every_crc(tmp_path, monkeypatch):
+    from onnxshrink import api
+
+    onnx.save(_model(), tmp_path / "m.onnx")
+    calls = []
+    real = packing.unpack_model
+    monkeypatch.setattr(packing, "unpack_model", lambda *a, **k: calls.append(k) or real(*a, **k))
+    api.pack(tmp_path / "m.onnx", tmp_path / "m.shrink")
+    assert calls and all(k.get("every_crc") for k in calls)

@@ -113,16 +113,21 @@ def _is_pack_path(path) -> bool:
         return False
 
 
+def run_session(session, names: list[str], feed: dict) -> list:
+    """session.run, where inputs onnxruntime cannot run are a one-line ModelLoadError, not its traceback."""
+    try:
+        return session.run(names, feed)
+    except Exception as exc:
+        message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelLoadError(f"onnxruntime failed to run the model on the given inputs: {message[:300]}") from exc
+
+
 def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:
     """Run every batch and join each output along axis 0 (stacked when outputs are scalars)."""
     names = [o.name for o in session.get_outputs()]
     collected: dict[str, list] = {n: [] for n in names}
     for batch in batches:
-        try:
-            values = session.run(names, batch)
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"onnxruntime failed to run the model on the given inputs: {message[:300]}") from exc
+        values = run_session(session, names, batch)
         for name, value in zip(names, values):
             collected[name].append(np.asarray(value))
     joined = {}
@@ -245,11 +250,7 @@ class Capture:
                 start = stop
 
     def _run(self, feed: dict, rows: int | None) -> dict:
-        try:
-            values = dict(zip(self.computed, self.session.run(self.computed, feed))) if self.session else {}
-        except Exception as exc:
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelLoadError(f"onnxruntime failed to run the model on the given inputs: {message[:300]}") from exc
+        values = dict(zip(self.computed, run_session(self.session, self.computed, feed))) if self.session else {}
         values.update({name: np.array(feed[name]) for name in self.fed})  # a copy, as onnxruntime's output is
         self.rows_per_run.append(rows)
         return {name: values[name] for name in self.names}

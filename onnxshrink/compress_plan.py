@@ -51,6 +51,7 @@ from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import capture, describe, input_size, matrix, token_rows, unfold
+from onnxshrink.validate import attention_mask, masks_output
 from onnxshrink.weights import find_tensors
 
 BIT_CHOICES = (3, 4, 5, 6, 8)  # widths a layer may get: few, since the cluster pass runs once per distinct width
@@ -268,16 +269,20 @@ def has_channel_layout(prices: Prices) -> bool:
     return bool(layers) and all(layer.channel_errors for layer in layers)
 
 
-def frontier(prices: Prices, per: str = "layer") -> list[dict]:
+def frontier(prices: Prices, per: str = "layer", start: dict | None = None, frozen: frozenset = frozenset()) -> list[dict]:
     """Allocations (node -> bits) from all layers at the widest width to all at the narrowest, each one layer one
     width narrower than the one before: the step that adds the least summed relative error per bit saved. `per`
-    "channel" prices one codebook per output channel (CHANNEL_BITS), its codebooks counted in the bits."""
-    current = {layer.node: max(layout_errors(layer, per)) for layer in prices.layers}
+    "channel" prices one codebook per output channel (CHANNEL_BITS), its codebooks counted in the bits. From
+    `start` instead of the widest, the items in `frozen` never narrower than there (a step the whole model failed:
+    the rest of the frontier without it)."""
+    current = dict(start) if start is not None else {layer.node: max(layout_errors(layer, per)) for layer in prices.layers}
     by_node = {layer.node: layer for layer in prices.layers}
     path = [dict(current)]
     while True:
         best, best_cost = None, np.inf
         for node, width in current.items():
+            if node in frozen:
+                continue
             layer = by_node[node]
             errors = layout_errors(layer, per)
             narrower = [b for b in errors if b < width]
@@ -314,13 +319,14 @@ def finalists(prices: Prices, min_cosine: float | None) -> list[tuple]:
     return [(a, per) for a, per, _, _ in front]
 
 
-def predicted_drift(allocation: dict, prices: Prices, per: str = "layer") -> float:
+def predicted_drift(allocation: dict, prices: Prices, per: str = "layer", tables: bool | None = None) -> float:
     """The summed per-layer prices of `allocation` over those of every layer at its widest width: in units of
     output drift once the prices are measured (`measured`). Layers do not add up exactly, and the cluster pass
     rounds and refits better than the priced codebooks: validated drift was 0.03-0.75 of this on ddddocr's
-    detector and PP-OCR's recogniser (docs/benchmarks-compress.md), hence DRIFT_SLACK."""
+    detector and PP-OCR's recogniser (docs/benchmarks-compress.md), hence DRIFT_SLACK. `tables` True or False:
+    the embedding tables' share alone (measured outright, the pass's own coding), or the layers' alone."""
     return float(sum(layout_errors(layer, per)[allocation[layer.node]] - layer.errors[max(layer.errors)]
-                     for layer in prices.layers if layer.node in allocation))
+                     for layer in prices.layers if layer.node in allocation and tables in (None, layer.table)))
 
 
 def measured(prices: Prices) -> bool:
@@ -449,10 +455,12 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         batches.append({k: v[:size] if getattr(v, "ndim", 0) else v for k, v in batch.items() if k in inputs})
         left -= size
     reference = run_batches(session, batches)
+    found = attention_mask(input_specs(model), batches, dataset.batch_axes)
+    masks = {name: found[1] for name, value in reference.items() if found is not None and masks_output(found[1], value)}
 
     def drift(replaced: dict) -> float:
         outputs = run_batches(session, [dict(batch, **replaced) for batch in batches])
-        return max((_drift(reference[name], outputs[name]) for name in reference), default=0.0)
+        return max((_drift(reference[name], outputs[name], masks.get(name)) for name in reference), default=0.0)
 
     for layer in prices.tables:  # first: a handful of runs, and their prices are the measurements themselves
         if stop is not None and stop():
@@ -504,10 +512,19 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         prices.int8_drift = drift(others)
 
 
-def _drift(a: np.ndarray, b: np.ndarray) -> float:
-    """1 - the mean per-sample cosine of two outputs (validate's cosine); 0 for non-float outputs."""
+def _drift(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """1 - the mean per-sample cosine of two outputs (validate's cosine); 0 for non-float outputs. With `mask`
+    ([samples, sequence], validate.masks_output), padding positions are zeroed in both, as validate leaves them out:
+    a padded position's state follows the [PAD] row of a word table, which a coded table moves freely, and counted
+    it priced MPNet's word table at 4 bits at 0.175 of drift where validate measures 0.004."""
     if a.dtype.kind != "f" or a.size == 0:
         return 0.0
+    if mask is not None:
+        keep = mask.reshape(mask.shape + (1,) * (a.ndim - 2))
+        a, b = np.where(keep, a, 0), np.where(keep, b.reshape(a.shape), 0)
+        a, b = a[mask.any(axis=1)], b[mask.any(axis=1)]  # a sample of padding only has nothing to judge
+        if not len(a):
+            return 0.0
     a = a.reshape(len(a), -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
     b = b.reshape(a.shape).astype(np.float64)
     norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
@@ -535,7 +552,7 @@ def _dataset(model, calibration, samples: int) -> Dataset | None:
             break
         batches.append(batch)
         count += len(next(iter(batch.values()))) if batch else 1
-    return Dataset(batches, None, count, dataset.synthetic, [])
+    return Dataset(batches, None, count, dataset.synthetic, [], dict(dataset.batch_axes))
 
 
 def _chunks(layers: list) -> list[list]:

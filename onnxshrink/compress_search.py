@@ -1102,6 +1102,7 @@ def plan_phase(search) -> tuple[float | None, int | None]:
         layouts.setdefault(per, []).append(allocation)
     order = sorted(layouts, key=lambda per: compress_plan.average_bits(layouts[per][-1], prices, per))
     passed, passed_bits, failed_width = None, None, None
+    budget = _drift_budget(config)
     passed_rung, failed_rungs = None, {}  # (allocation, layout) of the narrowest pass; layout -> narrowest failure
     for per in order:
         ladder = [a for a in layouts[per]
@@ -1118,6 +1119,9 @@ def plan_phase(search) -> tuple[float | None, int | None]:
                 if passed is None or candidate.size < passed[0].size:
                     passed, passed_bits = (candidate, recipe, run), compress_plan.average_bits(allocation, prices, per)
                     passed_rung = (allocation, per)
+                if budget is not None and compress_plan.measured(prices):
+                    break  # its measured/predicted ratio now guides the probes below it (_refine_plan) better than
+                    # the ladder's next rung: MiniLM's 4.00-bit rung, 1.5x the budget so scaled, cost 130 s to fail
             else:
                 high = mid
                 failed_rungs[per] = allocation  # the last failure of a layout is the rung next to its narrowest pass
@@ -1127,7 +1131,6 @@ def plan_phase(search) -> tuple[float | None, int | None]:
     if passed is None:
         return None, failed_width
     allocation, per = passed_rung
-    budget = _drift_budget(config)
     passed = _refine_plan(search, prices, tables, passed, allocation, per, failed_rungs.get(per), budget)
     passed_bits = compress_plan.average_bits(passed[3], prices, per)
     search.starts[PLANNED] = passed[:3]
@@ -1136,6 +1139,9 @@ def plan_phase(search) -> tuple[float | None, int | None]:
 
 
 UNIFORM_SLACK = 2.0  # a uniform codebook predicted over this many times the drift budget is not tried
+MIN_DRIFT_RATIO = 0.05  # the layers' validated/predicted drift ratio is taken as at least this (_drift_ratio)
+PROBE_SLACK = 1.25  # a next frontier step so scaled over this many times the budget counts as failed, untried
+FROZEN_STEPS = 2  # frontier steps the refinement may hold back after the whole model failed them (_refine_plan)
 
 
 def _drift_budget(config: CompressConfig) -> float | None:
@@ -1157,14 +1163,25 @@ def _try_planned(search, allocation: dict, per: str, prices, tables: tuple) -> t
 
 
 def _drift_ratio(candidate: Candidate, allocation: dict, prices, per: str) -> float | None:
-    """Validated over predicted drift of a judged planned candidate (None: no cosine, or nothing predicted): the
-    plan's sum of single-layer drifts overstated MiniLM's whole model 1.6-2.4x, PP-OCR's recogniser's up to 11x."""
+    """Validated over predicted drift of the layers of a judged planned candidate, the tables' share taken as
+    priced (measured outright on the whole model, they need no scaling); None: no cosine, or no layer predicted.
+    The plan's sum of single-layer drifts overstated MiniLM's whole model 1.6-2.4x, PP-OCR's recogniser's up to
+    11x; MiniLM's word table at 3 bits was priced at 0.011 and the model measured 0.017 with it."""
     from onnxshrink import compress_plan
 
-    predicted = compress_plan.predicted_drift(allocation, prices, per)
-    if candidate.cosine is None or predicted <= 0:
+    layers = compress_plan.predicted_drift(allocation, prices, per, tables=False)
+    if candidate.cosine is None or layers <= 0:
         return None
-    return max(1.0 - candidate.cosine, 0.0) / predicted
+    tables = compress_plan.predicted_drift(allocation, prices, per, tables=True)
+    return max(1.0 - candidate.cosine - tables, MIN_DRIFT_RATIO * layers) / layers
+
+
+def _scaled_drift(allocation: dict, prices, per: str, ratio: float) -> float:
+    """An allocation's predicted drift with its layers' share scaled by `ratio` (_drift_ratio)."""
+    from onnxshrink import compress_plan
+
+    return (compress_plan.predicted_drift(allocation, prices, per, tables=True)
+            + ratio * compress_plan.predicted_drift(allocation, prices, per, tables=False))
 
 
 def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict, per: str, failed: dict | None,
@@ -1172,30 +1189,48 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
     """The frontier's allocations between the narrowest passing rung and the next narrower one (the failed rung
     of that layout, else the frontier's narrowest predicted within DRIFT_SLACK x the budget), bisected on the whole
     model: the ladder's rungs are half a bit apart (MiniLM: 4.50 passed at 7.82x, 8x is 4.38). The first probe is the
-    narrowest whose prediction, scaled by the passing rung's validated/predicted ratio, fits the budget. Returns
-    (candidate, recipe, run, allocation) of the narrowest that passed."""
+    narrowest whose prediction, scaled by the passing rung's validated/predicted ratio, fits the budget.
+
+    When the bisection closes on a single failed step, that step's item is held where it is and the frontier goes
+    on without it (up to FROZEN_STEPS times): a step that lowers a big item (MiniLM's word table, half the weights,
+    4 -> 3 bits) saves more than the whole interval, so nothing lay between its two ends, and the layers' own
+    narrower widths were never tried. Returns (candidate, recipe, run, allocation) of the narrowest that passed."""
     from onnxshrink import compress_plan
 
     path = compress_plan.frontier(prices, per)
     if allocation not in path:
         return (*passed, allocation)
     low = path.index(allocation)
-    if failed is not None and failed in path:
-        high = path.index(failed)
-    elif budget is not None and compress_plan.measured(prices):
-        limit = compress_plan.DRIFT_SLACK * budget
-        high = next((i for i in range(low + 1, len(path))
+    limit = compress_plan.DRIFT_SLACK * budget if budget is not None and compress_plan.measured(prices) else None
+
+    def end(path: list, low: int) -> int:  # the first allocation past `low` predicted over the limit
+        return next((i for i in range(low + 1, len(path))
                      if compress_plan.predicted_drift(path[i], prices, per) > limit), len(path))
+
+    if failed is not None and failed in path:
+        high, failed_at_high = path.index(failed), True
+    elif limit is not None:
+        high, failed_at_high = end(path, low), False
     else:
         return (*passed, allocation)
     best = (*passed, allocation)
     ratio = _drift_ratio(passed[0], allocation, prices, per) if budget is not None else None
-    tried = 0
-    while high - low > 1 and search.affordable():
+    tried, skipped, frozen = 0, 0, set()
+    while search.affordable():
+        if high - low <= 1:
+            if not failed_at_high or limit is None or len(frozen) >= FROZEN_STEPS or high >= len(path):
+                break
+            frozen.update(node for node, b in path[high].items() if path[low].get(node) != b)
+            path = path[:low + 1] + compress_plan.frontier(prices, per, path[low], frozenset(frozen))[1:]
+            high, failed_at_high = end(path, low), False
+            continue
         probe = (low + high) // 2
         if ratio is not None:
-            fitting = [i for i in range(low + 1, high)
-                       if ratio * compress_plan.predicted_drift(path[i], prices, per) <= budget]
+            fitting = [i for i in range(low + 1, high) if _scaled_drift(path[i], prices, per, ratio) <= budget]
+            if not fitting and _scaled_drift(path[low + 1], prices, per, ratio) > PROBE_SLACK * budget:
+                high, failed_at_high = low + 1, True  # predicted to fail even scaled: held untried
+                skipped += 1
+                continue
             probe = fitting[-1] if fitting else low + 1
         candidate, recipe, run = _try_planned(search, path[probe], per, prices, tables)
         tried += 1
@@ -1205,10 +1240,13 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
                 best = (candidate, recipe, run, path[probe])
                 ratio = _drift_ratio(candidate, path[probe], prices, per) if budget is not None else None
         else:
-            high = probe
-    if tried:
+            high, failed_at_high = probe, True
+    if tried or frozen:
+        held = (f" ({', '.join(sorted(frozen))} held where the whole model failed its next step"
+                + (f", {skipped} of those steps predicted to fail and not tried" if skipped else "") + ")"
+                if frozen else "")
         search.notes.append(f"planned codebooks: {tried} allocation(s) of the frontier between the narrowest passing "
-                            f"rung and the next tried; the narrowest passing: "
+                            f"rung and the next tried{held}; the narrowest passing: "
                             f"{compress_plan.summary(best[3], prices, per)}")
     return best
 
@@ -1241,7 +1279,7 @@ def _predicted_to_fail(search, prices, candidate: Candidate, allocation: dict, p
                 continue  # blockwise quantize leaves the tables to the other floats
             widths = sorted(compress_plan.layout_errors(layer, "layer"))
             uniform[layer.node] = min((b for b in widths if b >= width), default=widths[-1])
-        predicted = ratio * compress_plan.predicted_drift(uniform, prices, "layer")
+        predicted = _scaled_drift(uniform, prices, "layer", ratio)
         if predicted > UNIFORM_SLACK * budget:
             skipped.add(name)
     if skipped:

@@ -48,6 +48,7 @@ def test_the_frontier_between_a_passing_and_a_failing_rung_is_bisected_to_its_na
     narrowest = max(i for i, ok in enumerate(truth) if ok)
     passing, failing = path[1], path[narrowest + 3]  # two rungs of the ladder around the true edge
     monkeypatch.setattr(compress_search, "_try_planned", _judge(budget))
+    monkeypatch.setattr(compress_search, "FROZEN_STEPS", 0)  # the bisection alone (held steps: the test below)
     search = _FakeSearch()
     start = (_candidate(passing, prices), "start recipe", None)
     best = _refine_plan(search, prices, (), start, passing, "layer", failing, budget)
@@ -56,6 +57,42 @@ def test_the_frontier_between_a_passing_and_a_failing_rung_is_bisected_to_its_na
     assert search.tried and all(low < path.index(a) < high for a in search.tried)  # only between the rungs
     assert len(search.tried) < high - low - 1  # bisected, not walked
     assert "narrowest passing" in search.notes[-1]
+
+
+def _big_item_prices() -> Prices:
+    """A big item (a word table: most of the weights) whose 4 -> 3 bit step is the frontier's cheapest per bit but
+    alone past the budget, beside four small layers that could still go narrower."""
+    big = LayerPrice("table", 10000, {3: 0.0135, 4: 0.002, 5: 0.0005, 8: 0.0}, True, drift=0.002, rows=100,
+                     tensor="table.weight")
+    small = [LayerPrice(f"l{i}", 1000, {3: 0.003, 4: 0.001, 5: 0.0004, 6: 0.0001, 8: 0.0}, True, drift=0.001)
+             for i in range(4)]
+    return Prices([big, *small])
+
+
+def test_a_failed_step_of_a_big_item_is_held_and_the_rest_of_the_frontier_goes_on(monkeypatch):
+    prices, budget = _big_item_prices(), 0.0095
+    path = frontier(prices)
+    step = next(i for i in range(1, len(path)) if path[i]["table"] == 3)
+    passing, failing = path[step - 1], path[step]  # nothing between them: the table's step is one frontier step
+    assert passing["table"] == 4 and all(passing[f"l{i}"] == 4 for i in range(4))
+    monkeypatch.setattr(compress_search, "_try_planned", _judge(budget, drift_scale=1.0))
+    search = _FakeSearch()
+    start = (_candidate(passing, prices, drift_scale=1.0), "start", None)
+    best = _refine_plan(search, prices, (), start, passing, "layer", failing, budget)
+    assert best[3]["table"] == 4 and best[0].passed and best[0].size < start[0].size
+    assert any(best[3][f"l{i}"] == 3 for i in range(4))  # a small layer went narrower, the table held at 4
+    assert all(a["table"] == 4 for a in search.tried)
+    assert "held where the whole model failed" in search.notes[-1]
+
+    search = _FakeSearch()  # no failed rung: the table's step, 1.8x the budget as scaled, is held without a candidate
+    again = _refine_plan(search, prices, (), start, passing, "layer", None, budget)
+    assert again[3] == best[3] and all(a["table"] == 4 for a in search.tried)
+    assert "1 of those steps predicted to fail and not tried" in search.notes[-1]
+
+    monkeypatch.setattr(compress_search, "FROZEN_STEPS", 0)  # without holding: stuck at the passing rung
+    search = _FakeSearch()
+    assert _refine_plan(search, prices, (), start, passing, "layer", failing, budget)[3] == passing
+    assert not search.tried
 
 
 def test_without_a_failed_rung_the_frontier_is_refined_up_to_the_drift_slack(monkeypatch):
@@ -103,3 +140,45 @@ def test_a_per_channel_pass_does_not_scale_the_per_layer_predictions_of_the_unif
     candidate.cosine = 1.0 - 1e-5  # validated 0.005x the per-channel prediction (0.002): scaled, 4 bits would fit
     per_channel = _predicted_to_fail(SimpleNamespace(notes=[]), prices, candidate, passing, "channel", 0.01)
     assert {"cluster4", "cluster3"} <= per_channel  # every layer at 4 bits per layer: 0.2 predicted, as it is
+
+
+def test_with_a_budget_the_ladder_stops_at_its_first_pass_and_the_ratio_guides_the_rest(monkeypatch):
+    """After a rung passes, the next narrower rung is not tried for its own sake: the refinement's probe, scaled by
+    the passing rung's measured/predicted ratio, goes where the budget should end (MiniLM spent 130 s failing a
+    rung that its ratio put at 1.5x the budget)."""
+    from onnxshrink import compress_plan
+
+    prices, budget = _measured_prices(), 0.01
+    rungs = [(a, "layer") for a in compress_plan.ladder(prices)]
+    monkeypatch.setattr(compress_plan, "price_layers", lambda *a, **k: prices)
+    monkeypatch.setattr(compress_plan, "finalists", lambda *a, **k: rungs)
+    monkeypatch.setattr(compress_search, "_try_planned", _judge(budget))
+    search = _FakeSearch()
+    search.pack, search.source, search.starts = True, "model.onnx", {}
+    search.config = SimpleNamespace(formats=None, calibration="cal.npz", threads=1,
+                                    thresholds=SimpleNamespace(min_cosine=1.0 - budget))
+    search.tick = lambda *a, **k: None
+    bits, _ = compress_search.plan_phase(search)
+    first = rungs[(len(rungs) - 1) // 2][0]  # the ladder's bisection starts in its middle
+    assert search.tried[0] == first
+    narrower = [a for a, _ in rungs if average_bits(a, prices) < average_bits(first, prices)]
+    assert narrower and not any(a in search.tried for a in narrower)  # only frontier probes after the pass
+    path = frontier(prices)
+    truth = [0.5 * predicted_drift(a, prices) <= budget for a in path]
+    narrowest = path[max(i for i, ok in enumerate(truth) if ok)]
+    assert bits == average_bits(narrowest, prices) and search.starts[compress_search.PLANNED][0].passed
+
+
+def test_the_drift_ratio_scales_the_layers_and_takes_the_tables_as_measured():
+    from onnxshrink.compress_search import _drift_ratio, _scaled_drift
+
+    prices = _big_item_prices()
+    allocation = {"table": 3, "l0": 4, "l1": 4, "l2": 5, "l3": 8}
+    tables = predicted_drift(allocation, prices, tables=True)
+    layers = predicted_drift(allocation, prices, tables=False)
+    assert tables == 0.0135 and abs(layers - (0.001 + 0.001 + 0.0004)) < 1e-12
+    assert abs(tables + layers - predicted_drift(allocation, prices)) < 1e-12
+    judged = Candidate(0, "planned", "", 1, None, None, None, 1.0 - (tables + 0.5 * layers), True, True, 1.0)
+    ratio = _drift_ratio(judged, allocation, prices, "layer")
+    assert abs(ratio - 0.5) < 1e-9
+    assert abs(_scaled_drift(allocation, prices, "layer", ratio) - (tables + 0.5 * layers)) < 1e-12

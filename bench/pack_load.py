@@ -3,6 +3,9 @@ two codecs (LZMA, zstd) side by side, on MiniLM, MPNet and the real models `make
 
     python bench/pack_load.py [--models minilm,mpnet,real] [--repeat 3] [--out docs/benchmarks-pack.md]
     python bench/pack_load.py --profile MODEL.shrink [MODEL.onnx]   # where a session's CPU seconds go
+    git archive REV onnxshrink | tar -x -C /tmp/base    # an older onnxshrink's source, then:
+    python bench/pack_load.py --baseline /tmp/base [--models real]  # its packs against this one's
+    python bench/pack_load.py --graph-tensors MODEL.shrink          # what its graph record holds, coded 3 ways
 
 For each model: `pack` (default `favor="load"`) and `pack` with `favor="size"`, each timed (wall and CPU
 seconds of this process, threads included) and sized; then `onnxshrink.session` of the ONNX file and of each
@@ -10,6 +13,10 @@ pack, alternating, `--repeat` times (best wall and its CPU): in this process aft
 ("warm"), and once in a fresh process ("cold": numba's cached kernels and zstandard are loaded then too).
 The graph record is decoded and coded again both ways: its bytes, and the decode speed of each codec.
 Models not cached are skipped. The section it writes replaces the previous one (between its markers).
+
+`--baseline DIR` measures only `favor="load"` packs, each made by this onnxshrink and by the one whose package
+sits in DIR (in a subprocess), and sessions of the ONNX file and both packs, alternating, all loaded by this
+onnxshrink (it reads every older pack); it writes its own section, between the baseline markers.
 """
 
 from __future__ import annotations
@@ -38,6 +45,10 @@ from onnxshrink import api, packing  # noqa: E402
 from onnxshrink.codec import container  # noqa: E402
 
 BEGIN, END = "<!-- pack_load: begin -->", "<!-- pack_load: end -->"
+BASELINE_BEGIN, BASELINE_END = "<!-- pack_load baseline: begin -->", "<!-- pack_load baseline: end -->"
+BASELINE_PACK = ("import sys, time; sys.path.insert(0, sys.argv[3]); from onnxshrink import api; "
+                 "c = time.process_time(); api.pack(sys.argv[1], sys.argv[2], force=True); "
+                 "print(time.process_time() - c)")
 COLD = ("import sys, time, onnxshrink; t = time.perf_counter(); c = time.process_time(); "
         "onnxshrink.session(sys.argv[1]); print(time.perf_counter() - t, time.process_time() - c)")
 
@@ -114,7 +125,9 @@ def table(rows: list[dict], repeat: int) -> list[str]:
         "shared the machine: the wall times are noisy, CPU seconds less so). `favor` is pack's option: `load` (the "
         "default) codes a graph record of 1 MiB or more with zstd -19 unless LZMA saves more than 0.5% of the pack; "
         "a smaller one, and `size`, keep the smaller codec. Tensors of 64 KiB or more are coded `zstd-planes` "
-        f"where that is smaller than their Huffman coding. `session` is the best of {repeat} alternating calls in one process after a warm-up (wall, "
+        "where that is smaller than their Huffman coding; those LZMA would keep in the graph record get records of "
+        "their own (`zstd-columns` where that codes them best) unless that makes the pack more than 0.5% larger "
+        f"(`size`: any larger). `session` is the best of {repeat} alternating calls in one process after a warm-up (wall, "
         "then CPU seconds); `cold` is one call in a fresh process (numba's cached kernels load then). `x` is the "
         "pack's warm wall time over the ONNX file's, `x CPU` the same for CPU seconds (steadier on a shared machine). "
         "The ONNX file is checked by path and loaded by path; a pack is decoded once and handed to onnxruntime as its "
@@ -154,14 +167,89 @@ def table(rows: list[dict], repeat: int) -> list[str]:
     return lines + [END]
 
 
-def write_section(out: Path, lines: list[str]) -> None:
+def against_baseline(name: str, source: Path, work: Path, baseline: Path, repeat: int) -> dict:
+    """Sizes and sessions of this onnxshrink's `favor="load"` pack and the baseline's, with the ONNX file's."""
+    ours, theirs = work / "ours.shrink", work / "baseline.shrink"
+    _, _, cpu = clock(lambda: api.pack(source, ours, force=True))
+    done = subprocess.run([sys.executable, "-c", BASELINE_PACK, str(source), str(theirs), str(baseline)], check=True,
+                          capture_output=True, text=True, cwd=work)
+    onnx_t, theirs_t, ours_t = session_times([source, theirs, ours], repeat)
+    return {"model": name, "size": ours.stat().st_size, "baseline_size": theirs.stat().st_size, "pack_cpu": cpu,
+            "baseline_pack_cpu": float(done.stdout.split()[-1]), "onnx": onnx_t, "ours": ours_t, "baseline": theirs_t,
+            "version": ".".join(map(str, ours.read_bytes()[8:12:2]))}
+
+
+def baseline_table(rows: list[dict], repeat: int) -> list[str]:
+    load = os.getloadavg()
+    lines = [
+        BASELINE_BEGIN,
+        f"Produced by `python bench/pack_load.py --baseline DIR` (DIR: the baseline's `onnxshrink` package) on "
+        f"{platform.machine()} ({os.cpu_count()} cores), Python {platform.python_version()}, onnxruntime "
+        f"{__import__('onnxruntime').__version__}; load average {load[0]:.1f} / {load[1]:.1f} at the end of the run. "
+        f"`favor=load` packs of each model by the baseline and by this tree; `session` CPU seconds are the best of "
+        f"{repeat} alternating calls (ONNX file, baseline pack, this pack) in one process after a warm-up, both packs "
+        "loaded by this tree; `x CPU` is a pack's over the ONNX file's. `pack CPU s`: CPU seconds of the packing "
+        "process, all its threads; `format`: the pack's version.",
+        "",
+        "| model | baseline pack B | pack B | size | format | pack CPU s (baseline) | ONNX session CPU s | "
+        "baseline session CPU s | session CPU s | x CPU baseline | x CPU |",
+        "|---|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['model']} | failed: {r['error']} | | | | | | | | | |")
+            continue
+        o, b, p = r["onnx"]["cpu"], r["baseline"]["cpu"], r["ours"]["cpu"]
+        mark = "**" if p / o <= 2 else ""  # the target: at most twice the ONNX file's
+        lines.append(f"| {r['model']} | {r['baseline_size']} | {r['size']} | "
+                     f"{100 * (r['size'] / r['baseline_size'] - 1):+.2f}% | {r['version']} | "
+                     f"{r['pack_cpu']:.1f} ({r['baseline_pack_cpu']:.1f}) | {o:.4f} | {b:.4f} | {p:.4f} | "
+                     f"{b / o:.2f} | {mark}{p / o:.2f}{mark} |")
+    return lines + [BASELINE_END]
+
+
+def write_section(out: Path, lines: list[str], begin: str = BEGIN, end: str = END) -> None:
     text = out.read_text() if out.exists() else ""
     section = "\n".join(lines) + "\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + section + text[text.index(END) + len(END) + 1:]
+    if begin in text and end in text:
+        text = text[: text.index(begin)] + section + text[text.index(end) + len(end) + 1:]
     else:
         text = text.rstrip("\n") + "\n\n" + section
     out.write_text(text)
+
+
+def graph_tensors(path: Path) -> None:
+    """The tensors of 256 bytes or more that a pack's graph record holds (what LZMA decodes at load): shape, type,
+    the ops that use them, distinct values, zeros, and their bytes raw, in LZMA, in zstd -19 and as Huffman byte
+    planes (own tables), each tensor alone; then the graph record whole in LZMA and zstd -19."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    records = container.read_records(path.read_bytes())
+    header = container.parse_json(next(records))
+    model = packing._decode_graph(next(records), header)
+    users: dict[str, set] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            users.setdefault(name, set()).add(node.op_type)
+    lz = lambda b: len(lzma.compress(b, format=lzma.FORMAT_RAW, filters=packing.GRAPH_FILTERS))  # noqa: E731
+    zs = lambda b: len(zstandard.ZstdCompressor(level=packing.ZSTD_LEVEL).compress(b))  # noqa: E731
+    print("| tensor | shape | type | used by | distinct | zeros | raw B | LZMA B | zstd -19 B | Huffman planes B |")
+    print("|---|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for tensor in packing.tensor_protos(model):
+        data = packing.tensor_bytes(tensor)
+        if data is None or len(data) < packing.MIN_CODED_BYTES:
+            continue
+        values = numpy_helper.to_array(tensor)
+        k = packing.element_size(tensor) if len(data) % packing.element_size(tensor) == 0 else 1
+        huffman_bytes = packing._estimate(packing._planes(np.frombuffer(data, np.uint8), k, "dense")) // 8
+        print(f"| {tensor.name} | {list(tensor.dims)} | {onnx.TensorProto.DataType.Name(tensor.data_type).lower()} | "
+              f"{', '.join(sorted(users.get(tensor.name, {'(attribute)'})))} | {len(np.unique(values))} | "
+              f"{np.mean(values == 0):.0%} | {len(data)} | {lz(data)} | {zs(data)} | {huffman_bytes} |")
+    graph = model.SerializeToString()
+    print(f"\n{path}: graph record {header['graph_codec']}, {len(graph)} B decoded; whole in LZMA {lz(graph)} B, "
+          f"zstd -19 {zs(graph)} B; the pack {path.stat().st_size} B")
 
 
 def profile(paths: list[str], repeat: int) -> None:
@@ -187,9 +275,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks-pack.md"))
     parser.add_argument("--profile", nargs="+", metavar="FILE", help="profile onnxshrink.session of these files instead")
+    parser.add_argument("--baseline", metavar="DIR", help="compare with the onnxshrink package in DIR instead")
+    parser.add_argument("--graph-tensors", metavar="FILE", help="list the tensors a pack's graph record holds instead")
     args = parser.parse_args()
     if args.profile:
         profile(args.profile, args.repeat)
+        return
+    if args.graph_tensors:
+        graph_tensors(Path(args.graph_tensors))
         return
     wanted = args.models.split(",")
     models = [(name, transformer(name)) for name in ("minilm", "mpnet") if name in wanted]
@@ -203,11 +296,18 @@ def main() -> None:
             work = Path(tmp) / name
             work.mkdir()
             try:
-                rows.append(measure(name, source, work, args.repeat))
+                if args.baseline:
+                    rows.append(against_baseline(name, source, work, Path(args.baseline).resolve(), args.repeat))
+                else:
+                    rows.append(measure(name, source, work, args.repeat))
             except Exception as exc:  # a failure is a row, not an aborted benchmark
                 rows.append({"model": name, "error": f"{type(exc).__name__}: {exc}"})
             print(rows[-1], file=sys.stderr, flush=True)
-    write_section(Path(args.out), table(rows, args.repeat))
+    if args.baseline:
+        write_section(Path(args.out), baseline_table(rows, args.repeat), BASELINE_BEGIN,
+                      BASELINE_END)
+    else:
+        write_section(Path(args.out), table(rows, args.repeat))
     print(f"wrote {args.out}", file=sys.stderr)
 
 

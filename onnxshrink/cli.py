@@ -880,7 +880,7 @@ def flush_denormals_command(
 def pack_command(
     model: Annotated[Path, typer.Argument(metavar="MODEL", help="ONNX model file (float, quantized or pruned).", show_default=False)],
     output: _output_opt("Output path (default MODEL.shrink next to the input).") = None,
-    favor: Annotated[str, typer.Option("--favor", metavar="[load|size]", help="load (default): a graph record of 1 MiB or more in zstd, which loads 20-50x faster than LZMA, unless LZMA saves over 0.5% of the pack; size: whichever is smaller.", rich_help_panel=HOW)] = "load",
+    favor: Annotated[str, typer.Option("--favor", metavar="[load|size]", help="load (default): a graph record of 1 MiB or more in zstd, which loads 20-50x faster than LZMA, unless LZMA saves over 0.5% of the pack, and the same 0.5% allowance gives large tensors LZMA would keep in the graph records of their own; size: whichever is smaller.", rich_help_panel=HOW)] = "load",
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
     show_all: ShowAllOpt = False,

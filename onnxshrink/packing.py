@@ -71,6 +71,12 @@ FAVORS = ("load", "size")
 # finds what order-0 Huffman codes cannot (repeated rows of a rarely-trained output layer) and decodes at ~1 GB/s.
 ZSTD_PLANES_MIN = 64 << 10
 ZSTD_PLANES_LEVELS = (3, 9)
+# `zstd-columns` (format 3.1): tried on the tensors of at least ZSTD_PLANES_MIN bytes that LZMA would keep in the
+# graph record (structured ones: an STFT basis of sines), their elements column by column (the matrix of the first
+# dimension by the others, transposed), byte planes, zstd, at this level (9 above COLUMNS_HIGH_MAX bytes), each
+# with the previous record's content as a prefix where that is smaller (a sine basis after its cosines).
+COLUMNS_LEVEL = 19
+COLUMNS_HIGH_MAX = 8 << 20
 
 
 @dataclass
@@ -126,12 +132,13 @@ class _Plan:
     frame_size: int = 0
     frame_level: int = 0
     planes_entropy: float = 0.0  # `zstd-planes`: order-0 entropy of its byte planes, bits, for the report
+    content: bytes | None = None  # `zstd-columns`: what its frame codes (the next record's prefix, if it uses one)
 
     def forget_symbols(self) -> None:
         """Keep what choosing tables needs (counts, codes, sizes), not the symbols: a tensor's worth of memory."""
         for s in self.streams:
             s.symbols = None
-        self.frame = None
+        self.frame = self.content = None
 
 
 @dataclass
@@ -261,19 +268,29 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
             in_graph -= plan.meta["n"]
         plans.sort(key=lambda p: p.index)
         tables = _assign_tables([s for p in plans for s in p.streams])
+    chosen = {p.index for p in plans}
+    held = [p for p in candidates if p.index not in chosen and p.meta["n"] >= ZSTD_PLANES_MIN]
     del candidates  # the plans of tensors left in the graph: a tensor's worth of memory each
 
-    stripped = onnx.ModelProto()
-    stripped.CopyFrom(model)
-    stripped_protos = tensor_protos(stripped)
-    coded = {plan.index for plan in plans}
-    for plan in plans:
-        stripped_protos[plan.index].ClearField(plan.meta.get("field", "raw_data"))
-    if source is not None:  # as loading the external data would leave them: inline, or cleared when coded
-        source.inline(stripped, coded)
-    graph_model = stripped.SerializeToString()
-    del stripped, stripped_protos
+    graph_model = _graph_model(model, plans, source)
     graph_bytes = lzma.compress(graph_model, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
+    layout_size, slack_taken = len(graph_bytes) + _records_bytes(plans, tables), 0
+    # The large tensors LZMA keeps in the graph decode at 15-40 MB/s there. Coded as records of their own (zstd on
+    # their columns where that codes them best, which decodes at about 1 GB/s), all of them together: LZMA on the
+    # graph also finds what they share (a sine basis and its cosines), which only the whole layout's size shows.
+    if held:
+        fast_plans = sorted(plans + _columns_plans(held, plans, read, source is not None), key=lambda p: p.index)
+        fast_tables = _assign_tables([s for p in fast_plans for s in p.streams])
+        fast_graph = _graph_model(model, fast_plans, source)
+        fast_bytes = lzma.compress(fast_graph, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
+        fast_size = len(fast_bytes) + _records_bytes(fast_plans, fast_tables)
+        slack = ZSTD_SLACK * fast_size if favor == "load" else 0
+        if fast_size <= layout_size + slack:
+            plans, graph_model, graph_bytes = fast_plans, fast_graph, fast_bytes
+            layout_size, slack_taken = fast_size, slack
+        del fast_plans, fast_graph, fast_bytes
+        tables = _assign_tables([s for p in plans for s in p.streams])  # the kept layout's (both set table ids)
+    del held
     # Records were chosen tensor by tensor, against LZMA on each tensor alone; on the whole graph LZMA also finds
     # what tensors share (tied copies), so on a small model keeping every tensor in the graph can be smaller.
     # Not for external-data models: their streamed pack cannot afford it and must write what this path writes.
@@ -281,13 +298,18 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
             and data_bytes <= GRAPH_RECORD_LIMIT):
         whole_model = model.SerializeToString()
         whole_bytes = lzma.compress(whole_model, format=lzma.FORMAT_RAW, filters=GRAPH_FILTERS)
-        if 8 * len(whole_bytes) <= 8 * len(graph_bytes) + sum(_record_bits(p, tables) for p in plans):
+        if len(whole_bytes) + slack_taken <= layout_size:  # favor=load took the fast layout within its slack: beat that
             plans, tables, graph_model, graph_bytes = [], [], whole_model, whole_bytes
     rest = sum(_record_bits(p, tables) for p in plans) // 8 + sum(len(t.to_bytes()) + RECORD_FRAMING for t in tables)
     codec, graph_bytes = _graph_codec(graph_model, graph_bytes, rest, favor)
 
-    newest = codec == ZSTD_CODEC or any(p.encoding == "zstd-planes" for p in plans)
-    writer = container.Writer(stream, container.VERSION if newest else container.LZMA_GRAPH_VERSION)
+    if any(p.encoding == "zstd-columns" for p in plans):
+        version = container.COLUMNS_VERSION
+    elif codec == ZSTD_CODEC or any(p.encoding == "zstd-planes" for p in plans):
+        version = container.VERSION
+    else:
+        version = container.LZMA_GRAPH_VERSION
+    writer = container.Writer(stream, version)
     header = {"format": FORMAT_NAME, "producer": _producer(), "tensors": len(plans), "tables": len(tables),
               "graph_codec": codec, "graph_bytes": len(graph_model)}
     if external_data:
@@ -295,18 +317,28 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
     writer.json_record(container.HEADER, header)
     graph_size = writer.record(container.GRAPH, graph_bytes)
     table_size = sum(writer.record(container.TABLE, t.to_bytes()) for t in tables)
+    previous = None  # the content of the record before, when it was `zstd-columns`: the next one's prefix
     for plan in plans:
-        if plan.encoding == "zstd-planes":
-            if plan.frame is None:
-                _rebuild_frame(plan, read(plan.tensor))
+        if plan.encoding in ("zstd-planes", "zstd-columns"):
+            if plan.encoding == "zstd-columns":
+                if plan.frame is None:
+                    _rebuild_columns(plan, read(plan.tensor), previous)
+                previous = plan.content
+            else:
+                previous = None
+                if plan.frame is None:
+                    _rebuild_frame(plan, read(plan.tensor))
             plan.meta["streams"][0]["b"] = len(plan.frame)
             size = writer.record(container.TENSOR, container.join_meta(plan.meta), plan.frame)
             if source is not None:
                 plan.forget_symbols()
+            else:
+                plan.frame = plan.content = None
             report.tensors.append(PackedTensor(
                 plan.tensor.name, _dtype_name(plan.tensor.data_type), plan.encoding, plan.meta["n"],
                 plan.planes_entropy / plan.meta["n"], 8 * plan.frame_size / plan.meta["n"], plan.meta["n"], size))
             continue
+        previous = None
         if plan.streams[0].symbols is None:
             _rebuild_symbols(plan, read(plan.tensor))
         parts, payload_bits, entropy = [], 0, 0.0
@@ -346,6 +378,23 @@ def pack_model(model: onnx.ModelProto, stream, report: PackReport, *, external_d
         "file_bytes": writer.bytes_written,
     }
     return PackManifest(graph_model, [(plan.index, plan.sha256) for plan in plans])
+
+
+def _graph_model(model: onnx.ModelProto, plans: list, source) -> bytes:
+    """The serialized model the graph record holds: `model` without the data of the tensors `plans` code."""
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    stripped_protos = tensor_protos(stripped)
+    for plan in plans:
+        stripped_protos[plan.index].ClearField(plan.meta.get("field", "raw_data"))
+    if source is not None:  # as loading the external data would leave them: inline, or cleared when coded
+        source.inline(stripped, {plan.index for plan in plans})
+    return stripped.SerializeToString()
+
+
+def _records_bytes(plans: list, tables: list) -> int:
+    """What the tensor records (and their shares of the shared tables) of a layout cost, in bytes."""
+    return sum(_record_bits(p, tables) for p in plans) // 8
 
 
 def _graph_codec(graph_model: bytes, lzma_bytes: bytes, rest: int, favor: str) -> tuple[str, bytes]:
@@ -431,6 +480,83 @@ def _try_zstd_planes(plan: _Plan, raw: np.ndarray, k: int, plane_streams: list) 
     plan.meta["enc"], plan.meta["streams"] = "zstd-planes", [{"c": len(raw)}]
 
 
+def _columns_content(raw: np.ndarray, k: int, rows: int) -> bytes:
+    """A `zstd-columns` frame's content: the elements as a `rows` x (E / rows) matrix, column by column, as byte
+    planes (byte 0 of every element, then byte 1, ...). An STFT basis (frequency by time) repeats along its columns:
+    its window is symmetric, and cosines are even."""
+    return np.ascontiguousarray(raw.reshape(rows, -1, k).transpose(2, 1, 0)).tobytes()
+
+
+def _columns_frame(content: bytes, level: int, prefix: bytes | None) -> bytes:
+    dictionary = None if prefix is None else zstandard.ZstdCompressionDict(
+        prefix, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    return zstandard.ZstdCompressor(level=level, dict_data=dictionary).compress(content)
+
+
+def _plan_bits(plan: _Plan) -> int:
+    """A planned coding's payload, own tables included (the description and framing are alike for all)."""
+    return 8 * plan.frame_size if plan.encoding in ("zstd-planes", "zstd-columns") else _estimate(plan.streams)
+
+
+def _columns_plans(held: list, plans: list, read, streamed: bool) -> list:
+    """The tensors LZMA would keep in the graph, each coded as `zstd-columns` where that is smaller than its own
+    planned coding: as it is laid out or column by column, and with the previous record's content as a zstd
+    prefix where that record is `zstd-columns` too (records are written in tensor order)."""
+    order = sorted(plans + held, key=lambda p: p.index)
+    moving = {p.index for p in held}
+    previous = None  # the content of the record before this one in file order, when it is `zstd-columns`
+    for plan in order:
+        if plan.index not in moving:
+            previous = None
+            continue
+        data = read(plan.tensor)
+        if data is None or hashlib.sha256(data).digest() != plan.sha256:
+            raise ModelLoadError(f"tensor {plan.tensor.name!r}: its data changed while pack was reading it")
+        raw, k = np.frombuffer(data, dtype=np.uint8), plan.meta["k"]
+        level = COLUMNS_LEVEL if len(raw) <= COLUMNS_HIGH_MAX else ZSTD_PLANES_LEVELS[-1]
+        elements, dims = len(raw) // k, list(plan.tensor.dims)
+        layouts = {1}
+        if len(dims) > 1 and 1 < dims[0] < elements and elements % dims[0] == 0:
+            layouts.add(dims[0])
+        best = None
+        for rows in sorted(layouts):
+            content = _columns_content(raw, k, rows)
+            for prefix in (None, previous) if previous is not None else (None,):
+                frame = _columns_frame(content, level, prefix)
+                if best is None or len(frame) < len(best[0]):
+                    best = (frame, rows, prefix is not None, content)
+        del data, raw
+        if 8 * len(best[0]) >= _plan_bits(plan):
+            previous = None
+            continue
+        frame, rows, prefixed, content = best
+        if plan.encoding != "zstd-planes":
+            plan.planes_entropy = sum(huffman.entropy_bits(np.bincount(np.frombuffer(content, np.uint8)[
+                j * elements : (j + 1) * elements], minlength=256)) for j in range(k))
+        plan.encoding, plan.streams = "zstd-columns", []
+        plan.frame, plan.frame_size, plan.frame_level, plan.content = frame, len(frame), level, content
+        for key in ("bg", "nnz", "vals"):
+            plan.meta.pop(key, None)
+        plan.meta.update({"enc": "zstd-columns", "rows": rows, "prefix": int(prefixed),
+                          "streams": [{"c": len(content)}]})
+        previous = content
+        if streamed:
+            plan.forget_symbols()
+    return held
+
+
+def _rebuild_columns(plan: _Plan, data: bytes | None, previous: bytes | None) -> None:
+    """A streamed pack's `zstd-columns` frame again, from the tensor read a second time (and the record before's
+    content, when it is the prefix)."""
+    if data is None or hashlib.sha256(data).digest() != plan.sha256:
+        raise ModelLoadError(f"tensor {plan.tensor.name!r}: its data changed while pack was reading it")
+    plan.content = _columns_content(np.frombuffer(data, dtype=np.uint8), plan.meta["k"], plan.meta["rows"])
+    prefix = previous if plan.meta["prefix"] else None
+    plan.frame = _columns_frame(plan.content, plan.frame_level, prefix)
+    if len(plan.frame) != plan.frame_size:
+        raise RuntimeError(f"tensor {plan.tensor.name!r}: its zstd frame differs from the planned one")
+
+
 def _rebuild_frame(plan: _Plan, data: bytes | None) -> None:
     """A streamed pack's `zstd-planes` frame again, from the tensor read a second time (the same bytes)."""
     if data is None or hashlib.sha256(data).digest() != plan.sha256:
@@ -443,7 +569,7 @@ def _rebuild_frame(plan: _Plan, data: bytes | None) -> None:
 def _record_bits(plan: _Plan, tables: list) -> int:
     """What a tensor's record would cost, in bits, with the tables assigned to its streams: framing, description
     (holding the stream lengths these codes give), tables of its own, payloads, and its share of shared tables."""
-    if plan.encoding == "zstd-planes":
+    if plan.encoding in ("zstd-planes", "zstd-columns"):
         meta = {**plan.meta, "streams": [{"c": plan.meta["n"], "b": plan.frame_size}]}
         return 8 * (RECORD_FRAMING + plan.frame_size + len(container.join_meta(meta)))
     total, descriptors = 8 * RECORD_FRAMING, []
@@ -709,7 +835,7 @@ def _read_pack(records, place=None, hash_ahead: bool = False):
 
     def decoded(hashing):
         nonlocal budget
-        tables, filled = [], set()
+        tables, filled, chain = [], set(), {}
         record = None
         try:
             for record in records:
@@ -741,7 +867,7 @@ def _read_pack(records, place=None, hash_ahead: bool = False):
                         if out.dtype != np.uint8 or out.shape != (meta["n"],) or not out.flags.c_contiguous:
                             raise ValueError(f"place gave {out.dtype} {out.shape}, not {meta['n']} contiguous bytes")
                         meta["placed"] = True
-                    raw = _decode_tensor(meta, body, tables, record, out, check=hashing is None)
+                    raw = _decode_tensor(meta, body, tables, record, out, check=hashing is None, chain=chain)
                     if hashing is not None:
                         hashing.submit(raw, meta, where, record)
                     yield index, meta, raw  # not kept here: one tensor at a time
@@ -850,7 +976,19 @@ def _unzstd_planes(body, n: int, k: int, where: str, out: np.ndarray) -> np.ndar
     return out
 
 
-def _unzstd(body, declared: int, what: str, source: str) -> bytes:
+def _unzstd_columns(body, meta: dict, where: str, out: np.ndarray, prefix: bytes | None) -> bytes:
+    """A `zstd-columns` record's bytes into `out`: its frame decoded (with `prefix` as zstd's raw-content dictionary
+    when the record takes one), each byte plane's columns put back into rows. Returns the frame's content."""
+    n, k, rows = meta["n"], meta["k"], meta["rows"]
+    content = _unzstd(body, n, where, "its description declares", prefix)
+    planes = np.frombuffer(content, dtype=np.uint8).reshape(k, -1, rows)
+    elements = out.reshape(rows, -1, k)
+    for j in range(k):
+        elements[:, :, j] = planes[j].T
+    return content
+
+
+def _unzstd(body, declared: int, what: str, source: str, prefix: bytes | None = None) -> bytes:
     """One zstd frame of exactly `declared` bytes. zstandard allocates the size a frame states and ignores any
     bound it is given, so the frame's stated size is checked first: a frame that states none, or another size,
     or needs a window over ZSTD_MAX_WINDOW, is refused before anything is allocated."""
@@ -865,7 +1003,9 @@ def _unzstd(body, declared: int, what: str, source: str) -> bytes:
     if window > ZSTD_MAX_WINDOW:
         raise container.CorruptPack(f"{what}'s zstd frame needs a {window}-byte window")
     try:
-        data = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW).decompress(
+        dictionary = None if prefix is None else zstandard.ZstdCompressionDict(
+            prefix, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        data = zstandard.ZstdDecompressor(max_window_size=ZSTD_MAX_WINDOW, dict_data=dictionary).decompress(
             body, max_output_size=declared, allow_extra_data=False)
     except zstandard.ZstdError as exc:
         raise container.CorruptPack(f"{what} does not decode (zstd: {str(exc)[:80]})") from exc
@@ -931,7 +1071,7 @@ def _check_layout(meta: dict, body_length: int, where: str) -> None:
     n, k, streams = meta["n"], meta["k"], meta["streams"]
     counts = [s["c"] for s in streams]
     encoding = meta["enc"]
-    if encoding == "zstd-planes":  # one frame of the n bytes: its stated size is checked when it is decoded
+    if encoding in ("zstd-planes", "zstd-columns"):  # one frame of the n bytes: its stated size is checked when decoded
         if counts != [n] or streams[0]["b"] != body_length or "t" in streams[0]:
             raise container.CorruptPack(f"{where} has {len(counts)} stream(s) of {counts!s:.80} symbols in "
                                         f"{body_length} bytes, not one zstd frame of {n} bytes")
@@ -1042,16 +1182,25 @@ def _table(data, record) -> huffman.Table:
 
 
 def _decode_tensor(meta: dict, body: memoryview, tables: list, record, out: np.ndarray | None = None,
-                   check: bool = True) -> np.ndarray:
+                   check: bool = True, chain: dict | None = None) -> np.ndarray:
     """A tensor record's bytes as a uint8 array of `n` (into `out` when given: byte planes are decoded straight
     into their places, with no array per plane, no stacking and no copy to bytes), checked against its digest
-    (unless `check` is False: the caller checks it, _HashAhead)."""
+    (unless `check` is False: the caller checks it, _HashAhead). `chain` carries the content of the previous
+    tensor record, when it was `zstd-columns`, from one call to the next (a later record's zstd prefix)."""
     where = f"tensor record at byte {record.offset}"
+    chain = {} if chain is None else chain
+    previous, chain["content"] = chain.get("content"), None
     try:
         offset = 0
         encoding, k, n = meta["enc"], int(meta["k"]), int(meta["n"])
         if out is None:
             out = np.empty(n, np.uint8)
+        if encoding == "zstd-columns":
+            if meta["prefix"] and previous is None:
+                raise container.CorruptPack(f"{where} takes a prefix, but the record before it is no "
+                                            "zstd-columns record")
+            chain["content"] = _unzstd_columns(body, meta, where, out, previous if meta["prefix"] else None)
+            return _checked(out, meta, where) if check else out
         if encoding == "zstd-planes":
             _unzstd_planes(body, n, k, where, out)
             return _checked(out, meta, where) if check else out

@@ -555,13 +555,18 @@ def test_fuzzed_packs_are_refused_or_decode_to_a_sound_model(kinds):
     the CRC): CorruptPack with a one-line reason, or a model that checks out; never another exception, never an
     allocation far beyond the file's declared sizes (the model holds about 150 KB of tensors)."""
     model, pack = kinds
-    rng = np.random.default_rng(18)
-    bases = [pack, as_version_1(pack), as_zstd_3_0(pack)]
+    outcomes = fuzz(np.random.default_rng(18), [pack, as_version_1(pack), as_zstd_3_0(pack)], FUZZ_VARIANTS, model)
+    assert outcomes["refused"] > FUZZ_VARIANTS // 2 and outcomes["decoded"] > 0, outcomes
+
+
+def fuzz(rng: np.random.Generator, bases: list, variants: int, model: onnx.ModelProto) -> dict:
+    """Unpack `variants` mutations of the packs in `bases` (in turn): each is refused in one line or decodes to a
+    sound model, within 24 MiB of allocations. Counts of each outcome."""
     outcomes = {"refused": 0, "decoded": 0}
     tracemalloc.start()
     try:
-        for n in range(FUZZ_VARIANTS):
-            variant = mutate(rng, bases[n % 3])
+        for n in range(variants):
+            variant = mutate(rng, bases[n % len(bases)])
             tracemalloc.reset_peak()
             try:
                 decoded = unpack_model(variant)
@@ -574,7 +579,7 @@ def test_fuzzed_packs_are_refused_or_decode_to_a_sound_model(kinds):
             assert tracemalloc.get_traced_memory()[1] < 24 << 20, n
     finally:
         tracemalloc.stop()
-    assert outcomes["refused"] > FUZZ_VARIANTS // 2 and outcomes["decoded"] > 0, outcomes
+    return outcomes
 
 
 def test_fuzzed_packs_exit_3_on_the_command_line(runner, tmp_path, kinds):

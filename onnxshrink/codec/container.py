@@ -14,7 +14,8 @@ from dataclasses import dataclass
 from typing import BinaryIO, Iterator
 
 MAGIC = b"ONNXSHRK"
-VERSION = (3, 0)  # major, minor: the newest this writer writes (3.0: the graph record may be zstd)
+VERSION = (3, 0)  # major, minor: what a pack using zstd is written as (3.0: the graph record may be zstd)
+COLUMNS_VERSION = (3, 1)  # a pack holding a `zstd-columns` tensor (which a 3.0 reader refuses by its encoding code)
 LZMA_GRAPH_VERSION = (2, 0)  # what a pack whose graph record is LZMA is written as: every reader since 2.0 reads it
 READS = (1, 2, 3)  # the major versions this reader reads (1.x: tensor descriptions in JSON); it refuses others
 PREAMBLE = struct.Struct("<8sHH")
@@ -176,7 +177,7 @@ def parse_json(record: Record) -> dict:
 # ---------------------------------------------------------------- tensor descriptions
 
 DIGEST_BYTES = 8  # SHA-256 prefix per tensor (64 bits): the CRCs catch damage, this catches wrong decoding
-ENCODINGS = ("planes", "nibbles", "sparse", "sparse-nibbles", "zstd-planes")  # a description's encoding codes 0..4
+ENCODINGS = ("planes", "nibbles", "sparse", "sparse-nibbles", "zstd-planes", "zstd-columns")  # encoding codes 0..5
 VALUE_ENCODINGS = ("planes", "nibbles")  # how a `sparse` tensor's elements are coded, codes 0..1
 FLOAT_DATA = 1  # flag: the values go back into the typed float_data field, not raw_data
 JSON_LENGTH = struct.Struct("<I")  # 1.x: a u32-length-prefixed JSON description
@@ -201,6 +202,9 @@ def join_meta(meta: dict) -> bytes:
     elif meta["enc"] == "sparse-nibbles":
         out.append(meta["bg"])
         _put_varint(out, meta["nnz"])
+    elif meta["enc"] == "zstd-columns":
+        _put_varint(out, meta["rows"])
+        out.append(meta["prefix"])
     _put_varint(out, len(meta["streams"]))
     for stream in meta["streams"]:
         _put_varint(out, stream["c"])
@@ -243,6 +247,13 @@ def split_meta(record: Record) -> tuple[dict, memoryview]:
         if meta["bg"] > 15:
             raise CorruptPack(f"{where} has a background nibble of {meta['bg']}")
         meta["nnz"] = fields.listed(2 * n)
+    elif meta["enc"] == "zstd-columns":
+        meta["rows"] = fields.varint()
+        if not meta["rows"] or (n // k) % meta["rows"]:
+            raise CorruptPack(f"{where} lays {n // k} elements out in {meta['rows']} rows")
+        meta["prefix"] = fields.byte()
+        if meta["prefix"] > 1:
+            raise CorruptPack(f"{where} has unknown prefix code {meta['prefix']}")
     meta["streams"] = []
     for _ in range(fields.varint()):  # an absurd count runs out of description bytes
         stream = {"c": fields.varint(), "b": fields.varint()}
@@ -344,7 +355,7 @@ def _json_meta(text: dict) -> dict:
     meta["sha"] = bytes.fromhex(text["sha"])
     if len(meta["sha"]) != DIGEST_BYTES:
         raise ValueError(f"a digest of {len(meta['sha'])} bytes")
-    meta["enc"] = code(text["enc"], ENCODINGS, "encoding")
+    meta["enc"] = code(text["enc"], ENCODINGS[:-1], "encoding")  # no 1.x writer knew `zstd-columns`
     if meta["enc"] in ("sparse", "sparse-nibbles"):
         if not isinstance(text["bg"], str):
             raise TypeError("bg is not a string")

@@ -192,9 +192,18 @@ def _fan_out(k=16):
 def test_layers_sharing_an_input_are_captured_in_one_run(monkeypatch):
     model = _fan_out()
     calls = count_captures(monkeypatch, prune_module)
+    allocation, real_rows = [], prune_module.layer_rows
+
+    def counting_rows(dataset, model, layers, threads=1):
+        allocation.append(sorted(layer.x for layer in layers))
+        return real_rows(dataset, model, layers, threads)
+
+    monkeypatch.setattr(prune_module, "layer_rows", counting_rows)
     Prune(PruneConfig(sparsity=0.5, method="sparsegpt", scope="layer", sequential=True), _data(model, k=16))(model)
-    # one run for the allocation's statistics, then per wave the pruned model and the original side by side
-    assert calls == [["s", "x", "x", "x"], ["x", "x", "x"], ["x", "x", "x"], ["s"], ["s"]]
+    # one run for the allocation's statistics (prune_common.layer_rows), then per wave the pruned model and the
+    # original side by side
+    assert allocation == [["s", "x", "x", "x"]]
+    assert calls == [["x", "x", "x"], ["x", "x", "x"], ["s"], ["s"]]
 
 
 def test_capture_rounds_group_consecutive_depths():

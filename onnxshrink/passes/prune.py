@@ -33,6 +33,11 @@ in `refit_steps` stages of growing sparsity, survivors re-ranked after each refi
 default). `method` "sparsegpt" chooses each layer's zeros and updates the kept weights from X^T X of its inputs
 alone (algorithms/sparsegpt.py): one capture run for all layers, or with `sequential` two per wave of layers
 (`_Hessians`), never two per layer. `method` "mask" updates nothing.
+
+Memory (issue 15 item 5): the one run's X^T X wait for their layers' turns, so they are kept small: one per distinct
+input (q, k and v share theirs), as upper triangles (reconstruct.PackedGram), summed from each batch's real-token rows
+(prune_common.layer_rows), each dropped once its layers are pruned; a layer's float weights and scores are made at
+its turn, never all at once. The pruned model is the same bytes as with full, per-layer Grams.
 """
 
 from __future__ import annotations
@@ -43,16 +48,15 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxshrink.algorithms.reconstruct import Gram, refit
+from onnxshrink.algorithms.reconstruct import Gram, PackedGram, refit
 from onnxshrink.algorithms.sparsegpt import output_error, refit_kept, sparsegpt, teacher_weights
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
 from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, capture_rounds,
-                                            check_config, describe, few_rows_note, input_size, matrix, parse_nm,
-                                            read_bias,
-                                            resolved_method, teacher_gram, token_rows, unfold, upstream_layers,
-                                            write)
+                                            check_config, describe, few_rows_note, input_key, input_size, layer_rows,
+                                            matrix, parse_nm, read_bias, resolved_method, teacher_gram, token_rows,
+                                            unfold, upstream_layers, write)
 from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
@@ -111,22 +115,21 @@ class Prune:
         layers = [describe(site, owners, records, main_outputs) for site in sites]
         streamed = getattr(self.tensors, "streaming", False)  # weights read one at a time, never all held
         if streamed:
-            weights, grams = None, {}
-            counts = self._allocate(layers, None, None, report, cheapest=lambda *a: self._cheapest_streamed(layers, owners, *a))
+            grams = {}
+            counts = self._allocate(layers, None, report,
+                                    cheapest=lambda *a: self._cheapest_streamed(layers, owners, *a))
         else:
-            # Captured before the float copies of the weights are made: the capture's session and batch are gone by
-            # then (a model's bytes less at the peak).
             grams = self._original_grams(model, layers) if self.calibration is not None else {}
-            weights = {layer.name: matrix(layer, owners) for layer in layers}
             if self.method in ("sparsegpt", "refit"):  # the rows of a capture do not depend on the pruning
                 short = few_rows_note((gram.k, gram.rows) for gram in grams.values())
                 if short:
                     report.notes.append(short)
-            scores = {layer.name: _importance(weights[layer.name], grams.get(layer.name), self.importance) for layer in layers}
-            counts = self._allocate(layers, weights, scores, report)
-            del scores  # recomputed per layer below: big models keep one layer's scores at a time
+            # Each layer's weights and scores are made when needed (here and in the loop below), never all at once:
+            # the layer's weight is unchanged until its own turn.
+            counts = self._allocate(layers, lambda layer: _importance(matrix(layer, owners), grams.get(layer.name),
+                                                                      self.importance), report)
         refit_on = self.method == "refit"
-        hessians = _Hessians(self, original, model, layers, grams) if self.method == "sparsegpt" else None
+        hessians = _Hessians(self, original, model, layers) if self.method == "sparsegpt" else None
         if hessians is not None:
             report.notes.append(hessians.note())
         if refit_on:
@@ -137,9 +140,9 @@ class Prune:
         total = pruned = 0
         for index, layer in enumerate(layers):
             step("prune: layers", index, len(layers))
-            w0 = weights[layer.name] if weights is not None else matrix(layer, owners, self.tensors.read)
+            w0 = matrix(layer, owners, self.tensors.read)
             zeros_before = int(np.sum(w0 == 0))
-            gram = grams.get(layer.name)
+            gram = grams.pop(layer.name, None)  # released with this layer (layers sharing it: with the last of them)
             teacher = None
             if refit_on and not layer.reason:
                 teacher = self._teacher_gram(original, model, layer, w0, owners)
@@ -147,7 +150,8 @@ class Prune:
             score = _importance(w0, gram, self.importance)
             keep = _mask(score, counts[layer.name], self.nm)
             why = []
-            hessian, target = hessians.of(layer, w0) if hessians is not None and not layer.reason else (None, None)
+            hessian, target = (hessians.of(layer, w0, gram) if hessians is not None and not layer.reason
+                               else (None, None))
             if hessian is not None and not np.all(w0[~keep] == 0):  # an OBS mask of its own, from the updated weights
                 w = sparsegpt(target, hessian, counts[layer.name], self.nm, damp=config.damping)
                 if config.kept_refit:  # keeps the zeros where they are: an N:M pattern stays N:M
@@ -182,9 +186,8 @@ class Prune:
             # Dense storage: the file holds every zero, so the bytes do not change (pack or --storage sparse do).
             report.layers.append(LayerDecision(layer.name, layer.op_type, layer.weight, action, "; ".join(why),
                                                layer.size * 4, layer.size * 4))
-            if streamed:  # this layer's arrays go before the next weight is read
-                del w0, keep, score
-                w = None
+            del w0, keep, score, gram, teacher, hessian, target  # this layer's arrays go before the next one's are made
+            w = None
         report.notes.append(
             f"{pruned}/{total} weights zero ({pruned / max(total, 1):.1%}) in {len(layers)} layer(s), "
             f"importance {self.importance}, scope {config.scope if not self.nm else self.config.pattern}")
@@ -210,10 +213,11 @@ class Prune:
 
     # ---- allocation ---------------------------------------------------------------------
 
-    def _allocate(self, layers, weights, scores, report, cheapest=None) -> dict[str, int]:
+    def _allocate(self, layers, score_of, report, cheapest=None) -> dict[str, int]:
         """Zeros per layer; their sum is exactly round(sparsity * all weights) when the overrides allow it.
 
-        `cheapest(free, caps, target)` (streaming) replaces the costs computed here from `scores`."""
+        `score_of(layer)` gives a layer's importance [K, N], asked once per layer and only when the allocation needs
+        it (not for scope layer or N:M); `cheapest(free, caps, target)` (streaming) replaces the costs computed here."""
         config = self.config
         if self.nm:
             return {layer.name: 0 for layer in layers}
@@ -236,8 +240,9 @@ class Prune:
             return counts
         costs = {}
         curves = _measured_curves(config.sensitivity, free) if config.scope == "auto" else {}
+        by_name = {layer.name: layer for layer in layers}
         for name in free:
-            s = np.sort(scores[name].reshape(-1))
+            s = np.sort(score_of(by_name[name]).reshape(-1))
             if name in curves:
                 cost = _curve_costs(*curves[name], sizes[name], int(np.sum(s == 0)))
             else:
@@ -303,17 +308,19 @@ class Prune:
 
     # ---- data ---------------------------------------------------------------------------
 
-    def _original_grams(self, model, layers) -> dict[str, Gram]:
-        """X^T X of every layer's inputs in the unpruned model, in one capture run."""
+    def _original_grams(self, model, layers) -> dict[str, PackedGram]:
+        """X^T X of every layer's inputs in the unpruned model, in one capture run. Held until each layer is pruned,
+        so kept small: one Gram per distinct input (q, k and v share theirs), stored as its upper triangle, summed
+        from each batch's real-token rows without the batch's joined values (prune_common.layer_rows)."""
         usable = [layer for layer in layers if not layer.reason]
-        grams = {layer.name: Gram(input_size(layer)) for layer in usable}
-        for batch, values in capture(self.calibration, model, [layer.x for layer in usable], self.threads):
-            for layer in usable:
-                value = values.get(layer.x, batch.get(layer.x))
-                rows = token_rows(batch, value, layer)
-                x = unfold(layer, value)
-                grams[layer.name].add(x if rows is None else x[rows])
-        return grams
+        shared = {}
+        for layer in usable:
+            shared.setdefault(input_key(layer), PackedGram(input_size(layer)))
+        for batch_rows in layer_rows(self.calibration, model, usable, self.threads):
+            for key, x in batch_rows:
+                shared[key].add(x)
+                del x
+        return {layer.name: shared[input_key(layer)] for layer in usable}
 
     def _teacher_gram(self, original, model, layer, w0, owners) -> Gram:
         return teacher_gram(self.calibration, original, model, layer, layer, read_bias(layer, owners) is not None,
@@ -329,12 +336,12 @@ class _Hessians:
     Without `sequential` (the default) the original model's statistics serve all layers (the one run that the
     allocation needs anyway, no correction)."""
 
-    def __init__(self, owner: "Prune", original, model, layers, grams: dict):
+    def __init__(self, owner: "Prune", original, model, layers):
         self.owner, self.original, self.model = owner, original, model
         self.usable = [layer for layer in layers if not layer.reason]
         self.sequential = owner.config.sequential
         self.done: set = set()
-        self.grams: dict = {} if self.sequential else dict(grams)
+        self.grams: dict = {}  # sequential: the Grams captured for the current wave, until each layer's turn
         self.cross: dict = {}
         self.upstream = upstream_layers(model.graph, self.usable) if self.sequential else {}
         self.round = capture_rounds(self.upstream, owner.config.capture_rounds) if self.sequential else {}
@@ -345,12 +352,14 @@ class _Hessians:
         return (f"OBS updates (SparseGPT) of {len(self.usable)} layer(s) from X^T X of their inputs on "
                 f"{self.owner.calibration.samples} calibration sample(s), {how}")
 
-    def of(self, layer, w0) -> tuple:
-        """(H, the dense weights to prune towards) of a layer, or (None, None) when not captured."""
+    def of(self, layer, w0, original_gram=None) -> tuple:
+        """(H, the dense weights to prune towards) of a layer, or (None, None) when not captured. `original_gram`:
+        the layer's X^T X in the original model (what serves without `sequential`)."""
         if layer.name not in self.grams and self.sequential:
             self._capture(layer)
         self.done.add(layer.name)
-        gram, cross = self.grams.pop(layer.name, None), self.cross.pop(layer.name, None)
+        gram = self.grams.pop(layer.name, None) if self.sequential else original_gram
+        cross = self.cross.pop(layer.name, None)
         if gram is None:
             return None, None
         target = w0 if cross is None else teacher_weights(w0, gram.xtx, cross, self.owner.config.damping)

@@ -338,6 +338,23 @@ def test_file_size_counts_external_data(tmp_path, mlp_path):
     assert model_io.file_size(mlp_path) == mlp_path.stat().st_size
 
 
+def test_a_model_with_inline_weights_is_not_parsed_again_to_find_data_files(tmp_path, mlp_path, monkeypatch):
+    external = save_external(make_mlp(), tmp_path / "ext.onnx")
+    parsed = []
+    real_load = onnx.load
+    monkeypatch.setattr(onnx, "load", lambda *a, **k: parsed.append(a[0]) or real_load(*a, **k))
+    assert model_io.file_size(mlp_path) == mlp_path.stat().st_size
+    assert model_io._input_locations(mlp_path) == []
+    assert not model_io.file_has_external_data(mlp_path)
+    assert parsed == []  # no "location" in its bytes: nothing to find
+    assert set(model_io._input_locations(external)) == {"ext.onnx.data"}  # one entry per tensor
+    assert model_io.file_size(external) > external.stat().st_size and parsed == [str(external)] * 2
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert model_io.file_size(tmp_path / "empty.onnx") == 0
+    monkeypatch.setattr(model_io, "SCAN_CHUNK", 3)  # "location" across chunk boundaries is still found
+    assert model_io._input_locations(external) and model_io._may_reference_external_data(external)
+
+
 # ---------------------------------------------------------------- save
 
 

@@ -51,7 +51,7 @@ from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset, input_specs, load_npz
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import capture, describe, input_size, matrix, token_rows, unfold
-from onnxshrink.validate import attention_mask, masks_output
+from onnxshrink.validate import attention_mask, masks_output, padding_zeroed, sample_cosines
 from onnxshrink.weights import find_tensors
 
 BIT_CHOICES = (3, 4, 5, 6, 8)  # widths a layer may get: few, since the cluster pass runs once per distinct width
@@ -513,22 +513,14 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
 
 
 def _drift(a: np.ndarray, b: np.ndarray, mask: np.ndarray | None = None) -> float:
-    """1 - the mean per-sample cosine of two outputs (validate's cosine); 0 for non-float outputs. With `mask`
-    ([samples, sequence], validate.masks_output), padding positions are zeroed in both, as validate leaves them out:
-    a padded position's state follows the [PAD] row of a word table, which a coded table moves freely, and counted
-    it priced MPNet's word table at 4 bits at 0.175 of drift where validate measures 0.004."""
+    """1 - validate's mean per-sample cosine of two outputs (validate.sample_cosines); 0 for non-float outputs. With
+    `mask` ([samples, sequence], validate.masks_output), padding positions are zeroed in both, as validate leaves
+    them out: a padded position's state follows the [PAD] row of a word table, which a coded table moves freely,
+    and counted it priced MPNet's word table at 4 bits at 0.175 of drift where validate measures 0.004."""
     if a.dtype.kind != "f" or a.size == 0:
         return 0.0
-    if mask is not None:
-        keep = mask.reshape(mask.shape + (1,) * (a.ndim - 2))
-        a, b = np.where(keep, a, 0), np.where(keep, b.reshape(a.shape), 0)
-        a, b = a[mask.any(axis=1)], b[mask.any(axis=1)]  # a sample of padding only has nothing to judge
-        if not len(a):
-            return 0.0
-    a = a.reshape(len(a), -1).astype(np.float64) if a.ndim else a.reshape(1, -1).astype(np.float64)
-    b = b.reshape(a.shape).astype(np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    cosines = np.where(norms > 0, np.sum(a * b, axis=1) / np.where(norms > 0, norms, 1.0), 1.0)
+    keep = None if mask is None else np.asarray(mask, dtype=bool)
+    cosines = sample_cosines(padding_zeroed(a, keep), padding_zeroed(b.reshape(a.shape), keep), keep)
     return float(max(0.0, 1.0 - np.mean(cosines)))
 
 

@@ -333,12 +333,7 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray |
     if expected.dtype.kind not in "fc":
         chosen = (expected == actual) if keep is None else (expected == actual)[keep]
         exact = float(np.mean(chosen)) if chosen.size else 1.0
-    a = expected.astype(np.float64)
-    b = actual.astype(np.float64)
-    if keep is not None:
-        tail = (1,) * (a.ndim - 2)
-        a = np.where(keep.reshape(keep.shape + tail), a, 0.0)
-        b = np.where(keep.reshape(keep.shape + tail), b, 0.0)
+    a, b = padding_zeroed(expected, keep), padding_zeroed(actual, keep)
     kept_a, kept_b = (a, b) if keep is None else (a[keep], b[keep])
     if kept_a.size == 0:
         return OutputDrift(0.0, 0.0, 1.0, 1.0, None, exact)
@@ -346,12 +341,7 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray |
     max_abs = float(np.max(diff))
     scale = float(np.mean(np.abs(kept_a)))
     mean_rel = float(np.mean(diff) / scale) if scale > 0 else (0.0 if max_abs == 0 else float("inf"))
-    rows_a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
-    rows_b = b.reshape(rows_a.shape)
-    cosines = _row_cosines(rows_a, rows_b)
-    if keep is not None:
-        cosines = cosines[keep.any(axis=1)]  # a sample that is all padding has nothing to judge
-        cosines = cosines if cosines.size else np.ones(1)
+    cosines = sample_cosines(a, b, keep)
     top1 = None
     if scores and expected.dtype.kind == "f" and 2 <= a.ndim <= 3 and a.shape[-1] > 1:
         if keep is None:
@@ -362,6 +352,25 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray |
         else:  # per-token scores: the real tokens' labels
             top1 = top1_agreement(kept_a, kept_b)
     return OutputDrift(max_abs, mean_rel, float(np.mean(cosines)), float(np.min(cosines)), top1, exact)
+
+
+def padding_zeroed(output: np.ndarray, keep: np.ndarray | None) -> np.ndarray:
+    """A float64 copy of an output, the positions `keep` ([batch, sequence] bool, masks_output) clears set to 0."""
+    a = output.astype(np.float64)
+    if keep is not None:
+        a = np.where(keep.reshape(keep.shape + (1,) * (a.ndim - 2)), a, 0.0)
+    return a
+
+
+def sample_cosines(a: np.ndarray, b: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray:
+    """The per-sample cosines validate judges by (samples along axis 0; an output of rank 0 or 1 is one row), of
+    outputs already `padding_zeroed`; with `keep`, a sample that is all padding is left out (ones(1) if none is left)."""
+    rows_a = a.reshape(a.shape[0], -1) if a.ndim > 1 else a.reshape(1, -1)
+    cosines = _row_cosines(rows_a, b.reshape(rows_a.shape))
+    if keep is not None:
+        cosines = cosines[keep.any(axis=1)]  # a sample that is all padding has nothing to judge
+        cosines = cosines if cosines.size else np.ones(1)
+    return cosines
 
 
 def _row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:

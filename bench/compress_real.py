@@ -160,7 +160,7 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
     """compress_plan's prices of each layer: the proxy tr(D^T H D)/tr(W^T H W) at 4 bits, the whole-model drift
     (1 - cosine on calibration samples) with that layer alone at 4 bits, per-channel errors, each table's drift at
     each width; then the finalists. The model is priced as compress prices it: LayerNorms folded first."""
-    from onnxshrink import compress_plan as plan
+    from onnxshrink import compress_plan as plan, compress_search
     from onnxshrink import model as model_io
     from onnxshrink.passes.fold_layernorm import fold_layernorm
 
@@ -171,7 +171,8 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
         source = out / "priced.folded.onnx"
         model_io.save(model, source, force=True)
     del model
-    prices = plan.price_layers(source, data["calibration"], min_share=plan.MIN_LAYER_SHARE)
+    prices = plan.price_layers(source, data["calibration"], min_share=plan.MIN_LAYER_SHARE,
+                               form=compress_search.PLANNED_CODEBOOK)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"priced {len(prices.layers)} layers and tables in {time.monotonic() - started:.0f} s wall, "
           f"{usage.ru_utime + usage.ru_stime:.0f} s CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MB, load average "

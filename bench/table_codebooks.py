@@ -7,7 +7,7 @@ encoder (cluster's per-layer table codebook, with and without a scale a row).
 On the cached export (bench/transformer_bench.py: all-MiniLM-L6-v2 or all-mpnet-base-v2), the word table is
 replaced by its decoded codebook form, computed with onnxshrink.algorithms.codebook as `cluster` does: one codebook
 of 2^bits values for the whole table (`plain`), or for the table's rows each scaled to peak 1 by an fp16 scale
-(`row scale`, what `cluster` writes). Printed: the entropy of the indices in bits per weight (what `pack`'s
+(`row scale`, what `cluster` writes, in each --codebook form). Printed: the entropy of the indices in bits per weight (what `pack`'s
 Huffman coding approaches; + 16 bits a row for the scales), and the quality of the mean-pooled embeddings of the
 200 held-out sentences against fp32: mean cosine (worst sentence) and top-5 neighbour overlap
 (bench/embedding_metrics.py).
@@ -41,6 +41,7 @@ import embedding_metrics as em  # noqa: E402
 from transformer_bench import cache_root  # noqa: E402
 
 from onnxshrink.algorithms import codebook  # noqa: E402
+from onnxshrink.passes.cluster import table_codebook  # noqa: E402
 
 TABLE = "model.embeddings.word_embeddings.weight"
 
@@ -55,6 +56,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "mpnet"))
     parser.add_argument("--bits", default="4,5")
+    parser.add_argument("--codebook", default="kmeans,entropy", help="the row-scaled table's codebook forms "
+                        "(cluster --codebook): kmeans, entropy (evenly spaced values at k-means' error)")
     parser.add_argument("--layer-bits", type=int, help="cluster and pack the whole model, its MatMuls at this width")
     args = parser.parse_args()
     exports = sorted((cache_root() / args.model).glob("export-*/model.onnx"))
@@ -79,15 +82,19 @@ def main() -> None:
     print(f"{args.model}: {TABLE} {list(table.shape)}, {len(held['input_ids'])} held-out sentences")
     for bits in (int(b) for b in args.bits.split(",")):
         scale = np.max(np.abs(table), axis=1, keepdims=True).astype(np.float16).astype(np.float32)
-        for label, scales in (("plain", None), ("row scale", scale)):
-            values = (table if scales is None else table / scales).reshape(1, -1)
-            books = codebook.fit(values, 2 ** bits)
-            codes = codebook.assign(values, books)
-            decoded = codebook.decode(codes, books).reshape(table.shape) * (1.0 if scales is None else scales)
+        rows = [("plain", None, "kmeans")] + [(f"row scale {form}", scale, form) for form in args.codebook.split(",")]
+        for label, scales, form in rows:
+            if scales is None:
+                values = table.reshape(1, -1)
+                books = codebook.fit(values, 2 ** bits)
+                codes = codebook.assign(values, books)
+                decoded = codebook.decode(codes, books).reshape(table.shape)
+            else:  # the cluster pass's own coding (an fp16 scale a row; exact zeros kept at entry 0)
+                codes, books, _, decoded = table_codebook(table, 2 ** bits, "layer", form)
             got = embed(decoded)
             cosines = em.row_cosines(reference, got)
             bits_per_weight = entropy(codes) + (0.0 if scales is None else 16 / table.shape[1])
-            print(f"{bits}-bit {label:9s}  {bits_per_weight:.2f} bits/weight  cosine {cosines.mean():.5f} "
+            print(f"{bits}-bit {label:18s} {books.shape[-1]:3d} values  {bits_per_weight:.2f} bits/weight  cosine {cosines.mean():.5f} "
                   f"({cosines.min():.4f})  top-5 {em.topk_overlap(reference, got, 5):.3f}", flush=True)
 
 

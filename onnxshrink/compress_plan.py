@@ -116,7 +116,7 @@ class Prices:
 
 def price_layers(model_path: str | Path, calibration: str | Path | Dataset | None, bits: tuple = BIT_CHOICES,
                  threads: int = 1, samples: int = PROXY_SAMPLES, stop=None, min_share: float = 0.0,
-                 measure: bool = True) -> Prices:
+                 measure: bool = True, form: str = "kmeans") -> Prices:
     """Every float MatMul/Gemm/Conv weight's relative output error at each codebook width, scaled to the whole
     model's measured drift when `measure` (and there is calibration data), and each embedding table's drift at each
     width (its relative weight error when not measured). `stop()`, asked before each capture run and each measured
@@ -128,7 +128,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
     records = {r.name: r for r in find_tensors(model)}
     main_outputs = {name for node in model.graph.node for name in node.output}
     tables = _tables(model, records)
-    layers = []
+    layers = []  # `form`: the codebooks' (cluster's `codebook`), so a layer is priced as the pass will code it
     for graph in model_io.iter_graphs(model.graph):
         for index, node in enumerate(graph.node):
             if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:
@@ -166,7 +166,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         w = matrix(layer, owners).astype(np.float64)
         h = hessians.get(layer.name)
         reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
-        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None)
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form)
         if at_reference is not None:
             decoded[layer.name] = (layer.weight, _raw(layer, at_reference).astype(np.float32))
         per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
@@ -183,7 +183,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         proxy, coded[tensor], worst = {}, {}, 0.0
         total = float(np.sum(np.square(value, dtype=np.float64)))
         for b in sorted(bits, reverse=True):
-            idx, books, scale, table = table_codebook(value, 2 ** b, "layer")
+            idx, books, scale, table = table_codebook(value, 2 ** b, "layer", form)
             error = float(np.sum(np.square(table - value, dtype=np.float64))) / total if total > 0 else 0.0
             worst = proxy[b] = max(worst, error)
             coded[tensor][b] = (idx.astype(np.uint8), books, scale)
@@ -221,7 +221,7 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
-                  per_channel: bool = False) -> tuple[dict, np.ndarray | None]:
+                  per_channel: bool = False, form: str = "kmeans") -> tuple[dict, np.ndarray | None]:
     """layer_errors, and the decoded [K, N] weight at width `keep` (None: not kept); `per_channel`: one codebook
     per output column, as cluster --per channel fits them."""
     if not bits and not keep:
@@ -238,7 +238,8 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
     total = _quadratic(w, h)
     errors, best, kept = {}, 0.0, None
     for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
-        books = codebook.fit(rows, 2 ** b, weights, reserve_zero=reserve, iterations=FIT_ITERATIONS)
+        books = codebook.fit(rows, 2 ** b, weights, reserve_zero=reserve, iterations=FIT_ITERATIONS, form=form,
+                             margin=codebook.DATA_AWARE_GRID_MARGIN if h is not None else 1.0)
         decoded = codebook.decode(codebook.assign(rows, books, reserve_zero=reserve), books)
         decoded = decoded.T if per_channel else decoded.reshape(k, n)
         if b == keep:

@@ -91,13 +91,16 @@ PASS_OPTIONS = {
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
                 "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
                 "rounding": "string", "capture_rounds": "integer", "embeddings": "boolean",
-                "table_per": "string"},
+                "table_per": "string", "codebook": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean"}}
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95)
 DEFAULT_TIME_BUDGET_S = 600.0
 CACHED_STEPS = 8  # first-pass results a search keeps for reuse
+# The planned candidates' codebooks (cluster's `codebook`): evenly spaced values where they pack smaller at k-means'
+# error. MiniLM at 10 minutes: 7.89x -> see docs/benchmarks-compress.md. Prices are taken with the same form.
+PLANNED_CODEBOOK = "entropy"
 _STEP_NUMBERS = itertools.count()  # unique step file names within a work folder
 FINAL_LATENCY_S = 1.0  # the final report's latency measurement
 # Models at least this large (the input file) are searched the large-model way (_Search.large): on MiniLM (90 MB) a
@@ -1033,6 +1036,7 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
     layout; a table not priced is not coded (it stays with the other floats)."""
     spec = format_pass("cluster4", config)
     spec.options["other_floats"] = other_floats
+    spec.options["codebook"] = PLANNED_CODEBOOK
     if per != "layer":
         spec.options["per"] = per
     tables = [node for node in tables if node in allocation]
@@ -1072,7 +1076,8 @@ def plan_phase(search) -> tuple[float | None, int | None]:
     search.tick("pricing each layer's codebook widths")
     started = time.monotonic()
     prices = compress_plan.price_layers(search.source, config.calibration, threads=config.threads,
-                                        stop=lambda: not search.affordable(), min_share=compress_plan.MIN_LAYER_SHARE)
+                                        stop=lambda: not search.affordable(), min_share=compress_plan.MIN_LAYER_SHARE,
+                                        form=PLANNED_CODEBOOK)
     if not prices.layers:
         search.notes.extend(prices.notes)
         return None, None

@@ -95,6 +95,10 @@ class ClusterConfig:
     # None: as `per`. compress's plan pairs per-channel layer codebooks with the row-scaled table, which costs 0.04
     # bits a weight in scales where a 16-entry codebook a 384-wide row costs 0.67.
     table_per: str | None = None
+    # "kmeans": 2^bits values fitted by k-means; "entropy": evenly spaced values, as many as k-means' error allows
+    # (up to 256), where their indices Huffman-code smaller in a pack (one codebook a layer or table only; see
+    # algorithms/codebook.py). compress's planned candidates use "entropy".
+    codebook: str = "kmeans"
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -106,6 +110,9 @@ def check_config(config: ClusterConfig, calibration) -> None:
     if config.table_per not in (None,) + PER:
         raise UsageError(f"table_per {config.table_per!r}: choose layer (one codebook, an fp16 scale a row) or channel "
                          "(one codebook a row)")
+    if config.codebook not in codebook.FORMS:
+        raise UsageError(f"--codebook {config.codebook!r}: choose kmeans (2^bits values) or entropy (evenly spaced "
+                         "values at k-means' error, fewer bits once packed)")
     if config.weighting not in (None,) + WEIGHTINGS:
         raise UsageError(f"--weighting {config.weighting!r}: choose none or activation")
     if config.weighting == "activation" and calibration is None:
@@ -284,13 +291,13 @@ class Cluster:
         per, levels = self.table_per, self.layer_levels.get(group[0].name, self.levels)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
-        idx, books, row_scale, decoded = table_codebook(raw, levels, per)
+        idx, books, row_scale, decoded = table_codebook(raw, levels, per, self.config.codebook)
         mse = float(np.mean((raw - decoded) ** 2))
         uniform = codebook.uniform_mse(raw if per == "channel" else raw.reshape(1, -1), levels)
         stats.append(("mse", mse, uniform))
         gather = next(site for site in group if site.node.op_type == "Gather")
         after = self._write(graph, weight, raw.shape, idx, books.astype(np.float32), gather.node, group, row_scale, per)
-        shape = f"{levels}" if per == "layer" else f"{books.shape[0]} x {levels}"
+        shape = f"{books.shape[-1]}" if per == "layer" else f"{books.shape[0]} x {levels}"
         kind = " per row" if per == "channel" else " x an fp16 scale a row"
         action = f"codebook {shape} x fp32{kind}, uint8 indices"
         why = (f"embedding table, rounded to the nearest entry; weight MSE {mse:.3g}, "
@@ -330,7 +337,8 @@ class Cluster:
             weights = weights.T if config.per == "channel" else weights.reshape(1, -1)
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
-        books = codebook.fit(rows, levels, weights, reserve_zero=reserve)
+        books = codebook.fit(rows, levels, weights, reserve_zero=reserve, form=config.codebook,
+                             margin=codebook.DATA_AWARE_GRID_MARGIN if gram is not None else 1.0)
         rounded = "nearest entry"
         if gram is not None and self.rounding == "gptq":
             idx = codebook.gptq_assign(view, books, _input_hessian(gram, k, centred=self.refit), reserve_zero=reserve)
@@ -344,7 +352,9 @@ class Cluster:
         why = [f"rounded to the {rounded}; weight MSE {mse:.3g}, "
                f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
                + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
-               + ("; weighted by input energy" if weights is not None else "")]
+               + ("; weighted by input energy" if weights is not None else "")
+               + (f"; {books.shape[-1]} evenly spaced values (entropy form: fewer bits packed than {levels} k-means "
+                  "values at no more error)" if books.shape[-1] != levels else "")]
         if gram is not None and self.refit:
             result = codebook.refit(idx, books * layer.alpha, gram, _read_bias(layer, self._owners), keep_zero=reserve)
             if result is None:
@@ -364,7 +374,7 @@ class Cluster:
         if plain:
             why.append(f"not data-aware: {plain}")
         after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group)
-        shape = f"{levels}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
+        shape = f"{books.shape[-1]}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
         action = f"codebook {shape} x fp32{' per channel' if config.per == 'channel' else ''}, uint8 indices"
         decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
         for other in group[1:]:
@@ -416,6 +426,8 @@ class Cluster:
         report.notes.append(
             f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}"
             + (f" ({len(self.layer_levels)} layer(s) with their own width: layer_bits)" if self.layer_levels else "")
+            + ("; entropy form: evenly spaced values at k-means' error where their indices code smaller"
+               if config.codebook == "entropy" else "")
             + f"; weight MSE {ratio:.2f}x that of uniform round-to-nearest at the same widths (summed over layers)")
         if data_aware:
             refits = [(a, b) for kind, a, b in stats if kind == "refit"]
@@ -522,19 +534,19 @@ def as_int8(value: np.ndarray):
     return None if error > INT8_MAX_ERROR else ("int8", q, scale, error)
 
 
-def table_codebook(raw: np.ndarray, levels: int, per: str = "layer") -> tuple:
+def table_codebook(raw: np.ndarray, levels: int, per: str = "layer", form: str = "kmeans") -> tuple:
     """An embedding table [rows, width] coded as the pass writes it: (indices [rows, width], codebooks [R, levels],
     fp16 row scales [rows, 1] or None, the decoded table). compress_plan prices tables with this very coding.
 
     per "layer": one codebook for the table, its rows scaled to peak 1 first (an fp16 scale a row), since rows span
     20x in scale and one set of values fits them all badly. MiniLM's word table alone, pooled cosine on held-out
     sentences: 0.99685 -> 0.99831 at 4 bits, 0.99822 -> 0.99957 at 5, for 2 bytes a row (docs/benchmarks-cluster.md).
-    per "channel": one codebook a row, fitted to the row's own values."""
+    per "channel": one codebook a row, fitted to the row's own values. `form`: codebook.fit's (per "layer" only)."""
     row_scale = _row_scales(raw) if per == "layer" else None
     scaled = raw if row_scale is None else raw / row_scale
     rows = scaled if per == "channel" else scaled.reshape(1, -1)
     reserve = bool(np.any(raw == 0))
-    books = codebook.fit(rows, levels, None, reserve_zero=reserve)
+    books = codebook.fit(rows, levels, None, reserve_zero=reserve, form=form)
     idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
     decoded = codebook.decode(idx_rows, books).reshape(raw.shape) * (1.0 if row_scale is None else row_scale)
     return idx_rows.reshape(raw.shape), books, row_scale, decoded.astype(np.float32)

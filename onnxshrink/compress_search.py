@@ -94,7 +94,7 @@ PASS_OPTIONS = {
                 "table_per": "string", "codebook": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
-                 "cluster": {"bits": "integer", "skip": "boolean"}}
+                 "cluster": {"bits": "integer", "skip": "boolean", "codebook": "string"}}
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95)
 DEFAULT_TIME_BUDGET_S = 600.0
 CACHED_STEPS = 8  # first-pass results a search keeps for reuse
@@ -452,11 +452,13 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
     from onnxshrink.passes.cluster import ClusterConfig
 
     bits = _resolve(spec.layers, "bits", names, where)
+    forms = _resolve(spec.layers, "codebook", names, where)
     default = options.pop("bits", 4)
     # One pass for every width (ClusterConfig.layer_bits): one capture of the calibration data, where a pass per
     # width captured it once per width (a 5-width plan of ddddocr's detector ran past a 10-minute budget).
     config = ClusterConfig(**options, bits=default, exclude=exclude,
-                           layer_bits={name: width for name, width in bits.items() if width != default})
+                           layer_bits={name: width for name, width in bits.items() if width != default},
+                           layer_codebook=forms)
     return api.cluster(current, target, config, **common).passes, {}
 
 
@@ -1034,6 +1036,8 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
     one codebook `per` layer or per output channel (compress_plan.finalists). `tables` names the Gathers of the
     priced embedding tables in `allocation`: each gets its own width rule and the row-scaled codebook in either
     layout; a table not priced is not coded (it stays with the other floats)."""
+    from onnxshrink.compress_plan import table_choice
+
     spec = format_pass("cluster4", config)
     spec.options["other_floats"] = other_floats
     spec.options["codebook"] = PLANNED_CODEBOOK
@@ -1052,8 +1056,14 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
             counts[width] = counts.get(width, 0) + 1
     default = max(sorted(counts), key=lambda width: counts[width]) if counts else 4
     spec.options["bits"] = default
-    rules = [LayerRule(glob_literal(node), {"bits": width}) for node, width in allocation.items()
-             if width != default or node in tables]
+    rules = []
+    for node, width in allocation.items():
+        if node in tables:  # a table's key is its width and codebook form (compress_plan.table_choice)
+            bits, form = table_choice(width)
+            rules.append(LayerRule(glob_literal(node), {"bits": bits} if form == PLANNED_CODEBOOK else
+                                   {"bits": bits, "codebook": form}))
+        elif width != default:
+            rules.append(LayerRule(glob_literal(node), {"bits": width}))
     return Recipe([PassSpec("cluster", spec.options, rules)])
 
 
@@ -1342,8 +1352,9 @@ def resolve(recipe: Recipe, run: RecipeRun) -> Recipe:
             options["sparsity"] = round(run.sparsity, 4)
             rules = [r for r in rules if "sparsity" not in r.options]
             rules += [LayerRule(glob_literal(node), {"sparsity": value}) for node, value in run.layer_sparsity.items()]
-        if spec.name == "cluster" and run.layer_bits:
-            rules = [r for r in rules if "bits" not in r.options]
+        if spec.name == "cluster" and run.layer_bits:  # a rule's other options (a table's codebook form) stay
+            rules = [LayerRule(r.match, {k: v for k, v in r.options.items() if k != "bits"}) for r in rules]
+            rules = [r for r in rules if r.options]
             rules += [LayerRule(glob_literal(node), {"bits": bits}) for node, bits in run.layer_bits.items()]
         passes.append(PassSpec(spec.name, options, rules))
     return Recipe(passes)

@@ -146,3 +146,100 @@ def test_compress_plans_and_prices_in_the_entropy_form(tmp_path):
     assert [layer.node for layer in kmeans.layers] == [layer.node for layer in entropy.layers]
     for a, b in zip(kmeans.layers, entropy.layers):  # no more error at any width (the weight error, without data)
         assert all(b.errors[w] <= a.errors[w] * 1.01 for w in (3, 4)), (a.errors, b.errors)
+
+
+# ---- the plan: a table's two codings at each width are two steps of the frontier ------------------------------
+
+TABLE_ROWS, TABLE_WIDTH = 400, 128
+
+
+def _wide_table_model(tmp_path):
+    """ids -> Gather(table [400, 128], rows as wide as a real table's) -> MatMul(w [128, 32]): the table is the bulk."""
+    from onnx import TensorProto, helper
+
+    from conftest import build_model, float_value
+
+    rng = np.random.default_rng(13)
+    table = (rng.standard_normal((TABLE_ROWS, TABLE_WIDTH)) * rng.uniform(0.1, 2.0, (TABLE_ROWS, 1))).astype(np.float32)
+    w = rng.standard_normal((TABLE_WIDTH, 32)).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+             helper.make_node("MatMul", ["e", "w"], ["y"], name="proj")]
+    model = build_model(nodes, [helper.make_tensor_value_info("ids", TensorProto.INT64, ["n", "t"])],
+                        [float_value("y", ["n", "t", 32])],
+                        [numpy_helper.from_array(table, "table"), numpy_helper.from_array(w, "w")])
+    np.savez(tmp_path / "cal.npz", ids=rng.integers(0, TABLE_ROWS, (8, 12)).astype(np.int64))
+    return save_model(model, tmp_path / "table.onnx"), tmp_path / "cal.npz"
+
+
+def test_the_plan_prices_a_tables_grid_as_a_step_between_two_widths(tmp_path):
+    path, cal = _wide_table_model(tmp_path)
+    kmeans = compress_plan.price_layers(path, cal, bits=(3, 4, 5), min_share=compress_plan.MIN_LAYER_SHARE)
+    prices = compress_plan.price_layers(path, cal, bits=(3, 4, 5), min_share=compress_plan.MIN_LAYER_SHARE,
+                                        form="entropy")
+    assert sorted(kmeans.tables[0].errors) == [3, 4, 5]
+    table = prices.tables[0]
+    grids = sorted(key for key in table.errors if key != int(key))
+    assert grids and set(grids) == set(table.savings) and all(key + compress_plan.GRID_STEP in (3, 4, 5) for key in grids)
+    for key in grids:
+        width = int(key + compress_plan.GRID_STEP)
+        assert compress_plan.table_choice(key) == (width, "entropy") and compress_plan.table_choice(width) == (width, "kmeans")
+        assert 0 < table.savings[key] < 1
+        # its bits lie between its width's and the next narrower width's; its measured drift is no lower than k-means'
+        assert compress_plan.stored_bits(table, width) > compress_plan.stored_bits(table, key)
+        if width - 1 in table.errors:
+            assert compress_plan.stored_bits(table, key) > compress_plan.stored_bits(table, width - 1)
+        assert table.errors[key] >= table.errors[width]
+    # the frontier walks the table's keys in order, every step saving bits
+    path_keys = [allocation["embed"] for allocation in compress_plan.frontier(prices)]
+    assert path_keys == sorted(path_keys, reverse=True) and any(k != int(k) for k in path_keys)
+    bits = [compress_plan.average_bits(a, prices) for a in compress_plan.frontier(prices)]
+    assert all(a > b for a, b in zip(bits, bits[1:]))
+    key = grids[-1]
+    assert "evenly spaced" in compress_plan.summary({"proj": 4, "embed": key}, prices)
+
+
+def test_a_tables_planned_form_reaches_the_graph_and_survives_resolve(tmp_path):
+    from onnxshrink.compress_search import resolve, run_recipe
+
+    path, cal = _wide_table_model(tmp_path)
+    sizes = {}
+    for key in (4, 4 - compress_plan.GRID_STEP):
+        recipe = planned_recipe({"proj": 5, "embed": key}, CompressConfig(calibration=str(cal)), False, "fp16",
+                                tables=("embed",))
+        (spec,) = recipe.passes
+        table_rule = next(r for r in spec.layers if r.match == "embed")
+        assert table_rule.options == ({"bits": 4, "codebook": "kmeans"} if key == 4 else {"bits": 4})
+        out = tmp_path / f"out{key}.onnx"
+        run = run_recipe(path, recipe, out, calibration=str(cal))
+        books = {t.name: list(t.dims) for t in onnx.load(str(out)).graph.initializer}
+        sizes[key] = books["table_codebook_fp16"][0]
+        again = resolve(recipe, run)
+        assert any(r.options.get("codebook") == "kmeans" for r in again.passes[0].layers) == (key == 4)
+    assert sizes[4] == 16 and sizes[4 - compress_plan.GRID_STEP] > 16
+
+
+def test_a_bad_layer_form_is_refused():
+    with pytest.raises(UsageError, match="layer 'embed': codebook 'fixed'"):
+        Cluster(ClusterConfig(layer_codebook={"embed": "fixed"}))
+
+
+def test_a_tables_grid_that_saves_little_for_much_drift_is_stepped_over():
+    """MPNet's 4-bit grid: 0.15 bits saved for 3x the drift. From 4 bits the table goes straight to 3 (the lower
+    hull of its points); a layer still steps one width at a time."""
+    from onnxshrink.compress_plan import LayerPrice, Prices, frontier, marginal_price
+
+    table = LayerPrice("embed", 10000, {3: 0.0119, 3.5: 0.0119, 4: 0.0042, 5: 0.0006}, False, rows=100,
+                       tensor="table", savings={3.5: 0.15})
+    layer = LayerPrice("proj", 10000, {3: 0.02, 4: 0.004, 5: 0.001}, True)
+    prices = Prices(layers=[layer, table])
+    keys = [allocation["embed"] for allocation in frontier(prices)]
+    assert 3.5 not in keys and keys[-1] == 3 and 4 in keys
+    widths = [allocation["proj"] for allocation in frontier(prices)]
+    assert widths == sorted(widths, reverse=True) and set(widths) == {3, 4, 5}
+    # the going rate from the table at 4 bits is its step to 3 (0.0077 for about 1 bit), not the grid's
+    rate = marginal_price({"proj": 3, "embed": 4}, prices)
+    assert rate < (0.0119 - 0.0042) / (0.5 * 10000)
+    # where the grid is cheap (MiniLM's: 0.0005 of drift for 0.11 bits), it is taken on the way
+    cheap = LayerPrice("embed", 10000, {3: 0.011, 3.5: 0.0027, 4: 0.0022, 5: 0.0004}, False, rows=100,
+                       tensor="table", savings={3.5: 0.11})
+    assert 3.5 in [allocation["embed"] for allocation in frontier(Prices(layers=[layer, cheap]))]

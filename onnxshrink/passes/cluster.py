@@ -99,6 +99,9 @@ class ClusterConfig:
     # (up to 256), where their indices Huffman-code smaller in a pack (one codebook a layer or table only; see
     # algorithms/codebook.py). compress's planned candidates use "entropy".
     codebook: str = "kmeans"
+    # node name -> codebook form for that layer or table (others: `codebook`), as layer_bits sets widths: compress's
+    # plan chooses each table's form
+    layer_codebook: dict = field(default_factory=dict)
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -113,6 +116,9 @@ def check_config(config: ClusterConfig, calibration) -> None:
     if config.codebook not in codebook.FORMS:
         raise UsageError(f"--codebook {config.codebook!r}: choose kmeans (2^bits values) or entropy (evenly spaced "
                          "values at k-means' error, fewer bits once packed)")
+    for node, form in dict(config.layer_codebook or {}).items():
+        if form not in codebook.FORMS:
+            raise UsageError(f"layer {node!r}: codebook {form!r}: choose kmeans or entropy")
     if config.weighting not in (None,) + WEIGHTINGS:
         raise UsageError(f"--weighting {config.weighting!r}: choose none or activation")
     if config.weighting == "activation" and calibration is None:
@@ -291,7 +297,7 @@ class Cluster:
         per, levels = self.table_per, self.layer_levels.get(group[0].name, self.levels)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
-        idx, books, row_scale, decoded = table_codebook(raw, levels, per, self.config.codebook)
+        idx, books, row_scale, decoded = table_codebook(raw, levels, per, self._form(group))
         mse = float(np.mean((raw - decoded) ** 2))
         uniform = codebook.uniform_mse(raw if per == "channel" else raw.reshape(1, -1), levels)
         stats.append(("mse", mse, uniform))
@@ -308,6 +314,9 @@ class Cluster:
         return decisions
 
     # ---- clustering one weight -----------------------------------------------------------
+
+    def _form(self, group) -> str:
+        return dict(self.config.layer_codebook or {}).get(group[0].name, self.config.codebook)
 
     def _layer(self, group):
         """The layer a weight's codebook is fitted to the data of, or None (`_not_data_aware` says why)."""
@@ -337,7 +346,7 @@ class Cluster:
             weights = weights.T if config.per == "channel" else weights.reshape(1, -1)
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
-        books = codebook.fit(rows, levels, weights, reserve_zero=reserve, form=config.codebook,
+        books = codebook.fit(rows, levels, weights, reserve_zero=reserve, form=self._form(group),
                              margin=codebook.DATA_AWARE_GRID_MARGIN if gram is not None else 1.0)
         rounded = "nearest entry"
         if gram is not None and self.rounding == "gptq":
@@ -427,7 +436,7 @@ class Cluster:
             f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}"
             + (f" ({len(self.layer_levels)} layer(s) with their own width: layer_bits)" if self.layer_levels else "")
             + ("; entropy form: evenly spaced values at k-means' error where their indices code smaller"
-               if config.codebook == "entropy" else "")
+               if config.codebook == "entropy" or "entropy" in dict(config.layer_codebook or {}).values() else "")
             + f"; weight MSE {ratio:.2f}x that of uniform round-to-nearest at the same widths (summed over layers)")
         if data_aware:
             refits = [(a, b) for kind, a, b in stats if kind == "refit"]

@@ -46,12 +46,6 @@ from onnxshrink.passes.cluster import table_codebook  # noqa: E402
 TABLE = "model.embeddings.word_embeddings.weight"
 
 
-def entropy(codes: np.ndarray) -> float:
-    _, counts = np.unique(codes, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log2(p)).sum())
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="minilm", choices=("minilm", "mpnet"))
@@ -93,7 +87,8 @@ def main() -> None:
                 codes, books, _, decoded = table_codebook(table, 2 ** bits, "layer", form)
             got = embed(decoded)
             cosines = em.row_cosines(reference, got)
-            bits_per_weight = entropy(codes) + (0.0 if scales is None else 16 / table.shape[1])
+            bits_per_weight = codebook.entropy(np.bincount(np.asarray(codes).ravel())) \
+                + (0.0 if scales is None else 16 / table.shape[1])
             print(f"{bits}-bit {label:18s} {books.shape[-1]:3d} values  {bits_per_weight:.2f} bits/weight  cosine {cosines.mean():.5f} "
                   f"({cosines.min():.4f})  top-5 {em.topk_overlap(reference, got, 5):.3f}", flush=True)
 

@@ -192,7 +192,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
             entropy = {}
             for key, kind in ((b, "kmeans"),) + (((b - GRID_STEP, "entropy"),) if form == "entropy" else ()):
                 idx, books, scale, table = table_codebook(value, 2 ** b, "layer", kind)
-                entropy[kind] = index_entropy(idx)
+                entropy[kind] = codebook.entropy(np.bincount(idx.ravel()))
                 if kind == "entropy" and (books.shape[-1] == 2 ** b or entropy[kind] >= entropy["kmeans"]):
                     del entropy[kind]  # k-means kept, or nothing saved: no step of its own
                     continue
@@ -287,13 +287,6 @@ def table_choice(key) -> tuple[int, str]:
     w-bit entropy form."""
     bits = int(np.ceil(key))
     return bits, "kmeans" if bits == key else "entropy"
-
-
-def index_entropy(idx: np.ndarray) -> float:
-    """Bits a weight Huffman coding of these indices approaches (order-0 entropy)."""
-    counts = np.bincount(np.asarray(idx).ravel())
-    p = counts[counts > 0] / max(int(counts.sum()), 1)
-    return float(-np.sum(p * np.log2(p)))
 
 
 def has_channel_layout(prices: Prices) -> bool:

@@ -99,7 +99,7 @@ DEFAULT_SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95)
 DEFAULT_TIME_BUDGET_S = 600.0
 CACHED_STEPS = 8  # first-pass results a search keeps for reuse
 # The planned candidates' codebooks (cluster's `codebook`): evenly spaced values where they pack smaller at k-means'
-# error. MiniLM at 10 minutes: 7.89x -> see docs/benchmarks-compress.md. Prices are taken with the same form.
+# error; prices are taken in the same form. MiniLM's 10-minute search at 0.99: 7.89x -> 8.13x (docs/benchmarks-compress.md).
 PLANNED_CODEBOOK = "entropy"
 _STEP_NUMBERS = itertools.count()  # unique step file names within a work folder
 FINAL_LATENCY_S = 1.0  # the final report's latency measurement

@@ -135,7 +135,7 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
     first, last = int(q[used].min()), int(q[used].max())
     grid_counts = np.bincount((q[used] - first).astype(np.int64), weights=count[used])
     kmeans_counts = np.bincount(_nearest(points[used], books), weights=count[used])
-    if _entropy(np.append(grid_counts, zeros)) > _entropy(np.append(kmeans_counts, zeros)) - GRID_MIN_GAIN:
+    if entropy(np.append(grid_counts, zeros)) > entropy(np.append(kmeans_counts, zeros)) - GRID_MIN_GAIN:
         return None
     return (np.arange(first, last + 1) + half) * step
 
@@ -144,7 +144,8 @@ def _nearest(points: np.ndarray, books: np.ndarray) -> np.ndarray:
     return np.searchsorted((books[1:] + books[:-1]) / 2, points)
 
 
-def _entropy(counts: np.ndarray) -> float:
+def entropy(counts: np.ndarray) -> float:
+    """Bits a symbol that Huffman coding of symbols with these counts approaches (order-0 entropy)."""
     counts = counts[counts > 0]
     p = counts / np.sum(counts)
     return float(-np.sum(p * np.log2(p)))

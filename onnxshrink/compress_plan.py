@@ -128,13 +128,14 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
     width (its relative weight error when not measured). `stop()`, asked before each capture run and each measured
     item, ends the pricing early (the layers not reached are priced by weight error alone). When the layers and
     tables hold less than `min_share` of the model's float weights, nothing is priced (a note says why): their
-    widths cannot move the total much, and pricing costs a capture."""
+    widths cannot move the total much, and pricing costs a capture. `form` is the cluster pass's `codebook`, so each
+    layer is priced as the pass will code it; in "entropy" each table is priced in both forms (GRID_STEP)."""
     model = model_io.load(Path(model_path))
     owners = initializer_owners(model)
     records = {r.name: r for r in find_tensors(model)}
     main_outputs = {name for node in model.graph.node for name in node.output}
     tables = _tables(model, records)
-    layers = []  # `form`: the codebooks' (cluster's `codebook`), so a layer is priced as the pass will code it
+    layers = []
     for graph in model_io.iter_graphs(model.graph):
         for index, node in enumerate(graph.node):
             if node.op_type not in ("MatMul", "Gemm", "Conv") or node.domain not in ("", "ai.onnx") or len(node.input) < 2:

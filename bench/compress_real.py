@@ -24,6 +24,7 @@ import glob
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import time
@@ -57,6 +58,11 @@ def main() -> None:
     parser.add_argument("--recipe", help="run this recipe (compress --recipe) instead of the search")
     parser.add_argument("--max-candidates", help="also stop after N candidates (compress --max-candidates): the same "
                         "candidates on any machine, however loaded")
+    parser.add_argument("--task-check", action="store_true", help="gate the search on the task as well (compress "
+                        "--task-check): det/rec boxes and scores kept / lines read as fp32 on a check set "
+                        "(bench/conv_tasks.py); minilm top-5 neighbours kept on CHECK_SENTENCES prose sentences of "
+                        "bench/calibration_text.py (bench/embedding_check.py). The reported sets stay unseen")
+    parser.add_argument("--min-top5", type=float, default=0.9, help="minilm --task-check: the top-5 overlap to keep")
     parser.add_argument("--ort-int8", action="store_true", help="det/rec: onnxruntime's quantize_dynamic (QInt8) instead")
     parser.add_argument("--prices", action="store_true", help="print compress's per-layer prices (layer-local proxy "
                         "and measured whole-model drift at 4 bits; a table's drift at each width) and the planned "
@@ -82,6 +88,10 @@ def main() -> None:
         command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(export / "model.onnx"),
                    "--calibration", str(export / "calibration.npz"), "--data", str(export / "heldout.npz"),
                    "--min-cosine", args.min_cosine, "-o", str(out / "out.shrink"), "--force", "--json"]
+        if args.task_check:
+            command += ["--task-check", shlex.join([sys.executable, str(Path(__file__).resolve().parent / "embedding_check.py"),
+                                                    str(check_sentences(out)), "{original}", "{model}",
+                                                    "--min-top5", str(args.min_top5)])]
         wall, rss, cpu = run_compress(command, args, result_path)
     result = json.loads(result_path.read_text())
     held = dict(np.load(export / "heldout.npz"))
@@ -99,6 +109,20 @@ def main() -> None:
           f"{topk_overlap(reference, candidate, 5):.3f}; compress's own check (token states, padding left out): "
           f"{min(o['cosine'] for o in result['validation']['outputs'].values()):.4f}")
     print_search(result)
+
+
+CHECK_SENTENCES = 200
+
+
+def check_sentences(out: Path) -> Path:
+    """The last CHECK_SENTENCES sentences of bench/calibration_text.py's prose (in neither the export's calibration
+    nor its held-out set), as OUT/check-sentences.npz: what the top-5 task check judges on."""
+    import calibration_text
+
+    with np.load(calibration_text.build("minilm")) as data:
+        arrays = {name: data[name][-CHECK_SENTENCES:] for name in data.files}
+    np.savez(out / "check-sentences.npz", **arrays)
+    return out / "check-sentences.npz"
 
 
 def run_compress(command: list, args, result_path: Path) -> tuple[float, float, float]:
@@ -119,8 +143,10 @@ def print_search(result: dict) -> None:
     for c in result["candidates"]:
         ratio = f"{c['times_smaller']:.2f}x" if c["times_smaller"] else "-"
         cosine = f"{c['cosine']:.4f}" if c["cosine"] is not None else "-"
+        checked = c.get("task_check")
+        task = f"  [task check: {c['task_check']['detail']}]" if checked else ""
         print(f"  {c['index']} {c['phase']:9} {c['seconds']:6.1f} s {ratio:>7} cos {cosine} "
-              f"{'pass' if c['passed'] else 'FAIL'} {c['recipe']}{'  [' + c['error'] + ']' if c['error'] else ''}")
+              f"{'pass' if c['passed'] else 'FAIL'} {c['recipe']}{'  [' + c['error'] + ']' if c['error'] else ''}{task}")
     for note in result.get("notes", []):
         print(f"  note: {note}")
 
@@ -141,6 +167,10 @@ def conv(args) -> None:
         command = [str(Path(sys.executable).parent / "onnxshrink"), "compress", str(data["model"]),
                    "--calibration", str(data["calibration"]), "--data", str(data["judging"]),
                    "--min-cosine", args.min_cosine, "-o", str(out / "out.shrink"), "--force", "--json"]
+        if args.task_check:
+            checker = Path(__file__).resolve().parent / "conv_tasks.py"
+            command += ["--task-check", shlex.join([sys.executable, str(checker), args.model, str(data["check"]),
+                                                    "{original}", "{model}"])]
         wall, rss, cpu = run_compress(command, args, result_path)
     else:
         result_path = Path(args.result)

@@ -695,6 +695,7 @@ def compress_command(
     max_drift: MaxDriftOpt = None,
     min_cosine: MinCosineOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
+    task_check: Annotated[Optional[str], typer.Option("--task-check", metavar="CMD", help="Your own check of the task (boxes found, text read), run on each candidate that passes the thresholds: a command that exits 0 to accept it. {model} in CMD is the candidate (a runnable .onnx), {original} the input; without {model} the candidate's path is appended.", rich_help_panel=GATES)] = None,
     output: _output_opt("Output path: .shrink writes the packed file, .onnx the runnable model (default MODEL.compressed.shrink).") = None,
     save_recipe: Annotated[Optional[Path], typer.Option("--save-recipe", help="Write the chosen pipeline, per layer, as a TOML recipe.", rich_help_panel=OUTPUT)] = None,
     force: ForceOpt = False,
@@ -719,7 +720,7 @@ def compress_command(
                             data=str(data) if data else None, labels=labels, samples=samples,
                             calibration=str(calibration) if calibration else None, time_budget_s=seconds,
                             max_candidates=max_candidates, threads=threads, seed=seed, workers=workers,
-                            executor=executor, ray_address=ray_address)
+                            executor=executor, ray_address=ray_address, task_check=task_check)
     # One clock: with a time budget the search reports seconds of it, and the display shows those as its elapsed time.
     display = ProgressDisplay("compress", unit=" s" if seconds is not None else " candidates",
                               budget_seconds=seconds is not None and recipe is None)

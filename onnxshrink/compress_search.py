@@ -69,12 +69,12 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyprojec
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-from onnxshrink import api, candidate_process, executors
+from onnxshrink import api, candidate_process, executors, task_check
 from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.common import glob_literal
 from onnxshrink.passes.fold_layernorm import fold_layernorm
-from onnxshrink.report import JsonReport, ValidationReport
+from onnxshrink.report import Check, JsonReport, ValidationReport
 from onnxshrink.validate import Thresholds, ValidateConfig
 
 PASSES = ("prune", "quantize", "cluster")
@@ -586,6 +586,9 @@ class CompressConfig:
     workers: int | None = None
     executor: str = "local"
     ray_address: str | None = None
+    # The user's own task check (task_check.py): a command, or from the library a function of (original, candidate)
+    # paths. A candidate that passes the thresholds is kept only if the check accepts it.
+    task_check: object = None
 
 
 # name -> the quantize/cluster pass of that weight format (None: float weights)
@@ -618,6 +621,7 @@ class Candidate:
     best: bool  # became the best so far (written to the output)
     seconds: float
     error: str | None = None
+    task_check: dict | None = None  # accepted, detail, seconds: the user's task check, run when the thresholds held
 
 
 @dataclass
@@ -643,7 +647,8 @@ class CompressReport(JsonReport):
     validation: ValidationReport | None
     seconds: float
     time_budget_s: float | None
-    stopped: str  # "search done", "time budget", "candidate limit", "recipe"
+    stopped: str  # "search done", "time budget", "candidate limit", "recipe", "thresholds cannot be met",
+    # "task check rejects the input model"
     notes: list = field(default_factory=list)
     max_candidates: int | None = None  # the candidate budget, when one was set (auto mode)
     executor: str | None = None  # "serial", "local" or "ray" (auto mode)
@@ -686,6 +691,8 @@ class _Search:
         # The files every candidate reads (shipped as bytes to a Ray cluster), and how the candidates run.
         self.inputs = {"source": self.source, "model": model_path, "calibration": config.calibration, "data": data}
         self.executor = executors.SerialExecutor(self.inputs, workdir)
+        self.task_check = task_check.make_check(config.task_check)
+        self.verdicts: dict = {}  # candidate index -> its task check's Verdict
 
     def elapsed(self) -> float:
         return time.monotonic() - self.started
@@ -874,6 +881,15 @@ class _Search:
         index = len(self.candidates)
         size = target.stat().st_size if target.exists() and error is None else None
         passed = report is not None and report.passed
+        verdict = None
+        if passed and self.task_check is not None:
+            verdict = self.run_task_check(target)
+            self.verdicts[index] = verdict
+            passed, seconds = verdict.accepted, seconds + verdict.seconds
+            if self.costs:  # a candidate costs its check too (the estimates of what still fits the budget)
+                self.costs[-1] += verdict.seconds
+            if verdict.stopped:
+                self.out_of_time, self.stopped = True, "time budget"
         better = passed and (self.best is None or size < self.best[0])
         if better:
             _copy_model(target, self.output)
@@ -883,9 +899,26 @@ class _Search:
             report.accuracy["candidate"] if report and report.accuracy else None,
             max((o.max_abs for o in report.outputs.values()), default=None) if report else None,
             min((o.cosine for o in report.outputs.values()), default=None) if report else None,
-            passed, better, seconds, error))
+            passed, better, seconds, error,
+            None if verdict is None else {"accepted": verdict.accepted, "detail": verdict.detail,
+                                          "seconds": round(verdict.seconds, 3)}))
         target.unlink(missing_ok=True)
         return self.candidates[-1], run
+
+    def run_task_check(self, target: Path) -> task_check.Verdict:
+        """The user's task check on a built candidate that passed the thresholds: on a runnable .onnx (a pack is
+        unpacked for it), stopped at the time budget's deadline."""
+        checked = target
+        if self.pack:
+            checked = self.workdir / "task-check.onnx"
+            api.unpack(target, checked, force=True)
+        try:
+            left = self._seconds_left()
+            return self.task_check(self.model_path, checked, timeout=None if left is None else max(left, 1.0))
+        finally:
+            if checked != target:
+                checked.unlink(missing_ok=True)
+                model_io.drop_stale_data(checked)
 
     def uniform(self, formats: list[str]) -> None:
         """Per format, the highest passing sparsity on the grid, by bisection (accuracy falls with sparsity); a large
@@ -1388,6 +1421,7 @@ def compress(
     """The smallest model within the thresholds (automatic), or the recipe's pipeline; OUTPUT is packed when it
     ends in .shrink. Automatic mode always keeps the best valid model so far at OUTPUT."""
     config = config or CompressConfig()
+    config = dataclasses.replace(config, task_check=task_check.make_check(config.task_check))  # a bad one: exit 2 now
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, "compressed", ".shrink")
     replayed = None
@@ -1396,9 +1430,11 @@ def compress(
         recipe = load_recipe(recipe) if isinstance(recipe, (str, os.PathLike)) else recipe
         replayed = check_requirements(recipe, config.calibration, source, allow_other_data)
     thresholds = config.thresholds or Thresholds()
-    if recipe is None and all(v is None for v in (thresholds.max_accuracy_drop, thresholds.min_cosine, thresholds.max_drift,
-                                                 thresholds.min_agreement)):
-        raise UsageError("automatic mode needs a budget: --max-accuracy-drop, --min-cosine or --max-drift (or give --recipe)")
+    if recipe is None and config.task_check is None and all(
+            v is None for v in (thresholds.max_accuracy_drop, thresholds.min_cosine, thresholds.max_drift,
+                                thresholds.min_agreement)):
+        raise UsageError("automatic mode needs a budget: --max-accuracy-drop, --min-cosine, --max-drift or --task-check "
+                         "(or give --recipe)")
     if config.time_budget_s is not None and not config.time_budget_s > 0:
         raise UsageError(f"time budget {config.time_budget_s}: must be positive")
     if config.max_candidates is not None and config.max_candidates < 1:
@@ -1480,6 +1516,9 @@ def _recipe_mode(search: _Search, recipe: Recipe) -> CompressReport:
                      threads=config.threads)
     search.tick("validate")
     final = _final_validation(search, target)
+    if final.passed and search.task_check is not None:
+        search.tick("task check")
+        _add_task_check(final, search.run_task_check(target))
     destination = search.output
     if not final.passed:
         destination = _failed_output(search.output)
@@ -1497,6 +1536,19 @@ def _auto_mode(search: _Search) -> CompressReport:
     config = search.config
     search.tick("lossless start")
     start, _ = search.attempt(Recipe([]), "lossless", strict=True)
+    rejected = search.verdicts.get(start.index)
+    if rejected is not None and not rejected.accepted:  # the thresholds held: the check refuses the model itself
+        report = _report(search, "auto", None, None)
+        if rejected.stopped:
+            search.stopped = report.stopped = "time budget"
+            report.notes.append(f"the task check ({search.task_check}) did not finish on the lossless form of the "
+                                "model within the time budget; nothing written")
+            return report
+        search.stopped = report.stopped = "task check rejects the input model"
+        report.notes.append(f"the task check ({search.task_check}) rejected the lossless form of the model, which "
+                            f"decodes to the input itself: {rejected.detail or 'no output'}; no candidate can pass "
+                            "it (check the command on the input model); nothing written")
+        return report
     if not start.passed:
         search.stopped = "thresholds cannot be met"
         report = _report(search, "auto", None, None)
@@ -1521,11 +1573,22 @@ def _auto_mode(search: _Search) -> CompressReport:
         search.refine()
     search.tick("final check")
     final = _final_validation(search, search.output)
+    best = next((c for c in reversed(search.candidates) if c.best), None)
+    if best is not None and best.index in search.verdicts:  # the file checked when it was kept: the same bytes
+        _add_task_check(final, search.verdicts[best.index])
     report = _report(search, "auto", final, search.output)
     report.notes.extend(search.notes)
     if not search.pack:
         report.notes.append("an .onnx output holds every zero: sparsity was not searched (write a .shrink to gain from it)")
     return report
+
+
+def _add_task_check(report: ValidationReport, verdict: task_check.Verdict) -> None:
+    """The task check's verdict as one of the validation's checks (its reason shown with it)."""
+    report.checks.append(Check("task_check", 0.0, None if verdict.exit_code is None else float(verdict.exit_code),
+                               verdict.accepted, verdict.detail))
+    report.gated = True
+    report.passed = report.passed and verdict.accepted
 
 
 def _final_validation(search: _Search, path: Path) -> ValidationReport:

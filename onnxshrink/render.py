@@ -172,6 +172,9 @@ def _verdict(console: Console, report: ValidationReport) -> None:
         return
     for check in report.checks:
         mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
+        if check.name == "task_check":
+            console.print(f"  {mark} task check: {escape(getattr(check, 'detail', None) or 'no output')}", highlight=False)
+            continue
         console.print(f"  {mark} {escape(check.name)}: {_num(check.value)} (threshold {check.threshold:g})")
     for note in report.notes:
         _note(console, note)
@@ -388,7 +391,10 @@ def render_compress(console: Console, report, verbose: bool = False) -> None:
             table.add_column(col, overflow="fold", justify="left" if col in ("phase", "recipe", "") else "right")
         for c in report.candidates:
             verdict = ("[green]best[/]" if c.best else "pass") if c.passed else ("[red]error[/]" if c.error else "fail")
-            table.add_row(str(c.index), c.phase, escape(c.error or c.recipe), human_bytes(c.size), _num(c.times_smaller, 3),
+            checked = getattr(c, "task_check", None)
+            what = c.error or c.recipe + (f" (task check {'accepted' if checked['accepted'] else 'REJECTED'}: "
+                                          f"{checked['detail']})" if checked else "")
+            table.add_row(str(c.index), c.phase, escape(what), human_bytes(c.size), _num(c.times_smaller, 3),
                           _num(c.accuracy), _num(c.cosine, 6), verdict, f"{c.seconds:.1f}", style="" if c.passed else "dim")
         console.print(table)
     if verbose and report.layers:

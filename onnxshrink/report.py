@@ -84,6 +84,7 @@ class Check:
     threshold: float
     value: float | None
     passed: bool
+    detail: str | None = None  # what a check without a figure said (the task check's last line)
 
 
 # Drift this large is a changed model, not rounding noise: said even when no threshold was given.

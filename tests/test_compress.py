@@ -251,7 +251,7 @@ BAD_RECIPES = {
 
 
 @pytest.mark.parametrize("args,code,message", [
-    ([], 2, "automatic mode needs a budget: --max-accuracy-drop, --min-cosine or --max-drift"),
+    ([], 2, "automatic mode needs a budget: --max-accuracy-drop, --min-cosine, --max-drift or --task-check"),
     (["--min-cosine", "0.99", "--time-budget", "soon"], 2, "--time-budget 'soon': expected a positive duration"),
     (["--min-cosine", "0.99", "--time-budget", "0s"], 2, "--time-budget '0s': expected a positive duration"),
     (["--recipe", "missing.toml"], 3, "missing.toml: no such recipe file"),

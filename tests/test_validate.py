@@ -86,7 +86,8 @@ def test_json_schema(pair, runner):
         assert 0 < latency[side]["p50"] <= latency[side]["p90"]
     assert latency["ratio"] == pytest.approx(latency["candidate"]["p50"] / latency["original"]["p50"])
     assert report["checks"] == [
-        {"name": "min_cosine[logits]", "threshold": 0.0, "value": report["outputs"]["logits"]["cosine"], "passed": True}
+        {"name": "min_cosine[logits]", "threshold": 0.0, "value": report["outputs"]["logits"]["cosine"], "passed": True,
+         "detail": None}
     ]
 
 

@@ -1,0 +1,199 @@
+"""compress --task-check: the user's own check of the task on each candidate that passes the thresholds."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import SAMPLES, invoke, tree
+from onnxshrink import api
+from onnxshrink.compress_search import CompressConfig, compress
+from onnxshrink.errors import UsageError
+from onnxshrink.task_check import CommandCheck, FunctionCheck, make_check
+from onnxshrink.validate import Thresholds
+
+PYTHON = sys.executable
+
+
+@pytest.fixture
+def digits(tmp_path):
+    for suffix in ("onnx", "calib.npz", "eval.npz"):
+        shutil.copy(SAMPLES / f"digits_mlp.{suffix}", tmp_path / f"digits_mlp.{suffix}")
+    return tmp_path / "digits_mlp.onnx", tmp_path / "digits_mlp.calib.npz", tmp_path / "digits_mlp.eval.npz"
+
+
+def script(folder, name: str, body: str) -> str:
+    path = folder / name
+    path.write_text("import sys, os\n" + body)
+    return f"{PYTHON} {path}"
+
+
+def _config(calib, data, check, **extra) -> CompressConfig:
+    options = {"thresholds": Thresholds(min_cosine=0.9), "data": str(data), "calibration": str(calib),
+               "time_budget_s": None, "max_candidates": 4, "formats": ("cluster4",), "sparsities": (0.0, 0.8, 0.9),
+               "refine": False, "workers": 1, "task_check": check}
+    return CompressConfig(**{**options, **extra})
+
+
+# ---- the check itself ---------------------------------------------------------------------------
+
+def test_a_command_accepts_on_exit_0_and_keeps_its_last_line(tmp_path):
+    check = CommandCheck(script(tmp_path, "ok.py", "print('loading'); print(' 66/66 boxes kept ')\n"))
+    verdict = check(tmp_path / "orig.onnx", tmp_path / "cand.onnx")
+    assert verdict.accepted and verdict.detail == "66/66 boxes kept" and verdict.exit_code == 0 and not verdict.stopped
+    no = CommandCheck(script(tmp_path, "no.py", "print('3 boxes lost', file=sys.stderr); sys.exit(3)\n"))
+    verdict = no(tmp_path / "orig.onnx", tmp_path / "cand.onnx")
+    assert not verdict.accepted and verdict.detail == "3 boxes lost (exit 3)" and verdict.exit_code == 3
+
+
+def test_placeholders_environment_and_the_appended_path(tmp_path):
+    body = ("short = lambda p: p.replace(os.path.dirname(os.environ['ONNXSHRINK_CANDIDATE']), 'D')\n"
+            "print('|'.join(short(a) for a in sys.argv[1:] + [os.environ['ONNXSHRINK_CANDIDATE'], "
+            "os.environ['ONNXSHRINK_ORIGINAL']]))\n")
+    named = CommandCheck(script(tmp_path, "args.py", body) + " --ref {original} m={model}")
+    verdict = named(tmp_path / "a b.onnx", tmp_path / "c.onnx")
+    assert verdict.detail == "--ref|D/a b.onnx|m=D/c.onnx|D/c.onnx|D/a b.onnx"  # one argument, spaces and all
+    appended = CommandCheck(script(tmp_path, "args.py", body))
+    assert appended(tmp_path / "o.onnx", tmp_path / "c.onnx").detail == "D/c.onnx|D/c.onnx|D/o.onnx"
+
+
+def test_a_check_past_the_deadline_is_stopped_with_its_children(tmp_path):
+    marker = tmp_path / "child-alive"
+    (tmp_path / "child.py").write_text(f"import time\ntime.sleep(3)\nopen({str(marker)!r}, 'w').close()\n")
+    body = f"import subprocess, time\nsubprocess.Popen([sys.executable, {str(tmp_path / 'child.py')!r}])\ntime.sleep(30)\n"
+    started = time.monotonic()
+    verdict = CommandCheck(script(tmp_path, "slow.py", body))(tmp_path / "o.onnx", tmp_path / "c.onnx", timeout=0.5)
+    assert verdict.stopped and not verdict.accepted and time.monotonic() - started < 10
+    time.sleep(3.5)
+    assert not marker.exists()  # the grandchild went with the group
+
+
+@pytest.mark.parametrize("command,message", [
+    ("", "--task-check: the command is empty"),
+    ("'unbalanced", "--task-check \"'unbalanced\": No closing quotation"),
+    ("no-such-program-onnxshrink {model}", "--task-check: 'no-such-program-onnxshrink' is not a program found on PATH"),
+])
+def test_bad_commands_are_refused_up_front(command, message):
+    with pytest.raises(UsageError, match="^" + message.replace("(", r"\(")):
+        make_check(command)
+
+
+def test_a_function_check_and_its_exceptions(tmp_path):
+    assert FunctionCheck(lambda original, candidate: (True, "fine"))(tmp_path, tmp_path).detail == "fine"
+    assert not FunctionCheck(lambda original, candidate: False)(tmp_path, tmp_path).accepted
+
+    def broken(original, candidate):
+        raise ValueError("output 'boxes' is NaN\nmore")
+
+    verdict = FunctionCheck(broken)(tmp_path, tmp_path)
+    assert not verdict.accepted and verdict.detail == "ValueError: output 'boxes' is NaN"
+    with pytest.raises(UsageError, match="give a command"):
+        make_check(3)
+
+
+# ---- in the search --------------------------------------------------------------------------------
+
+def _predictions(path, images) -> np.ndarray:
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: images})[0].argmax(axis=1)
+
+
+def test_the_search_keeps_only_what_the_check_accepts(digits, tmp_path):
+    """A check stricter than the thresholds: every digit read as the original reads it. Candidates the thresholds
+    passed and the check rejected are failed; the output is one it accepted, and says so."""
+    model, calib, data = digits
+    images = np.load(data)[onnx.load(str(model)).graph.input[0].name]
+    reference = _predictions(model, images)
+    seen = []
+
+    def same_digits(original, candidate):
+        assert candidate.suffix == ".onnx" and candidate.exists()  # a runnable file, whatever the output's form
+        changed = int(np.sum(_predictions(candidate, images) != reference))
+        seen.append(changed)
+        return changed == 0, f"{changed} digit(s) read differently"
+
+    report = compress(model, tmp_path / "out.shrink", _config(calib, data, same_digits, max_candidates=5,
+                                                                sparsities=(0.0, 0.5, 0.8, 0.9, 0.95)))
+    checked = [c for c in report.candidates if c.task_check is not None]
+    assert len(checked) == len(seen) >= 2 and checked[0].phase == "lossless" and checked[0].task_check["accepted"]
+    assert all(c.passed == c.task_check["accepted"] for c in checked)
+    assert all(c.task_check is None and not c.passed for c in report.candidates if c not in checked)
+    rejected = [c for c in checked if not c.task_check["accepted"]]
+    assert rejected and all(c.cosine >= 0.9 for c in rejected)  # the thresholds alone would have kept them
+    unpacked = tmp_path / "out.onnx"
+    api.unpack(tmp_path / "out.shrink", unpacked)
+    assert np.array_equal(_predictions(unpacked, images), reference)
+    final = [c for c in report.validation.checks if c.name == "task_check"]
+    assert report.passed and final and final[0].passed and final[0].detail == "0 digit(s) read differently"
+
+
+def test_a_check_that_rejects_the_input_itself_stops_the_search(digits, tmp_path):
+    model, calib, data = digits
+    report = compress(model, tmp_path / "out.shrink", _config(calib, data, lambda o, c: (False, "no boxes at all")))
+    assert not report.passed and report.stopped == "task check rejects the input model"
+    assert len(report.candidates) == 1 and not (tmp_path / "out.shrink").exists()
+    assert "rejected the lossless form of the model" in report.notes[-1] and "no boxes at all" in report.notes[-1]
+
+
+def test_cli_task_check_accepts_and_reports(digits, runner, tmp_path):
+    model, calib, data = digits
+    check = script(tmp_path, "check.py", "import onnx\nm = onnx.load(sys.argv[-1])\n"
+                                         "print(f'{len(m.graph.node)} nodes, reference {os.path.basename(sys.argv[1])}')\n")
+    result = invoke(runner, "compress", model, "--calibration", calib, "--data", data, "--min-cosine", "0.9",
+                    "--max-candidates", "3", "--workers", "1", "-o", tmp_path / "out.shrink",
+                    "--task-check", check + " {original} {model}", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    final = [c for c in report["validation"]["checks"] if c["name"] == "task_check"]
+    assert final == [{"name": "task_check", "threshold": 0.0, "value": 0.0, "passed": True,
+                      "detail": final[0]["detail"]}] and final[0]["detail"].endswith("reference digits_mlp.onnx")
+    assert all(c["task_check"]["accepted"] for c in report["candidates"] if c["passed"])
+    jsonschema = pytest.importorskip("jsonschema")  # the dev extra installs it
+    schema = json.loads((SAMPLES.parent / "docs" / "schemas" / "compress.json").read_text())
+    assert not list(jsonschema.Draft202012Validator(schema).iter_errors(report))  # the new keys are documented
+    shown = invoke(runner, "compress", model, "--calibration", calib, "--data", data, "--min-cosine", "0.9",
+                   "--max-candidates", "2", "--workers", "1", "-o", tmp_path / "out2.shrink", "--task-check", check)
+    assert shown.exit_code == 0 and "pass task check: " in shown.stdout, shown.output
+
+
+def test_cli_task_check_rejecting_everything_writes_nothing(digits, runner, tmp_path):
+    model, calib, data = digits
+    (tmp_path / "out.shrink").write_bytes(b"an earlier output")
+    check = script(tmp_path, "never.py", "print('text unreadable'); sys.exit(1)\n")
+    before = tree(tmp_path)
+    result = invoke(runner, "compress", model, "--calibration", calib, "--data", data, "--min-cosine", "0.9",
+                    "--max-candidates", "3", "-o", tmp_path / "out.shrink", "--force", "--task-check", check, "--json")
+    assert result.exit_code == 1, result.output
+    note = json.loads(result.stdout)["notes"][-1]
+    assert "rejected the lossless form of the model" in note and "text unreadable (exit 1)" in note
+    assert tree(tmp_path) == before and "Traceback" not in result.output
+
+
+def test_cli_refuses_a_missing_program_in_one_line(digits, runner, tmp_path):
+    model, calib, data = digits
+    before = tree(tmp_path)
+    result = invoke(runner, "compress", model, "--calibration", calib, "--min-cosine", "0.9",
+                    "-o", tmp_path / "out.shrink", "--task-check", "no-such-program-onnxshrink --strict")
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == ("error: --task-check: 'no-such-program-onnxshrink' is not a program found on PATH, "
+                                     "or not executable")
+    assert tree(tmp_path) == before
+
+
+def test_recipe_mode_runs_the_check_on_its_result(digits, runner, tmp_path):
+    model, calib, data = digits
+    (tmp_path / "r.toml").write_text('[[passes]]\nname = "cluster"\nbits = 4\n')
+    (tmp_path / "out.shrink").write_bytes(b"keep me")
+    check = script(tmp_path, "never.py", "print('2 lines read differently'); sys.exit(1)\n")
+    result = invoke(runner, "compress", model, "--recipe", tmp_path / "r.toml", "--calibration", calib,
+                    "--min-cosine", "0.5", "-o", tmp_path / "out.shrink", "--force", "--task-check", check)
+    assert result.exit_code == 1, result.output
+    assert "FAIL task check: 2 lines read differently (exit 1)" in result.stdout
+    assert (tmp_path / "out.shrink").read_bytes() == b"keep me" and (tmp_path / "out.failed.shrink").exists()

@@ -63,6 +63,10 @@ def main() -> None:
                         "(bench/conv_tasks.py); minilm top-5 neighbours kept on CHECK_SENTENCES prose sentences of "
                         "bench/calibration_text.py (bench/embedding_check.py). The reported sets stay unseen")
     parser.add_argument("--min-top5", type=float, default=0.9, help="minilm --task-check: the top-5 overlap to keep")
+    parser.add_argument("--max-score-change", type=float, default=conv_tasks.DET_MAX_SCORE_CHANGE,
+                        help="det --task-check: the largest score change of a kept box")
+    parser.add_argument("--margin", type=float, default=0.0, help="det --task-check (and the held-out report): boxes "
+                        "scoring within this of the 0.1 cut may come and go (bench/conv_tasks.det_score)")
     parser.add_argument("--ort-int8", action="store_true", help="det/rec: onnxruntime's quantize_dynamic (QInt8) instead")
     parser.add_argument("--prices", action="store_true", help="print compress's per-layer prices (layer-local proxy "
                         "and measured whole-model drift at 4 bits; a table's drift at each width) and the planned "
@@ -170,7 +174,8 @@ def conv(args) -> None:
         if args.task_check:
             checker = Path(__file__).resolve().parent / "conv_tasks.py"
             command += ["--task-check", shlex.join([sys.executable, str(checker), args.model, str(data["check"]),
-                                                    "{original}", "{model}"])]
+                                                    "{original}", "{model}", "--max-score-change",
+                                                    str(args.max_score_change), "--margin", str(args.margin)])]
         wall, rss, cpu = run_compress(command, args, result_path)
     else:
         result_path = Path(args.result)
@@ -183,6 +188,9 @@ def conv(args) -> None:
           f"candidates; judging cosine {min(o['cosine'] for o in result['validation']['outputs'].values()):.4f}")
     if result.get("output"):
         print(f"task ({args.model}, held-out): {conv_tasks.task_metric(args.model, data['model'], Path(result['output']), data['evaluation'])['text']}")
+        if args.model == "det" and args.margin > 0:
+            print(f"task ({args.model}, held-out, margin {args.margin:g}): "
+                  f"{conv_tasks.task_metric(args.model, data['model'], Path(result['output']), data['evaluation'], args.margin)['text']}")
     print_search(result)
 
 

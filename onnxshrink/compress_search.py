@@ -1242,7 +1242,14 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
     When the bisection closes on a single failed step, that step's item is held where it is and the frontier goes
     on without it (up to FROZEN_STEPS times): a step that lowers a big item (MiniLM's word table, half the weights,
     4 -> 3 bits) saves more than the whole interval, so nothing lay between its two ends, and the layers' own
-    narrower widths were never tried. Returns (candidate, recipe, run, allocation) of the narrowest that passed."""
+    narrower widths were never tried.
+
+    With a task check (--task-check), a candidate within the budget may still be rejected: the check's own limit
+    on drift lies lower, unknown. Probes then aim between the largest drift it accepted and the smallest it rejected
+    (their geometric mean, _task_aim), so the frontier is bisected against the check too; aimed at the cosine budget
+    alone they walked down from the rejected end one step at a time (ddddocr's detector: 11 probes at 3.11-3.13 bits
+    per weight, all rejected, against a pass at 4.50). Returns (candidate, recipe, run, allocation) of the narrowest
+    that passed."""
     from onnxshrink import compress_plan
 
     path = compress_plan.frontier(prices, per)
@@ -1274,7 +1281,8 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
             continue
         probe = (low + high) // 2
         if ratio is not None:
-            fitting = [i for i in range(low + 1, high) if _scaled_drift(path[i], prices, per, ratio) <= budget]
+            aim = _task_aim(search, budget)
+            fitting = [i for i in range(low + 1, high) if _scaled_drift(path[i], prices, per, ratio) <= aim]
             if not fitting and _scaled_drift(path[low + 1], prices, per, ratio) > PROBE_SLACK * budget:
                 high, failed_at_high = low + 1, True  # predicted to fail even scaled: held untried
                 skipped += 1
@@ -1297,6 +1305,23 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
                             f"rung and the next tried{held}; the narrowest passing: "
                             f"{compress_plan.summary(best[3], prices, per)}")
     return best
+
+
+def _task_aim(search, budget: float) -> float:
+    """The drift a frontier probe aims at: the budget, or with a task check that rejected a candidate within it, the
+    geometric mean of the largest drift the check accepted and the smallest it rejected (a bisection in log drift,
+    since the check's limit is not known), never above the budget."""
+    accepted, rejected = [], []
+    for candidate in getattr(search, "candidates", []):
+        if candidate.task_check is None or candidate.cosine is None or candidate.phase == "lossless":
+            continue
+        (accepted if candidate.task_check["accepted"] else rejected).append(max(1.0 - candidate.cosine, TASK_AIM_FLOOR))
+    if not rejected:
+        return budget
+    return min(budget, math.sqrt(max(accepted, default=TASK_AIM_FLOOR) * min(rejected)))
+
+
+TASK_AIM_FLOOR = 1e-6  # drifts below this count as this in _task_aim's geometric mean
 
 
 def _predicted_to_fail(search, prices, candidate: Candidate, allocation: dict, per: str,

@@ -117,3 +117,27 @@ def test_run_child_measures_its_own_peak_and_kills_past_the_limit(tmp_path):
     assert grown["rss_mb"] >= 140 and small["rss_mb"] < 100
     killed = bench.run_child([sys.executable, "-c", "import time; time.sleep(30)"], 0.5, tmp_path / "killed.log")
     assert killed["timed_out"] and killed["rc"] != 0 and killed["wall"] < 10
+
+
+def _bench_module(name: str):
+    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_detector_boxes_kept_and_the_margin_at_the_cut():
+    """bench/conv_tasks.det_score, the detector's task check: a lost or extra box counts unless, with a margin, it
+    scores within the margin of the 0.1 cut (a score allowed to move by that much may cross it)."""
+    tasks = _bench_module("conv_tasks")
+    box = lambda x: np.array([[x, 0.0, x + 10.0, 10.0]])  # noqa: E731
+    reference = [(np.concatenate([box(0), box(50), box(100)]), np.array([0.9, 0.12, 0.5]))]
+    candidate = [(np.concatenate([box(1), box(100), box(200)]), np.array([0.85, 0.52, 0.13]))]  # 0.12 lost, 0.13 new
+    strict = tasks.det_score(reference, candidate)
+    assert (strict["boxes"], strict["matched"], strict["extra"], strict["kept"]) == (3, 2, 1, False)
+    assert strict["max_score_change"] == pytest.approx(0.05)
+    lenient = tasks.det_score(reference, candidate, margin=0.05)
+    assert (lenient["boxes"], lenient["matched"], lenient["extra"], lenient["kept"]) == (2, 2, 0, True)
+    far = [(np.concatenate([box(1), box(200)]), np.array([0.85, 0.4]))]  # the 0.5 box lost, a 0.4 box new
+    assert not tasks.det_score(reference, far, margin=0.05)["kept"]

@@ -182,3 +182,45 @@ def test_the_drift_ratio_scales_the_layers_and_takes_the_tables_as_measured():
     ratio = _drift_ratio(judged, allocation, prices, "layer")
     assert abs(ratio - 0.5) < 1e-9
     assert abs(_scaled_drift(allocation, prices, "layer", ratio) - (tables + 0.5 * layers)) < 1e-12
+
+
+def test_a_task_check_stricter_than_the_budget_is_bisected_not_walked(monkeypatch):
+    """A task check (compress --task-check) that rejects drift over an eighth of the cosine budget: the probes aim
+    between the drifts it accepted and rejected, so the narrowest allocation it accepts is found in a few tries;
+    aimed at the budget alone they walk down one frontier step at a time from the rejected end."""
+    robust = {3: 0.004, 4: 0.001, 5: 0.0004, 6: 0.0001, 8: 0.0}
+    prices = Prices([LayerPrice(f"l{i}", 1000, {b: e * (1 + i / 4) for b, e in robust.items()}, True,
+                                drift=robust[4] * (1 + i / 4)) for i in range(12)])
+    budget, task_limit = 0.01, 0.01 / 8
+    path = frontier(prices)
+    drift = [0.5 * predicted_drift(a, prices) for a in path]
+    accepted_edge = max(i for i, d in enumerate(drift) if d <= task_limit)
+    rejected = next(i for i, d in enumerate(drift) if d > budget) - 1  # within the budget, rejected by the check
+    assert rejected - accepted_edge >= 12  # room to tell a bisection from a walk
+
+    def judge(search, allocation, per, prices, tables):
+        search.tried.append(allocation)
+        d = 0.5 * predicted_drift(allocation, prices)
+        candidate = _candidate(allocation, prices, 0.5, d <= task_limit)
+        if d <= budget:
+            candidate.task_check = {"accepted": d <= task_limit, "detail": "", "seconds": 0.0}
+        search.candidates.append(candidate)
+        return candidate, f"recipe {len(search.tried)}", None
+
+    monkeypatch.setattr(compress_search, "_try_planned", judge)
+    monkeypatch.setattr(compress_search, "FROZEN_STEPS", 0)
+    counts = {}
+    for with_check in (True, False):
+        search = _FakeSearch()
+        search.candidates = []
+        first = _candidate(path[2], prices)  # some drift, which sets the measured/predicted ratio
+        first.task_check = {"accepted": True, "detail": "", "seconds": 0.0}
+        failed = _candidate(path[rejected], prices, 0.5, False)
+        failed.task_check = {"accepted": False, "detail": "", "seconds": 0.0}
+        search.candidates += [first, failed] if with_check else []
+        if not with_check:  # the same judge, but its rejections hidden from the aim: the walk of before
+            monkeypatch.setattr(compress_search, "_task_aim", lambda search, budget: budget)
+        best = _refine_plan(search, prices, (), (first, "start", None), path[2], "layer", path[rejected], budget)
+        assert best[3] == path[accepted_edge] and best[0].passed
+        counts[with_check] = len(search.tried)
+    assert 2 * counts[True] < counts[False], counts  # measured: 6 tries against 20

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
+import tempfile
+import time
 from dataclasses import asdict
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic, inputs_f
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport, latency_slower
 from onnxshrink.runtime import make_session, op_counts, optimized_graph, optimized_op_counts
+from onnxshrink.task_check import MIN_TIMEOUT_S, Verdict, add_to_report, make_check
 from onnxshrink.validate import ValidateConfig, not_validated
 from onnxshrink.validate import validate as _validate
 
@@ -61,8 +64,33 @@ def inspect(path: str | os.PathLike) -> ModelInfo:
     return inspect_model(path)
 
 
-def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: ValidateConfig | None = None) -> ValidationReport:
-    return _validate(original, candidate, config)
+def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: ValidateConfig | None = None, *,
+             task_check=None) -> ValidationReport:
+    """Compare two model files; with `task_check` (a command, or a function of the two paths: task_check.py) its
+    verdict on them is one more check."""
+    check = make_check(task_check)  # a bad command: a UsageError before anything runs
+    report = _validate(original, candidate, config)
+    if check is not None:
+        add_to_report(report, task_verdict(check, Path(original), Path(candidate)))
+    return report
+
+
+def task_verdict(check, original: Path, candidate: Path, timeout: float | None = None,
+                 scratch: Path | None = None) -> Verdict:
+    """A task check's verdict (task_check.py) on two model files, each given to it as a runnable .onnx: a pack
+    (.shrink) is unpacked into `scratch` (a temporary folder when None) and removed afterwards. `timeout` counts
+    from the call, the unpacking included."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(dir=scratch, prefix=".task-check-") as folder:
+        paths = []
+        for role, path in (("original", Path(original)), ("candidate", Path(candidate))):
+            if model_io.is_pack(path):
+                unpacked = Path(folder) / f"{role}.onnx"
+                unpack(path, unpacked, force=True)
+                path = unpacked
+            paths.append(path)
+        left = None if timeout is None else max(timeout - (time.monotonic() - started), MIN_TIMEOUT_S)
+        return check(paths[0], paths[1], timeout=left)
 
 
 def quantize(

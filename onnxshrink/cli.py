@@ -392,6 +392,7 @@ def validate_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    task_check: Annotated[Optional[str], typer.Option("--task-check", metavar="CMD", help="Your own check of the task (boxes found, text read): a command that exits 0 to accept the candidate; its verdict is one more check. {model} in CMD is the candidate (a runnable .onnx), {original} the reference; without {model} the candidate's path is appended.", rich_help_panel=GATES)] = None,
     verbose: VerboseOpt = False,
     as_json: JsonOpt = False,
     threads: ThreadsOpt = 1,
@@ -401,7 +402,7 @@ def validate_command(
     """Run both models in onnxruntime on the same inputs; report drift, accuracy, latency and size. Exit 1 if a threshold fails."""
     config = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     with _progress("validate"):
-        report = api.validate(original, candidate, config)
+        report = api.validate(original, candidate, config, task_check=task_check)
     _emit(as_json, report, lambda console, r: render_validation(console, r, verbose))
     if not report.passed:
         raise typer.Exit(EXIT_THRESHOLD)

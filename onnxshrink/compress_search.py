@@ -74,7 +74,7 @@ from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.common import glob_literal
 from onnxshrink.passes.fold_layernorm import fold_layernorm
-from onnxshrink.report import Check, JsonReport, ValidationReport
+from onnxshrink.report import JsonReport, ValidationReport
 from onnxshrink.validate import Thresholds, ValidateConfig
 
 PASSES = ("prune", "quantize", "cluster")
@@ -908,17 +908,8 @@ class _Search:
     def run_task_check(self, target: Path) -> task_check.Verdict:
         """The user's task check on a built candidate that passed the thresholds: on a runnable .onnx (a pack is
         unpacked for it), stopped at the time budget's deadline."""
-        checked = target
-        if self.pack:
-            checked = self.workdir / "task-check.onnx"
-            api.unpack(target, checked, force=True)
-        try:
-            left = self._seconds_left()
-            return self.task_check(self.model_path, checked, timeout=None if left is None else max(left, 1.0))
-        finally:
-            if checked != target:
-                checked.unlink(missing_ok=True)
-                model_io.drop_stale_data(checked)
+        left = self._seconds_left()
+        return api.task_verdict(self.task_check, self.model_path, target, timeout=left, scratch=self.workdir)
 
     def uniform(self, formats: list[str]) -> None:
         """Per format, the highest passing sparsity on the grid, by bisection (accuracy falls with sparsity); a large
@@ -1543,7 +1534,7 @@ def _recipe_mode(search: _Search, recipe: Recipe) -> CompressReport:
     final = _final_validation(search, target)
     if final.passed and search.task_check is not None:
         search.tick("task check")
-        _add_task_check(final, search.run_task_check(target))
+        task_check.add_to_report(final, search.run_task_check(target))
     destination = search.output
     if not final.passed:
         destination = _failed_output(search.output)
@@ -1600,20 +1591,12 @@ def _auto_mode(search: _Search) -> CompressReport:
     final = _final_validation(search, search.output)
     best = next((c for c in reversed(search.candidates) if c.best), None)
     if best is not None and best.index in search.verdicts:  # the file checked when it was kept: the same bytes
-        _add_task_check(final, search.verdicts[best.index])
+        task_check.add_to_report(final, search.verdicts[best.index])
     report = _report(search, "auto", final, search.output)
     report.notes.extend(search.notes)
     if not search.pack:
         report.notes.append("an .onnx output holds every zero: sparsity was not searched (write a .shrink to gain from it)")
     return report
-
-
-def _add_task_check(report: ValidationReport, verdict: task_check.Verdict) -> None:
-    """The task check's verdict as one of the validation's checks (its reason shown with it)."""
-    report.checks.append(Check("task_check", 0.0, None if verdict.exit_code is None else float(verdict.exit_code),
-                               verdict.accepted, verdict.detail))
-    report.gated = True
-    report.passed = report.passed and verdict.accepted
 
 
 def _final_validation(search: _Search, path: Path) -> ValidationReport:

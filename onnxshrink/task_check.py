@@ -1,5 +1,5 @@
-"""The user's own task check on compress's candidates: a command (or, from the library, a function) that says whether a
-candidate still does the job: boxes found, text read, answers right.
+"""The user's own task check on a compressed model (each of compress's candidates, validate's candidate): a command
+(or, from the library, a function) that says whether it still does the job: boxes found, text read, answers right.
 
 Cosine on the judging data can pass a model whose task output broke (ddddocr's detector: 11.2x at cosine 0.9965 kept
 60 of 66 boxes), and only the user knows what their task is. NNCF's `validation_fn`, Neural Compressor's `eval_func`
@@ -8,8 +8,8 @@ language. As with `git bisect run`, exit status 0 accepts the candidate and any 
 command prints is kept as its reason and shown in the report.
 
 The command is split as a shell would split it (shlex) and run without a shell. `{model}` in it stands for the
-candidate, a runnable .onnx file (a .shrink candidate is unpacked for it), `{original}` for the input model; without
-`{model}` the candidate's path is the last argument. Both paths are also in the environment, as
+candidate, a runnable .onnx file (a .shrink is unpacked for it: api.task_verdict), `{original}` for the input model;
+without `{model}` the candidate's path is the last argument. Both paths are also in the environment, as
 ONNXSHRINK_CANDIDATE and ONNXSHRINK_ORIGINAL.
 """
 
@@ -29,7 +29,8 @@ from onnxshrink.errors import UsageError
 
 MODEL, ORIGINAL = "{model}", "{original}"
 DETAIL_CHARS = 200  # the reason kept from the command's last line
-KILL_GRACE_S = 5.0  # after the deadline's SIGTERM, before SIGKILL
+KILL_GRACE_S = 2.0  # after the deadline's SIGTERM, before SIGKILL
+MIN_TIMEOUT_S = 0.5  # a check is started with at least this long to run
 
 
 @dataclass
@@ -116,6 +117,16 @@ def make_check(check) -> CommandCheck | FunctionCheck | None:
     if callable(check):
         return FunctionCheck(check)
     raise UsageError(f"task check {check!r}: give a command (str) or a function of (original, candidate)")
+
+
+def add_to_report(report, verdict: Verdict) -> None:
+    """The verdict as one of a validation report's checks (its reason shown with it); a rejection fails the report."""
+    from onnxshrink.report import Check
+
+    report.checks.append(Check("task_check", 0.0, None if verdict.exit_code is None else float(verdict.exit_code),
+                               verdict.accepted, verdict.detail))
+    report.gated = True
+    report.passed = report.passed and verdict.accepted
 
 
 def _stop_group(process: subprocess.Popen) -> None:

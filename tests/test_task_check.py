@@ -197,3 +197,28 @@ def test_recipe_mode_runs_the_check_on_its_result(digits, runner, tmp_path):
     assert result.exit_code == 1, result.output
     assert "FAIL task check: 2 lines read differently (exit 1)" in result.stdout
     assert (tmp_path / "out.shrink").read_bytes() == b"keep me" and (tmp_path / "out.failed.shrink").exists()
+
+
+# ---- validate ---------------------------------------------------------------------------------------
+
+def test_validate_runs_the_check_on_a_pack_unpacked_for_it(digits, runner, tmp_path):
+    model, calib, data = digits
+    api.pack(model, tmp_path / "m.shrink")
+    check = script(tmp_path, "runs.py", "import onnxruntime as ort\nfor p in sys.argv[1:]:\n"
+                                        "    ort.InferenceSession(p, providers=['CPUExecutionProvider'])\n"
+                                        "print('both run: ' + ' '.join(os.path.basename(p) for p in sys.argv[1:]))\n")
+    result = invoke(runner, "validate", model, tmp_path / "m.shrink", "--data", data, "--min-cosine", "0.99",
+                    "--task-check", check + " {original} {model}", "--json")
+    assert result.exit_code == 0, result.output
+    final = [c for c in json.loads(result.stdout)["checks"] if c["name"] == "task_check"]
+    assert final[0]["passed"] and final[0]["detail"] == "both run: digits_mlp.onnx candidate.onnx"
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".task-check")]
+
+
+def test_validate_fails_on_a_rejection_and_refuses_a_missing_program(digits, runner, tmp_path):
+    model, calib, data = digits
+    never = script(tmp_path, "never.py", "print('1 box lost'); sys.exit(1)\n")
+    result = invoke(runner, "validate", model, model, "--data", data, "--task-check", never)
+    assert result.exit_code == 1 and "FAIL task check: 1 box lost (exit 1)" in result.stdout, result.output
+    result = invoke(runner, "validate", model, model, "--task-check", "no-such-program-onnxshrink")
+    assert result.exit_code == 2 and result.stderr.strip().startswith("error: --task-check: 'no-such-program-onnxshrink'")

@@ -2,7 +2,11 @@
 held-out quality a sentence-embedding user sees (mean-pooled cosine, top-5 neighbours; bench/embedding_metrics.py).
 
     python bench/compress_real.py [--budget 10m] [--min-cosine 0.99] [--out DIR]
-    python bench/compress_real.py --model det|rec      # ddddocr's detector / PP-OCR's recogniser (bench/conv_tasks.py)
+    python bench/compress_real.py --model det|rec      # ddddocr's detector / PP-OCR's recogniser (bench/conv_tasks.py;
+                                                       # they render their images with Pillow: pip install -e '.[bench]')
+    python bench/compress_real.py [--model det|rec] --task-check  # gated on the task too (compress --task-check):
+                                                       # top-5 >= --min-top5 / boxes and scores kept (--max-score-change,
+                                                       # --margin) / lines read as fp32, on sets the report does not use
     python bench/compress_real.py --model det --ort-int8   # onnxruntime's quantize_dynamic instead, same task metric
     python bench/compress_real.py --result DIR/compress.json     # measure an earlier run's pack again
     python bench/compress_real.py --recipe R.toml                 # one fixed candidate (recipe mode) instead

@@ -173,7 +173,7 @@ def _verdict(console: Console, report: ValidationReport) -> None:
     for check in report.checks:
         mark = "[green]pass[/]" if check.passed else "[red]FAIL[/]"
         if check.name == "task_check":
-            console.print(f"  {mark} task check: {escape(getattr(check, 'detail', None) or 'no output')}", highlight=False)
+            console.print(f"  {mark} task check: {escape(check.detail or 'no output')}", highlight=False)
             continue
         console.print(f"  {mark} {escape(check.name)}: {_num(check.value)} (threshold {check.threshold:g})")
     for note in report.notes:
@@ -391,7 +391,7 @@ def render_compress(console: Console, report, verbose: bool = False) -> None:
             table.add_column(col, overflow="fold", justify="left" if col in ("phase", "recipe", "") else "right")
         for c in report.candidates:
             verdict = ("[green]best[/]" if c.best else "pass") if c.passed else ("[red]error[/]" if c.error else "fail")
-            checked = getattr(c, "task_check", None)
+            checked = c.task_check
             what = c.error or c.recipe + (f" (task check {'accepted' if checked['accepted'] else 'REJECTED'}: "
                                           f"{checked['detail']})" if checked else "")
             table.add_row(str(c.index), c.phase, escape(what), human_bytes(c.size), _num(c.times_smaller, 3),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -70,6 +71,14 @@ def save_model(model: onnx.ModelProto, path: Path) -> Path:
 @pytest.fixture
 def mlp_path(tmp_path) -> Path:
     return save_model(make_mlp(), tmp_path / "mlp.onnx")
+
+
+@pytest.fixture
+def digits(tmp_path):
+    """The digits MLP sample with its calibration and eval data, copied into the test's folder: (model, calib, eval)."""
+    for suffix in ("onnx", "calib.npz", "eval.npz"):
+        shutil.copy(SAMPLES / f"digits_mlp.{suffix}", tmp_path / f"digits_mlp.{suffix}")
+    return tmp_path / "digits_mlp.onnx", tmp_path / "digits_mlp.calib.npz", tmp_path / "digits_mlp.eval.npz"
 
 
 @pytest.fixture

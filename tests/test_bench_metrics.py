@@ -9,10 +9,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-_PATH = Path(__file__).resolve().parent.parent / "bench" / "embedding_metrics.py"
-_SPEC = importlib.util.spec_from_file_location("embedding_metrics", _PATH)
-metrics = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(metrics)
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+def _bench_module(name: str):
+    """A bench/ script as a module (numpy and the metrics only at import: no torch, no download), registered under
+    its name, which its dataclasses look their module up by."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
+        sys.modules[name] = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(sys.modules[name])
+    return sys.modules[name]
+
+
+metrics = _bench_module("embedding_metrics")
 
 
 def test_mean_pool_ignores_padding():
@@ -80,17 +90,8 @@ def test_embedding_quality_identical_and_noisy():
     assert noisy["spearman"] < same["spearman"] and noisy["topk"] < 1.0
 
 
-def _bench():
-    path = _PATH.parent / "transformer_bench.py"
-    spec = importlib.util.spec_from_file_location("transformer_bench", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("transformer_bench", module)  # its dataclasses look their module up by name
-    spec.loader.exec_module(sys.modules["transformer_bench"])  # numpy and the metrics only: no torch, no download
-    return sys.modules["transformer_bench"]
-
-
 def test_verdicts_say_met_or_missed_by_how_much():
-    bench = _bench()
+    bench = _bench_module("transformer_bench")
     method = bench.Method("m", [], targets=[("cosine ≥ 0.997", "cosine", ">=", 0.997), ("b1 ≤ 0.45", "b1", "<=", 0.45),
                                             ("wall ≤ 90 s", "wall", "<=", 90.0)])
     text = bench.verdicts(method, {"cosine": 0.9937, "b1": 0.40, "wall": 131.0})
@@ -100,14 +101,14 @@ def test_verdicts_say_met_or_missed_by_how_much():
 
 
 def test_doc_command_leaves_out_the_note():
-    bench = _bench()
+    bench = _bench_module("transformer_bench")
     argv = ["--quick", "--note", "shared machine", "--out", "x.md", "--note=other"]
     assert bench.shown_arguments(argv) == ["--quick", "--out", "x.md"]
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="peak RSS is read from /proc")
 def test_run_child_measures_its_own_peak_and_kills_past_the_limit(tmp_path):
-    bench = _bench()
+    bench = _bench_module("transformer_bench")
     grown = bench.run_child([sys.executable, "-c", "import time; x = b'x' * 150_000_000; time.sleep(0.3)"], 30,
                             tmp_path / "grow.log")
     ballast = b"y" * 200_000_000  # a large parent: getrusage/wait4 would hand its high-water mark to the child
@@ -117,14 +118,6 @@ def test_run_child_measures_its_own_peak_and_kills_past_the_limit(tmp_path):
     assert grown["rss_mb"] >= 140 and small["rss_mb"] < 100
     killed = bench.run_child([sys.executable, "-c", "import time; time.sleep(30)"], 0.5, tmp_path / "killed.log")
     assert killed["timed_out"] and killed["rc"] != 0 and killed["wall"] < 10
-
-
-def _bench_module(name: str):
-    path = Path(__file__).resolve().parent.parent / "bench" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_detector_boxes_kept_and_the_margin_at_the_cut():

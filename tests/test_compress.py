@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import SAMPLES, invoke, make_mlp, save_model, tree
+from conftest import invoke, make_mlp, save_model, tree
 from onnxshrink import api, compress_search
 from onnxshrink.compress_search import (FORMATS, CompressConfig, compress, format_pass, load_recipe, parse_duration,
                                         parse_recipe, run_recipe)
@@ -37,13 +36,6 @@ bits = 4
 def tensors(path) -> dict:
     model = api.load(path)
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-
-
-@pytest.fixture
-def digits(tmp_path):
-    for suffix in ("onnx", "calib.npz", "eval.npz"):
-        shutil.copy(SAMPLES / f"digits_mlp.{suffix}", tmp_path / f"digits_mlp.{suffix}")
-    return tmp_path / "digits_mlp.onnx", tmp_path / "digits_mlp.calib.npz", tmp_path / "digits_mlp.eval.npz"
 
 
 def _config(calib, data, **extra) -> CompressConfig:

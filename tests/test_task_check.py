@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 
@@ -20,13 +19,6 @@ from onnxshrink.task_check import CommandCheck, FunctionCheck, make_check
 from onnxshrink.validate import Thresholds
 
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def digits(tmp_path):
-    for suffix in ("onnx", "calib.npz", "eval.npz"):
-        shutil.copy(SAMPLES / f"digits_mlp.{suffix}", tmp_path / f"digits_mlp.{suffix}")
-    return tmp_path / "digits_mlp.onnx", tmp_path / "digits_mlp.calib.npz", tmp_path / "digits_mlp.eval.npz"
 
 
 def script(folder, name: str, body: str) -> str:

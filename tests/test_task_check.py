@@ -214,3 +214,14 @@ def test_validate_fails_on_a_rejection_and_refuses_a_missing_program(digits, run
     assert result.exit_code == 1 and "FAIL task check: 1 box lost (exit 1)" in result.stdout, result.output
     result = invoke(runner, "validate", model, model, "--task-check", "no-such-program-onnxshrink")
     assert result.exit_code == 2 and result.stderr.strip().startswith("error: --task-check: 'no-such-program-onnxshrink'")
+
+
+def test_a_check_still_running_at_the_deadline_on_the_lossless_start_ends_the_search(digits, tmp_path):
+    """The check is stopped at the time budget's deadline, even on the lossless start: the search ends there with
+    nothing written, and says the check did not finish (not that it rejected the model)."""
+    model, calib, data = digits
+    slow = script(tmp_path, "slow.py", "import time\ntime.sleep(120)\n")
+    report = compress(model, tmp_path / "out.shrink", _config(calib, data, slow, time_budget_s=3.0, max_candidates=None))
+    assert not report.passed and report.stopped == "time budget" and not (tmp_path / "out.shrink").exists()
+    assert "did not finish on the lossless form" in report.notes[-1]
+    assert report.candidates[0].task_check["detail"].startswith("stopped at the time budget")

@@ -120,11 +120,15 @@ def make_check(check) -> CommandCheck | FunctionCheck | None:
 
 
 def add_to_report(report, verdict: Verdict) -> None:
-    """The verdict as one of a validation report's checks (its reason shown with it); a rejection fails the report."""
-    from onnxshrink.report import Check
+    """The verdict as one of a validation report's checks (its reason shown with it); a rejection fails the report.
+    It is a quality gate: the drift warning, which speaks only when none was given, goes."""
+    from onnxshrink.report import Check, drift_warning
 
+    warning = drift_warning(report.outputs, report.checks, report.synthetic_inputs)
     report.checks.append(Check("task_check", 0.0, None if verdict.exit_code is None else float(verdict.exit_code),
                                verdict.accepted, verdict.detail))
+    if warning is not None and warning in report.notes:
+        report.notes.remove(warning)
     report.gated = True
     report.passed = report.passed and verdict.accepted
 

@@ -15,6 +15,7 @@ from conftest import SAMPLES, invoke, tree
 from onnxshrink import api
 from onnxshrink.compress_search import CompressConfig, compress
 from onnxshrink.errors import UsageError
+from onnxshrink.passes import PruneConfig
 from onnxshrink.task_check import CommandCheck, FunctionCheck, make_check
 from onnxshrink.validate import Thresholds
 
@@ -212,6 +213,12 @@ def test_validate_fails_on_a_rejection_and_refuses_a_missing_program(digits, run
     never = script(tmp_path, "never.py", "print('1 box lost'); sys.exit(1)\n")
     result = invoke(runner, "validate", model, model, "--data", data, "--task-check", never)
     assert result.exit_code == 1 and "FAIL task check: 1 box lost (exit 1)" in result.stdout, result.output
+    pruned = tmp_path / "pruned.onnx"
+    api.prune(model, pruned, PruneConfig(sparsity=0.9, scope="layer"))
+    warned = json.loads(invoke(runner, "validate", model, pruned, "--json").stdout)["notes"]
+    assert any(note.startswith("warning: the candidate's outputs changed a lot") for note in warned)
+    gated = invoke(runner, "validate", model, pruned, "--task-check", never, "--json")
+    assert not [n for n in json.loads(gated.stdout)["notes"] if n.startswith("warning:")]  # the check is the gate
     result = invoke(runner, "validate", model, model, "--task-check", "no-such-program-onnxshrink")
     assert result.exit_code == 2 and result.stderr.strip().startswith("error: --task-check: 'no-such-program-onnxshrink'")
 

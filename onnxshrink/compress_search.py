@@ -1303,7 +1303,7 @@ def _task_aim(search, budget: float) -> float:
     geometric mean of the largest drift the check accepted and the smallest it rejected (a bisection in log drift,
     since the check's limit is not known), never above the budget."""
     accepted, rejected = [], []
-    for candidate in getattr(search, "candidates", []):
+    for candidate in search.candidates:
         if candidate.task_check is None or candidate.cosine is None or candidate.phase == "lossless":
             continue
         (accepted if candidate.task_check["accepted"] else rejected).append(max(1.0 - candidate.cosine, TASK_AIM_FLOOR))

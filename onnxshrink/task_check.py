@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from onnxshrink.errors import UsageError
+from onnxshrink.report import Check, drift_warning
 
 MODEL, ORIGINAL = "{model}", "{original}"
 DETAIL_CHARS = 200  # the reason kept from the command's last line
@@ -122,8 +123,6 @@ def make_check(check) -> CommandCheck | FunctionCheck | None:
 def add_to_report(report, verdict: Verdict) -> None:
     """The verdict as one of a validation report's checks (its reason shown with it); a rejection fails the report.
     It is a quality gate: the drift warning, which speaks only when none was given, goes."""
-    from onnxshrink.report import Check, drift_warning
-
     warning = drift_warning(report.outputs, report.checks, report.synthetic_inputs)
     report.checks.append(Check("task_check", 0.0, None if verdict.exit_code is None else float(verdict.exit_code),
                                verdict.accepted, verdict.detail))

@@ -27,6 +27,7 @@ def _candidate(allocation, prices, drift_scale: float = 0.5, passed: bool = True
 class _FakeSearch:
     def __init__(self, limit: int = 100):
         self.notes, self.limit, self.tried = [], limit, []
+        self.candidates = []  # what _task_aim reads
 
     def affordable(self) -> bool:
         return len(self.tried) < self.limit
@@ -212,7 +213,6 @@ def test_a_task_check_stricter_than_the_budget_is_bisected_not_walked(monkeypatc
     counts = {}
     for with_check in (True, False):
         search = _FakeSearch()
-        search.candidates = []
         first = _candidate(path[2], prices)  # some drift, which sets the measured/predicted ratio
         first.task_check = {"accepted": True, "detail": "", "seconds": 0.0}
         failed = _candidate(path[rejected], prices, 0.5, False)

@@ -59,7 +59,7 @@ def test_the_error_bound_is_the_weighted_one():
 
 def test_k_means_is_kept_where_a_grid_cannot_do_better():
     rng = np.random.default_rng(3)
-    # a heavy tail: a grid fine enough for the bulk needs far more than 256 entries to reach the outliers
+    # a heavy tail: a grid fine enough for the bulk needs far more than MAX_GRID_LEVELS entries to reach the outliers
     tail = np.concatenate([rng.standard_normal(20000) * 0.01, [40.0, -35.0, 25.0]])[None, :]
     assert np.array_equal(codebook.fit(tail, 16, form="entropy"), codebook.fit(tail, 16))
     # two values: k-means codes them exactly, nothing to gain
@@ -179,11 +179,12 @@ def test_the_plan_prices_a_tables_grid_as_a_step_between_two_widths(tmp_path):
     assert sorted(kmeans.tables[0].errors) == [3, 4, 5]
     table = prices.tables[0]
     grids = sorted(key for key in table.errors if key != int(key))
-    assert grids and set(grids) == set(table.savings) and all(key + compress_plan.GRID_STEP in (3, 4, 5) for key in grids)
+    assert grids and set(table.coded) == set(table.errors) and all(key + compress_plan.GRID_STEP in (3, 4, 5) for key in grids)
+    assert not kmeans.tables[0].coded  # priced in the k-means form: a table's width is its bits
     for key in grids:
         width = int(key + compress_plan.GRID_STEP)
         assert compress_plan.table_choice(key) == (width, "entropy") and compress_plan.table_choice(width) == (width, "kmeans")
-        assert 0 < table.savings[key] < 1
+        assert 0 < table.coded[width] - table.coded[key] < 1 and table.coded[width] < width
         # its bits lie between its width's and the next narrower width's; its measured drift is no lower than k-means'
         assert compress_plan.stored_bits(table, width) > compress_plan.stored_bits(table, key)
         if width - 1 in table.errors:
@@ -229,7 +230,7 @@ def test_a_tables_grid_that_saves_little_for_much_drift_is_stepped_over():
     from onnxshrink.compress_plan import LayerPrice, Prices, frontier, marginal_price
 
     table = LayerPrice("embed", 10000, {3: 0.0119, 3.5: 0.0119, 4: 0.0042, 5: 0.0006}, False, rows=100,
-                       tensor="table", savings={3.5: 0.15})
+                       tensor="table", coded={3.5: 3.85})
     layer = LayerPrice("proj", 10000, {3: 0.02, 4: 0.004, 5: 0.001}, True)
     prices = Prices(layers=[layer, table])
     keys = [allocation["embed"] for allocation in frontier(prices)]
@@ -241,5 +242,5 @@ def test_a_tables_grid_that_saves_little_for_much_drift_is_stepped_over():
     assert rate < (0.0119 - 0.0042) / (0.5 * 10000)
     # where the grid is cheap (MiniLM's: 0.0005 of drift for 0.11 bits), it is taken on the way
     cheap = LayerPrice("embed", 10000, {3: 0.011, 3.5: 0.0027, 4: 0.0022, 5: 0.0004}, False, rows=100,
-                       tensor="table", savings={3.5: 0.11})
+                       tensor="table", coded={3.5: 3.89})
     assert 3.5 in [allocation["embed"] for allocation in frontier(Prices(layers=[layer, cheap]))]

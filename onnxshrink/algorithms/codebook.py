@@ -19,9 +19,11 @@ indices, not log2(levels). k-means spends its entries where the values are dense
 16-entry codebooks of MiniLM's layers code at 3.6-3.7 bits. Evenly spaced entries (a uniform grid) with a step sized
 to the same weighted error use more entries, unevenly: at equal error they code 0.15-0.3 bits a weight smaller at
 3-4 bits and up to 0.8 at 6 (entropy-coded uniform quantization is near-optimal at these rates; fixed-rate Lloyd-Max
-is not). The grid is kept only where its indices code smaller than k-means' and it fits 256 entries (uint8
-indices); a heavy tail needs too many entries and keeps k-means. With exact zeros kept at index 0 (pruned
-weights, a padding row), the grid is the odd multiples of half its step, so no small weight rounds to 0.
+is not). The grid is kept only where its indices code smaller than k-means' and it fits MAX_GRID_LEVELS entries.
+A heavy tail is where the grid gains most: MiniLM's FFN output layers (a weight 40-80 standard deviations out) need
+400-900 entries at 5-8 bits' error, and code at 3.9-5.1 bits where k-means' 32-256 entries code at 4.8-7.9; past
+256 entries the pass stores uint16 indices, which `pack` codes as two byte planes. With exact zeros kept at index 0
+(pruned weights, a padding row), the grid is the odd multiples of half its step, so no small weight rounds to 0.
 
 Refit (with calibration data): with the assignments fixed, a layer's output X W(c) is
 linear in the codebook values c, so the values that best reproduce the teacher's outputs Y
@@ -48,7 +50,10 @@ CHUNK_BYTES = 32 * 1024 * 1024
 GPTQ_DAMP = 0.01  # ridge added to H's diagonal, as a fraction of its mean (the GPTQ paper's 1%)
 GPTQ_LAZY_BLOCK = 128  # inputs rounded before their error is folded into the rest in one matrix product
 FORMS = ("kmeans", "entropy")
-MAX_LEVELS = 256  # uint8 indices: the most entries a codebook may have
+MAX_LEVELS = 256  # uint8 indices: the most entries a k-means codebook may have
+# The most entries an entropy-form grid may have (uint16 indices past 256): the refit's normal equations are
+# levels x levels (8 MB at 1024) and a layer's subset of columns shrinks as 1/levels.
+MAX_GRID_LEVELS = 1024
 GRID_FACTORS = np.geomspace(3.0, 0.5, 48)  # grid steps tried, times the step whose uniform error is the target
 GRID_BISECTIONS = 8
 GRID_MIN_GAIN = 0.02  # bits a weight an entropy-form grid must save over k-means to replace it
@@ -99,7 +104,7 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
                  zeros: int = 0, margin: float = 1.0) -> np.ndarray | None:
     """Evenly spaced codebook values for sorted `points` of weight `mass`, whose weighted squared error is at most
     `margin` x that of `books` (k-means') and whose indices (counted by `count`) have the lower entropy,
-    by at least GRID_MIN_GAIN bits; None when no grid of at most MAX_LEVELS entries does. The values are the
+    by at least GRID_MIN_GAIN bits; None when no grid of at most MAX_GRID_LEVELS entries does. The values are the
     multiples of a step (0 included); with `zeros` (exact zeros kept at an entry 0 of their own, not in `points`'
     counts) they are the odd multiples of half a step, so the small weights next to the zeros do not round to 0."""
     used = count > 0
@@ -108,7 +113,7 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
     if not np.any(used) or total <= 0 or target <= 0:
         return None
     half = 0.5 if zeros else 0.0
-    room = MAX_LEVELS - (1 if zeros else 0)
+    room = MAX_GRID_LEVELS - (1 if zeros else 0)
 
     def cells(step):
         return np.rint(points / step - half)

@@ -21,6 +21,9 @@ the energy E[x_k^2] of each weight's input over the calibration data (as Squeeze
 weigh weights). A weight with exact zeros (pruned) keeps codebook entry 0 = 0.0 for them, so
 zeros stay zeros and index 0 is what `pack` codes as gaps.
 
+--codebook entropy may write an evenly spaced codebook of over 256 entries for a heavy-tailed weight; its indices
+are uint16 (2 bytes a weight in the file), ordered by use so that `pack` codes them in about their entropy.
+
 Embedding tables (Gather data) get codebooks too (one per table, or one per row with --per channel),
 fitted to their values alone; a table tied to an output projection is clustered once for both readers.
 
@@ -298,6 +301,7 @@ class Cluster:
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
         idx, books, row_scale, decoded = table_codebook(raw, levels, per, self._form(group))
+        idx, books = wide_grid_order(idx, books)
         mse = float(np.mean((raw - decoded) ** 2))
         uniform = codebook.uniform_mse(raw if per == "channel" else raw.reshape(1, -1), levels)
         stats.append(("mse", mse, uniform))
@@ -305,7 +309,7 @@ class Cluster:
         after = self._write(graph, weight, raw.shape, idx, books.astype(np.float32), gather.node, group, row_scale, per)
         shape = f"{books.shape[-1]}" if per == "layer" else f"{books.shape[0]} x {levels}"
         kind = " per row" if per == "channel" else " x an fp16 scale a row"
-        action = f"codebook {shape} x fp32{kind}, uint8 indices"
+        action = f"codebook {shape} x fp32{kind}, {np.dtype(index_dtype(books.shape[-1])).name} indices"
         why = (f"embedding table, rounded to the nearest entry; weight MSE {mse:.3g}, "
                f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding; decoded at load")
         decisions = [LayerDecision(gather.name, "Gather", weight, action, why, raw.nbytes, after)]
@@ -379,12 +383,13 @@ class Cluster:
                 why.append(f"layer output error {result.error_after:.2%} after refit ({result.error_before:.2%} "
                            f"k-means only{subset}; weight MSE after it {refit_mse:.3g})")
                 stats.append(("refit", result.error_before, result.error_after))
-        books = books.astype(np.float32)
+        idx, books = wide_grid_order(idx, books.astype(np.float32))
         if plain:
             why.append(f"not data-aware: {plain}")
         after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group)
         shape = f"{books.shape[-1]}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
-        action = f"codebook {shape} x fp32{' per channel' if config.per == 'channel' else ''}, uint8 indices"
+        action = (f"codebook {shape} x fp32{' per channel' if config.per == 'channel' else ''}, "
+                  f"{np.dtype(index_dtype(books.shape[-1])).name} indices")
         decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
         for other in group[1:]:
             decisions.append(LayerDecision(other.name, other.node.op_type, weight, action + " (tied: clustered once)",
@@ -396,7 +401,7 @@ class Cluster:
         stored fp16, when given), one codebook `per` layer or channel (None: the config's); returns their bytes."""
         names, per = self._names, per or self.config.per
         idx_name, book_name, decoded = names(weight + "_idx"), names(weight + "_codebook"), names(weight + "_decoded")
-        inits = [numpy_helper.from_array(np.ascontiguousarray(idx, dtype=np.uint8), idx_name),
+        inits = [numpy_helper.from_array(np.ascontiguousarray(idx, dtype=index_dtype(books.shape[-1])), idx_name),
                  numpy_helper.from_array(books if per == "channel" else books[0], book_name)]
         nodes = [helper.make_node("Cast", [idx_name], [idx_name + "_int32"], name=idx_name + "_Cast", to=TensorProto.INT32)]
         index, data = idx_name + "_int32", book_name
@@ -451,7 +456,9 @@ class Cluster:
             short = few_rows_note((k, rows) for kind, k, rows in stats if kind == "rows")
             if short:
                 report.notes.append(short)
-        report.notes.append(f"the file holds one uint8 index per weight (4x smaller than fp32); `onnxshrink pack` "
+        wide = "" if config.codebook != "entropy" and "entropy" not in dict(config.layer_codebook or {}).values() \
+            else " (uint16 for an evenly spaced codebook of over 256 values)"
+        report.notes.append(f"the file holds one uint8 index per weight{wide} (4x smaller than fp32); `onnxshrink pack` "
                             f"codes the indices in about {config.bits} bit(s) per weight")
 
 
@@ -561,6 +568,28 @@ def table_codebook(raw: np.ndarray, levels: int, per: str = "layer", form: str =
     return idx_rows.reshape(raw.shape), books, row_scale, decoded.astype(np.float32)
 
 
+def index_dtype(levels: int):
+    """uint8 indices for up to 256 codebook entries; uint16 for an entropy-form grid's wider ones."""
+    return np.uint8 if levels <= 256 else np.uint16
+
+
+def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A codebook of over 256 entries (one, [1, L]: an entropy-form grid, whose step the bulk of the weights sets and
+    whose span the tails do) cut to the entries the indices use, the indices renumbered to match. Mostly the tails
+    are a few far weights and the used entries fit uint8 (MiniLM's FFN output layers: 82-223 used of 400-900),
+    kept in sorted order. Otherwise they are ordered by use: `pack` codes uint16 indices as two byte planes, so the
+    bulk of the weights shares a high byte of 0 and the most used entry is index 0, the background a sparse coding
+    skips. Narrower codebooks are returned as they are."""
+    if books.shape[-1] <= 256 or books.shape[0] != 1:
+        return idx, books
+    counts = np.bincount(np.asarray(idx).ravel(), minlength=books.shape[-1])
+    used = np.flatnonzero(counts)
+    order = used if len(used) <= 256 else used[np.argsort(-counts[used], kind="stable")]
+    renumber = np.zeros(books.shape[-1], dtype=np.int64)
+    renumber[order] = np.arange(len(order))
+    return renumber[idx], books[:, order]
+
+
 def _row_scales(table: np.ndarray) -> np.ndarray:
     """Each row's largest magnitude [rows, 1], as fp16 stores it (1 for an all-zero row), so the scaled rows the
     codebook is fitted to are the rows the graph decodes."""
@@ -626,10 +655,11 @@ def _from_view(view: np.ndarray, layer, shape) -> np.ndarray:
 
 
 def codebook_outputs(model: onnx.ModelProto) -> set[str]:
-    """Tensors that decode a codebook: a Gather whose indices come (through Cast, and Add) from a uint8 initializer."""
+    """Tensors that decode a codebook: a Gather whose indices come (through Cast, and Add) from a uint8 initializer
+    (uint16: an entropy-form grid of over 256 entries)."""
     producers, uint8 = {}, set()
     for graph in iter_graphs(model.graph):
-        uint8.update(t.name for t in graph.initializer if t.data_type == TensorProto.UINT8)
+        uint8.update(t.name for t in graph.initializer if t.data_type in (TensorProto.UINT8, TensorProto.UINT16))
         for node in graph.node:
             for output in node.output:
                 producers[output] = node

@@ -1,0 +1,136 @@
+"""Entropy-form grids past 256 entries (a heavy-tailed weight: MiniLM's FFN output layers have weights 40-80 standard
+deviations out), stored as uint8 indices into the entries used or as uint16 ordered by use; and compress's plan
+pricing each layer by the bits its indices code in, not by its width."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import build_model, float_value, save_model
+from onnxshrink import api, compress_plan
+from onnxshrink.algorithms import codebook
+from onnxshrink.compress_plan import LayerPrice, Prices, frontier, stored_bits
+from onnxshrink.passes.cluster import Cluster, ClusterConfig, wide_grid_order
+
+N = 128 * 128
+
+
+def _few_outliers(rng, n: int = N, far: int = 12) -> np.ndarray:
+    """A narrow bulk and a few weights 40-80 of its standard deviations out."""
+    values = rng.standard_normal(n) * 0.02
+    where = rng.choice(n, far, replace=False)
+    values[where] = rng.choice([-1.0, 1.0], far) * rng.uniform(0.8, 1.6, far)
+    return values
+
+
+def _broad_tail(rng) -> np.ndarray:
+    """A tenth of the weights 25x wider than the rest: a grid fine enough for the bulk uses hundreds of entries."""
+    return np.where(rng.random(N) < 0.1, rng.standard_normal(N) * 0.5, rng.standard_normal(N) * 0.02)
+
+
+def _entropy(idx) -> float:
+    return codebook.entropy(np.bincount(np.asarray(idx).ravel()))
+
+
+def test_a_heavy_tail_gets_a_grid_of_over_256_entries_that_codes_in_far_fewer_bits(monkeypatch):
+    row = _few_outliers(np.random.default_rng(1), 200000, 50)[None, :]  # a long row: fitted on its histogram
+    kmeans = codebook.fit(row, 64)
+    grid = codebook.fit(row, 64, form="entropy")
+    assert 256 < grid.shape[1] <= codebook.MAX_GRID_LEVELS
+    steps = np.diff(grid[0])
+    assert np.allclose(steps, steps[0])
+    errors = [np.sum((row - codebook.decode(codebook.assign(row, books), books)) ** 2) for books in (kmeans, grid)]
+    assert errors[1] <= errors[0]
+    assert _entropy(codebook.assign(row, grid)) < _entropy(codebook.assign(row, kmeans)) - 1.0
+    monkeypatch.setattr(codebook, "MAX_GRID_LEVELS", 256)  # the old limit: the tail kept k-means
+    assert np.array_equal(codebook.fit(row, 64, form="entropy"), kmeans)
+
+
+def test_a_wide_codebook_keeps_only_its_used_entries_and_orders_them_by_use_past_256():
+    rng = np.random.default_rng(2)
+    books = np.sort(rng.standard_normal((1, 600)), axis=1)
+    few = rng.choice(600, 100, replace=False)
+    idx = few[rng.integers(0, 100, (40, 50))]
+    compact, kept = wide_grid_order(idx, books)
+    assert kept.shape == (1, 100) and np.all(np.diff(kept[0]) > 0) and compact.max() == 99
+    assert np.array_equal(kept[0][compact], books[0][idx])  # the same weights
+    many = rng.choice(600, 300, replace=False)
+    idx = many[np.minimum(rng.geometric(0.004, (80, 90)) - 1, 299)]  # some entries far more used than others
+    ordered, kept = wide_grid_order(idx, books)
+    counts = np.bincount(ordered.ravel())
+    assert kept.shape[1] == len(np.unique(idx)) > 256 and np.all(counts > 0) and np.all(np.diff(counts) <= 0)
+    assert np.array_equal(kept[0][ordered], books[0][idx])
+    narrow = np.sort(rng.standard_normal((1, 16)), axis=1)
+    small = rng.integers(0, 4, (5, 5))
+    assert wide_grid_order(small, narrow)[1] is narrow  # 256 entries or fewer: as they are
+
+
+def _matmul_model(tmp_path, weight: np.ndarray, name: str):
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")]
+    model = build_model(nodes, [float_value("x", ["n", 128])], [float_value("y", ["n", 128])],
+                        [numpy_helper.from_array(weight.reshape(128, 128).astype(np.float32), "w")])
+    return save_model(model, tmp_path / f"{name}.onnx")
+
+
+@pytest.mark.parametrize("kind", ["few", "broad"])
+def test_the_cluster_pass_stores_a_wide_grid_that_runs_and_packs(tmp_path, kind):
+    rng = np.random.default_rng(1)
+    weight = _few_outliers(rng) if kind == "few" else _broad_tail(rng)
+    path = _matmul_model(tmp_path, weight, kind)
+    out = tmp_path / f"{kind}.clustered.onnx"
+    report = api.cluster(path, out, ClusterConfig(bits=8, codebook="entropy"), run_validation=False)
+    model = onnx.load(str(out))
+    inits = {t.name: t for t in model.graph.initializer}
+    idx, books = numpy_helper.to_array(inits["w_idx"]), numpy_helper.to_array(inits["w_codebook"])
+    used = np.bincount(idx.astype(np.int64).ravel(), minlength=books.size)
+    assert np.all(used > 0)  # no unused entry is stored
+    if kind == "few":  # a dozen far weights: the entries used fit one byte, in value order
+        assert inits["w_idx"].data_type == TensorProto.UINT8 and books.size <= 256 and np.all(np.diff(books) > 0)
+        assert "uint8 indices" in report.passes[0].layers[0].action
+    else:
+        assert inits["w_idx"].data_type == TensorProto.UINT16 and books.size > 256 and np.all(np.diff(used) <= 0)
+        assert "uint16 indices" in report.passes[0].layers[0].action
+    x = rng.standard_normal((4, 128)).astype(np.float32)
+    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    expected = x @ books[idx.astype(np.int64)]
+    assert np.allclose(session.run(None, {"x": x})[0], expected, atol=1e-5)
+    assert np.abs(books[idx.astype(np.int64)] - weight.reshape(128, 128)).max() < 0.05  # the outliers kept
+    api.pack(out, tmp_path / f"{kind}.shrink")
+    api.unpack(tmp_path / f"{kind}.shrink", tmp_path / f"{kind}.back.onnx")
+    back = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(tmp_path / f"{kind}.back.onnx")).graph.initializer}
+    assert np.array_equal(back["w_idx"], idx) and back["w_idx"].dtype == idx.dtype
+    again, notes = Cluster(ClusterConfig(bits=4))(model)  # its decoding is recognised (uint16 indices too)
+    assert not notes.changed and "model is already clustered (weights decoded from codebooks): nothing to cluster" \
+        in notes.notes
+
+
+# ---- the plan prices a layer by the bits its indices code in --------------------------------------------------
+
+def test_a_layer_priced_in_the_entropy_form_costs_its_coded_bits(tmp_path):
+    weight = _few_outliers(np.random.default_rng(1))
+    path = _matmul_model(tmp_path, weight, "plan")
+    entropy = compress_plan.price_layers(path, None, bits=(3, 4, 5, 6, 8), form="entropy")
+    kmeans = compress_plan.price_layers(path, None, bits=(3, 4, 5, 6, 8), form="kmeans")
+    (layer,), (plain,) = entropy.layers, kmeans.layers
+    assert not plain.coded and stored_bits(plain, 8) == 8  # the k-means form counts its width
+    assert sorted(layer.coded) == [3, 4, 5, 6, 8]
+    widths = sorted(layer.coded)
+    assert all(layer.coded[a] <= layer.coded[b] for a, b in zip(widths, widths[1:]))
+    assert stored_bits(layer, 8) == layer.coded[8] < 6  # a heavy tail's 8-bit grid packs into far fewer than 8
+
+
+def test_the_frontier_spends_bits_where_they_code_cheapest():
+    """Two layers with the same errors: the one whose narrower width saves more coded bits steps first; a width
+    that saves nothing (coded the same as the one above) is stepped over."""
+    errors = {3: 0.03, 4: 0.01, 5: 0.004, 8: 0.001}
+    cheap = LayerPrice("cheap", 1000, dict(errors), True, coded={3: 2.8, 4: 3.6, 5: 4.4, 8: 4.5})
+    dear = LayerPrice("dear", 1000, dict(errors), True, coded={3: 2.8, 4: 3.6, 5: 4.4, 8: 7.9})
+    path = frontier(Prices(layers=[cheap, dear]))
+    assert path[1] == {"cheap": 8, "dear": 5}  # 3.5 bits saved for the same error, against 0.1
+    flat = LayerPrice("flat", 1000, dict(errors), True, coded={3: 2.8, 4: 3.6, 5: 3.6, 8: 4.5})
+    widths = [a["flat"] for a in frontier(Prices(layers=[flat]))]
+    assert widths == [8, 5, 3]  # 4 bits codes as 5: not a step of its own

@@ -22,9 +22,7 @@ cheaply than its next narrower codebook (`other_floats`).
 
 `frontier` then lowers, step by step, the layer whose next narrower width adds the least error per bit saved
 (HAWQ-style greedy on a sum of errors), from every layer at the widest width down to every layer at the narrowest;
-`ladder` picks the frontier's points at a few average widths. In the entropy form (what compress plans in) a bit is
-a coded bit: each item at each width costs the entropy of its priced indices, what `pack` spends on them, not the
-width (a heavy-tailed 8-bit layer's grid codes in 5). Each layer is priced in two layouts, one codebook per
+`ladder` picks the frontier's points at a few average widths. Each layer is priced in two layouts, one codebook per
 layer and one per output channel (CHANNEL_BITS, the codebooks counted in the bits), each measured on the model;
 `finalists` keeps the rungs of both within the drift budget that no other rung beats on bits and predicted drift.
 Those are the only allocations that get a whole-model validation (compress_search bisects them), instead of every
@@ -94,10 +92,8 @@ class LayerPrice:
     # codebook, rows scaled) in either layout of the layers, and `errors` measured at every width.
     rows: int = 0
     tensor: str = ""  # the table's initializer
-    # priced in the entropy form: key -> bits a weight its indices code in (their entropy, what pack's Huffman coding
-    # spends), per layout; a key missing counts its width. A table's grid key (w - GRID_STEP) is always here.
-    coded: dict = field(default_factory=dict)
-    channel_coded: dict = field(default_factory=dict)
+    # a table's grid keys (w - GRID_STEP) -> bits a weight its indices code smaller than k-means' at width w
+    savings: dict = field(default_factory=dict)
 
     @property
     def table(self) -> bool:
@@ -177,23 +173,21 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         w = matrix(layer, owners).astype(np.float64)
         h = hessians.get(layer.name)
         reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
-        errors, at_reference, coded_bits = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form)
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form)
         if at_reference is not None:
             decoded[layer.name] = (layer.weight, _raw(layer, at_reference).astype(np.float32))
-        per_channel, channel_reference, channel_bits = _layer_errors(
-            w, h, tuple(b for b in CHANNEL_BITS if b in bits), SENSITIVITY_BITS if measure else None, per_channel=True,
-            form=form) if w.shape[1] > 1 else ({}, None, {})
+        per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
+                                                       SENSITIVITY_BITS if measure else None, per_channel=True) \
+            if w.shape[1] > 1 else ({}, None)
         if channel_reference is not None:
             channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_reference).astype(np.float32))
         prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
-                                        channel_errors=per_channel, channels=int(w.shape[1]),
-                                        coded=coded_bits if form == "entropy" else {},
-                                        channel_coded=channel_bits if form == "entropy" else {}))
+                                        channel_errors=per_channel, channels=int(w.shape[1])))
     from onnxshrink.passes.cluster import index_dtype, table_codebook
 
     coded = {}  # table -> key -> (indices, codebook, row scales): decoded only when measured
     for tensor, (node, value) in tables.items():
-        proxy, coded[tensor], worst, coded_bits = {}, {}, 0.0, {}
+        proxy, coded[tensor], worst, savings = {}, {}, 0.0, {}
         total = float(np.sum(np.square(value, dtype=np.float64)))
         for b in sorted(bits, reverse=True):
             entropy = {}
@@ -206,11 +200,11 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                 error = float(np.sum(np.square(table - value, dtype=np.float64))) / total if total > 0 else 0.0
                 worst = proxy[key] = max(worst, error)
                 coded[tensor][key] = (idx.astype(index_dtype(books.shape[-1])), books, scale)
-                if form == "entropy":
-                    coded_bits[key] = entropy[kind]
+            if "entropy" in entropy:
+                savings[b - GRID_STEP] = entropy["kmeans"] - entropy["entropy"]
         prices.layers.append(LayerPrice(node, int(value.size), dict(sorted(proxy.items())), False,
                                         "embedding table: no layer input weighs its rows", rows=int(value.shape[0]),
-                                        tensor=tensor, coded=_narrowing(coded_bits)))
+                                        tensor=tensor, savings=savings))
     if measure and dataset is not None and not (stop is not None and stop()):
         _measure(prices, model, calibration, decoded, channel_decoded, threads, stop, coded)
     return prices
@@ -242,12 +236,11 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
-                  per_channel: bool = False, form: str = "kmeans") -> tuple[dict, np.ndarray | None, dict]:
-    """layer_errors, the decoded [K, N] weight at width `keep` (None: not kept), and bits -> the entropy of the
-    indices (what they pack into; never rising with the width: `_narrowing`); `per_channel`: one codebook per
-    output column, as cluster --per channel fits them."""
+                  per_channel: bool = False, form: str = "kmeans") -> tuple[dict, np.ndarray | None]:
+    """layer_errors, and the decoded [K, N] weight at width `keep` (None: not kept); `per_channel`: one codebook
+    per output column, as cluster --per channel fits them."""
     if not bits and not keep:
-        return {}, None, {}
+        return {}, None
     k, n = w.shape
     energy = None
     if h is not None:
@@ -258,12 +251,11 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
     weights = None if energy is None else (np.broadcast_to(energy[None, :], (n, k)) if per_channel else
                                            np.broadcast_to(energy[:, None], (k, n)).reshape(1, -1))
     total = _quadratic(w, h)
-    errors, best, kept, coded = {}, 0.0, None, {}
+    errors, best, kept = {}, 0.0, None
     for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
         books = codebook.fit(rows, 2 ** b, weights, reserve_zero=reserve, iterations=FIT_ITERATIONS, form=form,
                              margin=codebook.DATA_AWARE_GRID_MARGIN if h is not None else 1.0)
-        idx = codebook.assign(rows, books, reserve_zero=reserve)
-        decoded = codebook.decode(idx, books)
+        decoded = codebook.decode(codebook.assign(rows, books, reserve_zero=reserve), books)
         decoded = decoded.T if per_channel else decoded.reshape(k, n)
         if b == keep:
             kept = decoded
@@ -271,17 +263,7 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
             continue
         best = max(best, _quadratic(decoded - w, h) / total if total > 0 else 0.0)
         errors[b] = float(best)
-        coded[b] = codebook.entropy(np.bincount(idx.ravel()))
-    return dict(sorted(errors.items())), kept, _narrowing(coded)
-
-
-def _narrowing(coded: dict) -> dict:
-    """key -> coded bits, each no more than at any wider key: a grid's entropy can come out a hair over the next
-    wider one's, and a step must save bits to be taken."""
-    out, least = {}, np.inf
-    for key in sorted(coded, reverse=True):
-        least = out[key] = min(least, float(coded[key]))
-    return dict(sorted(out.items()))
+    return dict(sorted(errors.items())), kept
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
@@ -289,17 +271,16 @@ def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
 
 
 def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
-    """Bits per weight of `layer` at `width`: its index (what it codes in when priced in the entropy form: `coded`,
-    else its width), plus its share of per-channel codebooks, or of a table's fp16 row scales and codebook (a table
-    has one layout whatever the layers'; cluster's table_per). Counting the width made an 8-bit layer cost 8 bits
-    where its grid packs into 5 (MiniLM's FFN outputs), so the frontier took bits from where they are cheapest."""
+    """Bits per weight of `layer` at `width`: its index, plus its share of per-channel codebooks, or of a table's
+    fp16 row scales and codebook (a table has one layout whatever the layers'; cluster's table_per). A table's grid
+    key (table_choice) counts its width less the bits its indices save."""
     if layer.table:
         bits, _ = table_choice(width)
-        return layer.coded.get(width, float(bits)) \
+        return bits - layer.savings.get(width, 0.0) \
             + (SCALE_BITS * layer.rows + CODEBOOK_ENTRY_BITS * 2 ** bits) / max(layer.weights, 1)
     if per == "layer":
-        return float(layer.coded.get(width, width))
-    return layer.channel_coded.get(width, width) + CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
+        return float(width)
+    return width + CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
 
 
 def table_choice(key) -> tuple[int, str]:
@@ -343,17 +324,15 @@ def frontier(prices: Prices, per: str = "layer", start: dict | None = None, froz
 
 
 def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | None:
-    """(key, error per bit saved) of an item's next step from `width`: a layer's next narrower width that saves bits; a table's
+    """(key, error per bit saved) of an item's next step from `width`: a layer's next narrower width; a table's
     narrower key of the least error per bit (the lower hull of its points: a grid that saves 0.15 bits for 3x the
     drift, MPNet's 4-bit one, must not stand between the table and its next width). None: no step saves bits."""
-    narrower = sorted((b for b in errors if b < width), reverse=True)
+    narrower = [b for b in errors if b < width]
     best = None
-    for b in narrower:
+    for b in (narrower if layer.table else [max(narrower)] if narrower else []):
         saved = layer.weights * (stored_bits(layer, width, per) - stored_bits(layer, b, per))
         if saved <= 0:
             continue
-        if not layer.table and best is not None:
-            break  # a layer steps to its next narrower width that saves bits
         cost = (errors[b] - errors[width]) / saved
         if best is None or cost < best[1]:
             best = (b, cost)

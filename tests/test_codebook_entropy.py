@@ -179,12 +179,11 @@ def test_the_plan_prices_a_tables_grid_as_a_step_between_two_widths(tmp_path):
     assert sorted(kmeans.tables[0].errors) == [3, 4, 5]
     table = prices.tables[0]
     grids = sorted(key for key in table.errors if key != int(key))
-    assert grids and set(table.coded) == set(table.errors) and all(key + compress_plan.GRID_STEP in (3, 4, 5) for key in grids)
-    assert not kmeans.tables[0].coded  # priced in the k-means form: a table's width is its bits
+    assert grids and set(grids) == set(table.savings) and all(key + compress_plan.GRID_STEP in (3, 4, 5) for key in grids)
     for key in grids:
         width = int(key + compress_plan.GRID_STEP)
         assert compress_plan.table_choice(key) == (width, "entropy") and compress_plan.table_choice(width) == (width, "kmeans")
-        assert 0 < table.coded[width] - table.coded[key] < 1 and table.coded[width] < width
+        assert 0 < table.savings[key] < 1
         # its bits lie between its width's and the next narrower width's; its measured drift is no lower than k-means'
         assert compress_plan.stored_bits(table, width) > compress_plan.stored_bits(table, key)
         if width - 1 in table.errors:
@@ -230,7 +229,7 @@ def test_a_tables_grid_that_saves_little_for_much_drift_is_stepped_over():
     from onnxshrink.compress_plan import LayerPrice, Prices, frontier, marginal_price
 
     table = LayerPrice("embed", 10000, {3: 0.0119, 3.5: 0.0119, 4: 0.0042, 5: 0.0006}, False, rows=100,
-                       tensor="table", coded={3.5: 3.85})
+                       tensor="table", savings={3.5: 0.15})
     layer = LayerPrice("proj", 10000, {3: 0.02, 4: 0.004, 5: 0.001}, True)
     prices = Prices(layers=[layer, table])
     keys = [allocation["embed"] for allocation in frontier(prices)]
@@ -242,5 +241,5 @@ def test_a_tables_grid_that_saves_little_for_much_drift_is_stepped_over():
     assert rate < (0.0119 - 0.0042) / (0.5 * 10000)
     # where the grid is cheap (MiniLM's: 0.0005 of drift for 0.11 bits), it is taken on the way
     cheap = LayerPrice("embed", 10000, {3: 0.011, 3.5: 0.0027, 4: 0.0022, 5: 0.0004}, False, rows=100,
-                       tensor="table", coded={3.5: 3.89})
+                       tensor="table", savings={3.5: 0.11})
     assert 3.5 in [allocation["embed"] for allocation in frontier(Prices(layers=[layer, cheap]))]

@@ -1,6 +1,5 @@
 """Entropy-form grids past 256 entries (a heavy-tailed weight: MiniLM's FFN output layers have weights 40-80 standard
-deviations out), stored as uint8 indices into the entries used or as uint16 ordered by use; and compress's plan
-pricing each layer by the bits its indices code in, not by its width."""
+deviations out), stored as uint8 indices into the entries used or as uint16 ordered by use."""
 
 from __future__ import annotations
 
@@ -11,9 +10,8 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import build_model, float_value, save_model
-from onnxshrink import api, compress_plan
+from onnxshrink import api
 from onnxshrink.algorithms import codebook
-from onnxshrink.compress_plan import LayerPrice, Prices, frontier, stored_bits
 from onnxshrink.passes.cluster import Cluster, ClusterConfig, wide_grid_order
 
 N = 128 * 128
@@ -106,31 +104,3 @@ def test_the_cluster_pass_stores_a_wide_grid_that_runs_and_packs(tmp_path, kind)
     again, notes = Cluster(ClusterConfig(bits=4))(model)  # its decoding is recognised (uint16 indices too)
     assert not notes.changed and "model is already clustered (weights decoded from codebooks): nothing to cluster" \
         in notes.notes
-
-
-# ---- the plan prices a layer by the bits its indices code in --------------------------------------------------
-
-def test_a_layer_priced_in_the_entropy_form_costs_its_coded_bits(tmp_path):
-    weight = _few_outliers(np.random.default_rng(1))
-    path = _matmul_model(tmp_path, weight, "plan")
-    entropy = compress_plan.price_layers(path, None, bits=(3, 4, 5, 6, 8), form="entropy")
-    kmeans = compress_plan.price_layers(path, None, bits=(3, 4, 5, 6, 8), form="kmeans")
-    (layer,), (plain,) = entropy.layers, kmeans.layers
-    assert not plain.coded and stored_bits(plain, 8) == 8  # the k-means form counts its width
-    assert sorted(layer.coded) == [3, 4, 5, 6, 8]
-    widths = sorted(layer.coded)
-    assert all(layer.coded[a] <= layer.coded[b] for a, b in zip(widths, widths[1:]))
-    assert stored_bits(layer, 8) == layer.coded[8] < 6  # a heavy tail's 8-bit grid packs into far fewer than 8
-
-
-def test_the_frontier_spends_bits_where_they_code_cheapest():
-    """Two layers with the same errors: the one whose narrower width saves more coded bits steps first; a width
-    that saves nothing (coded the same as the one above) is stepped over."""
-    errors = {3: 0.03, 4: 0.01, 5: 0.004, 8: 0.001}
-    cheap = LayerPrice("cheap", 1000, dict(errors), True, coded={3: 2.8, 4: 3.6, 5: 4.4, 8: 4.5})
-    dear = LayerPrice("dear", 1000, dict(errors), True, coded={3: 2.8, 4: 3.6, 5: 4.4, 8: 7.9})
-    path = frontier(Prices(layers=[cheap, dear]))
-    assert path[1] == {"cheap": 8, "dear": 5}  # 3.5 bits saved for the same error, against 0.1
-    flat = LayerPrice("flat", 1000, dict(errors), True, coded={3: 2.8, 4: 3.6, 5: 3.6, 8: 4.5})
-    widths = [a["flat"] for a in frontier(Prices(layers=[flat]))]
-    assert widths == [8, 5, 3]  # 4 bits codes as 5: not a step of its own

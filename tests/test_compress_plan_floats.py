@@ -139,8 +139,8 @@ def test_rungs_predicted_far_over_the_drift_budget_are_not_validated():
 def test_a_layer_with_small_output_channels_prices_lower_with_a_codebook_per_channel():
     rng = np.random.default_rng(6)
     w = rng.standard_normal((32, 8)) * np.array([1.0] * 4 + [0.001] * 4)  # half the channels 1000x smaller
-    errors, _, _ = compress_plan._layer_errors(w, None, (3, 4), None)
-    channel, _, _ = compress_plan._layer_errors(w, None, (3, 4), None, per_channel=True)
+    errors, _ = compress_plan._layer_errors(w, None, (3, 4), None)
+    channel, _ = compress_plan._layer_errors(w, None, (3, 4), None, per_channel=True)
     assert channel[4] < errors[4] / 2 and channel[3] < errors[3]
     layer = LayerPrice("l", 256, errors, False, channel_errors=channel, channels=8)
     assert compress_plan.stored_bits(layer, 4) == 4

@@ -21,8 +21,9 @@ to the same weighted error use more entries, unevenly: at equal error they code 
 3-4 bits and up to 0.8 at 6 (entropy-coded uniform quantization is near-optimal at these rates; fixed-rate Lloyd-Max
 is not). The grid is kept only where its indices code smaller than k-means' and it fits MAX_GRID_LEVELS entries.
 A heavy tail is where the grid gains most: MiniLM's FFN output layers (a weight 40-80 standard deviations out) need
-400-900 entries at 5-8 bits' error, and code at 3.9-5.1 bits where k-means' 32-256 entries code at 4.8-7.9; past
-256 entries the pass stores uint16 indices, which `pack` codes as two byte planes. With exact zeros kept at index 0
+400-900 entries at 5-8 bits' error, and pack into 4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. The
+pass stores only the entries used (passes/cluster.wide_grid_order): uint8 indices mostly, uint16 past 256 entries,
+which `pack` codes as two byte planes. With exact zeros kept at index 0
 (pruned weights, a padding row), the grid is the odd multiples of half its step, so no small weight rounds to 0.
 
 Refit (with calibration data): with the assignments fixed, a layer's output X W(c) is

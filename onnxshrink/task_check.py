@@ -20,6 +20,7 @@ import shlex
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,8 @@ from onnxshrink.report import Check, drift_warning
 
 MODEL, ORIGINAL = "{model}", "{original}"
 DETAIL_CHARS = 200  # the reason kept from the command's last line
-KILL_GRACE_S = 2.0  # after the deadline's SIGTERM, before SIGKILL
+KILL_GRACE_S = 2.0  # after the deadline's SIGTERM, before SIGKILL (and after SIGKILL, the most it is waited for)
+OUTPUT_TAIL = 65536  # bytes of the command's output read back for its last line
 MIN_TIMEOUT_S = 0.5  # a check is started with at least this long to run
 
 
@@ -66,18 +68,23 @@ class CommandCheck:
         argv = [arg.replace(MODEL, str(candidate)).replace(ORIGINAL, str(original)) for arg in self.argv]
         env = {**os.environ, "ONNXSHRINK_CANDIDATE": str(candidate), "ONNXSHRINK_ORIGINAL": str(original)}
         started = time.monotonic()
-        try:
-            # Its own process group, so that at the deadline its children (a shell script's python) go with it.
-            process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                       stderr=subprocess.STDOUT, env=env, start_new_session=True)
-        except OSError as exc:
-            return Verdict(False, f"could not run {argv[0]}: {exc.strerror or exc}", time.monotonic() - started)
-        try:
-            output, _ = process.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            _stop_group(process)
-            return Verdict(False, f"stopped at the time budget after {time.monotonic() - started:.0f} s",
-                           time.monotonic() - started, stopped=True)
+        # Output goes to a file, not a pipe: a pipe is read to its end, which a child that left the process group
+        # and keeps the pipe open (a daemon the check started) would hold back for as long as it lives.
+        with tempfile.TemporaryFile() as log:
+            try:
+                # Its own process group, so that at the deadline its children (a shell script's python) go with it.
+                process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                           env=env, start_new_session=True)
+            except OSError as exc:
+                return Verdict(False, f"could not run {argv[0]}: {exc.strerror or exc}", time.monotonic() - started)
+            try:
+                process.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                _stop_group(process)
+                return Verdict(False, f"stopped at the time budget after {time.monotonic() - started:.0f} s",
+                               time.monotonic() - started, stopped=True)
+            log.seek(max(0, log.seek(0, os.SEEK_END) - OUTPUT_TAIL))
+            output = log.read()
         lines = [line.strip() for line in output.decode(errors="replace").splitlines() if line.strip()]
         detail = lines[-1][:DETAIL_CHARS] if lines else ""
         code = process.returncode
@@ -133,13 +140,15 @@ def add_to_report(report, verdict: Verdict) -> None:
 
 
 def _stop_group(process: subprocess.Popen) -> None:
-    for sig, wait in ((signal.SIGTERM, KILL_GRACE_S), (signal.SIGKILL, None)):
+    """SIGTERM to the check's process group, SIGKILL after KILL_GRACE_S; every wait bounded, so the search goes on
+    even if the command cannot be reaped."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
         except ProcessLookupError:
             break
         try:
-            process.communicate(timeout=wait)
+            process.wait(timeout=KILL_GRACE_S)
             return
         except subprocess.TimeoutExpired:
             continue

@@ -68,6 +68,22 @@ def test_a_check_past_the_deadline_is_stopped_with_its_children(tmp_path):
     assert not marker.exists()  # the grandchild went with the group
 
 
+def test_a_child_that_leaves_the_group_holding_the_output_does_not_hold_the_verdict(tmp_path):
+    """A daemon the check starts in a session of its own (out of reach of the group's signals) keeps the check's
+    output open; the verdict still comes when the check itself exits, and at the deadline within the kill grace."""
+    daemon = tmp_path / "daemon.py"
+    daemon.write_text("import os, time\nos.setsid()\ntime.sleep(20)\n")
+    spawn = f"import subprocess\nsubprocess.Popen([sys.executable, {str(daemon)!r}])\n"
+    started = time.monotonic()
+    verdict = CommandCheck(script(tmp_path, "quick.py", spawn + "print('2/2 lines read')\n"))(
+        tmp_path / "o.onnx", tmp_path / "c.onnx", timeout=15)
+    assert verdict.accepted and verdict.detail == "2/2 lines read" and time.monotonic() - started < 10
+    started = time.monotonic()
+    verdict = CommandCheck(script(tmp_path, "stuck.py", spawn + "import time\ntime.sleep(30)\n"))(
+        tmp_path / "o.onnx", tmp_path / "c.onnx", timeout=0.5)
+    assert verdict.stopped and time.monotonic() - started < 10
+
+
 @pytest.mark.parametrize("command,message", [
     ("", "--task-check: the command is empty"),
     ("'unbalanced", "--task-check \"'unbalanced\": No closing quotation"),

@@ -23,8 +23,8 @@ is not). The grid is kept only where its indices code smaller than k-means' and 
 A heavy tail is where the grid gains most: MiniLM's FFN output layers (a weight 40-80 standard deviations out) need
 400-900 entries at 5-8 bits' error, and pack into 4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. The
 pass stores only the entries used (passes/cluster.wide_grid_order): uint8 indices mostly, uint16 past 256 entries,
-which `pack` codes as two byte planes. With exact zeros kept at index 0
-(pruned weights, a padding row), the grid is the odd multiples of half its step, so no small weight rounds to 0.
+which `pack` codes as two byte planes. With exact zeros kept at index 0 (pruned weights, a padding row), the grid
+is the odd multiples of half its step, so no small weight rounds to 0.
 
 Refit (with calibration data): with the assignments fixed, a layer's output X W(c) is
 linear in the codebook values c, so the values that best reproduce the teacher's outputs Y

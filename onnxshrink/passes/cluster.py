@@ -21,8 +21,9 @@ the energy E[x_k^2] of each weight's input over the calibration data (as Squeeze
 weigh weights). A weight with exact zeros (pruned) keeps codebook entry 0 = 0.0 for them, so
 zeros stay zeros and index 0 is what `pack` codes as gaps.
 
---codebook entropy may write an evenly spaced codebook of over 256 entries for a heavy-tailed weight; its indices
-are uint16 (2 bytes a weight in the file), ordered by use so that `pack` codes them in about their entropy.
+--codebook entropy may fit an evenly spaced codebook of over 256 entries to a heavy-tailed weight; only the entries
+used are stored (wide_grid_order), mostly 256 or fewer (uint8 indices); past that the indices are uint16 (2 bytes a
+weight in the file), ordered by use so that `pack` codes them in about their entropy.
 
 Embedding tables (Gather data) get codebooks too (one per table, or one per row with --per channel),
 fitted to their values alone; a table tied to an output projection is clustered once for both readers.
@@ -457,7 +458,7 @@ class Cluster:
             if short:
                 report.notes.append(short)
         wide = "" if config.codebook != "entropy" and "entropy" not in dict(config.layer_codebook or {}).values() \
-            else " (uint16 for an evenly spaced codebook of over 256 values)"
+            else " (uint16 where an evenly spaced codebook uses over 256 values)"
         report.notes.append(f"the file holds one uint8 index per weight{wide} (4x smaller than fp32); `onnxshrink pack` "
                             f"codes the indices in about {config.bits} bit(s) per weight")
 

@@ -438,11 +438,12 @@ class Cluster:
         config = self.config
         mse = [(a, b) for kind, a, b in stats if kind == "mse"]
         ratio = sum(a for a, _ in mse) / max(sum(b for _, b in mse), 1e-300)
+        entropy_form = config.codebook == "entropy" or "entropy" in dict(config.layer_codebook or {}).values()
         report.notes.append(
             f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}"
             + (f" ({len(self.layer_levels)} layer(s) with their own width: layer_bits)" if self.layer_levels else "")
             + ("; entropy form: evenly spaced values at k-means' error where their indices code smaller"
-               if config.codebook == "entropy" or "entropy" in dict(config.layer_codebook or {}).values() else "")
+               if entropy_form else "")
             + f"; weight MSE {ratio:.2f}x that of uniform round-to-nearest at the same widths (summed over layers)")
         if data_aware:
             refits = [(a, b) for kind, a, b in stats if kind == "refit"]
@@ -457,8 +458,7 @@ class Cluster:
             short = few_rows_note((k, rows) for kind, k, rows in stats if kind == "rows")
             if short:
                 report.notes.append(short)
-        wide = "" if config.codebook != "entropy" and "entropy" not in dict(config.layer_codebook or {}).values() \
-            else " (uint16 where an evenly spaced codebook uses over 256 values)"
+        wide = " (uint16 where an evenly spaced codebook uses over 256 values)" if entropy_form else ""
         report.notes.append(f"the file holds one uint8 index per weight{wide} (4x smaller than fp32); `onnxshrink pack` "
                             f"codes the indices in about {config.bits} bit(s) per weight")
 

@@ -4,7 +4,8 @@
     python bench/compress_bench.py --budget none --auto-only --models "digits MLP" --out -   # a quick check
 
 `--budget none` lets each search end on its own (the same candidates on any machine, however loaded); `--out -`
-prints the table instead of writing the doc (which holds the real-model sections too, bench/compress_real.py).
+prints the table instead of writing the doc. The doc holds the real-model sections too (bench/compress_real.py): only
+its first section, the sample models', is replaced.
 
 For each sample model: the automatic search at --max-accuracy-drop 0.01, judged on the held-out eval
 data, with a stated time budget, written as a .shrink; then every fixed setting of prune (sparsity
@@ -135,8 +136,16 @@ def main() -> None:
         "",
     ])
     if args.out != "-":
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(replace_samples_section(Path(args.out), text))
     print(text)
+
+
+def replace_samples_section(doc: Path, section: str) -> str:
+    """The doc with its sample-model section (everything before the first `## ` heading) replaced by `section`:
+    the real-model sections after it (bench/compress_real.py's) are kept as they are."""
+    old = doc.read_text() if doc.exists() else ""
+    at = old.find("\n## ")
+    return section.rstrip("\n") + "\n" + (old[at:] if at >= 0 else "")
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic, inputs_f
 from onnxshrink.passes.quantize_weights import QuantizeWeightsOnly, WeightsOnlyConfig
 from onnxshrink.report import CommandReport, ModelInfo, ValidationReport, latency_slower
 from onnxshrink.runtime import make_session, op_counts, optimized_graph, optimized_op_counts
-from onnxshrink.task_check import MIN_TIMEOUT_S, Verdict, add_to_report, make_check
+from onnxshrink.task_check import MIN_TIMEOUT_S, Verdict, add_to_report, make_check, task_rejected
 from onnxshrink.validate import ValidateConfig, not_validated
 from onnxshrink.validate import validate as _validate
 
@@ -107,6 +107,7 @@ def quantize(
     fallback=True,
     allow_slower: bool = False,
     latency_guard=None,
+    task_check=None,
 ) -> CommandReport:
     """Quantize a model file and validate the result against the original.
 
@@ -115,7 +116,8 @@ def quantize(
     BlockwiseConfig (n-bit blockwise weights, MatMulNBits), WeightsOnlyConfig
     (weight-only QDQ for other runtimes). When validation thresholds fail, the result
     is written as `OUTPUT.failed.onnx`, any existing OUTPUT is left untouched, and the
-    report's validation says why.
+    report's validation says why. `task_check` (a command, or a function of the two paths: task_check.py) is one
+    more check of the result, as in `validate`: a rejection fails it the same way.
 
     Accuracy fallback (fallback.py; `fallback` True, a FallbackConfig, or False for none): when validation
     judges on real samples (`--data`, or the held-out part of `calibration`) and an accuracy budget is set
@@ -202,7 +204,7 @@ def quantize(
     report = _run_pass_command(
         "quantize", model_path, output, suffix, make_pass, force=force,
         validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
-        options=options if options is not None else asdict(config),
+        options=options if options is not None else asdict(config), task_check=task_check,
     )
     if skipped:
         report.notes.append(f"accuracy fallback did not run: {skipped}")
@@ -314,6 +316,7 @@ def prune(
     run_validation: bool = True,
     threads: int = 1,
     options: dict | None = None,
+    task_check=None,
 ) -> CommandReport:
     """Prune MatMul/Gemm/Conv weights (a PruneConfig) and validate the result against the original.
 
@@ -338,6 +341,7 @@ def prune(
         "prune", model_path, output, "pruned", make_pass, force=force,
         validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
         options=options if options is not None else asdict(config), full_check=config.storage != "sparse",
+        task_check=task_check,
     )
 
 
@@ -352,6 +356,7 @@ def cluster(
     run_validation: bool = True,
     threads: int = 1,
     options: dict | None = None,
+    task_check=None,
 ) -> CommandReport:
     """Weight sharing (a ClusterConfig): MatMul/Gemm/Conv weights as uint8 indices into 2^bits-value codebooks.
 
@@ -371,7 +376,7 @@ def cluster(
     report = _run_pass_command(
         "cluster", model_path, output, f"cluster{config.bits}", make_pass, force=force,
         validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
-        options=options if options is not None else asdict(config),
+        options=options if options is not None else asdict(config), task_check=task_check,
     )
     if report.passes[0].changed:
         _check_decoding_folded(report, model_path, threads)
@@ -389,6 +394,7 @@ def factorize(
     run_validation: bool = True,
     threads: int = 1,
     options: dict | None = None,
+    task_check=None,
 ) -> CommandReport:
     """Low-rank factorization (a FactorizeConfig; rank ratio 0.5 when None): MatMul/Gemm weights as X @ A @ B.
 
@@ -408,7 +414,7 @@ def factorize(
     return _run_pass_command(
         "factorize", model_path, output, "factorized", make_pass, force=force,
         validation=validation, run_validation=run_validation, threads=threads, calibration=calibration,
-        options=options if options is not None else asdict(config),
+        options=options if options is not None else asdict(config), task_check=task_check,
     )
 
 
@@ -446,13 +452,14 @@ def flush_denormals(
     validation: ValidateConfig | None = None,
     run_validation: bool = True,
     threads: int = 1,
+    task_check=None,
 ) -> CommandReport:
     """Zero the denormal float weights (slow on CPUs, too small to matter), then validate: drift and latency."""
     from onnxshrink.passes.flush_denormals import FlushDenormals
 
     return _run_pass_command("flush-denormals", model_path, output, "ftz", lambda model: FlushDenormals(),
                              force=force, validation=validation, run_validation=run_validation, threads=threads,
-                             options={})
+                             options={}, task_check=task_check)
 
 
 PACK_FULL_COMPARE_BYTES = 256 << 20  # above this, pack's check relies on the per-tensor digests alone (memory)
@@ -569,9 +576,12 @@ def _holds_out(validation: ValidateConfig | None, run_validation: bool) -> bool:
 
 
 def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, validation, run_validation, threads, options,
-                      full_check=True, calibration=None):
+                      full_check=True, calibration=None, task_check=None):
     model_path = Path(model_path)
     output = Path(output) if output is not None else model_io.default_output(model_path, suffix)
+    check = make_check(task_check)  # a bad command: a UsageError before anything runs
+    if check is not None and not run_validation:
+        raise UsageError("--task-check is a check of validation's: drop --no-validate to run it")
     model_io.check_output_path(output, [model_path], force)
     original = model_io.load(model_path, for_rewrite=True, with_data=False)
     external = model_io.has_external_data(original)  # the file keeps weights external (asked before reading them)
@@ -615,9 +625,12 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
                 report.validation = _validate(model_path, staged, config)
             except InputsUnavailable as exc:  # the pass needed no inputs: its output lands, said to be unvalidated
                 report.validation = not_validated(model_path, staged, str(exc))
+            if check is not None:  # the user's own data: it runs even where validation found no inputs
+                add_to_report(report.validation, task_verdict(check, model_path, staged))
             report.validation.candidate = str(output)
         _advise_on_latency(report, pass_report)
-        passed = report.validation is None or report.validation.passed or not report.validation.validated
+        passed = report.validation is None or report.validation.passed or not report.validation.validated \
+            and not task_rejected(report.validation)
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")

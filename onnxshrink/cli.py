@@ -30,6 +30,7 @@ from onnxshrink.passes.quantize import QuantizeConfig
 from onnxshrink.passes.quantize_weights import WeightsOnlyConfig
 from onnxshrink.progress import reporting
 from onnxshrink.render import ProgressDisplay, render_command, render_info, render_pack, render_validation
+from onnxshrink.task_check import task_rejected
 from onnxshrink.validate import Thresholds, ValidateConfig
 
 EXIT_TERMINATED = 128 + signal.SIGTERM  # 143: what a shell reports for a process SIGTERM ended, unlike Ctrl-C's 130
@@ -160,7 +161,7 @@ class _OneLineErrors(_FlagsWithoutType, TyperGroup):
 
 
 # Shown under `onnxshrink --help` (the callback's docstring is not: `help=` below replaces it).
-EXIT_CODES_HELP = ("Exit codes: 0 ok · 1 a threshold failed · 2 usage error · 3 unusable input (model or data) · "
+EXIT_CODES_HELP = ("Exit codes: 0 ok · 1 a threshold failed (or the task check) · 2 usage error · 3 unusable input (model or data) · "
                    "4 unsupported model · 5 cannot write the output · 6 written but not validated (no inputs the "
                    "model runs on: give --data, --calibration or --shape) · 70 internal error · "
                    "129 terminal closed (SIGHUP) · 130 interrupted (Ctrl-C) · 143 terminated (SIGTERM). "
@@ -196,6 +197,7 @@ RayAddressOpt = Annotated[Optional[str], typer.Option("--ray-address", help="--e
 NoValidateOpt = Annotated[bool, typer.Option("--no-validate", help="Skip the comparison against the original.", rich_help_panel=GATES)]
 DataOpt = Annotated[Optional[Path], typer.Option("--data", help=".npz whose keys are the model's input names (batch along axis 0).", rich_help_panel=GATES)]
 LabelsOpt = Annotated[Optional[str], typer.Option("--labels", help="Key of an integer labels array in --data; enables task accuracy.", rich_help_panel=GATES)]
+TaskCheckOpt = Annotated[Optional[str], typer.Option("--task-check", metavar="CMD", help="Your own check of the task (boxes found, text read) on the result: a command that exits 0 to accept it; a rejection fails validation as a threshold does (OUTPUT.failed.onnx, exit 1). {model} in CMD is the result (a runnable .onnx), {original} the input; without {model} the result's path is appended.", rich_help_panel=GATES)]
 SamplesOpt = Annotated[Optional[int], typer.Option("--samples", min=1, help="Use only the first N samples (default: all; 16 when synthesized).", rich_help_panel=GATES)]
 ShapeOpt = Annotated[Optional[list[str]], typer.Option("--shape", help="Shape for synthesized inputs, NAME=D1,D2,... (repeatable).", rich_help_panel=GATES)]
 MaxDriftOpt = Annotated[Optional[float], typer.Option("--max-drift", help="Fail (exit 1) if any output's max abs error exceeds this.", rich_help_panel=GATES)]
@@ -322,8 +324,10 @@ def _emit(as_json: bool, report, render) -> None:
 
 
 def _exit_for_validation(report) -> None:
-    """A written model's exit code: 6 when validation could not run (the output landed, nothing was measured),
-    1 when a threshold failed (written as OUTPUT.failed.onnx), else 0."""
+    """A written model's exit code: 1 when the task check rejected it, 6 when validation could not run (the output
+    landed, nothing was measured), 1 when a threshold failed (written as OUTPUT.failed.onnx), else 0."""
+    if report.validation is not None and task_rejected(report.validation):
+        raise typer.Exit(EXIT_THRESHOLD)
     if report.validation is not None and not report.validation.validated:
         raise typer.Exit(EXIT_NOT_VALIDATED)
     if report.validation is not None and not report.validation.passed:
@@ -448,6 +452,7 @@ def quantize_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    task_check: TaskCheckOpt = None,
     output: _output_opt("Output path (default MODEL.int8.onnx, MODEL.int4.onnx, ... next to the input).") = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -493,7 +498,7 @@ def quantize_command(
         report = api.quantize(model, output, config, calibration=calibration, force=force, validation=validation,
                               run_validation=not no_validate, threads=threads, options=options,
                               fallback=False if no_fallback else FallbackConfig(max_layers=max_fallback),
-                              allow_slower=allow_slower)
+                              allow_slower=allow_slower, task_check=task_check)
     if sensitive:
         listed = ", ".join(f"{name} ({drift:.4f})" for name, drift in sensitive)
         report.notes.append(f"kept float by --max-layer-drift {max_layer_drift:g} (drift at {getattr(config, 'bits', 8)} bits "
@@ -543,6 +548,7 @@ def prune_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    task_check: TaskCheckOpt = None,
     output: _output_opt("Output path (default MODEL.pruned.onnx next to the input).") = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -575,7 +581,7 @@ def prune_command(
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     _rewrite("prune", lambda options: api.prune(model, output, config, calibration=calibration, force=force,
                                                 validation=validation, run_validation=not no_validate,
-                                                threads=threads, options=options),
+                                                threads=threads, options=options, task_check=task_check),
              config, calibration, threads, seed, verbose, as_json,
              sensitivity=str(sensitivity_file) if sensitivity_file else None)
 
@@ -611,6 +617,7 @@ def cluster_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    task_check: TaskCheckOpt = None,
     output: _output_opt("Output path (default MODEL.cluster4.onnx, ... next to the input).") = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -629,7 +636,7 @@ def cluster_command(
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     _rewrite("cluster", lambda options: api.cluster(model, output, config, calibration=calibration, force=force,
                                                     validation=validation, run_validation=not no_validate,
-                                                    threads=threads, options=options),
+                                                    threads=threads, options=options, task_check=task_check),
              config, calibration, threads, seed, verbose, as_json)
 
 
@@ -656,6 +663,7 @@ def factorize_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    task_check: TaskCheckOpt = None,
     output: _output_opt("Output path (default MODEL.factorized.onnx next to the input).") = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -674,7 +682,7 @@ def factorize_command(
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     _rewrite("factorize", lambda options: api.factorize(model, output, config, calibration=calibration, force=force,
                                                         validation=validation, run_validation=not no_validate,
-                                                        threads=threads, options=options),
+                                                        threads=threads, options=options, task_check=task_check),
              config, calibration, threads, seed, verbose, as_json)
 
 
@@ -859,6 +867,7 @@ def flush_denormals_command(
     min_agreement: MinAgreeOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
     max_latency_ratio: MaxLatOpt = None,
+    task_check: TaskCheckOpt = None,
     output: _output_opt("Output path (default MODEL.ftz.onnx next to the input).") = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -871,7 +880,7 @@ def flush_denormals_command(
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     with _progress("flush-denormals"):
         report = api.flush_denormals(model, output, force=force, validation=validation, run_validation=not no_validate,
-                                     threads=threads)
+                                     threads=threads, task_check=task_check)
     _emit(as_json, report, lambda console, r: render_command(console, r, verbose))
     _exit_for_validation(report)
 

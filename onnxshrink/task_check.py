@@ -139,6 +139,11 @@ def add_to_report(report, verdict: Verdict) -> None:
     report.passed = report.passed and verdict.accepted
 
 
+def task_rejected(report) -> bool:
+    """Whether a validation report holds a task check that rejected its candidate."""
+    return any(check.name == "task_check" and not check.passed for check in report.checks)
+
+
 def _stop_group(process: subprocess.Popen) -> None:
     """SIGTERM to the check's process group, SIGKILL after KILL_GRACE_S; every wait bounded, so the search goes on
     even if the command cannot be reaped."""

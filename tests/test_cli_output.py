@@ -65,7 +65,7 @@ def test_help_ends_with_examples_and_has_no_placeholders(command):
 
 def test_root_help_has_exit_codes_and_no_placeholders():
     text = " ".join(run("--help").stdout.split())
-    assert "Exit codes: 0 ok · 1 a threshold failed · 2 usage error" in text and "<bool>" not in text
+    assert "Exit codes: 0 ok · 1 a threshold failed (or the task check) · 2 usage error" in text and "<bool>" not in text
 
 
 def test_flag_help_still_parses_values(work):

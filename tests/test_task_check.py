@@ -196,16 +196,22 @@ def test_cli_refuses_a_missing_program_in_one_line(digits, runner, tmp_path):
     assert tree(tmp_path) == before
 
 
-def test_recipe_mode_runs_the_check_on_its_result(digits, runner, tmp_path):
+@pytest.mark.parametrize("command,output", [
+    (("compress", "--recipe", "{folder}/r.toml"), "out.shrink"),  # recipe mode: the check runs on its result
+    (("cluster", "--bits", "4"), "out.onnx"),  # a rewriting command: the same gate
+])
+def test_a_rejection_writes_the_failed_output_and_leaves_the_existing_one(digits, runner, tmp_path, command, output):
     model, calib, data = digits
     (tmp_path / "r.toml").write_text('[[passes]]\nname = "cluster"\nbits = 4\n')
-    (tmp_path / "out.shrink").write_bytes(b"keep me")
-    check = script(tmp_path, "never.py", "print('2 lines read differently'); sys.exit(1)\n")
-    result = invoke(runner, "compress", model, "--recipe", tmp_path / "r.toml", "--calibration", calib,
-                    "--min-cosine", "0.5", "-o", tmp_path / "out.shrink", "--force", "--task-check", check)
+    (tmp_path / output).write_bytes(b"an earlier output")
+    never = script(tmp_path, "never.py", "print('4 of 10 digits read differently'); sys.exit(3)\n")
+    args = [arg.replace("{folder}", str(tmp_path)) for arg in command]
+    result = invoke(runner, args[0], model, *args[1:], "--calibration", calib, "--data", data, "--min-cosine", "0.5",
+                    "-o", tmp_path / output, "--force", "--task-check", never)
     assert result.exit_code == 1, result.output
-    assert "FAIL task check: 2 lines read differently (exit 1)" in result.stdout
-    assert (tmp_path / "out.shrink").read_bytes() == b"keep me" and (tmp_path / "out.failed.shrink").exists()
+    assert "FAIL task check: 4 of 10 digits read differently (exit 3)" in result.stdout
+    failed = output.replace("out.", "out.failed.")
+    assert (tmp_path / output).read_bytes() == b"an earlier output" and (tmp_path / failed).exists()
 
 
 # ---- validate ---------------------------------------------------------------------------------------
@@ -248,3 +254,63 @@ def test_a_check_still_running_at_the_deadline_on_the_lossless_start_ends_the_se
     assert not report.passed and report.stopped == "time budget" and not (tmp_path / "out.shrink").exists()
     assert "did not finish on the lossless form" in report.notes[-1]
     assert report.candidates[0].task_check["detail"].startswith("stopped at the time budget")
+
+
+# ---- the rewriting commands (quantize, prune, cluster, factorize, flush-denormals) ---------------------------------
+
+RUNS = ("import onnxruntime as ort\nsession = ort.InferenceSession(sys.argv[-1], providers=['CPUExecutionProvider'])\n"
+        "print(f'runs: {os.path.basename(sys.argv[-1])}, {len(session.get_outputs())} output(s)')\n")
+
+
+@pytest.mark.parametrize("command,args", [
+    ("quantize", ()),
+    ("prune", ("--sparsity", "0.5")),
+    ("cluster", ("--bits", "4")),
+    ("factorize", ("--rank-ratio", "0.5", "--allow-slower")),
+    ("flush-denormals", ()),
+])
+def test_each_rewriting_command_runs_the_check_on_its_result(digits, runner, tmp_path, command, args):
+    model, calib, data = digits
+    result = invoke(runner, command, model, *args, "--data", data, "-o", tmp_path / "out.onnx",
+                    "--task-check", script(tmp_path, "runs.py", RUNS), "--json")
+    assert result.exit_code == 0, result.output
+    checks = [c for c in json.loads(result.stdout)["validation"]["checks"] if c["name"] == "task_check"]
+    assert len(checks) == 1 and checks[0]["passed"] and checks[0]["detail"] == "runs: out.onnx, 1 output(s)"
+    assert (tmp_path / "out.onnx").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_the_check_needs_validation_and_a_program_before_any_work(digits, runner, tmp_path):
+    model, calib, data = digits
+    before = tree(tmp_path)
+    result = invoke(runner, "prune", model, "--sparsity", "0.5", "--no-validate", "-o", tmp_path / "out.onnx",
+                    "--task-check", script(tmp_path, "runs.py", RUNS))
+    assert result.exit_code == 2 and result.stderr.strip() == (
+        "error: --task-check is a check of validation's: drop --no-validate to run it"), result.output
+    (tmp_path / "runs.py").unlink()
+    missing = invoke(runner, "quantize", model, "-o", tmp_path / "out.onnx", "--task-check", "no-such-program-onnxshrink")
+    assert missing.exit_code == 2 and missing.stderr.strip().startswith(
+        "error: --task-check: 'no-such-program-onnxshrink' is not a program"), missing.output
+    assert tree(tmp_path) == before and "Traceback" not in result.output + missing.output
+
+
+def test_where_validation_finds_no_inputs_the_check_still_gates(digits, runner, tmp_path, monkeypatch):
+    """Validation that cannot run lands the output unvalidated (exit 6); the user's check runs on it with its own
+    data all the same, and its rejection fails the command like a threshold (exit 1, OUTPUT.failed.onnx)."""
+    from onnxshrink.errors import InputsUnavailable
+
+    def no_inputs(*args, **kwargs):
+        raise InputsUnavailable("input 'x' has a shape no sample fits")
+
+    monkeypatch.setattr(api, "_validate", no_inputs)
+    model, calib, data = digits
+    accepted = invoke(runner, "prune", model, "--sparsity", "0.5", "-o", tmp_path / "a.onnx",
+                      "--task-check", script(tmp_path, "runs.py", RUNS))
+    assert accepted.exit_code == 6 and (tmp_path / "a.onnx").exists(), accepted.output
+    report = api.prune(model, tmp_path / "b.onnx", PruneConfig(sparsity=0.5, scope="layer"),
+                       task_check=lambda original, candidate: (False, f"{candidate.name}: 3 boxes lost"))
+    assert not report.validation.validated and not report.validation.passed
+    assert report.output == str(tmp_path / "b.failed.onnx") and not (tmp_path / "b.onnx").exists()
+    assert report.validation.checks[-1].detail == "b.onnx: 3 boxes lost"
+    rejected = invoke(runner, "prune", model, "--sparsity", "0.5", "-o", tmp_path / "c.onnx",
+                      "--task-check", script(tmp_path, "never.py", "sys.exit(1)\n"))
+    assert rejected.exit_code == 1 and (tmp_path / "c.failed.onnx").exists() and not (tmp_path / "c.onnx").exists()

@@ -221,9 +221,7 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
           f"{os.getloadavg()[0]:.1f}")
     for note in prices.notes:
         print(f"note: {note}")
-    top = max(plan.BIT_CHOICES)
-    print(f"{'layer':24} {'weights':>9} {'proxy@4':>9} {'drift@4':>9} {'ratio':>7} {'channel@4':>10} "
-          f"{f'scaled@{top}':>10} {f'drift@{top}':>10}")
+    print(f"{'layer':24} {'weights':>9} {'proxy@4':>9} {'drift@4':>9} {'ratio':>7} {'channel@4':>10}")
     for layer in prices.tables:
         print(f"table {layer.tensor} ({layer.weights} weights, {layer.rows} rows): bits per weight with row scales, "
               "weight error, measured drift: " + "; ".join(
@@ -236,13 +234,9 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
         drift = layer.drift
         ratio = f"{drift / proxy:7.2f}" if drift is not None and proxy > 0 else "      -"
         channel = layer.channel_errors.get(plan.SENSITIVITY_BITS)
-        # the widest width: the proxy's curve scaled from 4 bits, and the drift measured there (its price)
-        scaled = (layer.proxy or {}).get(top, 0.0) * drift / proxy if drift is not None and proxy > 0 else None
         print(f"{layer.node[:24]:24} {layer.weights:9d} {proxy:9.5f} "
               f"{(f'{drift:9.5f}' if drift is not None else '        -')} {ratio} "
-              f"{(f'{channel:10.5f}' if channel is not None else '         -')} "
-              f"{(f'{scaled:10.5f}' if scaled is not None else '         -')} "
-              f"{(f'{layer.widest_drift:10.5f}' if layer.widest_drift is not None else '         -')}")
+              f"{(f'{channel:10.5f}' if channel is not None else '         -')}")
     if prices.int8_drift is not None:
         print(f"other floats in int8: {prices.int8_elements} elements, drift {prices.int8_drift:.5f} "
               f"({prices.int8_drift / (8 * prices.int8_elements):.2e} per bit saved over fp16)")

@@ -16,9 +16,7 @@ That error is the layer's own, not the model's: on PP-OCR's recogniser the 2.2M-
 4 bits, a tenth of a typical Conv, yet alone it costs the output 0.025 of cosine, more than any Conv but three
 (docs/benchmarks-compress.md). So each layer's curve is scaled to one measurement of the whole model: the drift
 (1 - output cosine) with that layer alone at SENSITIVITY_BITS, on a few calibration samples, from one onnxruntime
-session in which the weights are overridable inputs (no session build per layer). The widest width is measured
-too and is its own price, the floor of the narrower ones': a curve scaled from 4 bits put one recogniser layer's
-8-bit codebook at 0 drift where alone it cost 0.19 (its small channels zeroed). The same run prices the other
+session in which the weights are overridable inputs (no session build per layer). The same run prices the other
 floats (biases, norms) in int8 against fp16, so a finalist stores them in int8 only where that saves bits more
 cheaply than its next narrower codebook (`other_floats`).
 
@@ -86,9 +84,6 @@ class LayerPrice:
     # whole-model drift (1 - output cosine) with this layer alone at SENSITIVITY_BITS; `errors` are scaled to it.
     # None: not measured (no data, stopped, a weight inside a subgraph): scaled by the median of the measured layers
     drift: float | None = None
-    # whole-model drift with this layer alone at its widest priced width (per-layer layout): its price there, and
-    # the floor of its narrower widths' prices. None: not measured
-    widest_drift: float | None = None
     proxy: dict | None = None  # the layer-local errors before scaling
     # bits -> error with one codebook per output channel (cluster --per channel), scaled as `errors`; {}: not priced
     channel_errors: dict = field(default_factory=dict)
@@ -173,22 +168,19 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                 break
             hessians.update(_hessians(dataset, model, chunk, threads))
             prices.runs += 1
-    decoded, channel_decoded, widest = {}, {}, {}
-    top = max(bits) if bits else None
+    decoded, channel_decoded = {}, {}
     for layer in layers:
         w = matrix(layer, owners).astype(np.float64)
         h = hessians.get(layer.name)
         reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
-        errors, kept = _layer_errors(w, h, bits, (SENSITIVITY_BITS, top) if measure else (), form=form)
-        if SENSITIVITY_BITS in kept:
-            decoded[layer.name] = (layer.weight, _raw(layer, kept[SENSITIVITY_BITS]()).astype(np.float32))
-        if top in kept and top != SENSITIVITY_BITS:  # decoded when measured: indices and codebook only till then
-            widest[layer.name] = (layer.weight, lambda layer=layer, make=kept[top]: _raw(layer, make()).astype(np.float32))
-        per_channel, channel_kept = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
-                                                  (SENSITIVITY_BITS,) if measure else (), per_channel=True) \
-            if w.shape[1] > 1 else ({}, {})
-        if SENSITIVITY_BITS in channel_kept:
-            channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_kept[SENSITIVITY_BITS]()).astype(np.float32))
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form)
+        if at_reference is not None:
+            decoded[layer.name] = (layer.weight, _raw(layer, at_reference).astype(np.float32))
+        per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
+                                                       SENSITIVITY_BITS if measure else None, per_channel=True) \
+            if w.shape[1] > 1 else ({}, None)
+        if channel_reference is not None:
+            channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_reference).astype(np.float32))
         prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
                                         channel_errors=per_channel, channels=int(w.shape[1])))
     from onnxshrink.passes.cluster import index_dtype, table_codebook
@@ -214,7 +206,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                                         "embedding table: no layer input weighs its rows", rows=int(value.shape[0]),
                                         tensor=tensor, savings=savings))
     if measure and dataset is not None and not (stop is not None and stop()):
-        _measure(prices, model, calibration, decoded, channel_decoded, threads, stop, coded, widest)
+        _measure(prices, model, calibration, decoded, channel_decoded, threads, stop, coded)
     return prices
 
 
@@ -243,14 +235,12 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
     return _layer_errors(w, h, bits, None)[0]
 
 
-def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: tuple | None = (),
-                  per_channel: bool = False, form: str = "kmeans") -> tuple[dict, dict]:
-    """layer_errors, and width -> a function giving the decoded [K, N] weight, for each width in `keep` (its
-    indices and codebook are held until then, a byte or two a weight); `per_channel`: one codebook per output
-    column, as cluster --per channel fits them."""
-    keep = tuple(keep or ())
+def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
+                  per_channel: bool = False, form: str = "kmeans") -> tuple[dict, np.ndarray | None]:
+    """layer_errors, and the decoded [K, N] weight at width `keep` (None: not kept); `per_channel`: one codebook
+    per output column, as cluster --per channel fits them."""
     if not bits and not keep:
-        return {}, {}
+        return {}, None
     k, n = w.shape
     energy = None
     if h is not None:
@@ -261,25 +251,19 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: tuple 
     weights = None if energy is None else (np.broadcast_to(energy[None, :], (n, k)) if per_channel else
                                            np.broadcast_to(energy[:, None], (k, n)).reshape(1, -1))
     total = _quadratic(w, h)
-    errors, best, kept = {}, 0.0, {}
-    for b in sorted(set(bits) | set(keep), reverse=True):
+    errors, best, kept = {}, 0.0, None
+    for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
         books = codebook.fit(rows, 2 ** b, weights, reserve_zero=reserve, iterations=FIT_ITERATIONS, form=form,
                              margin=codebook.DATA_AWARE_GRID_MARGIN if h is not None else 1.0)
-        idx = codebook.assign(rows, books, reserve_zero=reserve)
-        if b in keep:
-            small = idx.astype(np.uint8 if books.shape[-1] <= 256 else np.uint16)
-            kept[b] = lambda small=small, books=books: _decoded(small, books, k, n, per_channel)
+        decoded = codebook.decode(codebook.assign(rows, books, reserve_zero=reserve), books)
+        decoded = decoded.T if per_channel else decoded.reshape(k, n)
+        if b == keep:
+            kept = decoded
         if b not in bits:
             continue
-        decoded = _decoded(idx, books, k, n, per_channel)
         best = max(best, _quadratic(decoded - w, h) / total if total > 0 else 0.0)
         errors[b] = float(best)
     return dict(sorted(errors.items())), kept
-
-
-def _decoded(idx: np.ndarray, books: np.ndarray, k: int, n: int, per_channel: bool) -> np.ndarray:
-    decoded = codebook.decode(idx.astype(np.int64), books)
-    return decoded.T if per_channel else decoded.reshape(k, n)
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
@@ -466,11 +450,9 @@ def summary(allocation: dict, prices: Prices, per: str = "layer") -> str:
 # ---- whole-model drift ---------------------------------------------------------------------------
 
 def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded: dict, threads: int, stop,
-             coded: dict | None = None, widest: dict | None = None) -> None:
+             coded: dict | None = None) -> None:
     """Scale each layer's errors to its whole-model drift at SENSITIVITY_BITS, per layout (a per-layer codebook
-    wrecks small channels that a per-channel one keeps: the two amplify differently), bound them below by its drift
-    measured at its widest width (`widest`: node -> weight, a function decoding it there; a price never falls under
-    what that width measures, a layer's narrower widths never under its wider ones'), price each table in `coded`
+    wrecks small channels that a per-channel one keeps: the two amplify differently), price each table in `coded`
     (table -> bits -> indices, codebook, row scales) at each width by its measured drift, and measure the other
     floats in int8: one session whose weights are overridable inputs, one run of SENSITIVITY_SAMPLES samples per
     layer and layout, and per table and width."""
@@ -531,8 +513,7 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
             worst = drifts[b] = max(worst, drift({layer.tensor: table}))
         layer.proxy, layer.errors = layer.errors, {b: drifts[b] for b in sorted(drifts) if b in layer.errors}
         layer.drift = layer.errors.get(SENSITIVITY_BITS)
-    widest = widest or {}
-    measured, channel_drift, widest_drift = {}, {}, {}
+    measured, channel_drift = {}, {}
     for layer in prices.layers:
         if layer.table:
             continue
@@ -547,10 +528,7 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
             measured[entry[0]] = drift({entry[0]: entry[1]})
             if layer.node in channel_decoded:
                 channel_drift[entry[0]] = drift({entry[0]: channel_decoded[layer.node][1]})
-            if layer.node in widest:
-                widest_drift[entry[0]] = drift({entry[0]: widest[layer.node][1]()})
         layer.drift = measured[entry[0]]
-        layer.widest_drift = widest_drift.get(entry[0])
     ratios = [layer.drift / layer.errors[SENSITIVITY_BITS] for layer in prices.layers
               if not layer.table and layer.drift is not None and layer.errors.get(SENSITIVITY_BITS, 0) > 0]
     if not ratios:
@@ -563,12 +541,6 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         scale = median if layer.drift is None or base <= 0 else layer.drift / base
         layer.proxy = dict(layer.errors)
         layer.errors = {b: e * scale for b, e in layer.errors.items()}
-        if layer.widest_drift is not None and layer.errors:
-            # PP-OCR's recogniser: one 256-entry codebook zeroes the channels of a 384x768 layer that lie under half
-            # its step (their RMS spans 441x); its proxy scaled from 4 bits put 8 bits at 0 drift, alone it cost 0.19
-            top = max(layer.errors)
-            layer.errors = {b: layer.widest_drift if b == top else max(e, layer.widest_drift)
-                            for b, e in layer.errors.items()}
         base, measured_channel = layer.channel_errors.get(SENSITIVITY_BITS, 0), channel_drift.get(decoded.get(
             layer.node, ("",))[0])
         if measured_channel is not None and base > 0:

@@ -40,12 +40,9 @@ def test_prices_follow_the_drift_each_layer_causes_in_the_whole_model(tmp_path):
     measured = {layer.node: layer for layer in prices.layers}
     assert all(layer.drift is not None and layer.proxy is not None for layer in prices.layers)
     assert measured["quiet"].errors[4] < measured["loud"].errors[4] / 100  # scaled by a 0.01 gain, squared
-    for layer in prices.layers:  # the curve keeps its shape: scaled, floored by the widest width's measurement
-        top, scale = max(layer.errors), layer.drift / layer.proxy[compress_plan.SENSITIVITY_BITS]
-        assert layer.widest_drift is not None and layer.errors[top] == layer.widest_drift
-        for b in layer.errors:
-            if b != top:
-                assert abs(layer.errors[b] - max(layer.proxy[b] * scale, layer.widest_drift)) < 1e-12
+    for layer in prices.layers:  # the curve keeps its shape: scaled, so the widths still rank the same
+        ratios = [layer.errors[b] / layer.proxy[b] for b in layer.errors if layer.proxy[b] > 0]
+        assert max(ratios) - min(ratios) < 1e-9 * max(ratios)
         assert abs(layer.errors[compress_plan.SENSITIVITY_BITS] - layer.drift) < 1e-12
     assert prices.int8_elements == 64 and prices.int8_drift is not None and prices.int8_drift > 0
 
@@ -142,8 +139,8 @@ def test_rungs_predicted_far_over_the_drift_budget_are_not_validated():
 def test_a_layer_with_small_output_channels_prices_lower_with_a_codebook_per_channel():
     rng = np.random.default_rng(6)
     w = rng.standard_normal((32, 8)) * np.array([1.0] * 4 + [0.001] * 4)  # half the channels 1000x smaller
-    errors, _ = compress_plan._layer_errors(w, None, (3, 4))
-    channel, _ = compress_plan._layer_errors(w, None, (3, 4), per_channel=True)
+    errors, _ = compress_plan._layer_errors(w, None, (3, 4), None)
+    channel, _ = compress_plan._layer_errors(w, None, (3, 4), None, per_channel=True)
     assert channel[4] < errors[4] / 2 and channel[3] < errors[3]
     layer = LayerPrice("l", 256, errors, False, channel_errors=channel, channels=8)
     assert compress_plan.stored_bits(layer, 4) == 4
@@ -166,28 +163,3 @@ def test_finalists_keep_only_rungs_no_other_layout_beats_on_bits_and_drift():
     assert {per for _, per in compress_plan.finalists(unmeasured, None)} == {"layer"}  # as before the measurement
     recipe = planned_recipe({"fc0/MatMul": 4, "fc1/MatMul": 4, "fc2/MatMul": 3}, CompressConfig(), False, "fp16", "channel")
     assert recipe.passes[0].options["per"] == "channel"
-
-
-def test_a_layers_widest_width_is_priced_by_its_own_measurement(tmp_path):
-    """Channels far under a per-layer codebook's step lose their values at every width, and what follows the layer
-    may amplify them (PP-OCR's recogniser: channel RMS spanning 441x, one 8-bit codebook cost 0.19 of cosine alone).
-    The layer-local proxy hardly sees them, so scaled from 4 bits it priced 8 bits near 0; the widest width is
-    measured on the model, and no narrower width is priced under it."""
-    rng = np.random.default_rng(3)
-    k, n = 64, 64
-    w = rng.standard_normal((k, n)).astype(np.float32)
-    gain = np.ones(n, np.float32)
-    w[:, :2] *= 1e-3
-    gain[:2] = 1e3  # two channels, amplified back after the layer
-    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="proj"), helper.make_node("Mul", ["h", "g"], ["y"])]
-    model = build_model(nodes, [float_value("x", ["n", 8, k])], [float_value("y", ["n", 8, n])],
-                        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(gain, "g")])
-    path = save_model(model, tmp_path / "amplified.onnx")
-    np.savez(tmp_path / "cal.npz", x=rng.standard_normal((8, 8, k)).astype(np.float32))
-    (layer,) = price_layers(path, tmp_path / "cal.npz", bits=(3, 4, 5, 6, 8)).layers
-    scaled = layer.proxy[8] * layer.drift / layer.proxy[compress_plan.SENSITIVITY_BITS]
-    assert layer.errors[8] == layer.widest_drift > 3 * scaled  # the proxy's curve alone said under a third of it
-    widths = sorted(layer.errors)
-    assert all(layer.errors[a] >= layer.errors[b] for a, b in zip(widths, widths[1:]))
-    assert abs(layer.errors[compress_plan.SENSITIVITY_BITS] - layer.drift) < 1e-12
-    assert price_layers(path, tmp_path / "cal.npz", measure=False).layers[0].widest_drift is None

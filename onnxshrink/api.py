@@ -629,8 +629,8 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
                 add_to_report(report.validation, task_verdict(check, model_path, staged))
             report.validation.candidate = str(output)
         _advise_on_latency(report, pass_report)
-        passed = report.validation is None or report.validation.passed or not report.validation.validated \
-            and not task_rejected(report.validation)
+        passed = report.validation is None or report.validation.passed \
+            or (not report.validation.validated and not task_rejected(report.validation))
         final = output if passed else output.with_name(_failed_name(output))
         if not passed:
             report.notes.append(f"validation failed: result written to {final} for inspection; {output} untouched")

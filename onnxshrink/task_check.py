@@ -1,5 +1,6 @@
-"""The user's own task check on a compressed model (each of compress's candidates, validate's candidate): a command
-(or, from the library, a function) that says whether it still does the job: boxes found, text read, answers right.
+"""The user's own task check on a compressed model (each of compress's candidates, validate's candidate, the result of
+quantize, prune, cluster, factorize and flush-denormals): a command (or, from the library, a function) that says
+whether it still does the job: boxes found, text read, answers right.
 
 Cosine on the judging data can pass a model whose task output broke (ddddocr's detector: 11.2x at cosine 0.9965 kept
 60 of 66 boxes), and only the user knows what their task is. NNCF's `validation_fn`, Neural Compressor's `eval_func`

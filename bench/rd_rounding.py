@@ -11,7 +11,9 @@ and with the slope taken per input column [H^-1]_ii cancels; kappa = 1 is the sl
 quantization at high rate, dD/dR = -2 ln 2 D with D = step^2 / 12) trades error for bits. This prints,
 for each layer, the entropy of the indices (bits a weight) and the relative output error tr(D^T H D) / tr(W^T H W)
 at several grid steps: nearest rounding, GPTQ, and GPTQ with that rounding at kappa 1 and 2 (code lengths from the
-previous pass's index counts, twice). Compare rates at equal error across the rows of one layer.
+previous pass's index counts, twice). Compare rates at equal error across the rows of one layer. GPTQ runs in one
+column loop of its own here (codebook.gptq_assign's, unblocked, on an unbounded grid), so that the plain and the
+rate-aware rows differ only in the choice of entry.
 
     .venv/bin/python bench/rd_rounding.py [--export DIR] [--layers 'layer.0/,layer.3/'] [--samples 32]
 

@@ -658,9 +658,9 @@ def _from_view(view: np.ndarray, layer, shape) -> np.ndarray:
 def codebook_outputs(model: onnx.ModelProto) -> set[str]:
     """Tensors that decode a codebook: a Gather whose indices come (through Cast, and Add) from a uint8 initializer
     (uint16: an entropy-form grid of over 256 entries)."""
-    producers, uint8 = {}, set()
+    producers, index_tensors = {}, set()
     for graph in iter_graphs(model.graph):
-        uint8.update(t.name for t in graph.initializer if t.data_type in (TensorProto.UINT8, TensorProto.UINT16))
+        index_tensors.update(t.name for t in graph.initializer if t.data_type in (TensorProto.UINT8, TensorProto.UINT16))
         for node in graph.node:
             for output in node.output:
                 producers[output] = node
@@ -670,7 +670,7 @@ def codebook_outputs(model: onnx.ModelProto) -> set[str]:
             continue
         source = producers.get(node.input[1])
         while source is not None and source.op_type in ("Add", "Cast"):
-            if source.op_type == "Cast" and source.input[0] in uint8:
+            if source.op_type == "Cast" and source.input[0] in index_tensors:
                 found.add(name)
                 break
             source = producers.get(source.input[0])

@@ -75,7 +75,7 @@ class CommandCheck:
             try:
                 # Its own process group, so that at the deadline its children (a shell script's python) go with it.
                 process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                                           env=env, start_new_session=True)
+                                           env=env, **_own_group())
             except OSError as exc:
                 return Verdict(False, f"could not run {argv[0]}: {exc.strerror or exc}", time.monotonic() - started)
             try:
@@ -145,9 +145,21 @@ def task_rejected(report) -> bool:
     return any(check.name == "task_check" and not check.passed for check in report.checks)
 
 
+def _own_group() -> dict:
+    """Popen arguments that start the check in a process group of its own: a new session on POSIX, a new process
+    group on Windows (which has no killpg; `_stop_group` then stops the tree with taskkill)."""
+    if hasattr(os, "killpg"):
+        return {"start_new_session": True}
+    return {"creationflags": getattr(subprocess, "CREATE_NEW_PROCESS_GROUP", 0)}
+
+
 def _stop_group(process: subprocess.Popen) -> None:
     """SIGTERM to the check's process group, SIGKILL after KILL_GRACE_S; every wait bounded, so the search goes on
-    even if the command cannot be reaped."""
+    even if the command cannot be reaped. Without process groups (Windows): taskkill /T ends the check's tree, and
+    where there is no taskkill either, the check alone is killed."""
+    if not hasattr(os, "killpg"):
+        _stop_tree(process)
+        return
     for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(process.pid, sig)
@@ -158,3 +170,19 @@ def _stop_group(process: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def _stop_tree(process: subprocess.Popen) -> None:
+    taskkill = shutil.which("taskkill")
+    if taskkill:
+        try:
+            subprocess.run([taskkill, "/F", "/T", "/PID", str(process.pid)], stdin=subprocess.DEVNULL,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=KILL_GRACE_S, check=False)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
+    if process.poll() is None:
+        process.kill()
+    try:
+        process.wait(timeout=KILL_GRACE_S)
+    except subprocess.TimeoutExpired:
+        pass

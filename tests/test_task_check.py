@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import time
 
@@ -82,6 +83,34 @@ def test_a_child_that_leaves_the_group_holding_the_output_does_not_hold_the_verd
     verdict = CommandCheck(script(tmp_path, "stuck.py", spawn + "import time\ntime.sleep(30)\n"))(
         tmp_path / "o.onnx", tmp_path / "c.onnx", timeout=0.5)
     assert verdict.stopped and time.monotonic() - started < 10
+
+
+@pytest.mark.parametrize("taskkill", [True, False])
+def test_without_process_groups_the_check_is_stopped_by_taskkill_or_alone(tmp_path, monkeypatch, taskkill):
+    """Windows has no killpg: the deadline runs `taskkill /F /T /PID pid` where there is one, and kills the check
+    itself in any case (here a stand-in taskkill that only records its arguments)."""
+    monkeypatch.delattr(os, "killpg")
+    record = tmp_path / "taskkill-args"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    if taskkill:
+        fake = bin_dir / "taskkill"
+        fake.write_text(f"#!{PYTHON}\nimport sys\nopen({str(record)!r}, 'w').write(' '.join(sys.argv[1:]))\n")
+        fake.chmod(0o755)
+    monkeypatch.setenv("PATH", str(bin_dir) + (os.pathsep + os.environ["PATH"] if taskkill else ""))
+    pid_file = tmp_path / "pid"
+    check = CommandCheck(script(tmp_path, "slow.py", f"import time\nopen({str(pid_file)!r}, 'w').write(str(os.getpid()))\n"
+                                                     "time.sleep(30)\n"))
+    started = time.monotonic()
+    verdict = check(tmp_path / "o.onnx", tmp_path / "c.onnx", timeout=2)
+    assert verdict.stopped and not verdict.accepted and time.monotonic() - started < 12
+    if pid_file.exists():  # it started in time to say who it is: killed and reaped
+        with pytest.raises(ProcessLookupError):
+            os.kill(int(pid_file.read_text()), 0)
+    assert record.exists() == taskkill
+    if taskkill:
+        words = record.read_text().split()
+        assert words[:4] == ["/F", "/T", "/PID", words[3]] and int(words[3]) > 0
 
 
 @pytest.mark.parametrize("command,message", [

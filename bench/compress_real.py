@@ -214,7 +214,7 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
         model_io.save(model, source, force=True)
     del model
     prices = plan.price_layers(source, data["calibration"], min_share=plan.MIN_LAYER_SHARE,
-                               form=compress_search.PLANNED_CODEBOOK)
+                               form=compress_search.PLANNED_CODEBOOK, table_rows=compress_search.PLANNED_TABLE_ROWS)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     print(f"priced {len(prices.layers)} layers and tables in {time.monotonic() - started:.0f} s wall, "
           f"{usage.ru_utime + usage.ru_stime:.0f} s CPU, peak RSS {usage.ru_maxrss / 1024:.0f} MB, load average "

@@ -3,6 +3,7 @@ encoder (cluster's per-layer table codebook, with and without a scale a row).
 
     .venv/bin/python bench/table_codebooks.py [--model minilm|mpnet] [--bits 4,5]
     .venv/bin/python bench/table_codebooks.py --layer-bits 5 --bits 4     # the whole model clustered and packed
+    .venv/bin/python bench/table_codebooks.py --codebook entropy --rows uniform,frequency --cold-steps 2,2.5,3
 
 On the cached export (bench/transformer_bench.py: all-MiniLM-L6-v2 or all-mpnet-base-v2), the word table is
 replaced by its decoded codebook form, computed with onnxshrink.algorithms.codebook as `cluster` does: one codebook
@@ -10,7 +11,9 @@ of 2^bits values for the whole table (`plain`), or for the table's rows each sca
 (`row scale`, what `cluster` writes, in each --codebook form). Printed: the entropy of the indices in bits per weight (what `pack`'s
 Huffman coding approaches; + 16 bits a row for the scales), and the quality of the mean-pooled embeddings of the
 200 held-out sentences against fp32: mean cosine (worst sentence) and top-5 neighbour overlap
-(bench/embedding_metrics.py).
+(bench/embedding_metrics.py). `--rows frequency`: the rows the export's calibration sentences never read on a
+coarser step (cluster's table_rows; --cold-steps to compare steps other than passes/table_rows.COLD_STEP), and the
+share of the held-out tokens whose rows the calibration does read.
 
 `--layer-bits L`: the whole model as `onnxshrink cluster` writes it and `pack` stores it, the MatMuls at L bits
 (GPTQ rounding, one capture a block, other floats int8: what compress's codebook candidates run) and the embedding
@@ -27,6 +30,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import onnx
@@ -41,6 +45,7 @@ import embedding_metrics as em  # noqa: E402
 from transformer_bench import cache_root  # noqa: E402
 
 from onnxshrink.algorithms import codebook  # noqa: E402
+from onnxshrink.passes import table_rows  # noqa: E402
 from onnxshrink.passes.cluster import table_codebook  # noqa: E402
 
 TABLE = "model.embeddings.word_embeddings.weight"
@@ -53,6 +58,11 @@ def main() -> None:
     parser.add_argument("--codebook", default="kmeans,entropy", help="the row-scaled table's codebook forms "
                         "(cluster --codebook): kmeans, entropy (evenly spaced values at k-means' error)")
     parser.add_argument("--layer-bits", type=int, help="cluster and pack the whole model, its MatMuls at this width")
+    parser.add_argument("--rows", default="uniform", help="the table's rows (cluster's table_rows): uniform, frequency "
+                        "(the rows the calibration sentences never read, coarser), random (a control: as many rows, "
+                        "chosen at random, coarser), comma-separated")
+    parser.add_argument("--cold-steps", default=str(table_rows.COLD_STEP),
+                        help="with --rows frequency: how much coarser the unread rows are (comma-separated to compare)")
     args = parser.parse_args()
     exports = sorted((cache_root() / args.model).glob("export-*/model.onnx"))
     if not exports:
@@ -73,23 +83,35 @@ def main() -> None:
     if args.layer_bits:
         whole_model(exports[-1], model, held, reference, args.layer_bits, [int(b) for b in args.bits.split(",")])
         return
-    print(f"{args.model}: {TABLE} {list(table.shape)}, {len(held['input_ids'])} held-out sentences")
+    calibration = SimpleNamespace(batches=[dict(np.load(exports[-1].with_name("calibration.npz")))])
+    counts = table_rows.row_counts(["input_ids"], calibration, table.shape[0])
+    held_tokens = held["input_ids"][held["attention_mask"] != 0]
+    print(f"{args.model}: {TABLE} {list(table.shape)}, {len(held['input_ids'])} held-out sentences; the calibration "
+          f"sentences' {counts.sum()} real tokens read {np.count_nonzero(counts)} rows, which hold "
+          f"{np.mean(counts[held_tokens] > 0):.0%} of the held-out tokens")
+    modes = [("uniform", None)] * ("uniform" in args.rows) + [
+        (f"frequency {step}x", float(step)) for step in args.cold_steps.split(",") if "frequency" in args.rows] + [
+        (f"random {step}x", -float(step)) for step in args.cold_steps.split(",") if "random" in args.rows]
+    shuffled = np.random.default_rng(0).permutation(counts)  # a control: as many rows "read", chosen at random
     for bits in (int(b) for b in args.bits.split(",")):
         scale = np.max(np.abs(table), axis=1, keepdims=True).astype(np.float16).astype(np.float32)
-        rows = [("plain", None, "kmeans")] + [(f"row scale {form}", scale, form) for form in args.codebook.split(",")]
-        for label, scales, form in rows:
+        rows = [("plain", None, "kmeans", None)] * ("uniform" in args.rows) + [
+            (f"row scale {form} {mode}", scale, form, step) for form in args.codebook.split(",") for mode, step in modes]
+        for label, scales, form, step in rows:
             if scales is None:
                 values = table.reshape(1, -1)
                 books = codebook.fit(values, 2 ** bits)
                 codes = codebook.assign(values, books)
                 decoded = codebook.decode(codes, books).reshape(table.shape)
             else:  # the cluster pass's own coding (an fp16 scale a row; exact zeros kept at entry 0)
-                codes, books, _, decoded = table_codebook(table, 2 ** bits, "layer", form)
+                read = counts if step is None or step > 0 else shuffled
+                steps = None if step is None else np.where(read > 0, 1.0, abs(step)).astype(np.float32)[:, None]
+                codes, books, _, decoded = table_codebook(table, 2 ** bits, "layer", form, steps)
             got = embed(decoded)
             cosines = em.row_cosines(reference, got)
             bits_per_weight = codebook.entropy(np.bincount(np.asarray(codes).ravel())) \
                 + (0.0 if scales is None else 16 / table.shape[1])
-            print(f"{bits}-bit {label:18s} {books.shape[-1]:3d} values  {bits_per_weight:.2f} bits/weight  cosine {cosines.mean():.5f} "
+            print(f"{bits}-bit {label:34s} {books.shape[-1]:3d} values  {bits_per_weight:.2f} bits/weight  cosine {cosines.mean():.5f} "
                   f"({cosines.min():.4f})  top-5 {em.topk_overlap(reference, got, 5):.3f}", flush=True)
 
 

@@ -49,6 +49,7 @@ from onnx import helper, numpy_helper
 from onnxshrink import model as model_io
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset, input_specs, load_npz
+from onnxshrink.passes import table_rows as table_rows_
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import capture, describe, input_size, matrix, token_rows, unfold
 from onnxshrink.validate import attention_mask, masks_output, padding_zeroed, sample_cosines
@@ -122,14 +123,16 @@ class Prices:
 
 def price_layers(model_path: str | Path, calibration: str | Path | Dataset | None, bits: tuple = BIT_CHOICES,
                  threads: int = 1, samples: int = PROXY_SAMPLES, stop=None, min_share: float = 0.0,
-                 measure: bool = True, form: str = "kmeans") -> Prices:
+                 measure: bool = True, form: str = "kmeans", table_rows: str = "uniform") -> Prices:
     """Every float MatMul/Gemm/Conv weight's relative output error at each codebook width, scaled to the whole
     model's measured drift when `measure` (and there is calibration data), and each embedding table's drift at each
     width (its relative weight error when not measured). `stop()`, asked before each capture run and each measured
     item, ends the pricing early (the layers not reached are priced by weight error alone). When the layers and
     tables hold less than `min_share` of the model's float weights, nothing is priced (a note says why): their
     widths cannot move the total much, and pricing costs a capture. `form` is the cluster pass's `codebook`, so each
-    layer is priced as the pass will code it; in "entropy" each table is priced in both forms (GRID_STEP)."""
+    layer is priced as the pass will code it; in "entropy" each table is priced in both forms (GRID_STEP).
+    `table_rows` is the pass's too: "frequency" prices a vocabulary with its unread rows coarser (table_rows.py),
+    counted on all of the calibration data, as the pass counts them."""
     model = model_io.load(Path(model_path))
     owners = initializer_owners(model)
     records = {r.name: r for r in find_tensors(model)}
@@ -151,7 +154,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
             layers.append(layer)
     prices = Prices()
     floats = sum(r.nbytes for r in records.values() if r.dtype == "float")
-    share = (sum(4 * layer.size for layer in layers) + sum(4 * value.size for _, value in tables.values())) / max(floats, 1)
+    share = (sum(4 * layer.size for layer in layers) + sum(4 * value.size for _, value, _ in tables.values())) / max(floats, 1)
     if share < min_share:
         prices.notes.append(f"no planned codebooks: MatMul/Gemm/Conv weights and embedding tables are {share:.0%} of "
                             f"the float weights (under {min_share:.0%}); the rest (norms, biases, ...) is not priced")
@@ -186,13 +189,16 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
     from onnxshrink.passes.cluster import index_dtype, table_codebook
 
     coded = {}  # table -> key -> (indices, codebook, row scales): decoded only when measured
-    for tensor, (node, value) in tables.items():
+    vocabularies = table_rows == "frequency" and any(ids for _, _, ids in tables.values())
+    everything = _dataset(model, calibration, 2 ** 62) if vocabularies else None
+    for tensor, (node, value, ids) in tables.items():
+        steps = table_rows_.row_steps(table_rows_.row_counts(ids, everything, value.shape[0]))
         proxy, coded[tensor], worst, savings = {}, {}, 0.0, {}
         total = float(np.sum(np.square(value, dtype=np.float64)))
         for b in sorted(bits, reverse=True):
             entropy = {}
             for key, kind in ((b, "kmeans"),) + (((b - GRID_STEP, "entropy"),) if form == "entropy" else ()):
-                idx, books, scale, table = table_codebook(value, 2 ** b, "layer", kind)
+                idx, books, scale, table = table_codebook(value, 2 ** b, "layer", kind, steps)
                 entropy[kind] = codebook.entropy(np.bincount(idx.ravel()))
                 if kind == "entropy" and (books.shape[-1] == 2 ** b or entropy[kind] >= entropy["kmeans"]):
                     del entropy[kind]  # k-means kept, or nothing saved: no step of its own
@@ -211,12 +217,15 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
 
 
 def _tables(model, records) -> dict:
-    """table -> (its first Gather's node name, its values) for each embedding table the cluster pass codes (the
-    pass's choice: EmbeddingPlan, and a coded form smaller than the table)."""
+    """table -> (its first Gather's node name, its values, the model inputs indexing it when it is a vocabulary:
+    table_rows.vocabulary_ids) for each embedding table the cluster pass codes (the pass's choice: EmbeddingPlan, and
+    a coded form smaller than the table)."""
     from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
 
     plan = EmbeddingPlan(model, records)
     main = {t.name: t for t in model.graph.initializer}
+    nodes = {node.name or f"{node.op_type}_{index}": node for index, node in enumerate(model.graph.node)}
+    inputs = {value.name for value in model.graph.input} - set(main)
     out = {}
     for table in plan.tables.values():
         if table.skip or table.name not in main:
@@ -225,7 +234,8 @@ def _tables(model, records) -> dict:
         rows, count = value.shape[0], int(value.size)
         if count + 2 * rows + 4 * 2 ** max(BIT_CHOICES) >= value.nbytes:
             continue
-        out[table.name] = (table.gathers[0][0], value)
+        readers = [nodes[name] for name, _ in table.gathers] + [nodes[name] for name, _, _ in table.others if name in nodes]
+        out[table.name] = (table.gathers[0][0], value, table_rows_.vocabulary_ids(readers, inputs, rows))
     return out
 
 

@@ -91,7 +91,7 @@ PASS_OPTIONS = {
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
                 "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
                 "rounding": "string", "capture_rounds": "integer", "embeddings": "boolean",
-                "table_per": "string", "codebook": "string"},
+                "table_per": "string", "codebook": "string", "table_rows": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
                  "cluster": {"bits": "integer", "skip": "boolean", "codebook": "string"}}
@@ -101,6 +101,9 @@ CACHED_STEPS = 8  # first-pass results a search keeps for reuse
 # The planned candidates' codebooks (cluster's `codebook`): evenly spaced values where they pack smaller at k-means'
 # error; prices are taken in the same form. MiniLM's 10-minute search at 0.99: 7.89x -> 8.13x (docs/benchmarks-compress.md).
 PLANNED_CODEBOOK = "entropy"
+# The planned tables' rows (cluster's `table_rows`): a vocabulary's rows the calibration never reads, coarser; the plan
+# prices the tables the same way.
+PLANNED_TABLE_ROWS = "frequency"
 _STEP_NUMBERS = itertools.count()  # unique step file names within a work folder
 FINAL_LATENCY_S = 1.0  # the final report's latency measurement
 # Models at least this large (the input file) are searched the large-model way (_Search.large): on MiniLM (90 MB) a
@@ -1070,6 +1073,8 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
     tables = [node for node in tables if node in allocation]
     if tables:
         spec.options["table_per"] = "layer"
+        if config.calibration:
+            spec.options["table_rows"] = PLANNED_TABLE_ROWS
     else:
         spec.options["embeddings"] = False
     if large and config.calibration:
@@ -1111,7 +1116,7 @@ def plan_phase(search) -> tuple[float | None, int | None]:
     started = time.monotonic()
     prices = compress_plan.price_layers(search.source, config.calibration, threads=config.threads,
                                         stop=lambda: not search.affordable(), min_share=compress_plan.MIN_LAYER_SHARE,
-                                        form=PLANNED_CODEBOOK)
+                                        form=PLANNED_CODEBOOK, table_rows=PLANNED_TABLE_ROWS)
     if not prices.layers:
         search.notes.extend(prices.notes)
         return None, None

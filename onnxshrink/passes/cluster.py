@@ -50,6 +50,7 @@ from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
+from onnxshrink.passes import table_rows
 from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers, initializer_owners,
                                       raise_opset, select_layers)
 from onnxshrink.passes.prune_common import RoundCapture, describe as _describe, few_rows_note, read_bias as _read_bias
@@ -62,6 +63,7 @@ from onnxshrink.weights import find_tensors
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
 PER = ("layer", "channel")
+TABLE_ROWS = ("uniform", "frequency")
 WEIGHTINGS = ("none", "activation")
 ROUNDINGS = ("nearest", "gptq")
 HALF_MIN_ELEMENTS = 32  # below this a tensor saves less than its Cast node costs in the file
@@ -106,6 +108,9 @@ class ClusterConfig:
     # node name -> codebook form for that layer or table (others: `codebook`), as layer_bits sets widths: compress's
     # plan chooses each table's form
     layer_codebook: dict = field(default_factory=dict)
+    # a vocabulary table's rows: "uniform" (all alike) or "frequency" (with calibration: the rows of tokens it never
+    # reads on a coarser step; passes/table_rows.py). compress's planned candidates use "frequency".
+    table_rows: str = "uniform"
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -117,6 +122,12 @@ def check_config(config: ClusterConfig, calibration) -> None:
     if config.table_per not in (None,) + PER:
         raise UsageError(f"table_per {config.table_per!r}: choose layer (one codebook, an fp16 scale a row) or channel "
                          "(one codebook a row)")
+    if config.table_rows not in TABLE_ROWS:
+        raise UsageError(f"--table-rows {config.table_rows!r}: choose uniform (every row alike) or frequency (with "
+                         "calibration data: the rows of tokens it never reads coded coarser)")
+    if config.table_rows == "frequency" and calibration is None:
+        raise UsageError("--table-rows frequency needs calibration data (--calibration FILE.npz): it counts the rows "
+                         "that data reads")
     if config.codebook not in codebook.FORMS:
         raise UsageError(f"--codebook {config.codebook!r}: choose kmeans (2^bits values) or entropy (evenly spaced "
                          "values at k-means' error, fewer bits once packed)")
@@ -212,6 +223,7 @@ class Cluster:
         self._names = Names(model)
         self._records = records
         self._main_outputs = {name for node in model.graph.node for name in node.output}
+        self._model_inputs = {value.name for value in model.graph.input} - {t.name for t in model.graph.initializer}
         original = None
         if self.calibration is not None and (self.weighting == "activation" or self.refit or self.rounding == "gptq"):
             original = onnx.ModelProto()
@@ -301,7 +313,11 @@ class Cluster:
         per, levels = self.table_per, self.layer_levels.get(group[0].name, self.levels)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
-        idx, books, row_scale, decoded = table_codebook(raw, levels, per, self._form(group))
+        steps = None
+        if per == "layer" and self.config.table_rows == "frequency":
+            ids = table_rows.vocabulary_ids([site.node for site in group], self._model_inputs, raw.shape[0])
+            steps = table_rows.row_steps(table_rows.row_counts(ids, self.calibration, raw.shape[0]))
+        idx, books, row_scale, decoded = table_codebook(raw, levels, per, self._form(group), steps)
         idx, books = wide_grid_order(idx, books)
         mse = float(np.mean((raw - decoded) ** 2))
         uniform = codebook.uniform_mse(raw if per == "channel" else raw.reshape(1, -1), levels)
@@ -312,7 +328,8 @@ class Cluster:
         kind = " per row" if per == "channel" else " x an fp16 scale a row"
         action = f"codebook {shape} x fp32{kind}, {np.dtype(index_dtype(books.shape[-1])).name} indices"
         why = (f"embedding table, rounded to the nearest entry; weight MSE {mse:.3g}, "
-               f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding; decoded at load")
+               f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding; decoded at load"
+               + table_rows.describe(steps))
         decisions = [LayerDecision(gather.name, "Gather", weight, action, why, raw.nbytes, after)]
         decisions += [LayerDecision(site.name, site.node.op_type, weight, action + " (tied: clustered once)",
                                     f"shares the codebook of {gather.name}", 0, 0) for site in group if site is not gather]
@@ -551,15 +568,18 @@ def as_int8(value: np.ndarray):
     return None if error > INT8_MAX_ERROR else ("int8", q, scale, error)
 
 
-def table_codebook(raw: np.ndarray, levels: int, per: str = "layer", form: str = "kmeans") -> tuple:
+def table_codebook(raw: np.ndarray, levels: int, per: str = "layer", form: str = "kmeans",
+                   row_step: np.ndarray | None = None) -> tuple:
     """An embedding table [rows, width] coded as the pass writes it: (indices [rows, width], codebooks [R, levels],
     fp16 row scales [rows, 1] or None, the decoded table). compress_plan prices tables with this very coding.
 
     per "layer": one codebook for the table, its rows scaled to peak 1 first (an fp16 scale a row), since rows span
     20x in scale and one set of values fits them all badly. MiniLM's word table alone, pooled cosine on held-out
     sentences: 0.99685 -> 0.99831 at 4 bits, 0.99822 -> 0.99957 at 5, for 2 bytes a row (docs/benchmarks-cluster.md).
-    per "channel": one codebook a row, fitted to the row's own values. `form`: codebook.fit's (per "layer" only)."""
-    row_scale = _row_scales(raw) if per == "layer" else None
+    per "channel": one codebook a row, fitted to the row's own values. `form`: codebook.fit's (per "layer" only).
+    `row_step` [rows, 1] (per "layer" only): each row's scale is its peak times this, so a row of step s > 1 reads only
+    the middle of the codebook, on an s times coarser step (table_rows: the rows the calibration data never reads)."""
+    row_scale = _row_scales(raw, row_step) if per == "layer" else None
     scaled = raw if row_scale is None else raw / row_scale
     rows = scaled if per == "channel" else scaled.reshape(1, -1)
     reserve = bool(np.any(raw == 0))
@@ -591,10 +611,12 @@ def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.
     return renumber[idx], books[:, order]
 
 
-def _row_scales(table: np.ndarray) -> np.ndarray:
-    """Each row's largest magnitude [rows, 1], as fp16 stores it (1 for an all-zero row), so the scaled rows the
-    codebook is fitted to are the rows the graph decodes."""
+def _row_scales(table: np.ndarray, row_step: np.ndarray | None = None) -> np.ndarray:
+    """Each row's largest magnitude [rows, 1] (times its `row_step`), as fp16 stores it (1 for an all-zero row), so
+    the scaled rows the codebook is fitted to are the rows the graph decodes."""
     peak = np.max(np.abs(table), axis=1, keepdims=True)
+    if row_step is not None:
+        peak = np.minimum(peak * row_step, np.finfo(np.float16).max)
     return np.where(peak > 0, peak, 1.0).astype(np.float16).astype(np.float32)
 
 

@@ -101,6 +101,10 @@ def test_frequency_needs_calibration_and_bad_values_are_refused(tmp_path, runner
         Cluster(ClusterConfig(table_rows="frequency"))
     with pytest.raises(UsageError, match="--table-rows 'zipf': choose uniform"):
         Cluster(ClusterConfig(table_rows="zipf"))
+    with pytest.raises(UsageError, match="--table-rows frequency needs the tables' row-scaled layout"):
+        Cluster(ClusterConfig(table_rows="frequency", per="channel"), calibration=SimpleNamespace(batches=[]))
+    Cluster(ClusterConfig(table_rows="frequency", per="channel", table_per="layer"),  # compress's planned layout
+            calibration=SimpleNamespace(batches=[]))
     monkeypatch.chdir(tmp_path)
     assert_bad_option(runner, tmp_path, "cluster", "--table-rows", "zipf",
                       message="error: --table-rows 'zipf': choose uniform (every row alike) or frequency")

@@ -128,6 +128,9 @@ def check_config(config: ClusterConfig, calibration) -> None:
     if config.table_rows == "frequency" and calibration is None:
         raise UsageError("--table-rows frequency needs calibration data (--calibration FILE.npz): it counts the rows "
                          "that data reads")
+    if config.table_rows == "frequency" and (config.table_per or config.per) == "channel":
+        raise UsageError("--table-rows frequency needs the tables' row-scaled layout (one codebook a table): not "
+                         "with --per channel")
     if config.codebook not in codebook.FORMS:
         raise UsageError(f"--codebook {config.codebook!r}: choose kmeans (2^bits values) or entropy (evenly spaced "
                          "values at k-means' error, fewer bits once packed)")

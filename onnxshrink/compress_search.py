@@ -1244,8 +1244,12 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
     on drift lies lower, unknown. Probes then aim between the largest drift it accepted and the smallest it rejected
     (their geometric mean, _task_aim), so the frontier is bisected against the check too; aimed at the cosine budget
     alone they walked down from the rejected end one step at a time (ddddocr's detector: 11 probes at 3.11-3.13 bits
-    per weight, all rejected, against a pass at 4.50). Returns (candidate, recipe, run, allocation) of the narrowest
-    that passed."""
+    per weight, all rejected, against a pass at 4.50).
+
+    The ratio is retaken from each judged probe, failed ones too: taken at the passing rung alone, it understated
+    the drift near the edge (MiniLM: from a pass at 5.04 bits, five probes at 4.20-4.24 bits each failed by a hair,
+    0.9893-0.9899, one frontier step wider than the last). Returns (candidate, recipe, run, allocation) of the
+    narrowest that passed."""
     from onnxshrink import compress_plan
 
     path = compress_plan.frontier(prices, per)
@@ -1293,6 +1297,10 @@ def _refine_plan(search, prices, tables: tuple, passed: tuple, allocation: dict,
                 ratio = _drift_ratio(candidate, path[probe], prices, per) if budget is not None else None
         else:
             high, failed_at_high = probe, True
+            # the nearest measurement scales the next probe: a ratio taken at the passing end understates the drift
+            # near the budget's edge, and the probes then fail by a hair one frontier step after another
+            nearer = _drift_ratio(candidate, path[probe], prices, per) if budget is not None else None
+            ratio = nearer if nearer is not None and ratio is not None else ratio
     if tried or frozen:
         held = (f" ({', '.join(sorted(frozen))} held where the whole model failed its next step"
                 + (f", {skipped} of those steps predicted to fail and not tried" if skipped else "") + ")"

@@ -224,3 +224,30 @@ def test_a_task_check_stricter_than_the_budget_is_bisected_not_walked(monkeypatc
         assert best[3] == path[accepted_edge] and best[0].passed
         counts[with_check] = len(search.tried)
     assert 2 * counts[True] < counts[False], counts  # measured: 6 tries against 20
+
+
+def test_a_probe_that_fails_by_a_hair_rescales_the_next_one(monkeypatch):
+    """The passing rung's ratio understates the drift near the edge (here the whole model drifts 0.7x the plan's
+    prediction, the start measured 0.5x): each probe aimed with it fails just past the budget. Retaken from the
+    failed probe, the ratio puts the next one at the edge; kept, the probes walk one frontier step at a time."""
+    robust = {3: 0.004, 4: 0.001, 5: 0.0004, 6: 0.0001, 8: 0.0}
+    prices = Prices([LayerPrice(f"l{i}", 1000, {b: e * (1 + i / 4) for b, e in robust.items()}, True,
+                                drift=robust[4] * (1 + i / 4)) for i in range(40)])
+    budget = 0.02
+    path = frontier(prices)
+    narrowest = max(i for i, a in enumerate(path) if 0.7 * predicted_drift(a, prices) <= budget)
+    failing = next(i for i, a in enumerate(path) if 0.5 * predicted_drift(a, prices) > 2 * budget)
+    monkeypatch.setattr(compress_search, "_try_planned", _judge(budget, drift_scale=0.7))
+    monkeypatch.setattr(compress_search, "FROZEN_STEPS", 0)
+    real = compress_search._drift_ratio
+    counts = {}
+    for retaken in (True, False):
+        if not retaken:  # the ratio of passing candidates only: the walk of before
+            monkeypatch.setattr(compress_search, "_drift_ratio",
+                                lambda c, a, p, per: real(c, a, p, per) if c.passed else None)
+        search = _FakeSearch()
+        best = _refine_plan(search, prices, (), (_candidate(path[2], prices, 0.5), "start", None), path[2], "layer",
+                            path[failing], budget)
+        assert best[3] == path[narrowest] and best[0].passed
+        counts[retaken] = len(search.tried)
+    assert 2 * counts[True] < counts[False], counts  # measured: 3 tries against 11

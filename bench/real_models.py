@@ -415,12 +415,21 @@ def main() -> None:
     lines += targets_table(results)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("# Benchmarks on real models\n\nWritten by `make bench-real`; see also `docs/benchmarks.md`.\n"
-                   + "\n".join(lines) + "\n")
+    generated = ("# Benchmarks on real models\n\nWritten by `make bench-real`; see also `docs/benchmarks.md`.\n"
+                 + "\n".join(lines) + "\n")
+    out.write_text(with_hand_sections(generated, out.read_text() if out.exists() else ""))
     print("\n".join(lines))
     for label, method, why, tb in failures:
         print(f"\n--- {label} / {method}: {why}\n{tb}", file=sys.stderr)
     print(f"\ntotal {elapsed:.0f} s", file=sys.stderr)
+
+
+def with_hand_sections(generated: str, old: str) -> str:
+    """The generated doc, then every `## ` section of the old doc that this script does not write (analyses written
+    by hand, such as the latency guard's), as they were: a rerun refreshes the tables without erasing them."""
+    titles = {line for line in generated.splitlines() if line.startswith("## ")}
+    kept = [part for part in old.split("\n## ")[1:] if "## " + part.split("\n", 1)[0] not in titles]
+    return generated.rstrip("\n") + "".join("\n\n## " + part.strip("\n") for part in kept) + "\n"
 
 
 if __name__ == "__main__":

@@ -134,3 +134,15 @@ def test_detector_boxes_kept_and_the_margin_at_the_cut():
     assert (lenient["boxes"], lenient["matched"], lenient["extra"], lenient["kept"]) == (2, 2, 0, True)
     far = [(np.concatenate([box(1), box(200)]), np.array([0.85, 0.4]))]  # the 0.5 box lost, a 0.4 box new
     assert not tasks.det_score(reference, far, margin=0.05)["kept"]
+
+
+def test_a_real_models_rerun_keeps_the_sections_written_by_hand():
+    """bench/real_models.py rewrites docs/benchmarks-real.md: its own sections are replaced, the others kept."""
+    real = _bench_module("real_models")
+    old = ("# Benchmarks on real models\n\n## Real models (synthetic inputs)\n\nold table\n\n"
+           "## quantize's latency guard\n\nmeasured by hand\n\n## Targets per model\n\nold targets\n")
+    new = "# Benchmarks on real models\n\n## Real models (synthetic inputs)\n\nnew table\n\n## Targets per model\n\nnew\n"
+    doc = real.with_hand_sections(new, old)
+    assert doc == new.rstrip("\n") + "\n\n## quantize's latency guard\n\nmeasured by hand\n"
+    assert real.with_hand_sections(new, doc) == doc  # a second rerun changes nothing
+    assert real.with_hand_sections(new, "") == new

@@ -234,8 +234,8 @@ def _tables(model, records) -> dict:
         rows, count = value.shape[0], int(value.size)
         if count + 2 * rows + 4 * 2 ** max(BIT_CHOICES) >= value.nbytes:
             continue
-        readers = [nodes[name] for name, _ in table.gathers] + [nodes[name] for name, _, _ in table.others if name in nodes]
-        out[table.name] = (table.gathers[0][0], value, table_rows_.vocabulary_ids(readers, inputs, rows))
+        ids = None if table.others else table_rows_.vocabulary_ids([nodes[name] for name, _ in table.gathers], inputs, rows)
+        out[table.name] = (table.gathers[0][0], value, ids)  # a table with other readers is tied: not a vocabulary
     return out
 
 

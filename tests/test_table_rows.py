@@ -57,6 +57,8 @@ def test_only_a_vocabulary_read_by_model_inputs_counts():
     assert table_rows.vocabulary_ids([gather], {"ids"}, table_rows.VOCAB_ROWS - 1) is None  # positions, segments
     assert table_rows.vocabulary_ids([gather, inner], {"ids"}, ROWS) is None  # indices the model computes
     assert table_rows.vocabulary_ids([gather, tied], {"ids"}, ROWS) is None  # an output projection shares it
+    columns = helper.make_node("Gather", ["table", "ids"], ["c"], axis=1)
+    assert table_rows.vocabulary_ids([gather, columns], {"ids"}, ROWS) is None  # not a lookup of rows
 
 
 def test_coarser_rows_use_fewer_codes_and_a_step_of_one_changes_nothing():

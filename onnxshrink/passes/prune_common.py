@@ -426,11 +426,17 @@ def token_rows(batch: dict, value, layer) -> np.ndarray | None:
     MiniLM's calibration sentences are four fifths padding."""
     if layer.op_type == "Conv" or value is None or np.ndim(value) != 3:
         return None
+    mask = padding_mask(batch, np.shape(value)[:2])
+    return None if mask is None else mask.reshape(-1)
+
+
+def padding_mask(batch: dict, shape) -> np.ndarray | None:
+    """[batch, sequence] bool, True for real tokens, from the batch's attention mask of that shape (None: none)."""
     for name in PADDING_MASKS:
         mask = batch.get(name)
-        if mask is not None and np.ndim(mask) == 2 and tuple(np.shape(mask)) == tuple(np.shape(value)[:2]) \
+        if mask is not None and np.ndim(mask) == 2 and tuple(np.shape(mask)) == tuple(shape) \
                 and np.isin(mask, (0, 1)).all() and mask.any():
-            return np.asarray(mask).reshape(-1) != 0
+            return np.asarray(mask) != 0
     return None
 
 

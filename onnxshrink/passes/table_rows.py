@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from onnxshrink.passes.prune_common import PADDING_MASKS
+from onnxshrink.passes.common import attr
+from onnxshrink.passes.prune_common import padding_mask
 
 VOCAB_ROWS = 1024  # fewer rows: not a vocabulary (positions, segments), coded uniformly
 # How much coarser the unread rows' step is: the largest of 2, 2.5 and 3 at which MiniLM's word table, alone coded
@@ -27,9 +28,11 @@ COLD_STEP = 3.0
 
 
 def vocabulary_ids(readers: list, model_inputs: set, rows: int) -> list[str] | None:
-    """The model inputs that index the table, when its every reader is a Gather of one (else None: not a
+    """The model inputs that index the table, when its every reader is a Gather of its rows by one (else None: not a
     vocabulary; a table tied to a MatMul, an output projection, weighs its rows by the logits, not by the text)."""
-    if rows < VOCAB_ROWS or not readers or any(node.op_type != "Gather" for node in readers):
+    if rows < VOCAB_ROWS or not readers:
+        return None
+    if any(node.op_type != "Gather" or attr(node, "axis", 0) != 0 for node in readers):
         return None
     ids = [node.input[1] for node in readers]
     if any(name not in model_inputs for name in ids):
@@ -48,12 +51,8 @@ def row_counts(ids: list[str] | None, dataset, rows: int) -> np.ndarray | None:
             if name not in batch:
                 return None
             tokens = np.asarray(batch[name])
-            for mask_name in PADDING_MASKS:
-                mask = batch.get(mask_name)
-                if mask is not None and np.shape(mask) == tokens.shape and np.isin(mask, (0, 1)).all() and np.any(mask):
-                    tokens = tokens[np.asarray(mask) != 0]
-                    break
-            tokens = tokens.astype(np.int64).ravel()
+            real = padding_mask(batch, tokens.shape)
+            tokens = (tokens if real is None else tokens[real]).astype(np.int64).ravel()
             tokens = np.where(tokens < 0, tokens + rows, tokens)  # Gather reads negative indices from the end
             counts += np.bincount(tokens[(tokens >= 0) & (tokens < rows)], minlength=rows)
     return counts if counts.any() else None

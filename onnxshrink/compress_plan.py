@@ -61,6 +61,7 @@ PROXY_SAMPLES = 4  # calibration samples the prices are captured from: a price r
 ROWS_PER_SAMPLE = 2048  # rows of X kept per sample and layer (evenly spaced): a 208x208 Conv map has 43k
 FIT_ITERATIONS = 30  # Lloyd iterations of a priced codebook (the pass runs 300; the error moves by a few percent)
 GRAM_ENTRIES = 24 << 20  # float64 X^T X entries captured in one run (192 MB): more layers -> another run
+ALL_SAMPLES = 2 ** 62  # _dataset's sample count that keeps every batch
 MIN_LAYER_SHARE = 0.5  # below this share of the float weights in priced layers and tables, no plan
 SCALE_BITS = 16  # a table's row scale is stored as fp16
 ENERGY_FLOOR = 1e-3  # as passes/cluster.py: codebooks weighted by input energy E[x^2] + floor x mean
@@ -159,7 +160,8 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         prices.notes.append(f"no planned codebooks: MatMul/Gemm/Conv weights and embedding tables are {share:.0%} of "
                             f"the float weights (under {min_share:.0%}); the rest (norms, biases, ...) is not priced")
         return prices
-    dataset = _dataset(model, calibration, samples)
+    everything = _dataset(model, calibration, ALL_SAMPLES)  # the file read once: table_rows counts all of it
+    dataset = _dataset(model, everything, samples)
     hessians = {}
     if dataset is not None:
         prices.samples = sum(len(next(iter(b.values()))) for b in dataset.batches) if dataset.batches else 0
@@ -189,10 +191,9 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
     from onnxshrink.passes.cluster import index_dtype, table_codebook
 
     coded = {}  # table -> key -> (indices, codebook, row scales): decoded only when measured
-    vocabularies = table_rows == "frequency" and any(ids for _, _, ids in tables.values())
-    everything = _dataset(model, calibration, 2 ** 62) if vocabularies else None
     for tensor, (node, value, ids) in tables.items():
-        steps = table_rows_.row_steps(table_rows_.row_counts(ids, everything, value.shape[0]))
+        steps = table_rows_.row_steps(table_rows_.row_counts(ids, everything, value.shape[0])) \
+            if table_rows == "frequency" else None
         proxy, coded[tensor], worst, savings = {}, {}, 0.0, {}
         total = float(np.sum(np.square(value, dtype=np.float64)))
         for b in sorted(bits, reverse=True):

@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from embedding_metrics import pooled_embeddings, row_cosines, topk_overlap  # noqa: E402
 
-from onnxshrink.data import input_specs, load_npz  # noqa: E402
+from onnxshrink.data import input_specs, load_npz, trim_padding  # noqa: E402
 from onnxshrink.passes.prune import Prune, PruneConfig  # noqa: E402
 from onnxshrink.runtime import make_session  # noqa: E402
 
@@ -49,10 +49,13 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=0, help="sparsegpt: at most this many capture rounds (0: one per wave)")
     parser.add_argument("--no-kept-refit", action="store_true")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--untrimmed", action="store_true", help="run the padding too (before data.trim_padding)")
     args = parser.parse_args()
     path = Path(args.model or sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*/model.onnx")))[0])
     model = onnx.load(path)
     calibration = load_npz(path.parent / "calibration.npz", input_specs(model), role="calibration data")
+    if not args.untrimmed:  # as the prune command runs it: samples by length, each run cut to its real tokens
+        calibration = trim_padding(calibration, input_specs(model))
     held = dict(np.load(path.parent / "heldout.npz"))
     reference = embeddings(model, held, args.threads)
     print(f"# {platform.machine()} {os.cpu_count()} cores, onnxruntime {ort.__version__}, {path.name}, "

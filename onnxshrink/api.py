@@ -16,7 +16,7 @@ from onnxshrink import model as model_io
 from onnxshrink import streaming
 from onnxshrink.errors import InputsUnavailable, ModelLoadError, OutputError, UsageError
 from onnxshrink.info import inspect_model
-from onnxshrink.data import MIN_CALIBRATION, MIN_HOLDOUT, input_specs, load_npz, split_holdout
+from onnxshrink.data import MIN_CALIBRATION, MIN_HOLDOUT, input_specs, load_npz, split_holdout, trim_padding
 from onnxshrink.passes.common import glob_literal, handed_over
 from onnxshrink.passes.folded_weights import FOLDED, INTEGER_MIN_MACS, constant_nodes_left
 from onnxshrink.passes.quantize import QuantizeConfig, QuantizeDynamic, inputs_for
@@ -330,7 +330,8 @@ def prune(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = _pass_data(model, calibration, validation, run_validation)
+        # channel pruning weighs channels by their norms over every position (prune_channels._feed_norms): kept whole
+        dataset = _pass_data(model, calibration, validation, run_validation, trim=config.pattern != "channel")
         if config.pattern == "channel":
             from onnxshrink.passes.prune_channels import PruneChannels
 
@@ -370,7 +371,7 @@ def cluster(
     check_config(config, calibration)
 
     def make_pass(model: onnx.ModelProto):
-        dataset = _pass_data(model, calibration, validation, run_validation)
+        dataset = _pass_data(model, calibration, validation, run_validation, trim=True)
         return Cluster(config, dataset, threads=threads)
 
     report = _run_pass_command(
@@ -552,22 +553,27 @@ def unpack(pack_path: str | os.PathLike, output: str | os.PathLike | None = None
                                                                      "ratio": size_out / size_in})
 
 
-def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike, hold_out: bool = False):
+def _calibration_data(model: onnx.ModelProto, path: str | os.PathLike, hold_out: bool = False, trim: bool = False):
     """Calibration batches from an .npz whose keys are the model's input names.
 
     `hold_out`: validation will judge on this file's last samples (data.split_holdout), so the passes
-    calibrate on the rest only; a file too small to split calibrates on all of it."""
+    calibrate on the rest only; a file too small to split calibrates on all of it. `trim`: for passes whose
+    statistics leave padding out, the samples ordered by length and each run cut to its real tokens
+    (data.trim_padding): the same statistics, without computing the padding."""
     specs = input_specs(model)
     dataset = load_npz(path, specs, role="calibration data")
     split = split_holdout(dataset, specs) if hold_out else None
-    return split[0] if split is not None else dataset
+    dataset = split[0] if split is not None else dataset
+    return trim_padding(dataset, specs) if trim else dataset
 
 
-def _pass_data(model: onnx.ModelProto, calibration, validation: ValidateConfig | None, run_validation: bool):
-    """The calibration batches a pass fits on (None without --calibration): the samples validation will not judge."""
+def _pass_data(model: onnx.ModelProto, calibration, validation: ValidateConfig | None, run_validation: bool,
+               trim: bool = False):
+    """The calibration batches a pass fits on (None without --calibration): the samples validation will not judge
+    (`trim`: _calibration_data)."""
     if calibration is None:
         return None
-    return _calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation))
+    return _calibration_data(model, calibration, hold_out=_holds_out(validation, run_validation), trim=trim)
 
 
 def _holds_out(validation: ValidateConfig | None, run_validation: bool) -> bool:

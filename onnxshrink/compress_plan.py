@@ -48,7 +48,7 @@ from onnx import helper, numpy_helper
 
 from onnxshrink import model as model_io
 from onnxshrink.algorithms import codebook
-from onnxshrink.data import Dataset, input_specs, load_npz
+from onnxshrink.data import Dataset, input_specs, load_npz, trim_padding
 from onnxshrink.passes import table_rows as table_rows_
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import capture, describe, input_size, matrix, token_rows, unfold
@@ -162,6 +162,8 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         return prices
     everything = _dataset(model, calibration, ALL_SAMPLES)  # the file read once: table_rows counts all of it
     dataset = _dataset(model, everything, samples)
+    if dataset is not None:  # whole batches: their samples ordered by length, the padding cut (data.trim_padding)
+        dataset = trim_padding(dataset, input_specs(model))
     hessians = {}
     if dataset is not None:
         prices.samples = sum(len(next(iter(b.values()))) for b in dataset.batches) if dataset.batches else 0
@@ -504,6 +506,8 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         size = min(len(next(iter(batch.values()))), left) if batch else 1
         batches.append({k: v[:size] if getattr(v, "ndim", 0) else v for k, v in batch.items() if k in inputs})
         left -= size
+    batches = trim_padding(Dataset(batches, None, SENSITIVITY_SAMPLES - left, False, [], dict(dataset.batch_axes)),
+                           input_specs(model)).batches  # the samples chosen first, then their padding cut
     reference = run_batches(session, batches)
     found = attention_mask(input_specs(model), batches, dataset.batch_axes)
     masks = {name: found[1] for name, value in reference.items() if found is not None and masks_output(found[1], value)}

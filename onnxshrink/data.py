@@ -640,6 +640,54 @@ def split_holdout(dataset: Dataset, specs: list[InputSpec]) -> tuple[Dataset, Da
     return take_samples(dataset, specs, 0, start), take_samples(dataset, specs, start, count), range(start, count)
 
 
+PADDING_MASKS = ("attention_mask",)  # [batch, sequence] inputs whose zeros mark padding tokens
+
+
+def trim_padding(dataset: Dataset, specs: list[InputSpec]) -> Dataset:
+    """The same samples, ordered by their real length, each run cut to its longest real sequence: for the passes
+    whose statistics leave padding out (prune_common.token_rows), which still paid onnxruntime to compute it.
+
+    Why: text calibration is padded to one length, and MiniLM's export is four fifths padding (10452 of 12800
+    positions); a transformer's cost grows with the sequence, so each capture ran about 4x the real tokens.
+    With an attention mask a real token never reads a padded one, so its activations do not change.
+
+    Only right padding is cut (every mask row ones, then zeros), and only when the mask's sequence dimension is
+    symbolic and every input that carries it has it at axis 1 beside a batch axis 0 (input_ids, token_type_ids):
+    anything else, labels, or nothing to cut returns the dataset as it is. The runs keep their sizes."""
+    spec = {s.name: s for s in specs}
+    axes = dataset.batch_axes
+    mask_name = next((name for name in PADDING_MASKS if name in spec and axes.get(name) == 0
+                      and len(spec[name].shape) == 2 and isinstance(spec[name].shape[1], str)), None)
+    if mask_name is None or dataset.labels is not None or not dataset.batches:
+        return dataset
+    sequence = spec[mask_name].shape[1]
+    cut = [s.name for s in specs if sequence in s.shape]
+    if any(axes.get(name) != 0 or spec[name].shape.index(sequence) != 1 or spec[name].shape.count(sequence) != 1
+           for name in cut):
+        return dataset
+    if any(name not in axes for name in dataset.batches[0]) or len({b[mask_name].shape[1] for b in dataset.batches}) != 1:
+        return dataset
+    mask = np.concatenate([b[mask_name] for b in dataset.batches], axis=0)
+    if not np.isin(mask, (0, 1)).all():
+        return dataset
+    lengths = np.count_nonzero(mask, axis=1)
+    width = mask.shape[1]
+    if lengths.min() < 1 or lengths.min() == width \
+            or not np.array_equal(mask != 0, np.arange(width)[None, :] < lengths[:, None]):
+        return dataset
+    joined = {name: np.concatenate([b[name] for b in dataset.batches], axis=0) for name in dataset.batches[0]}
+    order = np.argsort(lengths, kind="stable")
+    batches, start = [], 0
+    for size in [_rows(b, axes) for b in dataset.batches]:
+        rows = order[start:start + size]
+        start += size
+        longest = int(lengths[rows].max())
+        batches.append({name: np.ascontiguousarray(value[rows][:, :longest] if name in cut else value[rows])
+                        for name, value in joined.items()})
+    return Dataset(batches, None, dataset.samples, dataset.synthetic, list(dataset.notes), dict(axes),
+                   dict(dataset.shape_sources))
+
+
 def take_samples(dataset: Dataset, specs: list[InputSpec], start: int, stop: int) -> Dataset:
     """Samples start..stop-1 of a dataset, cut into runs as load_npz does; inputs without samples passed whole."""
     axes = dataset.batch_axes

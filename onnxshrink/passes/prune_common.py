@@ -17,6 +17,7 @@ from onnx import numpy_helper
 
 from onnxshrink.algorithms.reconstruct import DEFAULT_DAMPING, Gram
 from onnxshrink.algorithms.sparsegpt import KEPT_REFIT_DAMP
+from onnxshrink.data import PADDING_MASKS
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, initializer_owners
 from onnxshrink.runtime import Capture, capture_activations
@@ -246,7 +247,8 @@ def unfold(layer: Layer, x: np.ndarray) -> np.ndarray:
 
 
 def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, threads: int = 1, columns=None) -> Gram:
-    """X^T X and X^T Y of one layer: X from the model as rewritten so far, Y the original model's outputs.
+    """X^T X and X^T Y of one layer: X from the model as rewritten so far, Y the original model's outputs, on the
+    real tokens (token_rows: padding left out).
 
     `original_layer` describes the layer as it is in `original` (channel pruning changes its shape);
     `columns` picks the original outputs that the layer still computes."""
@@ -259,8 +261,13 @@ def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, th
     gram = Gram(input_size(layer), original_w.shape[1], bias=bias)
     pairs = zip(capture(dataset, model, [layer.x], threads), capture(dataset, original, [original_layer.x], threads))
     for (batch, now), (_, before) in pairs:
-        y = unfold(original_layer, before.get(original_layer.x, batch.get(original_layer.x))) @ original_w
-        gram.add(unfold(layer, now.get(layer.x, batch.get(layer.x))), y if original_b is None else y + original_b)
+        value = now.get(layer.x, batch.get(layer.x))
+        x, x0 = unfold(layer, value), unfold(original_layer, before.get(original_layer.x, batch.get(original_layer.x)))
+        rows = token_rows(batch, value, layer)  # padding left out, as every other statistic here leaves it
+        if rows is not None:
+            x, x0 = x[rows], x0[rows]
+        y = x0 @ original_w
+        gram.add(x, y if original_b is None else y + original_b)
     return gram
 
 
@@ -416,7 +423,6 @@ def few_rows_note(shapes) -> str | None:
             "updates fit those rows; more calibration data (several times the layer width) measured better")
 
 
-PADDING_MASKS = ("attention_mask",)  # [batch, sequence] inputs whose zeros mark padding tokens
 
 
 def token_rows(batch: dict, value, layer) -> np.ndarray | None:

@@ -570,3 +570,16 @@ def test_cluster_captures_a_round_of_layers_per_run(monkeypatch, rounds):
         reference = run(model, feed, False)
         errors = [np.linalg.norm(run(m, feed, False) - reference) / np.linalg.norm(reference) for m in (clustered, per_layer)]
         assert errors[0] < 1.5 * errors[1], errors
+
+
+def test_uniform_mse_summed_in_slices_is_the_whole_arrays_error(monkeypatch):
+    """The report's uniform error is summed over column slices (a word table at once in float64 took 100+ MB)."""
+    values = np.random.default_rng(3).standard_normal((3, 5000)).astype(np.float32) * [[1.0], [0.01], [5.0]]
+    wide = np.asarray(values, dtype=np.float64)
+    lo, hi = wide.min(axis=1, keepdims=True), wide.max(axis=1, keepdims=True)
+    step = (hi - lo) / 7
+    expected = np.mean((wide - (lo + np.clip(np.rint((wide - lo) / step), 0, 7) * step)) ** 2)
+    whole = codebook.uniform_mse(values, 8)
+    monkeypatch.setattr(codebook, "UNIFORM_SLICE", 7)
+    assert codebook.uniform_mse(values, 8) == pytest.approx(expected, rel=1e-12) and whole == pytest.approx(expected, rel=1e-12)
+    assert codebook.uniform_mse(np.full((2, 9), 0.5, dtype=np.float32), 4) == 0.0

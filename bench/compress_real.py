@@ -2,6 +2,7 @@
 held-out quality a sentence-embedding user sees (mean-pooled cosine, top-5 neighbours; bench/embedding_metrics.py).
 
     python bench/compress_real.py [--budget 10m] [--min-cosine 0.99] [--out DIR]
+    python bench/compress_real.py --model mpnet --budget 30m   # all-mpnet-base-v2 (another wheel; bench/transformer_export.py)
     python bench/compress_real.py --model det|rec      # ddddocr's detector / PP-OCR's recogniser (bench/conv_tasks.py;
                                                        # they render their images with Pillow: pip install -e '.[bench]')
     python bench/compress_real.py [--model det|rec] --task-check  # gated on the task too (compress --task-check):
@@ -40,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import conv_tasks  # noqa: E402
 from embedding_metrics import pooled_embeddings, row_cosines, topk_overlap  # noqa: E402
 
-EXPORT = os.path.expanduser("~/.cache/onnxshrink/minilm/export-c346037fd464")
+ENCODERS = ("minilm", "mpnet")  # sentence encoders: the cached exports of bench/transformer_export.py
 
 
 def embeddings(path: Path, held: dict) -> np.ndarray:
@@ -52,9 +53,10 @@ def embeddings(path: Path, held: dict) -> np.ndarray:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", choices=["minilm", "det", "rec"], default="minilm",
-                        help="det: ddddocr common_det.onnx (boxes kept); rec: PP-OCRv6 rec small (text read unchanged)")
-    parser.add_argument("--export", default=None, help="minilm: the export folder (default: the cached one)")
+    parser.add_argument("--model", choices=["minilm", "mpnet", "det", "rec"], default="minilm",
+                        help="mpnet: all-mpnet-base-v2 (measured as minilm); det: ddddocr common_det.onnx (boxes "
+                        "kept); rec: PP-OCRv6 rec small (text read unchanged)")
+    parser.add_argument("--export", default=None, help="minilm/mpnet: the export folder (default: the cached one)")
     parser.add_argument("--budget", default="10m")
     parser.add_argument("--min-cosine", default="0.99")
     parser.add_argument("--out", default="/tmp/compress-real")
@@ -64,9 +66,9 @@ def main() -> None:
                         "candidates on any machine, however loaded")
     parser.add_argument("--task-check", action="store_true", help="gate the search on the task as well (compress "
                         "--task-check): det/rec boxes and scores kept / lines read as fp32 on a check set "
-                        "(bench/conv_tasks.py); minilm top-5 neighbours kept on CHECK_SENTENCES prose sentences of "
+                        "(bench/conv_tasks.py); minilm/mpnet top-5 neighbours kept on CHECK_SENTENCES prose sentences of "
                         "bench/calibration_text.py (bench/embedding_check.py). The reported sets stay unseen")
-    parser.add_argument("--min-top5", type=float, default=0.9, help="minilm --task-check: the top-5 overlap to keep")
+    parser.add_argument("--min-top5", type=float, default=0.9, help="minilm/mpnet --task-check: the top-5 overlap to keep")
     parser.add_argument("--max-score-change", type=float, default=conv_tasks.DET_MAX_SCORE_CHANGE,
                         help="det --task-check: the largest score change of a kept box")
     parser.add_argument("--margin", type=float, default=0.0, help="det --task-check (and the held-out report): boxes "
@@ -78,11 +80,13 @@ def main() -> None:
     parser.add_argument("--at", type=float, help="with --prices: also write the frontier's allocation of the fewest "
                         "bits per weight at or above this average as a recipe, OUT/frontier-AT.toml")
     args = parser.parse_args()
-    if args.model != "minilm":
+    if args.model not in ENCODERS:
         conv(args)
         return
-    export = Path(args.export or (EXPORT if os.path.isdir(EXPORT) else
-                                  sorted(glob.glob(os.path.expanduser("~/.cache/onnxshrink/minilm/export-*")))[-1]))
+    exports = sorted(glob.glob(os.path.expanduser(f"~/.cache/onnxshrink/{args.model}/export-*")))
+    if not args.export and not exports:
+        sys.exit(f"no {args.model} export cached: run bench/transformer_export.py (make bench-transformer) first")
+    export = Path(args.export or exports[-1])
     if args.prices:
         print_prices({"model": export / "model.onnx", "calibration": export / "calibration.npz"}, float(args.min_cosine),
                      args.at, Path(args.out))
@@ -98,7 +102,7 @@ def main() -> None:
                    "--min-cosine", args.min_cosine, "-o", str(out / "out.shrink"), "--force", "--json"]
         if args.task_check:
             command += ["--task-check", shlex.join([sys.executable, str(Path(__file__).resolve().parent / "embedding_check.py"),
-                                                    str(check_sentences(out)), "{original}", "{model}",
+                                                    str(check_sentences(out, args.model)), "{original}", "{model}",
                                                     "--min-top5", str(args.min_top5)])]
         wall, rss, cpu = run_compress(command, args, result_path)
     result = json.loads(result_path.read_text())
@@ -122,12 +126,12 @@ def main() -> None:
 CHECK_SENTENCES = 200
 
 
-def check_sentences(out: Path) -> Path:
+def check_sentences(out: Path, model_key: str = "minilm") -> Path:
     """The last CHECK_SENTENCES sentences of bench/calibration_text.py's prose (in neither the export's calibration
     nor its held-out set), as OUT/check-sentences.npz: what the top-5 task check judges on."""
     import calibration_text
 
-    with np.load(calibration_text.build("minilm")) as data:
+    with np.load(calibration_text.build(model_key)) as data:
         arrays = {name: data[name][-CHECK_SENTENCES:] for name in data.files}
     np.savez(out / "check-sentences.npz", **arrays)
     return out / "check-sentences.npz"

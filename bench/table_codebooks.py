@@ -13,7 +13,8 @@ Huffman coding approaches; + 16 bits a row for the scales), and the quality of t
 200 held-out sentences against fp32: mean cosine (worst sentence) and top-5 neighbour overlap
 (bench/embedding_metrics.py). `--rows frequency`: the rows the export's calibration sentences never read on a
 coarser step (cluster's table_rows; --cold-steps to compare steps other than passes/table_rows.COLD_STEP), and the
-share of the held-out tokens whose rows the calibration does read.
+share of the held-out tokens whose rows the calibration does read. `--rows graded`: a row the calibration reads n
+times on a step of C / sqrt(n + 1), clipped to [1, C] (measured, not built: docs/benchmarks-compress.md).
 
 `--layer-bits L`: the whole model as `onnxshrink cluster` writes it and `pack` stores it, the MatMuls at L bits
 (GPTQ rounding, one capture a block, other floats int8: what compress's codebook candidates run) and the embedding
@@ -60,9 +61,11 @@ def main() -> None:
     parser.add_argument("--layer-bits", type=int, help="cluster and pack the whole model, its MatMuls at this width")
     parser.add_argument("--rows", default="uniform", help="the table's rows (cluster's table_rows): uniform, frequency "
                         "(the rows the calibration sentences never read, coarser), random (a control: as many rows, "
-                        "chosen at random, coarser), comma-separated")
+                        "chosen at random, coarser), graded (a row read n times on a step of C / sqrt(n + 1), "
+                        "clipped to [1, C], C each --cold-steps), comma-separated")
     parser.add_argument("--cold-steps", default=str(table_rows.COLD_STEP),
-                        help="with --rows frequency: how much coarser the unread rows are (comma-separated to compare)")
+                        help="with --rows frequency, random or graded: how much coarser the unread rows are (comma-separated to "
+                        "compare)")
     args = parser.parse_args()
     exports = sorted((cache_root() / args.model).glob("export-*/model.onnx"))
     if not exports:
@@ -89,10 +92,14 @@ def main() -> None:
     print(f"{args.model}: {TABLE} {list(table.shape)}, {len(held['input_ids'])} held-out sentences; the calibration "
           f"sentences' {counts.sum()} real tokens read {np.count_nonzero(counts)} rows, which hold "
           f"{np.mean(counts[held_tokens] > 0):.0%} of the held-out tokens")
-    modes = [("uniform", None)] * ("uniform" in args.rows) + [
-        (f"frequency {step}x", float(step)) for step in args.cold_steps.split(",") if "frequency" in args.rows] + [
-        (f"random {step}x", -float(step)) for step in args.cold_steps.split(",") if "random" in args.rows]
     shuffled = np.random.default_rng(0).permutation(counts)  # a control: as many rows "read", chosen at random
+    modes = [("uniform", None)] * ("uniform" in args.rows)
+    for cold in (float(step) for step in args.cold_steps.split(",")):
+        modes += [(f"frequency {cold:g}x", np.where(counts > 0, 1.0, cold))] * ("frequency" in args.rows)
+        modes += [(f"random {cold:g}x", np.where(shuffled > 0, 1.0, cold))] * ("random" in args.rows)
+        # the step that minimises a count-weighted squared error for the bits: 1 / sqrt(how often a row is read)
+        modes += [(f"graded {cold:g}/sqrt(n+1)", np.clip(cold / np.sqrt(counts + 1.0), 1.0, cold))] * (
+            "graded" in args.rows)
     for bits in (int(b) for b in args.bits.split(",")):
         scale = np.max(np.abs(table), axis=1, keepdims=True).astype(np.float16).astype(np.float32)
         rows = [("plain", None, "kmeans", None)] * ("uniform" in args.rows) + [
@@ -104,8 +111,7 @@ def main() -> None:
                 codes = codebook.assign(values, books)
                 decoded = codebook.decode(codes, books).reshape(table.shape)
             else:  # the cluster pass's own coding (an fp16 scale a row; exact zeros kept at entry 0)
-                read = counts if step is None or step > 0 else shuffled
-                steps = None if step is None else np.where(read > 0, 1.0, abs(step)).astype(np.float32)[:, None]
+                steps = None if step is None else step.astype(np.float32)[:, None]
                 codes, books, _, decoded = table_codebook(table, 2 ** bits, "layer", form, steps)
             got = embed(decoded)
             cosines = em.row_cosines(reference, got)

@@ -290,10 +290,11 @@ def _quantize_pass(config, model: onnx.ModelProto, calibration, validation, run_
         return QuantizeDynamic(config, inputs=inputs_for(model, validation, calibration, threads))
     if isinstance(config, WeightsOnlyConfig):
         return QuantizeWeightsOnly(config)
-    dataset = _pass_data(model, calibration, validation, run_validation)
     from onnxshrink.passes.quantize_static import QuantizeStatic, StaticQuantizeConfig
     from onnxshrink.passes.quantize_blockwise import BlockwiseConfig, QuantizeBlockwise
 
+    # GPTQ's Hessians leave padding out, so its runs need not compute it; static ranges are read over every position
+    dataset = _pass_data(model, calibration, validation, run_validation, trim=isinstance(config, BlockwiseConfig))
     if isinstance(config, StaticQuantizeConfig):
         if dataset is None:
             raise UsageError("static quantization needs calibration data (--calibration FILE.npz)")

@@ -665,8 +665,8 @@ def trim_padding(dataset: Dataset, specs: list[InputSpec]) -> Dataset:
     if any(axes.get(name) != 0 or spec[name].shape.index(sequence) != 1 or spec[name].shape.count(sequence) != 1
            for name in cut):
         return dataset
-    if any(name not in axes for name in dataset.batches[0]) or len({b[mask_name].shape[1] for b in dataset.batches}) != 1:
-        return dataset
+    if any(axes.get(name) != 0 for name in dataset.batches[0]) or len({b[mask_name].shape[1] for b in dataset.batches}) != 1:
+        return dataset  # an input passed whole, or with its samples on another axis: left as given
     mask = np.concatenate([b[mask_name] for b in dataset.batches], axis=0)
     if not np.isin(mask, (0, 1)).all():
         return dataset

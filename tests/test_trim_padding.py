@@ -1,5 +1,5 @@
 """Calibration runs cut to their real tokens (data.trim_padding): the passes whose statistics leave padding out
-(prune, cluster, compress's plan) no longer pay onnxruntime to compute it, and fit the same layers."""
+(prune, cluster, GPTQ quantize, compress's plan) no longer pay onnxruntime to compute it, and fit the same layers."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from onnxshrink import api, data
 from onnxshrink.data import Dataset, InputSpec, trim_padding
 from onnxshrink.passes.cluster import ClusterConfig
 from onnxshrink.passes.prune_common import PruneConfig
+from onnxshrink.passes.quantize_blockwise import BlockwiseConfig
 
 INT64 = np.dtype(np.int64)
 NAMES = ("input_ids", "token_type_ids", "attention_mask")
@@ -51,7 +52,8 @@ def test_runs_are_ordered_by_length_and_cut_to_their_real_tokens():
 
 
 @pytest.mark.parametrize("case", ["left padding", "fixed length", "no mask", "labels", "nothing to cut", "a length 0",
-                                  "not 0/1", "sequence without a batch", "sequence on another axis"])
+                                  "not 0/1", "sequence without a batch", "sequence on another axis",
+                                  "samples on another axis"])
 def test_anything_but_right_padding_on_a_symbolic_sequence_is_left_as_it_is(case):
     dataset, _ = _padded([5, 2, 7, 1] if case != "nothing to cut" else [8, 8, 8], left=case == "left padding")
     specs = _specs(8 if case == "fixed length" else "sequence")
@@ -75,6 +77,11 @@ def test_anything_but_right_padding_on_a_symbolic_sequence_is_left_as_it_is(case
         dataset.batch_axes["bias"] = 0
         for batch in dataset.batches:
             batch["bias"] = np.zeros((len(batch["input_ids"]), 4, 8), np.float32)
+    if case == "samples on another axis":  # a [4, batch] input: its samples are on axis 1
+        specs.append(InputSpec("scales", np.dtype(np.float32), [4, "batch"]))
+        dataset.batch_axes["scales"] = 1
+        for batch in dataset.batches:
+            batch["scales"] = np.zeros((4, len(batch["input_ids"])), np.float32)
     assert trim_padding(dataset, specs) is dataset
 
 
@@ -100,14 +107,15 @@ def _token_model(tmp_path):
     return save_model(model, tmp_path / "tokens.onnx"), tmp_path / "cal.npz"
 
 
-@pytest.mark.parametrize("command", ["cluster", "prune"])
+@pytest.mark.parametrize("command", ["cluster", "prune", "quantize"])
 def test_the_passes_fit_the_same_layers_on_their_real_tokens_alone(tmp_path, monkeypatch, command):
     path, calibration = _token_model(tmp_path)
     model = api.model_io.load(path)
     trimmed = api._calibration_data(model, calibration, trim=True)
     assert max(b["input_ids"].shape[1] for b in trimmed.batches) == 8  # the longest sentence, not the padded 32
-    config = ClusterConfig(bits=4, rounding="gptq") if command == "cluster" else PruneConfig(sparsity=0.5)
-    run = api.cluster if command == "cluster" else api.prune
+    config = {"cluster": ClusterConfig(bits=4, rounding="gptq"), "prune": PruneConfig(sparsity=0.5),
+              "quantize": BlockwiseConfig(bits=4, algorithm="gptq", block_size=16)}[command]
+    run = {"cluster": api.cluster, "prune": api.prune, "quantize": api.quantize}[command]
     run(path, tmp_path / "cut.onnx", config, calibration=calibration, run_validation=False)
     monkeypatch.setattr(data, "PADDING_MASKS", ())  # no trimming: every run computes all 32 positions
     run(path, tmp_path / "whole.onnx", config, calibration=calibration, run_validation=False)

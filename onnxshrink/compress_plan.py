@@ -162,10 +162,9 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         return prices
     everything = _dataset(model, calibration, ALL_SAMPLES)  # the file read once: table_rows counts all of it
     dataset = _dataset(model, everything, samples)
-    if dataset is not None:  # whole batches: their samples ordered by length, the padding cut (data.trim_padding)
-        dataset = trim_padding(dataset, input_specs(model))
     hessians = {}
     if dataset is not None:
+        dataset = trim_padding(dataset, input_specs(model))  # whole batches: samples by length, padding cut
         prices.samples = sum(len(next(iter(b.values()))) for b in dataset.batches) if dataset.batches else 0
         aware = [layer for layer in layers if not layer.reason]
         for chunk in _chunks(aware):

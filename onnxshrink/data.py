@@ -662,8 +662,7 @@ def trim_padding(dataset: Dataset, specs: list[InputSpec]) -> Dataset:
         return dataset
     sequence = spec[mask_name].shape[1]
     cut = [s.name for s in specs if sequence in s.shape]
-    if any(axes.get(name) != 0 or spec[name].shape.index(sequence) != 1 or spec[name].shape.count(sequence) != 1
-           for name in cut):
+    if any(spec[name].shape.index(sequence) != 1 or spec[name].shape.count(sequence) != 1 for name in cut):
         return dataset
     if any(axes.get(name) != 0 for name in dataset.batches[0]) or len({b[mask_name].shape[1] for b in dataset.batches}) != 1:
         return dataset  # an input passed whole, or with its samples on another axis: left as given

@@ -423,8 +423,6 @@ def few_rows_note(shapes) -> str | None:
             "updates fit those rows; more calibration data (several times the layer width) measured better")
 
 
-
-
 def token_rows(batch: dict, value, layer) -> np.ndarray | None:
     """Which of a [batch, sequence, K] activation's rows are real tokens, when the batch has an attention mask of
     that [batch, sequence] shape (None: every row counts). A padded position's outputs are masked out of every

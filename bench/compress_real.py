@@ -2,7 +2,7 @@
 held-out quality a sentence-embedding user sees (mean-pooled cosine, top-5 neighbours; bench/embedding_metrics.py).
 
     python bench/compress_real.py [--budget 10m] [--min-cosine 0.99] [--out DIR]
-    python bench/compress_real.py --model mpnet --budget 30m   # all-mpnet-base-v2 (another wheel; bench/transformer_export.py)
+    python bench/compress_real.py --model mpnet --budget 20m   # all-mpnet-base-v2 (another wheel; bench/transformer_export.py)
     python bench/compress_real.py --model det|rec      # ddddocr's detector / PP-OCR's recogniser (bench/conv_tasks.py;
                                                        # they render their images with Pillow: pip install -e '.[bench]')
     python bench/compress_real.py [--model det|rec] --task-check  # gated on the task too (compress --task-check):

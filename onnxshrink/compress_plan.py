@@ -74,6 +74,12 @@ DRIFT_SLACK = 4.0  # rungs predicted over this many times the drift budget are n
 # (key w - GRID_STEP, a step of the frontier between w and the next narrower width). The grid's indices code smaller
 # but its drift is higher, by 17% (MiniLM) to 83% (MPNet) at 4 bits: the frontier takes it only where that is cheap.
 GRID_STEP = 0.5
+# In a "mixed" allocation (each layer its own layout), a layer's key w + CHANNEL_KEY is w bits with a codebook per
+# output channel, w alone one codebook for the layer (layer_choice). One layout for the whole model wasted bits:
+# MPNet's FFN outputs of blocks 6-9 drift 0.029-0.073 at 4 bits with one codebook a layer and 0.001-0.003 per
+# channel, while per channel costs every other layer its codebooks (0.33 bits a weight on a 768x768 projection).
+CHANNEL_KEY = 0.25
+LAYOUTS = ("layer", "channel", "mixed")
 
 
 @dataclass
@@ -279,7 +285,20 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
-    return layer.errors if per == "layer" or layer.table else layer.channel_errors
+    """key -> priced error of `layer` in layout `per`; "mixed": both layouts', a channel width w keyed w + CHANNEL_KEY."""
+    if per == "layer" or layer.table:
+        return layer.errors
+    if per == "channel":
+        return layer.channel_errors
+    return {**layer.errors, **{b + CHANNEL_KEY: e for b, e in layer.channel_errors.items()}}
+
+
+def layer_choice(key, per: str = "layer") -> tuple[int, str]:
+    """(bits, layout) of a layer's key in an allocation of layout `per` (a "mixed" one keys its own: CHANNEL_KEY)."""
+    if per != "mixed":
+        return int(key), per
+    bits = int(np.floor(key))
+    return bits, "layer" if bits == key else "channel"
 
 
 def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
@@ -290,6 +309,7 @@ def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
         bits, _ = table_choice(width)
         return bits - layer.savings.get(width, 0.0) \
             + (SCALE_BITS * layer.rows + CODEBOOK_ENTRY_BITS * 2 ** bits) / max(layer.weights, 1)
+    width, per = layer_choice(width, per)
     if per == "layer":
         return float(width)
     return width + CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
@@ -305,6 +325,13 @@ def table_choice(key) -> tuple[int, str]:
 def has_channel_layout(prices: Prices) -> bool:
     layers = [layer for layer in prices.layers if not layer.table]
     return bool(layers) and all(layer.channel_errors for layer in layers)
+
+
+def layouts(prices: Prices) -> tuple:
+    """The layouts the plan prices allocations in: one codebook a layer; one a channel, where every layer has a
+    channel price; each layer its own ("mixed"), where some layer has one."""
+    mixed = any(layer.channel_errors for layer in prices.layers if not layer.table)
+    return ("layer",) + (("channel",) if has_channel_layout(prices) else ()) + (("mixed",) if mixed else ())
 
 
 def frontier(prices: Prices, per: str = "layer", start: dict | None = None, frozen: frozenset = frozenset()) -> list[dict]:
@@ -339,9 +366,11 @@ def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | 
     """(key, error per bit saved) of an item's next step from `width`: a layer's next narrower width; a table's
     narrower key of the least error per bit (the lower hull of its points: a grid that saves 0.15 bits for 3x the
     drift, MPNet's 4-bit one, must not stand between the table and its next width). None: no step saves bits."""
-    narrower = [b for b in errors if b < width]
-    best = None
-    for b in (narrower if layer.table else [max(narrower)] if narrower else []):
+    here = stored_bits(layer, width, per)
+    narrower = [b for b in errors if stored_bits(layer, b, per) < here] if per == "mixed" else \
+        [b for b in errors if b < width]
+    best = None  # a mixed layer's keys are not ordered by bits, nor its errors by key: the hull, as a table's
+    for b in (narrower if layer.table or per == "mixed" else [max(narrower)] if narrower else []):
         saved = layer.weights * (stored_bits(layer, width, per) - stored_bits(layer, b, per))
         if saved <= 0:
             continue
@@ -352,23 +381,39 @@ def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | 
 
 
 def finalists(prices: Prices, min_cosine: float | None) -> list[tuple]:
-    """(allocation, layout) pairs compress validates, widest first: each layout's ladder (the per-channel one when
-    priced), kept within the drift budget once measured, and of both layouts only the rungs no other rung beats
-    on both bits and predicted drift. One codebook per layer flattens the small output channels of a conv whose
+    """(allocation, layout) pairs compress validates, widest first: each layout's ladder (the per-channel and the
+    mixed ones when priced), kept within the drift budget once measured, and of all layouts only the rungs no other
+    rung beats on both bits and predicted drift. One codebook per layer flattens the small output channels of a conv whose
     batch norm was folded in (PP-OCR's recogniser: single-layer drift 0.24-0.35 at 4 bits on three Convs); one per
     channel costs 2^bits fp16 entries a channel, which the bits count."""
     rungs = []
-    for per in ("layer", "channel") if has_channel_layout(prices) else ("layer",):
+    for per in layouts(prices):
         chosen = ladder(prices, per=per)
         if min_cosine is not None and measured(prices):
             chosen = within_drift(prices, chosen, 1.0 - min_cosine, per=per)
-        rungs += [(a, per, average_bits(a, prices, per), predicted_drift(a, prices, per)) for a in chosen]
+        for allocation in chosen:
+            allocation, layout = _one_layout(allocation, prices, per)
+            if not any(allocation == r[0] and layout == r[1] for r in rungs):  # a mixed rung may be a pure one
+                rungs.append((allocation, layout, average_bits(allocation, prices, layout),
+                              predicted_drift(allocation, prices, layout)))
     if not measured(prices):  # unmeasured drift cannot compare layouts: per layer, as before
         rungs = [r for r in rungs if r[1] == "layer"]
     front = [r for r in rungs if not any(o is not r and o[2] <= r[2] and o[3] <= r[3] and (o[2], o[3]) != (r[2], r[3])
                                          for o in rungs)]
     front.sort(key=lambda r: -r[2])
     return [(a, per) for a, per, _, _ in front]
+
+
+def _one_layout(allocation: dict, prices: Prices, per: str) -> tuple[dict, str]:
+    """A mixed allocation whose layers all took one layout, written in that layout (as is otherwise)."""
+    if per != "mixed":
+        return allocation, per
+    tables = {layer.node for layer in prices.tables}
+    chosen = {node: layer_choice(key, per) for node, key in allocation.items() if node not in tables}
+    kinds = {layout for _, layout in chosen.values()}
+    if len(kinds) != 1:
+        return allocation, per
+    return {node: chosen[node][0] if node in chosen else key for node, key in allocation.items()}, kinds.pop()
 
 
 def predicted_drift(allocation: dict, prices: Prices, per: str = "layer", tables: bool | None = None) -> float:
@@ -444,13 +489,16 @@ def ladder(prices: Prices, averages: tuple = LADDER, per: str = "layer") -> list
 
 
 def summary(allocation: dict, prices: Prices, per: str = "layer") -> str:
-    """'4.1 bits per weight (8 bits x2, 5 bits x10, 4 bits x60; table 4 bits)', for notes and candidate labels."""
+    """'4.1 bits per weight (8 bits x2, 5 bits x10, 4 bits per channel x4, 4 bits x60; table 4 bits)', for notes
+    and candidate labels."""
     tables = {layer.node for layer in prices.tables}
     counts: dict = {}
     for node, b in allocation.items():
         if node not in tables:
             counts[b] = counts.get(b, 0) + 1
-    parts = ", ".join(f"{b} bits x{counts[b]}" for b in sorted(counts, reverse=True))
+    described = {key: (f"{layer_choice(key, per)[0]} bits per channel" if per == "mixed" and
+                       layer_choice(key, per)[1] == "channel" else f"{layer_choice(key, per)[0]} bits") for key in counts}
+    parts = ", ".join(f"{described[key]} x{counts[key]}" for key in sorted(counts, reverse=True))
     widths = [table_choice(allocation[layer.node]) for layer in prices.tables if layer.node in allocation]
     if widths:
         parts += f"; table{'s' if len(widths) > 1 else ''} " + ", ".join(

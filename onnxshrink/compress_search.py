@@ -94,7 +94,7 @@ PASS_OPTIONS = {
                 "table_per": "string", "codebook": "string", "table_rows": "string"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
-                 "cluster": {"bits": "integer", "skip": "boolean", "codebook": "string"}}
+                 "cluster": {"bits": "integer", "skip": "boolean", "codebook": "string", "per": "string"}}
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95)
 DEFAULT_TIME_BUDGET_S = 600.0
 CACHED_STEPS = 8  # first-pass results a search keeps for reuse
@@ -456,12 +456,13 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
 
     bits = _resolve(spec.layers, "bits", names, where)
     forms = _resolve(spec.layers, "codebook", names, where)
+    layouts = _resolve(spec.layers, "per", names, where)
     default = options.pop("bits", 4)
     # One pass for every width (ClusterConfig.layer_bits): one capture of the calibration data, where a pass per
     # width captured it once per width (a 5-width plan of ddddocr's detector ran past a 10-minute budget).
     config = ClusterConfig(**options, bits=default, exclude=exclude,
                            layer_bits={name: width for name, width in bits.items() if width != default},
-                           layer_codebook=forms)
+                           layer_codebook=forms, layer_per=layouts)
     return api.cluster(current, target, config, **common).passes, {}
 
 
@@ -1060,15 +1061,16 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
                    per: str = "layer", tables: tuple = ()) -> Recipe:
     """One cluster pass with each layer's planned width: the most common layer width as the default, rules for the
     rest; the other floats (biases, norms) in `other_floats` (compress_plan.other_floats prices int8 against fp16),
-    one codebook `per` layer or per output channel (compress_plan.finalists). `tables` names the Gathers of the
+    one codebook `per` layer or per output channel, or in "mixed" each layer its own (a `per` rule on the layers
+    keyed per channel: compress_plan.layer_choice; compress_plan.finalists). `tables` names the Gathers of the
     priced embedding tables in `allocation`: each gets its own width rule and the row-scaled codebook in either
     layout; a table not priced is not coded (it stays with the other floats)."""
-    from onnxshrink.compress_plan import table_choice
+    from onnxshrink.compress_plan import layer_choice, table_choice
 
     spec = format_pass("cluster4", config)
     spec.options["other_floats"] = other_floats
     spec.options["codebook"] = PLANNED_CODEBOOK
-    if per != "layer":
+    if per == "channel":
         spec.options["per"] = per
     tables = [node for node in tables if node in allocation]
     if tables:
@@ -1080,8 +1082,9 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
     if large and config.calibration:
         spec.options["capture_rounds"] = LARGE_CAPTURE_ROUNDS
     counts: dict = {}
-    for node, width in allocation.items():
+    for node, key in allocation.items():
         if node not in tables:
+            width = layer_choice(key, per)[0]
             counts[width] = counts.get(width, 0) + 1
     default = max(sorted(counts), key=lambda width: counts[width]) if counts else 4
     spec.options["bits"] = default
@@ -1091,8 +1094,12 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
             bits, form = table_choice(width)
             rules.append(LayerRule(glob_literal(node), {"bits": bits} if form == PLANNED_CODEBOOK else
                                    {"bits": bits, "codebook": form}))
-        elif width != default:
-            rules.append(LayerRule(glob_literal(node), {"bits": width}))
+        else:
+            bits, layout = layer_choice(width, per)
+            options = ({"bits": bits} if bits != default else {}) | ({"per": layout} if per == "mixed" and
+                                                                     layout == "channel" else {})
+            if options:
+                rules.append(LayerRule(glob_literal(node), options))
     return Recipe([PassSpec("cluster", spec.options, rules)])
 
 
@@ -1342,7 +1349,8 @@ def _predicted_to_fail(search, prices, candidate: Candidate, allocation: dict, p
     # Measured on per-channel codebooks, the ratio says nothing of the per-layer ones the uniform formats use
     # (PP-OCR's recogniser: 0.09 per channel at 4 bits, 0.76 per layer at 6.31; its per-channel rungs are predicted
     # below zero, under the per-layer 8-bit reference): the prediction as it is.
-    ratio = _drift_ratio(candidate, allocation, prices, per) if per == "layer" else 1.0
+    # A mixed allocation's layers are mostly per layer (its channel codebooks are where one a layer flattens them).
+    ratio = _drift_ratio(candidate, allocation, prices, per) if per != "channel" else 1.0
     if ratio is None:
         return set()
     skipped = set()

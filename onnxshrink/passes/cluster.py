@@ -108,6 +108,10 @@ class ClusterConfig:
     # node name -> codebook form for that layer or table (others: `codebook`), as layer_bits sets widths: compress's
     # plan chooses each table's form
     layer_codebook: dict = field(default_factory=dict)
+    # node name -> "layer" or "channel" for that layer (others: `per`), as layer_bits sets widths: compress's plan
+    # gives a codebook per channel to the layers one codebook flattens (MPNet's late FFN outputs: 0.029-0.073 of
+    # drift at 4 bits per layer, 0.001-0.003 per channel) and keeps one per layer where that is cheaper in bits
+    layer_per: dict = field(default_factory=dict)
     # a vocabulary table's rows: "uniform" (all alike) or "frequency" (with calibration: the rows of tokens it never
     # reads on a coarser step; passes/table_rows.py). compress's planned candidates use "frequency".
     table_rows: str = "uniform"
@@ -156,6 +160,10 @@ def check_config(config: ClusterConfig, calibration) -> None:
             or config.capture_rounds < -1:
         raise UsageError(f"--capture-rounds {config.capture_rounds}: 0 (one run per wave of layers), N > 0 (at most "
                          "N runs) or -1 (one run per layer)")
+    for node, per in dict(config.layer_per or {}).items():
+        if per not in PER:
+            raise UsageError(f"layer {node!r}: per {per!r}: choose layer (one codebook per weight) or channel (one per "
+                             "output channel)")
     for node, bits in dict(config.layer_bits or {}).items():
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
             raise UsageError(f"layer {node!r}: bits {bits} must be between 1 and 8")
@@ -212,7 +220,8 @@ class Cluster:
             report.notes.append(nothing_to_cluster(model))
             return model, report
         # Cast with an integer `to` needs opset 6; per-channel offsets (a broadcasting Add) and int8 scales 7.
-        needed = 7 if config.per == "channel" or other_floats(config) == "int8" \
+        needed = 7 if config.per == "channel" or "channel" in dict(config.layer_per or {}).values() \
+            or other_floats(config) == "int8" \
             or (tables and self.table_per == "layer") else 6
         what = "the codebook decoding (Cast, Gather" + (", broadcasting Add/Mul)" if needed == 7 else ")")
         why = raise_opset(model, needed, what, report.notes)
@@ -281,7 +290,7 @@ class Cluster:
 
     def _bytes_after(self, shape, node, levels=None) -> int:
         count, levels = int(np.prod(shape)), levels or self.levels
-        per = self.table_per if node.op_type == "Gather" else self.config.per
+        per = self.table_per if node.op_type == "Gather" else self._per(node.name)
         if per == "layer":
             return count + 4 * levels + (2 * shape[0] if node.op_type == "Gather" else 0)  # a table's row scales
         channels = shape[_channel_axis(node)]
@@ -340,6 +349,10 @@ class Cluster:
 
     # ---- clustering one weight -----------------------------------------------------------
 
+    def _per(self, node: str) -> str:
+        """A layer's codebook layout: its layer_per rule, else --per."""
+        return dict(self.config.layer_per or {}).get(node, self.config.per)
+
     def _form(self, group) -> str:
         return dict(self.config.layer_codebook or {}).get(group[0].name, self.config.codebook)
 
@@ -350,6 +363,7 @@ class Cluster:
 
     def _cluster(self, model, original, weight, group, stats) -> list[LayerDecision]:
         config, levels = self.config, self.layer_levels.get(group[0].name, self.levels)
+        per = self._per(group[0].name)
         graph, tensor = self._owners[weight]
         raw = numpy_helper.to_array(tensor).astype(np.float32)
         site = group[0]
@@ -362,13 +376,13 @@ class Cluster:
             if not plain:
                 gram = self._statistics.of(layer)
                 stats.append(("rows", gram.k, gram.rows))
-        rows = view.T if config.per == "channel" else view.reshape(1, -1)
+        rows = view.T if per == "channel" else view.reshape(1, -1)
         weights = None
         if gram is not None and self.weighting == "activation":
             energy = np.diag(gram.xtx)[:k] / max(gram.rows, 1)
             energy = energy + ENERGY_FLOOR * max(float(energy.mean()), 1e-30)
             weights = np.broadcast_to(energy[:, None], (k, n))
-            weights = weights.T if config.per == "channel" else weights.reshape(1, -1)
+            weights = weights.T if per == "channel" else weights.reshape(1, -1)
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
         books = codebook.fit(rows, levels, weights, reserve_zero=reserve, form=self._form(group),
@@ -376,11 +390,11 @@ class Cluster:
         rounded = "nearest entry"
         if gram is not None and self.rounding == "gptq":
             idx = codebook.gptq_assign(view, books, _input_hessian(gram, k, centred=self.refit), reserve_zero=reserve)
-            idx_rows = idx.T if config.per == "channel" else idx.reshape(1, -1)
+            idx_rows = idx.T if per == "channel" else idx.reshape(1, -1)
             rounded = "GPTQ (errors folded into the inputs not yet rounded)"
         else:
             idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
-            idx = idx_rows.T if config.per == "channel" else idx_rows.reshape(k, n)
+            idx = idx_rows.T if per == "channel" else idx_rows.reshape(k, n)
         mse, uniform = float(np.mean((rows - codebook.decode(idx_rows, books)) ** 2)), codebook.uniform_mse(rows, levels)
         stats.append(("mse", mse, uniform))
         why = [f"rounded to the {rounded}; weight MSE {mse:.3g}, "
@@ -407,9 +421,9 @@ class Cluster:
         idx, books = wide_grid_order(idx, books.astype(np.float32))
         if plain:
             why.append(f"not data-aware: {plain}")
-        after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group)
-        shape = f"{books.shape[-1]}" if config.per == "layer" else f"{books.shape[0]} x {levels}"
-        action = (f"codebook {shape} x fp32{' per channel' if config.per == 'channel' else ''}, "
+        after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group, per=per)
+        shape = f"{books.shape[-1]}" if per == "layer" else f"{books.shape[0]} x {levels}"
+        action = (f"codebook {shape} x fp32{' per channel' if per == 'channel' else ''}, "
                   f"{np.dtype(index_dtype(books.shape[-1])).name} indices")
         decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
         for other in group[1:]:
@@ -462,6 +476,7 @@ class Cluster:
         report.notes.append(
             f"{len(mse)} weight(s) clustered into {self.levels}-value codebooks per {config.per}"
             + (f" ({len(self.layer_levels)} layer(s) with their own width: layer_bits)" if self.layer_levels else "")
+            + (f" ({len(config.layer_per)} layer(s) with their own layout: layer_per)" if config.layer_per else "")
             + ("; entropy form: evenly spaced values at k-means' error where their indices code smaller"
                if entropy_form else "")
             + f"; weight MSE {ratio:.2f}x that of uniform round-to-nearest at the same widths (summed over layers)")

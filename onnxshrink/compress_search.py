@@ -1151,7 +1151,8 @@ def plan_phase(search) -> tuple[float | None, int | None]:
     layouts: dict = {}
     for allocation, per in rungs:
         layouts.setdefault(per, []).append(allocation)
-    order = sorted(layouts, key=lambda per: compress_plan.average_bits(layouts[per][-1], prices, per))
+    # The mixed layout last: after a pure layout passes, only its rungs narrower than that pass are tried.
+    order = sorted(layouts, key=lambda per: (per == "mixed", compress_plan.average_bits(layouts[per][-1], prices, per)))
     passed, passed_bits, failed_width = None, None, None
     budget = _drift_budget(config)
     passed_rung, failed_rungs = None, {}  # (allocation, layout) of the narrowest pass; layout -> narrowest failure

@@ -102,3 +102,16 @@ def test_a_mixed_allocation_becomes_per_rules_on_the_channel_layers():
     rules = {rule.match: rule.options for rule in spec.layers}
     assert "fc0/MatMul" not in rules
     assert rules["fc1/MatMul"] == {"per": "channel"} and rules["fc2/MatMul"] == {"bits": 3, "per": "channel"}
+
+
+def test_mixed_rungs_do_not_take_the_place_of_pure_ones():
+    """Predicted drift ranks allocations within a layout, not across: a pure rung stays though a mixed one is
+    predicted lower at fewer bits (PP-OCR's recogniser lost its passing per-channel rungs so)."""
+    prices = _prices()
+    rungs = [(a, per, compress_plan.average_bits(a, prices, per), compress_plan.predicted_drift(a, prices, per))
+             for a, per in compress_plan.finalists(prices, None)]
+    assert {per for _, per, _, _ in rungs} == {"layer", "channel", "mixed"}
+    beaten = [r for r in rungs if r[1] != "mixed" and any(o[1] == "mixed" and o[2] <= r[2] and o[3] < r[3] for o in rungs)]
+    assert beaten  # kept, though a mixed rung beats them on both counts
+    order = sorted(rungs, key=lambda r: -r[2])
+    assert [r[2] for r in rungs] == [r[2] for r in order]  # widest first

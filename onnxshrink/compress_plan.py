@@ -81,7 +81,6 @@ GRID_STEP = 0.5
 # MPNet's FFN outputs of blocks 6-9 drift 0.029-0.073 at 4 bits with one codebook a layer and 0.001-0.003 per
 # channel, while per channel costs every other layer its codebooks (0.33 bits a weight on a 768x768 projection).
 CHANNEL_KEY = 0.25
-LAYOUTS = ("layer", "channel", "mixed")
 
 
 @dataclass
@@ -365,15 +364,16 @@ def frontier(prices: Prices, per: str = "layer", start: dict | None = None, froz
 
 
 def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | None:
-    """(key, error per bit saved) of an item's next step from `width`: a layer's next narrower width; a table's
-    narrower key of the least error per bit (the lower hull of its points: a grid that saves 0.15 bits for 3x the
-    drift, MPNet's 4-bit one, must not stand between the table and its next width). None: no step saves bits."""
+    """(key, error per bit saved) of an item's next step from `width`: a layer's next narrower width; a table's or
+    a mixed layer's narrower key of the least error per bit (the lower hull of its points: a grid that saves 0.15
+    bits for 3x the drift, MPNet's 4-bit one, must not stand between the table and its next width; a mixed layer's
+    keys are not ordered by bits, nor its errors by key). None: no step saves bits."""
     here = stored_bits(layer, width, per)
     narrower = [b for b in errors if stored_bits(layer, b, per) < here] if per == "mixed" else \
         [b for b in errors if b < width]
-    best = None  # a mixed layer's keys are not ordered by bits, nor its errors by key: the hull, as a table's
+    best = None
     for b in (narrower if layer.table or per == "mixed" else [max(narrower)] if narrower else []):
-        saved = layer.weights * (stored_bits(layer, width, per) - stored_bits(layer, b, per))
+        saved = layer.weights * (here - stored_bits(layer, b, per))
         if saved <= 0:
             continue
         cost = (errors[b] - errors[width]) / saved
@@ -385,8 +385,8 @@ def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | 
 def finalists(prices: Prices, min_cosine: float | None) -> list[tuple]:
     """(allocation, layout) pairs compress validates, widest first: each layout's ladder (the per-channel and the
     mixed ones when priced), kept within the drift budget once measured, and of the two pure layouts only the rungs
-    no other rung of them beats on both bits and predicted drift, of the mixed one those no mixed rung beats. One codebook per layer flattens the small output channels of a conv whose
-    batch norm was folded in (PP-OCR's recogniser: single-layer drift 0.24-0.35 at 4 bits on three Convs); one per
+    no other rung of them beats on both bits and predicted drift, of the mixed one those no mixed rung beats. One
+    codebook per layer flattens the small output channels of a conv whose batch norm was folded in (PP-OCR's recogniser: single-layer drift 0.24-0.35 at 4 bits on three Convs); one per
     channel costs 2^bits fp16 entries a channel, which the bits count."""
     rungs = []
     for per in layouts(prices):

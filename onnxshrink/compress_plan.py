@@ -501,9 +501,11 @@ def summary(allocation: dict, prices: Prices, per: str = "layer") -> str:
     for node, b in allocation.items():
         if node not in tables:
             counts[b] = counts.get(b, 0) + 1
-    described = {key: (f"{layer_choice(key, per)[0]} bits per channel" if per == "mixed" and
-                       layer_choice(key, per)[1] == "channel" else f"{layer_choice(key, per)[0]} bits") for key in counts}
-    parts = ", ".join(f"{described[key]} x{counts[key]}" for key in sorted(counts, reverse=True))
+    parts = []
+    for key in sorted(counts, reverse=True):
+        bits, layout = layer_choice(key, per)
+        parts.append(f"{bits} bits{' per channel' if per == 'mixed' and layout == 'channel' else ''} x{counts[key]}")
+    parts = ", ".join(parts)
     widths = [table_choice(allocation[layer.node]) for layer in prices.tables if layer.node in allocation]
     if widths:
         parts += f"; table{'s' if len(widths) > 1 else ''} " + ", ".join(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import tomllib
 
 import numpy as np
+import onnx
 import pytest
 from onnx import numpy_helper
 
@@ -45,8 +46,6 @@ def test_a_recipe_rule_sets_a_layers_layout(tmp_path):
     path = save_model(make_mlp(), tmp_path / "mlp.onnx")
     text = ('[[passes]]\nname = "cluster"\nbits = 3\n\n[[passes.layers]]\nmatch = "fc2/*"\nper = "channel"\n')
     run_recipe(path, parse_recipe(tomllib.loads(text)), tmp_path / "out.onnx")
-    import onnx
-
     books = _codebooks(onnx.load(tmp_path / "out.onnx"))
     assert books["fc2.weight_codebook"].shape == (10, 8) and books["fc1.weight_codebook"].shape == (8,)
 

@@ -204,8 +204,9 @@ def conv(args) -> None:
 
 def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Path | None = None) -> None:
     """compress_plan's prices of each layer: the proxy tr(D^T H D)/tr(W^T H W) at 4 bits, the whole-model drift
-    (1 - cosine on calibration samples) with that layer alone at 4 bits, per-channel errors, each table's drift at
-    each width; then the finalists. The model is priced as compress prices it: LayerNorms folded first."""
+    (1 - cosine on calibration samples) with that layer alone at 4 bits, per-channel errors, the bits a weight its
+    4-bit indices code in, each table's drift at each width; then the finalists. The model is priced as compress
+    prices it: LayerNorms folded first."""
     from onnxshrink import compress_plan as plan, compress_search
     from onnxshrink import model as model_io
     from onnxshrink.passes.fold_layernorm import fold_layernorm
@@ -225,7 +226,7 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
           f"{os.getloadavg()[0]:.1f}")
     for note in prices.notes:
         print(f"note: {note}")
-    print(f"{'layer':24} {'weights':>9} {'proxy@4':>9} {'drift@4':>9} {'ratio':>7} {'channel@4':>10}")
+    print(f"{'layer':24} {'weights':>9} {'proxy@4':>9} {'drift@4':>9} {'ratio':>7} {'channel@4':>10} {'coded@4':>8}")
     for layer in prices.tables:
         print(f"table {layer.tensor} ({layer.weights} weights, {layer.rows} rows): bits per weight with row scales, "
               "weight error, measured drift: " + "; ".join(
@@ -240,7 +241,8 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
         channel = layer.channel_errors.get(plan.SENSITIVITY_BITS)
         print(f"{layer.node[:24]:24} {layer.weights:9d} {proxy:9.5f} "
               f"{(f'{drift:9.5f}' if drift is not None else '        -')} {ratio} "
-              f"{(f'{channel:10.5f}' if channel is not None else '         -')}")
+              f"{(f'{channel:10.5f}' if channel is not None else '         -')} "
+              f"{plan.stored_bits(layer, plan.SENSITIVITY_BITS):8.2f}")
     if prices.int8_drift is not None:
         print(f"other floats in int8: {prices.int8_elements} elements, drift {prices.int8_drift:.5f} "
               f"({prices.int8_drift / (8 * prices.int8_elements):.2e} per bit saved over fp16)")
@@ -266,8 +268,8 @@ def print_prices(data: dict, min_cosine: float, at: float | None = None, out: Pa
 
 
 def _stored_mb(allocation: dict, prices, per: str) -> float:
-    """The priced weights' bytes at `allocation` (indices at their width, row scales, per-channel codebooks): what
-    Huffman-coded indices approach from below."""
+    """The priced weights' bytes at `allocation` (indices at their coded bits, row scales, per-channel codebooks):
+    what the pack's Huffman coding of them approaches from above."""
     from onnxshrink import compress_plan as plan
 
     return sum(layer.weights * plan.stored_bits(layer, allocation[layer.node], per) for layer in prices.layers

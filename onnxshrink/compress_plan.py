@@ -22,13 +22,16 @@ cheaply than its next narrower codebook (`other_floats`).
 
 `frontier` then lowers, step by step, the layer whose next narrower width adds the least error per bit saved
 (HAWQ-style greedy on a sum of errors), from every layer at the widest width down to every layer at the narrowest;
-`ladder` picks the frontier's points at a few average widths. Each layer is priced in two layouts, one codebook per
-layer and one per output channel (CHANNEL_BITS, the codebooks counted in the bits), each measured on the model, and
-allocations are made in three: every layer in one layout, every layer in the other, or each its own ("mixed": a
-channel codebook is one more step of the layer's). `finalists` keeps the rungs of the pure layouts within the drift
-budget that no other pure rung beats on bits and predicted drift, and the mixed rungs no mixed one beats.
-Those are the only allocations that get a whole-model validation (compress_search bisects them), instead of every
-format x sparsity.
+`ladder` picks the frontier's points at a few average widths. A width's bits are what the pack stores: the coded
+size of the priced indices (coded_bits), not the width. One codebook for a layer with outliers spends its entries on
+them: MPNet's late FFN outputs code 4-bit indices in about 2 bits, and priced at 4 the plan overpaid for them.
+
+Each layer is priced in two layouts, one codebook per layer and one per output channel (CHANNEL_BITS, the codebooks
+counted in the bits), each measured on the model, and allocations are made in three: every layer in one layout,
+every layer in the other, or each its own ("mixed": a channel codebook is one more step of the layer's).
+`finalists` keeps each layout's rungs within the drift budget that no other rung of that layout beats on bits and
+predicted drift. Those are the only allocations that get a whole-model validation (compress_search bisects them),
+instead of every format x sparsity.
 
 Embedding tables (the Gather data the cluster pass codes: one codebook, an fp16 scale a row) are priced as items
 beside the layers: no layer input weighs a table's rows, so each width's price is measured outright, the whole
@@ -103,6 +106,11 @@ class LayerPrice:
     tensor: str = ""  # the table's initializer
     # a table's grid keys (w - GRID_STEP) -> bits a weight its indices code smaller than k-means' at width w
     savings: dict = field(default_factory=dict)
+    # key -> bits a weight the pack's Huffman coding of the priced indices approaches (coded_bits), per layout;
+    # a key not here is priced at its width (stored_bits). One codebook for a layer with outliers spends most of its
+    # entries on them: MPNet's late FFN outputs code 4-bit indices in about 2 bits, per channel in about 3.9.
+    coded: dict = field(default_factory=dict)
+    channel_coded: dict = field(default_factory=dict)
 
     @property
     def table(self) -> bool:
@@ -186,23 +194,25 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         w = matrix(layer, owners).astype(np.float64)
         h = hessians.get(layer.name)
         reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
-        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form)
+        coded, channel_coded = {}, {}
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form, coded=coded)
         if at_reference is not None:
             decoded[layer.name] = (layer.weight, _raw(layer, at_reference).astype(np.float32))
         per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
-                                                       SENSITIVITY_BITS if measure else None, per_channel=True) \
-            if w.shape[1] > 1 else ({}, None)
+                                                       SENSITIVITY_BITS if measure else None, per_channel=True,
+                                                       coded=channel_coded) if w.shape[1] > 1 else ({}, None)
         if channel_reference is not None:
             channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_reference).astype(np.float32))
         prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
-                                        channel_errors=per_channel, channels=int(w.shape[1])))
+                                        channel_errors=per_channel, channels=int(w.shape[1]), coded=coded,
+                                        channel_coded=channel_coded))
     from onnxshrink.passes.cluster import index_dtype, table_codebook
 
     coded = {}  # table -> key -> (indices, codebook, row scales): decoded only when measured
     for tensor, (node, value, ids) in tables.items():
         steps = table_rows_.row_steps(table_rows_.row_counts(ids, everything, value.shape[0])) \
             if table_rows == "frequency" else None
-        proxy, coded[tensor], worst, savings = {}, {}, 0.0, {}
+        proxy, coded[tensor], worst, savings, coded_bits_ = {}, {}, 0.0, {}, {}
         total = float(np.sum(np.square(value, dtype=np.float64)))
         for b in sorted(bits, reverse=True):
             entropy = {}
@@ -214,12 +224,13 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                     continue
                 error = float(np.sum(np.square(table - value, dtype=np.float64))) / total if total > 0 else 0.0
                 worst = proxy[key] = max(worst, error)
+                coded_bits_[key] = coded_bits(idx)
                 coded[tensor][key] = (idx.astype(index_dtype(books.shape[-1])), books, scale)
             if "entropy" in entropy:
                 savings[b - GRID_STEP] = entropy["kmeans"] - entropy["entropy"]
         prices.layers.append(LayerPrice(node, int(value.size), dict(sorted(proxy.items())), False,
                                         "embedding table: no layer input weighs its rows", rows=int(value.shape[0]),
-                                        tensor=tensor, savings=savings))
+                                        tensor=tensor, savings=savings, coded=coded_bits_))
     if measure and dataset is not None and not (stop is not None and stop()):
         _measure(prices, model, calibration, decoded, channel_decoded, threads, stop, coded)
     return prices
@@ -255,9 +266,9 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
-                  per_channel: bool = False, form: str = "kmeans") -> tuple[dict, np.ndarray | None]:
+                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None) -> tuple[dict, np.ndarray | None]:
     """layer_errors, and the decoded [K, N] weight at width `keep` (None: not kept); `per_channel`: one codebook
-    per output column, as cluster --per channel fits them."""
+    per output column, as cluster --per channel fits them. `coded`, when given, gets each width's coded_bits."""
     if not bits and not keep:
         return {}, None
     k, n = w.shape
@@ -274,15 +285,29 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
     for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
         books = codebook.fit(rows, 2 ** b, weights, reserve_zero=reserve, iterations=FIT_ITERATIONS, form=form,
                              margin=codebook.DATA_AWARE_GRID_MARGIN if h is not None else 1.0)
-        decoded = codebook.decode(codebook.assign(rows, books, reserve_zero=reserve), books)
+        idx = codebook.assign(rows, books, reserve_zero=reserve)
+        decoded = codebook.decode(idx, books)
         decoded = decoded.T if per_channel else decoded.reshape(k, n)
         if b == keep:
             kept = decoded
         if b not in bits:
             continue
+        if coded is not None:
+            coded[b] = coded_bits(idx)
         best = max(best, _quadratic(decoded - w, h) / total if total > 0 else 0.0)
         errors[b] = float(best)
     return dict(sorted(errors.items())), kept
+
+
+def coded_bits(indices: np.ndarray) -> float:
+    """Bits an index that the pack's Huffman coding approaches (order-0 entropy; packing.py): over 256 used entries
+    the indices are uint16 (cluster.index_dtype, after wide_grid_order renumbers the used ones), each byte plane
+    coded on its own. A codebook's entries and the Huffman tables are left out: a few hundred bytes a layer."""
+    _, counts = np.unique(np.asarray(indices).ravel(), return_counts=True)
+    if len(counts) <= 256:
+        return codebook.entropy(counts)
+    ranks = np.repeat(np.arange(len(counts)), counts)  # renumbered 0..used-1, as wide_grid_order does
+    return codebook.entropy(np.bincount(ranks & 255)) + codebook.entropy(np.bincount(ranks >> 8))
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
@@ -303,17 +328,19 @@ def layer_choice(key, per: str = "layer") -> tuple[int, str]:
 
 
 def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
-    """Bits per weight of `layer` at `width`: its index, plus its share of per-channel codebooks, or of a table's
-    fp16 row scales and codebook (a table has one layout whatever the layers'; cluster's table_per). A table's grid
-    key (table_choice) counts its width less the bits its indices save."""
+    """Bits per weight of `layer` at `width` as the pack stores it: its index's coded bits (coded_bits; the width
+    where not priced), plus its share of per-channel codebooks, or of a table's fp16 row scales and codebook (a table
+    has one layout whatever the layers'; cluster's table_per). Unpriced, a table's grid key (table_choice) counts its
+    width less the bits its indices save."""
     if layer.table:
         bits, _ = table_choice(width)
-        return bits - layer.savings.get(width, 0.0) \
-            + (SCALE_BITS * layer.rows + CODEBOOK_ENTRY_BITS * 2 ** bits) / max(layer.weights, 1)
+        index = layer.coded[width] if width in layer.coded else bits - layer.savings.get(width, 0.0)
+        return index + (SCALE_BITS * layer.rows + CODEBOOK_ENTRY_BITS * 2 ** bits) / max(layer.weights, 1)
     width, per = layer_choice(width, per)
     if per == "layer":
-        return float(width)
-    return width + CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
+        return float(layer.coded.get(width, width))
+    books = CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
+    return layer.channel_coded.get(width, width) + books
 
 
 def table_choice(key) -> tuple[int, str]:
@@ -367,10 +394,12 @@ def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | 
     """(key, error per bit saved) of an item's next step from `width`: a layer's next narrower width; a table's or
     a mixed layer's narrower key of the least error per bit (the lower hull of its points: a grid that saves 0.15
     bits for 3x the drift, MPNet's 4-bit one, must not stand between the table and its next width; a mixed layer's
-    keys are not ordered by bits, nor its errors by key). None: no step saves bits."""
+    keys are not ordered by bits, nor its errors by key). A layer's next width is the next that codes smaller: priced
+    at coded bits, a narrower width can code no smaller (a codebook whose outliers take most entries). None: no step
+    saves bits."""
     here = stored_bits(layer, width, per)
     narrower = [b for b in errors if stored_bits(layer, b, per) < here] if per == "mixed" else \
-        [b for b in errors if b < width]
+        [b for b in errors if b < width and stored_bits(layer, b, per) < here]
     best = None
     for b in (narrower if layer.table or per == "mixed" else [max(narrower)] if narrower else []):
         saved = layer.weights * (here - stored_bits(layer, b, per))
@@ -384,10 +413,10 @@ def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | 
 
 def finalists(prices: Prices, min_cosine: float | None) -> list[tuple]:
     """(allocation, layout) pairs compress validates, widest first: each layout's ladder (the per-channel and the
-    mixed ones when priced), kept within the drift budget once measured, and of the two pure layouts only the rungs
-    no other rung of them beats on both bits and predicted drift, of the mixed one those no mixed rung beats. One
-    codebook per layer flattens the small output channels of a conv whose batch norm was folded in (PP-OCR's recogniser: single-layer drift 0.24-0.35 at 4 bits on three Convs); one per
-    channel costs 2^bits fp16 entries a channel, which the bits count."""
+    mixed ones when priced), kept within the drift budget once measured, and of each layout only the rungs no other
+    rung of that layout beats on both bits and predicted drift. One codebook per layer flattens the small output
+    channels of a conv whose batch norm was folded in (PP-OCR's recogniser: single-layer drift 0.24-0.35 at 4 bits on
+    three Convs); one per channel costs 2^bits fp16 entries a channel, which the bits count."""
     rungs = []
     for per in layouts(prices):
         chosen = ladder(prices, per=per)
@@ -400,11 +429,13 @@ def finalists(prices: Prices, min_cosine: float | None) -> list[tuple]:
                               predicted_drift(allocation, prices, layout)))
     if not measured(prices):  # unmeasured drift cannot compare layouts: per layer, as before
         rungs = [r for r in rungs if r[1] == "layer"]
-    # A mixed rung beats only mixed ones: its prediction adds both layouts' prices, which rank allocations within a
-    # layout, not across (above). Let it remove the pure rungs and PP-OCR's recogniser lost its per-channel ones to
-    # mixed rungs predicted lower (most layers 8 bits a layer) that failed on the model: 8.20x -> 5.2x.
+    # A rung beats only rungs of its own layout: predicted drift ranks allocations within a layout, not across
+    # (plan_phase). On PP-OCR's recogniser mixed rungs predicted lower (most layers 8 bits a layer) removed the
+    # per-channel ones and failed on the model (8.20x -> 5.2x); priced at their coded bits (about 5 bits at 8),
+    # per-layer rungs predicted near lossless removed its per-channel rungs under 5.3 bits, though its 8-bit layer
+    # codebooks drift 0.0136.
     front = [r for r in rungs if not any(o is not r and o[2] <= r[2] and o[3] <= r[3] and (o[2], o[3]) != (r[2], r[3])
-                                         and (o[1] == "mixed") == (r[1] == "mixed") for o in rungs)]
+                                         and o[1] == r[1] for o in rungs)]
     front.sort(key=lambda r: -r[2])
     return [(a, per) for a, per, _, _ in front]
 

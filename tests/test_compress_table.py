@@ -57,10 +57,11 @@ def test_a_table_costs_its_row_scales_in_bits_and_bytes(tmp_path):
     table, layer = prices.tables[0], prices.layers[0]
     assert table.proxy is None and table.errors[3] > table.errors[8]
     scales = (16 * ROWS + 16 * 2 ** 4) / (ROWS * WIDTH)
-    assert abs(stored_bits(table, 4) - (4 + scales)) < 1e-12
+    assert 3.0 < table.coded[4] <= 4.0  # its indices at their coded bits (compress_plan.coded_bits)
+    assert abs(stored_bits(table, 4) - (table.coded[4] + scales)) < 1e-12
     assert stored_bits(table, 4, "channel") == stored_bits(table, 4)  # one layout whatever the layers'
     allocation = {"proj": 8, "embed": 4}
-    expected = (layer.weights * 8 + table.weights * (4 + scales)) / (layer.weights + table.weights)
+    expected = (layer.weights * layer.coded[8] + table.weights * (table.coded[4] + scales)) / (layer.weights + table.weights)
     assert abs(average_bits(allocation, prices) - expected) < 1e-12
 
 

@@ -303,11 +303,13 @@ def coded_bits(indices: np.ndarray) -> float:
     """Bits an index that the pack's Huffman coding approaches (order-0 entropy; packing.py): over 256 used entries
     the indices are uint16 (cluster.index_dtype, after wide_grid_order renumbers the used ones), each byte plane
     coded on its own. A codebook's entries and the Huffman tables are left out: a few hundred bytes a layer."""
-    _, counts = np.unique(np.asarray(indices).ravel(), return_counts=True)
+    counts = np.bincount(np.asarray(indices, dtype=np.int64).ravel())
+    counts = counts[counts > 0]  # the used entries, renumbered 0..used-1 as wide_grid_order does
     if len(counts) <= 256:
         return codebook.entropy(counts)
-    ranks = np.repeat(np.arange(len(counts)), counts)  # renumbered 0..used-1, as wide_grid_order does
-    return codebook.entropy(np.bincount(ranks & 255)) + codebook.entropy(np.bincount(ranks >> 8))
+    ranks = np.arange(len(counts))
+    planes = (np.bincount(ranks & 255, weights=counts), np.bincount(ranks >> 8, weights=counts))
+    return sum(codebook.entropy(plane) for plane in planes)
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:

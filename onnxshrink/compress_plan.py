@@ -400,8 +400,7 @@ def _cheapest_step(layer: LayerPrice, width, errors: dict, per: str) -> tuple | 
     at coded bits, a narrower width can code no smaller (a codebook whose outliers take most entries). None: no step
     saves bits."""
     here = stored_bits(layer, width, per)
-    narrower = [b for b in errors if stored_bits(layer, b, per) < here] if per == "mixed" else \
-        [b for b in errors if b < width and stored_bits(layer, b, per) < here]
+    narrower = [b for b in errors if stored_bits(layer, b, per) < here and (per == "mixed" or b < width)]
     best = None
     for b in (narrower if layer.table or per == "mixed" else [max(narrower)] if narrower else []):
         saved = layer.weights * (here - stored_bits(layer, b, per))

@@ -48,10 +48,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
 from onnx import helper, numpy_helper
 
-from onnxshrink import model as model_io
+from onnxshrink import memory, model as model_io
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset, input_specs, load_npz, trim_padding
 from onnxshrink.passes import table_rows as table_rows_
@@ -177,7 +176,24 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         return prices
     everything = _dataset(model, calibration, ALL_SAMPLES)  # the file read once: table_rows counts all of it
     dataset = _dataset(model, everything, samples)
-    hessians = {}
+    decoded, channel_decoded, priced = {}, {}, {}
+
+    def price(layer, h) -> None:
+        w = matrix(layer, owners).astype(np.float64)
+        reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
+        coded, channel_coded = {}, {}
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form, coded=coded)
+        if at_reference is not None:
+            decoded[layer.name] = (layer.weight, _Decoded(layer, *at_reference))
+        per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
+                                                       SENSITIVITY_BITS if measure else None, per_channel=True,
+                                                       coded=channel_coded) if w.shape[1] > 1 else ({}, None)
+        if channel_reference is not None:
+            channel_decoded[layer.name] = (layer.weight, _Decoded(layer, *channel_reference))
+        priced[layer.name] = LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
+                                        channel_errors=per_channel, channels=int(w.shape[1]), coded=coded,
+                                        channel_coded=channel_coded)
+
     if dataset is not None:
         dataset = trim_padding(dataset, input_specs(model))  # whole batches: samples by length, padding cut
         prices.samples = sum(len(next(iter(b.values()))) for b in dataset.batches) if dataset.batches else 0
@@ -187,25 +203,17 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                 prices.notes.append(f"pricing stopped after {prices.runs} capture run(s): the other layers are priced by "
                                     "their weight error alone")
                 break
-            hessians.update(_hessians(dataset, model, chunk, threads))
+            # each chunk's layers priced from its run, then its X^T X let go: all of MPNet's at once held 1.2 GB
+            hessians = _hessians(dataset, model, chunk, threads)
             prices.runs += 1
-    decoded, channel_decoded = {}, {}
+            for layer in chunk:
+                price(layer, hessians.get(layer.name))
+            del hessians
+            memory.release()
     for layer in layers:
-        w = matrix(layer, owners).astype(np.float64)
-        h = hessians.get(layer.name)
-        reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
-        coded, channel_coded = {}, {}
-        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form, coded=coded)
-        if at_reference is not None:
-            decoded[layer.name] = (layer.weight, _raw(layer, at_reference).astype(np.float32))
-        per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
-                                                       SENSITIVITY_BITS if measure else None, per_channel=True,
-                                                       coded=channel_coded) if w.shape[1] > 1 else ({}, None)
-        if channel_reference is not None:
-            channel_decoded[layer.name] = (layer.weight, _raw(layer, channel_reference).astype(np.float32))
-        prices.layers.append(LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
-                                        channel_errors=per_channel, channels=int(w.shape[1]), coded=coded,
-                                        channel_coded=channel_coded))
+        if layer.name not in priced:
+            price(layer, None)
+        prices.layers.append(priced[layer.name])
     from onnxshrink.passes.cluster import index_dtype, table_codebook
 
     coded = {}  # table -> key -> (indices, codebook, row scales): decoded only when measured
@@ -231,6 +239,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         prices.layers.append(LayerPrice(node, int(value.size), dict(sorted(proxy.items())), False,
                                         "embedding table: no layer input weighs its rows", rows=int(value.shape[0]),
                                         tensor=tensor, savings=savings, coded=coded_bits_))
+        memory.release()
     if measure and dataset is not None and not (stop is not None and stop()):
         _measure(prices, model, calibration, decoded, channel_decoded, threads, stop, coded)
     return prices
@@ -267,8 +276,9 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
                   per_channel: bool = False, form: str = "kmeans", coded: dict | None = None) -> tuple[dict, np.ndarray | None]:
-    """layer_errors, and the decoded [K, N] weight at width `keep` (None: not kept); `per_channel`: one codebook
-    per output column, as cluster --per channel fits them. `coded`, when given, gets each width's coded_bits."""
+    """layer_errors, and the weight at width `keep` as (indices, codebooks, per_channel, [K, N] shape) (None: not kept; _Decoded
+    decodes it); `per_channel`: one codebook per output column, as cluster --per channel fits them. `coded`, when
+    given, gets each width's coded_bits."""
     if not bits and not keep:
         return {}, None
     k, n = w.shape
@@ -289,7 +299,7 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
         decoded = codebook.decode(idx, books)
         decoded = decoded.T if per_channel else decoded.reshape(k, n)
         if b == keep:
-            kept = decoded
+            kept = (idx.astype(np.uint8 if books.shape[-1] <= 256 else np.uint16), books, per_channel, (k, n))
         if b not in bits:
             continue
         if coded is not None:
@@ -571,19 +581,20 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         stored = as_int8(value)
         if stored is not None:
             others[tensor.name] = (stored[1].astype(np.float32) * stored[2]).reshape(value.shape)
-    feeds = {name: value for name, value in decoded.values() if name in main}
-    feeds.update(others)
-    feeds.update({name: None for name in coded if name in main})
+    feeds = {name for name, _ in decoded.values() if name in main} | set(others) | {name for name in coded if name in main}
     if not feeds:
         return
-    overridable = onnx.ModelProto()
-    overridable.CopyFrom(model)
-    known = {v.name for v in overridable.graph.input}
-    for name in feeds:
-        if name not in known:
-            tensor = main[name]
-            overridable.graph.input.append(helper.make_tensor_value_info(name, tensor.data_type, list(tensor.dims)))
-    session = make_session(overridable, threads)
+    specs = input_specs(model)
+    known = {v.name for v in graph.input}
+    added = [helper.make_tensor_value_info(name, main[name].data_type, list(main[name].dims)) for name in feeds
+             if name not in known]
+    # The weights made overridable inputs of the model itself, for the session only: a copy of it held 440 MB more
+    # on MPNet
+    graph.input.extend(added)
+    try:
+        session = make_session(model, threads)
+    finally:
+        del graph.input[len(graph.input) - len(added):]
     inputs = {v.name for v in session.get_inputs()}
     batches, left = [], SENSITIVITY_SAMPLES  # a batch may hold more samples than that: cut it (16 on PP-OCR's data)
     for batch in dataset.batches:
@@ -593,9 +604,9 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         batches.append({k: v[:size] if getattr(v, "ndim", 0) else v for k, v in batch.items() if k in inputs})
         left -= size
     batches = trim_padding(Dataset(batches, None, SENSITIVITY_SAMPLES - left, False, [], dict(dataset.batch_axes)),
-                           input_specs(model)).batches  # the samples chosen first, then their padding cut
+                           specs).batches  # the samples chosen first, then their padding cut
     reference = run_batches(session, batches)
-    found = attention_mask(input_specs(model), batches, dataset.batch_axes)
+    found = attention_mask(specs, batches, dataset.batch_axes)
     masks = {name: found[1] for name, value in reference.items() if found is not None and masks_output(found[1], value)}
 
     def drift(replaced: dict) -> float:
@@ -626,9 +637,9 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         if entry is None or entry[0] not in main:
             continue
         if entry[0] not in measured:
-            measured[entry[0]] = drift({entry[0]: entry[1]})
+            measured[entry[0]] = drift({entry[0]: entry[1].value()})
             if layer.node in channel_decoded:
-                channel_drift[entry[0]] = drift({entry[0]: channel_decoded[layer.node][1]})
+                channel_drift[entry[0]] = drift({entry[0]: channel_decoded[layer.node][1].value()})
         layer.drift = measured[entry[0]]
     ratios = [layer.drift / layer.errors[SENSITIVITY_BITS] for layer in prices.layers
               if not layer.table and layer.drift is not None and layer.errors.get(SENSITIVITY_BITS, 0) > 0]
@@ -669,6 +680,21 @@ def _raw(layer, w: np.ndarray) -> np.ndarray:
     if layer.op_type == "Conv":
         return w.T.reshape(layer.shape)
     return (w.T if layer.transposed else w) / layer.alpha
+
+
+@dataclass
+class _Decoded:
+    """A layer's weight at SENSITIVITY_BITS, kept as its indices and codebooks and decoded into the initializer's
+    layout when fed (value()): every layer's float32 copy in both layouts held 680 MB on MPNet while it was priced."""
+    layer: object
+    idx: np.ndarray  # [R, n]: codebook.assign's rows (one row, or one a column)
+    books: np.ndarray
+    per_channel: bool
+    shape: tuple  # [K, N]
+
+    def value(self) -> np.ndarray:
+        decoded = codebook.decode(self.idx.astype(np.int64), self.books)
+        return _raw(self.layer, decoded.T if self.per_channel else decoded.reshape(self.shape)).astype(np.float32)
 
 
 # ---- capture ------------------------------------------------------------------------------------
@@ -726,12 +752,8 @@ def _hessians(dataset: Dataset, model, layers: list, threads: int) -> dict:
             x = np.ascontiguousarray(x, dtype=np.float32)
             shared[key] = shared.get(key, 0.0) + (x.T @ x).astype(np.float64)
             rows[key] = rows.get(key, 0) + x.shape[0]
-    out = {}
-    for layer in layers:
-        key = (layer.x, str(layer.conv))
-        if key in shared and rows[key] > 0:
-            out[layer.name] = shared[key] / rows[key]
-    return out
+    means = {key: shared.pop(key) / count for key, count in rows.items() if count > 0}  # one array per input
+    return {layer.name: means[(layer.x, str(layer.conv))] for layer in layers if (layer.x, str(layer.conv)) in means}
 
 
 def _quadratic(d: np.ndarray, h: np.ndarray | None) -> float:

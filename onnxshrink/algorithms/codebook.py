@@ -64,6 +64,9 @@ GRID_MIN_GAIN = 0.02  # bits a weight an entropy-form grid must save over k-mean
 # k-means' own, the layers' indices 2% smaller. Tables and layers without data are coded at nearest entry: 1.0.
 DATA_AWARE_GRID_MARGIN = 0.65
 UNIFORM_SLICE = 1 << 20  # elements uniform_mse takes to float64 at once
+# elements a long row's histogram (_support) and nearest entries (assign) take at once: MPNet's word table (23M
+# values) as whole float64 and int64 temporaries held 1.4 GB while it was priced
+SLICE = 1 << 20
 
 
 def fit(values: np.ndarray, levels: int, weights: np.ndarray | None = None, reserve_zero: bool = False,
@@ -95,7 +98,8 @@ def fit(values: np.ndarray, levels: int, weights: np.ndarray | None = None, rese
     out[:, levels - free:] = best
     if form == "entropy" and v.shape[0] == 1:
         zeros = int(np.count_nonzero(v == 0)) if reserve_zero else 0
-        count = _support(v, (v != 0).astype(np.float64) if reserve_zero else np.ones_like(v))[1][0]
+        count = _support(v, w if weights is None else (v != 0).astype(np.float64) if reserve_zero
+                         else np.ones_like(v))[1][0]  # unweighted, w is that count already
         grid = entropy_grid(points[0], mass[0], count, out[0, levels - free:], zeros, margin)
         if grid is not None:
             return np.concatenate([np.zeros(1), grid])[None, :] if reserve_zero else grid[None, :]
@@ -159,14 +163,19 @@ def entropy(counts: np.ndarray) -> float:
 
 
 def assign(values: np.ndarray, codebooks: np.ndarray, reserve_zero: bool = False) -> np.ndarray:
-    """Index of the nearest codebook entry for every value of each row: int64 [R, n]."""
-    v = np.asarray(values, dtype=np.float64)
+    """Index of the nearest codebook entry for every value of each row: int64 [R, n] (SLICE values at a time)."""
+    values = np.asarray(values)
     start = 1 if reserve_zero else 0
     free = codebooks[:, start:]
-    mid = (free[:, 1:] + free[:, :-1]) / 2
-    idx = _RowSearch(mid)(v) + start
-    if reserve_zero:
-        idx[v == 0] = 0
+    search = _RowSearch((free[:, 1:] + free[:, :-1]) / 2)
+    idx = np.empty(values.shape, dtype=np.int64)
+    width = max(1, SLICE // max(values.shape[0], 1))
+    for first in range(0, values.shape[1], width):
+        v = np.asarray(values[:, first:first + width], dtype=np.float64)
+        found = search(v) + start
+        if reserve_zero:
+            found[v == 0] = 0
+        idx[:, first:first + width] = found
     return idx
 
 
@@ -245,9 +254,15 @@ def _support(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return np.take_along_axis(v, order, axis=1), np.take_along_axis(w, order, axis=1)
     lo, hi = v.min(axis=1, keepdims=True), v.max(axis=1, keepdims=True)
     span = np.where(hi > lo, hi - lo, 1.0)
-    bins = np.clip(((v - lo) / span * BINS).astype(np.int64), 0, BINS - 1) + np.arange(rows)[:, None] * BINS
-    mass = np.bincount(bins.ravel(), weights=w.ravel(), minlength=rows * BINS).reshape(rows, BINS)
-    total = np.bincount(bins.ravel(), weights=(w * v).ravel(), minlength=rows * BINS).reshape(rows, BINS)
+    offsets = np.arange(rows)[:, None] * BINS
+    mass, total = np.zeros(rows * BINS), np.zeros(rows * BINS)
+    width = max(1, SLICE // rows)
+    for first in range(0, n, width):
+        part, weight = v[:, first:first + width], w[:, first:first + width]
+        bins = (np.clip(((part - lo) / span * BINS).astype(np.int64), 0, BINS - 1) + offsets).ravel()
+        mass += np.bincount(bins, weights=weight.ravel(), minlength=rows * BINS)
+        total += np.bincount(bins, weights=(weight * part).ravel(), minlength=rows * BINS)
+    mass, total = mass.reshape(rows, BINS), total.reshape(rows, BINS)
     centres = lo + (np.arange(BINS) + 0.5) / BINS * span
     points = np.where(mass > 0, total / np.where(mass > 0, mass, 1.0), centres)
     return points, mass

@@ -46,6 +46,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxshrink import memory
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
@@ -249,6 +250,7 @@ class Cluster:
         for index, (weight, group) in enumerate(units.items()):
             step("cluster: layers", index, len(units))
             report.layers.extend(self._cluster(model, original, weight, group, stats))
+            memory.release()  # a layer's float64 copies, Gram and refit: freed between small long-lived arrays
         for weight, group in tables.items():
             report.layers.extend(self._cluster_table(weight, group, stats))
         drop_unused_initializers(model)
@@ -603,7 +605,9 @@ def table_codebook(raw: np.ndarray, levels: int, per: str = "layer", form: str =
     reserve = bool(np.any(raw == 0))
     books = codebook.fit(rows, levels, None, reserve_zero=reserve, form=form)
     idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
-    decoded = codebook.decode(idx_rows, books).reshape(raw.shape) * (1.0 if row_scale is None else row_scale)
+    decoded = codebook.decode(idx_rows, books).reshape(raw.shape)
+    if row_scale is not None:
+        decoded *= row_scale  # in place: a word table's float64 copy is 187 MB on MPNet
     return idx_rows.reshape(raw.shape), books, row_scale, decoded.astype(np.float32)
 
 

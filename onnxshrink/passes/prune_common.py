@@ -18,6 +18,7 @@ from onnx import numpy_helper
 from onnxshrink.algorithms.reconstruct import DEFAULT_DAMPING, Gram
 from onnxshrink.algorithms.sparsegpt import KEPT_REFIT_DAMP
 from onnxshrink.data import PADDING_MASKS
+from onnxshrink import memory
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, initializer_owners
 from onnxshrink.runtime import Capture, capture_activations
@@ -510,3 +511,4 @@ class RoundCapture:
         own = {other.name for other in wave if (self.upstream.get(other.name, set()) - {other.name}) & names}
         self.grams.update(teacher_grams(self.dataset, self.original, self.model, wave, self.biases, self.threads, own))
         self.runs += 1
+        memory.release()  # the round's two sessions and activations are gone: their pages back to the system

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-SCRATCH_KINDS = ("ort", "profile", "static")
+SCRATCH_KINDS = ("ort", "profile", "static", "teacher")
 OWNER_FILE = ".onnxshrink-pid"  # the pid of the process using the folder
 STALE_SCRATCH_S = 24 * 3600  # a live run touches its scratch far more often than this
 _SCRATCH_NAME = re.compile(rf"onnxshrink-(?:{'|'.join(SCRATCH_KINDS)})-[a-z0-9_]{{8}}")

@@ -549,6 +549,34 @@ def test_one_run_per_wave_gives_the_statistics_of_one_run_per_layer():
     assert block.runs == 1
 
 
+def test_the_original_and_the_model_are_never_captured_at_once(monkeypatch, tmp_path):
+    """Their sessions each hold the weights twice (our arrays, onnxruntime's copy): the original's teacher outputs
+    wait on disk, in a private scratch folder that is gone afterwards, while the model runs."""
+    import tempfile
+
+    from onnxshrink.passes import prune_common
+
+    model = _two_waves()
+    data = _calibration(model)
+    real, open_now, most = prune_common.capture, [0], [0]
+
+    def tracked(*args, **kwargs):
+        def run():
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            try:
+                yield from real(*args, **kwargs)
+            finally:
+                open_now[0] -= 1
+        return run()
+
+    monkeypatch.setattr(prune_common, "capture", tracked)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    clustered, report = Cluster(ClusterConfig(bits=3, capture_rounds=0), data)(model)
+    assert report.changed and most[0] == 1 and open_now[0] == 0
+    assert not list(tmp_path.glob("onnxshrink-teacher-*"))
+
+
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_cluster_captures_a_round_of_layers_per_run(monkeypatch, rounds):
     from onnxshrink.passes import prune_common
@@ -560,8 +588,9 @@ def test_cluster_captures_a_round_of_layers_per_run(monkeypatch, rounds):
     clustered, report = Cluster(ClusterConfig(bits=3, capture_rounds=rounds), data)(model)
     monkeypatch.setattr(prune_common, "capture", real)
     per_layer, _ = Cluster(ClusterConfig(bits=3, capture_rounds=-1), data)(model)
-    # the clustered model and the original side by side, once per round
-    assert calls == ([["x"], ["x"], ["r"], ["r"]] if rounds == 0 else [["r", "x"], ["r", "x"]])
+    # the original, then the clustered model, once per round; in one round o fits its own outputs (it is below q and
+    # v), so the original runs only as far as the teachers' input x
+    assert calls == ([["x"], ["x"], ["r"], ["r"]] if rounds == 0 else [["x"], ["r", "x"]])
     assert all("after refit" in layer.reason for layer in report.layers)
     feed = data.batches[0]
     if rounds == 0:  # exactly the statistics of one capture per layer: the same model

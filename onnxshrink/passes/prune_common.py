@@ -10,18 +10,20 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxshrink import memory
 from onnxshrink.algorithms.reconstruct import DEFAULT_DAMPING, Gram
 from onnxshrink.algorithms.sparsegpt import KEPT_REFIT_DAMP
 from onnxshrink.data import PADDING_MASKS
-from onnxshrink import memory
 from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, initializer_owners
 from onnxshrink.runtime import Capture, capture_activations
+from onnxshrink.scratch import scratch_dir
 from onnxshrink.streaming import TensorStore
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Conv")
@@ -380,7 +382,11 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
     tensor (q, k and v) share its X^T X. What a layer sees is exact when none of `layers` feeds another (a wave);
     otherwise a later layer sees the earlier ones as they are in `model` now (uncompressed). The layers named in
     `own` are fitted to their own function of the inputs they see (Y = X W, not the original's X0 W): a layer
-    below another of the same run must not correct the upstream drift that the one above corrects already."""
+    below another of the same run must not correct the upstream drift that the one above corrects already.
+
+    The original runs first and its layers' outputs wait on disk, one file per batch and layer, while the model
+    runs: a session on each at once held the weights four times over (our arrays and onnxruntime's copy, twice),
+    3.36 GB on MPNet's late rounds."""
     owners = initializer_owners(original)
     teachers = {}
     for layer in layers:
@@ -388,25 +394,37 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
         teachers[layer.name] = (w, read_bias(layer, owners) if biases.get(layer.name) else None)
     grams = {layer.name: Gram(input_size(layer), teachers[layer.name][0].shape[1], bias=bool(biases.get(layer.name)))
              for layer in layers}
-    names = sorted({layer.x for layer in layers})
-    for (batch, now), (_, before) in zip(capture(dataset, model, names, threads),
-                                         capture(dataset, original, names, threads)):
-        shared: dict = {}  # (input, bias) -> X^T X of this batch, computed once for every layer reading it
-        for layer in layers:
-            value, value0 = now.get(layer.x, batch.get(layer.x)), before.get(layer.x, batch.get(layer.x))
-            rows = token_rows(batch, value, layer)
-            x, x0 = unfold(layer, value), unfold(layer, value0)
-            if rows is not None:
-                x, x0 = x[rows], x0[rows]
-            w, b = teachers[layer.name]
-            y = (x if layer.name in own else x0) @ w
-            gram = grams[layer.name]
-            key = (layer.x, gram.bias, layer.op_type, str(layer.conv))
-            if key not in shared:
-                probe = Gram(gram.k, 0, bias=gram.bias)
-                probe.add(x)
-                shared[key] = probe.xtx
-            gram.add(x, y if b is None else y + b, xtx=shared[key])
+    taught = [(index, layer) for index, layer in enumerate(layers) if layer.name not in own]
+    with scratch_dir("teacher") as spill:  # private (0700), removed on return; swept if a killed run left it
+        def spilled(batch_index: int, index: int) -> Path:
+            return Path(spill) / f"{batch_index}-{index}.npy"
+
+        if taught:
+            for batch_index, (batch, before) in enumerate(capture(dataset, original, sorted({layer.x for _, layer in taught}),
+                                                                  threads)):
+                for index, layer in taught:
+                    value0 = before.get(layer.x, batch.get(layer.x))
+                    rows, x0 = token_rows(batch, value0, layer), unfold(layer, value0)
+                    np.save(spilled(batch_index, index), (x0 if rows is None else x0[rows]) @ teachers[layer.name][0])
+                del before
+            memory.release()
+        for batch_index, (batch, now) in enumerate(capture(dataset, model, sorted({layer.x for layer in layers}),
+                                                           threads)):
+            shared: dict = {}  # (input, bias) -> X^T X of this batch, computed once for every layer reading it
+            for index, layer in enumerate(layers):
+                value = now.get(layer.x, batch.get(layer.x))
+                rows, x = token_rows(batch, value, layer), unfold(layer, value)
+                if rows is not None:
+                    x = x[rows]
+                w, b = teachers[layer.name]
+                y = x @ w if layer.name in own else np.load(spilled(batch_index, index))
+                gram = grams[layer.name]
+                key = (layer.x, gram.bias, layer.op_type, str(layer.conv))
+                if key not in shared:
+                    probe = Gram(gram.k, 0, bias=gram.bias)
+                    probe.add(x)
+                    shared[key] = probe.xtx
+                gram.add(x, y if b is None else y + b, xtx=shared[key])
     return grams
 
 

@@ -15,7 +15,7 @@ import multiprocessing
 import sys
 import warnings
 
-from onnxshrink import model as model_io
+from onnxshrink import memory, model as model_io
 
 
 class _Interrupted:
@@ -33,6 +33,7 @@ class Child:
     """`work(cache, evict=False)` started in a forked child; `receiver` becomes readable when it has ended."""
 
     def __init__(self, work, cache: dict):
+        memory.release()  # the child's RSS counts every page it inherits: freed ones first back to the system
         context = multiprocessing.get_context("fork")
         self.receiver, sender = context.Pipe(duplex=False)
         known = set(cache)

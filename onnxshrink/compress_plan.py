@@ -275,10 +275,10 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
-                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None) -> tuple[dict, np.ndarray | None]:
-    """layer_errors, and the weight at width `keep` as (indices, codebooks, per_channel, [K, N] shape) (None: not kept; _Decoded
-    decodes it); `per_channel`: one codebook per output column, as cluster --per channel fits them. `coded`, when
-    given, gets each width's coded_bits."""
+                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None) -> tuple[dict, tuple | None]:
+    """layer_errors, and the weight at width `keep` as (indices, codebooks, per_channel, its [K, N] shape), which
+    _Decoded decodes (None: not kept); `per_channel`: one codebook per output column, as cluster --per channel fits
+    them. `coded`, when given, gets each width's coded_bits."""
     if not bits and not keep:
         return {}, None
     k, n = w.shape
@@ -581,7 +581,8 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         stored = as_int8(value)
         if stored is not None:
             others[tensor.name] = (stored[1].astype(np.float32) * stored[2]).reshape(value.shape)
-    feeds = {name for name, _ in decoded.values() if name in main} | set(others) | {name for name in coded if name in main}
+    feeds = list(dict.fromkeys([name for name, _ in decoded.values() if name in main] + list(others)
+                               + [name for name in coded if name in main]))  # in a fixed order
     if not feeds:
         return
     specs = input_specs(model)

@@ -69,7 +69,7 @@ except ModuleNotFoundError:  # Python 3.10: the same parser, from PyPI (pyprojec
 import numpy as np
 from onnx import TensorProto, numpy_helper
 
-from onnxshrink import api, candidate_process, executors, task_check
+from onnxshrink import api, candidate_process, executors, memory, task_check
 from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.common import glob_literal
@@ -1124,6 +1124,7 @@ def plan_phase(search) -> tuple[float | None, int | None]:
     prices = compress_plan.price_layers(search.source, config.calibration, threads=config.threads,
                                         stop=lambda: not search.affordable(), min_share=compress_plan.MIN_LAYER_SHARE,
                                         form=PLANNED_CODEBOOK, table_rows=PLANNED_TABLE_ROWS)
+    memory.release()  # the pricing's model, captures and session are gone before the candidates fork from here
     if not prices.layers:
         search.notes.extend(prices.notes)
         return None, None

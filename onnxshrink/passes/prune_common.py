@@ -400,8 +400,8 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
             return Path(spill) / f"{batch_index}-{index}.npy"
 
         if taught:
-            for batch_index, (batch, before) in enumerate(capture(dataset, original, sorted({layer.x for _, layer in taught}),
-                                                                  threads)):
+            taught_inputs = sorted({layer.x for _, layer in taught})
+            for batch_index, (batch, before) in enumerate(capture(dataset, original, taught_inputs, threads)):
                 for index, layer in taught:
                     value0 = before.get(layer.x, batch.get(layer.x))
                     rows, x0 = token_rows(batch, value0, layer), unfold(layer, value0)
@@ -529,4 +529,4 @@ class RoundCapture:
         own = {other.name for other in wave if (self.upstream.get(other.name, set()) - {other.name}) & names}
         self.grams.update(teacher_grams(self.dataset, self.original, self.model, wave, self.biases, self.threads, own))
         self.runs += 1
-        memory.release()  # the round's two sessions and activations are gone: their pages back to the system
+        memory.release()  # the round's sessions and activations are gone: their pages back to the system

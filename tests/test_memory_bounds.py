@@ -8,7 +8,7 @@ import numpy as np
 from onnx import helper, numpy_helper
 
 from conftest import build_model, float_value, make_mlp, save_model
-from onnxshrink import compress_plan, memory
+from onnxshrink import compress_plan, memory, runtime
 from onnxshrink.algorithms import codebook
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import describe
@@ -59,7 +59,7 @@ def test_pricing_chunk_by_chunk_prices_as_one_capture(tmp_path, monkeypatch):
 def test_the_sensitivity_session_overrides_the_models_own_weights_then_puts_its_inputs_back(tmp_path, monkeypatch):
     path, cal = _calibrated_mlp(tmp_path)
     loaded, seen = [], []
-    real_load, real_session = compress_plan.model_io.load, __import__("onnxshrink.runtime", fromlist=["x"]).make_session
+    real_load, real_session = compress_plan.model_io.load, runtime.make_session
 
     def load(p):
         loaded.append(real_load(p))
@@ -71,7 +71,7 @@ def test_the_sensitivity_session_overrides_the_models_own_weights_then_puts_its_
         return real_session(model, *args, **kwargs)
 
     monkeypatch.setattr(compress_plan.model_io, "load", load)
-    monkeypatch.setattr("onnxshrink.runtime.make_session", make_session)
+    monkeypatch.setattr(runtime, "make_session", make_session)
     prices = compress_plan.price_layers(path, cal)
     assert all(layer.drift is not None for layer in prices.layers)
     weights = {"fc0.weight", "fc1.weight", "fc2.weight"}

@@ -386,7 +386,7 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
 
     The original runs first and its layers' outputs wait on disk, one file per batch and layer, while the model
     runs: a session on each at once held the weights four times over (our arrays and onnxruntime's copy, twice),
-    3.36 GB on MPNet's late rounds."""
+    3.32 GB on MPNet's late rounds (bench/memory_sample.py pass)."""
     owners = initializer_owners(original)
     teachers = {}
     for layer in layers:

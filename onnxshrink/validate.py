@@ -14,8 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxshrink import data as data_mod
+from onnxshrink import memory
 from onnxshrink import model as model_io
-from onnxshrink.errors import DataError, InputsUnavailable, ModelLoadError, UsageError
+from onnxshrink.errors import DataError, InputsUnavailable, ModelLoadError, UnsupportedModelError, UsageError
 from onnxshrink.progress import step
 from onnxshrink.report import Check, OutputDrift, ValidationReport
 from onnxshrink.runtime import make_session, run_batches
@@ -51,8 +52,8 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     config = config or ValidateConfig()
     thresholds = config.thresholds or Thresholds()
     # Only their signatures are read here (onnxruntime loads the weights itself).
-    original_model = model_io.load(original, with_data=False)
-    candidate_model = model_io.load(candidate, with_data=False)
+    original_source, original_model = model_io.run_source(original)
+    candidate_source, candidate_model = model_io.run_source(candidate)
     specs = data_mod.input_specs(original_model)
     candidate_specs = {s.name: s for s in data_mod.input_specs(candidate_model)}
     for spec in specs:
@@ -64,8 +65,11 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     if thresholds.max_accuracy_drop is not None and not config.labels:
         raise UsageError("--max-accuracy-drop needs --data and --labels")
     step("validate: loading models", 0, 3)
-    sessions = [make_session(model_io.runnable(original, original_model), config.threads),
-                make_session(model_io.runnable(candidate, candidate_model), config.threads)]
+    sessions = [_session(original, original_source, config.threads)]
+    memory.release()  # what building a session freed: onnxruntime parses a file's weights twice over
+    sessions.append(_session(candidate, candidate_source, config.threads))
+    del original_source, candidate_source  # a decoded pack's weights: onnxruntime holds what it runs on
+    memory.release()
     dataset, origin = _dataset(config, specs, original_model, sessions[0])
     graph = original_model.graph  # no weights (with_data=False): kept to tell scores from states (non_score_outputs)
     del candidate_model
@@ -130,6 +134,17 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         input_shape_sources=dict(dataset.shape_sources),
         validation_data=origin,
     )
+
+
+def _session(path, source, threads: int):
+    """A session of what model.run_source gave; a pack onnxruntime refuses is judged as its ONNX file would be:
+    run_source skipped the full checker, so its reason (a load error where both refuse) is asked for here."""
+    try:
+        return make_session(source, threads)
+    except UnsupportedModelError:
+        if model_io.is_pack(path):
+            model_io.load(path)
+        raise
 
 
 def _dataset(config: ValidateConfig, specs: list, model, session) -> tuple[data_mod.Dataset, str]:

@@ -5,10 +5,15 @@ the session instead of a copy, long rows binned and rounded in slices, and freed
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from onnx import helper, numpy_helper
+from typer.testing import CliRunner
 
 from conftest import build_model, float_value, make_mlp, save_model
-from onnxshrink import compress_plan, memory, runtime
+from onnxshrink import compress_plan, memory, packing, runtime
+from onnxshrink import data as data_mod
+from onnxshrink import model as model_io
+from onnxshrink.cli import app
 from onnxshrink.algorithms import codebook
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import describe
@@ -103,3 +108,60 @@ def test_release_is_safe_to_call_anywhere():
     memory.release()
     memory.release()
     assert memory._trim is not None  # looked up once: glibc's function, or False where there is none
+
+
+def test_validate_runs_a_pack_without_loading_it_whole(tmp_path, monkeypatch):
+    """A pack is decoded once, its large weights straight into arrays for onnxruntime (model.session_source):
+    neither loaded into a ModelProto nor serialized again; the report is the one its ONNX file gets."""
+    import onnxshrink
+    monkeypatch.chdir(tmp_path)
+    save_model(make_mlp(widths=(64, 256, 256, 10), seed=3), tmp_path / "mlp.onnx")  # 64 KiB weights: records
+    onnxshrink.pack("mlp.onnx", "mlp.shrink")
+    loaded, decoded = [], []
+    real_load, real_unpack = model_io.load, packing.unpack_model
+    monkeypatch.setattr(model_io, "load", lambda path, *a, **k: loaded.append(str(path)) or real_load(path, *a, **k))
+    monkeypatch.setattr(packing, "unpack_model", lambda data, place=None: decoded.append(1) or real_unpack(data, place))
+    packed = onnxshrink.validate("mlp.onnx", "mlp.shrink")
+    assert "mlp.shrink" not in loaded and loaded == ["mlp.onnx"]
+    assert len(decoded) == 1
+    plain = onnxshrink.validate("mlp.onnx", "mlp.onnx")
+    assert packed.outputs == plain.outputs and packed.outputs  # the same figures: lossless, and equal
+    assert packed.size["candidate"] == (tmp_path / "mlp.shrink").stat().st_size < plain.size["candidate"]
+
+
+def test_run_source_lets_go_of_an_onnx_files_weights(tmp_path):
+    """For its signature and nodes a model needs no weights: the large ones held in an ONNX file become
+    references, the small ones (shapes, axes) stay, and onnxruntime reads the file itself."""
+    path = save_model(make_mlp(widths=(64, 256, 256, 10), seed=3), tmp_path / "mlp.onnx")
+    whole = model_io.load(path)
+    source, light = model_io.run_source(path)
+    assert source == str(path)
+    sizes = {t.name: len(t.raw_data) for t in whole.graph.initializer}
+    kept = {t.name: t for t in light.graph.initializer}
+    assert set(kept) == set(sizes) and any(n >= model_io.MIN_ARRAY_BYTES for n in sizes.values())
+    for name, size in sizes.items():
+        assert (len(kept[name].raw_data) == 0) == (size >= model_io.MIN_ARRAY_BYTES)
+        assert list(kept[name].dims) == list(next(t.dims for t in whole.graph.initializer if t.name == name))
+    assert light.ByteSize() < whole.ByteSize() // 10
+    assert data_mod.input_specs(light) == data_mod.input_specs(whole)
+    assert list(light.graph.node) == list(whole.graph.node)
+
+
+def test_a_pack_onnxruntime_refuses_fails_validate_as_its_onnx_file_does(tmp_path, monkeypatch):
+    """validate skips the checker for a pack that runs; where onnxruntime refuses, the checker's reason is asked
+    for, so the .shrink and the .onnx of one model fail with the same exit code."""
+    model = make_mlp(seed=1)
+    model.graph.node[0].op_type = "NoSuchOp"
+    monkeypatch.chdir(tmp_path)
+    save_model(make_mlp(seed=1), tmp_path / "good.onnx")
+    onnx.save(model, "bad.onnx")
+    with open("bad.shrink", "wb") as stream:
+        packing.pack_model(model, stream, packing.PackReport("pack", "bad.onnx", "bad.shrink"))
+    runner = CliRunner()
+    codes = []
+    for candidate in ("bad.onnx", "bad.shrink"):
+        result = runner.invoke(app, ["validate", "good.onnx", candidate])
+        assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+        assert "Traceback" not in result.output and "NoSuchOp" in result.output
+        codes.append(result.exit_code)
+    assert codes[0] == codes[1] == 3

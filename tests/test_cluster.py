@@ -577,6 +577,50 @@ def test_the_original_and_the_model_are_never_captured_at_once(monkeypatch, tmp_
     assert not list(tmp_path.glob("onnxshrink-teacher-*"))
 
 
+def test_one_layers_teacher_statistics_capture_one_model_at_a_time(monkeypatch, tmp_path):
+    """teacher_gram (factorize, prune_channels, prune's refit) spills the original's outputs as teacher_grams does:
+    one capture session at a time, the same X^T X and X^T Y as both captured side by side."""
+    import tempfile
+
+    from onnxshrink.passes import prune_common
+    from onnxshrink.passes.common import Site, initializer_owners
+    from onnxshrink.weights import find_tensors
+
+    original = _two_waves()
+    data = _calibration(original)
+    model = onnx.ModelProto()
+    model.CopyFrom(original)
+    owners = initializer_owners(model)
+    tensor = owners["q.weight"][1]
+    tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor) * 0.5, tensor.name))  # o's inputs move
+    records, outputs = {r.name: r for r in find_tensors(model)}, {o for n in model.graph.node for o in n.output}
+    o = next(prune_common.describe(Site(model.graph, n, n.name, n.input[1]), owners, records, outputs)
+             for n in model.graph.node if n.name == "o")
+    w0 = prune_common.matrix(o, initializer_owners(original))
+    expected = prune_common.Gram(prune_common.input_size(o), w0.shape[1])
+    for (batch, now), (_, before) in zip(prune_common.capture(data, model, ["r"]), prune_common.capture(data, original, ["r"])):
+        expected.add(now["r"], before["r"] @ w0)
+    real, open_now, most = prune_common.capture, [0], [0]
+
+    def tracked(*args, **kwargs):
+        def run():
+            open_now[0] += 1
+            most[0] = max(most[0], open_now[0])
+            try:
+                yield from real(*args, **kwargs)
+            finally:
+                open_now[0] -= 1
+        return run()
+
+    monkeypatch.setattr(prune_common, "capture", tracked)
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    got = prune_common.teacher_gram(data, original, model, o, o, False)
+    assert most[0] == 1 and open_now[0] == 0 and not list(tmp_path.glob("onnxshrink-teacher-*"))
+    assert not np.allclose(got.xtx, prune_common.teacher_gram(data, original, original, o, o, False).xtx)
+    for field in ("xtx", "xty", "yty", "rows"):
+        np.testing.assert_array_equal(getattr(got, field), getattr(expected, field))
+
+
 @pytest.mark.parametrize("rounds", [0, 1])
 def test_cluster_captures_a_round_of_layers_per_run(monkeypatch, rounds):
     from onnxshrink.passes import prune_common

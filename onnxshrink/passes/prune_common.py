@@ -262,15 +262,21 @@ def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, th
         original_w = original_w[:, columns]
         original_b = original_b[columns] if original_b is not None else None
     gram = Gram(input_size(layer), original_w.shape[1], bias=bias)
-    pairs = zip(capture(dataset, model, [layer.x], threads), capture(dataset, original, [original_layer.x], threads))
-    for (batch, now), (_, before) in pairs:
-        value = now.get(layer.x, batch.get(layer.x))
-        x, x0 = unfold(layer, value), unfold(original_layer, before.get(original_layer.x, batch.get(original_layer.x)))
-        rows = token_rows(batch, value, layer)  # padding left out, as every other statistic here leaves it
-        if rows is not None:
-            x, x0 = x[rows], x0[rows]
-        y = x0 @ original_w
-        gram.add(x, y if original_b is None else y + original_b)
+    # The original runs first and the layer's outputs wait on disk while the model runs, as in teacher_grams: a
+    # capture session on each at once holds the weights four times over.
+    with scratch_dir("teacher") as spill:  # private (0700), removed on return; swept if a killed run left it
+        for index, (batch, before) in enumerate(capture(dataset, original, [original_layer.x], threads)):
+            value0 = before.get(original_layer.x, batch.get(original_layer.x))
+            rows = token_rows(batch, value0, original_layer)  # padding left out, as every other statistic leaves it
+            x0 = unfold(original_layer, value0)
+            y = (x0 if rows is None else x0[rows]) @ original_w
+            np.save(Path(spill) / f"{index}.npy", y if original_b is None else y + original_b)
+            del before, value0, x0, y
+        memory.release()
+        for index, (batch, now) in enumerate(capture(dataset, model, [layer.x], threads)):
+            value = now.get(layer.x, batch.get(layer.x))
+            rows, x = token_rows(batch, value, layer), unfold(layer, value)
+            gram.add(x if rows is None else x[rows], np.load(Path(spill) / f"{index}.npy"))
     return gram
 
 

@@ -549,15 +549,8 @@ def test_one_run_per_wave_gives_the_statistics_of_one_run_per_layer():
     assert block.runs == 1
 
 
-def test_the_original_and_the_model_are_never_captured_at_once(monkeypatch, tmp_path):
-    """Their sessions each hold the weights twice (our arrays, onnxruntime's copy): the original's teacher outputs
-    wait on disk, in a private scratch folder that is gone afterwards, while the model runs."""
-    import tempfile
-
-    from onnxshrink.passes import prune_common
-
-    model = _two_waves()
-    data = _calibration(model)
+def _track_captures(monkeypatch, prune_common) -> tuple[list, list]:
+    """prune_common.capture counted: ([captures open now], [most open at once])."""
     real, open_now, most = prune_common.capture, [0], [0]
 
     def tracked(*args, **kwargs):
@@ -571,6 +564,19 @@ def test_the_original_and_the_model_are_never_captured_at_once(monkeypatch, tmp_
         return run()
 
     monkeypatch.setattr(prune_common, "capture", tracked)
+    return open_now, most
+
+
+def test_the_original_and_the_model_are_never_captured_at_once(monkeypatch, tmp_path):
+    """Their sessions each hold the weights twice (our arrays, onnxruntime's copy): the original's teacher outputs
+    wait on disk, in a private scratch folder that is gone afterwards, while the model runs."""
+    import tempfile
+
+    from onnxshrink.passes import prune_common
+
+    model = _two_waves()
+    data = _calibration(model)
+    open_now, most = _track_captures(monkeypatch, prune_common)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     clustered, report = Cluster(ClusterConfig(bits=3, capture_rounds=0), data)(model)
     assert report.changed and most[0] == 1 and open_now[0] == 0
@@ -600,19 +606,7 @@ def test_one_layers_teacher_statistics_capture_one_model_at_a_time(monkeypatch, 
     expected = prune_common.Gram(prune_common.input_size(o), w0.shape[1])
     for (batch, now), (_, before) in zip(prune_common.capture(data, model, ["r"]), prune_common.capture(data, original, ["r"])):
         expected.add(now["r"], before["r"] @ w0)
-    real, open_now, most = prune_common.capture, [0], [0]
-
-    def tracked(*args, **kwargs):
-        def run():
-            open_now[0] += 1
-            most[0] = max(most[0], open_now[0])
-            try:
-                yield from real(*args, **kwargs)
-            finally:
-                open_now[0] -= 1
-        return run()
-
-    monkeypatch.setattr(prune_common, "capture", tracked)
+    open_now, most = _track_captures(monkeypatch, prune_common)
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     got = prune_common.teacher_gram(data, original, model, o, o, False)
     assert most[0] == 1 and open_now[0] == 0 and not list(tmp_path.glob("onnxshrink-teacher-*"))

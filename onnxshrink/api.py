@@ -12,6 +12,7 @@ from pathlib import Path
 
 import onnx
 
+from onnxshrink import memory
 from onnxshrink import model as model_io
 from onnxshrink import streaming
 from onnxshrink.errors import InputsUnavailable, ModelLoadError, OutputError, UsageError
@@ -601,7 +602,7 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
         with handed_over(original):  # loaded for this pass alone: rewritten in place, not held twice
             result, pass_report = transform(original)
         model_io.stamp(result, command, options, first_size)
-        del original
+        del original, transform  # a pass may keep what it fitted from (cluster: the original and its captures)
 
     staging = model_io.staging_dir(output, ".check")
     try:
@@ -610,11 +611,12 @@ def _run_pass_command(command, model_path, output, suffix, make_pass, *, force, 
                                                        edit=lambda m: model_io.stamp(m, command, options, first_size),
                                                        check=full_check)
             staged = staging / output.name
-            del original
+            del original, transform
         else:
             # full_check=False: sparse initializers feeding MatMul fail onnx's full check; onnxruntime loads them below.
             staged = model_io.save(result, staging / output.name, external_data=external, check=full_check)
             del result  # written: validation and the move below work from the file
+        memory.release()  # the pass's freed arrays: the sessions below are built after them, not beside them
         report = CommandReport(command, str(model_path), None, [pass_report], {}, changed=pass_report.changed)
         if not pass_report.changed:
             report.notes.append(_no_change(command, pass_report))

@@ -165,3 +165,32 @@ def test_a_pack_onnxruntime_refuses_fails_validate_as_its_onnx_file_does(tmp_pat
         assert "Traceback" not in result.output and "NoSuchOp" in result.output
         codes.append(result.exit_code)
     assert codes[0] == codes[1] == 3
+
+
+def test_a_pass_and_what_it_fitted_from_are_gone_before_the_output_is_loaded(tmp_path, monkeypatch):
+    """cluster keeps the original and its captures (RoundCapture) for as long as the pass lives: on MPNet that put
+    the output's onnxruntime check on top of them (2.63 GB); the command lets go of the pass first."""
+    import gc
+    import weakref
+
+    from onnxshrink import api
+    from onnxshrink.passes import cluster
+
+    path, cal = _calibrated_mlp(tmp_path)
+    passes, alive = [], []
+    real_call, real_kernels = cluster.Cluster.__call__, api._runtime_kernels
+
+    def call(self, model):
+        passes.append(weakref.ref(self))
+        return real_call(self, model)
+
+    def kernels(*args, **kwargs):
+        gc.collect()
+        alive.append(any(ref() is not None for ref in passes))
+        return real_kernels(*args, **kwargs)
+
+    monkeypatch.setattr(cluster.Cluster, "__call__", call)
+    monkeypatch.setattr(api, "_runtime_kernels", kernels)
+    report = api.cluster(path, tmp_path / "out.onnx", cluster.ClusterConfig(bits=4), calibration=cal,
+                         run_validation=False)
+    assert report.passes[0].changed and passes and alive == [False]

@@ -68,7 +68,7 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     sessions = [_session(original, original_source, config.threads)]
     memory.release()  # what building a session freed: onnxruntime parses a file's weights twice over
     sessions.append(_session(candidate, candidate_source, config.threads))
-    del original_source, candidate_source  # a decoded pack's weights: onnxruntime holds what it runs on
+    del original_source, candidate_source  # a pack's graph bytes (its weights live as long as its session)
     memory.release()
     dataset, origin = _dataset(config, specs, original_model, sessions[0])
     graph = original_model.graph  # no weights (with_data=False): kept to tell scores from states (non_score_outputs)

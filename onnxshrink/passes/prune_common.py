@@ -9,6 +9,7 @@ the model as rewritten so far, Y the original model's outputs) and writes it bac
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -262,22 +263,36 @@ def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, th
         original_w = original_w[:, columns]
         original_b = original_b[columns] if original_b is not None else None
     gram = Gram(input_size(layer), original_w.shape[1], bias=bias)
-    # The original runs first and the layer's outputs wait on disk while the model runs, as in teacher_grams: a
-    # capture session on each at once holds the weights four times over.
-    with scratch_dir("teacher") as spill:  # private (0700), removed on return; swept if a killed run left it
-        for index, (batch, before) in enumerate(capture(dataset, original, [original_layer.x], threads)):
-            value0 = before.get(original_layer.x, batch.get(original_layer.x))
-            rows = token_rows(batch, value0, original_layer)  # padding left out, as every other statistic leaves it
-            x0 = unfold(original_layer, value0)
-            y = (x0 if rows is None else x0[rows]) @ original_w
-            np.save(Path(spill) / f"{index}.npy", y if original_b is None else y + original_b)
-            del before, value0, x0, y
-        memory.release()
-        for index, (batch, now) in enumerate(capture(dataset, model, [layer.x], threads)):
+    with scratch_dir("teacher") as spill:  # the original first, as in teacher_grams (_spill_teacher_outputs)
+        spilled = _spilled(spill)
+        _spill_teacher_outputs(dataset, original, [(0, original_layer, original_w)], threads, spilled)
+        for batch_index, (batch, now) in enumerate(capture(dataset, model, [layer.x], threads)):
             value = now.get(layer.x, batch.get(layer.x))
             rows, x = token_rows(batch, value, layer), unfold(layer, value)
-            gram.add(x if rows is None else x[rows], np.load(Path(spill) / f"{index}.npy"))
+            y = np.load(spilled(batch_index, 0))
+            gram.add(x if rows is None else x[rows], y if original_b is None else y + original_b)
     return gram
+
+
+def _spilled(spill) -> Callable[[int, int], Path]:
+    """Where the teacher outputs of (batch, layer) wait in the scratch folder `spill`."""
+    return lambda batch_index, index: Path(spill) / f"{batch_index}-{index}.npy"
+
+
+def _spill_teacher_outputs(dataset, original, taught: list, threads: int, spilled) -> None:
+    """One run of the original over the calibration data, each taught layer's outputs X0 W (its real tokens: padding
+    left out, as every other statistic here leaves it) saved per batch, `taught` as (index, layer, W). Why on disk:
+    a capture session on the original and one on the model at once held the weights four times over (our arrays
+    and onnxruntime's copy, twice), 3.32 GB on MPNet's late cluster rounds, 3.64 GB in its factorize
+    (bench/memory_sample.py pass)."""
+    inputs = sorted({layer.x for _, layer, _ in taught})
+    for batch_index, (batch, before) in enumerate(capture(dataset, original, inputs, threads)):
+        for index, layer, w in taught:
+            value0 = before.get(layer.x, batch.get(layer.x))
+            rows, x0 = token_rows(batch, value0, layer), unfold(layer, value0)
+            np.save(spilled(batch_index, index), (x0 if rows is None else x0[rows]) @ w)
+        del before
+    memory.release()
 
 
 def capture(dataset, model, names, threads: int = 1):
@@ -391,8 +406,7 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
     below another of the same run must not correct the upstream drift that the one above corrects already.
 
     The original runs first and its layers' outputs wait on disk, one file per batch and layer, while the model
-    runs: a session on each at once held the weights four times over (our arrays and onnxruntime's copy, twice),
-    3.32 GB on MPNet's late rounds (bench/memory_sample.py pass)."""
+    runs (_spill_teacher_outputs)."""
     owners = initializer_owners(original)
     teachers = {}
     for layer in layers:
@@ -400,20 +414,11 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
         teachers[layer.name] = (w, read_bias(layer, owners) if biases.get(layer.name) else None)
     grams = {layer.name: Gram(input_size(layer), teachers[layer.name][0].shape[1], bias=bool(biases.get(layer.name)))
              for layer in layers}
-    taught = [(index, layer) for index, layer in enumerate(layers) if layer.name not in own]
+    taught = [(index, layer, teachers[layer.name][0]) for index, layer in enumerate(layers) if layer.name not in own]
     with scratch_dir("teacher") as spill:  # private (0700), removed on return; swept if a killed run left it
-        def spilled(batch_index: int, index: int) -> Path:
-            return Path(spill) / f"{batch_index}-{index}.npy"
-
+        spilled = _spilled(spill)
         if taught:
-            taught_inputs = sorted({layer.x for _, layer in taught})
-            for batch_index, (batch, before) in enumerate(capture(dataset, original, taught_inputs, threads)):
-                for index, layer in taught:
-                    value0 = before.get(layer.x, batch.get(layer.x))
-                    rows, x0 = token_rows(batch, value0, layer), unfold(layer, value0)
-                    np.save(spilled(batch_index, index), (x0 if rows is None else x0[rows]) @ teachers[layer.name][0])
-                del before
-            memory.release()
+            _spill_teacher_outputs(dataset, original, taught, threads, spilled)
         for batch_index, (batch, now) in enumerate(capture(dataset, model, sorted({layer.x for layer in layers}),
                                                            threads)):
             shared: dict = {}  # (input, bias) -> X^T X of this batch, computed once for every layer reading it

@@ -694,7 +694,7 @@ class _Decoded:
     shape: tuple  # [K, N]
 
     def value(self) -> np.ndarray:
-        decoded = codebook.decode(self.idx.astype(np.int64), self.books)
+        decoded = codebook.decode(self.idx, self.books)  # uint8/uint16 indices index as they are
         return _raw(self.layer, decoded.T if self.per_channel else decoded.reshape(self.shape)).astype(np.float32)
 
 

@@ -98,8 +98,9 @@ def fit(values: np.ndarray, levels: int, weights: np.ndarray | None = None, rese
     out[:, levels - free:] = best
     if form == "entropy" and v.shape[0] == 1:
         zeros = int(np.count_nonzero(v == 0)) if reserve_zero else 0
-        count = _support(v, w if weights is None else (v != 0).astype(np.float64) if reserve_zero
-                         else np.ones_like(v))[1][0]  # unweighted, w is that count already
+        # unweighted, the support's mass is that count already (w: ones, zeros reserved)
+        count = mass[0] if weights is None else _support(v, (v != 0).astype(np.float64) if reserve_zero
+                                                         else np.ones_like(v))[1][0]
         grid = entropy_grid(points[0], mass[0], count, out[0, levels - free:], zeros, margin)
         if grid is not None:
             return np.concatenate([np.zeros(1), grid])[None, :] if reserve_zero else grid[None, :]

@@ -11,7 +11,7 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from conftest import SAMPLES, assert_bad_option, build_model, count_captures, float_value, invoke, make_mlp, save_model
-from onnxshrink import api
+from onnxshrink import api, session as packed_session
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import load_npz, input_specs
 from onnxshrink.errors import UsageError
@@ -45,6 +45,9 @@ def decoded_weights(model) -> dict[str, np.ndarray]:
         data = producers.get(gather.input[0])
         book = values[data.input[0]].reshape(-1) if data is not None else values[gather.input[0]]
         out[gather.output[0]] = book[idx]
+        for mul in (n for n in model.graph.node if n.op_type == "Mul" and n.input[0] == gather.output[0]):
+            cast = producers[mul.input[1]]  # a table's row scales, a layer's channel scales: fp16 behind a Cast
+            out[mul.output[0]] = out.pop(gather.output[0]) * values[cast.input[0]].astype(np.float32)
     return out
 
 
@@ -141,7 +144,55 @@ def test_refit_recovers_codebook_values_and_bias_that_produced_the_outputs(per_c
     assert np.all(result.codebooks[:, 0] == 0) and result.error_after < 1e-3 < result.error_before
 
 
+def test_refit_solves_for_values_that_the_channel_scales_multiply():
+    from onnxshrink.algorithms.reconstruct import Gram
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((400, 20))
+    idx = rng.integers(0, 8, (20, 6))
+    true = rng.standard_normal((1, 8))
+    scale = np.array([0.1, 0.5, 1.0, 2.0, 5.0, 20.0])
+    gram = Gram(20, 6, bias=False)
+    gram.add(x, x @ (true[0][idx] * scale))
+    start = true + rng.standard_normal(true.shape) * 0.3
+    result = codebook.refit(idx, start, gram, column_scale=scale)
+    np.testing.assert_allclose(result.codebooks, true, atol=1e-3)
+    assert result.error_after < 1e-3 < result.error_before
+    unscaled = codebook.refit(idx, start, gram)  # the same values read as weights: a worse fit, found worse
+    assert unscaled.error_before > result.error_before and unscaled.error_after > result.error_after
+
+
 # ---- the graph it writes -----------------------------------------------------------------
+
+def test_wide_layers_get_channel_scales_that_onnxruntime_decodes():
+    model = make_mlp((300, 40, 10), seed=6)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    spread = np.geomspace(0.05, 5.0, w.shape[1]).astype(np.float32)  # output channels spanning 100x in scale
+    model.graph.initializer[0].CopyFrom(numpy_helper.from_array(w * spread, "fc0.weight"))
+    errors = {}
+    for scales in (None, False, True):
+        clustered, report = Cluster(ClusterConfig(bits=4, channel_scales=scales))(model)
+        values = inits(clustered)
+        scaled = {name[:-len("_channel_scale")] for name in values if name.endswith("_channel_scale")}
+        # by default only the layer of 256 inputs or more: a scale costs 16/K bits a weight
+        assert scaled == ({"fc0.weight"} if scales is None else {"fc0.weight", "fc1.weight"} if scales else set())
+        for name in scaled:
+            assert values[name + "_channel_scale"].dtype == np.float16
+            assert values[name + "_channel_scale"].shape == (1, numpy_helper.to_array(model.graph.initializer[
+                [t.name for t in model.graph.initializer].index(name)]).shape[1])
+        assert ("scale a channel" in report.layers[0].action) == (scales is not False)
+        decoded = decoded_weights(clustered)["fc0.weight_decoded"]
+        errors[scales] = float(np.mean(np.linalg.norm(decoded - w * spread, axis=0) / np.linalg.norm(w * spread, axis=0)))
+        x = np.random.default_rng(7).standard_normal((8, 300)).astype(np.float32)
+        reference = with_weights(model, decoded_weights(clustered))
+        for optimize in (False, True):
+            np.testing.assert_allclose(run(clustered, {"input": x}, optimize), run(reference, {"input": x}, False),
+                                       rtol=1e-4, atol=1e-5)
+        onnx.checker.check_model(clustered, full_check=True)
+    # one codebook for channels 100x apart loses the small ones (their relative error); scaled, each keeps 16 levels
+    assert errors[None] < 0.5 * errors[False], errors
+
+
 
 @pytest.mark.parametrize("per", ["layer", "channel"])
 def test_graph_written_per_layer_and_per_channel(per):
@@ -443,6 +494,20 @@ def test_cli_end_to_end_with_json(tmp_path, runner):
     result = invoke(runner, "cluster", tmp_path / "m.cluster2.onnx", "--no-validate", "--json")
     assert result.exit_code == 0, result.output
     assert "nothing to cluster" in " ".join(json.loads(result.stdout)["passes"][0]["notes"])
+
+
+def test_channel_scales_flag_reaches_the_pass_and_the_pack_keeps_its_output(runner, tmp_path):
+    source = save_model(make_mlp((300, 40, 10), seed=8), tmp_path / "wide.onnx")
+    x = np.random.default_rng(9).standard_normal((4, 300)).astype(np.float32)
+    for flag, scaled in (((), True), (("--no-channel-scales",), False)):
+        output = tmp_path / f"out{int(scaled)}.onnx"
+        result = invoke(runner, "cluster", source, "-o", output, "--no-validate", "--json", *flag)
+        assert result.exit_code == 0, result.output
+        clustered = onnx.load(str(output))
+        assert any(t.name.endswith("_channel_scale") for t in clustered.graph.initializer) == scaled
+        assert invoke(runner, "pack", output, "-o", tmp_path / f"out{int(scaled)}.shrink").exit_code == 0
+        np.testing.assert_array_equal(packed_session(str(tmp_path / f"out{int(scaled)}.shrink")).run(None, {"input": x})[0],
+                                      make_session(clustered).run(None, {"input": x})[0])
 
 
 @pytest.mark.parametrize("args, message", [

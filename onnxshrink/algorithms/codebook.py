@@ -357,13 +357,15 @@ class CodebookRefit:
 
 
 def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None = None, keep_zero: bool = False,
-          damping: float = REFIT_DAMPING, max_flops: float = REFIT_FLOPS) -> CodebookRefit | None:
+          damping: float = REFIT_DAMPING, max_flops: float = REFIT_FLOPS,
+          column_scale: np.ndarray | None = None) -> CodebookRefit | None:
     """Least-squares codebook values for a [K, N] layer whose weight is codebooks[idx] (one codebook,
     or one per output column when codebooks has N rows), fitted to the teacher outputs in `gram`
     (onnxshrink.algorithms.reconstruct.Gram: X^T X, X^T Y, ||Y||^2). None when a per-column refit
     would exceed `max_flops`; a per-layer codebook past SUBSET_FLOPS uses an even subset of the columns
-    (a 16-entry codebook is well determined by a few dozen). Never worse than the k-means codebooks on
-    the calibration data."""
+    (a 16-entry codebook is well determined by a few dozen). `column_scale` [N]: the weight is codebooks[idx] x
+    column_scale (cluster's channel scales), and the values are solved for as they are multiplied. Never worse
+    than the k-means codebooks on the calibration data."""
     k, n = idx.shape
     levels = codebooks.shape[1]
     per_column = codebooks.shape[0] > 1 or n == 1
@@ -384,6 +386,8 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
     for start in range(0, len(cols), step):
         part = cols[start:start + step]
         onehot = (idx[:, part, None] == np.arange(levels)).astype(np.float64)  # [K, c, L]
+        if column_scale is not None:  # d(weight)/d(value) is the column's scale, not 1
+            onehot *= np.asarray(column_scale, dtype=np.float64)[None, part, None]
         ge = np.tensordot(g, onehot, axes=(1, 0))  # [K, c, L]
         if per_column:
             a[start:start + len(part)] = np.einsum("kcl,kcm->clm", onehot, ge)
@@ -400,7 +404,8 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
     new[:, free] = np.linalg.solve(af + lam * np.eye(len(free)), rhs[..., None])[..., 0]
 
     def weights(books):
-        return decode(idx.T, books).T if per_column else books[0][idx]
+        w = decode(idx.T, books).T if per_column else books[0][idx]
+        return w if column_scale is None else w * np.asarray(column_scale, dtype=np.float64)[None, :]
 
     def augmented(w, b):
         return np.concatenate([w, b.reshape(1, n)], axis=0) if gram.bias else w

@@ -25,6 +25,12 @@ zeros stay zeros and index 0 is what `pack` codes as gaps.
 used are stored (wide_grid_order), mostly 256 or fewer (uint8 indices); past that the indices are uint16 (2 bytes a
 weight in the file), ordered by use so that `pack` codes them in about their entropy.
 
+Channel scales (per layer, a layer of CHANNEL_SCALE_MIN_INPUTS inputs or more): each output channel is divided by its
+peak magnitude (an fp16 scale a channel, decoded as `Gather(codebook, indices) x scale`, folded at load like the
+rest) before the layer's codebook is fitted. A transformer's output channels span several times in scale, and 16
+values fitted to all of them serve the small ones badly: on all-MiniLM-L6-v2 at 4 bits the pooled cosine rose from
+0.9674 to 0.9772 (docs/benchmarks-cluster.md) for 16/K bits a weight of scales (0.04 at K = 384).
+
 Embedding tables (Gather data) get codebooks too (one per table, or one per row with --per channel),
 fitted to their values alone; a table tied to an output projection is clustered once for both readers.
 
@@ -74,6 +80,8 @@ INT8_MAX_PEAK_RATIO = 10.0  # a peak this many times the RMS: one int8 scale wou
 CODEBOOK_MIN_ELEMENTS = 8  # a 16-entry codebook saves 32 B as fp16, more than its Cast costs packed
 OTHER_FLOATS = ("fp32", "fp16", "int8")
 ENERGY_FLOOR = 1e-3  # activation weights are E[x^2] + this x their mean: inputs never seen still count a little
+# channel scales by default on layers this wide (a scale costs 16/K bits a weight: 1/16 here, 0.04 on MiniLM's 384)
+CHANNEL_SCALE_MIN_INPUTS = 256
 
 
 @dataclass
@@ -116,6 +124,10 @@ class ClusterConfig:
     # a vocabulary table's rows: "uniform" (all alike) or "frequency" (with calibration: the rows of tokens it never
     # reads on a coarser step; passes/table_rows.py). compress's planned candidates use "frequency".
     table_rows: str = "uniform"
+    # per-layer codebooks: an fp16 scale per output channel before the codebook (True), none (False), or None: on for
+    # layers of CHANNEL_SCALE_MIN_INPUTS inputs or more. compress's formats and plan say False: their prices (and
+    # the searches measured in docs/benchmarks-compress.md) are of the unscaled layout.
+    channel_scales: bool | None = None
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
@@ -168,6 +180,9 @@ def check_config(config: ClusterConfig, calibration) -> None:
     for node, bits in dict(config.layer_bits or {}).items():
         if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not 1 <= bits <= 8:
             raise UsageError(f"layer {node!r}: bits {bits} must be between 1 and 8")
+    if config.channel_scales not in (None, True, False):
+        raise UsageError(f"channel_scales {config.channel_scales!r}: true, false, or unset (on for layers of "
+                         f"{CHANNEL_SCALE_MIN_INPUTS} inputs or more)")
     if not isinstance(config.min_weights, (int, np.integer)) or config.min_weights < 0:
         raise UsageError(f"--min-weights {config.min_weights}: must be a non-negative integer")
 
@@ -223,7 +238,8 @@ class Cluster:
         # Cast with an integer `to` needs opset 6; per-channel offsets (a broadcasting Add) and int8 scales 7.
         needed = 7 if config.per == "channel" or "channel" in dict(config.layer_per or {}).values() \
             or other_floats(config) == "int8" \
-            or (tables and self.table_per == "layer") else 6
+            or (tables and self.table_per == "layer") \
+            or any(self._scaled(group[0].node, records[weight].shape) for weight, group in units.items()) else 6
         what = "the codebook decoding (Cast, Gather" + (", broadcasting Add/Mul)" if needed == 7 else ")")
         why = raise_opset(model, needed, what, report.notes)
         if why:
@@ -294,7 +310,8 @@ class Cluster:
         count, levels = int(np.prod(shape)), levels or self.levels
         per = self.table_per if node.op_type == "Gather" else self._per(node.name)
         if per == "layer":
-            return count + 4 * levels + (2 * shape[0] if node.op_type == "Gather" else 0)  # a table's row scales
+            scales = shape[0] if node.op_type == "Gather" else shape[_channel_axis(node)] if self._scaled(node, shape) else 0
+            return count + 4 * levels + 2 * scales  # a table's row scales, a layer's channel scales
         channels = shape[_channel_axis(node)]
         return count + 4 * levels * channels + 4 * channels + 8
 
@@ -351,6 +368,16 @@ class Cluster:
 
     # ---- clustering one weight -----------------------------------------------------------
 
+    def _scaled(self, node, shape) -> bool:
+        """Whether a layer's per-layer codebook gets channel scales (the config's, or by its number of inputs)."""
+        if node.op_type == "Gather" or self._per(node.name) != "layer":
+            return False
+        outputs = shape[_channel_axis(node)]
+        inputs = int(np.prod(shape)) // max(outputs, 1)
+        if self.config.channel_scales is not None:
+            return bool(self.config.channel_scales) and outputs > 1
+        return inputs >= CHANNEL_SCALE_MIN_INPUTS and outputs > 1
+
     def _per(self, node: str) -> str:
         """A layer's codebook layout: its layer_per rule, else --per."""
         return dict(self.config.layer_per or {}).get(node, self.config.per)
@@ -372,6 +399,10 @@ class Cluster:
         layer = _describe(site, self._owners, self._records, self._main_outputs)
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape
+        # the columns the codebook holds: each output channel over its fp16 peak (weight = codebook value x scale)
+        scale = _row_scales(view.T).reshape(-1) if self._scaled(site.node, raw.shape) else None
+        if scale is not None:
+            view = view / scale
         gram, plain = None, ""
         if original is not None:
             plain = _not_data_aware(layer, group)
@@ -384,6 +415,8 @@ class Cluster:
             energy = np.diag(gram.xtx)[:k] / max(gram.rows, 1)
             energy = energy + ENERGY_FLOOR * max(float(energy.mean()), 1e-30)
             weights = np.broadcast_to(energy[:, None], (k, n))
+            if scale is not None:  # a scaled value's error costs scale^2 on the layer's output
+                weights = weights * np.square(scale, dtype=np.float64)[None, :]
             weights = weights.T if per == "channel" else weights.reshape(1, -1)
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
@@ -403,10 +436,12 @@ class Cluster:
                f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
                + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
                + ("; weighted by input energy" if weights is not None else "")
+               + ("; channels scaled to peak 1 first (weight MSE in those units)" if scale is not None else "")
                + (f"; {books.shape[-1]} evenly spaced values (entropy form: fewer bits packed than {levels} k-means "
                   "values at no more error)" if books.shape[-1] != levels else "")]
         if gram is not None and self.refit:
-            result = codebook.refit(idx, books * layer.alpha, gram, _read_bias(layer, self._owners), keep_zero=reserve)
+            result = codebook.refit(idx, books * layer.alpha, gram, _read_bias(layer, self._owners), keep_zero=reserve,
+                                    column_scale=scale)
             if result is None:
                 why.append(f"not refit: {k}x{n} with {levels} levels per channel is too large for the normal equations")
             else:
@@ -423,10 +458,14 @@ class Cluster:
         idx, books = wide_grid_order(idx, books.astype(np.float32))
         if plain:
             why.append(f"not data-aware: {plain}")
-        after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group, per=per)
+        if scale is not None:  # [1, N] in the view: the initializer's channel axis
+            scale = _from_view(scale.reshape(1, n), layer, (n,) + (1,) * (raw.ndim - 1))
+        after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group,
+                            scale, per=per)
         shape = f"{books.shape[-1]}" if per == "layer" else f"{books.shape[0]} x {levels}"
         action = (f"codebook {shape} x fp32{' per channel' if per == 'channel' else ''}, "
-                  f"{np.dtype(index_dtype(books.shape[-1])).name} indices")
+                  f"{np.dtype(index_dtype(books.shape[-1])).name} indices"
+                  + (" x an fp16 scale a channel" if scale is not None else ""))
         decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
         for other in group[1:]:
             decisions.append(LayerDecision(other.name, other.node.op_type, weight, action + " (tied: clustered once)",
@@ -434,8 +473,9 @@ class Cluster:
         return decisions
 
     def _write(self, graph, weight, shape, idx, books, node, group, row_scale=None, per=None) -> int:
-        """Indices, codebook and the decoding nodes in the graph that owns the weight (times `row_scale` [rows, 1],
-        stored fp16, when given), one codebook `per` layer or channel (None: the config's); returns their bytes."""
+        """Indices, codebook and the decoding nodes in the graph that owns the weight (times `row_scale`, stored
+        fp16, when given: a table's [rows, 1], a layer's along its channel axis), one codebook `per` layer or
+        channel (None: the config's); returns their bytes."""
         names, per = self._names, per or self.config.per
         idx_name, book_name, decoded = names(weight + "_idx"), names(weight + "_codebook"), names(weight + "_decoded")
         inits = [numpy_helper.from_array(np.ascontiguousarray(idx, dtype=index_dtype(books.shape[-1])), idx_name),
@@ -456,7 +496,8 @@ class Cluster:
         if row_scale is None:
             nodes.append(helper.make_node("Gather", [data, index], [decoded], name=decoded + "_Gather", axis=0))
         else:
-            scale, unscaled = names(weight + "_row_scale"), names(weight + "_unscaled")
+            kind = "_row_scale" if node.op_type == "Gather" else "_channel_scale"
+            scale, unscaled = names(weight + kind), names(weight + "_unscaled")
             inits.append(numpy_helper.from_array(row_scale.astype(np.float16), scale))
             nodes += [helper.make_node("Gather", [data, index], [unscaled], name=decoded + "_Gather", axis=0),
                       helper.make_node("Cast", [scale], [scale + "_float"], name=scale + "_Cast", to=TensorProto.FLOAT),

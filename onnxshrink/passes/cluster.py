@@ -125,8 +125,7 @@ class ClusterConfig:
     # reads on a coarser step; passes/table_rows.py). compress's planned candidates use "frequency".
     table_rows: str = "uniform"
     # per-layer codebooks: an fp16 scale per output channel before the codebook (True), none (False), or None: on for
-    # layers of CHANNEL_SCALE_MIN_INPUTS inputs or more. compress's formats and plan say False: their prices (and
-    # the searches measured in docs/benchmarks-compress.md) are of the unscaled layout.
+    # layers of CHANNEL_SCALE_MIN_INPUTS inputs or more (scales_by_default; compress_plan prices layers so)
     channel_scales: bool | None = None
 
 
@@ -373,10 +372,9 @@ class Cluster:
         if node.op_type == "Gather" or self._per(node.name) != "layer":
             return False
         outputs = shape[_channel_axis(node)]
-        inputs = int(np.prod(shape)) // max(outputs, 1)
         if self.config.channel_scales is not None:
             return bool(self.config.channel_scales) and outputs > 1
-        return inputs >= CHANNEL_SCALE_MIN_INPUTS and outputs > 1
+        return scales_by_default(int(np.prod(shape)) // max(outputs, 1), outputs)
 
     def _per(self, node: str) -> str:
         """A layer's codebook layout: its layer_per rule, else --per."""
@@ -400,7 +398,7 @@ class Cluster:
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape
         # the columns the codebook holds: each output channel over its fp16 peak (weight = codebook value x scale)
-        scale = _row_scales(view.T).reshape(-1) if self._scaled(site.node, raw.shape) else None
+        scale = channel_scales(view) if self._scaled(site.node, raw.shape) else None
         if scale is not None:
             view = view / scale
         gram, plain = None, ""
@@ -418,6 +416,8 @@ class Cluster:
             if scale is not None:  # a scaled value's error costs scale^2 on the layer's output
                 weights = weights * np.square(scale, dtype=np.float64)[None, :]
             weights = weights.T if per == "channel" else weights.reshape(1, -1)
+        elif scale is not None:  # and in the weight: k-means minimises the error of the weights decoded
+            weights = np.broadcast_to(np.square(scale, dtype=np.float64)[None, :], (k, n)).reshape(1, -1)
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
         books = codebook.fit(rows, levels, weights, reserve_zero=reserve, form=self._form(group),
@@ -435,7 +435,7 @@ class Cluster:
         why = [f"rounded to the {rounded}; weight MSE {mse:.3g}, "
                f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
                + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
-               + ("; weighted by input energy" if weights is not None else "")
+               + ("; weighted by input energy" if gram is not None and self.weighting == "activation" else "")
                + ("; channels scaled to peak 1 first (weight MSE in those units)" if scale is not None else "")
                + (f"; {books.shape[-1]} evenly spaced values (entropy form: fewer bits packed than {levels} k-means "
                   "values at no more error)" if books.shape[-1] != levels else "")]
@@ -672,6 +672,17 @@ def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.
     renumber = np.zeros(books.shape[-1], dtype=np.int64)
     renumber[order] = np.arange(len(order))
     return renumber[idx], books[:, order]
+
+
+def scales_by_default(inputs: int, outputs: int) -> bool:
+    """Whether a per-layer codebook gets channel scales unless told: their 16 bits a channel are at most 1/16 bit a
+    weight (compress_plan prices layers by the same rule)."""
+    return inputs >= CHANNEL_SCALE_MIN_INPUTS and outputs > 1
+
+
+def channel_scales(view: np.ndarray) -> np.ndarray:
+    """[N]: each output column's peak magnitude of a [K, N] weight, as fp16 stores it (1 for an all-zero column)."""
+    return _row_scales(view.T).reshape(-1)
 
 
 def _row_scales(table: np.ndarray, row_step: np.ndarray | None = None) -> np.ndarray:

@@ -324,8 +324,9 @@ def test_weights_inside_if_branches_are_clustered():
     assert not {"Gather", "Cast"} & set(optimized_op_counts(clustered))
 
 
-def test_twice_changes_nothing_more_and_quantized_models_are_left_alone(tmp_path):
-    once, _ = Cluster()(make_mlp(seed=10))
+@pytest.mark.parametrize("widths", [(32, 64, 48, 10), (300, 40, 10)])  # the second: channel scales on its first layer
+def test_twice_changes_nothing_more_and_quantized_models_are_left_alone(tmp_path, widths):
+    once, _ = Cluster()(make_mlp(widths, seed=10))
     twice, report = Cluster()(once)
     assert not report.changed and twice.graph == once.graph
     assert "model is already clustered (weights decoded from codebooks): nothing to cluster" in report.notes

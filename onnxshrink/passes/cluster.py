@@ -211,6 +211,8 @@ class Cluster:
         records = {r.name: r for r in find_tensors(model)}
         sites, skipped = select_layers(model, records, SUPPORTED_OPS, config, self._judge(records))
         decoded = codebook_outputs(model)
+        decoded |= {node.output[0] for graph in iter_graphs(model.graph) for node in graph.node  # times its scales
+                    if node.op_type == "Mul" and node.input[0] in decoded}
         for decision in skipped:
             decision.action = "kept"  # select_layers speaks for quantize ("kept float")
             if decision.weight in decoded:

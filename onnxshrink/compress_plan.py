@@ -54,7 +54,6 @@ from onnxshrink import memory, model as model_io
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset, input_specs, load_npz, trim_padding
 from onnxshrink.passes import table_rows as table_rows_
-from onnxshrink.passes.cluster import channel_scales, scales_by_default
 from onnxshrink.passes.common import Site, initializer_owners
 from onnxshrink.passes.prune_common import capture, describe, input_size, matrix, token_rows, unfold
 from onnxshrink.validate import attention_mask, masks_output, padding_zeroed, sample_cosines
@@ -111,9 +110,6 @@ class LayerPrice:
     # entries on them: MPNet's late FFN outputs code 4-bit indices in about 2 bits, per channel in about 3.9.
     coded: dict = field(default_factory=dict)
     channel_coded: dict = field(default_factory=dict)
-    # bits a weight of the fp16 channel scales of its one codebook (cluster.scales_by_default; 0: none), in `errors`
-    # and in stored_bits
-    scale_bits: float = 0.0
 
     @property
     def table(self) -> bool:
@@ -186,9 +182,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
         w = matrix(layer, owners).astype(np.float64)
         reason = layer.reason or ("" if h is not None else "no calibration data" if dataset is None else "not captured")
         coded, channel_coded = {}, {}
-        scaled = scales_by_default(*w.shape)
-        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form, coded=coded,
-                                             scaled=scaled)
+        errors, at_reference = _layer_errors(w, h, bits, SENSITIVITY_BITS if measure else None, form=form, coded=coded)
         if at_reference is not None:
             decoded[layer.name] = (layer.weight, _Decoded(layer, *at_reference))
         per_channel, channel_reference = _layer_errors(w, h, tuple(b for b in CHANNEL_BITS if b in bits),
@@ -198,8 +192,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
             channel_decoded[layer.name] = (layer.weight, _Decoded(layer, *channel_reference))
         priced[layer.name] = LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
                                         channel_errors=per_channel, channels=int(w.shape[1]), coded=coded,
-                                        channel_coded=channel_coded,
-                                        scale_bits=SCALE_BITS * w.shape[1] / w.size if scaled else 0.0)
+                                        channel_coded=channel_coded)
 
     if dataset is not None:
         dataset = trim_padding(dataset, input_specs(model))  # whole batches: samples by length, padding cut
@@ -282,12 +275,10 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
-                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None,
-                  scaled: bool = False) -> tuple[dict, tuple | None]:
-    """layer_errors, and the weight at width `keep` as (indices, codebooks, per_channel, its [K, N] shape, channel
-    scales or None), which _Decoded decodes (None: not kept); `per_channel`: one codebook per output column, as
-    cluster --per channel fits them; `scaled`: one codebook for the columns each over its peak, as cluster's
-    channel scales. `coded`, when given, gets each width's coded_bits."""
+                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None) -> tuple[dict, tuple | None]:
+    """layer_errors, and the weight at width `keep` as (indices, codebooks, per_channel, its [K, N] shape), which
+    _Decoded decodes (None: not kept); `per_channel`: one codebook per output column, as cluster --per channel fits
+    them. `coded`, when given, gets each width's coded_bits."""
     if not bits and not keep:
         return {}, None
     k, n = w.shape
@@ -296,14 +287,9 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
         energy = np.clip(np.diag(h), 0, None)
         energy = energy + ENERGY_FLOOR * max(float(energy.mean()), 1e-30)
     reserve = bool(np.any(w == 0))
-    scale = channel_scales(w) if scaled and not per_channel else None
-    fitted = w if scale is None else w / scale
-    rows = fitted.T if per_channel else fitted.reshape(1, -1)
+    rows = w.T if per_channel else w.reshape(1, -1)
     weights = None if energy is None else (np.broadcast_to(energy[None, :], (n, k)) if per_channel else
                                            np.broadcast_to(energy[:, None], (k, n)).reshape(1, -1))
-    if scale is not None:  # a scaled value's error costs scale^2, as the pass weighs it
-        square = np.square(scale, dtype=np.float64)[None, :]
-        weights = ((np.ones((k, 1)) if energy is None else energy[:, None]) * square).reshape(1, -1)
     total = _quadratic(w, h)
     errors, best, kept = {}, 0.0, None
     for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
@@ -312,10 +298,8 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
         idx = codebook.assign(rows, books, reserve_zero=reserve)
         decoded = codebook.decode(idx, books)
         decoded = decoded.T if per_channel else decoded.reshape(k, n)
-        if scale is not None:
-            decoded *= scale
         if b == keep:
-            kept = (idx.astype(np.uint8 if books.shape[-1] <= 256 else np.uint16), books, per_channel, (k, n), scale)
+            kept = (idx.astype(np.uint8 if books.shape[-1] <= 256 else np.uint16), books, per_channel, (k, n))
         if b not in bits:
             continue
         if coded is not None:
@@ -366,7 +350,7 @@ def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
         return index + (SCALE_BITS * layer.rows + CODEBOOK_ENTRY_BITS * 2 ** bits) / max(layer.weights, 1)
     width, per = layer_choice(width, per)
     if per == "layer":
-        return float(layer.coded.get(width, width)) + layer.scale_bits
+        return float(layer.coded.get(width, width))
     books = CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
     return layer.channel_coded.get(width, width) + books
 
@@ -708,14 +692,10 @@ class _Decoded:
     books: np.ndarray
     per_channel: bool
     shape: tuple  # [K, N]
-    scale: np.ndarray | None = None  # [N] channel scales (cluster's), or None
 
     def value(self) -> np.ndarray:
         decoded = codebook.decode(self.idx, self.books)  # uint8/uint16 indices index as they are
-        decoded = decoded.T if self.per_channel else decoded.reshape(self.shape)
-        if self.scale is not None:
-            decoded *= self.scale
-        return _raw(self.layer, decoded).astype(np.float32)
+        return _raw(self.layer, decoded.T if self.per_channel else decoded.reshape(self.shape)).astype(np.float32)
 
 
 # ---- capture ------------------------------------------------------------------------------------

@@ -595,18 +595,20 @@ class CompressConfig:
     task_check: object = None
 
 
-# name -> the quantize/cluster pass of that weight format (None: float weights)
+# name -> the quantize/cluster pass of that weight format (None: float weights). The cluster formats leave out
+# cluster's channel scales: compress_plan prices the layouts without them (priced with them, MPNet's 20-minute
+# search kept 5.06x where it keeps 6.58x: docs/benchmarks-compress.md, "Channel scales").
 FORMATS = {
-    "cluster4": PassSpec("cluster", {"bits": 4, "other_floats": "int8"}),
-    "cluster3": PassSpec("cluster", {"bits": 3, "other_floats": "int8"}),
+    "cluster4": PassSpec("cluster", {"bits": 4, "other_floats": "int8", "channel_scales": False}),
+    "cluster3": PassSpec("cluster", {"bits": 3, "other_floats": "int8", "channel_scales": False}),
     "gptq4": PassSpec("quantize", {"mode": "blockwise", "bits": 4, "block_size": 128, "algorithm": "gptq"}),
-    "cluster5": PassSpec("cluster", {"bits": 5, "other_floats": "int8"}),
-    "cluster6": PassSpec("cluster", {"bits": 6, "other_floats": "int8"}),
+    "cluster5": PassSpec("cluster", {"bits": 5, "other_floats": "int8", "channel_scales": False}),
+    "cluster6": PassSpec("cluster", {"bits": 6, "other_floats": "int8", "channel_scales": False}),
     "int8": PassSpec("quantize", {"mode": "dynamic"}),
     # int8 with calibrated activations: on MiniLM cosine 0.998 and top-5 0.94 against dynamic's 0.991 and 0.88, room
     # that pruning can spend; 58 s there. Large models only (LARGE_ONLY): not measured in the sample-model search.
     "int8static": PassSpec("quantize", {"mode": "static"}),
-    "cluster2": PassSpec("cluster", {"bits": 2, "other_floats": "int8"}),
+    "cluster2": PassSpec("cluster", {"bits": 2, "other_floats": "int8", "channel_scales": False}),
     "float": None,
 }
 

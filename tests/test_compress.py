@@ -286,7 +286,8 @@ def test_cli_bad_recipe_is_one_line_exit_2(runner, tmp_path):
 def test_codebooks_round_gptq_way_when_the_budget_is_on_outputs_alone(digits):
     calib = str(digits[1])
     outputs = CompressConfig(thresholds=Thresholds(min_cosine=0.999), calibration=calib)
-    assert format_pass("cluster3", outputs).options == {"bits": 3, "other_floats": "int8", "rounding": "gptq"}
+    assert format_pass("cluster3", outputs).options == {"bits": 3, "other_floats": "int8", "rounding": "gptq",
+                                                        "channel_scales": False}
     assert "rounding" not in format_pass("gptq4", outputs).options  # a quantize format: no codebook
     labels = CompressConfig(thresholds=Thresholds(max_accuracy_drop=0.01), labels="labels", calibration=calib)
     assert "rounding" not in format_pass("cluster3", labels).options  # nearest rounding found smaller models there

@@ -92,13 +92,12 @@ def test_kept_indices_decode_to_the_priced_weight_in_the_initializers_layout():
     owners, records = initializer_owners(model), {r.name: r for r in find_tensors(model)}
     layer = describe(Site(model.graph, node, "g", "w"), owners, records, {"y"})
     view = w.T.astype(np.float64) * 0.5  # the [K, N] matrix the layer multiplies by
-    for per_channel, scaled in ((False, False), (True, False), (False, True)):
-        _, kept = compress_plan._layer_errors(view, None, (4,), 4, per_channel=per_channel, scaled=scaled)
-        idx, books, channel, shape, scale = kept
+    for per_channel in (False, True):
+        _, kept = compress_plan._layer_errors(view, None, (4,), 4, per_channel=per_channel)
+        idx, books, channel, shape = kept
         assert idx.dtype == np.uint8 and channel == per_channel and shape == view.shape
-        assert (scale is not None) == scaled and (scale is None or scale.shape == (6,))
         decoded = codebook.decode(idx.astype(np.int64), books)
-        matrix = decoded.T if per_channel else decoded.reshape(shape) * (1.0 if scale is None else scale)
+        matrix = decoded.T if per_channel else decoded.reshape(shape)
         value = compress_plan._Decoded(layer, *kept).value()
         assert value.dtype == np.float32 and value.shape == w.shape
         assert np.allclose(value, (matrix.T / 0.5).astype(np.float32))

@@ -125,7 +125,8 @@ class ClusterConfig:
     # reads on a coarser step; passes/table_rows.py). compress's planned candidates use "frequency".
     table_rows: str = "uniform"
     # per-layer codebooks: an fp16 scale per output channel before the codebook (True), none (False), or None: on for
-    # layers of CHANNEL_SCALE_MIN_INPUTS inputs or more (scales_by_default; compress_plan prices layers so)
+    # layers of CHANNEL_SCALE_MIN_INPUTS inputs or more. compress's formats and plan say False: priced with them,
+    # its 20-minute MPNet search kept 5.06x where it keeps 6.58x without (docs/benchmarks-compress.md).
     channel_scales: bool | None = None
 
 
@@ -374,9 +375,10 @@ class Cluster:
         if node.op_type == "Gather" or self._per(node.name) != "layer":
             return False
         outputs = shape[_channel_axis(node)]
+        inputs = int(np.prod(shape)) // max(outputs, 1)
         if self.config.channel_scales is not None:
             return bool(self.config.channel_scales) and outputs > 1
-        return scales_by_default(int(np.prod(shape)) // max(outputs, 1), outputs)
+        return inputs >= CHANNEL_SCALE_MIN_INPUTS and outputs > 1
 
     def _per(self, node: str) -> str:
         """A layer's codebook layout: its layer_per rule, else --per."""
@@ -400,7 +402,7 @@ class Cluster:
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape
         # the columns the codebook holds: each output channel over its fp16 peak (weight = codebook value x scale)
-        scale = channel_scales(view) if self._scaled(site.node, raw.shape) else None
+        scale = _row_scales(view.T).reshape(-1) if self._scaled(site.node, raw.shape) else None
         if scale is not None:
             view = view / scale
         gram, plain = None, ""
@@ -674,17 +676,6 @@ def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.
     renumber = np.zeros(books.shape[-1], dtype=np.int64)
     renumber[order] = np.arange(len(order))
     return renumber[idx], books[:, order]
-
-
-def scales_by_default(inputs: int, outputs: int) -> bool:
-    """Whether a per-layer codebook gets channel scales unless told: their 16 bits a channel are at most 1/16 bit a
-    weight (compress_plan prices layers by the same rule)."""
-    return inputs >= CHANNEL_SCALE_MIN_INPUTS and outputs > 1
-
-
-def channel_scales(view: np.ndarray) -> np.ndarray:
-    """[N]: each output column's peak magnitude of a [K, N] weight, as fp16 stores it (1 for an all-zero column)."""
-    return _row_scales(view.T).reshape(-1)
 
 
 def _row_scales(table: np.ndarray, row_step: np.ndarray | None = None) -> np.ndarray:

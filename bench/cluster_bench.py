@@ -35,6 +35,7 @@ from onnxshrink.validate import ValidateConfig  # noqa: E402
 SAMPLES = ROOT / "sample_models"
 MODELS = ("digits_mlp", "digits_cnn")
 BITS = (2, 3, 4, 5)
+KEPT_FROM = "## Real model"  # the file from this heading on is written by hand (issue 15) and kept
 
 
 def kib(n: int) -> str:
@@ -137,8 +138,14 @@ def main() -> None:
         *sizes,
         "",
     ]
+    text = "\n".join(lines)
+    if args.out.exists():  # the hand-written real-model sections after the tables are kept as they are
+        old = args.out.read_text()
+        at = old.find("\n" + KEPT_FROM)
+        if at >= 0:
+            text = text + old[at:]
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines))
+    args.out.write_text(text)
     print(f"wrote {args.out}")
 
 

@@ -96,6 +96,9 @@ def channels(lines: list[str], budget: float) -> None:
     lines.append("")
 
 
+KEPT_FROM = "## Real model"  # the file from this heading on is written by hand (issue 15) and kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "docs" / "prune.md"))
@@ -119,7 +122,13 @@ def main() -> None:
              "outputs.", ""]
     curves(lines)
     channels(lines, args.budget)
-    Path(args.out).write_text("\n".join(lines) + "\n")
+    text, out = "\n".join(lines) + "\n", Path(args.out)
+    if out.exists():  # the hand-written real-model sections after the sample curves are kept as they are
+        old = out.read_text()
+        at = old.find("\n" + KEPT_FROM)
+        if at >= 0:
+            text += old[at:]
+    out.write_text(text)
     print("\n".join(lines))
 
 

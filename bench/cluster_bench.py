@@ -31,11 +31,11 @@ from onnxshrink.passes.cluster import ClusterConfig  # noqa: E402
 from onnxshrink.passes.prune import PruneConfig  # noqa: E402
 from onnxshrink.passes.quantize import QuantizeConfig  # noqa: E402
 from onnxshrink.validate import ValidateConfig  # noqa: E402
+from real_models import with_hand_sections  # noqa: E402  (bench/, the script's own folder)
 
 SAMPLES = ROOT / "sample_models"
 MODELS = ("digits_mlp", "digits_cnn")
 BITS = (2, 3, 4, 5)
-KEPT_FROM = "## Real model"  # the file from this heading on is written by hand (issue 15) and kept
 
 
 def kib(n: int) -> str:
@@ -138,12 +138,8 @@ def main() -> None:
         *sizes,
         "",
     ]
-    text = "\n".join(lines)
-    if args.out.exists():  # the hand-written real-model sections after the tables are kept as they are
-        old = args.out.read_text()
-        at = old.find("\n" + KEPT_FROM)
-        if at >= 0:
-            text = text + old[at:]
+    # the hand-written sections (the real models, issue 15) are kept as they are
+    text = with_hand_sections("\n".join(lines), args.out.read_text() if args.out.exists() else "")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(text)
     print(f"wrote {args.out}")

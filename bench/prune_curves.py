@@ -25,6 +25,7 @@ from onnxshrink.passes.prune import Prune, PruneConfig
 from onnxshrink.passes.prune_channels import PruneChannels
 from onnxshrink.runtime import make_session
 from onnxshrink.validate import measure_latency
+from real_models import with_hand_sections  # bench/, the script's own folder
 
 ROOT = Path(__file__).resolve().parent.parent
 SPARSITIES = (0.5, 0.6, 0.7, 0.8, 0.9)
@@ -96,9 +97,6 @@ def channels(lines: list[str], budget: float) -> None:
     lines.append("")
 
 
-KEPT_FROM = "## Real model"  # the file from this heading on is written by hand (issue 15) and kept
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default=str(ROOT / "docs" / "prune.md"))
@@ -122,13 +120,8 @@ def main() -> None:
              "outputs.", ""]
     curves(lines)
     channels(lines, args.budget)
-    text, out = "\n".join(lines) + "\n", Path(args.out)
-    if out.exists():  # the hand-written real-model sections after the sample curves are kept as they are
-        old = out.read_text()
-        at = old.find("\n" + KEPT_FROM)
-        if at >= 0:
-            text += old[at:]
-    out.write_text(text)
+    out = Path(args.out)  # the hand-written sections (the real model, memory: issue 15) are kept as they are
+    out.write_text(with_hand_sections("\n".join(lines) + "\n", out.read_text() if out.exists() else ""))
     print("\n".join(lines))
 
 

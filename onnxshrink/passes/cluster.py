@@ -312,8 +312,11 @@ class Cluster:
         count, levels = int(np.prod(shape)), levels or self.levels
         per = self.table_per if node.op_type == "Gather" else self._per(node.name)
         if per == "layer":
-            scales = shape[0] if node.op_type == "Gather" else shape[_channel_axis(node)] if self._scaled(node, shape) else 0
-            return count + 4 * levels + 2 * scales  # a table's row scales, a layer's channel scales
+            if node.op_type == "Gather":
+                scales = shape[0]  # a table's row scales
+            else:
+                scales = shape[_channel_axis(node)] if self._scaled(node, shape) else 0  # a layer's channel scales
+            return count + 4 * levels + 2 * scales
         channels = shape[_channel_axis(node)]
         return count + 4 * levels * channels + 4 * channels + 8
 

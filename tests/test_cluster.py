@@ -331,6 +331,12 @@ def test_twice_changes_nothing_more_and_quantized_models_are_left_alone(tmp_path
     assert not report.changed and twice.graph == once.graph
     assert "model is already clustered (weights decoded from codebooks): nothing to cluster" in report.notes
     assert all(layer.reason == "already clustered: the weight is decoded from a codebook" for layer in report.layers)
+    # the other passes name it too, not "weight input is not a constant tensor"
+    requantized = api.quantize(save_model(once, tmp_path / "c.onnx"), tmp_path / "cq.onnx", QuantizeConfig(integer_min_macs=0),
+                               run_validation=False)
+    assert not requantized.passes[0].changed
+    assert [layer.reason for layer in requantized.passes[0].layers] == \
+        ["already clustered: the weight is decoded from a codebook"] * (len(widths) - 1)
     api.quantize(save_model(make_mlp(seed=10), tmp_path / "m.onnx"), tmp_path / "q.onnx", QuantizeConfig(integer_min_macs=0), run_validation=False)
     _, report = Cluster()(onnx.load(str(tmp_path / "q.onnx")))
     assert not report.changed and "model is already quantized: nothing to cluster" in report.notes

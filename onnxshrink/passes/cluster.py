@@ -58,8 +58,8 @@ from onnxshrink.data import Dataset
 from onnxshrink.errors import UsageError
 from onnxshrink.model import iter_graphs
 from onnxshrink.passes import table_rows
-from onnxshrink.passes.common import (Names, Site, attr, begin_pass, drop_unused_initializers, initializer_owners,
-                                      raise_opset, select_layers)
+from onnxshrink.passes.common import (INDEX_TYPES, Names, Site, attr, begin_pass, drop_unused_initializers,
+                                      gathers_codebook, initializer_owners, raise_opset, select_layers)
 from onnxshrink.passes.prune_common import RoundCapture, describe as _describe, few_rows_note, read_bias as _read_bias
 from onnxshrink.passes.quantize import QUANTIZED_OPS
 from onnxshrink.passes.quantize_embeddings import EmbeddingPlan
@@ -752,21 +752,11 @@ def codebook_outputs(model: onnx.ModelProto) -> set[str]:
     (uint16: an entropy-form grid of over 256 entries)."""
     producers, index_tensors = {}, set()
     for graph in iter_graphs(model.graph):
-        index_tensors.update(t.name for t in graph.initializer if t.data_type in (TensorProto.UINT8, TensorProto.UINT16))
+        index_tensors.update(t.name for t in graph.initializer if t.data_type in INDEX_TYPES)
         for node in graph.node:
             for output in node.output:
                 producers[output] = node
-    found = set()
-    for name, node in producers.items():
-        if node.op_type != "Gather" or len(node.input) < 2:
-            continue
-        source = producers.get(node.input[1])
-        while source is not None and source.op_type in ("Add", "Cast"):
-            if source.op_type == "Cast" and source.input[0] in index_tensors:
-                found.add(name)
-                break
-            source = producers.get(source.input[0])
-    return found
+    return {name for name, node in producers.items() if gathers_codebook(node, producers, index_tensors)}
 
 
 def nothing_to_cluster(model: onnx.ModelProto) -> str:

@@ -116,7 +116,35 @@ def _not_constant(graph, weight: str) -> str:
             kind = onnx.TensorProto.DataType.Name(source.data_type).lower()
             return (f"weight is {producer.op_type} of a {kind} initializer ({source.name}): only float32 initializers "
                     "are rewritten (convert the model to float32 first)")
+    if _decoded_from_codebook(graph, producer):
+        return "already clustered: the weight is decoded from a codebook"
     return "weight input is not a constant tensor"
+
+
+def _decoded_from_codebook(graph, producer) -> bool:
+    """Whether `producer` decodes a codebook as the cluster pass writes it, times fp16 scales (a table's rows, a
+    layer's channels) or not."""
+    producers = {output: node for node in graph.node for output in node.output}
+    if producer is not None and producer.op_type == "Mul" and producer.input:
+        producer = producers.get(producer.input[0])
+    indices = {t.name for t in graph.initializer if t.data_type in INDEX_TYPES}
+    return producer is not None and gathers_codebook(producer, producers, indices)
+
+
+INDEX_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16)  # a codebook's indices (uint16: wide entropy grids)
+
+
+def gathers_codebook(node, producers: dict, indices: set) -> bool:
+    """Whether a Gather decodes a codebook as the cluster pass writes it: its indices come (through Cast, and the
+    Add of per-channel offsets) from a uint8/uint16 initializer in `indices`; `producers`: tensor -> node."""
+    if node.op_type != "Gather" or len(node.input) < 2:
+        return False
+    source = producers.get(node.input[1])
+    while source is not None and source.op_type in ("Add", "Cast"):
+        if source.op_type == "Cast" and source.input[0] in indices:
+            return True
+        source = producers.get(source.input[0])
+    return False
 
 
 def glob_literal(name: str) -> str:

@@ -211,13 +211,8 @@ class Cluster:
         model, report = begin_pass(model, self.name, asdict(config))
         records = {r.name: r for r in find_tensors(model)}
         sites, skipped = select_layers(model, records, SUPPORTED_OPS, config, self._judge(records))
-        decoded = codebook_outputs(model)
-        decoded |= {node.output[0] for graph in iter_graphs(model.graph) for node in graph.node  # times its scales
-                    if node.op_type == "Mul" and node.input[0] in decoded}
-        for decision in skipped:
+        for decision in skipped:  # a clustered layer's reason is select_layers' own ("already clustered: ...")
             decision.action = "kept"  # select_layers speaks for quantize ("kept float")
-            if decision.weight in decoded:
-                decision.reason = "already clustered: the weight is decoded from a codebook"
         report.layers.extend(skipped)
         units: dict[str, list] = {}
         for site in sites:

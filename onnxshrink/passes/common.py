@@ -121,6 +121,9 @@ def _not_constant(graph, weight: str) -> str:
     return "weight input is not a constant tensor"
 
 
+INDEX_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16)  # a codebook's indices (uint16: wide entropy grids)
+
+
 def _decoded_from_codebook(graph, producer) -> bool:
     """Whether `producer` decodes a codebook as the cluster pass writes it, times fp16 scales (a table's rows, a
     layer's channels) or not."""
@@ -129,9 +132,6 @@ def _decoded_from_codebook(graph, producer) -> bool:
         producer = producers.get(producer.input[0])
     indices = {t.name for t in graph.initializer if t.data_type in INDEX_TYPES}
     return producer is not None and gathers_codebook(producer, producers, indices)
-
-
-INDEX_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.UINT16)  # a codebook's indices (uint16: wide entropy grids)
 
 
 def gathers_codebook(node, producers: dict, indices: set) -> bool:

@@ -71,7 +71,7 @@ from onnx import TensorProto, numpy_helper
 
 from onnxshrink import api, candidate_process, executors, memory, task_check
 from onnxshrink import model as model_io
-from onnxshrink.errors import DataError, UsageError
+from onnxshrink.errors import DataError, ModelLoadError, UsageError
 from onnxshrink.passes.common import glob_literal
 from onnxshrink.passes.fold_layernorm import fold_layernorm
 from onnxshrink.report import JsonReport, ValidationReport
@@ -792,8 +792,13 @@ class _Search:
         if stop() or (config.time_budget_s is not None and  # the baseline and the first layer: two such runs
                       self.elapsed() + 2 * last[1] + FINAL_LATENCY_S + last[1] > config.time_budget_s):
             return
-        sensitivity = api.sensitivity(self.source, config.calibration, SensitivityConfig(sparsities=(0.9,), bits=()),
-                                      threads=config.threads, stop=stop)
+        try:
+            sensitivity = api.sensitivity(self.source, config.calibration, SensitivityConfig(sparsities=(0.9,), bits=()),
+                                          threads=config.threads, stop=stop)
+        except (DataError, ModelLoadError) as exc:  # it only orders the moves: the search goes on without it
+            self.notes.append(f"sensitivity phase skipped: {model_io.first_line(exc)} (the per-layer moves go in "
+                              "model order)")
+            return
         self.fragility = {glob_literal(layer.node): layer.drift[0] for layer in sensitivity.layers}
 
     def tick(self, step: str) -> None:

@@ -506,7 +506,8 @@ def measurement_for(model: onnx.ModelProto, validation, calibration, threads: in
     validate synthesizes them): one sample, and `large_batch` copies of it when the batch dimension is symbolic.
     Raises InputsUnavailable when the original does not run on them."""
     from onnxshrink import data as data_mod
-    from onnxshrink.validate import ValidateConfig, _dataset, feed_batch, latency_feed, short_error
+    from onnxshrink.runtime import short_error
+    from onnxshrink.validate import ValidateConfig, _dataset, feed_batch, latency_feed
 
     config = config or GuardConfig()
     validation = validation or ValidateConfig(threads=threads)

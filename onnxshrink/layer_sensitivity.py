@@ -29,7 +29,7 @@ from onnxshrink.errors import DataError, UsageError
 from onnxshrink.passes.prune import SUPPORTED_OPS, Prune, PruneConfig
 from onnxshrink.progress import reporting, step
 from onnxshrink.report import JsonReport
-from onnxshrink.runtime import make_session, run_batches
+from onnxshrink.runtime import make_session, probe_runs, run_batches
 
 DEFAULT_SPARSITIES = (0.25, 0.5, 0.7, 0.8, 0.9, 0.95)
 DEFAULT_BITS = (8, 4, 3, 2)
@@ -82,10 +82,12 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
         raise UsageError("--importance activation needs calibration data (--calibration FILE.npz)")
     notes = []
     synthetic = dataset is None
-    if synthetic:
-        dataset = synthesize(input_specs(model), seed=0)
+    session = make_session(model, threads)
+    if synthetic:  # sized as validate sizes them: metadata, token rules, then probe runs (symbolic sizes are not 1)
+        dataset = synthesize(input_specs(model), seed=0, model=model, runs=probe_runs(session))
         notes.append("no --calibration: drift measured on synthetic (seeded random) inputs and magnitude importance")
-    baseline = run_batches(make_session(model, threads), dataset.batches)
+        notes.extend(note for note in dataset.notes if note.startswith("synthesized input sizes"))
+    baseline = run_batches(session, dataset.batches)
     base = Prune(PruneConfig(sparsity=0.0, importance=config.importance, reconstruct=False, op_types=config.op_types,
                              exclude=config.exclude, scope="layer"), None if synthetic else dataset, threads)
     with reporting(None):

@@ -141,6 +141,32 @@ def run_batches(session, batches: list[dict]) -> dict[str, np.ndarray]:
     return joined
 
 
+def probe_runs(session):
+    """batch -> None when the session runs it with every output non-empty, else why not: what `data.synthesize`
+    probes image sizes and signal lengths with, so that synthesized inputs run the model."""
+    names = [o.name for o in session.get_outputs()]
+
+    def run(batch: dict) -> str | None:
+        try:
+            values = session.run(names, batch)
+        except Exception as exc:
+            return short_error(exc)
+        empty = [n for n, v in zip(names, values) if np.asarray(v).size == 0]
+        return f"empty output(s) {', '.join(empty)}" if empty else None
+
+    return run
+
+
+def short_error(exc: Exception) -> str:
+    """onnxruntime's run error without its source path and C++ signature: `Reshape node 'fixed': The input ...`."""
+    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
+    status = text.split("Status Message:", 1)[1].strip() if "Status Message:" in text else text
+    status = re.sub(r"^\S+\.(?:h|cc|cpp):\d+\s+", "", status)  # /onnxruntime_src/.../reshape_helper.h:91
+    status = re.sub(r"^[\w:~<>]+\([^)]*\)\s*", "", status)  # onnxruntime::ReshapeHelper::ReshapeHelper(...)
+    return (f"{node[1]} node {node[2]!r}: " if node else "") + status[:200]
+
+
 def optimized_op_counts(model: str | os.PathLike | onnx.ModelProto, threads: int = 1) -> Counter:
     """Op histogram of the graph onnxruntime actually executes after its fusions, subgraphs included."""
     return op_counts(optimized_graph(model, threads))

@@ -7,7 +7,6 @@ between them so a noisy machine slows both alike and the ratio holds.
 from __future__ import annotations
 
 import os
-import re
 import time
 from dataclasses import dataclass
 
@@ -19,7 +18,7 @@ from onnxshrink import model as model_io
 from onnxshrink.errors import DataError, InputsUnavailable, ModelLoadError, UnsupportedModelError, UsageError
 from onnxshrink.progress import step
 from onnxshrink.report import Check, OutputDrift, ValidationReport
-from onnxshrink.runtime import make_session, run_batches
+from onnxshrink.runtime import make_session, probe_runs, run_batches
 
 
 @dataclass
@@ -171,34 +170,9 @@ def _dataset(config: ValidateConfig, specs: list, model, session) -> tuple[data_
                      f"(at least {data_mod.MIN_HOLDOUT + data_mod.MIN_CALIBRATION} needed): calibrated on all of them, "
                      "validated on synthetic inputs of their shapes")
     dataset = data_mod.synthesize(specs, config.samples, config.seed, config.shapes, model=model,
-                                  runs=_runs(session), reference_shapes=reference)
+                                  runs=probe_runs(session), reference_shapes=reference)
     dataset.notes.extend(notes)
     return dataset, "synthetic"
-
-
-def _runs(session):
-    """batch -> None when the session runs it with every output non-empty, else why not (for the size probe)."""
-    names = [o.name for o in session.get_outputs()]
-
-    def run(batch: dict) -> str | None:
-        try:
-            values = session.run(names, batch)
-        except Exception as exc:
-            return short_error(exc)
-        empty = [n for n, v in zip(names, values) if np.asarray(v).size == 0]
-        return f"empty output(s) {', '.join(empty)}" if empty else None
-
-    return run
-
-
-def short_error(exc: Exception) -> str:
-    """onnxruntime's run error without its source path and C++ signature: `Reshape node 'fixed': The input ...`."""
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    node = re.search(r"running (\S+) node\. Name:'([^']*)'", text)
-    status = text.split("Status Message:", 1)[1].strip() if "Status Message:" in text else text
-    status = re.sub(r"^\S+\.(?:h|cc|cpp):\d+\s+", "", status)  # /onnxruntime_src/.../reshape_helper.h:91
-    status = re.sub(r"^[\w:~<>]+\([^)]*\)\s*", "", status)  # onnxruntime::ReshapeHelper::ReshapeHelper(...)
-    return (f"{node[1]} node {node[2]!r}: " if node else "") + status[:200]
 
 
 def not_validated(original, candidate, reason: str) -> ValidationReport:

@@ -402,3 +402,43 @@ def test_prune_calibrates_on_the_samples_validation_does_not_judge(tmp_path, mon
     # --no-validate: nothing is judged, so every sample calibrates.
     api.prune(path, tmp_path / "p2.onnx", PruneConfig(sparsity=0.5), calibration=tmp_path / "cal.npz", run_validation=False)
     assert seen[-1].samples == 20
+
+
+def test_sensitivity_synthesizes_inputs_the_model_runs(tmp_path, runner):
+    """`sensitivity` with no calibration sized every symbolic dimension 1: onnxruntime refused the detector's 1 x 1
+    image (exit 3), and so did compress, whose sensitivity phase measures the same way (6 of 15 real models)."""
+    path = save_model(strided_detector(), tmp_path / "det.onnx")
+    result = invoke(runner, "sensitivity", path, "--sparsities", "0.5", "--bits", "4", "--json")
+    assert result.exit_code == 0, result.output
+    report = _json(result)
+    [patch] = report["layers"]  # the 3x3 Conv's 216 weights are too few to measure
+    assert patch["node"] == "patch" and 0 < patch["drift"][0] < 10 and patch["bit_drift"][0] > 0
+    assert "synthesized input sizes: x [16, 3, 64, 64] (probe)" in report["notes"]
+
+
+def test_compress_of_a_symbolic_image_model_needs_no_data(tmp_path, runner):
+    path = save_model(strided_detector(), tmp_path / "det.onnx")
+    result = invoke(runner, "compress", path, "-o", tmp_path / "det.shrink", "--min-cosine", "0.9",
+                    "--max-candidates", "3", "--json")
+    assert result.exit_code == 0, result.output
+    report = _json(result)
+    assert report["passed"] is True and report["validation"]["input_shapes"] == {"x": [16, 3, 64, 64]}
+    assert not any(note.startswith("sensitivity phase skipped") for note in report["notes"])
+    assert (tmp_path / "det.shrink").is_file()
+
+
+def test_compress_goes_on_when_its_sensitivity_phase_cannot_run(tmp_path, runner, monkeypatch):
+    """The phase only orders the per-layer moves: a model it cannot measure is still compressed, and a note says so."""
+    from onnxshrink import api as api_mod
+    from onnxshrink.errors import ModelLoadError
+
+    def refuse(*args, **kwargs):
+        raise ModelLoadError("onnxruntime failed to run the model on the given inputs: Pad node 'p': too short")
+
+    monkeypatch.setattr(api_mod, "sensitivity", refuse)
+    path = save_model(make_mlp(), tmp_path / "mlp.onnx")
+    result = invoke(runner, "compress", path, "-o", tmp_path / "mlp.shrink", "--min-cosine", "0.9",
+                    "--max-candidates", "3", "--json")
+    assert result.exit_code == 0, result.output
+    notes = _json(result)["notes"]
+    assert any(note.startswith("sensitivity phase skipped: onnxruntime failed to run the model") for note in notes), notes

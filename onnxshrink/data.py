@@ -325,9 +325,10 @@ BATCH = "<batch>"  # a dims entry: the axis that takes the samples of a run
 
 @dataclass
 class Fill:
-    """How an input's values are made: random, token ids below `high`, all ones, zeros, or positions 0..L-1."""
+    """How an input's values are made: random, token ids below `high`, all ones, zeros, positions 0..L-1, or
+    tones: a signal of a few sinusoids over a little noise (`_tones`)."""
 
-    kind: str = "random"  # random | ids | ones | zeros | positions
+    kind: str = "random"  # random | ids | ones | zeros | positions | tones
     high: int | None = None
     table: str | None = None  # the embedding table whose rows bound the ids
 
@@ -362,9 +363,13 @@ class InputPlan:
         told = [f"{s.name} {shapes[s.name]} ({self.source(s.name)})" for s in specs if self.source(s.name) != "signature"]
         notes = [f"synthesized input sizes: {', '.join(told)}"] if told else []
         tokens = []
+        signals = [spec.name for spec in specs if getattr(self.fills.get(spec.name), "kind", None) == "tones"]
+        if signals:
+            notes.append(f"signal inputs: {', '.join(signals)} a few sinusoids over noise along the length axis (white "
+                         "noise alone has a flat spectrum, which hides a filter bank's lost frequency selectivity)")
         for spec in specs:
             fill = self.fills.get(spec.name)
-            if fill is None:
+            if fill is None or fill.kind == "tones":
                 continue
             if fill.kind == "ids":
                 tokens.append(f"{spec.name} ids spread over 0..{fill.high - 1} (the rows of embedding {fill.table!r})"
@@ -445,6 +450,9 @@ def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, ov
             elif axis == signal_axis(spec) and k not in plan.sizes:
                 plan.length_keys.append(k)
                 known(k, DEFAULT_SYMBOLIC_DIM, "default")  # until probed
+    for spec in specs:  # audio: a signal with its samples on the last axis (sized by --shape or not)
+        if signal_axis(spec) == len(spec.shape) - 1 and spec.name not in fills:
+            fills[spec.name] = Fill("tones")
     for spec in specs:  # what no rule sized: 1
         for d in plan.dims[spec.name]:
             if d != BATCH and not isinstance(d, int):
@@ -615,7 +623,34 @@ def _values(rng: np.random.Generator, spec: InputSpec, shape: list[int], fill: F
         return np.ones(shape, spec.dtype)
     if fill.kind == "zeros":
         return np.zeros(shape, spec.dtype)
+    if fill.kind == "tones":
+        return _tones(rng, shape).astype(spec.dtype)
     return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=spec.dtype), shape).copy()  # positions
+
+
+TONES = (1, 4)  # sinusoids in a synthesized signal, at least and at most
+TONE_SNR_DB = (10.0, 50.0)  # a synthesized signal's tones over its noise, least and most (log-uniform noise RMS)
+
+
+def _tones(rng: np.random.Generator, shape: list[int]) -> np.ndarray:
+    """Signals along the last axis, RMS about 1 as standard normal noise: each row 1-4 sinusoids (frequencies
+    log-uniform from 0.002 to 0.45 cycles a sample, random phases and levels) over white noise 10-50 dB under
+    them. Real audio is mostly narrowband; white noise alone spreads its energy evenly, so a filter bank that lost
+    its frequency selectivity (an STFT basis pruned or coded coarsely) still returns about the right energy per
+    band and passes a cosine check it fails on speech or a tone."""
+    length = shape[-1] if shape else 1
+    rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+    t = np.arange(length)
+    out = np.empty((rows, length))
+    for row in range(rows):
+        count = int(rng.integers(TONES[0], TONES[1] + 1))
+        freqs = np.exp(rng.uniform(np.log(0.002), np.log(0.45), count))
+        levels = rng.uniform(0.2, 1.0, count)
+        signal = (levels[:, None] * np.sin(2 * np.pi * freqs[:, None] * t + rng.uniform(0, 2 * np.pi, count)[:, None])).sum(0)
+        signal /= max(float(np.sqrt(np.mean(signal ** 2))), 1e-12)
+        noise = rng.standard_normal(length) * 10 ** (-rng.uniform(*TONE_SNR_DB) / 20)
+        out[row] = (signal + noise) / np.sqrt(1 + np.mean(noise ** 2))
+    return out.reshape(shape)
 
 
 def _random(rng: np.random.Generator, dtype: np.dtype, shape: list[int]) -> np.ndarray:

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from onnxshrink import branch_coverage
 from onnxshrink import data as data_mod
 from onnxshrink import memory
 from onnxshrink import model as model_io
@@ -81,6 +82,7 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
         shapes = ", ".join(f"{n} {list(a.shape)}" for n, a in dataset.batches[0].items())
         raise InputsUnavailable(f"{exc} (synthesized inputs: {shapes}; symbolic dimensions that no metadata, token "
                                 "rule or probe sized default to 1: give --data, or sizes with --shape NAME=D1,D2,...)") from exc
+    dataset.notes.extend(branch_coverage.untaken_branches(original_model, dataset.batches, config.threads))
     step("validate: candidate model", 1, 3)
     produced = run_batches(sessions[1], dataset.batches)
 

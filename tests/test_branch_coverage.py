@@ -1,0 +1,65 @@
+"""validate says which If branches its inputs never ran (silero-vad: an 8 kHz and a 16 kHz network, chosen by `sr`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from conftest import invoke, save_model
+from onnxshrink.branch_coverage import untaken_branches
+
+
+def _branch(name: str, seed: int) -> onnx.GraphProto:
+    w = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((8, 4)).astype(np.float32), f"{name}.w")
+    return helper.make_graph([helper.make_node("MatMul", ["x", f"{name}.w"], [f"{name}.y"], name=f"{name}.mm")], name,
+                             [], [helper.make_tensor_value_info(f"{name}.y", TensorProto.FLOAT, None)], [w])
+
+
+def vad_like(constant_condition: bool = False) -> onnx.ModelProto:
+    """y = x @ W16 if sr == 16000 else x @ W8; with `constant_condition`, the If tests two constants instead."""
+    inits = [numpy_helper.from_array(np.array(16000, np.int64), "rate16k"),
+             numpy_helper.from_array(np.array(8000, np.int64), "rate8k")]
+    left = "rate8k" if constant_condition else "sr"
+    nodes = [helper.make_node("Equal", [left, "rate16k"], ["is16k"], name="is16k"),
+             helper.make_node("If", ["is16k"], ["y"], name="rate", then_branch=_branch("k16", 0),
+                              else_branch=_branch("k8", 1))]
+    graph = helper.make_graph(nodes, "vad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8]),
+                                             helper.make_tensor_value_info("sr", TensorProto.INT64, [])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def _batches(*rates):
+    x = np.random.default_rng(0).standard_normal((4, 8)).astype(np.float32)
+    return [{"x": x, "sr": np.array(rate, np.int64)} for rate in rates]
+
+
+def test_the_branch_no_run_took_is_named():
+    [note] = untaken_branches(vad_like(), _batches(16000, 16000))
+    assert note.startswith("warning: If node 'rate' ran only its then_branch on these inputs (condition 'is16k' true "
+                           "in every run): its else_branch, 1 layer(s), was not validated")
+
+
+def test_runs_that_take_both_branches_say_nothing():
+    assert untaken_branches(vad_like(), _batches(16000, 8000)) == []
+
+
+def test_a_condition_of_constants_is_not_a_coverage_gap():
+    assert untaken_branches(vad_like(constant_condition=True), _batches(16000)) == []
+
+
+def test_validate_reports_it(tmp_path, runner):
+    path = save_model(vad_like(), tmp_path / "vad.onnx")
+    data = tmp_path / "d16k.npz"
+    np.savez(data, x=np.random.default_rng(1).standard_normal((8, 8)).astype(np.float32), sr=np.array(16000, np.int64))
+    result = invoke(runner, "validate", path, path, "--data", data, "--json")
+    assert result.exit_code == 0, result.output
+    import json
+
+    notes = json.loads(result.stdout)["notes"]
+    assert any("ran only its then_branch" in note and "its else_branch, 1 layer(s), was not validated" in note
+               for note in notes), notes

@@ -325,10 +325,10 @@ BATCH = "<batch>"  # a dims entry: the axis that takes the samples of a run
 
 @dataclass
 class Fill:
-    """How an input's values are made: random, token ids below `high`, all ones, zeros, positions 0..L-1, or
-    tones: a signal of a few sinusoids over a little noise (`_tones`)."""
+    """How an input's values are made: random, token ids below `high`, all ones, zeros, positions 0..L-1,
+    tones: a signal of a few sinusoids over a little noise (`_tones`), or rate: the sample rate SAMPLE_RATE."""
 
-    kind: str = "random"  # random | ids | ones | zeros | positions | tones
+    kind: str = "random"  # random | ids | ones | zeros | positions | tones | rate
     high: int | None = None
     table: str | None = None  # the embedding table whose rows bound the ids
 
@@ -364,12 +364,15 @@ class InputPlan:
         notes = [f"synthesized input sizes: {', '.join(told)}"] if told else []
         tokens = []
         signals = [spec.name for spec in specs if getattr(self.fills.get(spec.name), "kind", None) == "tones"]
+        rates = [spec.name for spec in specs if getattr(self.fills.get(spec.name), "kind", None) == "rate"]
         if signals:
             notes.append(f"signal inputs: {', '.join(signals)} a few sinusoids over noise along the length axis (white "
                          "noise alone has a flat spectrum, which hides a filter bank's lost frequency selectivity)")
+        if rates:
+            notes.append(f"sample rate inputs: {', '.join(rates)} {SAMPLE_RATE} (by name; give --data for another rate)")
         for spec in specs:
             fill = self.fills.get(spec.name)
-            if fill is None or fill.kind == "tones":
+            if fill is None or fill.kind in ("tones", "rate"):
                 continue
             if fill.kind == "ids":
                 tokens.append(f"{spec.name} ids spread over 0..{fill.high - 1} (the rows of embedding {fill.table!r})"
@@ -453,6 +456,8 @@ def plan_inputs(specs: list[InputSpec], model: onnx.ModelProto | None = None, ov
     for spec in specs:  # audio: a signal with its samples on the last axis (sized by --shape or not)
         if signal_axis(spec) == len(spec.shape) - 1 and spec.name not in fills:
             fills[spec.name] = Fill("tones")
+        elif is_sample_rate(spec) and spec.name not in fills:
+            fills[spec.name] = Fill("rate")
     for spec in specs:  # what no rule sized: 1
         for d in plan.dims[spec.name]:
             if d != BATCH and not isinstance(d, int):
@@ -625,10 +630,20 @@ def _values(rng: np.random.Generator, spec: InputSpec, shape: list[int], fill: F
         return np.zeros(shape, spec.dtype)
     if fill.kind == "tones":
         return _tones(rng, shape).astype(spec.dtype)
+    if fill.kind == "rate":
+        return np.full(shape, SAMPLE_RATE, dtype=spec.dtype)
     return np.broadcast_to(np.arange(shape[-1] if shape else 1, dtype=spec.dtype), shape).copy()  # positions
 
 
 TONES = (1, 4)  # sinusoids in a synthesized signal, at least and at most
+SAMPLE_RATE = 16000  # a sample rate input's synthesized value: speech models' rate (silero-vad takes 8000 or 16000)
+SAMPLE_RATE_NAMES = re.compile(r"^(sr|sample_?rate|sampling_?rate|fs)$", re.IGNORECASE)
+
+
+def is_sample_rate(spec: InputSpec) -> bool:
+    """A sample rate input, by name: an integer or float scalar (or one element) called sr, sample_rate, ..."""
+    return (spec.dtype.kind in "iuf" and len(spec.shape) <= 1 and all(d in (1, None) or isinstance(d, str) for d in spec.shape)
+            and bool(SAMPLE_RATE_NAMES.match(spec.name)))
 TONE_SNR_DB = (10.0, 50.0)  # a synthesized signal's tones over its noise, least and most (log-uniform noise RMS)
 
 

@@ -63,3 +63,27 @@ def test_validate_reports_it(tmp_path, runner):
     notes = json.loads(result.stdout)["notes"]
     assert any("ran only its then_branch" in note and "its else_branch, 1 layer(s), was not validated" in note
                for note in notes), notes
+
+
+def test_a_sample_rate_input_is_synthesized_as_16000(tmp_path, runner):
+    """A synthesized `sr` was 0 or 1, a rate no model takes; now 16000, so silero-vad's 16 kHz network is the one
+    judged and the warning names the 8 kHz one."""
+    import json
+
+    path = save_model(vad_like(), tmp_path / "vad.onnx")
+    result = invoke(runner, "validate", path, path, "--json")
+    assert result.exit_code == 0, result.output
+    notes = json.loads(result.stdout)["notes"]
+    assert "sample rate inputs: sr 16000 (by name; give --data for another rate)" in notes
+    assert any("ran only its then_branch" in note and "its else_branch, 1 layer(s)" in note for note in notes), notes
+
+
+def test_sample_rate_names():
+    from onnxshrink.data import InputSpec, is_sample_rate
+
+    int64 = np.dtype(np.int64)
+    assert all(is_sample_rate(InputSpec(name, int64, shape))
+               for name, shape in (("sr", []), ("sample_rate", [1]), ("SamplingRate", []), ("fs", ["n"])))
+    assert not any(is_sample_rate(InputSpec(name, dtype, shape)) for name, dtype, shape in
+                   (("sr", int64, [2, 3]), ("srate_table", int64, []), ("sr", np.dtype(bool), []),
+                    ("input", int64, [])))

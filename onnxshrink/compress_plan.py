@@ -149,6 +149,7 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
     `table_rows` is the pass's too: "frequency" prices a vocabulary with its unread rows coarser (table_rows.py),
     counted on all of the calibration data, as the pass counts them."""
     model = model_io.load(Path(model_path))
+    model_io.prepare(model)  # weights held in Constant nodes (silero-vad's, in If branches) priced as the passes see them
     owners = initializer_owners(model)
     records = {r.name: r for r in find_tensors(model)}
     main_outputs = {name for node in model.graph.node for name in node.output}

@@ -1,4 +1,5 @@
-"""validate says which If branches its inputs never ran (silero-vad: an 8 kHz and a 16 kHz network, chosen by `sr`)."""
+"""validate says which If branches its inputs never ran (silero-vad: an 8 kHz and a 16 kHz network, chosen by `sr`);
+the synthesized sample rate; compress prices the layers such branches hold."""
 
 from __future__ import annotations
 
@@ -87,3 +88,25 @@ def test_sample_rate_names():
     assert not any(is_sample_rate(InputSpec(name, dtype, shape)) for name, dtype, shape in
                    (("sr", int64, [2, 3]), ("srate_table", int64, []), ("sr", np.dtype(bool), []),
                     ("input", int64, [])))
+
+
+def _constant_branch(name: str, seed: int) -> onnx.GraphProto:
+    w = numpy_helper.from_array(np.random.default_rng(seed).standard_normal((8, 64)).astype(np.float32), f"{name}.w")
+    nodes = [helper.make_node("Constant", [], [f"{name}.w"], name=f"{name}.const", value=w),
+             helper.make_node("MatMul", ["x", f"{name}.w"], [f"{name}.y"], name=f"{name}.mm")]
+    return helper.make_graph(nodes, name, [], [helper.make_tensor_value_info(f"{name}.y", TensorProto.FLOAT, None)])
+
+
+def test_compress_prices_layers_whose_weights_are_constant_nodes_in_branches(tmp_path):
+    """silero-vad.onnx holds its weights in Constant nodes inside its If: the plan saw none of them ("0% of the float
+    weights") where the passes, which move Constants to initializers first, compress them all."""
+    from onnxshrink import compress_plan
+
+    model = vad_like()
+    for node in model.graph.node:
+        if node.op_type == "If":
+            for attr in node.attribute:
+                attr.g.CopyFrom(_constant_branch("k16" if attr.name == "then_branch" else "k8", len(attr.name)))
+    path = save_model(model, tmp_path / "vad_constants.onnx")
+    prices = compress_plan.price_layers(path, None, bits=(4,), min_share=compress_plan.MIN_LAYER_SHARE)
+    assert sorted(layer.node for layer in prices.layers) == ["k16.mm", "k8.mm"], prices.notes

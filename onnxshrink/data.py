@@ -636,6 +636,7 @@ def _values(rng: np.random.Generator, spec: InputSpec, shape: list[int], fill: F
 
 
 TONES = (1, 4)  # sinusoids in a synthesized signal, at least and at most
+TONE_SNR_DB = (10.0, 50.0)  # a synthesized signal's tones over its noise, least and most (log-uniform noise RMS)
 SAMPLE_RATE = 16000  # a sample rate input's synthesized value: speech models' rate (silero-vad takes 8000 or 16000)
 SAMPLE_RATE_NAMES = re.compile(r"^(sr|sample_?rate|sampling_?rate|fs)$", re.IGNORECASE)
 
@@ -644,7 +645,6 @@ def is_sample_rate(spec: InputSpec) -> bool:
     """A sample rate input, by name: an integer or float scalar (or one element) called sr, sample_rate, ..."""
     return (spec.dtype.kind in "iuf" and len(spec.shape) <= 1 and all(d in (1, None) or isinstance(d, str) for d in spec.shape)
             and bool(SAMPLE_RATE_NAMES.match(spec.name)))
-TONE_SNR_DB = (10.0, 50.0)  # a synthesized signal's tones over its noise, least and most (log-uniform noise RMS)
 
 
 def _tones(rng: np.random.Generator, shape: list[int]) -> np.ndarray:

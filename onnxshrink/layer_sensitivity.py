@@ -86,7 +86,7 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
     if synthetic:  # sized as validate sizes them: metadata, token rules, then probe runs (symbolic sizes are not 1)
         dataset = synthesize(input_specs(model), seed=0, model=model, runs=probe_runs(session))
         notes.append("no --calibration: drift measured on synthetic (seeded random) inputs and magnitude importance")
-        notes.extend(note for note in dataset.notes if note.startswith("synthesized input sizes"))
+        notes.extend(note for note in dataset.notes if not note.startswith("inputs are synthetic"))  # sizes, fills
     baseline = run_batches(session, dataset.batches)
     base = Prune(PruneConfig(sparsity=0.0, importance=config.importance, reconstruct=False, op_types=config.op_types,
                              exclude=config.exclude, scope="layer"), None if synthetic else dataset, threads)

@@ -438,13 +438,15 @@ def _check_decoding_folded(report: CommandReport, model_path, threads: int) -> N
 
 
 def sensitivity(model_path: str | os.PathLike, calibration: str | os.PathLike | None = None, config=None, *, threads: int = 1,
-                stop=None):
-    """Per-layer drift of the model's outputs when each layer alone is pruned at several sparsities."""
+                stop=None, shapes: dict | None = None):
+    """Per-layer drift of the model's outputs when each layer alone is pruned at several sparsities; `shapes`
+    sizes synthesized inputs (no calibration), as validate's --shape."""
     from onnxshrink.layer_sensitivity import SensitivityConfig, measure
 
     model = model_io.load(model_path)
     dataset = _calibration_data(model, calibration) if calibration is not None else None
-    return measure(model, dataset, config or SensitivityConfig(), model_path=str(model_path), threads=threads, stop=stop)
+    return measure(model, dataset, config or SensitivityConfig(), model_path=str(model_path), threads=threads, stop=stop,
+                   shapes=shapes)
 
 
 def flush_denormals(

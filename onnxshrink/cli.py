@@ -703,6 +703,7 @@ def compress_command(
     data: DataOpt = None,
     labels: LabelsOpt = None,
     samples: SamplesOpt = None,
+    shape: ShapeOpt = None,
     max_drift: MaxDriftOpt = None,
     min_cosine: MinCosineOpt = None,
     max_accuracy_drop: MaxAccDropOpt = None,
@@ -729,6 +730,7 @@ def compress_command(
         seconds = None if max_candidates is not None else DEFAULT_TIME_BUDGET_S
     config = CompressConfig(thresholds=Thresholds(max_drift, min_cosine, None, max_accuracy_drop, None),
                             data=str(data) if data else None, labels=labels, samples=samples,
+                            shapes=data_mod.parse_shape_overrides(shape),
                             calibration=str(calibration) if calibration else None, time_budget_s=seconds,
                             max_candidates=max_candidates, threads=threads, seed=seed, workers=workers,
                             executor=executor, ray_address=ray_address, task_check=task_check)
@@ -768,6 +770,7 @@ def sensitivity_command(
     bits: Annotated[str, typer.Option("--bits", help="Comma-separated bit widths (2-8) to round each layer to.", rich_help_panel=HOW)] = "8,4,3,2",
     importance: Annotated[Optional[str], typer.Option("--importance", metavar="[magnitude|activation]", help="magnitude or activation (default: activation with --calibration).", rich_help_panel=HOW)] = None,
     calibration: _calibration_opt("measure on it (without it: synthetic inputs, magnitude importance).") = None,
+    shape: ShapeOpt = None,
     output: _output_opt("Also write the JSON report here (for prune --sensitivity).") = None,
     force: ForceOpt = False,
     verbose: VerboseOpt = False,
@@ -795,7 +798,7 @@ def sensitivity_command(
     if output is not None:
         model_io.check_output_path(output, [model], force, with_data=False)  # one JSON file
     with _progress("sensitivity"):
-        report = api.sensitivity(model, calibration, config, threads=threads)
+        report = api.sensitivity(model, calibration, config, threads=threads, shapes=data_mod.parse_shape_overrides(shape))
     if output is not None:
         model_io.write_atomically(output, lambda stream: stream.write((report.to_json() + "\n").encode()))
     _emit(as_json, report, lambda console, r: render_sensitivity(console, r, verbose))

@@ -571,6 +571,7 @@ class CompressConfig:
     data: str | None = None  # judging data (.npz); the calibration data when None
     labels: str | None = None
     samples: int | None = None
+    shapes: dict | None = None  # input name -> dims of synthesized inputs (--shape), when no data is given
     calibration: str | None = None
     time_budget_s: float | None = DEFAULT_TIME_BUDGET_S  # None: no time limit (the search ends on its own)
     threads: int = 1
@@ -692,7 +693,8 @@ class _Search:
         self.large = config.large if config.large is not None else self.original_size >= LARGE_MODEL_BYTES
         self.notes: list[str] = []
         data = config.data or config.calibration
-        self.judging = ValidateConfig(data=data, labels=config.labels, samples=config.samples, threads=config.threads,
+        self.judging = ValidateConfig(data=data, labels=config.labels, samples=config.samples, shapes=config.shapes,
+                                      threads=config.threads,
                                       seed=config.seed, latency=False, thresholds=config.thresholds)
         # The files every candidate reads (shipped as bytes to a Ray cluster), and how the candidates run.
         self.inputs = {"source": self.source, "model": model_path, "calibration": config.calibration, "data": data}
@@ -794,7 +796,7 @@ class _Search:
             return
         try:
             sensitivity = api.sensitivity(self.source, config.calibration, SensitivityConfig(sparsities=(0.9,), bits=()),
-                                          threads=config.threads, stop=stop)
+                                          threads=config.threads, stop=stop, shapes=config.shapes)
         except (DataError, ModelLoadError) as exc:  # it only orders the moves: the search goes on without it
             self.notes.append(f"sensitivity phase skipped: {model_io.first_line(exc)} (the per-layer moves go in "
                               "model order)")

@@ -71,7 +71,7 @@ class SensitivityReport(JsonReport):
 
 
 def measure(model: onnx.ModelProto, dataset: Dataset | None, config: SensitivityConfig | None = None,
-            model_path: str = "", threads: int = 1, stop=None) -> SensitivityReport:
+            model_path: str = "", threads: int = 1, stop=None, shapes: dict | None = None) -> SensitivityReport:
     """`stop()`, asked before each layer's runs, ends the measurement when true (a caller's deadline): the layers
     not reached are left out of the report and a note says so."""
     config = config or SensitivityConfig()
@@ -84,7 +84,7 @@ def measure(model: onnx.ModelProto, dataset: Dataset | None, config: Sensitivity
     synthetic = dataset is None
     session = make_session(model, threads)
     if synthetic:  # sized as validate sizes them: metadata, token rules, then probe runs (symbolic sizes are not 1)
-        dataset = synthesize(input_specs(model), seed=0, model=model, runs=probe_runs(session))
+        dataset = synthesize(input_specs(model), seed=0, shape_overrides=shapes, model=model, runs=probe_runs(session))
         notes.append("no --calibration: drift measured on synthetic (seeded random) inputs and magnitude importance")
         notes.extend(note for note in dataset.notes if not note.startswith("inputs are synthetic"))  # sizes, fills
     baseline = run_batches(session, dataset.batches)

@@ -496,3 +496,40 @@ def test_only_samples_last_float_inputs_get_tones():
              data_mod.InputSpec("codes", np.dtype(np.int64), ["batch", "samples"])]
     plan = data_mod.plan_inputs(specs)
     assert {name: fill.kind for name, fill in plan.fills.items()} == {"audio": "tones"}
+
+
+def _flattened_image() -> onnx.ModelProto:
+    """x [batch, 1, h, w] flattened into a [48, 4] MatMul: it runs at h x w = 48 only, no square a probe tries."""
+    rng = np.random.default_rng(3)
+    inits = [numpy_helper.from_array(rng.standard_normal((48, 64)).astype(np.float32), "fc.w"),
+             numpy_helper.from_array(rng.standard_normal((64, 4)).astype(np.float32), "head.w")]
+    nodes = [helper.make_node("Flatten", ["x"], ["f"], name="flat", axis=1),
+             helper.make_node("MatMul", ["f", "fc.w"], ["h"], name="fc"),
+             helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("MatMul", ["r", "head.w"], ["y"], name="head")]
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 1, "height", "width"])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])], inits)
+
+
+def test_compress_takes_shape_where_no_probe_finds_one(tmp_path, runner):
+    """compress's error said "give ... sizes with --shape", an option compress did not have."""
+    path = save_model(_flattened_image(), tmp_path / "flat.onnx")
+    result = invoke(runner, "compress", path, "-o", tmp_path / "flat.shrink", "--min-cosine", "0.9",
+                    "--max-candidates", "3")
+    assert result.exit_code == 3 and "--shape NAME=D1,D2,..." in result.output
+    result = invoke(runner, "compress", path, "-o", tmp_path / "flat.shrink", "--min-cosine", "0.9",
+                    "--max-candidates", "3", "--shape", "x=4,1,6,8", "--json")
+    assert result.exit_code == 0, result.output
+    report = _json(result)
+    assert report["validation"]["input_shapes"] == {"x": [4, 1, 6, 8]}
+    assert report["validation"]["input_shape_sources"] == {"x": "--shape"}
+    assert not any(note.startswith("sensitivity phase skipped") for note in report["notes"]), report["notes"]
+
+
+def test_sensitivity_takes_shape(tmp_path, runner):
+    path = save_model(_flattened_image(), tmp_path / "flat.onnx")
+    result = invoke(runner, "sensitivity", path, "--sparsities", "0.5", "--bits", "4", "--shape", "x=4,1,6,8", "--json")
+    assert result.exit_code == 0, result.output
+    report = _json(result)
+    assert [layer["node"] for layer in report["layers"]] == ["fc", "head"]
+    assert "synthesized input sizes: x [4, 1, 6, 8] (--shape)" in report["notes"]

@@ -175,6 +175,9 @@ def _verdict(console: Console, report: ValidationReport) -> None:
         if check.name == "task_check":
             console.print(f"  {mark} task check: {escape(check.detail or 'no output')}", highlight=False)
             continue
+        if check.name.startswith("finite[") and check.detail:
+            console.print(f"  {mark} {escape(check.detail)}", highlight=False)
+            continue
         console.print(f"  {mark} {escape(check.name)}: {_num(check.value)} (threshold {check.threshold:g})")
     for note in report.notes:
         _note(console, note)

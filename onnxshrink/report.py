@@ -91,7 +91,7 @@ class Check:
 WARN_BELOW_COSINE = 0.99
 WARN_BELOW_AGREEMENT = 0.99
 # The quality gates: when one of them was given, the verdict speaks for the drift and no warning is added.
-QUALITY_CHECKS = ("max_drift", "min_cosine", "min_agreement", "max_accuracy_drop", "task_check")
+QUALITY_CHECKS = ("max_drift", "min_cosine", "min_agreement", "max_accuracy_drop", "task_check", "finite")
 # A latency difference counts only above the runs' own spread, and never below this fraction of p50.
 LATENCY_NOISE_FLOOR = 0.02
 

@@ -86,7 +86,7 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     step("validate: candidate model", 1, 3)
     produced = run_batches(sessions[1], dataset.batches)
 
-    outputs = {}
+    outputs, broken = {}, {}
     found = attention_mask(specs, dataset.batches, dataset.batch_axes)
     not_scores = non_score_outputs(graph, {name: array.ndim for name, array in reference.items()})
     not_scores |= state_outputs(reference, dataset.batches[0], dataset.batch_axes)
@@ -96,6 +96,7 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
             raise DataError(f"candidate has no output {name!r}")
         mask = found[1] if found is not None and masks_output(found[1], expected) else None
         outputs[name] = compare_outputs(expected, produced[name], mask, scores=name not in not_scores)
+        broken[name] = newly_nonfinite(expected, produced[name], mask)
         if mask is not None:
             masked.append(name)
     if masked:
@@ -119,6 +120,9 @@ def validate(original: str | os.PathLike, candidate: str | os.PathLike, config: 
     size_candidate = model_io.file_size(candidate)
     size = {"original": size_original, "candidate": size_candidate, "ratio": size_candidate / size_original}
     checks = _checks(thresholds, outputs, accuracy, latency)
+    checks += [Check(f"finite[{name}]", 0.0, fraction, False, f"{fraction:.3g} of output {name!r}'s values are NaN or "
+                     "infinite where the original's are finite")
+               for name, fraction in broken.items() if fraction > 0]
     return ValidationReport(
         passed=all(c.passed for c in checks),
         original=str(original),
@@ -343,6 +347,19 @@ def compare_outputs(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray |
         else:  # per-token scores: the real tokens' labels
             top1 = top1_agreement(kept_a, kept_b)
     return OutputDrift(max_abs, mean_rel, float(np.mean(cosines)), float(np.min(cosines)), top1, exact)
+
+
+def newly_nonfinite(expected: np.ndarray, actual: np.ndarray, mask: np.ndarray | None = None) -> float:
+    """The fraction of an output's values (the real positions, with `mask`) that are NaN or infinite in the candidate
+    where the original's are finite: a broken model, whatever the thresholds (a NaN weight, a scale that underflowed)."""
+    if expected.dtype.kind != "f" or expected.shape != actual.shape or expected.size == 0:
+        return 0.0
+    bad = np.isfinite(expected) & ~np.isfinite(actual)
+    if mask is not None:
+        keep = np.asarray(mask, dtype=bool).reshape(mask.shape + (1,) * (expected.ndim - mask.ndim))
+        keep = np.broadcast_to(keep, expected.shape)
+        return float(np.count_nonzero(bad & keep)) / max(int(np.count_nonzero(keep)), 1)
+    return float(np.count_nonzero(bad)) / expected.size
 
 
 def padding_zeroed(output: np.ndarray, keep: np.ndarray | None) -> np.ndarray:

@@ -677,12 +677,15 @@ def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.
 
 
 def _row_scales(table: np.ndarray, row_step: np.ndarray | None = None) -> np.ndarray:
-    """Each row's largest magnitude [rows, 1] (times its `row_step`), as fp16 stores it (1 for an all-zero row), so
-    the scaled rows the codebook is fitted to are the rows the graph decodes."""
-    peak = np.max(np.abs(table), axis=1, keepdims=True)
+    """Each row's largest magnitude [rows, 1] (times its `row_step`), as fp16 stores it, so the scaled rows the
+    codebook is fitted to are the rows the graph decodes. A row whose peak fp16 cannot hold keeps scale 1 (all
+    zero, or under fp16's smallest value: a DFT basis's sine row at the Nyquist frequency, 1e-13 of rounding noise,
+    made a zero scale and NaN weights) or the largest fp16 (its values then code above 1)."""
+    peak = np.max(np.abs(table), axis=1, keepdims=True).astype(np.float64)
     if row_step is not None:
-        peak = np.minimum(peak * row_step, np.finfo(np.float16).max)
-    return np.where(peak > 0, peak, 1.0).astype(np.float16).astype(np.float32)
+        peak = peak * row_step
+    half = np.minimum(peak, float(np.finfo(np.float16).max)).astype(np.float16)
+    return np.where(half > 0, half, np.float16(1.0)).astype(np.float32)
 
 
 def _relative_change(value: np.ndarray, stored: np.ndarray) -> float:

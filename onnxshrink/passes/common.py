@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxshrink.algorithms.sinusoids import sinusoid_bank
 from onnxshrink.model import claim_handed_over, handed_over, iter_graphs, prepare  # noqa: F401 (handed_over: passes import it here)
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.weights import tensor_nbytes
@@ -64,12 +65,15 @@ def select_layers(model, records, op_types, config, judge, read=numpy_helper.to_
     pass's store reads one external weight at a time, so a big model is never held whole).
     """
     owners = initializer_owners(model)
-    finite: dict[str, bool] = {}
+    verdicts: dict[tuple, str | None] = {}
 
-    def nonfinite_reason(weight: str) -> str | None:
-        if weight not in finite and weight in owners:
-            finite[weight] = not nonfinite(read(owners[weight][1]))
-        return None if finite.get(weight, True) else NONFINITE
+    def weight_reason(node, weight: str) -> str | None:
+        """NONFINITE, or why a signal-processing basis stays float (signal_basis), from one read of the weight."""
+        key = (weight, node.op_type, attr(node, "transB", 0))
+        if key not in verdicts and weight in owners:
+            value = read(owners[weight][1])
+            verdicts[key] = NONFINITE if nonfinite(value) else signal_basis(node, value)
+        return verdicts.get(key)
 
     sites, skipped = [], []
     candidates = []
@@ -93,7 +97,7 @@ def select_layers(model, records, op_types, config, judge, read=numpy_helper.to_
         elif record.is_graph_input:
             reason = "weight is also a graph input: a caller may override it at run time, so it stays float"
         else:
-            reason = judge(node, record, constants) or nonfinite_reason(weight)
+            reason = judge(node, record, constants) or weight_reason(node, weight)
         if reason:
             skipped.append(LayerDecision(name, node.op_type, weight, "kept float", reason, size, size))
         else:
@@ -105,6 +109,24 @@ def select_layers(model, records, op_types, config, judge, read=numpy_helper.to_
         skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
                                      f"--keep-float {config.keep_float}", size, size))
     return sites, skipped
+
+
+def signal_basis(node, value: np.ndarray) -> str | None:
+    """Why a layer's weight stays float when it is a bank of sinusoids (algorithms/sinusoids.py: an STFT as a Conv
+    of one input channel, a DFT or DCT as a MatMul or Gemm); None for a learned weight."""
+    if node.op_type == "Conv":
+        if value.ndim < 3 or value.shape[1] != 1 or sum(d > 1 for d in value.shape[2:]) != 1:
+            return None
+        filters = value.reshape(value.shape[0], -1)
+    elif node.op_type in ("MatMul", "Gemm") and value.ndim == 2:
+        filters = value if node.op_type == "Gemm" and attr(node, "transB", 0) else value.T
+    else:
+        return None
+    bank = sinusoid_bank(filters)
+    if bank is None:
+        return None
+    return (f"signal-processing basis ({bank}, a Fourier or cosine transform): rounding it leaks loud frequencies "
+            "into the quiet bins, so it stays float")
 
 
 def _not_constant(graph, weight: str) -> str:

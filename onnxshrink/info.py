@@ -7,8 +7,10 @@ from collections import Counter
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from onnxshrink import model as model_io
+from onnxshrink.passes.common import signal_basis
 from onnxshrink.report import ModelInfo, TensorIO
 from onnxshrink.weights import dtype_name, find_tensors
 
@@ -22,6 +24,7 @@ def inspect_model(path: str | os.PathLike, model: onnx.ModelProto | None = None)
             key = node.op_type if node.domain in ("", "ai.onnx") else f"{node.domain}.{node.op_type}"
             histogram[key] += 1
     tensors = find_tensors(model)
+    _mark_signal_bases(model, tensors)
     weights = [t for t in tensors if t.compressible]
     totals = {
         "tensors": len(tensors),
@@ -73,6 +76,23 @@ def _denormals(model: onnx.ModelProto) -> int | None:
                 bits = np.frombuffer(tensor.raw_data, dtype=dtype) & magnitude
                 count += int(np.count_nonzero((bits > 0) & (bits < smallest_normal)))
     return count
+
+
+def _mark_signal_bases(model: onnx.ModelProto, tensors: list) -> None:
+    """Weights every pass keeps as they are because they are a signal-processing basis (passes/common.signal_basis)
+    are not "worth compressing": inspect says so as the passes will. Weights held in external data are not read."""
+    records = {t.name: t for t in tensors if t.compressible}
+    for graph in model_io.iter_graphs(model.graph):
+        inits = {t.name: t for t in graph.initializer}
+        for node in graph.node:
+            if node.op_type not in ("Conv", "MatMul", "Gemm") or len(node.input) < 2:
+                continue
+            record, tensor = records.get(node.input[1]), inits.get(node.input[1])
+            if record is None or tensor is None or tensor.data_location == onnx.TensorProto.EXTERNAL:
+                continue
+            reason = signal_basis(node, numpy_helper.to_array(tensor))
+            if reason:
+                record.compressible, record.reason = False, reason.split(":")[0]
 
 
 def _io(value: onnx.ValueInfoProto) -> TensorIO:

@@ -95,3 +95,23 @@ def test_a_dct_matmul_stays_float(make):
     _, report = make()(model)
     (decision,) = [layer for layer in report.layers if layer.node == "dct"]
     assert decision.reason.startswith("signal-processing basis (13 sinusoids of 40 taps")
+
+
+def test_compress_plan_does_not_price_a_basis_the_passes_keep(tmp_path):
+    from onnxshrink import compress_plan
+
+    path = tmp_path / "front_end.onnx"
+    onnx.save(front_end(stft_basis(256)), str(path))
+    prices = compress_plan.price_layers(path, None, bits=(4,))
+    assert [layer.node for layer in prices.layers] == ["mel"]
+
+
+def test_inspect_says_a_basis_is_not_worth_compressing(tmp_path):
+    from onnxshrink.info import inspect_model
+
+    path = tmp_path / "front_end.onnx"
+    onnx.save(front_end(stft_basis(256)), str(path))
+    records = {t.name: t for t in inspect_model(path).tensors}
+    assert not records["basis"].compressible
+    assert records["basis"].reason == "signal-processing basis (129 sinusoids of 256 taps, a Fourier or cosine transform)"
+    assert records["mix"].compressible

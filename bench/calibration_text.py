@@ -9,6 +9,10 @@ prose of Python's own `pydoc_data/topics.py` (the language reference, PSF licenc
 tokens) plus the sentences of bench/sentences.txt that neither the export's calibration nor its held-out part
 uses. Held-out sentences are never included (checked against the export's heldout.txt).
 
+`--source everyday` takes bench/sentences_calibration.txt instead of the prose: 602 everyday sentences written
+for calibration in a later session, of the kinds bench/sentences.txt holds (food, sport, weather, work, ...), with
+any that shares 60% or more of its words with a held-out sentence left out.
+
 The sentences are shuffled with a fixed seed, then tokenized by the model's own tokenizer in the export venv
 (this same file run there with `--tokenize`; transformers lives only in that venv), padded to 64 tokens like the
 export's. Output: `<cache>/<model>/calibration-text-<key>/calibration.npz` (+ calibration.txt, info.json), the key
@@ -29,6 +33,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 MAX_LENGTH = 64
+NEAR_COPY = 0.6  # an everyday sentence sharing this much of its words with a held-out one is left out
 
 
 def pydoc_sentences() -> list[str]:
@@ -59,17 +64,37 @@ def bench_sentences() -> list[str]:
     return [line for line in lines if line and not line.startswith("#")]
 
 
-def sentences(export: Path, seed: int = 0) -> list[str]:
-    """The calibration text for an export: pydoc prose + bench sentences unused by it, none of its held-out ones."""
+def everyday_sentences() -> list[str]:
+    lines = (line.strip() for line in (HERE / "sentences_calibration.txt").read_text(encoding="utf-8").splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def words(sentence: str) -> set[str]:
+    return set(re.findall(r"[a-z']+", sentence.lower()))
+
+
+def near_copy(sentence: str, held: list[set[str]], limit: float = NEAR_COPY) -> bool:
+    """Whether `sentence` shares `limit` or more of its words (Jaccard) with one of the held-out sentences."""
+    mine = words(sentence)
+    return any(len(mine & other) >= limit * len(mine | other) for other in held)
+
+
+def sentences(export: Path, seed: int = 0, source: str = "prose") -> list[str]:
+    """The calibration text for an export, bench sentences unused by it added, none of its held-out ones: "prose"
+    the pydoc reference prose, "everyday" bench/sentences_calibration.txt (and no near copy of a held-out one)."""
     held = set((export / "heldout.txt").read_text(encoding="utf-8").splitlines())
     used = set((export / "calibration.txt").read_text(encoding="utf-8").splitlines())
-    text = [s for s in pydoc_sentences() + [s for s in bench_sentences() if s not in used] if s not in held]
+    extra = pydoc_sentences() if source == "prose" else everyday_sentences()
+    text = [s for s in extra + [s for s in bench_sentences() if s not in used] if s not in held]
+    if source == "everyday":
+        held_words = [words(s) for s in held]
+        text = [s for s in text if not near_copy(s, held_words)]
     text = sorted(set(text))
     random.Random(seed).shuffle(text)
     return text
 
 
-def build(model_key: str = "minilm") -> Path:
+def build(model_key: str = "minilm", source: str = "prose") -> Path:
     """The cached calibration .npz of a model's export (made once)."""
     import glob
     import os
@@ -79,9 +104,9 @@ def build(model_key: str = "minilm") -> Path:
 
     cache = tb.cache_root()
     export = Path(sorted(glob.glob(os.path.join(cache, model_key, "export-*", "model.onnx")))[0]).parent
-    text = sentences(export)
+    text = sentences(export, source=source)
     key = hashlib.sha256(b"".join([Path(__file__).read_bytes(), "\n".join(text).encode(), export.name.encode()]))
-    out = cache / model_key / f"calibration-text-{key.hexdigest()[:12]}"
+    out = cache / model_key / f"calibration-{'text' if source == 'prose' else source}-{key.hexdigest()[:12]}"
     if (out / "calibration.npz").is_file():
         return out / "calibration.npz"
     out.mkdir(parents=True, exist_ok=True)
@@ -110,13 +135,15 @@ def tokenize(model_dir: str, text_file: str, out: str, inputs: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="minilm", choices=["minilm", "mpnet"])
+    parser.add_argument("--source", default="prose", choices=["prose", "everyday"],
+                        help="prose: Python's reference prose; everyday: bench/sentences_calibration.txt")
     parser.add_argument("--tokenize", nargs=3, metavar=("MODEL_DIR", "TEXT", "OUT"), help=argparse.SUPPRESS)
     parser.add_argument("--inputs", default="input_ids,attention_mask", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.tokenize:
         tokenize(*args.tokenize, args.inputs)
         return
-    print(build(args.model))
+    print(build(args.model, args.source))
 
 
 if __name__ == "__main__":

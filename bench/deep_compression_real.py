@@ -73,12 +73,16 @@ def calibration_sentences(folder: Path, model, source: str, count: int) -> Datas
         data = load_npz(folder / "calibration.npz", input_specs(model), role="calibration data")
         return data
     parts = []
-    if source in ("export", "both"):
+    if source in ("export", "both", "export+everyday"):
         parts.append(dict(np.load(folder / "calibration.npz")))
     if source in ("text", "both"):
         import calibration_text
 
         parts.append(dict(np.load(calibration_text.build(folder.parent.name))))
+    if source in ("everyday", "export+everyday"):
+        import calibration_text
+
+        parts.append(dict(np.load(calibration_text.build(folder.parent.name, "everyday"))))
     arrays = {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
     if count:
         arrays = {name: value[:count] for name, value in arrays.items()}
@@ -142,9 +146,11 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("kind", choices=["prune", "cluster"])
     parser.add_argument("--model", choices=["minilm", "mpnet", "det"], default="minilm")
-    parser.add_argument("--calibration", choices=["export-padded", "export", "text", "both"], default="export-padded",
+    parser.add_argument("--calibration", choices=["export-padded", "export", "text", "both", "everyday",
+                                                  "export+everyday"], default="export-padded",
                         help="encoders: the export's calibration.npz as the CLI reads it (export-padded), the same "
-                             "sentences batched by length (export), bench/calibration_text.py's prose (text), or both")
+                             "sentences batched by length (export), bench/calibration_text.py's prose (text), or both; "
+                             "its everyday sentences (everyday), or the export's and those (export+everyday)")
     parser.add_argument("--sentences", type=int, default=0, help="encoders: only the first N calibration sentences")
     parser.add_argument("--set", nargs="*", default=[], help="config field=value")
     parser.add_argument("--threads", type=int, default=2)

@@ -69,6 +69,8 @@ def sentence_batches(arrays: dict, size: int = 32) -> Dataset:
 def calibration_sentences(folder: Path, model, source: str, count: int) -> Dataset:
     """The first `count` (0: all) sentences of the export's calibration set, of bench/calibration_text.py's, or of
     both (the export's first)."""
+    if source == "none":  # the pass without data: no weighting, refit or GPTQ
+        return None
     if source == "export-padded":  # the export's file as the CLI reads it: 64-token batches of 32
         data = load_npz(folder / "calibration.npz", input_specs(model), role="calibration data")
         return data
@@ -103,6 +105,8 @@ def minilm(source: str = "export-padded", count: int = 0, key: str = "minilm"):
         return (f"cosine {row_cosines(reference, candidate).mean():.4f} (worst {row_cosines(reference, candidate).min():.4f}), "
                 f"top-5 {topk_overlap(reference, candidate, 5):.3f}")
 
+    if calibration is None:
+        return path, model, None, outputs, quality, f"no calibration data / {len(held['input_ids'])} held-out"
     tokens = sum(int(batch["attention_mask"].sum()) for batch in calibration.batches)
     return (path, model, calibration, outputs, quality,
             f"{calibration.samples} calibration sentences ({source}, {tokens} tokens) / {len(held['input_ids'])} held-out")
@@ -147,10 +151,11 @@ def main() -> None:
     parser.add_argument("kind", choices=["prune", "cluster"])
     parser.add_argument("--model", choices=["minilm", "mpnet", "det"], default="minilm")
     parser.add_argument("--calibration", choices=["export-padded", "export", "text", "both", "everyday",
-                                                  "export+everyday"], default="export-padded",
+                                                  "export+everyday", "none"], default="export-padded",
                         help="encoders: the export's calibration.npz as the CLI reads it (export-padded), the same "
                              "sentences batched by length (export), bench/calibration_text.py's prose (text), or both; "
-                             "its everyday sentences (everyday), or the export's and those (export+everyday)")
+                             "its everyday sentences (everyday), or the export's and those (export+everyday); "
+                             "none: the pass without calibration data")
     parser.add_argument("--sentences", type=int, default=0, help="encoders: only the first N calibration sentences")
     parser.add_argument("--set", nargs="*", default=[], help="config field=value")
     parser.add_argument("--threads", type=int, default=2)
@@ -160,6 +165,7 @@ def main() -> None:
                         help="prune: first measure each layer's drift at these sparsities (onnxshrink sensitivity, no "
                              "bit widths) on the calibration data and give the curves to the pass (scope auto)")
     parser.add_argument("--profile", default=None, help="write a cProfile of the pass to this file")
+    parser.add_argument("--save", default=None, help="write the result model here (then `onnxshrink pack` it)")
     args = parser.parse_args()
     if args.keep_padding:
         prune_common.PADDING_MASKS = ()
@@ -193,6 +199,8 @@ def main() -> None:
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     candidate = outputs(result, args.threads)
+    if args.save:
+        onnx.save(result, args.save)
     errors = [float(m) for layer in report.layers for m in re.findall(r"layer output error ([0-9.]+)%", layer.reason)[:1]]
     layer_errors = (f", layer output error mean {np.mean(errors):.1f}% max {np.max(errors):.1f}% ({len(errors)} layers)"
                     if errors else "")

@@ -605,6 +605,7 @@ def cluster_command(
     rounding: Annotated[Optional[str], typer.Option("--rounding", metavar="[nearest|gptq]", help="nearest (default), or gptq: each input's rounding error folded into the inputs not yet rounded (needs --calibration).", rich_help_panel=HOW)] = None,
     capture_rounds: Annotated[int, typer.Option("--capture-rounds", min=-1, help="With --calibration: 0 one capture run per wave of layers (exact, the default); N at most N runs (faster; 6 is one per block on MiniLM); -1 one run per layer.", rich_help_panel=HOW)] = 0,
     channel_scales: Annotated[Optional[bool], typer.Option("--channel-scales/--no-channel-scales", help="One codebook per layer: divide each output channel by its peak first (an fp16 scale a channel, folded at load). Default: on for layers of 256 inputs or more, where the scales cost at most 1/16 bit a weight.", rich_help_panel=HOW)] = None,
+    outliers: Annotated[float, typer.Option("--outliers", metavar="F", help="Store the fraction F (such as 0.005) of each layer's weights largest in magnitude exactly, as fp16 values at uint32 positions beside the codebook (dense-and-sparse; folded at load): the codebook then spans the rest. Default 0: none.", rich_help_panel=HOW)] = 0.0,
     codebook_form: Annotated[str, typer.Option("--codebook", metavar="[kmeans|entropy]", help="kmeans (default): 2^bits values fitted by k-means; entropy: evenly spaced values (up to 256) at no more error, where their indices take fewer bits once packed (one codebook a layer).", rich_help_panel=HOW)] = "kmeans",
     table_rows: Annotated[str, typer.Option("--table-rows", metavar="[uniform|frequency]", help="A vocabulary table's rows (a Gather of token ids): uniform (default), or frequency: with --calibration, the rows of tokens the calibration data never reads on a 3x coarser step, so they pack smaller (best with --codebook entropy).", rich_help_panel=HOW)] = "uniform",
     float16: Annotated[bool, typer.Option("--float16", help="Also store the float32 tensors left (biases, codebooks, norms, embeddings) as fp16, behind Casts onnxruntime folds (= --other-floats fp16).", rich_help_panel=HOW)] = False,
@@ -634,7 +635,8 @@ def cluster_command(
     config = ClusterConfig(bits=bits, per=per, weighting=weighting, refit=refit, exclude=tuple(exclude or ()),
                            keep_float=keep_float, min_weights=min_weights, float16=float16, other_floats=other_floats,
                            rounding=rounding, capture_rounds=capture_rounds, codebook=codebook_form,
-                           table_rows=table_rows, channel_scales=channel_scales, **_op_types(op_types))
+                           table_rows=table_rows, channel_scales=channel_scales, outliers=outliers,
+                           **_op_types(op_types))
     validation = _validate_config(data, labels, samples, shape, threads, seed, max_drift, min_cosine, min_agreement, max_accuracy_drop, max_latency_ratio)
     _rewrite("cluster", lambda options: api.cluster(model, output, config, calibration=calibration, force=force,
                                                     validation=validation, run_validation=not no_validate,

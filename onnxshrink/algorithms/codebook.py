@@ -181,14 +181,21 @@ def assign(values: np.ndarray, codebooks: np.ndarray, reserve_zero: bool = False
 
 
 def gptq_assign(values: np.ndarray, codebooks: np.ndarray, hessian: np.ndarray, reserve_zero: bool = False,
-                damp: float = GPTQ_DAMP, lazy_block: int = GPTQ_LAZY_BLOCK) -> np.ndarray:
+                damp: float = GPTQ_DAMP, lazy_block: int = GPTQ_LAZY_BLOCK, keep: np.ndarray | None = None):
     """Indices [K, N] of a [K, N] weight (K inputs) into `codebooks` (one row for the layer, or one per output
     column), rounded as GPTQ rounds to its grid: input by input, each input's rounding error on the layer's
     outputs folded into the inputs not yet rounded, through the inverse of H = X^T X [K, K]. Nearest-entry
     rounding ignores that errors on correlated inputs can cancel; this is what lets 3-bit codebooks keep
     accuracy that 4 bits needed. With `reserve_zero`, exact zeros (pruned) stay at entry 0 and only they do;
-    the error of keeping them there is compensated like any rounding (SparseGPT's mask)."""
+    the error of keeping them there is compensated like any rounding (SparseGPT's mask). With `keep` ([K, N] bool:
+    outliers stored exactly beside the codebook, SqueezeLLM's dense-and-sparse), those weights keep their own values
+    and the updates folded into them count as their error, compensated on the inputs not yet rounded like any other;
+    (indices, those values [K, N], 0 elsewhere) is returned. Letting them absorb the updates instead let them grow
+    without bound where H is singular (MPNet's FFN outputs: 3072 inputs, 1530 calibration tokens): cosine 0.57."""
     k, n = values.shape
+    kept = None if keep is None else np.asarray(keep, dtype=bool).T
+    exact = None if keep is None else np.zeros((n, k))
+    original = None if keep is None else np.asarray(values, dtype=np.float64).T
     books = np.asarray(codebooks, dtype=np.float64)
     per_column = books.shape[0] > 1
     w = np.asarray(values, dtype=np.float64).T.copy()  # [N, K]: inputs as columns, as in the paper
@@ -215,12 +222,15 @@ def gptq_assign(values: np.ndarray, codebooks: np.ndarray, hessian: np.ndarray, 
                 q = books[0, choice]
             choice = np.where(pruned[:, i1 + i], 0, choice)
             q = np.where(pruned[:, i1 + i], 0.0, q)
+            if kept is not None:  # their own values: the updates they would absorb are compensated further on
+                q = np.where(kept[:, i1 + i], original[:, i1 + i], q)
+                exact[:, i1 + i] = np.where(kept[:, i1 + i], original[:, i1 + i], 0.0)
             idx[:, i1 + i] = choice
             err = (x - q) / u[i, i]
             block[:, i:] -= np.outer(err, u[i, i:])
             errors[:, i] = err
         w[:, i2:] -= errors @ upper[i1:i2, i2:]
-    return idx.T
+    return idx.T if keep is None else (idx.T, exact.T)
 
 
 def decode(idx: np.ndarray, codebooks: np.ndarray) -> np.ndarray:
@@ -358,14 +368,16 @@ class CodebookRefit:
 
 def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None = None, keep_zero: bool = False,
           damping: float = REFIT_DAMPING, max_flops: float = REFIT_FLOPS,
-          column_scale: np.ndarray | None = None) -> CodebookRefit | None:
+          column_scale: np.ndarray | None = None, exact: np.ndarray | None = None,
+          coded: np.ndarray | None = None) -> CodebookRefit | None:
     """Least-squares codebook values for a [K, N] layer whose weight is codebooks[idx] (one codebook,
     or one per output column when codebooks has N rows), fitted to the teacher outputs in `gram`
     (onnxshrink.algorithms.reconstruct.Gram: X^T X, X^T Y, ||Y||^2). None when a per-column refit
     would exceed `max_flops`; a per-layer codebook past SUBSET_FLOPS uses an even subset of the columns
     (a 16-entry codebook is well determined by a few dozen). `column_scale` [N]: the weight is codebooks[idx] x
-    column_scale (cluster's channel scales), and the values are solved for as they are multiplied. Never worse
-    than the k-means codebooks on the calibration data."""
+    column_scale (cluster's channel scales), and the values are solved for as they are multiplied. `exact` [K, N]:
+    values stored beside the codebook (outliers), which replace the decoded weight where `coded` [K, N] is false.
+    Never worse than the k-means codebooks on the calibration data."""
     k, n = idx.shape
     levels = codebooks.shape[1]
     per_column = codebooks.shape[0] > 1 or n == 1
@@ -374,6 +386,8 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
         rows, s, t = gram.xtx[k, k], gram.xtx[:k, k], gram.xty[k]
         g = g - np.outer(s, s) / rows
         p = p - np.outer(s, t) / rows
+    if exact is not None:  # the outliers' share of the outputs is fixed: the codebook fits what is left
+        p = p - g @ exact
     cols = np.arange(n)
     cost = float(k) * k * n * levels
     if per_column and cost > max_flops:
@@ -386,6 +400,8 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
     for start in range(0, len(cols), step):
         part = cols[start:start + step]
         onehot = (idx[:, part, None] == np.arange(levels)).astype(np.float64)  # [K, c, L]
+        if coded is not None:
+            onehot *= coded[:, part, None]
         if column_scale is not None:  # d(weight)/d(value) is the column's scale, not 1
             onehot *= np.asarray(column_scale, dtype=np.float64)[None, part, None]
         ge = np.tensordot(g, onehot, axes=(1, 0))  # [K, c, L]
@@ -405,7 +421,8 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
 
     def weights(books):
         w = decode(idx.T, books).T if per_column else books[0][idx]
-        return w if column_scale is None else w * np.asarray(column_scale, dtype=np.float64)[None, :]
+        w = w if column_scale is None else w * np.asarray(column_scale, dtype=np.float64)[None, :]
+        return w if exact is None else np.where(coded, w, 0.0) + exact
 
     def augmented(w, b):
         return np.concatenate([w, b.reshape(1, n)], axis=0) if gram.bias else w

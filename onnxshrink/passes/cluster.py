@@ -82,6 +82,7 @@ OTHER_FLOATS = ("fp32", "fp16", "int8")
 ENERGY_FLOOR = 1e-3  # activation weights are E[x^2] + this x their mean: inputs never seen still count a little
 # channel scales by default on layers this wide (a scale costs 16/K bits a weight: 1/16 here, 0.04 on MiniLM's 384)
 CHANNEL_SCALE_MIN_INPUTS = 256
+MAX_OUTLIERS = 0.05  # past this, outliers (6 bytes each) cost more than the codebook saves
 
 
 @dataclass
@@ -128,10 +129,18 @@ class ClusterConfig:
     # layers of CHANNEL_SCALE_MIN_INPUTS inputs or more. compress's formats and plan say False: priced with them,
     # its 20-minute MPNet search kept 5.06x where it keeps 6.58x without (docs/benchmarks-compress.md).
     channel_scales: bool | None = None
+    # the largest-magnitude fraction of each layer's weights stored exactly (fp16 values, uint32 positions) beside
+    # its codebook (SqueezeLLM's dense-and-sparse): the codebook and its channel scales then span the other weights
+    # only. Layers with exact zeros (pruned) get none. 0: off.
+    outliers: float = 0.0
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
     """Refuse contradictory or out-of-range options before anything is read or written."""
+    if not isinstance(config.outliers, (int, float)) or isinstance(config.outliers, bool) \
+            or not 0.0 <= config.outliers <= MAX_OUTLIERS:
+        raise UsageError(f"--outliers {config.outliers}: must be between 0 and {MAX_OUTLIERS:g} (a fraction of each "
+                         "layer's weights stored exactly)")
     if isinstance(config.bits, bool) or not isinstance(config.bits, (int, np.integer)) or not 1 <= config.bits <= 8:
         raise UsageError(f"--bits {config.bits}: must be between 1 and 8 (a codebook of 2^bits values, uint8 indices)")
     if config.per not in PER:
@@ -399,8 +408,10 @@ class Cluster:
         layer = _describe(site, self._owners, self._records, self._main_outputs)
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape
+        keep = _outliers(view, config.outliers)  # stored exactly: the codebook and scales span the rest
         # the columns the codebook holds: each output channel over its fp16 peak (weight = codebook value x scale)
-        scale = _row_scales(view.T).reshape(-1) if self._scaled(site.node, raw.shape) else None
+        spanned = view if keep is None else np.where(keep, 0.0, view)
+        scale = _row_scales(spanned.T).reshape(-1) if self._scaled(site.node, raw.shape) else None
         if scale is not None:
             view = view / scale
         gram, plain = None, ""
@@ -420,30 +431,47 @@ class Cluster:
             weights = weights.T if per == "channel" else weights.reshape(1, -1)
         elif scale is not None:  # and in the weight: k-means minimises the error of the weights decoded
             weights = np.broadcast_to(np.square(scale, dtype=np.float64)[None, :], (k, n)).reshape(1, -1)
+        if keep is not None:  # the outliers are not the codebook's to fit
+            free = ~(keep.T if per == "channel" else keep.reshape(1, -1))
+            weights = free.astype(np.float64) if weights is None else np.where(free, weights, 0.0)
         zeros = int(np.count_nonzero(view == 0))
         reserve = zeros > 0
         books = codebook.fit(rows, levels, weights, reserve_zero=reserve, form=self._form(group),
                              margin=codebook.DATA_AWARE_GRID_MARGIN if gram is not None else 1.0)
         rounded = "nearest entry"
+        exact = None
         if gram is not None and self.rounding == "gptq":
-            idx = codebook.gptq_assign(view, books, _input_hessian(gram, k, centred=self.refit), reserve_zero=reserve)
+            hessian = _input_hessian(gram, k, centred=self.refit)
+            if keep is None:
+                idx = codebook.gptq_assign(view, books, hessian, reserve_zero=reserve)
+            else:
+                idx, exact = codebook.gptq_assign(view, books, hessian, keep=keep)
             idx_rows = idx.T if per == "channel" else idx.reshape(1, -1)
             rounded = "GPTQ (errors folded into the inputs not yet rounded)"
         else:
             idx_rows = codebook.assign(rows, books, reserve_zero=reserve)
             idx = idx_rows.T if per == "channel" else idx_rows.reshape(k, n)
-        mse, uniform = float(np.mean((rows - codebook.decode(idx_rows, books)) ** 2)), codebook.uniform_mse(rows, levels)
+            exact = None if keep is None else np.where(keep, view, 0.0)
+        if exact is not None:  # as the graph stores them: fp16 values (in the layer's own units) at uint32 positions
+            unscaled = exact if scale is None else exact * scale[None, :]
+            exact = np.where(keep, unscaled.astype(np.float16).astype(np.float64), 0.0)
+        decoded_rows = codebook.decode(idx_rows, books)
+        if keep is not None:  # the error of the values the graph decodes, outliers exact
+            decoded_rows = np.where(free, decoded_rows, rows)
+        mse, uniform = float(np.mean((rows - decoded_rows) ** 2)), codebook.uniform_mse(rows, levels)
         stats.append(("mse", mse, uniform))
         why = [f"rounded to the {rounded}; weight MSE {mse:.3g}, "
                f"{mse / uniform if uniform > 0 else 0.0:.2f}x uniform {levels}-level rounding"
                + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
                + ("; weighted by input energy" if gram is not None and self.weighting == "activation" else "")
                + ("; channels scaled to peak 1 first (weight MSE in those units)" if scale is not None else "")
+               + (f"; {int(keep.sum())} outliers ({config.outliers:.2%}) stored exactly" if keep is not None else "")
                + (f"; {books.shape[-1]} evenly spaced values (entropy form: fewer bits packed than {levels} k-means "
                   "values at no more error)" if books.shape[-1] != levels else "")]
         if gram is not None and self.refit:
             result = codebook.refit(idx, books * layer.alpha, gram, _read_bias(layer, self._owners), keep_zero=reserve,
-                                    column_scale=scale)
+                                    column_scale=scale, exact=None if exact is None else exact * layer.alpha,
+                                    coded=None if keep is None else ~keep)
             if result is None:
                 why.append(f"not refit: {k}x{n} with {levels} levels per channel is too large for the normal equations")
             else:
@@ -462,24 +490,34 @@ class Cluster:
             why.append(f"not data-aware: {plain}")
         if scale is not None:  # [1, N] in the view: the initializer's channel axis
             scale = _from_view(scale.reshape(1, n), layer, (n,) + (1,) * (raw.ndim - 1))
+        sparse = None
+        if keep is not None:  # positions in the initializer's own layout, row-major
+            where = _from_view(keep, layer, raw.shape).reshape(-1)
+            positions = np.flatnonzero(where)
+            sparse = (positions, _from_view(exact, layer, raw.shape).reshape(-1)[positions])
         after = self._write(graph, weight, raw.shape, _from_view(idx, layer, raw.shape), books, site.node, group,
-                            scale, per=per)
+                            scale, per=per, sparse=sparse)
         shape = f"{books.shape[-1]}" if per == "layer" else f"{books.shape[0]} x {levels}"
         action = (f"codebook {shape} x fp32{' per channel' if per == 'channel' else ''}, "
                   f"{np.dtype(index_dtype(books.shape[-1])).name} indices"
-                  + (" x an fp16 scale a channel" if scale is not None else ""))
+                  + (" x an fp16 scale a channel" if scale is not None else "")
+                  + (f", {int(keep.sum())} fp16 outliers" if keep is not None else ""))
         decisions = [LayerDecision(site.name, site.node.op_type, weight, action, "; ".join(why), raw.nbytes, after)]
         for other in group[1:]:
             decisions.append(LayerDecision(other.name, other.node.op_type, weight, action + " (tied: clustered once)",
                                            f"shares the codebook of {site.name}", 0, 0))
         return decisions
 
-    def _write(self, graph, weight, shape, idx, books, node, group, row_scale=None, per=None) -> int:
+    def _write(self, graph, weight, shape, idx, books, node, group, row_scale=None, per=None, sparse=None) -> int:
         """Indices, codebook and the decoding nodes in the graph that owns the weight (times `row_scale`, stored
         fp16, when given: a table's [rows, 1], a layer's along its channel axis), one codebook `per` layer or
-        channel (None: the config's); returns their bytes."""
+        channel (None: the config's), and `sparse` (flat positions, values) written over the decoded weight by a
+        ScatterND (outliers); returns their bytes. onnxruntime folds all of it at load."""
         names, per = self._names, per or self.config.per
         idx_name, book_name, decoded = names(weight + "_idx"), names(weight + "_codebook"), names(weight + "_decoded")
+        final = decoded
+        if sparse is not None:
+            decoded = names(weight + "_coded")
         inits = [numpy_helper.from_array(np.ascontiguousarray(idx, dtype=index_dtype(books.shape[-1])), idx_name),
                  numpy_helper.from_array(books if per == "channel" else books[0], book_name)]
         nodes = [helper.make_node("Cast", [idx_name], [idx_name + "_int32"], name=idx_name + "_Cast", to=TensorProto.INT32)]
@@ -504,11 +542,24 @@ class Cluster:
             nodes += [helper.make_node("Gather", [data, index], [unscaled], name=decoded + "_Gather", axis=0),
                       helper.make_node("Cast", [scale], [scale + "_float"], name=scale + "_Cast", to=TensorProto.FLOAT),
                       helper.make_node("Mul", [unscaled, scale + "_float"], [decoded], name=decoded + "_Mul")]
+        if sparse is not None:
+            positions, values = sparse
+            where, exact, flat = names(weight + "_outlier_positions"), names(weight + "_outliers"), names(weight + "_flat")
+            inits += [numpy_helper.from_array(positions.astype(np.uint32).reshape(-1, 1), where),
+                      numpy_helper.from_array(values.astype(np.float16), exact),
+                      numpy_helper.from_array(np.array([-1], dtype=np.int64), flat + "_shape"),
+                      numpy_helper.from_array(np.array(shape, dtype=np.int64), final + "_shape")]
+            nodes += [helper.make_node("Reshape", [decoded, flat + "_shape"], [flat], name=flat + "_Reshape"),
+                      helper.make_node("Cast", [where], [where + "_int64"], name=where + "_Cast", to=TensorProto.INT64),
+                      helper.make_node("Cast", [exact], [exact + "_float"], name=exact + "_Cast", to=TensorProto.FLOAT),
+                      helper.make_node("ScatterND", [flat, where + "_int64", exact + "_float"], [flat + "_exact"],
+                                       name=flat + "_ScatterND"),
+                      helper.make_node("Reshape", [flat + "_exact", final + "_shape"], [final], name=final + "_Reshape")]
         graph.initializer.extend(inits)
         for site in group:
             for i, name in enumerate(site.node.input):
                 if name == weight:
-                    site.node.input[i] = decoded
+                    site.node.input[i] = final
         for position, new in enumerate(nodes):
             graph.node.insert(position, new)
         return sum(numpy_helper.to_array(t).nbytes for t in inits)
@@ -720,6 +771,16 @@ def _not_data_aware(layer, group) -> str:
     if node.op_type == "Gemm" and (attr(node, "transA", 0) or layer.alpha == 0):
         return "Gemm with transA=1 or alpha=0"
     return ""
+
+
+def _outliers(view: np.ndarray, fraction: float) -> np.ndarray | None:
+    """[K, N] bool: the `fraction` of the weights largest in magnitude (ties included), or None (none asked, too few
+    weights for one, or exact zeros: a pruned layer keeps its zeros at index 0 and gets no outliers)."""
+    count = int(round(fraction * view.size))
+    if count < 1 or np.any(view == 0):
+        return None
+    magnitude = np.abs(view)
+    return magnitude >= np.partition(magnitude.ravel(), -count)[-count]
 
 
 def _input_hessian(gram, k: int, centred: bool) -> np.ndarray:

@@ -150,6 +150,10 @@ def _decoded_from_codebook(graph, producer) -> bool:
     """Whether `producer` decodes a codebook as the cluster pass writes it, times fp16 scales (a table's rows, a
     layer's channels) or not."""
     producers = {output: node for node in graph.node for output in node.output}
+    if producer is not None and producer.op_type == "Reshape":  # outliers written over the decoded weight
+        scatter = producers.get(producer.input[0])
+        flat = producers.get(scatter.input[0]) if scatter is not None and scatter.op_type == "ScatterND" else None
+        producer = producers.get(flat.input[0]) if flat is not None and flat.op_type == "Reshape" else None
     if producer is not None and producer.op_type == "Mul" and producer.input:
         producer = producers.get(producer.input[0])
     indices = {t.name for t in graph.initializer if t.data_type in INDEX_TYPES}

@@ -2,10 +2,9 @@
 
 Signal-processing front ends (a mel spectrogram's STFT as a Conv, a DCT as a MatMul) hold such bases as weights.
 Rounding one is not rounding a learned layer: its error leaks every loud frequency into all the other bins, and a
-log-power output (dB, 80 dB of range) shows that leak in the quiet bins. livekit's melspectrogram with its STFT at
-per-channel int8 scores cosine 0.96 against the original on a clean chirp, 1.0000 at 20 dB SNR, where the same
-basis in fp16 scores 0.9999 at every SNR and its mel filter matrix at 4 bits 0.9999. So the passes keep such a
-basis float (see passes/common.select_layers).
+log-power output (dB, 80 dB of range) shows that leak in the quiet bins: livekit's melspectrogram with its STFT at
+per-channel int8 scored cosine 0.963 against the original on a clean chirp and 1.0000 at 20 dB SNR
+(bench/audio_clean.py). So the passes keep such a basis float (see passes/common.select_layers).
 
 A filter is a sinusoid when nearly all of its spectral energy lies within a few bins of its peak (a window only
 widens the peak: a Hann window's main lobe is 4 bins); the bank is one when nearly every non-zero filter is, and
@@ -27,7 +26,7 @@ SAMPLE = 16  # filters tested first (spread over the bank): most weights fail he
 
 
 def sinusoid_bank(filters: np.ndarray) -> str | None:
-    """A description ("257 windowed sinusoids of 512 taps") when the rows of `filters` [count, taps] form a bank
+    """A description ("257 sinusoids of 512 taps") when the rows of `filters` [count, taps] form a bank
     of sinusoids; None otherwise."""
     count, taps = filters.shape
     if taps < MIN_TAPS or count < MIN_FILTERS:
@@ -56,7 +55,6 @@ def _share(rows: np.ndarray, taps: int) -> tuple[float, np.ndarray]:
     width = int(np.ceil(HALF_WIDTH * PAD))
     bins = np.arange(power.shape[1])[None, :]
     near = np.abs(bins - peaks[:, None]) <= width
-    # a real sinusoid's energy near DC or Nyquist folds back onto its own lobe: count it there too
     total = np.sum(power, axis=1)
     concentrated = np.sum(np.where(near, power, 0.0), axis=1) >= MIN_CONCENTRATION * np.maximum(total, 1e-300)
     return float(np.mean(concentrated)), peaks

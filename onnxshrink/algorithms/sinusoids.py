@@ -31,15 +31,15 @@ def sinusoid_bank(filters: np.ndarray) -> str | None:
     count, taps = filters.shape
     if taps < MIN_TAPS or count < MIN_FILTERS:
         return None
-    rows = np.asarray(filters, dtype=np.float64)
-    peak = np.max(np.abs(rows), axis=1)
+    # reductions only: a large learned layer (every MatMul is asked) is never copied whole
+    peak = np.maximum(np.max(filters, axis=1), -np.min(filters, axis=1)).astype(np.float64)
     live = np.flatnonzero(peak > 1e-6 * max(float(np.max(peak)), 1e-300))
     if live.size < MIN_FILTERS:
         return None
     sample = live[np.unique(np.linspace(0, live.size - 1, min(SAMPLE, live.size)).astype(np.int64))]
-    if _share(rows[sample], taps)[0] < MIN_SHARE:
+    if _share(np.asarray(filters[sample], dtype=np.float64), taps)[0] < MIN_SHARE:
         return None
-    share, peaks = _share(rows[live], taps)
+    share, peaks = _share(np.asarray(filters[live], dtype=np.float64), taps)
     if share < MIN_SHARE:
         return None
     band = taps * PAD // 2

@@ -54,7 +54,7 @@ from onnxshrink import memory, model as model_io
 from onnxshrink.algorithms import codebook
 from onnxshrink.data import Dataset, input_specs, load_npz, trim_padding
 from onnxshrink.passes import table_rows as table_rows_
-from onnxshrink.passes.common import Site, initializer_owners, nonfinite, signal_basis
+from onnxshrink.passes.common import Site, initializer_owners, kept_weight_reason
 from onnxshrink.passes.prune_common import capture, describe, input_size, matrix, token_rows, unfold
 from onnxshrink.validate import attention_mask, masks_output, padding_zeroed, sample_cosines
 from onnxshrink.weights import find_tensors
@@ -166,10 +166,8 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                 continue
             if node.op_type != "Conv" and len(record.shape) != 2 or node.op_type == "Conv" and len(record.shape) < 3:
                 continue
-            value = numpy_helper.to_array(owners[weight][1])
-            if nonfinite(value) or signal_basis(node, value):  # layers every pass keeps as they are: nothing to price
+            if kept_weight_reason(node, numpy_helper.to_array(owners[weight][1])):  # every pass keeps it: not priced
                 continue
-            del value
             layer = describe(Site(graph, node, node.name or f"{node.op_type}_{index}", weight), owners, records, main_outputs)
             layers.append(layer)
     prices = Prices()

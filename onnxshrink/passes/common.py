@@ -72,7 +72,7 @@ def select_layers(model, records, op_types, config, judge, read=numpy_helper.to_
         key = (weight, node.op_type, attr(node, "transB", 0))
         if key not in verdicts and weight in owners:
             value = read(owners[weight][1])
-            verdicts[key] = NONFINITE if nonfinite(value) else signal_basis(node, value)
+            verdicts[key] = kept_weight_reason(node, value)
         return verdicts.get(key)
 
     sites, skipped = [], []
@@ -109,6 +109,12 @@ def select_layers(model, records, op_types, config, judge, read=numpy_helper.to_
         skipped.append(LayerDecision(site.name, site.node.op_type, site.weight, "kept float",
                                      f"--keep-float {config.keep_float}", size, size))
     return sites, skipped
+
+
+def kept_weight_reason(node, value: np.ndarray) -> str | None:
+    """Why every pass leaves this layer's weight as it is, judged by its values (NaN/Inf, a signal-processing
+    basis), or None: select_layers asks it of each layer, and compress's plan prices no layer it names."""
+    return NONFINITE if nonfinite(value) else signal_basis(node, value)
 
 
 def signal_basis(node, value: np.ndarray) -> str | None:

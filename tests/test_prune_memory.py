@@ -83,7 +83,8 @@ def test_layer_rows_of_a_chunked_batch_equal_the_joined_batch_rows(monkeypatch):
     layers = _layers(model)
 
     def gathered():
-        return [[(key, x.copy()) for key, x in batch] for batch in prune_common.layer_rows(data, model, layers)]
+        return [[(key, x.copy(), weights) for key, x, weights in batch]
+                for batch in prune_common.layer_rows(data, model, layers)]
 
     def joined():
         out = []
@@ -93,13 +94,14 @@ def test_layer_rows_of_a_chunked_batch_equal_the_joined_batch_rows(monkeypatch):
                 value = values.get(layer.x, batch.get(layer.x))
                 keep = prune_common.token_rows(batch, value, layer)
                 x = prune_common.unfold(layer, value)
-                seen.setdefault(prune_common.input_key(layer), x if keep is None else x[keep])
-            out.append(list(seen.items()))
+                x = x if keep is None else x[keep]
+                seen.setdefault(prune_common.input_key(layer), (x, prune_common.row_weights(value, layer, x, keep)))
+            out.append([(key, x, weights) for key, (x, weights) in seen.items()])
         return out
 
     monkeypatch.setattr(runtime, "CAPTURE_BYTES", 0)  # never split
     expected = joined()
-    assert [[key for key, _ in batch] for batch in expected] == [[key for key, _ in batch] for batch in gathered()]
+    assert [[key for key, _, _ in batch] for batch in expected] == [[key for key, _, _ in batch] for batch in gathered()]
     runs = []
     original_run = runtime.Capture._run
 
@@ -114,9 +116,10 @@ def test_layer_rows_of_a_chunked_batch_equal_the_joined_batch_rows(monkeypatch):
     assert len(chunked) == len(expected) == 2
     for got, want in zip(chunked, expected):
         assert len(got) == 2  # two distinct inputs: h (q, k and v) and s
-        for (key, x), (key0, x0) in zip(got, want):
+        for (key, x, weights), (key0, x0, weights0) in zip(got, want):
             assert key == key0 and x.dtype == x0.dtype and np.array_equal(x, x0)
-    assert sum(x.shape[0] for x in (dict(batch)[("h", False, "None", K)] for batch in chunked)) == \
+            assert weights is not None and np.array_equal(weights, weights0)  # tokens: the same weights
+    assert sum(x.shape[0] for x in ({key: x for key, x, _ in batch}[("h", False, "None", K)] for batch in chunked)) == \
         int(sum(b["attention_mask"].sum() for b in data.batches))
 
 
@@ -173,9 +176,9 @@ def test_a_layer_input_without_the_batch_axis_counts_once_per_batch_as_when_join
     layers = [layer for layer in _layers(model) if layer.name == "mm_c"]
     assert layers and layers[0].x == "c"
     monkeypatch.setattr(runtime, "CAPTURE_BYTES", 3 * K * 4 + 1)  # the constant input alone fills a run
-    chunked = [dict(batch) for batch in prune_common.layer_rows(data, model, layers)]
+    chunked = [{key: x for key, x, _ in batch} for batch in prune_common.layer_rows(data, model, layers)]
     monkeypatch.setattr(runtime, "CAPTURE_BYTES", 0)
-    whole = [dict(batch) for batch in prune_common.layer_rows(data, model, layers)]
+    whole = [{key: x for key, x, _ in batch} for batch in prune_common.layer_rows(data, model, layers)]
     expected = np.maximum(numpy_helper.to_array(table), 0)
     for got in (chunked, whole):
         assert len(got) == 2 and all(np.array_equal(next(iter(batch.values())), expected) for batch in got)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxshrink.algorithms.reconstruct import Gram, refit
+from onnxshrink.algorithms.reconstruct import MAX_TOKEN_WEIGHT, Gram, refit, token_weights
 from onnxshrink.algorithms.sparsegpt import output_error, refit_kept, sparsegpt, teacher_weights
 
 
@@ -260,12 +260,55 @@ def test_padding_tokens_are_left_out_of_the_layer_statistics():
     assert prune_common.token_rows({"attention_mask": mask[:1]}, x, layer) is None  # not this activation's shape
     gram = prune_common.teacher_grams(data, model, model, [layer], {"mm": False})["mm"]
     real = x.reshape(-1, 8)[mask.reshape(-1) == 1].astype(np.float64)
+    sentence = np.repeat([0, 1], 5)[mask.reshape(-1) == 1]
+    real = real * token_weights(real, sentence)[:, None]  # tokens: each its sentence's median norm / its own
     np.testing.assert_allclose(gram.xtx, real.T @ real, rtol=1e-6)
     assert gram.rows == 7
     # the pruning pass's statistics leave the padding out as well
     hessian = Prune(PruneConfig(sparsity=0.5, method="sparsegpt", scope="layer"), data)._original_grams(
         model, [layer])["mm"]
     np.testing.assert_allclose(hessian.xtx, real.T @ real, rtol=1e-6)
+
+
+def test_token_weights_count_each_token_relative_to_its_size():
+    rows = np.ones((5, 4))
+    rows[3] *= 10.0  # a "massive activation" token
+    rows[4] *= 1e-6  # a near-empty one: up-weighted, but only so far
+    weights = token_weights(rows)
+    np.testing.assert_allclose(weights[:3], 1.0)
+    np.testing.assert_allclose(weights[3], 0.1)
+    assert weights[4] == MAX_TOKEN_WEIGHT
+    np.testing.assert_allclose(token_weights(np.zeros((3, 4))), 1.0)  # nothing to scale by
+    # per sentence: a sentence of larger tokens throughout is not down-weighted against another
+    two = np.concatenate([np.ones((3, 4)), 5 * np.ones((3, 4))])
+    np.testing.assert_allclose(token_weights(two, np.repeat([0, 1], 3)), 1.0)
+    assert token_weights(two)[3:].max() < 1 < token_weights(two)[:3].min()  # as one sequence they would be
+    # so weights do not depend on the batching: a sentence's rows weigh the same alone or batched with others
+    np.testing.assert_allclose(token_weights(rows), token_weights(np.concatenate([two, rows]),
+                                                                   np.repeat([0, 1, 2], [3, 3, 5]))[6:])
+
+
+def test_massive_tokens_do_not_decide_the_fit_and_images_keep_equal_rows():
+    """One token 50x the others: unweighted, it holds nearly all of X^T X; weighted, every token counts alike. A 2-D
+    input (an MLP's samples) and a Conv's pixels keep equal weights."""
+    from onnxshrink.passes.common import Site, initializer_owners
+    from onnxshrink.weights import find_tensors
+
+    model = _masked_model()
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(1, 6, 8)).astype(np.float32)
+    x[0, 2] *= 50.0
+    data = Dataset([{"x": x, "attention_mask": np.ones((1, 6), dtype=np.int64)}], None, 1, False, [])
+    owners, records = initializer_owners(model), {r.name: r for r in find_tensors(model)}
+    layer = prune_common.describe(Site(model.graph, model.graph.node[0], "mm", "w"), owners, records, {"y", "m"})
+    gram = prune_common.teacher_grams(data, model, model, [layer], {"mm": False})["mm"]
+    rows = x.reshape(-1, 8).astype(np.float64)
+    massive = np.trace(np.outer(rows[2], rows[2])) / np.trace(rows.T @ rows)
+    assert massive > 0.9  # unweighted
+    weighted = rows * token_weights(rows)[:, None]
+    assert np.trace(np.outer(weighted[2], weighted[2])) / np.trace(gram.xtx) < 0.3
+    np.testing.assert_allclose(gram.xtx, weighted.T @ weighted, rtol=1e-6)
+    assert prune_common.row_weights(x.reshape(6, 8), layer, rows) is None  # [samples, K]: every row once
 
 
 def test_damped_kept_refit_generalises_where_calibration_has_fewer_rows_than_inputs():

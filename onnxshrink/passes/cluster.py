@@ -41,7 +41,9 @@ match the original layer's outputs (codebook.refit; passes/prune.py's teacher Gr
 The captures run a wave of layers at a time (prune_common.RoundCapture: q, k and v of a transformer
 block in one run of each model, only the graph up to them), not one layer per run: the same
 statistics for fewer runs; `capture_rounds` N groups waves into at most N runs. Padding tokens
-(an `attention_mask` input's zeros) are left out of the statistics (prune_common.token_rows).
+(an `attention_mask` input's zeros) are left out of the statistics (prune_common.token_rows), and each
+real token counts relative to its own size (prune_common.row_weights): MPNet's few "massive activation"
+tokens otherwise decided every fit.
 """
 
 from __future__ import annotations

@@ -55,8 +55,8 @@ from onnxshrink.errors import UsageError
 from onnxshrink.passes.common import attr, begin_pass, handed_over, initializer_owners, select_layers
 from onnxshrink.passes.prune_common import (MAX_LAYER_SPARSITY, SUPPORTED_OPS, PruneConfig, capture, capture_rounds,
                                             check_config, describe, few_rows_note, input_key, input_size, layer_rows,
-                                            matrix, parse_nm, read_bias, resolved_method, teacher_gram, token_rows,
-                                            unfold, upstream_layers, write)
+                                            matrix, parse_nm, read_bias, resolved_method, row_weights, teacher_gram,
+                                            token_rows, unfold, upstream_layers, write)
 from onnxshrink.progress import step
 from onnxshrink.report import LayerDecision, PassReport
 from onnxshrink.streaming import TensorStore
@@ -317,8 +317,8 @@ class Prune:
         for layer in usable:
             shared.setdefault(input_key(layer), PackedGram(input_size(layer)))
         for batch_rows in layer_rows(self.calibration, model, usable, self.threads):
-            for key, x in batch_rows:
-                shared[key].add(x)
+            for key, x, weights in batch_rows:
+                shared[key].add(x, weights=weights)
                 del x
         return {layer.name: shared[input_key(layer)] for layer in usable}
 
@@ -392,8 +392,11 @@ class _Hessians:
                 x0 = unfold(other, before.get(other.x, batch.get(other.x)))
                 if rows is not None:
                     x, x0 = x[rows], x0[rows]
-                self.grams[other.name].add(x)
+                weights = row_weights(value, other, x, rows)
+                self.grams[other.name].add(x, weights=weights)
                 if other.name in self.cross:
+                    if weights is not None:
+                        x, x0 = x * weights[:, None], x0 * weights[:, None]
                     self.cross[other.name] += x.T @ x0  # float32 per batch, summed in float64
 
 

@@ -18,7 +18,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxshrink import memory
-from onnxshrink.algorithms.reconstruct import DEFAULT_DAMPING, Gram
+from onnxshrink.algorithms.reconstruct import DEFAULT_DAMPING, Gram, token_weights
 from onnxshrink.algorithms.sparsegpt import KEPT_REFIT_DAMP
 from onnxshrink.data import PADDING_MASKS
 from onnxshrink.errors import UsageError
@@ -269,8 +269,9 @@ def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, th
         for batch_index, (batch, now) in enumerate(capture(dataset, model, [layer.x], threads)):
             value = now.get(layer.x, batch.get(layer.x))
             rows, x = token_rows(batch, value, layer), unfold(layer, value)
+            x = x if rows is None else x[rows]
             y = np.load(spilled(batch_index, 0))
-            gram.add(x if rows is None else x[rows], y if original_b is None else y + original_b)
+            gram.add(x, y if original_b is None else y + original_b, weights=row_weights(value, layer, x, rows))
     return gram
 
 
@@ -316,8 +317,9 @@ def input_key(layer: Layer) -> tuple:
 
 
 def layer_rows(dataset, model, layers, threads: int = 1):
-    """For each calibration batch, an iterator of (input_key, x): x the [rows, K] float32 rows each distinct layer
-    input gives its weight (`unfold`), padding tokens left out (`token_rows`), one key per input its layers share.
+    """For each calibration batch, an iterator of (input_key, x, weights): x the [rows, K] float32 rows each
+    distinct layer input gives its weight (`unfold`), padding tokens left out (`token_rows`), one key per input its
+    layers share; weights each row's in the statistics (`row_weights`: None, every row counts once).
 
     The rows are the whole batch's, the same values in the same order as `capture` + `unfold` + `token_rows` of the
     joined batch, so statistics computed from them are the same bytes as before. What is held is less: a batch that
@@ -350,7 +352,8 @@ def _whole_batch_rows(batch: dict, values: dict, first: dict):
         value = values.get(layer.x, batch.get(layer.x))
         keep = token_rows(batch, value, layer)
         x = unfold(layer, value)
-        yield key, (x if keep is None else x[keep])
+        x = x if keep is None else x[keep]
+        yield key, x, row_weights(value, layer, x, keep)
 
 
 class _ChunkedRows:
@@ -361,10 +364,12 @@ class _ChunkedRows:
         self.parts: dict = {key: [] for key in first}  # real-token rows [r, K], or raw chunk values (no mask)
         self.masked: dict = {}  # key -> the whole batch's real-token rows (None: every row counts)
         self.whole: dict = {}  # key -> a value not along the batch axis (the same in every chunk): the last
+        self.shapes: dict = {}  # key -> one chunk's value shape (row_weights: tokens are the rows of a 3-D value)
 
     def add(self, feed: dict, values: dict, rows: int) -> None:
         for key, layer in self.first.items():
             value = np.asarray(values.get(layer.x, feed.get(layer.x)))
+            self.shapes[key] = value.shape
             if key in self.whole or not value.ndim or value.shape[0] != rows:
                 self.whole[key] = value  # as runtime's joiner keeps it
                 continue
@@ -388,12 +393,15 @@ class _ChunkedRows:
                 keep = token_rows(self.batch, value, layer)
                 x = unfold(layer, value)
                 x = x if keep is None else x[keep]
+                shape = np.shape(value)
             else:
                 joined = np.concatenate(parts) if len(parts) > 1 else parts[0]
-                x = joined if self.masked.get(key) is not None else unfold(layer, joined)
+                keep = self.masked.get(key)
+                x = joined if keep is not None else unfold(layer, joined)
+                shape = (self.batch_rows, *self.shapes[key][1:])  # the joined batch's value
                 del joined
             del parts  # only this input's rows are held while its statistics are summed
-            yield key, x
+            yield key, x, row_weights(np.broadcast_to(np.float32(0), shape), layer, x, keep)
             del x
 
 
@@ -431,11 +439,12 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
                 y = x @ w if layer.name in own else np.load(spilled(batch_index, index))
                 gram = grams[layer.name]
                 key = (layer.x, gram.bias, layer.op_type, str(layer.conv))
+                weights = row_weights(value, layer, x, rows)
                 if key not in shared:
                     probe = Gram(gram.k, 0, bias=gram.bias)
-                    probe.add(x)
+                    probe.add(x, weights=weights)
                     shared[key] = probe.xtx
-                gram.add(x, y if b is None else y + b, xtx=shared[key])
+                gram.add(x, y if b is None else y + b, xtx=shared[key], weights=weights)
     return grams
 
 
@@ -462,6 +471,18 @@ def token_rows(batch: dict, value, layer) -> np.ndarray | None:
         return None
     mask = padding_mask(batch, np.shape(value)[:2])
     return None if mask is None else mask.reshape(-1)
+
+
+def row_weights(value, layer, x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray | None:
+    """Each of `x`'s rows' weight in the layer's statistics (`reconstruct.token_weights`) when they are tokens: a
+    MatMul or Gemm reading a [batch, sequence, K] `value` (or one of that shape), `keep` the rows of it that `x`
+    holds (`token_rows`; None: all). None (equal weights) for an image's pixels and an MLP's samples: nothing
+    downstream divides those by their own norm."""
+    if layer.op_type == "Conv" or len(np.shape(value)) != 3 or not len(x):
+        return None
+    batch, sequence = np.shape(value)[:2]
+    samples = np.repeat(np.arange(batch), sequence)
+    return token_weights(x, samples if keep is None else samples[keep])
 
 
 def padding_mask(batch: dict, shape) -> np.ndarray | None:

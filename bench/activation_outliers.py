@@ -5,6 +5,11 @@
 Reads the export that bench/transformer_bench.py cached (run it first). Why: one per-tensor uint8 scale (dynamic
 int8's, and static int8's without smoothing) spends its 256 levels on the largest value, so an input whose max|x| is
 1000x its median |x| keeps almost nothing of its typical values. Padding positions are left out (validate does too).
+
+The last two columns are what the data-aware fits see (cluster, prune, factorize: each layer's X^T X): the share of
+its trace held by the three largest inputs, and the largest real token's norm over the median token's. MPNet's
+"massive activations" show there, and why those fits weight each token by its own size
+(reconstruct.token_weights; docs/benchmarks-cluster.md).
 """
 
 from __future__ import annotations
@@ -47,12 +52,17 @@ def main() -> None:
     values = dict(zip(tensors, session.run(tensors, heldout)))
     real = heldout["attention_mask"].astype(bool)
     print(f"{folder / 'model.onnx'}: {args.sentences} held-out sentences, {int(real.sum())} real tokens\n")
-    print("| MatMul | input max abs | median abs | max / median |")
-    print("|---|---:|---:|---:|")
+    print("| MatMul | input max abs | median abs | max / median | top-3 inputs' share of X^T X | largest / median token norm |")
+    print("|---|---:|---:|---:|---:|---:|")
     for node, tensor in reads.items():
-        x = np.abs(values[tensor][real]) if values[tensor].shape[:2] == real.shape else np.abs(values[tensor])
+        rows = values[tensor][real] if values[tensor].shape[:2] == real.shape else values[tensor]
+        rows = rows.reshape(-1, rows.shape[-1]).astype(np.float64)
+        x = np.abs(rows)
         median = float(np.median(x))
-        print(f"| {node} | {x.max():.1f} | {median:.3f} | {x.max() / median if median > 0 else float('inf'):.0f} |")
+        energy = np.sort(np.sum(rows * rows, axis=0))[::-1]
+        norms = np.sqrt(np.sum(rows * rows, axis=1))
+        print(f"| {node} | {x.max():.1f} | {median:.3f} | {x.max() / median if median > 0 else float('inf'):.0f} "
+              f"| {energy[:3].sum() / energy.sum():.2f} | {norms.max() / np.median(norms):.1f} |")
 
 
 if __name__ == "__main__":

@@ -429,7 +429,7 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
             _spill_teacher_outputs(dataset, original, taught, threads, spilled)
         for batch_index, (batch, now) in enumerate(capture(dataset, model, sorted({layer.x for layer in layers}),
                                                            threads)):
-            shared: dict = {}  # (input, bias) -> X^T X of this batch, computed once for every layer reading it
+            shared: dict = {}  # (input, bias) -> this batch's X^T X and row weights, once for all its readers
             for index, layer in enumerate(layers):
                 value = now.get(layer.x, batch.get(layer.x))
                 rows, x = token_rows(batch, value, layer), unfold(layer, value)
@@ -439,12 +439,13 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
                 y = x @ w if layer.name in own else np.load(spilled(batch_index, index))
                 gram = grams[layer.name]
                 key = (layer.x, gram.bias, layer.op_type, str(layer.conv))
-                weights = row_weights(value, layer, x, rows)
                 if key not in shared:
+                    weights = row_weights(value, layer, x, rows)
                     probe = Gram(gram.k, 0, bias=gram.bias)
                     probe.add(x, weights=weights)
-                    shared[key] = probe.xtx
-                gram.add(x, y if b is None else y + b, xtx=shared[key], weights=weights)
+                    shared[key] = (probe.xtx, weights)
+                xtx, weights = shared[key]
+                gram.add(x, y if b is None else y + b, xtx=xtx, weights=weights)
     return grams
 
 

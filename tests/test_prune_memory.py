@@ -95,7 +95,8 @@ def test_layer_rows_of_a_chunked_batch_equal_the_joined_batch_rows(monkeypatch):
                 keep = prune_common.token_rows(batch, value, layer)
                 x = prune_common.unfold(layer, value)
                 x = x if keep is None else x[keep]
-                seen.setdefault(prune_common.input_key(layer), (x, prune_common.row_weights(value, layer, x, keep)))
+                weights = prune_common.row_weights(np.shape(value), layer, x, keep)
+                seen.setdefault(prune_common.input_key(layer), (x, weights))
             out.append([(key, x, weights) for key, (x, weights) in seen.items()])
         return out
 

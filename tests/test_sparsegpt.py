@@ -308,7 +308,7 @@ def test_massive_tokens_do_not_decide_the_fit_and_images_keep_equal_rows():
     weighted = rows * token_weights(rows)[:, None]
     assert np.trace(np.outer(weighted[2], weighted[2])) / np.trace(gram.xtx) < 0.3
     np.testing.assert_allclose(gram.xtx, weighted.T @ weighted, rtol=1e-6)
-    assert prune_common.row_weights(x.reshape(6, 8), layer, rows) is None  # [samples, K]: every row once
+    assert prune_common.row_weights((6, 8), layer, rows) is None  # [samples, K]: every row once
 
 
 def test_damped_kept_refit_generalises_where_calibration_has_fewer_rows_than_inputs():

@@ -392,7 +392,7 @@ class _Hessians:
                 x0 = unfold(other, before.get(other.x, batch.get(other.x)))
                 if rows is not None:
                     x, x0 = x[rows], x0[rows]
-                weights = row_weights(value, other, x, rows)
+                weights = row_weights(np.shape(value), other, x, rows)
                 self.grams[other.name].add(x, weights=weights)
                 if other.name in self.cross:
                     if weights is not None:

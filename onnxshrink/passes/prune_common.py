@@ -271,7 +271,8 @@ def teacher_gram(dataset, original, model, layer, original_layer, bias: bool, th
             rows, x = token_rows(batch, value, layer), unfold(layer, value)
             x = x if rows is None else x[rows]
             y = np.load(spilled(batch_index, 0))
-            gram.add(x, y if original_b is None else y + original_b, weights=row_weights(value, layer, x, rows))
+            weights = row_weights(np.shape(value), layer, x, rows)
+            gram.add(x, y if original_b is None else y + original_b, weights=weights)
     return gram
 
 
@@ -353,7 +354,7 @@ def _whole_batch_rows(batch: dict, values: dict, first: dict):
         keep = token_rows(batch, value, layer)
         x = unfold(layer, value)
         x = x if keep is None else x[keep]
-        yield key, x, row_weights(value, layer, x, keep)
+        yield key, x, row_weights(np.shape(value), layer, x, keep)
 
 
 class _ChunkedRows:
@@ -401,7 +402,7 @@ class _ChunkedRows:
                 shape = (self.batch_rows, *self.shapes[key][1:])  # the joined batch's value
                 del joined
             del parts  # only this input's rows are held while its statistics are summed
-            yield key, x, row_weights(np.broadcast_to(np.float32(0), shape), layer, x, keep)
+            yield key, x, row_weights(shape, layer, x, keep)
             del x
 
 
@@ -440,7 +441,7 @@ def teacher_grams(dataset, original, model, layers, biases: dict, threads: int =
                 gram = grams[layer.name]
                 key = (layer.x, gram.bias, layer.op_type, str(layer.conv))
                 if key not in shared:
-                    weights = row_weights(value, layer, x, rows)
+                    weights = row_weights(np.shape(value), layer, x, rows)
                     probe = Gram(gram.k, 0, bias=gram.bias)
                     probe.add(x, weights=weights)
                     shared[key] = (probe.xtx, weights)
@@ -474,14 +475,14 @@ def token_rows(batch: dict, value, layer) -> np.ndarray | None:
     return None if mask is None else mask.reshape(-1)
 
 
-def row_weights(value, layer, x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray | None:
+def row_weights(shape, layer, x: np.ndarray, keep: np.ndarray | None = None) -> np.ndarray | None:
     """Each of `x`'s rows' weight in the layer's statistics (`reconstruct.token_weights`) when they are tokens: a
-    MatMul or Gemm reading a [batch, sequence, K] `value` (or one of that shape), `keep` the rows of it that `x`
+    MatMul or Gemm reading a [batch, sequence, K] input (`shape`, the input's), `keep` the rows of it that `x`
     holds (`token_rows`; None: all). None (equal weights) for an image's pixels and an MLP's samples: nothing
     downstream divides those by their own norm."""
-    if layer.op_type == "Conv" or len(np.shape(value)) != 3 or not len(x):
+    if layer.op_type == "Conv" or len(shape) != 3 or not len(x):
         return None
-    batch, sequence = np.shape(value)[:2]
+    batch, sequence = shape[:2]
     samples = np.repeat(np.arange(batch), sequence)
     return token_weights(x, samples if keep is None else samples[keep])
 

@@ -34,17 +34,22 @@ def _entropy(idx) -> float:
     return codebook.entropy(np.bincount(np.asarray(idx).ravel()))
 
 
-def test_a_heavy_tail_gets_a_grid_of_over_256_entries_that_codes_in_far_fewer_bits(monkeypatch):
+def test_a_heavy_tail_gets_a_grid_spanning_hundreds_of_steps_that_keeps_only_the_cells_used(monkeypatch):
     row = _few_outliers(np.random.default_rng(1), 200000, 50)[None, :]  # a long row: fitted on its histogram
     kmeans = codebook.fit(row, 64)
     grid = codebook.fit(row, 64, form="entropy")
-    assert 256 < grid.shape[1] <= codebook.MAX_GRID_LEVELS
     steps = np.diff(grid[0])
-    assert np.allclose(steps, steps[0])
+    step = steps.min()
+    assert np.allclose(steps / step, np.round(steps / step))  # multiples of one step
+    span = int(round((grid[0, -1] - grid[0, 0]) / step)) + 1
+    assert span > 256 and grid.shape[1] < span / 2  # the far weights' cells, not the empty ones between
     errors = [np.sum((row - codebook.decode(codebook.assign(row, books), books)) ** 2) for books in (kmeans, grid)]
     assert errors[1] <= errors[0]
     assert _entropy(codebook.assign(row, grid)) < _entropy(codebook.assign(row, kmeans)) - 1.0
-    monkeypatch.setattr(codebook, "MAX_GRID_LEVELS", 256)  # the old limit: the tail kept k-means
+    # the limit counts the entries kept, not the span: a limit under the span takes the same grid
+    monkeypatch.setattr(codebook, "MAX_GRID_LEVELS", 256)
+    assert np.array_equal(codebook.fit(row, 64, form="entropy"), grid)
+    monkeypatch.setattr(codebook, "MAX_GRID_LEVELS", 32)  # too few for the bulk at k-means' error: k-means
     assert np.array_equal(codebook.fit(row, 64, form="entropy"), kmeans)
 
 

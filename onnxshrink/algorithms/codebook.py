@@ -20,11 +20,14 @@ indices, not log2(levels). k-means spends its entries where the values are dense
 to the same weighted error use more entries, unevenly: at equal error they code 0.15-0.3 bits a weight smaller at
 3-4 bits and up to 0.8 at 6 (entropy-coded uniform quantization is near-optimal at these rates; fixed-rate Lloyd-Max
 is not). The grid is kept only where its indices code smaller than k-means' and it fits MAX_GRID_LEVELS entries.
-A heavy tail is where the grid gains most: MiniLM's FFN output layers (a weight 40-80 standard deviations out) need
-400-900 entries at 5-8 bits' error, and pack into 4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. The
-pass stores only the entries used (passes/cluster.wide_grid_order): uint8 indices mostly, uint16 past 256 entries,
-which `pack` codes as two byte planes. With exact zeros kept at index 0 (pruned weights, a padding row), the grid
-is the odd multiples of half its step, so no small weight rounds to 0.
+Its entries are the grid's cells that some value rounds to, not every cell between the extremes: a heavy tail is
+where the grid gains most, and there the cells between a few far weights are empty. MiniLM's FFN output layers (a
+weight 40-80 standard deviations out) span 400-1100 steps at 5-8 bits' error but use 100-220 of them, and pack into
+4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. (A limit on the span, as first built, sent an 8-bit
+layer whose tail reached 1082 steps back to k-means at 7.9 bits where the grid coded 5.2.) Past 256 entries the
+pass stores uint16 indices (passes/cluster.wide_grid_order), which `pack` codes as two byte planes. With exact
+zeros kept at index 0 (pruned weights, a padding row), the grid is the odd multiples of half its step, so no small
+weight rounds to 0.
 
 Refit (with calibration data): with the assignments fixed, a layer's output X W(c) is
 linear in the codebook values c, so the values that best reproduce the teacher's outputs Y
@@ -52,8 +55,8 @@ GPTQ_DAMP = 0.01  # ridge added to H's diagonal, as a fraction of its mean (the 
 GPTQ_LAZY_BLOCK = 128  # inputs rounded before their error is folded into the rest in one matrix product
 FORMS = ("kmeans", "entropy")
 MAX_LEVELS = 256  # uint8 indices: the most entries a k-means codebook may have
-# The most entries an entropy-form grid may have (uint16 indices past 256): the refit's normal equations are
-# levels x levels (8 MB at 1024) and a layer's subset of columns shrinks as 1/levels.
+# The most entries (cells used) an entropy-form grid may have (uint16 indices past 256): the refit's normal
+# equations are levels x levels (8 MB at 1024) and a layer's subset of columns shrinks as 1/levels.
 MAX_GRID_LEVELS = 1024
 GRID_FACTORS = np.geomspace(3.0, 0.5, 48)  # grid steps tried, times the step whose uniform error is the target
 GRID_BISECTIONS = 8
@@ -112,8 +115,9 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
     """Evenly spaced codebook values for sorted `points` of weight `mass`, whose weighted squared error is at most
     `margin` x that of `books` (k-means') and whose indices (counted by `count`) have the lower entropy,
     by at least GRID_MIN_GAIN bits; None when no grid of at most MAX_GRID_LEVELS entries does. The values are the
-    multiples of a step (0 included); with `zeros` (exact zeros kept at an entry 0 of their own, not in `points`'
-    counts) they are the odd multiples of half a step, so the small weights next to the zeros do not round to 0."""
+    multiples of a step that some point rounds to (the empty cells between a tail's far weights are left out); with
+    `zeros` (exact zeros kept at an entry 0 of their own, not in `points`' counts) they are the odd multiples of
+    half a step, so the small weights next to the zeros do not round to 0."""
     used = count > 0
     total = float(np.sum(mass))
     target = margin * float(np.sum(mass * (points - books[_nearest(points, books)]) ** 2))
@@ -127,8 +131,8 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
 
     def fits(step):
         q = cells(step)
-        span = int(q[used].max() - q[used].min()) + 1
-        return span <= room and float(np.sum(mass * (points - (q + half) * step) ** 2)) <= target
+        entries = 1 + int(np.count_nonzero(np.diff(q[used])))  # points are sorted: the distinct cells used
+        return entries <= room and float(np.sum(mass * (points - (q + half) * step) ** 2)) <= target
 
     base = float(np.sqrt(12.0 * target / total))
     factors = [f for f in GRID_FACTORS if fits(base * f)]
@@ -144,12 +148,12 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
         good = lo
     step = base * good
     q = cells(step)
-    first, last = int(q[used].min()), int(q[used].max())
+    first = int(q[used].min())
     grid_counts = np.bincount((q[used] - first).astype(np.int64), weights=count[used])
     kmeans_counts = np.bincount(_nearest(points[used], books), weights=count[used])
     if entropy(np.append(grid_counts, zeros)) > entropy(np.append(kmeans_counts, zeros)) - GRID_MIN_GAIN:
         return None
-    return (np.arange(first, last + 1) + half) * step
+    return (np.unique(q[used]) + half) * step
 
 
 def _nearest(points: np.ndarray, books: np.ndarray) -> np.ndarray:

@@ -21,9 +21,9 @@ the energy E[x_k^2] of each weight's input over the calibration data (as Squeeze
 weigh weights). A weight with exact zeros (pruned) keeps codebook entry 0 = 0.0 for them, so
 zeros stay zeros and index 0 is what `pack` codes as gaps.
 
---codebook entropy may fit an evenly spaced codebook of over 256 entries to a heavy-tailed weight; only the entries
-used are stored (wide_grid_order), mostly 256 or fewer (uint8 indices); past that the indices are uint16 (2 bytes a
-weight in the file), ordered by use so that `pack` codes them in about their entropy.
+--codebook entropy fits evenly spaced values, only the cells some weight uses (a heavy tail's far weights span
+hundreds of steps but use few of them); mostly 256 or fewer (uint8 indices); past that the indices are uint16 (2
+bytes a weight in the file), ordered by use so that `pack` codes them in about their entropy.
 
 Channel scales (per layer, a layer of CHANNEL_SCALE_MIN_INPUTS inputs or more): each output channel is divided by its
 peak magnitude (an fp16 scale a channel, decoded as `Gather(codebook, indices) x scale`, folded at load like the
@@ -713,10 +713,9 @@ def index_dtype(levels: int):
 
 
 def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A codebook of over 256 entries (one, [1, L]: an entropy-form grid, whose step the bulk of the weights sets and
-    whose span the tails do) cut to the entries the indices use, the indices renumbered to match. Mostly the tails
-    are a few far weights and the used entries fit uint8 (MiniLM's FFN output layers: 82-223 used of 400-900),
-    kept in sorted order. Otherwise they are ordered by use: `pack` codes uint16 indices as two byte planes, so the
+    """A codebook of over 256 entries (one, [1, L]: an entropy-form grid, whose step the bulk of the weights sets)
+    cut to the entries the indices use, the indices renumbered to match: rounding with GPTQ may leave some unused.
+    Where 256 or fewer are left they are kept in sorted order. Otherwise they are ordered by use: `pack` codes uint16 indices as two byte planes, so the
     bulk of the weights shares a high byte of 0 and the most used entry is index 0, the background a sparse coding
     skips. Narrower codebooks are returned as they are."""
     if books.shape[-1] <= 256 or books.shape[0] != 1:

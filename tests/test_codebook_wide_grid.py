@@ -53,6 +53,17 @@ def test_a_heavy_tail_gets_a_grid_spanning_hundreds_of_steps_that_keeps_only_the
     assert np.array_equal(codebook.fit(row, 64, form="entropy"), kmeans)
 
 
+def test_a_far_outlier_costs_one_entry_not_an_array_over_the_span():
+    """One weight 10^12 of the bulk's steps out (ddddocr's detector had such a layer): the grid holds the bulk's
+    cells and that one, and counting them allocates nothing the size of the span (it raised MemoryError)."""
+    rng = np.random.default_rng(5)
+    row = np.concatenate([rng.standard_normal(5000) * 1e-3, [1e9]])[None, :]
+    grid = codebook.fit(row, 16, form="entropy")
+    assert grid.shape[1] <= codebook.MAX_GRID_LEVELS
+    decoded = codebook.decode(codebook.assign(row, grid), grid)
+    assert abs(decoded[0, -1] - 1e9) < 1.0 and np.max(np.abs(decoded[0, :-1] - row[0, :-1])) < 1e-3
+
+
 def test_a_wide_codebook_keeps_only_its_used_entries_and_orders_them_by_use_past_256():
     rng = np.random.default_rng(2)
     books = np.sort(rng.standard_normal((1, 600)), axis=1)

@@ -147,13 +147,13 @@ def entropy_grid(points: np.ndarray, mass: np.ndarray, count: np.ndarray, books:
             lo, hi = (mid, hi) if fits(base * mid) else (lo, mid)
         good = lo
     step = base * good
-    q = cells(step)
-    first = int(q[used].min())
-    grid_counts = np.bincount((q[used] - first).astype(np.int64), weights=count[used])
+    # the cells used, counted without an array over the span: a far outlier puts it past 10^12 steps
+    kept, which = np.unique(cells(step)[used], return_inverse=True)
+    grid_counts = np.bincount(which.ravel(), weights=count[used])
     kmeans_counts = np.bincount(_nearest(points[used], books), weights=count[used])
     if entropy(np.append(grid_counts, zeros)) > entropy(np.append(kmeans_counts, zeros)) - GRID_MIN_GAIN:
         return None
-    return (np.unique(q[used]) + half) * step
+    return (kept + half) * step
 
 
 def _nearest(points: np.ndarray, books: np.ndarray) -> np.ndarray:

@@ -715,9 +715,9 @@ def index_dtype(levels: int):
 def wide_grid_order(idx: np.ndarray, books: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """A codebook of over 256 entries (one, [1, L]: an entropy-form grid, whose step the bulk of the weights sets)
     cut to the entries the indices use, the indices renumbered to match: rounding with GPTQ may leave some unused.
-    Where 256 or fewer are left they are kept in sorted order. Otherwise they are ordered by use: `pack` codes uint16 indices as two byte planes, so the
-    bulk of the weights shares a high byte of 0 and the most used entry is index 0, the background a sparse coding
-    skips. Narrower codebooks are returned as they are."""
+    Where 256 or fewer are left they are kept in sorted order. Otherwise they are ordered by use: `pack` codes
+    uint16 indices as two byte planes, so the bulk of the weights shares a high byte of 0 and the most used entry
+    is index 0, the background a sparse coding skips. Narrower codebooks are returned as they are."""
     if books.shape[-1] <= 256 or books.shape[0] != 1:
         return idx, books
     counts = np.bincount(np.asarray(idx).ravel(), minlength=books.shape[-1])

@@ -174,3 +174,11 @@ def default_signals() -> None:
     children those signals ignored, and Python keeps an ignored SIGINT ignored: the child would never see them."""
     for number in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(number, signal.SIG_DFL)
+
+
+def on_one_grid(books: np.ndarray, half: float = 0.0) -> bool:
+    """Every entry a multiple of one step (offset by `half` a step): an evenly spaced codebook, perhaps with cells
+    no value used left out."""
+    step = np.diff(books).min()
+    cells = books / step - half
+    return bool(np.allclose(cells, np.round(cells), rtol=0, atol=1e-6))

@@ -9,7 +9,7 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from conftest import SAMPLES, assert_bad_option, save_model
+from conftest import SAMPLES, assert_bad_option, on_one_grid, save_model
 from onnxshrink import api, compress_plan
 from onnxshrink.algorithms import codebook
 from onnxshrink.compress_search import PLANNED_CODEBOOK, CompressConfig, planned_recipe
@@ -25,14 +25,6 @@ def _entropy(idx: np.ndarray) -> float:
     return float(-(p * np.log2(p)).sum())
 
 
-def _on_one_grid(books: np.ndarray, half: float = 0.0) -> bool:
-    """Every entry a multiple of one step (offset by `half` a step): an evenly spaced grid, perhaps with cells no
-    value used left out."""
-    step = np.diff(books).min()
-    cells = books / step - half
-    return bool(np.allclose(cells, np.round(cells), rtol=0, atol=1e-6))
-
-
 def _sse(values, books, weights=None):
     decoded = codebook.decode(codebook.assign(values, books), books)
     return float(np.sum((np.ones_like(values) if weights is None else weights) * (values - decoded) ** 2))
@@ -45,7 +37,7 @@ def test_an_evenly_spaced_codebook_codes_fewer_bits_at_no_more_error(bits, n):
     kmeans = codebook.fit(values, 2 ** bits)
     grid = codebook.fit(values, 2 ** bits, form="entropy")
     assert kmeans.shape == (1, 2 ** bits) and grid.shape[0] == 1 and 2 ** bits < grid.shape[1] <= codebook.MAX_LEVELS
-    assert _on_one_grid(grid[0])
+    assert on_one_grid(grid[0])
     assert _sse(values, grid) <= _sse(values, kmeans) * 1.001  # the histogram of a long row is an approximation
     gain = _entropy(codebook.assign(values, kmeans)) - _entropy(codebook.assign(values, grid))
     assert gain >= codebook.GRID_MIN_GAIN, gain
@@ -86,7 +78,7 @@ def test_pruned_zeros_keep_entry_zero_and_no_small_weight_rounds_to_it(n):
     kmeans = codebook.fit(sparse, 16, reserve_zero=True)
     grid = codebook.fit(sparse, 16, reserve_zero=True, form="entropy")
     assert grid[0, 0] == 0.0 and grid.shape[1] > 16
-    assert _on_one_grid(grid[0, 1:], half=0.5)  # odd half-steps
+    assert on_one_grid(grid[0, 1:], half=0.5)  # odd half-steps
     idx = codebook.assign(sparse, grid, reserve_zero=True)
     assert np.array_equal(idx == 0, sparse == 0)
     nonzero = sparse != 0

@@ -21,9 +21,9 @@ to the same weighted error use more entries, unevenly: at equal error they code 
 3-4 bits and up to 0.8 at 6 (entropy-coded uniform quantization is near-optimal at these rates; fixed-rate Lloyd-Max
 is not). The grid is kept only where its indices code smaller than k-means' and it fits MAX_GRID_LEVELS entries.
 Its entries are the grid's cells that some value rounds to, not every cell between the extremes: a heavy tail is
-where the grid gains most, and there the cells between a few far weights are empty. MiniLM's FFN output layers (a
-weight 40-80 standard deviations out) span 400-1100 steps at 5-8 bits' error but use 100-220 of them, and pack into
-4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. (A limit on the span, as first built, sent an 8-bit
+where the grid gains most, and there the cells between a few far weights are empty (a MiniLM recipe's 8-bit layers:
+grids of 317-1082 steps using 122-313 of them, docs/benchmarks-compress.md). MiniLM's FFN output layers (a weight
+40-80 standard deviations out) pack into 4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. (A limit on the span, as first built, sent an 8-bit
 layer whose tail reached 1082 steps back to k-means at 7.9 bits where the grid coded 5.2.) Past 256 entries the
 pass stores uint16 indices (passes/cluster.wide_grid_order), which `pack` codes as two byte planes. With exact
 zeros kept at index 0 (pruned weights, a padding row), the grid is the odd multiples of half its step, so no small

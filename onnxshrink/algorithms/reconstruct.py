@@ -40,8 +40,8 @@ def token_weights(x: np.ndarray, samples: np.ndarray | None = None) -> np.ndarra
 
     Why: a transformer's next LayerNorm divides every token by its own norm. Unweighted, a few tokens with
     "massive activations" hold most of X^T X (MPNet's FFN down-projections in blocks 6-10: tokens 8-13x the
-    median norm; bench/activation_outliers.py) and every fit spends its accuracy on them; MPNet's 4-bit calibrated codebooks scored cosine 0.755 against 0.963
-    without calibration data (docs/benchmarks-cluster.md)."""
+    median norm; bench/activation_outliers.py) and every fit spends its accuracy on them; MPNet's 4-bit calibrated
+    codebooks scored cosine 0.755 against 0.963 without calibration data (docs/benchmarks-cluster.md)."""
     x = np.asarray(x)
     norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     typical = np.empty_like(norms)

@@ -91,10 +91,12 @@ PASS_OPTIONS = {
     "cluster": {"bits": "integer", "per": "string", "weighting": "string", "refit": "boolean", "exclude": _STR_LIST,
                 "keep_float": "string", "min_weights": "integer", "float16": "boolean", "other_floats": "string",
                 "rounding": "string", "capture_rounds": "integer", "embeddings": "boolean",
-                "table_per": "string", "codebook": "string", "table_rows": "string", "channel_scales": "boolean"},
+                "table_per": "string", "codebook": "string", "table_rows": "string", "channel_scales": "boolean",
+                "outliers": "number"},
 }
 LAYER_OPTIONS = {"prune": {"sparsity": "number", "skip": "boolean"}, "quantize": {"skip": "boolean"},
-                 "cluster": {"bits": "integer", "skip": "boolean", "codebook": "string", "per": "string"}}
+                 "cluster": {"bits": "integer", "skip": "boolean", "codebook": "string", "per": "string",
+                             "outliers": "number"}}
 DEFAULT_SPARSITIES = (0.0, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0.93, 0.95)
 DEFAULT_TIME_BUDGET_S = 600.0
 CACHED_STEPS = 8  # first-pass results a search keeps for reuse
@@ -457,12 +459,13 @@ def _step(spec: PassSpec, where: str, current: Path, target: Path, calibration, 
     bits = _resolve(spec.layers, "bits", names, where)
     forms = _resolve(spec.layers, "codebook", names, where)
     layouts = _resolve(spec.layers, "per", names, where)
+    outliers = _resolve(spec.layers, "outliers", names, where)
     default = options.pop("bits", 4)
     # One pass for every width (ClusterConfig.layer_bits): one capture of the calibration data, where a pass per
     # width captured it once per width (a 5-width plan of ddddocr's detector ran past a 10-minute budget).
     config = ClusterConfig(**options, bits=default, exclude=exclude,
                            layer_bits={name: width for name, width in bits.items() if width != default},
-                           layer_codebook=forms, layer_per=layouts)
+                           layer_codebook=forms, layer_per=layouts, layer_outliers=outliers)
     return api.cluster(current, target, config, **common).passes, {}
 
 
@@ -1071,10 +1074,11 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
     """One cluster pass with each layer's planned width: the most common layer width as the default, rules for the
     rest; the other floats (biases, norms) in `other_floats` (compress_plan.other_floats prices int8 against fp16),
     one codebook `per` layer or per output channel, or in "mixed" each layer its own (a `per` rule on the layers
-    keyed per channel: compress_plan.layer_choice; compress_plan.finalists). `tables` names the Gathers of the
+    keyed per channel, an `outliers` rule on those keyed with outliers: compress_plan.layer_choice;
+    compress_plan.finalists). `tables` names the Gathers of the
     priced embedding tables in `allocation`: each gets its own width rule and the row-scaled codebook in either
     layout; a table not priced is not coded (it stays with the other floats)."""
-    from onnxshrink.compress_plan import layer_choice, table_choice
+    from onnxshrink.compress_plan import OUTLIER_FRACTION, layer_choice, table_choice
 
     spec = format_pass("cluster4", config)
     spec.options["other_floats"] = other_floats
@@ -1106,7 +1110,8 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
         else:
             bits, layout = layer_choice(width, per)
             options = ({"bits": bits} if bits != default else {}) | ({"per": layout} if per == "mixed" and
-                                                                     layout == "channel" else {})
+                                                                     layout == "channel" else {}) \
+                | ({"outliers": OUTLIER_FRACTION} if layout == "outliers" else {})
             if options:
                 rules.append(LayerRule(glob_literal(node), options))
     return Recipe([PassSpec("cluster", spec.options, rules)])

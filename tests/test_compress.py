@@ -65,7 +65,7 @@ def test_recipe_parses_and_writes_back_the_same(tmp_path):
     ('[[passes]]\nname = "cluster"\n[[passes.layers]]\nmatch = 3\nbits = 3\n',
      "passes[0] (cluster).layers[0]: 'match' must be a glob string on node names"),
     ('[[passes]]\nname = "cluster"\n[[passes.layers]]\nmatch = "fc1*"\nsparsity = 0.5\n',
-     "passes[0] (cluster).layers[0]: unknown option 'sparsity' (choose from bits, skip, codebook, per)"),
+     "passes[0] (cluster).layers[0]: unknown option 'sparsity' (choose from bits, skip, codebook, per, outliers)"),
     ('[[passes]]\nname = "quantize"\nbits = 3\n', "passes[0] (quantize): bits 3"),
     ('speed = 1\n[[passes]]\nname = "prune"\n', "unknown key 'speed'"),
     ('passes = 3\n', "no [[passes]] tables"),

@@ -439,3 +439,13 @@ def refit(idx: np.ndarray, codebooks: np.ndarray, gram, bias0: np.ndarray | None
     if not after <= before:
         return CodebookRefit(codebooks, bias0 if gram.bias else None, before, before, len(cols))
     return CodebookRefit(new, bias_new, before, after, len(cols))
+
+
+def outlier_mask(view: np.ndarray, fraction: float) -> np.ndarray | None:
+    """[K, N] bool: the `fraction` of the weights largest in magnitude (ties included), or None (none asked, too few
+    weights for one, or exact zeros: a pruned layer keeps its zeros at index 0 and gets no outliers)."""
+    count = int(round(fraction * view.size))
+    if count < 1 or np.any(view == 0):
+        return None
+    magnitude = np.abs(view)
+    return magnitude >= np.partition(magnitude.ravel(), -count)[-count]

@@ -135,10 +135,16 @@ class ClusterConfig:
     # its codebook (SqueezeLLM's dense-and-sparse): the codebook and its channel scales then span the other weights
     # only. Layers with exact zeros (pruned) get none. 0: off.
     outliers: float = 0.0
+    # node name -> that layer's outlier fraction (others: `outliers`), as layer_bits sets widths: compress's plan
+    # offers outliers to the layers where they cost less error per bit than a wider codebook
+    layer_outliers: dict = field(default_factory=dict)
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
     """Refuse contradictory or out-of-range options before anything is read or written."""
+    for node, fraction in dict(config.layer_outliers or {}).items():
+        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction <= MAX_OUTLIERS:
+            raise UsageError(f"layer {node!r}: outliers {fraction}: must be between 0 and {MAX_OUTLIERS:g}")
     if not isinstance(config.outliers, (int, float)) or isinstance(config.outliers, bool) \
             or not 0.0 <= config.outliers <= MAX_OUTLIERS:
         raise UsageError(f"--outliers {config.outliers}: must be between 0 and {MAX_OUTLIERS:g} (a fraction of each "
@@ -410,7 +416,8 @@ class Cluster:
         layer = _describe(site, self._owners, self._records, self._main_outputs)
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape
-        keep = _outliers(view, config.outliers)  # stored exactly: the codebook and scales span the rest
+        fraction = dict(config.layer_outliers or {}).get(group[0].name, config.outliers)
+        keep = codebook.outlier_mask(view, fraction)  # stored exactly: the codebook and scales span the rest
         # the columns the codebook holds: each output channel over its fp16 peak (weight = codebook value x scale)
         spanned = view if keep is None else np.where(keep, 0.0, view)
         scale = _row_scales(spanned.T).reshape(-1) if self._scaled(site.node, raw.shape) else None
@@ -467,7 +474,7 @@ class Cluster:
                + (f"; {zeros} zeros kept exactly at index 0" if reserve else "")
                + ("; weighted by input energy" if gram is not None and self.weighting == "activation" else "")
                + ("; channels scaled to peak 1 first (weight MSE in those units)" if scale is not None else "")
-               + (f"; {int(keep.sum())} outliers ({config.outliers:.2%}) stored exactly" if keep is not None else "")
+               + (f"; {int(keep.sum())} outliers ({fraction:.2%}) stored exactly" if keep is not None else "")
                + (f"; {books.shape[-1]} evenly spaced values (entropy form: fewer bits packed than {levels} k-means "
                   "values at no more error)" if books.shape[-1] != levels else "")]
         if gram is not None and self.refit:
@@ -772,16 +779,6 @@ def _not_data_aware(layer, group) -> str:
     if node.op_type == "Gemm" and (attr(node, "transA", 0) or layer.alpha == 0):
         return "Gemm with transA=1 or alpha=0"
     return ""
-
-
-def _outliers(view: np.ndarray, fraction: float) -> np.ndarray | None:
-    """[K, N] bool: the `fraction` of the weights largest in magnitude (ties included), or None (none asked, too few
-    weights for one, or exact zeros: a pruned layer keeps its zeros at index 0 and gets no outliers)."""
-    count = int(round(fraction * view.size))
-    if count < 1 or np.any(view == 0):
-        return None
-    magnitude = np.abs(view)
-    return magnitude >= np.partition(magnitude.ravel(), -count)[-count]
 
 
 def _input_hessian(gram, k: int, centred: bool) -> np.ndarray:

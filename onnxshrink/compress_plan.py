@@ -83,17 +83,6 @@ GRID_STEP = 0.5
 # MPNet's FFN outputs of blocks 6-9 drift 0.029-0.073 at 4 bits with one codebook a layer and 0.001-0.003 per
 # channel, while per channel costs every other layer its codebooks (0.33 bits a weight on a 768x768 projection).
 CHANNEL_KEY = 0.25
-# A mixed allocation's key w + OUTLIER_KEY is w bits, one codebook for the layer, with its largest OUTLIER_FRACTION
-# of weights stored exactly beside it (cluster's layer_outliers; SqueezeLLM's dense-and-sparse): the codebook then
-# spans the other weights only. MiniLM, every layer 4 bits (GPTQ, entropy form, packed): cosine 0.9817 -> 0.9897 for
-# 590 KB, where 5 bits gives 0.9945 for 1216 KB: per byte, outliers at 4 bits beat the next width
-# (docs/benchmarks-compress.md). Offered at OUTLIER_WIDTHS only: above them a codebook is already fine enough.
-OUTLIER_KEY = 0.5
-OUTLIER_FRACTION = 0.005
-OUTLIER_WIDTHS = (3, 4, 5)
-# bits one outlier adds to the pack: its fp16 value (about 11 bits coded) and its uint32 position (about 14 bits in
-# the graph record), measured on MiniLM at 0.5%
-OUTLIER_COST_BITS = 25.0
 
 
 @dataclass
@@ -121,10 +110,6 @@ class LayerPrice:
     # entries on them: MPNet's late FFN outputs code 4-bit indices in about 2 bits, per channel in about 3.9.
     coded: dict = field(default_factory=dict)
     channel_coded: dict = field(default_factory=dict)
-    # bits -> error and coded bits (the outliers' cost included) of one codebook for the layer with its
-    # OUTLIER_FRACTION largest weights stored exactly, scaled as `errors`; {}: not priced (a layer with exact zeros)
-    outlier_errors: dict = field(default_factory=dict)
-    outlier_coded: dict = field(default_factory=dict)
 
     @property
     def table(self) -> bool:
@@ -208,14 +193,9 @@ def price_layers(model_path: str | Path, calibration: str | Path | Dataset | Non
                                                        coded=channel_coded) if w.shape[1] > 1 else ({}, None)
         if channel_reference is not None:
             channel_decoded[layer.name] = (layer.weight, _Decoded(layer, *channel_reference))
-        outlier_coded = {}
-        with_outliers, _ = _layer_errors(w, h, tuple(b for b in OUTLIER_WIDTHS if b in bits), None, form=form,
-                                         coded=outlier_coded, outliers=OUTLIER_FRACTION)
-        outlier_coded = {b: c + outlier_bits(w.size) for b, c in outlier_coded.items()}
         priced[layer.name] = LayerPrice(layer.name, int(w.size), errors, h is not None, reason,
                                         channel_errors=per_channel, channels=int(w.shape[1]), coded=coded,
-                                        channel_coded=channel_coded, outlier_errors=with_outliers,
-                                        outlier_coded=outlier_coded)
+                                        channel_coded=channel_coded)
 
     if dataset is not None:
         dataset = trim_padding(dataset, input_specs(model))  # whole batches: samples by length, padding cut
@@ -298,20 +278,13 @@ def layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple = BIT_CHOICES)
 
 
 def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | None,
-                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None,
-                  outliers: float = 0.0) -> tuple[dict, tuple | None]:
+                  per_channel: bool = False, form: str = "kmeans", coded: dict | None = None) -> tuple[dict, tuple | None]:
     """layer_errors, and the weight at width `keep` as (indices, codebooks, per_channel, its [K, N] shape), which
     _Decoded decodes (None: not kept); `per_channel`: one codebook per output column, as cluster --per channel fits
-    them. `coded`, when given, gets each width's coded_bits. `outliers`: that fraction of the weights, the largest,
-    stored exactly as the cluster pass stores them (none fitted, none rounded); {} where the pass would store none."""
+    them. `coded`, when given, gets each width's coded_bits."""
     if not bits and not keep:
         return {}, None
     k, n = w.shape
-    exact = None
-    if outliers > 0:
-        exact = codebook.outlier_mask(w, outliers)
-        if exact is None:
-            return {}, None
     energy = None
     if h is not None:
         energy = np.clip(np.diag(h), 0, None)
@@ -320,9 +293,6 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
     rows = w.T if per_channel else w.reshape(1, -1)
     weights = None if energy is None else (np.broadcast_to(energy[None, :], (n, k)) if per_channel else
                                            np.broadcast_to(energy[:, None], (k, n)).reshape(1, -1))
-    if exact is not None:  # the outliers are not the codebook's to fit (per layer only: the plan prices no other)
-        free = ~exact.reshape(1, -1)
-        weights = free.astype(np.float64) if weights is None else np.where(free, weights, 0.0)
     total = _quadratic(w, h)
     errors, best, kept = {}, 0.0, None
     for b in sorted(set(bits) | ({keep} if keep else set()), reverse=True):
@@ -331,8 +301,6 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
         idx = codebook.assign(rows, books, reserve_zero=reserve)
         decoded = codebook.decode(idx, books)
         decoded = decoded.T if per_channel else decoded.reshape(k, n)
-        if exact is not None:
-            decoded = np.where(exact, w, decoded)
         if b == keep:
             kept = (idx.astype(np.uint8 if books.shape[-1] <= 256 else np.uint16), books, per_channel, (k, n))
         if b not in bits:
@@ -342,11 +310,6 @@ def _layer_errors(w: np.ndarray, h: np.ndarray | None, bits: tuple, keep: int | 
         best = max(best, _quadratic(decoded - w, h) / total if total > 0 else 0.0)
         errors[b] = float(best)
     return dict(sorted(errors.items())), kept
-
-
-def outlier_bits(weights: int, fraction: float = OUTLIER_FRACTION) -> float:
-    """Bits a weight that a layer's exactly stored outliers add to the pack (OUTLIER_COST_BITS each)."""
-    return OUTLIER_COST_BITS * max(int(round(fraction * weights)), 1) / max(weights, 1)
 
 
 def coded_bits(indices: np.ndarray) -> float:
@@ -363,24 +326,20 @@ def coded_bits(indices: np.ndarray) -> float:
 
 
 def layout_errors(layer: LayerPrice, per: str = "layer") -> dict:
-    """key -> priced error of `layer` in layout `per`; "mixed": both layouts' and the outliers', a channel width w
-    keyed w + CHANNEL_KEY, a width with outliers w + OUTLIER_KEY."""
+    """key -> priced error of `layer` in layout `per`; "mixed": both layouts', a channel width w keyed w + CHANNEL_KEY."""
     if per == "layer" or layer.table:
         return layer.errors
     if per == "channel":
         return layer.channel_errors
-    return {**layer.errors, **{b + CHANNEL_KEY: e for b, e in layer.channel_errors.items()},
-            **{b + OUTLIER_KEY: e for b, e in layer.outlier_errors.items()}}
+    return {**layer.errors, **{b + CHANNEL_KEY: e for b, e in layer.channel_errors.items()}}
 
 
 def layer_choice(key, per: str = "layer") -> tuple[int, str]:
-    """(bits, layout) of a layer's key in an allocation of layout `per` (a "mixed" one keys its own: CHANNEL_KEY,
-    OUTLIER_KEY); the layout "outliers" is one codebook for the layer with its outliers stored exactly."""
+    """(bits, layout) of a layer's key in an allocation of layout `per` (a "mixed" one keys its own: CHANNEL_KEY)."""
     if per != "mixed":
         return int(key), per
     bits = int(np.floor(key))
-    rest = float(key) - bits
-    return bits, "layer" if rest == 0 else "channel" if abs(rest - CHANNEL_KEY) < 1e-9 else "outliers"
+    return bits, "layer" if bits == key else "channel"
 
 
 def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
@@ -395,8 +354,6 @@ def stored_bits(layer: LayerPrice, width, per: str = "layer") -> float:
     width, per = layer_choice(width, per)
     if per == "layer":
         return float(layer.coded.get(width, width))
-    if per == "outliers":
-        return float(layer.outlier_coded.get(width, width + outlier_bits(layer.weights)))
     books = CODEBOOK_ENTRY_BITS * (2 ** width) * layer.channels / max(layer.weights, 1)
     return layer.channel_coded.get(width, width) + books
 
@@ -415,8 +372,8 @@ def has_channel_layout(prices: Prices) -> bool:
 
 def layouts(prices: Prices) -> tuple:
     """The layouts the plan prices allocations in: one codebook a layer; one a channel, where every layer has a
-    channel price; each layer its own ("mixed"), where some layer has one, or an outlier price."""
-    mixed = any(layer.channel_errors or layer.outlier_errors for layer in prices.layers if not layer.table)
+    channel price; each layer its own ("mixed"), where some layer has one."""
+    mixed = any(layer.channel_errors for layer in prices.layers if not layer.table)
     return ("layer",) + (("channel",) if has_channel_layout(prices) else ()) + (("mixed",) if mixed else ())
 
 
@@ -504,7 +461,7 @@ def _one_layout(allocation: dict, prices: Prices, per: str) -> tuple[dict, str]:
     tables = {layer.node for layer in prices.tables}
     chosen = {node: layer_choice(key, per) for node, key in allocation.items() if node not in tables}
     kinds = {layout for _, layout in chosen.values()}
-    if len(kinds) != 1 or kinds == {"outliers"}:
+    if len(kinds) != 1:
         return allocation, per
     return {node: chosen[node][0] if node in chosen else key for node, key in allocation.items()}, kinds.pop()
 
@@ -592,9 +549,7 @@ def summary(allocation: dict, prices: Prices, per: str = "layer") -> str:
     parts = []
     for key in sorted(counts, reverse=True):
         bits, layout = layer_choice(key, per)
-        what = {"channel": " per channel", "outliers": f" + {OUTLIER_FRACTION:.1%} outliers"}.get(layout, "") \
-            if per == "mixed" else ""
-        parts.append(f"{bits} bits{what} x{counts[key]}")
+        parts.append(f"{bits} bits{' per channel' if per == 'mixed' and layout == 'channel' else ''} x{counts[key]}")
     parts = ", ".join(parts)
     widths = [table_choice(allocation[layer.node]) for layer in prices.tables if layer.node in allocation]
     if widths:
@@ -702,7 +657,6 @@ def _measure(prices: Prices, model, calibration, decoded: dict, channel_decoded:
         scale = median if layer.drift is None or base <= 0 else layer.drift / base
         layer.proxy = dict(layer.errors)
         layer.errors = {b: e * scale for b, e in layer.errors.items()}
-        layer.outlier_errors = {b: e * scale for b, e in layer.outlier_errors.items()}  # the same layout's scale
         base, measured_channel = layer.channel_errors.get(SENSITIVITY_BITS, 0), channel_drift.get(decoded.get(
             layer.node, ("",))[0])
         if measured_channel is not None and base > 0:

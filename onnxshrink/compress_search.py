@@ -1074,11 +1074,10 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
     """One cluster pass with each layer's planned width: the most common layer width as the default, rules for the
     rest; the other floats (biases, norms) in `other_floats` (compress_plan.other_floats prices int8 against fp16),
     one codebook `per` layer or per output channel, or in "mixed" each layer its own (a `per` rule on the layers
-    keyed per channel, an `outliers` rule on those keyed with outliers: compress_plan.layer_choice;
-    compress_plan.finalists). `tables` names the Gathers of the
+    keyed per channel: compress_plan.layer_choice; compress_plan.finalists). `tables` names the Gathers of the
     priced embedding tables in `allocation`: each gets its own width rule and the row-scaled codebook in either
     layout; a table not priced is not coded (it stays with the other floats)."""
-    from onnxshrink.compress_plan import OUTLIER_FRACTION, layer_choice, table_choice
+    from onnxshrink.compress_plan import layer_choice, table_choice
 
     spec = format_pass("cluster4", config)
     spec.options["other_floats"] = other_floats
@@ -1110,8 +1109,7 @@ def planned_recipe(allocation: dict, config: CompressConfig, large: bool, other_
         else:
             bits, layout = layer_choice(width, per)
             options = ({"bits": bits} if bits != default else {}) | ({"per": layout} if per == "mixed" and
-                                                                     layout == "channel" else {}) \
-                | ({"outliers": OUTLIER_FRACTION} if layout == "outliers" else {})
+                                                                     layout == "channel" else {})
             if options:
                 rules.append(LayerRule(glob_literal(node), options))
     return Recipe([PassSpec("cluster", spec.options, rules)])

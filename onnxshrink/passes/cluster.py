@@ -135,18 +135,20 @@ class ClusterConfig:
     # its codebook (SqueezeLLM's dense-and-sparse): the codebook and its channel scales then span the other weights
     # only. Layers with exact zeros (pruned) get none. 0: off.
     outliers: float = 0.0
-    # node name -> that layer's outlier fraction (others: `outliers`), as layer_bits sets widths: compress's plan
-    # offers outliers to the layers where they cost less error per bit than a wider codebook
+    # node name -> that layer's outlier fraction (others: `outliers`), as layer_bits sets widths: a recipe rule's
+    # `outliers`. compress's plan does not offer them: per layer they gained nothing (docs/benchmarks-compress.md)
     layer_outliers: dict = field(default_factory=dict)
 
 
 def check_config(config: ClusterConfig, calibration) -> None:
     """Refuse contradictory or out-of-range options before anything is read or written."""
+    def fraction_ok(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and 0.0 <= value <= MAX_OUTLIERS
+
     for node, fraction in dict(config.layer_outliers or {}).items():
-        if not isinstance(fraction, (int, float)) or isinstance(fraction, bool) or not 0.0 <= fraction <= MAX_OUTLIERS:
+        if not fraction_ok(fraction):
             raise UsageError(f"layer {node!r}: outliers {fraction}: must be between 0 and {MAX_OUTLIERS:g}")
-    if not isinstance(config.outliers, (int, float)) or isinstance(config.outliers, bool) \
-            or not 0.0 <= config.outliers <= MAX_OUTLIERS:
+    if not fraction_ok(config.outliers):
         raise UsageError(f"--outliers {config.outliers}: must be between 0 and {MAX_OUTLIERS:g} (a fraction of each "
                          "layer's weights stored exactly)")
     if isinstance(config.bits, bool) or not isinstance(config.bits, (int, np.integer)) or not 1 <= config.bits <= 8:

@@ -23,11 +23,11 @@ is not). The grid is kept only where its indices code smaller than k-means' and 
 Its entries are the grid's cells that some value rounds to, not every cell between the extremes: a heavy tail is
 where the grid gains most, and there the cells between a few far weights are empty (a MiniLM recipe's 8-bit layers:
 grids of 317-1082 steps using 122-313 of them, docs/benchmarks-compress.md). MiniLM's FFN output layers (a weight
-40-80 standard deviations out) pack into 4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. (A limit on the span, as first built, sent an 8-bit
-layer whose tail reached 1082 steps back to k-means at 7.9 bits where the grid coded 5.2.) Past 256 entries the
-pass stores uint16 indices (passes/cluster.wide_grid_order), which `pack` codes as two byte planes. With exact
-zeros kept at index 0 (pruned weights, a padding row), the grid is the odd multiples of half its step, so no small
-weight rounds to 0.
+40-80 standard deviations out) pack into 4.0-5.3 bits where k-means' 32-256 entries packed into 4.6-7.9. (A limit
+on the span, as first built, sent an 8-bit layer whose tail reached 1082 steps back to k-means at 7.9 bits where
+the grid coded 5.2.) Past 256 entries the pass stores uint16 indices (passes/cluster.wide_grid_order), which `pack`
+codes as two byte planes. With exact zeros kept at index 0 (pruned weights, a padding row), the grid is the odd
+multiples of half its step, so no small weight rounds to 0.
 
 Refit (with calibration data): with the assignments fixed, a layer's output X W(c) is
 linear in the codebook values c, so the values that best reproduce the teacher's outputs Y

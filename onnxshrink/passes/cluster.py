@@ -401,6 +401,10 @@ class Cluster:
         """A layer's codebook layout: its layer_per rule, else --per."""
         return dict(self.config.layer_per or {}).get(node, self.config.per)
 
+    def _outlier_fraction(self, node: str) -> float:
+        """A layer's outlier fraction: its layer_outliers rule, else --outliers."""
+        return dict(self.config.layer_outliers or {}).get(node, self.config.outliers)
+
     def _form(self, group) -> str:
         return dict(self.config.layer_codebook or {}).get(group[0].name, self.config.codebook)
 
@@ -418,7 +422,7 @@ class Cluster:
         layer = _describe(site, self._owners, self._records, self._main_outputs)
         view = _to_view(raw, layer)  # [K, N]: K inputs, N outputs
         k, n = view.shape
-        fraction = dict(config.layer_outliers or {}).get(group[0].name, config.outliers)
+        fraction = self._outlier_fraction(group[0].name)
         keep = codebook.outlier_mask(view, fraction)  # stored exactly: the codebook and scales span the rest
         # the columns the codebook holds: each output channel over its fp16 peak (weight = codebook value x scale)
         spanned = view if keep is None else np.where(keep, 0.0, view)
